@@ -1,0 +1,1380 @@
+"""Unit tests for gopdater: subprocess is mocked or a fake Docker runner is injected.
+
+Run with `python3 -m unittest` (the README's test command also runs test_engine.py,
+which uses the real Docker engine).
+"""
+
+import contextlib
+import copy
+import hashlib
+import hmac
+import http.client
+import http.server
+import io
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import threading
+import time
+import unittest
+from unittest import mock
+
+import gopdater
+from gopdater import CommandError, HTTPStatus, ImageKey
+
+HERE = pathlib.Path(__file__).resolve().parent
+PAYLOADS = HERE / "testdata" / "payloads"
+SECRET = "s3cret-Token_for.tests~0123456789"
+OLD_ID = "sha256:" + "1" * 64
+NEW_ID = "sha256:" + "2" * 64
+BROKEN_ID = "sha256:" + "3" * 64
+
+
+def payload(name):
+    """A sample body from testdata/payloads, parsed."""
+    return json.loads((PAYLOADS / name).read_text())
+
+
+def make_config(argv=(), **env):
+    """A Config from OWNER=acme, the test secret and any overrides."""
+    environ = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "PATH": os.environ.get("PATH", "")}
+    environ.update({k: str(v) for k, v in env.items()})
+    return gopdater.load_config(list(argv), environ)
+
+
+def headers(**values):
+    """Case-insensitive request headers, as http.server gives them."""
+    message = http.client.HTTPMessage()
+    for name, value in values.items():
+        message[name.replace("_", "-")] = value
+    return message
+
+
+class FakeClock:
+    """Monotonic time that only moves when the code under test sleeps."""
+
+    def __init__(self):
+        self.now, self.sleeps = 1000.0, []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeDocker:
+    """An in-memory engine and Compose project answering the argv gopdater runs.
+
+    Image behaviours say how a container of that image fares after start:
+    healthy, crash, restart, unhealthy, starting (never healthy), nohc (no healthcheck,
+    keeps running), late-crash (no healthcheck, restarts after 2 s), slow (start_period 90 s,
+    healthy at 80 s).
+    """
+
+    def __init__(self, clock=None, services=None, compose=("docker", "compose")):
+        self.clock = clock or FakeClock()
+        self.compose = list(compose)
+        self.services = services or {"site": "acme/site:latest"}
+        self.calls, self.fail, self.lock = [], {}, threading.Lock()
+        self.pull_gate = None
+        self.images = {ref: OLD_ID for ref in self.services.values()}
+        self.registry = {ref: NEW_ID for ref in self.services.values()}
+        self.behaviour = {OLD_ID: "healthy", NEW_ID: "healthy", BROKEN_ID: "crash"}
+        self.containers = {}
+        self.serial = 0
+        for service in self.services:
+            self.create(service)
+
+    def create(self, service):
+        self.serial += 1
+        ref = self.services[service]
+        cid = f"{self.serial:064x}"
+        self.containers[cid] = {"id": cid, "name": f"demo-{service}-1", "service": service, "ref": ref,
+                                "image_id": self.images[ref], "started": self.clock(), "stopped": False}
+
+    def inspect(self, c):
+        behaviour = self.behaviour[c["image_id"]]
+        age = self.clock() - c["started"]
+        hc = behaviour in ("healthy", "unhealthy", "starting", "crash", "restart", "slow")
+        status, health, restarts, started_at, code = "running", None, 0, f"t{c['started']}", 0
+        if hc:
+            health = "starting"
+            if behaviour == "healthy" and age >= 1 or behaviour == "slow" and age >= 80:
+                health = "healthy"
+            if behaviour == "unhealthy" and age >= 1:
+                health = "unhealthy"
+        if behaviour == "crash":
+            status, code = "exited", 1
+        if behaviour == "restart" or (behaviour == "late-crash" and age >= 2):
+            restarts, started_at = 1, f"t{c['started'] + 2}"
+        if c["stopped"]:
+            status = "exited"
+        check = {"Test": ["CMD", "true"], "StartPeriod": 90 * 10**9 if behaviour == "slow" else 0} if hc else None
+        return {"Id": c["id"], "Name": "/" + c["name"], "Image": c["image_id"], "RestartCount": restarts,
+                "State": {"Status": status, "Restarting": False, "ExitCode": code, "StartedAt": started_at,
+                          **({"Health": {"Status": health}} if hc else {})},
+                "Config": {"Image": c["ref"], "Healthcheck": check, "Labels": {
+                    "com.docker.compose.project": "demo", "com.docker.compose.service": c["service"],
+                    "com.docker.compose.project.working_dir": "/srv/demo",
+                    "com.docker.compose.project.config_files": "/srv/demo/compose.yaml",
+                    "com.docker.compose.oneoff": "False"}}}
+
+    def __call__(self, argv, timeout, env=None, cwd=None, quiet=False, both=False):
+        assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), argv
+        with self.lock:
+            self.calls.append(list(argv))
+        for prefix, (code, tail) in self.fail.items():
+            if argv[:len(prefix)] == list(prefix):
+                raise CommandError(argv, code, tail)
+        compose = self.compose
+        if argv[:len(compose)] == compose:
+            return self.run_compose(argv[len(compose):])
+        return self.run_docker(argv[1:])
+
+    def run_compose(self, args):
+        if args == ["version", "--short"]:
+            return "2.29.1\n"
+        if args == ["config", "--services"]:
+            return "".join(f"{s}\n" for s in self.services)
+        if args[:3] == ["ps", "-a", "-q"]:
+            return "".join(f"{c['id']}\n" for c in self.containers.values() if args[3:] in ([], [c["service"]]))
+        if args[0] == "pull":
+            if self.pull_gate is not None:
+                self.pull_gate.wait(10)
+            ref = self.services[args[1]]
+            self.images[ref] = self.registry[ref]
+            return ""
+        if args[:3] == ["up", "-d", "--no-deps"]:
+            if not any(c["service"] == args[3] for c in self.containers.values()):
+                self.create(args[3])
+            return ""
+        raise AssertionError(f"unexpected compose call {args}")
+
+    def run_docker(self, args):
+        by_name = {c["name"]: c for c in self.containers.values()}
+        if args[0] == "version":
+            return "20.10.24\n"
+        if args[0] == "inspect":
+            return json.dumps([self.inspect(self.containers[i]) for i in args[1:]])
+        if args[:2] == ["image", "inspect"]:
+            return self.images[args[-1]] + "\n"
+        if args[0] == "stop":
+            by_name[args[-1]]["stopped"] = True
+            return ""
+        if args[0] == "rm":
+            del self.containers[by_name[args[1]]["id"]]
+            return ""
+        if args[0] == "rmi":
+            if any(c["image_id"] == args[1] for c in self.containers.values()):
+                raise CommandError(["docker", *args], 1, "image is being used by running container")
+            return ""
+        if args[0] == "tag":
+            self.images[args[2]] = args[1]
+            return ""
+        if args[0] == "logs":
+            return "panic: boom\n"
+        raise AssertionError(f"unexpected docker call {args}")
+
+    def mutating_calls(self):
+        """The calls that change something, in order."""
+        changes = ("pull", "stop", "rm", "up", "rmi", "tag")
+        return [c for c in self.calls if any(word in c[:3] for word in changes)]
+
+
+def deployment_calls(calls):
+    """The calls of a deployment with consecutive identical polls collapsed and the closing refresh dropped."""
+    collapsed = []
+    for call in calls:
+        if not collapsed or call != collapsed[-1]:
+            collapsed.append(call)
+    while collapsed and (collapsed[-1][1:2] == ["inspect"] or "config" in collapsed[-1]
+                         or collapsed[-1][2:4] == ["ps", "-a"] and len(collapsed[-1]) == 5):
+        collapsed.pop()
+    return collapsed
+
+
+class Rig:
+    """A fake engine, a project discovered through it, a deployer and an App, not yet running."""
+
+    def __init__(self, test, fake=None, **env):
+        self.clock = FakeClock()
+        self.fake = fake or FakeDocker(self.clock)
+        self.fake.clock = self.clock
+        self.config = make_config(**env)
+        self.project = gopdater.start_project(self.config, self.fake, read_file=lambda path: "", cwd="/srv/demo")
+        self.notices = []
+        self.deployer = gopdater.Deployer(self.config, self.project, clock=self.clock, sleep=self.clock.sleep,
+                                          notify=lambda url, body: self.notices.append((url, body)) or True)
+        self.app = gopdater.App(self.config, self.project, self.deployer)
+        self.fake.calls.clear()
+
+    def post(self, path, body, **hdrs):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        hdrs.setdefault("Content_Length", str(len(raw)))
+        return self.app.handle("POST", path, headers(**hdrs), raw)
+
+    def deploy(self, event_image="docker.io/acme/site:latest", services=("site",)):
+        """Queue and run one deployment synchronously; return it."""
+        key = gopdater.parse_reference(event_image)
+        deployment, _ = self.deployer.submit(gopdater.PushEvent("dockerhub", key), list(services))
+        self.deployer.queue.remove(deployment)
+        self.deployer.execute(deployment)
+        return deployment
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigTest(unittest.TestCase):
+    def test_defaults_match_the_documented_ones(self):
+        """With only the required settings, gopdater listens on 0.0.0.0:8080 with the documented timeouts."""
+        config = make_config()
+        self.assertEqual((config.host, config.port), ("0.0.0.0", 8080))
+        self.assertEqual(config.owners, (("docker.io", "acme"),))
+        self.assertEqual((config.health_timeout, config.settle_time, config.dry_run), (60, 10, False))
+
+    def test_bad_settings_are_errors_naming_the_variable(self):
+        """Each missing or bad setting raises one message that names the variable and how to fix it."""
+        cases = [
+            ({"OWNER": ""}, "OWNER"),
+            ({"OWNER": "Bad Owner"}, "OWNER"),
+            ({"WEBHOOK_SECRET": ""}, "WEBHOOK_SECRET"),
+            ({"WEBHOOK_SECRET": "short"}, "WEBHOOK_SECRET"),
+            ({"WEBHOOK_SECRET": "has spaces in it, sixteen+"}, "WEBHOOK_SECRET"),
+            ({"PORT": "http"}, "PORT"),
+            ({"PORT": "70000"}, "PORT"),
+            ({"HEALTH_TIMEOUT": "-1"}, "HEALTH_TIMEOUT"),
+            ({"SETTLE_TIME": "soon"}, "SETTLE_TIME"),
+            ({"WORKERS": "0"}, "WORKERS"),
+            ({"DRY_RUN": "maybe"}, "DRY_RUN"),
+            ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+            ({"NOTIFY_URL": "ftp://example.org/x"}, "NOTIFY_URL"),
+            ({"COMPOSE_PROJECT_NAME": "My Site"}, "COMPOSE_PROJECT_NAME"),
+            ({"SERVICES": "acme/site"}, "SERVICES"),
+            ({"SERVICES": "acme/site=bad name"}, "SERVICES"),
+            ({"SERVICES": "Acme/Site=web"}, "SERVICES"),
+            ({"COMPOSE_COMMAND": "docker 'compose"}, "COMPOSE_COMMAND"),
+        ]
+        for env, variable in cases:
+            with self.subTest(env=env):
+                with self.assertRaises(gopdater.ConfigError) as caught:
+                    make_config(**env)
+                message = str(caught.exception)
+                self.assertTrue(message.startswith(variable), message)
+                self.assertNotIn("\n", message)
+                self.assertRegex(message, r"(e\.g\.|set|use|unset|generate)")
+
+    def test_flag_wins_over_environment(self):
+        """--port beats PORT, and every setting has a flag of the same name."""
+        self.assertEqual(make_config(["--port", "9000"], PORT="8000").port, 9000)
+        self.assertEqual(make_config(PORT="8000").port, 8000)
+        self.assertTrue(make_config(["--dry-run"]).dry_run)
+
+    def test_owner_entries_may_name_a_registry(self):
+        """A bare OWNER entry is a Docker Hub namespace; REGISTRY/NAME names another registry."""
+        config = make_config(OWNER="acme, ghcr.io/Acme-Org ,index.docker.io/beta,127.0.0.1:5000/team")
+        self.assertEqual(config.owners, (("docker.io", "acme"), ("ghcr.io", "acme-org"), ("docker.io", "beta"),
+                                         ("127.0.0.1:5000", "team")))
+
+    def test_services_pairs_default_to_latest(self):
+        """SERVICES pairs are normalised like image references; a missing tag means latest."""
+        config = make_config(SERVICES="acme/site=web, docker.io/acme/api:stable=api,ghcr.io/acme/x:v1=x")
+        self.assertEqual(config.services, (
+            (ImageKey("docker.io", "acme/site", "latest"), "web"),
+            (ImageKey("docker.io", "acme/api", "stable"), "api"),
+            (ImageKey("ghcr.io", "acme/x", "v1"), "x")))
+
+    def test_main_exits_2_with_one_line_for_a_bad_setting(self):
+        """A missing required setting exits 2 with one line on stderr, before touching Docker."""
+        stderr = io.StringIO()
+        with mock.patch.dict(os.environ, {"WEBHOOK_SECRET": SECRET}, clear=True), \
+                mock.patch("gopdater.subprocess.run") as run, contextlib.redirect_stderr(stderr):
+            code = gopdater.main([])
+        self.assertEqual(code, 2)
+        self.assertEqual(len(stderr.getvalue().strip().splitlines()), 1)
+        self.assertIn("OWNER", stderr.getvalue())
+        run.assert_not_called()
+
+    def test_help_documents_every_setting(self):
+        """--help lists a flag for every setting."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as caught:
+            gopdater.load_config(["--help"], {})
+        self.assertEqual(caught.exception.code, 0)
+        for setting in gopdater.SETTINGS:
+            with self.subTest(setting=setting.name):
+                self.assertIn(setting.flag, out.getvalue())
+
+    def test_readme_documents_exactly_the_settings(self):
+        """The README's settings table names every setting, and only real ones."""
+        readme = (HERE / "README.md").read_text()
+        table = re.findall(r"^\| `([A-Z_]+)` \|", readme, re.MULTILINE)
+        self.assertEqual(sorted(table), sorted(s.name for s in gopdater.SETTINGS))
+        for setting in gopdater.SETTINGS:
+            if setting.default is not None:
+                with self.subTest(setting=setting.name):
+                    self.assertRegex(readme, rf"\| `{setting.name}` \| `{re.escape(setting.default)}` \|")
+
+
+# ---------------------------------------------------------------------------------------------
+# Payload parsing
+# ---------------------------------------------------------------------------------------------
+
+
+class ReferenceTest(unittest.TestCase):
+    def test_references_normalise_like_docker(self):
+        """docker.io, index.docker.io, registry-1.docker.io and library/ normalise away; no tag means latest."""
+        cases = {
+            "nginx": ImageKey("docker.io", "library/nginx", "latest"),
+            "library/nginx:1.27": ImageKey("docker.io", "library/nginx", "1.27"),
+            "docker.io/library/nginx": ImageKey("docker.io", "library/nginx", "latest"),
+            "index.docker.io/acme/site:v2": ImageKey("docker.io", "acme/site", "v2"),
+            "registry-1.docker.io/acme/site": ImageKey("docker.io", "acme/site", "latest"),
+            "ghcr.io/acme/site": ImageKey("ghcr.io", "acme/site", "latest"),
+            "127.0.0.1:5000/acme/site:latest": ImageKey("127.0.0.1:5000", "acme/site", "latest"),
+            "localhost/acme/site:v1": ImageKey("localhost", "acme/site", "v1"),
+            "Registry.Example.org/a/b__c/d-e:v1.2_3": ImageKey("registry.example.org", "a/b__c/d-e", "v1.2_3"),
+        }
+        for reference, expected in cases.items():
+            with self.subTest(reference=reference):
+                self.assertEqual(gopdater.parse_reference(reference), expected)
+
+    def test_invalid_or_pinned_references_are_refused(self):
+        """Names outside Docker's grammar, and references pinned by digest, never match a push."""
+        for reference in ["acme/Site", "acme//site", "-acme/site", "acme/site:", "acme/site:" + "t" * 129,
+                          "acme/site:v+1", "acme/site@sha256:" + "a" * 64, "acme/site;rm", "a" * 256,
+                          "acme/site:tag\n", "acme/ site", "acme/site_/x"]:
+            with self.subTest(reference=reference):
+                self.assertIsNone(gopdater.parse_reference(reference))
+
+
+class PayloadTest(unittest.TestCase):
+    def parse(self, parser, data, **hdrs):
+        return parser(data, headers(**hdrs))
+
+    def test_every_sender_sample_parses_into_the_same_event_model(self):
+        """Each registry's sample body becomes registry, repository, tag, digest and sender."""
+        digest = "sha256:4f0a1c8e6b8e1f3a2d9c5b7e0a6f4d2c1b3a5e7f9d0c2b4a6e8f0a1c3e5b7d9f"
+        cases = [
+            (gopdater.parse_dockerhub, "dockerhub-push.json", {},
+             [gopdater.PushEvent("dockerhub", ImageKey("docker.io", "acme/site", "latest"))]),
+            (gopdater.parse_dockerhub, "dockerhub-push-legacy.json", {},
+             [gopdater.PushEvent("dockerhub", ImageKey("docker.io", "acme/site", "latest"))]),
+            (gopdater.parse_ghcr, "ghcr-package-published.json", {"X_GitHub_Event": "package"},
+             [gopdater.PushEvent("ghcr", ImageKey("ghcr.io", "acme/site", "latest"), digest)]),
+            (gopdater.parse_quay, "quay-repo-push.json", {},
+             [gopdater.PushEvent("quay", ImageKey("quay.io", "acme/site", "latest"))]),
+            (gopdater.parse_harbor, "harbor-push-artifact.json", {},
+             [gopdater.PushEvent("harbor", ImageKey("harbor.example.org", "acme/site", "latest"), digest)]),
+            (gopdater.parse_distribution, "distribution-events.json", {},
+             [gopdater.PushEvent("registry", ImageKey("registry.example.org", "acme/site", "latest"), digest)]),
+        ]
+        for parser, name, hdrs, expected in cases:
+            with self.subTest(sample=name):
+                self.assertEqual(self.parse(parser, payload(name), **hdrs), expected)
+
+    def test_dockerhub_optional_fields_may_be_null_or_missing(self):
+        """Only repo_name and tag are required; pushed_at may be int, float or absent; unknown fields pass."""
+        body = {"repository": {"repo_name": "acme/site", "full_description": None, "new_field": [1]},
+                "push_data": {"tag": "v1", "pushed_at": 1.417566161e+09, "images": None}, "extra": {}}
+        self.assertEqual(self.parse(gopdater.parse_dockerhub, body)[0].image,
+                         ImageKey("docker.io", "acme/site", "v1"))
+        del body["push_data"]["pushed_at"]
+        self.assertEqual(len(self.parse(gopdater.parse_dockerhub, body)), 1)
+
+    def test_bad_fields_name_the_field(self):
+        """Each missing or invalid field raises PayloadError naming exactly that field."""
+        hub = payload("dockerhub-push.json")
+        cases = [
+            (gopdater.parse_dockerhub, {}, "repository.repo_name"),
+            (gopdater.parse_dockerhub, {"repository": "acme/site"}, "repository.repo_name"),
+            (gopdater.parse_dockerhub, {**hub, "repository": {"repo_name": "Acme/Site"}}, "repository.repo_name"),
+            (gopdater.parse_dockerhub, {**hub, "repository": {"repo_name": 7}}, "repository.repo_name"),
+            (gopdater.parse_dockerhub, {**hub, "push_data": {}}, "push_data.tag"),
+            (gopdater.parse_dockerhub, {**hub, "push_data": {"tag": "v1;reboot"}}, "push_data.tag"),
+            (gopdater.parse_dockerhub, {**hub, "push_data": {"tag": "sha256:" + "a" * 64}}, "push_data.tag"),
+            (gopdater.parse_dockerhub, {**hub, "push_data": {"tag": "v1", "pushed_at": "today"}},
+             "push_data.pushed_at"),
+            (gopdater.parse_dockerhub, {**hub, "push_data": {"tag": "v1", "pushed_at": True}},
+             "push_data.pushed_at"),
+            (gopdater.parse_quay, {"docker_url": "quay.io/acme/site"}, "updated_tags"),
+            (gopdater.parse_quay, {"docker_url": "quay.io/acme/site", "updated_tags": [3]}, "updated_tags[0]"),
+            (gopdater.parse_quay, {"docker_url": "quay.io/ACME", "updated_tags": ["v1"]}, "docker_url"),
+            (gopdater.parse_harbor, {"type": "PUSH_ARTIFACT", "event_data": {}}, "event_data.resources"),
+            (gopdater.parse_distribution, {"events": "push"}, "events"),
+            (gopdater.parse_distribution, {"events": [{"action": "push", "target": {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json", "tag": "v1", "repository": "acme/site"},
+                "request": {"host": "bad host"}}]}, "events[0].request.host"),
+        ]
+        for parser, body, field in cases:
+            with self.subTest(field=field, body=body):
+                with self.assertRaises(gopdater.PayloadError) as caught:
+                    self.parse(parser, body, X_GitHub_Event="package")
+                self.assertEqual(str(caught.exception), field)
+
+    def test_ghcr_skips_what_is_not_a_tagged_container_push(self):
+        """GHCR events without a tag (per-platform), other actions and non-container packages are ignored."""
+        sample = payload("ghcr-package-published.json")
+        untagged = copy.deepcopy(sample)
+        untagged["package"]["package_version"]["container_metadata"]["tag"]["name"] = ""
+        deleted = {**sample, "action": "deleted"}
+        npm = copy.deepcopy(sample)
+        npm["package"]["package_type"] = "npm"
+        for body, event in [(untagged, "package"), (deleted, "package"), (npm, "package"), (sample, "star")]:
+            with self.subTest(event=event, action=body["action"]):
+                with self.assertRaises(gopdater.Ignored):
+                    self.parse(gopdater.parse_ghcr, body, X_GitHub_Event=event)
+
+    def test_ghcr_namespace_is_lower_cased(self):
+        """GHCR image names are ghcr.io/<namespace in lower case>/<name>."""
+        sample = payload("ghcr-package-published.json")
+        sample["package"]["namespace"] = "Acme"
+        event, = self.parse(gopdater.parse_ghcr, sample, X_GitHub_Event="package")
+        self.assertEqual(event.image, ImageKey("ghcr.io", "acme/site", "latest"))
+
+    def test_harbor_push_by_digest_is_ignored(self):
+        """Harbor sends a digest in place of a tag when pushed by digest; that updates nothing."""
+        sample = payload("harbor-push-artifact.json")
+        sample["event_data"]["resources"][0]["tag"] = sample["event_data"]["resources"][0]["digest"]
+        with self.assertRaises(gopdater.Ignored) as caught:
+            self.parse(gopdater.parse_harbor, sample)
+        self.assertIn("digest", str(caught.exception))
+
+    def test_distribution_acts_only_on_tagged_manifest_pushes(self):
+        """Blob pushes, pulls and untagged manifests in an envelope are skipped; every tagged push counts."""
+        sample = payload("distribution-events.json")
+        manifest = sample["events"][0]
+        blob = copy.deepcopy(manifest)
+        blob["target"].update(mediaType="application/octet-stream", tag="")
+        pull = {**copy.deepcopy(manifest), "action": "pull"}
+        second = copy.deepcopy(manifest)
+        second["target"].update(repository="acme/api", tag="v2")
+        events = self.parse(gopdater.parse_distribution, {"events": [blob, manifest, pull, second]})
+        self.assertEqual([e.image for e in events], [ImageKey("registry.example.org", "acme/site", "latest"),
+                                                     ImageKey("registry.example.org", "acme/api", "v2")])
+        with self.assertRaises(gopdater.Ignored) as caught:
+            self.parse(gopdater.parse_distribution, {"events": [blob, pull]})
+        self.assertIn("not a", str(caught.exception))
+
+    def test_quay_updated_tags_each_become_an_event(self):
+        """Quay's updated_tags is a list: one event per tag."""
+        sample = {**payload("quay-repo-push.json"), "updated_tags": ["latest", "v2"]}
+        self.assertEqual([e.image.tag for e in self.parse(gopdater.parse_quay, sample)], ["latest", "v2"])
+        with self.assertRaises(gopdater.Ignored):
+            self.parse(gopdater.parse_quay, {**sample, "updated_tags": []})
+
+    def test_owner_check_is_per_registry(self):
+        """OWNER acme allows Docker Hub's acme only; ghcr.io/acme must be named to allow GHCR's."""
+        owners = make_config(OWNER="acme,ghcr.io/beta").owners
+        allowed = gopdater.owner_allowed
+        self.assertTrue(allowed(owners, ImageKey("docker.io", "acme/site", "latest")))
+        self.assertFalse(allowed(owners, ImageKey("ghcr.io", "acme/site", "latest")))
+        self.assertTrue(allowed(owners, ImageKey("ghcr.io", "beta/site", "latest")))
+        self.assertFalse(allowed(owners, ImageKey("docker.io", "acmeco/site", "latest")))
+        self.assertFalse(allowed(owners, ImageKey("docker.io", "library/acme", "latest")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The docker / compose layer
+# ---------------------------------------------------------------------------------------------
+
+
+class CommandWrapperTest(unittest.TestCase):
+    def test_runs_an_argv_list_with_a_timeout_and_no_shell(self):
+        """The wrapper passes the argv list, capture_output, text and the timeout; never a shell."""
+        with mock.patch("gopdater.subprocess.run") as run:
+            run.return_value = subprocess.CompletedProcess([], 0, "out\n", "")
+            self.assertEqual(gopdater.run_command(["docker", "ps"], timeout=7), "out\n")
+        args, kwargs = run.call_args
+        self.assertEqual(args, (["docker", "ps"],))
+        self.assertEqual((kwargs["capture_output"], kwargs["text"], kwargs["timeout"]), (True, True, 7))
+        self.assertNotIn("shell", kwargs)
+
+    def test_failure_raises_one_error_with_code_and_stderr_tail(self):
+        """A non-zero exit raises CommandError with the code and at most 300 characters of stderr."""
+        with mock.patch("gopdater.subprocess.run") as run, self.assertLogs("gopdater", "WARNING") as logs:
+            run.return_value = subprocess.CompletedProcess([], 3, "", "x" * 1000 + "the end")
+            with self.assertRaises(CommandError) as caught:
+                gopdater.run_command(["docker", "pull", "a"], timeout=5)
+        self.assertEqual(caught.exception.code, 3)
+        self.assertTrue(caught.exception.tail.endswith("the end"))
+        self.assertLessEqual(len(caught.exception.tail), 300)
+        self.assertIn("exit=3", logs.output[0])
+
+    def test_timeout_and_missing_binary_raise_command_error(self):
+        """A timeout gives code None; a missing program gives 127."""
+        with mock.patch("gopdater.subprocess.run", side_effect=subprocess.TimeoutExpired(["docker"], 5)), \
+                self.assertLogs("gopdater", "WARNING"):
+            with self.assertRaises(CommandError) as caught:
+                gopdater.run_command(["docker", "pull", "a"], timeout=5)
+        self.assertIsNone(caught.exception.code)
+        with mock.patch("gopdater.subprocess.run", side_effect=FileNotFoundError(2, "No such file")), \
+                self.assertLogs("gopdater", "WARNING"):
+            with self.assertRaises(CommandError) as caught:
+                gopdater.run_command(["docker"], timeout=5)
+        self.assertEqual(caught.exception.code, 127)
+
+    def test_logs_argv_and_exit_code(self):
+        """Each command is logged with its argv and exit code."""
+        with mock.patch("gopdater.subprocess.run") as run, self.assertLogs("gopdater", "INFO") as logs:
+            run.return_value = subprocess.CompletedProcess([], 0, "", "")
+            gopdater.run_command(["docker", "rm", "demo-site-1"], timeout=5)
+        self.assertIn("command docker rm demo-site-1 exit=0", logs.output[0])
+
+
+class DiscoveryTest(unittest.TestCase):
+    def test_project_is_discovered_through_compose_ps_and_container_labels(self):
+        """Discovery runs config --services, ps -a -q and docker inspect, and maps each service to its image."""
+        rig = Rig(self)
+        self.assertEqual(rig.project.services, ("site",))
+        self.assertEqual(rig.project.images, {"site": ImageKey("docker.io", "acme/site", "latest")})
+        rig.project.refresh()
+        cid = next(iter(rig.fake.containers))
+        self.assertEqual(rig.fake.calls, [["docker", "compose", "config", "--services"],
+                                          ["docker", "compose", "ps", "-a", "-q"], ["docker", "inspect", cid]])
+
+    def test_compose_v1_is_used_when_the_plugin_is_missing(self):
+        """Without `docker compose`, gopdater falls back to docker-compose and discovers through it."""
+        fake = FakeDocker(compose=("docker-compose",))
+        fake.fail[("docker", "compose")] = (1, "docker: 'compose' is not a docker command.")
+        rig = Rig(self, fake)
+        self.assertEqual(rig.project.compose.command, ["docker-compose"])
+        self.assertEqual(gopdater.compose_flavour("1.29.2"), "v1")
+        self.assertEqual(gopdater.compose_flavour("5.6.1"), "v2")
+        self.assertEqual(rig.project.images["site"], ImageKey("docker.io", "acme/site", "latest"))
+
+    def test_services_entry_not_in_the_project_is_a_startup_error(self):
+        """SERVICES naming a service Compose does not know stops start-up with a ConfigError."""
+        with self.assertRaises(gopdater.ConfigError) as caught:
+            Rig(self, SERVICES="acme/site=nosuch")
+        self.assertIn("SERVICES names nosuch", str(caught.exception))
+
+    def test_docker_not_answering_is_a_startup_error(self):
+        """If docker version fails, start-up stops with a line saying how to reach Docker."""
+        fake = FakeDocker()
+        fake.fail[("docker", "version")] = (1, "Cannot connect to the Docker daemon")
+        with self.assertRaises(gopdater.ConfigError) as caught:
+            Rig(self, fake)
+        self.assertIn("DOCKER_HOST", str(caught.exception))
+
+    def test_own_container_id_is_read_from_proc(self):
+        """The container id comes from mountinfo (cgroup v2) or, failing that, the cgroup file."""
+        cid = "a" * 64
+        mountinfo = f"612 600 0:31 /var/lib/docker/containers/{cid}/hostname /etc/hostname rw\n"
+        self.assertEqual(gopdater.own_container_id(mountinfo, ""), cid)
+        self.assertEqual(gopdater.own_container_id("", f"12:cpu:/docker/{cid}\n"), cid)
+        self.assertEqual(gopdater.own_container_id("", f"0::/system.slice/docker-{cid}.scope\n"), cid)
+        self.assertIsNone(gopdater.own_container_id("/ / rw\n", "0::/\n"))
+
+    def test_own_labels_set_project_files_and_directory_unless_set_explicitly(self):
+        """Labels of gopdater's own container give project, files and directory; explicit settings win."""
+        labels = {"com.docker.compose.project": "site", "com.docker.compose.service": "gopdater",
+                  "com.docker.compose.project.working_dir": "/home/me/site",
+                  "com.docker.compose.project.config_files": "compose.yaml,compose.prod.yaml"}
+        detected = gopdater.resolve_target(make_config(), labels, "/app")
+        self.assertEqual((detected.project_name, detected.compose_file, detected.working_dir),
+                         ("site", "/home/me/site/compose.yaml:/home/me/site/compose.prod.yaml", "/home/me/site"))
+        self.assertEqual(detected.own_service, "gopdater")
+        self.assertIn("label", detected.project_name_source)
+        explicit = gopdater.resolve_target(make_config(COMPOSE_PROJECT_NAME="other", COMPOSE_FILE="x.yml"),
+                                           labels, "/app")
+        self.assertEqual((explicit.project_name, explicit.compose_file, explicit.working_dir),
+                         ("other", "/app/x.yml", "/home/me/site"))
+        self.assertEqual((explicit.project_name_source, explicit.compose_file_source),
+                         ("COMPOSE_PROJECT_NAME", "COMPOSE_FILE"))
+        self.assertIsNone(explicit.own_service)
+        plain = gopdater.resolve_target(make_config(), {}, "/srv/demo")
+        self.assertEqual((plain.project_name, plain.compose_file, plain.working_dir), (None, None, "/srv/demo"))
+
+    def test_compose_file_elsewhere_makes_its_directory_the_project_directory(self):
+        """Started elsewhere with COMPOSE_FILE, Compose runs in the first file's directory, as on the host."""
+        target = gopdater.resolve_target(make_config(COMPOSE_FILE="../site/compose.yaml:/srv/site/extra.yaml"),
+                                         {}, "/home/me/tools")
+        self.assertEqual(target.compose_file, "/home/me/site/compose.yaml:/srv/site/extra.yaml")
+        self.assertEqual(target.working_dir, "/home/me/site")
+        self.assertEqual(target.working_dir_source, "directory of the first COMPOSE_FILE")
+
+    def test_v1_relative_config_files_label_is_resolved_in_the_working_dir(self):
+        """Compose v1 writes config_files relative to working_dir; they are joined with it."""
+        labels = {"com.docker.compose.project": "site", "com.docker.compose.project.working_dir": "/srv/site",
+                  "com.docker.compose.project.config_files": "docker-compose.yml"}
+        target = gopdater.resolve_target(make_config(), labels, "/")
+        self.assertEqual(target.compose_file, "/srv/site/docker-compose.yml")
+
+    def test_self_detection_runs_compose_with_the_host_project(self):
+        """Inside a Compose container, every command gets the detected project, files, PWD and directory."""
+        fake = FakeDocker()
+        own = "b" * 64
+        original = fake.run_docker
+
+        def run_docker(args):
+            if args == ["inspect", own]:
+                return json.dumps([{"Config": {"Labels": {
+                    "com.docker.compose.project": "demo", "com.docker.compose.service": "gopdater",
+                    "com.docker.compose.project.working_dir": "/srv/demo",
+                    "com.docker.compose.project.config_files": "/srv/demo/compose.yaml"}}}])
+            return original(args)
+
+        fake.run_docker = run_docker
+        seen = []
+        config = make_config()
+
+        def runner(argv, **kwargs):
+            seen.append(kwargs)
+            return fake(argv, **kwargs)
+
+        mountinfo = f"1 0 0:1 /var/lib/docker/containers/{own}/hostname /etc/hostname rw\n"
+        project = gopdater.start_project(config, runner, read_file=lambda p: mountinfo if "mount" in p else "",
+                                         cwd="/app")
+        env, cwd = seen[-1]["env"], seen[-1]["cwd"]
+        self.assertEqual((env["COMPOSE_PROJECT_NAME"], env["COMPOSE_FILE"], env["PWD"], cwd),
+                         ("demo", "/srv/demo/compose.yaml", "/srv/demo", "/srv/demo"))
+        self.assertEqual(project.compose.target.own_service, "gopdater")
+
+    def test_own_service_is_never_updated(self):
+        """gopdater's own service is left out of the project it updates."""
+        fake = FakeDocker(services={"site": "acme/site:latest", "gopdater": "acme/site:latest"})
+        config = make_config()
+        target = gopdater.ComposeTarget("demo", "", None, "", "/srv/demo", "", own_service="gopdater")
+        project = gopdater.Project(gopdater.Compose(config, target, ["docker", "compose"], fake), "2.29.1")
+        project.refresh()
+        self.assertEqual(project.services, ("site",))
+        self.assertEqual(project.services_for(ImageKey("docker.io", "acme/site", "latest"), ()), ["site"])
+
+    def test_mapping_matches_only_the_same_registry_repository_and_tag(self):
+        """docker.io/acme/site:latest matches; ghcr.io/acme/site:latest, another tag or repo do not."""
+        rig = Rig(self)
+        match = rig.project.services_for
+        self.assertEqual(match(ImageKey("docker.io", "acme/site", "latest"), ()), ["site"])
+        for other in [ImageKey("ghcr.io", "acme/site", "latest"), ImageKey("docker.io", "acme/site", "v2"),
+                      ImageKey("docker.io", "acme/api", "latest")]:
+            with self.subTest(image=str(other)):
+                self.assertEqual(match(other, ()), [])
+
+    def test_explicit_services_replace_discovery(self):
+        """With SERVICES set, only its pairs map, whatever image the service runs."""
+        fake = FakeDocker(services={"site": "acme/site:latest", "api": "acme/site:latest"})
+        fake.images = {"acme/site:latest": OLD_ID}
+        rig = Rig(self, fake, SERVICES="acme/mirror-name=site")
+        self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/mirror-name", "latest"),
+                                                  rig.config.services), ["site"])
+        self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/site", "latest"),
+                                                  rig.config.services), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The deployment worker
+# ---------------------------------------------------------------------------------------------
+
+
+class DeployTest(unittest.TestCase):
+    def test_update_runs_the_exact_commands_in_order(self):
+        """Pull first, compare, stop, rm, up --no-deps, wait for health, then rmi the old image."""
+        rig = Rig(self)
+        old = next(iter(rig.fake.containers))
+        deployment = rig.deploy()
+        new = next(iter(rig.fake.containers))
+        self.assertEqual(deployment_calls(rig.fake.calls), [
+            ["docker", "compose", "ps", "-a", "-q", "site"],
+            ["docker", "inspect", old],
+            ["docker", "compose", "pull", "site"],
+            ["docker", "image", "inspect", "--format", "{{.Id}}", "acme/site:latest"],
+            ["docker", "stop", "-t", "10", "demo-site-1"],
+            ["docker", "rm", "demo-site-1"],
+            ["docker", "compose", "up", "-d", "--no-deps", "site"],
+            ["docker", "compose", "ps", "-a", "-q", "site"],
+            ["docker", "inspect", new],
+            ["docker", "rmi", OLD_ID],
+        ])
+        self.assertEqual((deployment.state, deployment.results), ("updated", {"site": "updated"}))
+        self.assertEqual([s["step"] for s in deployment.steps],
+                         ["inspect", "pull", "compare", "stop", "remove", "up", "downtime", "wait", "cleanup",
+                          "done"])
+
+    def test_pull_failure_leaves_the_old_container_untouched(self):
+        """A failed pull stops the deployment before anything is stopped; it is recorded as failed."""
+        rig = Rig(self)
+        rig.fake.fail[("docker", "compose", "pull")] = (1, "manifest unknown")
+        with self.assertLogs("gopdater", "WARNING"):
+            deployment = rig.deploy()
+        self.assertEqual(rig.fake.mutating_calls(), [["docker", "compose", "pull", "site"]])
+        self.assertEqual(deployment.state, "failed")
+        self.assertIn("pull failed", deployment.error)
+        self.assertIn("manifest unknown", deployment.error)
+        self.assertEqual(len(rig.fake.containers), 1)
+
+    def test_unchanged_image_restarts_nothing(self):
+        """If the pulled image is the one running, the deployment ends up-to-date after the pull."""
+        rig = Rig(self)
+        rig.fake.registry["acme/site:latest"] = OLD_ID
+        deployment = rig.deploy()
+        self.assertEqual(rig.fake.mutating_calls(), [["docker", "compose", "pull", "site"]])
+        self.assertEqual(deployment.state, "up-to-date")
+
+    def test_old_image_still_in_use_is_kept(self):
+        """rmi failing because another container uses the old image keeps it and the update stands."""
+        fake = FakeDocker(services={"site": "acme/site:latest", "worker": "acme/site:latest"})
+        rig = Rig(self, fake, SERVICES="acme/site=site")
+        with self.assertLogs("gopdater", "INFO") as logs:
+            deployment = rig.deploy()
+        self.assertEqual(deployment.state, "updated")
+        self.assertIn(["docker", "rmi", OLD_ID], rig.fake.calls)
+        self.assertTrue(any("kept old image" in line for line in logs.output))
+        self.assertEqual(deployment.steps[-2]["result"], "kept")
+
+    def assert_rolled_back(self, rig, deployment, reason):
+        self.assertEqual(deployment.state, "rolled-back")
+        self.assertIn(reason, deployment.error)
+        self.assertIn(["docker", "tag", OLD_ID, "acme/site:latest"], rig.fake.calls)
+        rollback = rig.fake.mutating_calls()[rig.fake.mutating_calls().index(["docker", "tag", OLD_ID,
+                                                                               "acme/site:latest"]):]
+        self.assertEqual(rollback, [["docker", "tag", OLD_ID, "acme/site:latest"],
+                                    ["docker", "stop", "-t", "10", "demo-site-1"], ["docker", "rm", "demo-site-1"],
+                                    ["docker", "compose", "up", "-d", "--no-deps", "site"]])
+        running, = rig.fake.containers.values()
+        self.assertEqual(running["image_id"], OLD_ID)
+        self.assertFalse(any(call[:2] == ["docker", "rmi"] for call in rig.fake.calls), "no image is removed")
+
+    def test_crash_on_start_rolls_back(self):
+        """A new container that exits at once is replaced by the previous image, through Compose."""
+        rig = Rig(self)
+        rig.fake.registry["acme/site:latest"] = BROKEN_ID
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy()
+        self.assert_rolled_back(rig, deployment, "exited with code 1")
+        self.assertIn("site: panic: boom", deployment.logs)
+
+    def test_restart_loop_rolls_back(self):
+        """A container restarted by its restart policy has failed, even if it shows running."""
+        rig = Rig(self)
+        rig.fake.behaviour[NEW_ID] = "restart"
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy()
+        self.assert_rolled_back(rig, deployment, "restarted")
+
+    def test_unhealthy_rolls_back(self):
+        """A container whose healthcheck turns unhealthy is rolled back."""
+        rig = Rig(self)
+        rig.fake.behaviour[NEW_ID] = "unhealthy"
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy()
+        self.assert_rolled_back(rig, deployment, "unhealthy")
+
+    def test_still_starting_at_the_limit_rolls_back(self):
+        """A container still `starting` after HEALTH_TIMEOUT has failed."""
+        rig = Rig(self, HEALTH_TIMEOUT=30)
+        rig.fake.behaviour[NEW_ID] = "starting"
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy()
+        self.assert_rolled_back(rig, deployment, "still health starting after 30s")
+        wait = next(s for s in deployment.steps if s["step"] == "wait")
+        self.assertGreaterEqual(wait["seconds"], 30)
+        self.assertLess(wait["seconds"], 33)
+
+    def test_start_period_extends_the_health_limit(self):
+        """A healthcheck start_period longer than HEALTH_TIMEOUT is waited for in full."""
+        rig = Rig(self, HEALTH_TIMEOUT=30)
+        rig.fake.behaviour[NEW_ID] = "slow"
+        deployment = rig.deploy()
+        self.assertEqual(deployment.state, "updated")
+
+    def test_no_healthcheck_must_stay_up_for_the_settle_time(self):
+        """Without a healthcheck a container passes only after SETTLE_TIME running without a restart."""
+        rig = Rig(self, SETTLE_TIME=10)
+        rig.fake.behaviour[NEW_ID] = "nohc"
+        started = rig.clock()
+        deployment = rig.deploy()
+        self.assertEqual(deployment.state, "updated")
+        self.assertGreaterEqual(rig.clock() - started, 10)
+
+    def test_no_healthcheck_crash_after_two_seconds_rolls_back(self):
+        """A process without a healthcheck that crashes after 2 s does not pass the settle time."""
+        rig = Rig(self, SETTLE_TIME=10)
+        rig.fake.behaviour[NEW_ID] = "late-crash"
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy()
+        self.assert_rolled_back(rig, deployment, "restarted")
+
+    def test_polling_backs_off_and_is_bounded(self):
+        """Health polls sleep longer each time, never less than 0.2 s nor more than 2 s."""
+        rig = Rig(self, HEALTH_TIMEOUT=30)
+        rig.fake.behaviour[NEW_ID] = "starting"
+        with self.assertLogs("gopdater", "INFO"):
+            rig.deploy()
+        sleeps = rig.clock.sleeps
+        first_wait = sleeps[:sleeps.index(0.2, 1)]  # the rollback's wait starts over
+        self.assertEqual(first_wait[0], 0.2)
+        self.assertTrue(all(b >= a for a, b in zip(first_wait, first_wait[1:])))
+        self.assertEqual(max(sleeps), 2.0)
+        self.assertGreaterEqual(min(sleeps), 0.2)
+        self.assertLess(len(first_wait), 25, "no tight loop")
+
+    def test_failed_rollback_ends_failed_and_says_what_to_run(self):
+        """If the rollback's up fails too, the deployment is failed with the commands to run by hand."""
+        rig = Rig(self)
+        rig.fake.registry["acme/site:latest"] = BROKEN_ID
+        original = rig.fake.run_compose
+
+        def up_fails_after_tag(args):
+            if args[0] == "up" and rig.fake.images["acme/site:latest"] == OLD_ID:
+                raise CommandError(["docker", "compose", *args], 1, "port is already allocated")
+            return original(args)
+
+        rig.fake.run_compose = up_fails_after_tag
+        with self.assertLogs("gopdater", "ERROR") as logs:
+            deployment = rig.deploy()
+        self.assertEqual(deployment.state, "failed")
+        self.assertIn("rollback failed", deployment.error)
+        self.assertIn(f"docker tag {OLD_ID} acme/site:latest", deployment.error)
+        self.assertIn("up -d --no-deps site", deployment.error)
+        self.assertTrue(any("ROLLBACK FAILED" in line for line in logs.output))
+
+    def test_dry_run_runs_no_mutating_command(self):
+        """DRY_RUN logs the plan and runs neither pull, stop, rm, up nor rmi."""
+        rig = Rig(self, DRY_RUN=1)
+        with self.assertLogs("gopdater", "INFO") as logs:
+            deployment = rig.deploy()
+        self.assertEqual(rig.fake.mutating_calls(), [])
+        self.assertEqual(deployment.state, "dry-run")
+        planned = [line for line in logs.output if "dry-run would run" in line]
+        self.assertEqual([line.split("would run: ")[1] for line in planned], [
+            "docker compose pull site", "docker stop -t 10 demo-site-1", "docker rm demo-site-1",
+            "docker compose up -d --no-deps site", f"docker rmi {OLD_ID}"])
+
+    def test_notification_summarises_a_changed_deployment(self):
+        """NOTIFY_URL gets service, image, tag, ids, result, durations and a one-sentence text."""
+        rig = Rig(self, NOTIFY_URL="http://127.0.0.1:9/hook")
+        rig.deploy()
+        (url, body), = rig.notices
+        self.assertEqual(url, "http://127.0.0.1:9/hook")
+        self.assertEqual({k: body[k] for k in ("service", "image", "tag", "result", "old_image", "new_image")},
+                         {"service": "site", "image": "docker.io/acme/site", "tag": "latest",
+                          "result": "updated", "old_image": OLD_ID, "new_image": NEW_ID})
+        self.assertIn("pull", body["durations"])
+        self.assertTrue(body["text"].startswith("gopdater updated site to docker.io/acme/site:latest"))
+
+    def test_no_notification_when_nothing_changed(self):
+        """An up-to-date deployment sends nothing."""
+        rig = Rig(self, NOTIFY_URL="http://127.0.0.1:9/hook")
+        rig.fake.registry["acme/site:latest"] = OLD_ID
+        rig.deploy()
+        self.assertEqual(rig.notices, [])
+
+
+class NotifyTest(unittest.TestCase):
+    def start_receiver(self, statuses):
+        """A real HTTP server on port 0 answering with the given statuses in turn."""
+        received = []
+
+        class Receiver(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(statuses[min(len(received), len(statuses)) - 1])
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return f"http://127.0.0.1:{server.server_address[1]}/notify", received
+
+    def test_notification_is_posted_as_json(self):
+        """send_notification POSTs the JSON body and reports success."""
+        url, received = self.start_receiver([200])
+        self.assertTrue(gopdater.send_notification(url, {"text": "hello"}, sleep=lambda s: None))
+        self.assertEqual(received, [{"text": "hello"}])
+
+    def test_notification_is_retried_once(self):
+        """A 500 is retried once, after a pause."""
+        url, received = self.start_receiver([500, 200])
+        pauses = []
+        with self.assertLogs("gopdater", "WARNING"):
+            self.assertTrue(gopdater.send_notification(url, {"text": "x"}, sleep=pauses.append))
+        self.assertEqual((len(received), pauses), (2, [1.0]))
+
+    def test_notify_endpoint_down_never_fails_the_deployment(self):
+        """With the notify endpoint down the deployment is still updated; the failure is logged, not the URL."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        url = f"http://127.0.0.1:{port}/secret-path-token"
+        rig = Rig(self, NOTIFY_URL=url)
+        rig.deployer.notify = lambda u, body: gopdater.send_notification(u, body, sleep=lambda s: None)
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            deployment = rig.deploy()
+        self.assertEqual(deployment.state, "updated")
+        self.assertEqual(sum("notification to" in line for line in logs.output), 2)
+        self.assertTrue(any("notification not delivered" in line for line in logs.output))
+        self.assertFalse(any("secret-path-token" in line for line in logs.output))
+
+
+class WorkerTest(unittest.TestCase):
+    def start_worker(self, rig):
+        thread = threading.Thread(target=rig.deployer.run_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(rig.deployer.stop, 5)
+
+    def test_burst_of_identical_hooks_gives_at_most_two_deployments(self):
+        """20 hooks for one push while a deployment runs coalesce into one follow-up."""
+        rig = Rig(self)
+        rig.fake.pull_gate = threading.Event()
+        self.start_worker(rig)
+        body = payload("dockerhub-push.json")
+        ids = {rig.post(f"/hooks/{SECRET}", body)[1]["id"]}
+        deadline = time.monotonic() + 5
+        while rig.deployer.current is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # wait for the worker to take the first deployment into its pull
+        for _ in range(19):
+            status, reply, _ = rig.post(f"/hooks/{SECRET}", body)
+            self.assertEqual(status, HTTPStatus.ACCEPTED)
+            ids.add(reply["id"])
+        rig.fake.pull_gate.set()
+        self.assertTrue(rig.deployer.wait_idle(10))
+        self.assertEqual(len(ids), 2)
+        self.assertEqual(sum(call[2:3] == ["pull"] for call in rig.fake.calls), 2)
+        follow_up = rig.deployer.views()[0]
+        self.assertEqual((follow_up["hooks"], follow_up["state"]), (19, "up-to-date"))
+
+    def test_deployments_never_overlap(self):
+        """Hooks for different images run one deployment at a time, in order."""
+        rig = Rig(self, FakeDocker(services={"site": "acme/site:latest", "api": "acme/api:latest"}))
+        active, overlaps = [0], []
+        original = rig.fake.__call__
+
+        def tracking(argv, **kwargs):
+            active[0] += 1
+            overlaps.append(active[0])
+            try:
+                return original(argv, **kwargs)
+            finally:
+                active[0] -= 1
+
+        rig.deployer.compose.runner = tracking
+        self.start_worker(rig)
+        hub = payload("dockerhub-push.json")
+        rig.post(f"/hooks/{SECRET}", hub)
+        rig.post(f"/hooks/{SECRET}", {**hub, "repository": {"repo_name": "acme/api"}})
+        self.assertTrue(rig.deployer.wait_idle(10))
+        self.assertEqual(max(overlaps), 1)
+        self.assertEqual([d["state"] for d in rig.deployer.views()], ["updated", "updated"])
+
+    def test_shutdown_cancels_queued_work_and_waits_for_the_running_one(self):
+        """stop() cancels what has not started and waits (bounded) for the running deployment."""
+        rig = Rig(self)
+        rig.fake.pull_gate = threading.Event()
+        self.start_worker(rig)
+        hub = payload("dockerhub-push.json")
+        rig.post(f"/hooks/{SECRET}", hub)
+        deadline = time.monotonic() + 5
+        while rig.deployer.current is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        rig.post(f"/hooks/{SECRET}", hub)
+        with self.assertLogs("gopdater", "WARNING"):
+            self.assertFalse(rig.deployer.stop(0.05))
+        rig.fake.pull_gate.set()
+        self.assertTrue(rig.deployer.stop(10))
+        self.assertEqual([d["state"] for d in rig.deployer.views()], ["cancelled", "updated"])
+        self.assertEqual(rig.post(f"/hooks/{SECRET}", hub)[0], HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------------
+
+
+def signed(body):
+    return "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+
+
+class AppTest(unittest.TestCase):
+    def setUp(self):
+        self.rig = Rig(self)
+
+    def assert_nothing_runs(self):
+        self.assertEqual(self.rig.fake.calls, [])
+        self.assertEqual(list(self.rig.deployer.queue), [])
+        self.assertEqual(self.rig.deployer.views(), [])
+
+    def test_valid_docker_hub_hook_is_accepted_and_queued(self):
+        """POST /hooks/<secret> with Docker Hub's body answers 202 with the id and services, and queues."""
+        status, reply, _ = self.rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+        self.assertEqual(status, HTTPStatus.ACCEPTED)
+        self.assertEqual(set(reply), {"status", "id", "services"})
+        self.assertEqual((reply["status"], reply["services"]), ("accepted", ["site"]))
+        self.assertEqual([d.id for d in self.rig.deployer.queue], [reply["id"]])
+        self.assertEqual(self.rig.fake.calls, [], "the request path runs no command")
+
+    def test_bearer_and_trailing_slash_are_accepted(self):
+        """POST /hooks with Authorization: Bearer <secret> works; a trailing slash on the URL is fine."""
+        body = payload("dockerhub-push.json")
+        self.assertEqual(self.rig.post("/hooks", body, Authorization=f"Bearer {SECRET}")[0], HTTPStatus.ACCEPTED)
+        self.assertEqual(self.rig.post(f"/hooks/{SECRET}/", body)[0], HTTPStatus.ACCEPTED)
+
+    def test_forged_hooks_run_nothing(self):
+        """Wrong or missing secrets, foreign owners and unmapped images get 403/200 and queue nothing."""
+        hub = payload("dockerhub-push.json")
+        cases = [
+            ("wrong secret", "/hooks/" + SECRET[:-1] + "x", hub, {}, HTTPStatus.FORBIDDEN),
+            ("secret prefix", "/hooks/" + SECRET[:-1], hub, {}, HTTPStatus.FORBIDDEN),
+            ("secret with suffix", "/hooks/" + SECRET + "x", hub, {}, HTTPStatus.FORBIDDEN),
+            ("no secret", "/hooks", hub, {}, HTTPStatus.FORBIDDEN),
+            ("wrong bearer", "/hooks", hub, {"Authorization": "Bearer nope"}, HTTPStatus.FORBIDDEN),
+            ("basic auth", "/hooks", hub, {"Authorization": f"Basic {SECRET}"}, HTTPStatus.FORBIDDEN),
+            ("wrong owner", f"/hooks/{SECRET}", {**hub, "repository": {"repo_name": "evil/site"}}, {},
+             HTTPStatus.FORBIDDEN),
+            ("owner prefix", f"/hooks/{SECRET}", {**hub, "repository": {"repo_name": "acmeevil/site"}}, {},
+             HTTPStatus.FORBIDDEN),
+            ("unconfigured repo", f"/hooks/{SECRET}", {**hub, "repository": {"repo_name": "acme/other"}}, {},
+             HTTPStatus.OK),
+            ("tag no service runs", f"/hooks/{SECRET}", {**hub, "push_data": {"tag": "v9"}}, {}, HTTPStatus.OK),
+            ("ghcr bad signature", "/hooks/ghcr", payload("ghcr-package-published.json"),
+             {"X-GitHub-Event": "package", "X-Hub-Signature-256": "sha256=" + "0" * 64}, HTTPStatus.FORBIDDEN),
+            ("ghcr no signature", "/hooks/ghcr", payload("ghcr-package-published.json"),
+             {"X-GitHub-Event": "package"}, HTTPStatus.FORBIDDEN),
+            ("harbor no header", "/hooks/harbor", payload("harbor-push-artifact.json"), {}, HTTPStatus.FORBIDDEN),
+            ("registry bad header", "/hooks/registry", payload("distribution-events.json"),
+             {"Authorization": "Bearer x" * 3}, HTTPStatus.FORBIDDEN),
+            ("quay wrong secret", "/hooks/wrong-secret-0123456789/quay", payload("quay-repo-push.json"), {},
+             HTTPStatus.FORBIDDEN),
+        ]
+        for name, path, body, hdrs, expected in cases:
+            with self.subTest(case=name):
+                raw = json.dumps(body).encode()
+                message = headers(Content_Length=str(len(raw)))
+                for key, value in hdrs.items():
+                    message[key] = value
+                status, reply, _ = self.rig.app.handle("POST", path, message, raw)
+                self.assertEqual(status, expected)
+                if expected == HTTPStatus.OK:
+                    self.assertEqual(reply, {"status": "ignored", "reason": "no service runs this image and tag"})
+                self.assert_nothing_runs()
+
+    def test_bad_requests_get_honest_codes(self):
+        """Malformed bodies, fields, paths, methods and sizes each get their code and a fixed reason."""
+        hub = payload("dockerhub-push.json")
+        hook = f"/hooks/{SECRET}"
+        cases = [
+            ("POST", hook, b"{not json", {}, HTTPStatus.BAD_REQUEST, "body is not valid JSON"),
+            ("POST", hook, b"[1, 2]", {}, HTTPStatus.BAD_REQUEST, "body must be a JSON object"),
+            ("POST", hook, b"\xff\xfe\x00", {}, HTTPStatus.BAD_REQUEST, "body is not valid JSON"),
+            ("POST", hook, b"[" * 100000, {}, HTTPStatus.BAD_REQUEST, "body is not valid JSON"),
+            ("POST", hook, json.dumps({**hub, "repository": {}}).encode(), {}, HTTPStatus.BAD_REQUEST,
+             "missing or invalid field: repository.repo_name"),
+            ("POST", hook, json.dumps({**hub, "push_data": {"tag": "../../etc"}}).encode(), {},
+             HTTPStatus.BAD_REQUEST, "missing or invalid field: push_data.tag"),
+            ("GET", hook, b"", {}, HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed"),
+            ("PUT", "/hooks/ghcr", b"", {}, HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed"),
+            ("POST", "/healthz", b"", {}, HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed"),
+            ("GET", "/", b"", {}, HTTPStatus.NOT_FOUND, "not found"),
+            ("POST", f"/hooks/{SECRET}/gitlab", b"{}", {}, HTTPStatus.NOT_FOUND, "not found"),
+            ("POST", "/hooksx", b"{}", {}, HTTPStatus.NOT_FOUND, "not found"),
+            ("POST", hook, b"{}", {"Content-Length": None}, HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"),
+            ("POST", hook, b"{}", {"Content-Length": "-1"}, HTTPStatus.BAD_REQUEST, "invalid Content-Length"),
+            ("POST", hook, b"{}", {"Content-Length": str(1024 * 1024 + 1)}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+             "body is over 1 MiB"),
+            ("POST", "/hooks/registry", b"{}", {"Authorization": f"Bearer {SECRET}", "Content-Type": "text/plain"},
+             HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported Content-Type"),
+        ]
+        for method, path, body, hdrs, expected, reason in cases:
+            with self.subTest(method=method, path=path, body=body[:30], headers=hdrs):
+                message = headers(Content_Length=str(len(body)))
+                for key, value in hdrs.items():
+                    del message[key]
+                    if value is not None:
+                        message[key] = value
+                status, reply, extra = self.rig.app.handle(method, path, message, body)
+                self.assertEqual(status, expected)
+                self.assertEqual(reply, {"status": "error", "reason": reason})
+                if status == HTTPStatus.METHOD_NOT_ALLOWED:
+                    self.assertIn("Allow", dict(extra))
+                self.assert_nothing_runs()
+
+    def test_size_then_secret_then_parse(self):
+        """An oversized body is 413 even with a wrong secret; bad JSON with a wrong secret is 403, not 400."""
+        big = headers(Content_Length=str(2 * 1024 * 1024))
+        self.assertEqual(self.rig.app.handle("POST", "/hooks/wrong", big, b"")[0], HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        with mock.patch("gopdater.json.loads") as loads:
+            status = self.rig.post("/hooks/wrong-secret-000000000", b"{not json")[0]
+        self.assertEqual(status, HTTPStatus.FORBIDDEN)
+        loads.assert_not_called()
+
+    def test_secret_is_compared_in_constant_time(self):
+        """Every secret comparison goes through hmac.compare_digest."""
+        with mock.patch("gopdater.hmac.compare_digest", wraps=hmac.compare_digest) as compare:
+            self.rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+            self.rig.post("/hooks", payload("dockerhub-push.json"), Authorization=f"Bearer {SECRET}")
+        self.assertEqual(compare.call_count, 2)
+
+    def test_no_response_echoes_the_request(self):
+        """A marker in the body, path or headers never appears in any reply."""
+        marker = "MARKER<script>"
+        bodies = [b"{" + marker.encode(), json.dumps({"repository": {"repo_name": marker}}).encode(),
+                  json.dumps({"repository": {"repo_name": "acme/site"}, "push_data": {"tag": marker}}).encode(),
+                  json.dumps({"repository": {"repo_name": f"{marker}/x"}, "push_data": {"tag": "v"}}).encode()]
+        for body in bodies:
+            for path in (f"/hooks/{SECRET}", f"/hooks/{marker}", f"/{marker}"):
+                with self.subTest(body=body[:40], path=path):
+                    reply = self.rig.app.handle("POST", path, headers(Content_Length=str(len(body)),
+                                                                      X_Marker=marker), body)[1]
+                    self.assertNotIn("MARKER", json.dumps(reply))
+
+    def test_healthz_needs_no_secret_and_reveals_nothing(self):
+        """GET /healthz answers {"status": "ok"} and nothing else."""
+        status, reply, _ = self.rig.app.handle("GET", "/healthz", headers(), b"")
+        self.assertEqual((status, reply), (HTTPStatus.OK, {"status": "ok"}))
+
+    def test_deployments_view_needs_the_secret(self):
+        """GET /deployments lists the recent deployments with the bearer secret, and 403 without it."""
+        self.rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+        self.assertEqual(self.rig.app.handle("GET", "/deployments", headers(), b"")[0], HTTPStatus.FORBIDDEN)
+        status, reply, _ = self.rig.app.handle("GET", "/deployments", headers(Authorization=f"Bearer {SECRET}"), b"")
+        self.assertEqual(status, HTTPStatus.OK)
+        view, = reply["deployments"]
+        self.assertEqual({k: view[k] for k in ("image", "tag", "services", "state")},
+                         {"image": "docker.io/acme/site", "tag": "latest", "services": ["site"], "state": "queued"})
+        self.assertLessEqual({"id", "steps", "error", "created", "started", "finished", "digest"}, set(view))
+
+    def test_deployments_view_keeps_the_last_fifty(self):
+        """Only the 50 most recent deployments are kept."""
+        for n in range(60):
+            deployment, _ = self.rig.deployer.submit(gopdater.PushEvent(
+                "dockerhub", ImageKey("docker.io", "acme/site", f"v{n}")), ["site"])
+            self.rig.deployer.queue.clear()
+        views = self.rig.deployer.views()
+        self.assertEqual((len(views), views[0]["tag"], views[-1]["tag"]), (50, "v59", "v10"))
+
+    def test_ghcr_signature_ping_and_push(self):
+        """GHCR is authenticated by X-Hub-Signature-256 before parsing; ping answers 200."""
+        raw = json.dumps(payload("ghcr-package-published.json")).encode()
+        status, reply, _ = self.rig.post("/hooks/ghcr", b"{}", X_GitHub_Event="ping", X_Hub_Signature_256=signed(b"{}"))
+        self.assertEqual((status, reply["status"]), (HTTPStatus.OK, "ok"))
+        rig = Rig(self, OWNER="ghcr.io/acme", SERVICES="ghcr.io/acme/site=site")
+        status, reply, _ = rig.post("/hooks/ghcr", raw, X_GitHub_Event="package", X_Hub_Signature_256=signed(raw))
+        self.assertEqual((status, reply["services"]), (HTTPStatus.ACCEPTED, ["site"]))
+        self.assertEqual(rig.deployer.views()[0]["digest"],
+                         "sha256:4f0a1c8e6b8e1f3a2d9c5b7e0a6f4d2c1b3a5e7f9d0c2b4a6e8f0a1c3e5b7d9f")
+
+    def test_github_signature_matches_the_documented_test_vector(self):
+        """GitHub's documented vector: secret "It's a Secret to Everybody", body "Hello, World!"."""
+        config = gopdater.dataclasses.replace(make_config(), secret="It's a Secret to Everybody")
+        app = gopdater.App(config, self.rig.project, self.rig.deployer)
+        expected = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+        self.assertTrue(app.signature_ok(headers(X_Hub_Signature_256=expected), b"Hello, World!"))
+        self.assertFalse(app.signature_ok(headers(X_Hub_Signature_256=expected), b"Hello, World?"))
+
+    def test_each_sender_reaches_the_same_deployment_path(self):
+        """Quay, Harbor and Distribution deliveries for a configured image are accepted like Docker Hub's."""
+        owners = "quay.io/acme,harbor.example.org/acme,registry.example.org/acme"
+        services = "quay.io/acme/site=site,harbor.example.org/acme/site=site,registry.example.org/acme/site=site"
+        bearer = {"Authorization": f"Bearer {SECRET}"}
+        cases = [
+            (f"/hooks/{SECRET}/quay", "quay-repo-push.json", {}),
+            ("/hooks/harbor", "harbor-push-artifact.json", bearer),
+            ("/hooks/registry", "distribution-events.json",
+             {**bearer, "Content-Type": "application/vnd.docker.distribution.events.v1+json"}),
+            ("/hooks/registry", "distribution-events.json",
+             {**bearer, "Content-Type": "application/vnd.docker.distribution.events.v2+json"}),
+        ]
+        for path, name, hdrs in cases:
+            with self.subTest(path=path, sample=name):
+                rig = Rig(self, OWNER=owners, SERVICES=services)
+                raw = json.dumps(payload(name)).encode()
+                message = headers(Content_Length=str(len(raw)))
+                for key, value in hdrs.items():
+                    message[key] = value
+                status, reply, _ = rig.app.handle("POST", path, message, raw)
+                self.assertEqual((status, reply["services"]), (HTTPStatus.ACCEPTED, ["site"]))
+
+    def test_wrong_owner_per_sender(self):
+        """A namespace outside OWNER is 403 for each sender, but only ignored for a Distribution registry."""
+        bearer = {"Authorization": f"Bearer {SECRET}"}
+        cases = [
+            (f"/hooks/{SECRET}/quay", "quay-repo-push.json", {}, HTTPStatus.FORBIDDEN),
+            ("/hooks/harbor", "harbor-push-artifact.json", bearer, HTTPStatus.FORBIDDEN),
+            ("/hooks/registry", "distribution-events.json", {**bearer, "Content-Type": "application/json"},
+             HTTPStatus.OK),
+        ]
+        for path, name, hdrs, expected in cases:
+            with self.subTest(path=path):
+                raw = json.dumps(payload(name)).encode()
+                message = headers(Content_Length=str(len(raw)))
+                for key, value in hdrs.items():
+                    message[key] = value
+                status, reply, _ = self.rig.app.handle("POST", path, message, raw)
+                self.assertEqual(status, expected)
+                self.assert_nothing_runs()
+
+    def test_cross_registry_name_clash_does_not_match(self):
+        """ghcr.io/acme/site:latest never updates a service running Docker Hub's acme/site:latest."""
+        rig = Rig(self, OWNER="acme,ghcr.io/acme")
+        raw = json.dumps(payload("ghcr-package-published.json")).encode()
+        status, reply, _ = rig.post("/hooks/ghcr", raw, X_GitHub_Event="package", X_Hub_Signature_256=signed(raw))
+        self.assertEqual((status, reply["status"]), (HTTPStatus.OK, "ignored"))
+        self.assertEqual(rig.deployer.views(), [])
+
+    def test_multi_event_envelope_queues_each_image(self):
+        """A Distribution envelope with two tagged pushes queues both images' services."""
+        fake = FakeDocker(services={"site": "reg.example.org/acme/site:latest", "api": "reg.example.org/acme/api:v2"})
+        fake.images = {"reg.example.org/acme/site:latest": OLD_ID, "reg.example.org/acme/api:v2": OLD_ID}
+        rig = Rig(self, fake, OWNER="reg.example.org/acme")
+        event = payload("distribution-events.json")["events"][0]
+        event["request"]["host"] = "reg.example.org"
+        second = copy.deepcopy(event)
+        second["target"].update(repository="acme/api", tag="v2")
+        status, reply, _ = rig.post("/hooks/registry", {"events": [event, second]},
+                                    Authorization=f"Bearer {SECRET}", Content_Type="application/json")
+        self.assertEqual((status, reply["services"], len(reply["ids"])), (HTTPStatus.ACCEPTED, ["api", "site"], 2))
+
+    def test_unmatched_hook_asks_for_a_refresh(self):
+        """An authentic hook no service runs asks the worker to re-read the project."""
+        hub = payload("dockerhub-push.json")
+        self.rig.post(f"/hooks/{SECRET}", {**hub, "push_data": {"tag": "v9"}})
+        self.assertTrue(self.rig.deployer.refresh_wanted)
+
+
+class RejectLogTest(unittest.TestCase):
+    def test_flood_becomes_one_line_then_a_count(self):
+        """1,000 rejections in an interval log two lines: the first in full, then a count."""
+        clock = FakeClock()
+        rejects = gopdater.RejectLog(interval=60, clock=clock)
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            for _ in range(1000):
+                rejects.note(403, '127.0.0.1 "POST /hooks/*** HTTP/1.1" 403')
+            clock.sleep(61)
+            rejects.flush()
+        self.assertEqual(len(logs.output), 2)
+        self.assertIn("rejected 999 more requests", logs.output[1])
+        self.assertIn("403: 999", logs.output[1])
+
+
+class HTTPServerTest(unittest.TestCase):
+    def start(self, **server_args):
+        self.rig = Rig(self)
+        server = gopdater.HookServer(("127.0.0.1", 0), self.rig.app, **server_args)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(server.shutdown)
+        self.port = server.server_address[1]
+        self.server = server
+        return server
+
+    def request(self, method, path, body=None, **hdrs):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        self.addCleanup(connection.close)
+        connection.request(method, path, body=body, headers={k.replace("_", "-"): v for k, v in hdrs.items()})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read()), response
+
+    def raw(self, data, shutdown_write=False):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(data)
+            if shutdown_write:
+                sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+
+    def test_hook_over_http_is_accepted(self):
+        """A real POST to /hooks/<secret> answers 202 JSON with no-store caching and no Python banner."""
+        self.start()
+        body = json.dumps(payload("dockerhub-push.json"))
+        status, reply, response = self.request("POST", f"/hooks/{SECRET}", body, Content_Type="application/json")
+        self.assertEqual((status, reply["status"]), (202, "accepted"))
+        self.assertEqual(response.getheader("Content-Type"), "application/json")
+        self.assertEqual(response.getheader("Server"), "gopdater")
+
+    def test_access_log_never_contains_the_secret(self):
+        """Access-log lines for right, wrong and bearer secrets all show /hooks/*** and never the secret."""
+        self.start()
+        body = json.dumps(payload("dockerhub-push.json"))
+        with self.assertLogs("gopdater", "DEBUG") as logs:
+            self.request("POST", f"/hooks/{SECRET}", body)
+            self.request("POST", f"/hooks/{SECRET[:-2]}zz", body)
+            self.request("POST", "/hooks", body, Authorization=f"Bearer {SECRET}")
+            self.request("GET", f"/hooks/{SECRET}/quay?{SECRET}")
+            self.server.shutdown()
+        text = "\n".join(logs.output)
+        self.assertNotIn(SECRET, text)
+        self.assertNotIn(SECRET[:-2], text)
+        self.assertIn("/hooks/***", text)
+
+    def test_http_server_errors_are_json_and_the_server_keeps_serving(self):
+        """A garbage request line gets a JSON 400 that echoes nothing, and the next request is served."""
+        self.start()
+        with self.assertLogs("gopdater", "WARNING"):
+            answer = self.raw(b"\x00\x01 MARKER garbage\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.0 400"), answer[:40])
+        self.assertNotIn(b"MARKER", answer)
+        self.assertTrue(answer.endswith(b'{"status": "error", "reason": "bad request"}'))
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+
+    def test_oversized_body_is_refused_before_it_is_read(self):
+        """Content-Length over 1 MiB is answered 413 at once, and the client can read the answer."""
+        self.start()
+        head = f"POST /hooks/{SECRET} HTTP/1.1\r\nHost: x\r\nContent-Length: {4 * 1024 * 1024}\r\n\r\n".encode()
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            answer = self.raw(head + b"x" * 300000, shutdown_write=True)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 413"), answer[:40])
+        self.assertNotIn(SECRET, "\n".join(logs.output))
+
+    def test_idle_connections_hold_no_thread_and_do_not_block_a_hook(self):
+        """100 idle connections leave the thread count at WORKERS and a valid hook is still answered."""
+        self.start(workers=2)
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+        before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", self.port)) for _ in range(100)]
+        for sock in idle:
+            self.addCleanup(sock.close)
+        idle[0].sendall(b"POST /hooks/x HTTP/1.1\r\nContent-Length: 10\r\n\r\n")  # half a request
+        body = json.dumps(payload("dockerhub-push.json"))
+        self.assertEqual(self.request("POST", f"/hooks/{SECRET}", body)[0], 202)
+        self.assertEqual(threading.active_count(), before)
+        self.assertEqual(len(self.server.threads), 2)
+
+    def test_connections_beyond_the_limit_drop_the_oldest(self):
+        """With MAX_CONNECTIONS held, a new connection evicts the oldest idle one."""
+        self.start(max_connections=5)
+        idle = [socket.create_connection(("127.0.0.1", self.port), timeout=5) for _ in range(5)]
+        for sock in idle:
+            self.addCleanup(sock.close)
+        body = json.dumps(payload("dockerhub-push.json"))
+        with self.assertLogs("gopdater", "WARNING"):
+            self.assertEqual(self.request("POST", f"/hooks/{SECRET}", body)[0], 202)
+            self.assertTrue(idle[0].recv(1024).startswith(b"HTTP/1.0 503"))
+
+    def test_slow_client_is_timed_out(self):
+        """A client that never finishes its request gets 408 after REQUEST_TIMEOUT."""
+        self.start(request_timeout=0.3)
+        with self.assertLogs("gopdater", "WARNING"):
+            started = time.monotonic()
+            answer = self.raw(b"POST /hooks/x HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
+        self.assertTrue(answer.startswith(b"HTTP/1.0 408"), answer[:40])
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_deployments_view_over_http(self):
+        """GET /deployments with the bearer secret returns JSON; without it 403."""
+        self.start()
+        with self.assertLogs("gopdater", "WARNING"):
+            self.assertEqual(self.request("GET", "/deployments")[0], 403)
+        status, reply, _ = self.request("GET", "/deployments", Authorization=f"Bearer {SECRET}")
+        self.assertEqual((status, reply), (200, {"deployments": []}))
+
+
+if __name__ == "__main__":
+    unittest.main()
