@@ -1381,7 +1381,7 @@ class App:
                 continue
             deployment, coalesced = self.deployer.submit(event, services)
             if deployment is None:
-                return HTTPStatus.SERVICE_UNAVAILABLE, error_body("deployment queue is full"), ()
+                return HTTPStatus.SERVICE_UNAVAILABLE, error_body("deployment queue is full or gopdater is stopping"), ()
             log.info("hook accepted sender=%s image=%s deployment=%s services=%s coalesced=%s", sender,
                      event.image, deployment.id, ",".join(services), "yes" if coalesced else "no")
             if deployment.id not in ids:

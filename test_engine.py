@@ -12,6 +12,7 @@ say what to install (.ci/run installs them).
 import json
 import os
 import pathlib
+import re
 import secrets
 import shutil
 import signal
@@ -19,6 +20,8 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
+import tarfile
 import tempfile
 import threading
 import time
@@ -185,6 +188,66 @@ class Registry:
         assert status == 201, f"manifest put {target}: {status}"
 
 
+class RecordingSocketProxy(threading.Thread):
+    """A Unix-socket proxy to the Docker socket that records each API call (method and path pattern)."""
+
+    PATTERNS = [(re.compile(p), r) for p, r in [
+        (r"^/v[0-9.]+/", "/"), (r"\?.*$", ""), (r"^/containers/[^/]+/(\w+)$", r"/containers/{id}/\1"),
+        (r"^/containers/(?!json$|create$)[^/]+$", "/containers/{id}"), (r"^/images/(?!json$|create$).+/(json|tag)$",
+        r"/images/{name}/\1"), (r"^/images/(?!json$|create$|\{name\})[^/].*$", "/images/{name}"),
+        (r"^/networks/(?!create$)[^/]+$", "/networks/{id}"), (r"^/volumes/(?!create$)[^/]+$", "/volumes/{name}"),
+        (r"^/distribution/.+/json$", "/distribution/{name}/json")]]
+
+    def __init__(self, path, upstream="/var/run/docker.sock"):
+        super().__init__(daemon=True)
+        self.path, self.upstream, self.calls = str(path), upstream, set()
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen(64)
+
+    def run(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self.upstream)
+            threading.Thread(target=self.pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(server, client, False), daemon=True).start()
+
+    def pipe(self, source, target, record):
+        pending = b""
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if record:
+                    pending = (pending + data)[-65536:]
+                    for method, path in re.findall(rb"(?:^|\r\n)(GET|POST|PUT|DELETE|HEAD) (\S+) HTTP/1\.[01]\r\n",
+                                                   pending):
+                        self.calls.add(f"{method.decode()} {self.pattern(path.decode())}")
+                    pending = pending[pending.rfind(b"\r\n") + 2:] if b"\r\n" in pending else pending
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                target.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            source.close()
+
+    def pattern(self, path):
+        for regex, replacement in self.PATTERNS:
+            path = regex.sub(replacement, path)
+        return path
+
+    def stop(self):
+        self.listener.close()
+
+
 class Poller(threading.Thread):
     """Fetches the site every 20 ms and records when it answered."""
 
@@ -216,6 +279,7 @@ class EngineScenario:
 
     flavour = None
     from_elsewhere = False  # start gopdater outside the project folder, pointing COMPOSE_FILE at it
+    socket_proxy = False  # reach Docker through DOCKER_HOST and a proxy that records the API calls
 
     @classmethod
     def setUpClass(cls):
@@ -275,6 +339,11 @@ services:
                "SERVICES": f"acme/site=site,127.0.0.1:{cls.notify_port}/acme/site=site",
                "COMPOSE_COMMAND": " ".join(cls.compose), "REFRESH_INTERVAL": "3600"}
         cwd = cls.folder
+        if cls.socket_proxy:
+            cls.proxy = RecordingSocketProxy(cls.tmp / "docker.sock")
+            cls.proxy.start()
+            cls.addClassCleanup(cls.proxy.stop)
+            env["DOCKER_HOST"] = f"unix://{cls.tmp / 'docker.sock'}"
         if cls.from_elsewhere:
             cwd = cls.tmp / "elsewhere"
             cwd.mkdir()
@@ -474,11 +543,196 @@ services:
         self.assertIn("stopped", log)
 
 
+def import_image(tag, files, links=()):
+    """Make an image from host files (path -> path inside) and symlinks, with docker import; no pulls."""
+    proc = subprocess.Popen(["docker", "import", "--change", "ENV PATH=/usr/local/bin:/usr/bin:/bin", "-", tag],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    with tarfile.open(fileobj=proc.stdin, mode="w|", dereference=True) as tar:
+        for source, target in sorted(files.items()):
+            tar.add(source, arcname=target.lstrip("/"), recursive=False)
+        for target, points_to in links:
+            info = tarfile.TarInfo(target.lstrip("/"))
+            info.type, info.linkname = tarfile.SYMTYPE, points_to
+            tar.addfile(info)
+        tmp = tarfile.TarInfo("tmp")
+        tmp.type, tmp.mode = tarfile.DIRTYPE, 0o1777
+        tar.addfile(tmp)
+    proc.stdin.close()
+    assert proc.wait(300) == 0, f"docker import {tag} failed"
+
+
+def standin_python_image(tag):
+    """A stand-in for the python slim base: this machine's Python, its standard library and its libraries."""
+    exe = os.path.realpath(sys.executable)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip",
+            "lib2to3", "__pycache__", "pydoc_data"}
+    files, binaries = {exe: exe}, [exe]
+    for folder, dirs, names in os.walk(stdlib):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith("config-")]
+        for name in names:
+            path = os.path.join(folder, name)
+            files[path] = path
+            if name.endswith(".so"):
+                binaries.append(path)
+    for binary in binaries:
+        for word in run(["ldd", binary], check=False).split():
+            if word.startswith("/") and os.path.exists(word):
+                files[word] = word
+    import_image(tag, files, [("/usr/local/bin/python3", exe)])
+
+
+def compose_plugin():
+    """The Compose v2 plugin binary the docker CLI here uses, if any."""
+    for folder in [os.path.expanduser("~/.docker/cli-plugins"), "/usr/local/libexec/docker/cli-plugins",
+                   "/usr/libexec/docker/cli-plugins", "/usr/local/lib/docker/cli-plugins", "/usr/lib/docker/cli-plugins"]:
+        path = os.path.join(folder, "docker-compose")
+        if os.access(path, os.X_OK):
+            return os.path.realpath(path)
+    return None
+
+
+class ContainerDropInTest(unittest.TestCase):
+    """The README's container quick start, on the real engine: gopdater as a service of the site's project.
+
+    This machine cannot pull the Dockerfile's bases, so the test builds the real Dockerfile with stand-in
+    bases made from this machine's Python, docker CLI and Compose plugin (the Dockerfile's build ARGs).
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        plugin, docker = compose_plugin(), shutil.which("docker")
+        reason = None
+        if not plugin or not is_static_elf(plugin):
+            reason = "no static Compose v2 plugin to put in the image"
+        elif not is_static_elf(os.path.realpath(docker)):
+            reason = "the docker CLI here is not a static binary that runs in an image"
+        if reason:
+            print(f"\ntest_engine: container drop-in skipped: {reason}", file=sys.stderr)
+            raise unittest.SkipTest(reason)
+        cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix=PREFIX))
+        cls.addClassCleanup(shutil.rmtree, cls.tmp, True)
+        cls.project = f"{PREFIX}box"
+        cls.folder = cls.tmp / cls.project
+        cls.folder.mkdir()
+        cls.port, cls.site_port, cls.gp_port = (free_port() for _ in range(3))
+        cls.tags = [f"{PREFIX}-python:standin", f"{PREFIX}-cli:standin", f"{PREFIX}-gopdater:test"]
+        cls.addClassCleanup(cls.cleanup)
+        standin_python_image(cls.tags[0])
+        import_image(cls.tags[1], {os.path.realpath(docker): "/usr/local/bin/docker",
+                                   plugin: "/usr/local/libexec/docker/cli-plugins/docker-compose"})
+        run(["docker", "build", "-q", "--build-arg", f"PYTHON_IMAGE={cls.tags[0]}",
+             "--build-arg", f"DOCKER_CLI_IMAGE={cls.tags[1]}", "-t", cls.tags[2], str(HERE)], timeout=600)
+        sizes = [int(run(["docker", "image", "inspect", "--format", "{{.Size}}", t])) for t in (cls.tags[0], cls.tags[2])]
+        print(f"\ntest_engine: gopdater image built on the stand-in base; the Dockerfile adds "
+              f"{(sizes[1] - sizes[0]) / 1e6:.1f} MB (docker CLI, Compose plugin, gopdater.py)", file=sys.stderr)
+        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
+        cls.registry.start()
+        (cls.tmp / "build").mkdir()
+        cls.images = build_site_images(cls.tmp / "build", f"{cls.project}-site")
+        repo = f"127.0.0.1:{cls.port}/acme/site"
+        for version in ("v1", "v2"):
+            run(["docker", "tag", cls.images[version], f"{repo}:{version}"])
+            run(["docker", "push", f"{repo}:{version}"], timeout=300)
+            run(["docker", "rmi", f"{repo}:{version}", f"{cls.project}-site:{version}"])
+        cls.registry.retag("v1")
+        # The quick start: copy gopdater.py, the Dockerfile and the compose file in, fill .env, up -d.
+        for name in ("gopdater.py", "Dockerfile", "docker-compose.yml", ".dockerignore"):
+            shutil.copy(HERE / name, cls.folder / name)
+        values = {"SITE_IMAGE": f"{repo}:latest", "SITE_PORT": f"127.0.0.1:{cls.site_port}",
+                  "GOPDATER_PORT": f"127.0.0.1:{cls.gp_port}", "OWNER": "acme", "WEBHOOK_SECRET": SECRET}
+        lines = (HERE / ".env.example").read_text().splitlines()
+        assert set(values) <= {line.split("=")[0] for line in lines if "=" in line and not line.startswith("#")}
+        env_lines = [f"{line.split('=')[0]}={values[line.split('=')[0]]}" if line.split("=")[0] in values else line
+                     for line in lines]
+        env_lines += [f"GOPDATER_IMAGE={cls.tags[2]}", "SERVICES=acme/site=site", "HEALTH_TIMEOUT=30"]
+        (cls.folder / ".env").write_text("\n".join(env_lines) + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+        run(["docker", "compose", "up", "-d"], cwd=cls.folder, env={**env, "PWD": str(cls.folder)}, timeout=300)
+        wait_for(lambda: EngineScenario.site.__func__(cls) == "acme site v1", 30, "the site to serve v1")
+        wait_for(lambda: EngineScenario.gp_answers.__func__(cls), 60, "gopdater in its container to answer")
+
+    @classmethod
+    def cleanup(cls):
+        ids = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={cls.project}"],
+                  check=False).split()
+        if ids:
+            run(["docker", "rm", "-f", *ids], check=False)
+        run(["docker", "network", "rm", f"{cls.project}_default"], check=False)
+        for line in run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"], check=False).split():
+            if line.startswith((f"127.0.0.1:{cls.port}/", PREFIX)):
+                run(["docker", "rmi", "-f", line], check=False)
+        if getattr(cls, "images", None):
+            run(["docker", "rmi", "-f", *cls.images.values()], check=False)
+        if getattr(cls, "registry", None):
+            cls.registry.stop()
+
+    def service_container(self, service):
+        ids = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}",
+                   "--filter", f"label=com.docker.compose.service={service}"]).split()
+        self.assertEqual(len(ids), 1, ids)
+        return json.loads(run(["docker", "inspect", ids[0]]))[0]
+
+    def test_1_check_reports_what_was_detected_from_the_labels(self):
+        """--check inside the container reports the host project, files and folder, from its own labels."""
+        gp = self.service_container("gopdater")
+        out = run(["docker", "exec", gp["Id"], "python3", "/app/gopdater.py", "--check"], check=False)
+        self.assertIn(f"project: {self.project} (from label com.docker.compose.project of this container)", out)
+        self.assertIn(f"working directory: {self.folder} (from label", out)
+        self.assertIn(f"compose file: {self.folder / 'docker-compose.yml'} (from label", out)
+        self.assertIn("own service gopdater is left alone", out)
+        self.assertNotIn(SECRET, out)
+
+    def test_2_hook_updates_the_host_project_in_place(self):
+        """A hook updates the site in the host's project: same project label, same bind-mount source."""
+        gopdater_before = self.service_container("gopdater")["Id"]
+        self.registry.retag("v2")
+        body = json.dumps({"repository": {"repo_name": "acme/site"}, "push_data": {"tag": "latest"}}).encode()
+        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks/{SECRET}", body)
+        self.assertEqual(status, 202, reply)
+        wait_for(lambda: self.site_serves("acme site v2"), 90, "the site to serve v2")
+        site = self.service_container("site")
+        labels = site["Config"]["Labels"]
+        self.assertEqual(labels["com.docker.compose.project"], self.project)
+        self.assertEqual(labels["com.docker.compose.project.working_dir"], str(self.folder))
+        self.assertEqual([m["Source"] for m in site["Mounts"] if m["Type"] == "bind"], [str(self.folder / "data")])
+        self.assertEqual(self.service_container("gopdater")["Id"], gopdater_before, "gopdater left itself alone")
+        names = run(["docker", "ps", "-a", "--format", "{{.Names}}"]).split()
+        self.assertEqual(sorted(n for n in names if n.startswith(PREFIX)),
+                         [f"{self.project}-gopdater-1", f"{self.project}-site-1"], "no second project")
+
+    def test_3_healthcheck_command_passes(self):
+        """The Dockerfile's HEALTHCHECK (Python, no curl) succeeds inside the running container."""
+        gp = self.service_container("gopdater")
+        test = gp["Config"]["Healthcheck"]["Test"]
+        self.assertEqual(test[:2], ["CMD", "python3"])
+        proc = subprocess.run(["docker", "exec", gp["Id"], *test[1:]], capture_output=True, timeout=30)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def site_serves(self, text):
+        try:
+            status, body, _ = http("GET", f"http://127.0.0.1:{self.site_port}/", timeout=1)
+        except OSError:
+            return False
+        return status == 200 and body.decode().strip() == text
+
+
 class ComposeV2Test(EngineScenario, unittest.TestCase):
-    """Compose v2 (`docker compose`), with gopdater started outside the project folder (COMPOSE_FILE)."""
+    """Compose v2 (`docker compose`), gopdater started outside the project folder (COMPOSE_FILE) and
+    reaching Docker through DOCKER_HOST and a recording socket proxy."""
 
     flavour = "v2"
     from_elsewhere = True
+    socket_proxy = True
+
+    def test_7_docker_api_calls_are_the_documented_ones(self):
+        """Through DOCKER_HOST, gopdater used exactly the Docker API calls the README lists for a socket proxy."""
+        readme = (HERE / "README.md").read_text()
+        documented = set(re.findall(r"^\s*- `((?:GET|HEAD|POST|PUT|DELETE) /[^`]+)`", readme, re.MULTILINE))
+        self.assertTrue(self.proxy.calls, "gopdater reached Docker through DOCKER_HOST")
+        self.assertEqual(self.proxy.calls, documented)
+        print(f"\n[{self.flavour}] Docker API calls through DOCKER_HOST: {', '.join(sorted(self.proxy.calls))}",
+              file=sys.stderr)
 
 
 class ComposeV1Test(EngineScenario, unittest.TestCase):

@@ -1,0 +1,26 @@
+# gopdater in a container: one stdlib-only Python file plus the docker CLI and its Compose plugin.
+#
+# The docker CLI and Compose come from the official docker:<version>-cli image by COPY --from:
+# both are static binaries there, pinned with that one tag, and Debian's packages carry neither a
+# current CLI nor the Compose v2 plugin. Build-time ARGs let a mirror or a test supply the bases.
+ARG PYTHON_IMAGE=python:3.13.9-slim-trixie
+ARG DOCKER_CLI_IMAGE=docker:28.3.1-cli
+
+FROM ${DOCKER_CLI_IMAGE} AS docker-cli
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="gopdater" \
+      org.opencontainers.image.description="Receives registry push webhooks and updates the matching Docker Compose services" \
+      org.opencontainers.image.version="1.0.0" \
+      org.opencontainers.image.licenses="MIT"
+COPY --from=docker-cli /usr/local/bin/docker /usr/local/bin/docker
+COPY --from=docker-cli /usr/local/libexec/docker/cli-plugins/docker-compose /usr/local/libexec/docker/cli-plugins/docker-compose
+COPY gopdater.py /app/gopdater.py
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /app
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8080'), timeout=4)"]
+CMD ["python3", "/app/gopdater.py"]

@@ -1,0 +1,33 @@
+"""A quick smoke run of the benchmark, so it cannot silently rot. Timing targets live in the
+benchmark's own table, not here: this checks that every measurement runs and what it shows works."""
+
+import json
+import pathlib
+import subprocess
+import sys
+import unittest
+
+BENCH = pathlib.Path(__file__).resolve().parent / "bench_gopdater.py"
+
+
+class BenchmarkSmokeTest(unittest.TestCase):
+    def test_quick_benchmark_runs_and_reports_every_measurement(self):
+        """`bench_gopdater.py --quick --json` finishes and reports start-up, latency, downtime, burst, floods."""
+        proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json"], capture_output=True, text=True,
+                              timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+        results = json.loads(proc.stdout)
+        self.assertEqual(set(results) >= {"startup", "latency", "downtime", "burst", "rejected", "flood"}, True)
+        self.assertTrue(results["latency"]["all_during_a_deployment"])
+        self.assertEqual(results["latency"]["requests"], 200)
+        self.assertFalse(results["downtime"]["gopdater"]["pull_inside_window"], "gopdater pulls before the stop")
+        self.assertTrue(results["downtime"]["seed_order"]["pull_inside_window"], "the baseline pulls while down")
+        self.assertEqual(results["burst"]["accepted"], 20)
+        self.assertLessEqual(results["burst"]["deployments"], 2)
+        self.assertEqual(results["rejected"]["refused_403"], results["rejected"]["requests"])
+        self.assertLessEqual(results["rejected"]["peak_threads"], results["rejected"]["thread_bound"])
+        self.assertEqual((results["flood"]["valid_hook_status"], results["flood"]["deployed"]), (202, True))
+
+
+if __name__ == "__main__":
+    unittest.main()
