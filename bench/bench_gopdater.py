@@ -16,7 +16,6 @@ import pathlib
 import secrets
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
