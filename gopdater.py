@@ -80,6 +80,7 @@ DRAIN_SECONDS = 2.0
 POLL_FIRST, POLL_MAX = 0.2, 2.0
 NOTIFY_TIMEOUT, NOTIFY_RETRY_DELAY = 5.0, 1.0
 
+DEFAULT = "(Compose's default)"
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = {"index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 
@@ -97,7 +98,6 @@ NAME_MAX = 255
 PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9_-]*", re.ASCII)
 SERVICE_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*", re.ASCII)
 CONTAINER_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", re.ASCII)
-IMAGE_ID_RE = re.compile(r"sha256:[0-9a-f]{64}", re.ASCII)
 SECRET_RE = re.compile(r"[A-Za-z0-9._~-]{16,}", re.ASCII)
 
 MANIFEST_MEDIA_TYPES = frozenset({
@@ -208,7 +208,7 @@ def _number(name: str, text: str, minimum: float, integer: bool = False) -> floa
         value = int(text) if integer else float(text)
     except ValueError:
         value = None
-    if value is None or value != value or value < minimum:
+    if value is None or value != value or value < minimum or value == float("inf"):
         kind = "a whole number" if integer else "a number of seconds"
         raise ConfigError(f"{name} must be {kind} of at least {minimum:g}, e.g. {name}={SETTING_DEFAULTS[name]}")
     return value
@@ -585,8 +585,6 @@ class Container:
     exit_code: int
     has_healthcheck: bool
     start_period: float
-    working_dir: str
-    config_files: str
     oneoff: bool
 
     @classmethod
@@ -611,8 +609,6 @@ class Container:
             exit_code=int(state.get("ExitCode") or 0),
             has_healthcheck=bool(test) and test[0] != "NONE",
             start_period=(check.get("StartPeriod") or 0) / 1e9,
-            working_dir=labels.get("com.docker.compose.project.working_dir", ""),
-            config_files=labels.get("com.docker.compose.project.config_files", ""),
             oneoff=labels.get("com.docker.compose.oneoff", "False") == "True",
         )
 
@@ -647,7 +643,7 @@ def resolve_target(config: Config, labels: Mapping[str, str], cwd: str) -> Compo
     elif project:
         name, name_source = project, "label com.docker.compose.project of this container"
     else:
-        name, name_source = None, "Compose default (the project directory's name)"
+        name, name_source = None, "Compose's default, the project folder's name"
     separator = config.environ.get("COMPOSE_PATH_SEPARATOR", os.pathsep)
     if config.compose_file:
         # Made absolute because Compose then runs in the project directory, not in ours.
@@ -657,7 +653,7 @@ def resolve_target(config: Config, labels: Mapping[str, str], cwd: str) -> Compo
         compose_file = separator.join(os.path.join(working_dir, f) for f in files)
         file_source = "label com.docker.compose.project.config_files of this container"
     else:
-        compose_file, file_source = None, "Compose default (compose.yaml or docker-compose.yml)"
+        compose_file, file_source = None, "Compose's default, compose.yaml or docker-compose.yml"
     if working_dir:
         directory, dir_source = working_dir, "label com.docker.compose.project.working_dir of this container"
     elif config.compose_file:
@@ -688,12 +684,12 @@ class Compose:
         return self.runner(list(argv), timeout=timeout or self.config.command_timeout,
                            env=self.env, cwd=self.target.working_dir, quiet=quiet)
 
-    def compose(self, *args: str, timeout: Optional[float] = None, quiet: bool = False) -> str:
+    def run_compose(self, *args: str, timeout: Optional[float] = None, quiet: bool = False) -> str:
         return self.run([*self.command, *args], timeout=timeout, quiet=quiet)
 
     def list_services(self) -> List[str]:
         """Service names of the project, from `compose config --services`."""
-        return [s for s in self.compose("config", "--services", quiet=True).split() if SERVICE_RE.fullmatch(s)]
+        return [s for s in self.run_compose("config", "--services", quiet=True).split() if SERVICE_RE.fullmatch(s)]
 
     def inspect(self, ids: Sequence[str]) -> List[Container]:
         """Inspect containers by id."""
@@ -703,12 +699,12 @@ class Compose:
 
     def containers(self, service: Optional[str] = None) -> List[Container]:
         """The project's containers (one-off `run` containers left out), optionally of one service."""
-        ids = self.compose("ps", "-a", "-q", *([service] if service else []), quiet=True).split()
+        ids = self.run_compose("ps", "-a", "-q", *([service] if service else []), quiet=True).split()
         return [c for c in self.inspect(ids) if not c.oneoff and CONTAINER_RE.fullmatch(c.name)
                 and SERVICE_RE.fullmatch(c.service) and (service is None or c.service == service)]
 
     def pull(self, service: str) -> None:
-        self.compose("pull", service, timeout=self.config.pull_timeout)
+        self.run_compose("pull", service, timeout=self.config.pull_timeout)
 
     def image_id(self, image: str) -> str:
         return self.run(["docker", "image", "inspect", "--format", "{{.Id}}", image], quiet=True).strip()
@@ -721,7 +717,7 @@ class Compose:
         self.run(["docker", "rm", name])
 
     def up(self, service: str) -> None:
-        self.compose("up", "-d", "--no-deps", service)
+        self.run_compose("up", "-d", "--no-deps", service)
 
     def remove_image(self, image_id: str) -> None:
         self.run(["docker", "rmi", image_id])
@@ -771,10 +767,16 @@ class Project:
 
     compose: Compose
     version: str
+    engine: str = ""
     services: Tuple[str, ...] = ()
     images: Dict[str, ImageKey] = dataclasses.field(default_factory=dict)
     containers: Dict[str, List[Container]] = dataclasses.field(default_factory=dict)
-    refreshed: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """The project's name: as set, else as its containers' labels say."""
+        labels = sorted({c.project for cs in self.containers.values() for c in cs})
+        return self.compose.target.project_name or ", ".join(labels) or DEFAULT
 
     def refresh(self) -> None:
         """Re-read the project (`compose config --services`, `compose ps`, `docker inspect`)."""
@@ -789,7 +791,6 @@ class Project:
             if key is not None:
                 images[service] = key
         self.services, self.images, self.containers = services, images, by_service
-        self.refreshed = time.monotonic()
 
     def services_for(self, image: ImageKey, explicit: Sequence[Tuple[ImageKey, str]]) -> List[str]:
         """Services that run this image: by SERVICES when set, else by what the project runs."""
@@ -803,8 +804,8 @@ def start_project(config: Config, runner: Runner = run_command,
     """Check Docker, find Compose and the project (with self-detection), validate SERVICES; raise ConfigError."""
     read_file = read_file or _read_text
     try:
-        runner(["docker", "version", "--format", "{{.Server.Version}}"], timeout=config.command_timeout,
-               env=config.environ, quiet=True)
+        engine = runner(["docker", "version", "--format", "{{.Server.Version}}"], timeout=config.command_timeout,
+                        env=config.environ, quiet=True).strip()
     except CommandError as error:
         raise ConfigError("the Docker engine does not answer (docker version: "
                           f"{error.tail or error.code}): start Docker, mount /var/run/docker.sock, "
@@ -824,7 +825,7 @@ def start_project(config: Config, runner: Runner = run_command,
         except (CommandError, ValueError, IndexError, AttributeError):
             log.info("running in container %s, which Docker does not report; using settings only", container_id[:12])
     target = resolve_target(config, labels, cwd or os.getcwd())
-    project = Project(Compose(config, target, command, runner), version)
+    project = Project(Compose(config, target, command, runner), version, engine)
     try:
         project.refresh()
     except (CommandError, ValueError) as error:
@@ -889,7 +890,8 @@ class Deployer:
     """Runs deployments one at a time in a worker thread; bursts for the same service coalesce."""
 
     def __init__(self, config: Config, project: Project, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep, notify: Callable[[str, dict], bool] = None):
+                 sleep: Callable[[float], None] = time.sleep,
+                 notify: Optional[Callable[[str, dict], bool]] = None):
         self.config, self.project, self.compose = config, project, project.compose
         self.clock, self.sleep = clock, sleep
         self.notify = notify or (lambda url, summary: send_notification(url, summary, sleep=sleep))
@@ -931,10 +933,6 @@ class Deployer:
     def views(self) -> List[dict]:
         with self.lock:
             return [d.view() for d in reversed(self.history)]
-
-    def busy(self) -> bool:
-        with self.lock:
-            return bool(self.queue) or self.current is not None
 
     # -- the worker ---------------------------------------------------------------------------
 
@@ -992,6 +990,8 @@ class Deployer:
             self.project.refresh()
         except (CommandError, ValueError) as error:
             log.warning("could not re-read the Compose project: %s", error)
+        except Exception:  # a bug must not kill the worker
+            log.exception("could not re-read the Compose project")
 
     def execute(self, deployment: Deployment) -> None:
         """Deploy each service of the deployment in turn and record the outcome."""
@@ -1412,13 +1412,17 @@ class Buffered:
         self.sock, self.data = sock, data
 
 
-def declared_length(head: bytes) -> int:
-    """Content-Length from raw header bytes; 0 when absent or unusable (the handler answers those)."""
+def read_head(head: bytes) -> Tuple[int, bool]:
+    """Content-Length (0 when absent or unusable: the handler answers those) and whether the client
+    waits for `100 Continue` before sending the body, from raw header bytes."""
+    length, expect = 0, False
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length" and value.strip().isdigit():
-            return int(value.strip())
-    return 0
+        name, value = name.strip().lower(), value.strip()
+        if name == b"content-length" and value.isdigit():
+            length = int(value)
+        expect = expect or (name == b"expect" and value.lower() == b"100-continue")
+    return length, expect
 
 
 class HookHandler(http.server.BaseHTTPRequestHandler):
@@ -1580,11 +1584,17 @@ class HookServer:
                 if len(pending.data) > MAX_HEADER_BYTES:
                     self.refuse(pending, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
                 return
-            length = declared_length(bytes(pending.data[:end]))
+            length, expect = read_head(bytes(pending.data[:end]))
             if length > MAX_BODY_BYTES:
                 self.refuse(pending, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, drain=True)
                 return
             pending.need = end + 4 + length
+            if expect and len(pending.data) < pending.need:
+                # curl sends a body over 1 KiB only after this, or after waiting a second for it.
+                try:
+                    pending.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                except OSError:
+                    pass
         if len(pending.data) >= pending.need:
             self.dispatch(pending)
 
@@ -1678,24 +1688,15 @@ def run_check(config: Config, runner: Runner = run_command, out=None) -> int:
 
     docker_host = config.environ.get("DOCKER_HOST") or "unset, so /var/run/docker.sock"
     try:
-        engine = runner(["docker", "version", "--format", "{{.Server.Version}}"], timeout=config.command_timeout,
-                        env=config.environ, quiet=True).strip()
-        say(True, f"docker: engine {engine} answers (DOCKER_HOST {docker_host})")
-    except CommandError as error:
-        say(False, f"docker: the engine does not answer ({error.tail or error.code}); start Docker, mount "
-                   f"/var/run/docker.sock or set DOCKER_HOST (DOCKER_HOST {docker_host})")
-        return 1
-    try:
         project = start_project(config, runner)
     except ConfigError as error:
-        say(False, str(error))
+        say(False, f"{error} (DOCKER_HOST {docker_host})")
         return 1
     compose, target = project.compose, project.compose.target
+    say(True, f"docker: engine {project.engine} answers (DOCKER_HOST {docker_host})")
     say(True, f"compose: {' '.join(compose.command)} {project.version} ({compose_flavour(project.version)})")
-    names = {c.project for cs in project.containers.values() for c in cs}
-    say(True, f"project: {target.project_name or ', '.join(sorted(names)) or '(Compose default)'} "
-              f"(from {target.project_name_source})")
-    say(True, f"compose file: {target.compose_file or '(Compose default)'} (from {target.compose_file_source})")
+    say(True, f"project: {project.name} (from {target.project_name_source})")
+    say(True, f"compose file: {target.compose_file or DEFAULT} (from {target.compose_file_source})")
     say(True, f"working directory: {target.working_dir} (from {target.working_dir_source})")
     if target.own_service:
         say(True, f"own service {target.own_service} is left alone: gopdater does not update itself")
@@ -1757,7 +1758,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     target = project.compose.target
     log.info("gopdater %s listening on %s:%s compose=%s %s project=%s dir=%s services=%s%s", __version__,
              *server.server_address[:2], " ".join(project.compose.command), project.version,
-             target.project_name or "(default)", target.working_dir,
+             project.name, target.working_dir,
              ",".join(f"{s}={project.images[s]}" if s in project.images else s for s in project.services),
              " DRY_RUN" if config.dry_run else "")
     server.serve_forever()

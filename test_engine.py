@@ -434,7 +434,9 @@ services:
         status, reply = self.hook()
         self.assertEqual(status, 202, reply)
         record = self.finished(reply["id"])
-        time.sleep(0.1)
+        ended = time.monotonic()
+        # Close the measured window with a success after the end, so a trailing outage is counted too.
+        wait_for(lambda: poller.ok and poller.ok[-1] > ended, 15, "the site to answer after the deployment")
         return record, poller.stop(), poller
 
     # -- the scenario ---------------------------------------------------------------------------
@@ -449,6 +451,8 @@ services:
         status, reply = self.hook()
         self.assertEqual(status, 202)
         record = self.finished(reply["id"])
+        ended = time.monotonic()
+        wait_for(lambda: poller.ok and poller.ok[-1] > ended, 15, "the site to answer after the deployment")
         gap = poller.stop()
         self.assertEqual(record["state"], "up-to-date", record)
         self.assertEqual(self.container()["Id"], before)

@@ -120,8 +120,6 @@ class FakeDocker:
                           **({"Health": {"Status": health}} if hc else {})},
                 "Config": {"Image": c["ref"], "Healthcheck": check, "Labels": {
                     "com.docker.compose.project": "demo", "com.docker.compose.service": c["service"],
-                    "com.docker.compose.project.working_dir": "/srv/demo",
-                    "com.docker.compose.project.config_files": "/srv/demo/compose.yaml",
                     "com.docker.compose.oneoff": "False"}}}
 
     def __call__(self, argv, timeout, env=None, cwd=None, quiet=False, both=False):
@@ -251,6 +249,8 @@ class ConfigTest(unittest.TestCase):
             ({"PORT": "http"}, "PORT"),
             ({"PORT": "70000"}, "PORT"),
             ({"HEALTH_TIMEOUT": "-1"}, "HEALTH_TIMEOUT"),
+            ({"PULL_TIMEOUT": "inf"}, "PULL_TIMEOUT"),
+            ({"STOP_TIMEOUT": "1.5"}, "STOP_TIMEOUT"),
             ({"SETTLE_TIME": "soon"}, "SETTLE_TIME"),
             ({"WORKERS": "0"}, "WORKERS"),
             ({"DRY_RUN": "maybe"}, "DRY_RUN"),
@@ -989,6 +989,61 @@ class WorkerTest(unittest.TestCase):
         self.assertEqual(rig.post(f"/hooks/{SECRET}", hub)[0], HTTPStatus.SERVICE_UNAVAILABLE)
 
 
+class CheckTest(unittest.TestCase):
+    def check(self, fake, **env):
+        out = io.StringIO()
+        code = gopdater.run_check(make_config(**env), fake, out=out)
+        return code, out.getvalue()
+
+    def test_check_reports_docker_compose_project_services_and_a_masked_url(self):
+        """--check lists engine, Compose, project and where it came from, each service's image, a masked URL."""
+        code, out = self.check(FakeDocker())
+        self.assertEqual(code, 0, out)
+        lines = out.splitlines()
+        for line in ["ok   docker: engine 20.10.24 answers (DOCKER_HOST unset, so /var/run/docker.sock)",
+                     "ok   compose: docker compose 2.29.1 (v2)",
+                     "ok   project: demo (from Compose's default, the project folder's name)",
+                     "ok   service site: updates on a push of docker.io/acme/site:latest",
+                     "ok   owners allowed: docker.io/acme",
+                     f"ok   webhook URL for Docker Hub: http://<this-host>:8080/hooks/{SECRET[:4]}********"]:
+            with self.subTest(line=line):
+                self.assertTrue(any(found.startswith(line) for found in lines), out)
+        self.assertNotIn(SECRET, out)
+
+    def test_check_names_each_problem_and_its_fix(self):
+        """Docker down, no Compose, or no service to update each give a FAIL line with a fix, and exit 1."""
+        down = FakeDocker()
+        down.fail[("docker", "version")] = (1, "Cannot connect to the Docker daemon")
+        no_compose = FakeDocker()
+        no_compose.fail[("docker", "compose")] = (1, "'compose' is not a docker command")
+        no_compose.fail[("docker-compose",)] = (127, "not found")
+        nothing = FakeDocker()
+        nothing.containers.clear()
+        cases = [(down, "start Docker, mount /var/run/docker.sock, or set DOCKER_HOST"),
+                 (no_compose, "install the docker compose plugin or docker-compose, or set COMPOSE_COMMAND"),
+                 (nothing, "no service would ever be updated: start the services with docker compose up -d")]
+        for fake, fix in cases:
+            with self.subTest(fix=fix):
+                code, out = self.check(fake)
+                self.assertEqual(code, 1)
+                self.assertIn("FAIL ", out)
+                self.assertIn(fix, out)
+
+    def test_check_with_a_bad_setting_exits_1_naming_it(self):
+        """gopdater --check with OWNER missing prints one FAIL line and exits 1 (not 2)."""
+        out = io.StringIO()
+        with mock.patch.dict(os.environ, {"WEBHOOK_SECRET": SECRET}, clear=True), contextlib.redirect_stdout(out):
+            self.assertEqual(gopdater.main(["--check"]), 1)
+        self.assertTrue(out.getvalue().startswith("FAIL OWNER is not set"))
+
+    def test_check_shows_the_dry_run_and_services_mapping(self):
+        """With SERVICES and DRY_RUN set, --check says which pairs update and that nothing will run."""
+        code, out = self.check(FakeDocker(), SERVICES="acme/mirror=site", DRY_RUN=1)
+        self.assertEqual(code, 0, out)
+        self.assertIn("service site: updates on a push of docker.io/acme/mirror:latest", out)
+        self.assertIn("DRY_RUN is on", out)
+
+
 # ---------------------------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------------------------
@@ -1357,6 +1412,19 @@ class HTTPServerTest(unittest.TestCase):
         with self.assertLogs("gopdater", "WARNING"):
             self.assertEqual(self.request("POST", f"/hooks/{SECRET}", body)[0], 202)
             self.assertTrue(idle[0].recv(1024).startswith(b"HTTP/1.0 503"))
+
+    def test_expect_100_continue_gets_its_interim_answer(self):
+        """A client that waits for 100 Continue (as curl does over 1 KiB) gets it and then its answer."""
+        self.start()
+        body = json.dumps({**payload("dockerhub-push.json"), "padding": "x" * 2000}).encode()
+        head = (f"POST /hooks/{SECRET} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(head)
+            self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+        self.assertTrue(answer.startswith(b"HTTP/1.0 202"), answer[:40])
 
     def test_slow_client_is_timed_out(self):
         """A client that never finishes its request gets 408 after REQUEST_TIMEOUT."""
