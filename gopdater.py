@@ -412,9 +412,9 @@ def checked_name(name: str, field: str) -> Tuple[str, str]:
     return parsed
 
 
-def checked_digest(digest: Optional[str], field: str) -> Optional[str]:
+def checked_digest(digest: object, field: str) -> Optional[str]:
     """Validate an optional digest from a payload."""
-    if digest is not None and not DIGEST_RE.fullmatch(digest):
+    if digest is not None and (not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest)):
         raise PayloadError(field)
     return digest
 
@@ -424,6 +424,16 @@ def checked_tag(tag: object, field: str) -> str:
     if not isinstance(tag, str) or not TAG_RE.fullmatch(tag):
         raise PayloadError(field)
     return tag
+
+
+def pushed(sender: str, host: object, repository: object, tag: object, digest: object,
+           fields: Sequence[str]) -> PushEvent:
+    """One pushed image from its parts, each validated; fields names them: host, repository, tag, digest."""
+    if not isinstance(host, str) or not DOMAIN_RE.fullmatch(host):
+        raise PayloadError(fields[0])
+    registry, repository = checked_name(f"{host}/{repository}", fields[1])
+    return PushEvent(sender, ImageKey(registry, repository, checked_tag(tag, fields[2])),
+                     checked_digest(digest, fields[3]))
 
 
 def parse_dockerhub(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
@@ -457,15 +467,13 @@ def parse_ghcr(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
         raise Ignored("package is not a container image")
     namespace = get_field(package, "namespace", prefix=event + ".")
     name = get_field(package, "name", prefix=event + ".")
-    registry, repository = checked_name(f"ghcr.io/{namespace.lower()}/{name}", f"{event}.name")
-    tag_field = "package_version.container_metadata.tag"
-    tag = get_field(package, tag_field + ".name", required=False, prefix=event + ".")
+    tag_field = f"{event}.package_version.container_metadata.tag"
+    tag = get_field(data, tag_field + ".name", required=False)
     if not tag:
         raise Ignored("version has no tag (a per-platform event)")
-    checked_tag(tag, f"{event}.{tag_field}.name")
-    digest = checked_digest(get_field(package, tag_field + ".digest", required=False, prefix=event + "."),
-                            f"{event}.{tag_field}.digest")
-    return [PushEvent("ghcr", ImageKey(registry, repository, tag), digest)]
+    return [pushed("ghcr", "ghcr.io", f"{namespace.lower()}/{name}", tag,
+                   get_field(data, tag_field + ".digest", required=False),
+                   (event, f"{event}.name", tag_field + ".name", tag_field + ".digest"))]
 
 
 def parse_harbor(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
@@ -478,16 +486,13 @@ def parse_harbor(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
     for i, resource in enumerate(resources):
         field = f"event_data.resources[{i}]."
         host = get_field(resource, "resource_url", prefix=field).split("/", 1)[0]
-        if not DOMAIN_RE.fullmatch(host):
-            raise PayloadError(field + "resource_url")
-        registry, repository = checked_name(f"{host}/{full_name}", "event_data.repository.repo_full_name")
         tag = get_field(resource, "tag", required=False, prefix=field)
         if not tag or DIGEST_RE.fullmatch(tag):
             reasons.add("pushed by digest, not by tag")
             continue
-        checked_tag(tag, field + "tag")
-        digest = checked_digest(get_field(resource, "digest", required=False, prefix=field), field + "digest")
-        events.append(PushEvent("harbor", ImageKey(registry, repository, tag), digest))
+        events.append(pushed("harbor", host, full_name, tag, get_field(resource, "digest", required=False, prefix=field),
+                             (field + "resource_url", "event_data.repository.repo_full_name", field + "tag",
+                              field + "digest")))
     if not events:
         raise Ignored(sorted(reasons)[0] if reasons else "no resources")
     return events
@@ -508,14 +513,11 @@ def parse_distribution(data: dict, headers: Mapping[str, str]) -> List[PushEvent
         if not tag:
             reasons.add("manifest pushed without a tag")
             continue
-        host = get_field(item, "request.host", prefix=field)
-        repository = get_field(item, "target.repository", prefix=field)
-        if not DOMAIN_RE.fullmatch(host):
-            raise PayloadError(field + "request.host")
-        registry, repository = checked_name(f"{host}/{repository}", field + "target.repository")
-        checked_tag(tag, field + "target.tag")
-        digest = checked_digest(get_field(item, "target.digest", required=False, prefix=field), field + "target.digest")
-        events.append(PushEvent("registry", ImageKey(registry, repository, tag), digest))
+        parts = ("request.host", "target.repository", "target.tag", "target.digest")
+        events.append(pushed("registry", get_field(item, "request.host", prefix=field),
+                             get_field(item, "target.repository", prefix=field), tag,
+                             get_field(item, "target.digest", required=False, prefix=field),
+                             [field + part for part in parts]))
     if not events:
         raise Ignored(sorted(reasons)[0] if reasons else "no events")
     return events

@@ -72,6 +72,43 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def site_text(port):
+    """What the site on this port serves, or None when it does not answer 200."""
+    try:
+        status, body, _ = http("GET", f"http://127.0.0.1:{port}/", timeout=1)
+    except OSError:
+        return None
+    return body.decode().strip() if status == 200 else None
+
+
+def healthz_ok(port):
+    try:
+        return http("GET", f"http://127.0.0.1:{port}/healthz", timeout=1)[0] == 200
+    except OSError:
+        return False
+
+
+def service_container(project, service):
+    """docker inspect of the one container of a Compose service."""
+    ids = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}",
+               "--filter", f"label=com.docker.compose.service={service}"]).split()
+    assert len(ids) == 1, f"expected one {service} container, found {ids}"
+    return json.loads(run(["docker", "inspect", ids[0]]))[0]
+
+
+def remove_project(project, image_prefixes, image_ids):
+    """Remove a test project's containers, network and images, whatever state a failure left them in."""
+    ids = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"], check=False).split()
+    if ids:
+        run(["docker", "rm", "-f", *ids], check=False)
+    run(["docker", "network", "rm", f"{project}_default"], check=False)
+    for line in run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"], check=False).split():
+        if line.startswith(tuple(image_prefixes)):
+            run(["docker", "rmi", "-f", line], check=False)
+    if image_ids:
+        run(["docker", "rmi", "-f", *image_ids], check=False)
+
+
 def is_static_elf(path):
     """True for an ELF executable with no program interpreter (statically linked)."""
     with open(path, "rb") as handle:
@@ -353,7 +390,7 @@ services:
         with open(cls.gp_log, "wb") as log:
             cls.gopdater = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cwd, env=env,
                                             stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: cls.gopdater.poll() is not None or cls.gp_answers(), 60, "gopdater to answer /healthz")
+        wait_for(lambda: cls.gopdater.poll() is not None or healthz_ok(cls.gp_port), 60, "gopdater to answer /healthz")
         assert cls.gopdater.poll() is None, f"gopdater exited: {cls.gp_log.read_text()}"
 
     @classmethod
@@ -361,16 +398,8 @@ services:
         if getattr(cls, "gopdater", None) and cls.gopdater.poll() is None:
             cls.gopdater.kill()
             cls.gopdater.wait(10)
-        ids = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={cls.project}"],
-                  check=False).split()
-        if ids:
-            run(["docker", "rm", "-f", *ids], check=False)
-        run(["docker", "network", "rm", f"{cls.project}_default"], check=False)
-        for line in run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"], check=False).split():
-            if line.startswith((f"127.0.0.1:{cls.port}/", f"127.0.0.1:{cls.notify_port}/", PREFIX)):
-                run(["docker", "rmi", "-f", line], check=False)
-        if getattr(cls, "images", None):
-            run(["docker", "rmi", "-f", *cls.images.values()], check=False)
+        remove_project(cls.project, [f"127.0.0.1:{cls.port}/", f"127.0.0.1:{cls.notify_port}/", PREFIX],
+                       list(getattr(cls, "images", {}).values()))
         cls.registry.stop()
         cls.notifier.stop()
 
@@ -378,26 +407,12 @@ services:
 
     @classmethod
     def site(cls):
-        try:
-            status, body, _ = http("GET", f"http://127.0.0.1:{cls.site_port}/", timeout=1)
-        except OSError:
-            return None
-        return body.decode().strip() if status == 200 else None
-
-    @classmethod
-    def gp_answers(cls):
-        try:
-            return http("GET", f"http://127.0.0.1:{cls.gp_port}/healthz", timeout=1)[0] == 200
-        except OSError:
-            return False
+        return site_text(cls.site_port)
 
     @classmethod
     def container(cls):
         """The site's container, as docker inspect shows it."""
-        ids = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={cls.project}",
-                   "--filter", "label=com.docker.compose.service=site"]).split()
-        assert len(ids) == 1, f"expected one site container, found {ids}"
-        return json.loads(run(["docker", "inspect", ids[0]]))[0]
+        return service_container(cls.project, "site")
 
     def hook(self, repo_name="acme/site", secret=SECRET, tag="latest"):
         body = json.dumps({"repository": {"repo_name": repo_name}, "push_data": {"tag": tag}}).encode()
@@ -653,33 +668,18 @@ class ContainerDropInTest(unittest.TestCase):
         (cls.folder / ".env").write_text("\n".join(env_lines) + "\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
         run(["docker", "compose", "up", "-d"], cwd=cls.folder, env={**env, "PWD": str(cls.folder)}, timeout=300)
-        wait_for(lambda: EngineScenario.site.__func__(cls) == "acme site v1", 30, "the site to serve v1")
-        wait_for(lambda: EngineScenario.gp_answers.__func__(cls), 60, "gopdater in its container to answer")
+        wait_for(lambda: site_text(cls.site_port) == "acme site v1", 30, "the site to serve v1")
+        wait_for(lambda: healthz_ok(cls.gp_port), 60, "gopdater in its container to answer")
 
     @classmethod
     def cleanup(cls):
-        ids = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={cls.project}"],
-                  check=False).split()
-        if ids:
-            run(["docker", "rm", "-f", *ids], check=False)
-        run(["docker", "network", "rm", f"{cls.project}_default"], check=False)
-        for line in run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"], check=False).split():
-            if line.startswith((f"127.0.0.1:{cls.port}/", PREFIX)):
-                run(["docker", "rmi", "-f", line], check=False)
-        if getattr(cls, "images", None):
-            run(["docker", "rmi", "-f", *cls.images.values()], check=False)
+        remove_project(cls.project, [f"127.0.0.1:{cls.port}/", PREFIX], list(getattr(cls, "images", {}).values()))
         if getattr(cls, "registry", None):
             cls.registry.stop()
 
-    def service_container(self, service):
-        ids = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}",
-                   "--filter", f"label=com.docker.compose.service={service}"]).split()
-        self.assertEqual(len(ids), 1, ids)
-        return json.loads(run(["docker", "inspect", ids[0]]))[0]
-
     def test_1_check_reports_what_was_detected_from_the_labels(self):
         """--check inside the container reports the host project, files and folder, from its own labels."""
-        gp = self.service_container("gopdater")
+        gp = service_container(self.project, "gopdater")
         out = run(["docker", "exec", gp["Id"], "python3", "/app/gopdater.py", "--check"], check=False)
         self.assertIn(f"project: {self.project} (from label com.docker.compose.project of this container)", out)
         self.assertIn(f"working directory: {self.folder} (from label", out)
@@ -689,36 +689,29 @@ class ContainerDropInTest(unittest.TestCase):
 
     def test_2_hook_updates_the_host_project_in_place(self):
         """A hook updates the site in the host's project: same project label, same bind-mount source."""
-        gopdater_before = self.service_container("gopdater")["Id"]
+        gopdater_before = service_container(self.project, "gopdater")["Id"]
         self.registry.retag("v2")
         body = json.dumps({"repository": {"repo_name": "acme/site"}, "push_data": {"tag": "latest"}}).encode()
         status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks/{SECRET}", body)
         self.assertEqual(status, 202, reply)
-        wait_for(lambda: self.site_serves("acme site v2"), 90, "the site to serve v2")
-        site = self.service_container("site")
+        wait_for(lambda: site_text(self.site_port) == "acme site v2", 90, "the site to serve v2")
+        site = service_container(self.project, "site")
         labels = site["Config"]["Labels"]
         self.assertEqual(labels["com.docker.compose.project"], self.project)
         self.assertEqual(labels["com.docker.compose.project.working_dir"], str(self.folder))
         self.assertEqual([m["Source"] for m in site["Mounts"] if m["Type"] == "bind"], [str(self.folder / "data")])
-        self.assertEqual(self.service_container("gopdater")["Id"], gopdater_before, "gopdater left itself alone")
+        self.assertEqual(service_container(self.project, "gopdater")["Id"], gopdater_before, "gopdater left itself alone")
         names = run(["docker", "ps", "-a", "--format", "{{.Names}}"]).split()
         self.assertEqual(sorted(n for n in names if n.startswith(PREFIX)),
                          [f"{self.project}-gopdater-1", f"{self.project}-site-1"], "no second project")
 
     def test_3_healthcheck_command_passes(self):
         """The Dockerfile's HEALTHCHECK (Python, no curl) succeeds inside the running container."""
-        gp = self.service_container("gopdater")
+        gp = service_container(self.project, "gopdater")
         test = gp["Config"]["Healthcheck"]["Test"]
         self.assertEqual(test[:2], ["CMD", "python3"])
         proc = subprocess.run(["docker", "exec", gp["Id"], *test[1:]], capture_output=True, timeout=30)
         self.assertEqual(proc.returncode, 0, proc.stderr)
-
-    def site_serves(self, text):
-        try:
-            status, body, _ = http("GET", f"http://127.0.0.1:{self.site_port}/", timeout=1)
-        except OSError:
-            return False
-        return status == 200 and body.decode().strip() == text
 
 
 class ComposeV2Test(EngineScenario, unittest.TestCase):

@@ -408,6 +408,17 @@ class PayloadTest(unittest.TestCase):
             (gopdater.parse_quay, {"docker_url": "quay.io/acme/site", "updated_tags": [3]}, "updated_tags[0]"),
             (gopdater.parse_quay, {"docker_url": "quay.io/ACME", "updated_tags": ["v1"]}, "docker_url"),
             (gopdater.parse_harbor, {"type": "PUSH_ARTIFACT", "event_data": {}}, "event_data.resources"),
+            (gopdater.parse_harbor, {"type": "PUSH_ARTIFACT", "event_data": {
+                "resources": [{"resource_url": "bad host!/acme/site:v1", "tag": "v1"}],
+                "repository": {"repo_full_name": "acme/site"}}}, "event_data.resources[0].resource_url"),
+            (gopdater.parse_ghcr, {"action": "published", "package": {"namespace": "acme", "name": "site",
+                                                                     "package_version": {"container_metadata": {
+                                                                         "tag": {"name": "v 1"}}}}},
+             "package.package_version.container_metadata.tag.name"),
+            (gopdater.parse_ghcr, {"action": "published", "package": {"namespace": "acme", "name": "Site!",
+                                                                     "package_version": {"container_metadata": {
+                                                                         "tag": {"name": "v1"}}}}},
+             "package.name"),
             (gopdater.parse_distribution, {"events": "push"}, "events"),
             (gopdater.parse_distribution, {"events": [{"action": "push", "target": {
                 "mediaType": "application/vnd.oci.image.manifest.v1+json", "tag": "v1", "repository": "acme/site"},
