@@ -488,7 +488,7 @@ def parse_harbor(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
         host = get_field(resource, "resource_url", prefix=field).split("/", 1)[0]
         tag = get_field(resource, "tag", required=False, prefix=field)
         if not tag or DIGEST_RE.fullmatch(tag):
-            reasons.add("pushed by digest, not by tag")
+            reasons.add("no tag: pushed by digest")
             continue
         events.append(pushed("harbor", host, full_name, tag, get_field(resource, "digest", required=False, prefix=field),
                              (field + "resource_url", "event_data.repository.repo_full_name", field + "tag",
@@ -1144,7 +1144,11 @@ class Deployer:
                 problem = f"still {waiting} after {limit:g}s"
             if problem is not None:
                 self.record(deployment, service, "wait", "failed", started)
-                deployment.logs += [f"{service}: {line}" for c in containers for line in self.compose.logs(c.name)]
+                for c in containers:
+                    for line in self.compose.logs(c.name):
+                        log.warning("deployment=%s service=%s container %s logged: %r", deployment.id, service,
+                                    c.name, line)
+                        deployment.logs.append(f"{service}: {line}")
                 raise DeployFailed(problem)
             self.sleep(delay)
             delay = min(delay * 1.5, POLL_MAX)
@@ -1491,7 +1495,8 @@ class HookServer:
                  request_timeout: float = 10.0):
         host, port = address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, port), family=family, backlog=128)
+        self.listener = socket.create_server((host, port), family=family, backlog=128,
+                                             dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()[:2]
         self.app, self.workers, self.max_connections = app, workers, max_connections

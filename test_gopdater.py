@@ -456,7 +456,7 @@ class PayloadTest(unittest.TestCase):
         sample["event_data"]["resources"][0]["tag"] = sample["event_data"]["resources"][0]["digest"]
         with self.assertRaises(gopdater.Ignored) as caught:
             self.parse(gopdater.parse_harbor, sample)
-        self.assertIn("digest", str(caught.exception))
+        self.assertEqual(str(caught.exception), "no tag: pushed by digest")
 
     def test_distribution_acts_only_on_tagged_manifest_pushes(self):
         """Blob pushes, pulls and untagged manifests in an envelope are skipped; every tagged push counts."""
@@ -757,10 +757,11 @@ class DeployTest(unittest.TestCase):
         """A new container that exits at once is replaced by the previous image, through Compose."""
         rig = Rig(self)
         rig.fake.registry["acme/site:latest"] = BROKEN_ID
-        with self.assertLogs("gopdater", "INFO"):
+        with self.assertLogs("gopdater", "INFO") as logs:
             deployment = rig.deploy()
         self.assert_rolled_back(rig, deployment, "exited with code 1")
         self.assertIn("site: panic: boom", deployment.logs)
+        self.assertTrue(any("container demo-site-1 logged: 'panic: boom'" in line for line in logs.output))
 
     def test_restart_loop_rolls_back(self):
         """A container restarted by its restart policy has failed, even if it shows running."""
