@@ -559,7 +559,10 @@ def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[st
         log.warning("command %s could not start: %s", shlex.join(argv), error.strerror)
         raise CommandError(argv, 127, error.strerror or "could not start") from None
     seconds = time.monotonic() - started
-    tail = (proc.stderr or "").strip()[-STDERR_TAIL_CHARS:]
+    stderr = (proc.stderr or "").strip()
+    tail = stderr[-STDERR_TAIL_CHARS:]
+    if len(stderr) > STDERR_TAIL_CHARS and "\n" in tail:
+        tail = tail.split("\n", 1)[1]  # whole lines only
     if proc.returncode != 0:
         log.warning("command %s exit=%s seconds=%.2f stderr=%r", shlex.join(argv), proc.returncode, seconds, tail)
         raise CommandError(argv, proc.returncode, tail)
@@ -1768,6 +1771,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              project.name, target.working_dir,
              ",".join(f"{s}={project.images[s]}" if s in project.images else s for s in project.services),
              " DRY_RUN" if config.dry_run else "")
+    log.info("Docker Hub webhook URL: http://<this-host>:%s/hooks/%s******** (the rest of WEBHOOK_SECRET)",
+             config.port, config.secret[:4])
     server.serve_forever()
     log.info("stopping: no new requests; waiting up to %ss for a running deployment", config.shutdown_timeout)
     if not deployer.stop(config.shutdown_timeout):

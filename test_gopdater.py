@@ -519,6 +519,15 @@ class CommandWrapperTest(unittest.TestCase):
         self.assertLessEqual(len(caught.exception.tail), 300)
         self.assertIn("exit=3", logs.output[0])
 
+    def test_stderr_tail_keeps_whole_lines(self):
+        """A long stderr is cut to its last whole lines, not mid-line."""
+        with mock.patch("gopdater.subprocess.run") as run, self.assertLogs("gopdater", "WARNING"):
+            run.return_value = subprocess.CompletedProcess([], 1, "", "error: first line\n" * 40 + "last line")
+            with self.assertRaises(CommandError) as caught:
+                gopdater.run_command(["docker", "pull", "a"], timeout=5)
+        self.assertTrue(caught.exception.tail.startswith("error: first line\n"), caught.exception.tail)
+        self.assertTrue(caught.exception.tail.endswith("last line"))
+
     def test_timeout_and_missing_binary_raise_command_error(self):
         """A timeout gives code None; a missing program gives 127."""
         with mock.patch("gopdater.subprocess.run", side_effect=subprocess.TimeoutExpired(["docker"], 5)), \
