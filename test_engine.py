@@ -295,7 +295,7 @@ class Poller(threading.Thread):
     def run(self):
         while self.running:
             try:
-                status = http("GET", self.url, timeout=0.5)[0]
+                status = http("GET", self.url, timeout=2)[0]
             except OSError:
                 status = 0
             if status == 200:
