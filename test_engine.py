@@ -45,6 +45,11 @@ def run(argv, check=True, timeout=120, **kwargs):
     return proc.stdout
 
 
+def clean_env(**extra):
+    """This process's environment without the user's own COMPOSE_* settings, plus extra."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}, **extra}
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -364,17 +369,16 @@ services:
       timeout: 1s
       retries: 3
 """)
-        run([*cls.compose, "up", "-d"], cwd=cls.folder, timeout=300, env={**os.environ, "PWD": str(cls.folder)})
+        run([*cls.compose, "up", "-d"], cwd=cls.folder, timeout=300, env=clean_env(PWD=str(cls.folder)))
         wait_for(lambda: cls.site() == "acme site v1", 30, "the site to serve v1")
-        cls.first_container = cls.container()
         cls.start_gopdater()
 
     @classmethod
     def start_gopdater(cls):
-        env = {**os.environ, "OWNER": f"acme,127.0.0.1:{cls.notify_port}/acme", "WEBHOOK_SECRET": SECRET,
-               "HOST": "127.0.0.1", "PORT": str(cls.gp_port), "HEALTH_TIMEOUT": "30", "STOP_TIMEOUT": "5",
-               "SERVICES": f"acme/site=site,127.0.0.1:{cls.notify_port}/acme/site=site",
-               "COMPOSE_COMMAND": " ".join(cls.compose), "REFRESH_INTERVAL": "3600"}
+        env = clean_env(OWNER=f"acme,127.0.0.1:{cls.notify_port}/acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1",
+                        PORT=str(cls.gp_port), HEALTH_TIMEOUT="30", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
+                        SERVICES=f"acme/site=site,127.0.0.1:{cls.notify_port}/acme/site=site",
+                        COMPOSE_COMMAND=" ".join(cls.compose))
         cwd = cls.folder
         if cls.socket_proxy:
             cls.proxy = RecordingSocketProxy(cls.tmp / "docker.sock")
@@ -385,7 +389,6 @@ services:
             cwd = cls.tmp / "elsewhere"
             cwd.mkdir()
             env["COMPOSE_FILE"] = os.path.relpath(cls.folder / "docker-compose.yml", cwd)
-        env.pop("COMPOSE_PROJECT_NAME", None)
         cls.gp_log = cls.tmp / "gopdater.log"
         with open(cls.gp_log, "wb") as log:
             cls.gopdater = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cwd, env=env,
@@ -666,8 +669,7 @@ class ContainerDropInTest(unittest.TestCase):
                      for line in lines]
         env_lines += [f"GOPDATER_IMAGE={cls.tags[2]}", "SERVICES=acme/site=site", "HEALTH_TIMEOUT=30"]
         (cls.folder / ".env").write_text("\n".join(env_lines) + "\n")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
-        run(["docker", "compose", "up", "-d"], cwd=cls.folder, env={**env, "PWD": str(cls.folder)}, timeout=300)
+        run(["docker", "compose", "up", "-d"], cwd=cls.folder, env=clean_env(PWD=str(cls.folder)), timeout=300)
         wait_for(lambda: site_text(cls.site_port) == "acme site v1", 30, "the site to serve v1")
         wait_for(lambda: healthz_ok(cls.gp_port), 60, "gopdater in its container to answer")
 
