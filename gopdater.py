@@ -866,11 +866,9 @@ class Deployment:
 
     id: str
     sender: str
-    image: str
-    tag: str
+    key: ImageKey
     digest: Optional[str]
     services: List[str]
-    key: ImageKey
     state: str = "queued"
     hooks: int = 1
     created: str = dataclasses.field(default_factory=_now)
@@ -881,10 +879,18 @@ class Deployment:
     error: Optional[str] = None
     logs: List[str] = dataclasses.field(default_factory=list)
 
+    @property
+    def image(self) -> str:
+        return f"{self.key.registry}/{self.key.repository}"
+
+    @property
+    def tag(self) -> str:
+        return self.key.tag
+
     def view(self) -> dict:
         fields = dataclasses.asdict(self)
         del fields["key"]
-        return fields
+        return {"id": self.id, "image": self.image, "tag": self.tag, **fields}
 
 
 class DeployFailed(Exception):
@@ -920,10 +926,8 @@ class Deployer:
                     return queued, True
             if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
                 return None, False
-            deployment = Deployment(id=secrets.token_hex(6), sender=event.sender,
-                                    image=f"{event.image.registry}/{event.image.repository}",
-                                    tag=event.image.tag, digest=event.digest, services=list(services),
-                                    key=event.image)
+            deployment = Deployment(id=secrets.token_hex(6), sender=event.sender, key=event.image,
+                                    digest=event.digest, services=list(services))
             self.queue.append(deployment)
             self.history.append(deployment)
             self.lock.notify_all()
@@ -1472,10 +1476,6 @@ class HookHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """http.server's own errors (bad request line, ...), as fixed JSON that echoes nothing."""
         status = HTTPStatus(code)
-        if status == HTTPStatus.NOT_IMPLEMENTED:
-            status = HTTPStatus.METHOD_NOT_ALLOWED
-        if not hasattr(self, "requestline") or not self.requestline:
-            self.requestline = "(unparsable request)"
         self.reply(status, error_body(status.phrase.lower()))
 
     def log_message(self, format: str, *args) -> None:
