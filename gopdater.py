@@ -1030,7 +1030,8 @@ class Deployer:
                 deployment.state = state
                 break
         deployment.finished = _now()
-        self.refresh_quietly()
+        if results & {"updated", "rolled-back", "failed"}:  # only these can have changed the containers
+            self.refresh_quietly()
         log.info("deployment=%s end state=%s", deployment.id, deployment.state)
 
     def record(self, deployment: Deployment, service: str, step: str, result: str, started: float) -> None:
@@ -1394,7 +1395,8 @@ class App:
                 continue
             deployment, coalesced = self.deployer.submit(event, services)
             if deployment is None:
-                return HTTPStatus.SERVICE_UNAVAILABLE, error_body("deployment queue is full or gopdater is stopping"), ()
+                reason = "deployment queue is full or gopdater is stopping"
+                return HTTPStatus.SERVICE_UNAVAILABLE, error_body(reason), ()
             log.info("hook accepted sender=%s image=%s deployment=%s services=%s coalesced=%s", sender,
                      event.image, deployment.id, ",".join(services), "yes" if coalesced else "no")
             if deployment.id not in ids:

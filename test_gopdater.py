@@ -714,6 +714,7 @@ class DeployTest(unittest.TestCase):
             ["docker", "rmi", OLD_ID],
         ])
         self.assertEqual((deployment.state, deployment.results), ("updated", {"site": "updated"}))
+        self.assertEqual(rig.fake.calls[-3][2:], ["config", "--services"], "the project is re-read after a change")
         self.assertEqual([s["step"] for s in deployment.steps],
                          ["inspect", "pull", "compare", "stop", "remove", "up", "downtime", "wait", "cleanup",
                           "done"])
@@ -737,6 +738,7 @@ class DeployTest(unittest.TestCase):
         deployment = rig.deploy()
         self.assertEqual(rig.fake.mutating_calls(), [["docker", "compose", "pull", "site"]])
         self.assertEqual(deployment.state, "up-to-date")
+        self.assertNotIn(["docker", "compose", "config", "--services"], rig.fake.calls, "no needless re-read")
 
     def test_old_image_still_in_use_is_kept(self):
         """rmi failing because another container uses the old image keeps it and the update stands."""
