@@ -1,30 +1,20 @@
 #!/usr/bin/env python3
-"""gopdater: update a Docker Compose service when its registry reports a push.
+"""gopdater: update Docker Compose services when their registry reports a push.
 
-A registry (Docker Hub, GHCR, Quay, Harbor or a self-hosted Distribution
-registry) POSTs a webhook when an image is pushed. gopdater checks it, finds
-the Compose services on this server that run that image and tag, and updates
-them one at a time: pull while the old container serves, stop and remove the
-old container, `compose up -d --no-deps <service>`, wait until the new one is
-healthy, roll back if it is not, and only then remove the old image.
+A registry (Docker Hub, GHCR, Quay, Harbor, Gitea/Forgejo, Azure or a self-hosted Distribution
+registry) POSTs a webhook when an image is pushed. gopdater checks it, finds the services on this
+server that run that image and tag, and updates them one at a time: pull while the old container
+serves, replace it through Compose, wait until the new one is healthy, roll back if it is not,
+and only then remove the old image.
 
-Settings (environment variable, or the flag of the same name in lower case
-with dashes, e.g. PORT and --port; `--help` lists them all): OWNER and
-WEBHOOK_SECRET (required), HOST, PORT, COMPOSE_FILE, COMPOSE_PROJECT_NAME,
-COMPOSE_COMMAND, SERVICES, PULL_TIMEOUT, COMMAND_TIMEOUT, STOP_TIMEOUT,
-HEALTH_TIMEOUT, SETTLE_TIME, NOTIFY_URL, DRY_RUN, REQUEST_TIMEOUT,
-MAX_CONNECTIONS, WORKERS, SHUTDOWN_TIMEOUT, REFRESH_INTERVAL, LOG_LEVEL.
-The docker CLI it runs honours DOCKER_HOST as usual.
+The file reads in the order a webhook flows: image references, settings, senders, the request
+pipeline, the work queue, update targets, docker commands, notifications, the HTTP transport,
+--check and main(). `--help` lists the settings; README.md explains them.
 
-Security, plainly: Docker Hub signs nothing, so the long secret in the webhook
-URL is the credential. Every request is size-checked, then its secret (or
-GitHub signature) is compared in constant time, and only then is the body
-parsed. The pushed namespace must be one of OWNER. Names from a payload never
-reach a command: only service and container names that Compose itself reports
-for this project do, and every command is an argv list (no shell). The secret
-is kept out of every log line and no response echoes the request, a command's
-output or an exception's text. Whoever can reach the Docker socket is root on
-the host; give gopdater nothing more than it needs (see README).
+Security, plainly: Docker Hub signs nothing, so the long secret in the webhook URL is the
+credential. Every request is size-checked, then authenticated in constant time, and only then is
+its body parsed. The pushed namespace must be one of OWNER. Names from a payload never reach a
+command: only names that Compose and Docker reported do, always as argv lists (no shell).
 
 Standard library only; Python 3.9 or newer.
 """
@@ -32,55 +22,39 @@ Standard library only; Python 3.9 or newer.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import dataclasses
+import enum
 import hashlib
 import hmac
-import http.client
 import http.server
 import io
 import json
 import logging
 import os
-import queue
 import re
 import secrets
-import selectors
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import types
-import urllib.error
 import urllib.parse
-import urllib.request
 from datetime import datetime, timezone
 from http import HTTPStatus
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("gopdater")
 
-# --------------------------------------------------------------------------
-# Constants
-# --------------------------------------------------------------------------
+# ==========================================================================================
+# Image references: Docker's names, normalised so a push and a running service compare equal
+# ==========================================================================================
 
-MAX_BODY_BYTES = 1024 * 1024
-MAX_HEADER_BYTES = 16 * 1024
-HISTORY_SIZE = 50
-MAX_QUEUED_DEPLOYMENTS = 50
-STDERR_TAIL_CHARS = 300
-LOG_TAIL_LINES = 20
-REJECT_LOG_INTERVAL = 60.0
-DRAIN_SECONDS = 2.0
-POLL_FIRST, POLL_MAX = 0.2, 2.0
-NOTIFY_TIMEOUT, NOTIFY_RETRY_DELAY = 5.0, 1.0
-
-DEFAULT = "(Compose's default)"
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = {"index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 
@@ -90,81 +64,9 @@ _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
 DOMAIN_RE = re.compile(_DOMAIN, re.ASCII)
 REPOSITORY_RE = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*", re.ASCII)
-NAMESPACE_RE = REPOSITORY_RE
 TAG_RE = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 DIGEST_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}", re.ASCII)
 NAME_MAX = 255
-# Compose's own rules for project, service and container names.
-PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9_-]*", re.ASCII)
-SERVICE_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*", re.ASCII)
-CONTAINER_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", re.ASCII)
-SECRET_RE = re.compile(r"[A-Za-z0-9._~-]{16,}", re.ASCII)
-
-MANIFEST_MEDIA_TYPES = frozenset({
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-})
-DISTRIBUTION_CONTENT_TYPES = frozenset({
-    "application/vnd.docker.distribution.events.v1+json",
-    "application/vnd.docker.distribution.events.v2+json",
-    "application/json",
-})
-
-# --------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------
-
-
-class ConfigError(Exception):
-    """A setting is missing or wrong; the message names it and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One setting: its variable name, default and help text."""
-
-    name: str
-    default: Optional[str]
-    help: str
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.lower().replace("_", "-")
-
-
-SETTINGS = (
-    Setting("OWNER", None, "required: comma-separated namespaces allowed to trigger updates; "
-            "a bare name is a Docker Hub namespace, REGISTRY/NAME another registry's (ghcr.io/acme)"),
-    Setting("WEBHOOK_SECRET", None, "required: at least 16 URL-safe characters (A-Z a-z 0-9 . _ ~ -); "
-            "prefer the variable, as a flag is visible to other users in ps"),
-    Setting("HOST", "0.0.0.0", "address to listen on"),
-    Setting("PORT", "8080", "port to listen on"),
-    Setting("COMPOSE_FILE", None, "Compose file(s), as Compose reads this variable"),
-    Setting("COMPOSE_PROJECT_NAME", None, "Compose project name, as Compose reads this variable"),
-    Setting("COMPOSE_COMMAND", "auto", "auto (docker compose, else docker-compose) or the command to run, "
-            "e.g. 'docker-compose'"),
-    Setting("SERVICES", None, "explicit mapping, comma-separated IMAGE[:TAG]=SERVICE pairs; "
-            "when set only these pairs update"),
-    Setting("PULL_TIMEOUT", "600", "seconds a pull may take"),
-    Setting("COMMAND_TIMEOUT", "120", "seconds any other docker command may take"),
-    Setting("STOP_TIMEOUT", "10", "seconds docker stop waits before killing the old container"),
-    Setting("HEALTH_TIMEOUT", "60", "seconds a new container has to become healthy "
-            "(never less than its healthcheck start_period)"),
-    Setting("SETTLE_TIME", "10", "seconds a container without a healthcheck must stay running"),
-    Setting("NOTIFY_URL", None, "http(s) URL that receives a JSON summary of each deployment that "
-            "changed something or failed"),
-    Setting("DRY_RUN", "0", "1 to log the commands a deployment would run and run none of them"),
-    Setting("REQUEST_TIMEOUT", "10", "seconds a client has to send its whole request"),
-    Setting("MAX_CONNECTIONS", "512", "open client connections held at once; the oldest is dropped beyond"),
-    Setting("WORKERS", "4", "threads answering complete requests"),
-    Setting("SHUTDOWN_TIMEOUT", "120", "seconds a running deployment may take to finish on SIGTERM"),
-    Setting("REFRESH_INTERVAL", "60", "seconds between re-reads of the Compose project while idle"),
-    Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-)
 
 
 class ImageKey(collections.namedtuple("ImageKey", "registry repository tag")):
@@ -172,186 +74,6 @@ class ImageKey(collections.namedtuple("ImageKey", "registry repository tag")):
 
     def __str__(self) -> str:
         return f"{self.registry}/{self.repository}:{self.tag}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting, read once at start-up."""
-
-    owners: Tuple[Tuple[str, str], ...]
-    secret: str
-    host: str
-    port: int
-    compose_file: Optional[str]
-    project_name: Optional[str]
-    compose_command: str
-    services: Tuple[Tuple[ImageKey, str], ...]
-    pull_timeout: float
-    command_timeout: float
-    stop_timeout: int
-    health_timeout: float
-    settle_time: float
-    notify_url: Optional[str]
-    dry_run: bool
-    request_timeout: float
-    max_connections: int
-    workers: int
-    shutdown_timeout: float
-    refresh_interval: float
-    log_level: str
-    environ: Mapping[str, str]
-    check: bool = False
-
-
-def _number(name: str, text: str, minimum: float, integer: bool = False) -> float:
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        value = None
-    if value is None or value != value or value < minimum or value == float("inf"):
-        kind = "a whole number" if integer else "a number of seconds"
-        raise ConfigError(f"{name} must be {kind} of at least {minimum:g}, e.g. {name}={SETTING_DEFAULTS[name]}")
-    return value
-
-
-def parse_owner(entry: str) -> Tuple[str, str]:
-    """Split an OWNER entry into (registry, namespace); a bare name is Docker Hub's."""
-    registry, rest = split_registry(entry.strip())
-    rest = rest.lower()  # GitHub and Quay namespaces are spelled in any case; image names are lower case
-    if not rest or not NAMESPACE_RE.fullmatch(rest):
-        raise ConfigError(f"OWNER has an invalid entry {entry.strip()!r}: use namespaces like "
-                          "OWNER=acme or OWNER=acme,ghcr.io/acme")
-    return registry, rest
-
-
-def parse_services(text: str) -> Tuple[Tuple[ImageKey, str], ...]:
-    """Parse SERVICES: comma-separated IMAGE[:TAG]=SERVICE pairs."""
-    pairs = []
-    for entry in filter(None, (part.strip() for part in text.split(","))):
-        image, sep, service = entry.partition("=")
-        key = parse_reference(image.strip()) if sep else None
-        if key is None or not SERVICE_RE.fullmatch(service.strip()):
-            raise ConfigError(f"SERVICES has an invalid entry {entry!r}: use IMAGE[:TAG]=SERVICE pairs, "
-                              "e.g. SERVICES=acme/site=web,acme/api:stable=api")
-        pairs.append((key, service.strip()))
-    if not pairs:
-        raise ConfigError("SERVICES is set but empty: unset it, or give IMAGE[:TAG]=SERVICE pairs")
-    return tuple(pairs)
-
-
-SETTING_DEFAULTS = {s.name: s.default for s in SETTINGS}
-
-
-def load_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> Config:
-    """Read flags, then the environment, then defaults; raise ConfigError on the first bad one."""
-    parser = argparse.ArgumentParser(
-        prog="gopdater", description="Receive registry push webhooks and update the matching Compose services.",
-        epilog="Each flag has an environment variable of the same name in upper case (--port is PORT). "
-               "Flags win over variables.")
-    for setting in SETTINGS:
-        default = f" (default {setting.default})" if setting.default is not None else ""
-        if setting.name == "DRY_RUN":
-            parser.add_argument("--dry-run", dest="DRY_RUN", action="store_const", const="1",
-                                help=f"{setting.help}{default}")
-        else:
-            parser.add_argument(setting.flag, dest=setting.name, metavar=setting.name,
-                                help=f"{setting.help}{default}")
-    parser.add_argument("--check", action="store_true", help="diagnose the set-up, print what to fix, exit 0 or 1")
-    parser.add_argument("--version", action="version", version=f"gopdater {__version__}")
-    args = parser.parse_args(argv)
-
-    def get(name: str) -> Optional[str]:
-        value = getattr(args, name)
-        if value is None:
-            value = environ.get(name)
-        if value is None or value.strip() == "":
-            return SETTING_DEFAULTS[name]
-        return value.strip()
-
-    owner_text = get("OWNER")
-    if not owner_text:
-        raise ConfigError("OWNER is not set: set OWNER to your Docker Hub namespace, e.g. OWNER=acme")
-    owners = tuple(parse_owner(e) for e in owner_text.split(",") if e.strip())
-    if not owners:
-        raise ConfigError("OWNER is empty: set OWNER to your Docker Hub namespace, e.g. OWNER=acme")
-    secret = get("WEBHOOK_SECRET")
-    fix = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
-    if not secret:
-        raise ConfigError(f"WEBHOOK_SECRET is not set: {fix}")
-    if not SECRET_RE.fullmatch(secret):
-        raise ConfigError("WEBHOOK_SECRET is too weak: it needs at least 16 characters from "
-                          f"A-Z a-z 0-9 . _ ~ -; {fix}")
-    project_name = get("COMPOSE_PROJECT_NAME")
-    if project_name is not None and not PROJECT_RE.fullmatch(project_name):
-        raise ConfigError("COMPOSE_PROJECT_NAME must be lower-case letters, digits, '-' and '_', "
-                          "starting with a letter or digit, e.g. COMPOSE_PROJECT_NAME=site")
-    notify_url = get("NOTIFY_URL")
-    if notify_url is not None:
-        parts = urllib.parse.urlsplit(notify_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError("NOTIFY_URL must be an http:// or https:// URL, e.g. NOTIFY_URL=https://ntfy.sh/mytopic")
-    dry_run = get("DRY_RUN").lower()
-    if dry_run not in ("0", "1", "true", "false", "yes", "no"):
-        raise ConfigError("DRY_RUN must be 1 or 0, e.g. DRY_RUN=1")
-    log_level = get("LOG_LEVEL").upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, e.g. LOG_LEVEL=INFO")
-    port = int(_number("PORT", get("PORT"), 0, integer=True))
-    if port > 65535:
-        raise ConfigError("PORT must be at most 65535, e.g. PORT=8080")
-    services_text = get("SERVICES")
-    compose_command = get("COMPOSE_COMMAND")
-    try:
-        shlex.split(compose_command)
-    except ValueError:
-        raise ConfigError("COMPOSE_COMMAND is not a valid command line, e.g. COMPOSE_COMMAND=docker-compose") from None
-    return Config(
-        owners=owners,
-        secret=secret,
-        host=get("HOST"),
-        port=port,
-        compose_file=get("COMPOSE_FILE"),
-        project_name=project_name,
-        compose_command=compose_command,
-        services=parse_services(services_text) if services_text else (),
-        pull_timeout=_number("PULL_TIMEOUT", get("PULL_TIMEOUT"), 1),
-        command_timeout=_number("COMMAND_TIMEOUT", get("COMMAND_TIMEOUT"), 1),
-        stop_timeout=int(_number("STOP_TIMEOUT", get("STOP_TIMEOUT"), 0, integer=True)),
-        health_timeout=_number("HEALTH_TIMEOUT", get("HEALTH_TIMEOUT"), 1),
-        settle_time=_number("SETTLE_TIME", get("SETTLE_TIME"), 0),
-        notify_url=notify_url,
-        dry_run=dry_run in ("1", "true", "yes"),
-        request_timeout=_number("REQUEST_TIMEOUT", get("REQUEST_TIMEOUT"), 0.1),
-        max_connections=int(_number("MAX_CONNECTIONS", get("MAX_CONNECTIONS"), 1, integer=True)),
-        workers=int(_number("WORKERS", get("WORKERS"), 1, integer=True)),
-        shutdown_timeout=_number("SHUTDOWN_TIMEOUT", get("SHUTDOWN_TIMEOUT"), 0),
-        refresh_interval=_number("REFRESH_INTERVAL", get("REFRESH_INTERVAL"), 1),
-        log_level=log_level,
-        environ=types.MappingProxyType(dict(environ)),
-        check=args.check,
-    )
-
-
-# --------------------------------------------------------------------------
-# Payload parsing
-# --------------------------------------------------------------------------
-
-
-class PayloadError(Exception):
-    """A field of the payload is missing or invalid; the message is the field's path."""
-
-
-class Ignored(Exception):
-    """The delivery is authentic and valid but asks for nothing; the message is a fixed reason."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PushEvent:
-    """One pushed image tag, whoever sent it."""
-
-    sender: str
-    image: ImageKey
-    digest: Optional[str] = None
 
 
 def split_registry(name: str) -> Tuple[str, str]:
@@ -389,6 +111,298 @@ def parse_reference(reference: str) -> Optional[ImageKey]:
     return ImageKey(parsed[0], parsed[1], tag)
 
 
+def owner_allowed(owners: Sequence[Tuple[str, str]], image: ImageKey) -> bool:
+    """True when the image's registry and namespace are one of OWNER."""
+    return any(image.registry == registry and image.repository.startswith(namespace + "/")
+               for registry, namespace in owners)
+
+
+# ==========================================================================================
+# Settings: each one a row with its default, help and parser; read once into a frozen Config
+# ==========================================================================================
+
+PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9_-]*", re.ASCII)
+SERVICE_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*", re.ASCII)
+CONTAINER_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", re.ASCII)
+SECRET_RE = re.compile(r"[A-Za-z0-9._~-]{16,}", re.ASCII)
+SECRET_FIX = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names it and the fix."""
+
+
+Parser = Callable[[str, Optional[str]], object]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting: its variable, default, help text, parser and Config field."""
+
+    name: str
+    default: Optional[str]
+    help: str
+    parse: Parser
+    field: str = ""
+    switch: bool = False  # a flag that takes no value, e.g. --dry-run
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.lower().replace("_", "-")
+
+    @property
+    def attribute(self) -> str:
+        return self.field or self.name.lower()
+
+
+def _required(parse: Callable[[str, str], object], fix: str) -> Parser:
+    def check(name: str, text: Optional[str]) -> object:
+        if text is None:
+            raise ConfigError(f"{name} is not set: {fix}")
+        return parse(name, text)
+    return check
+
+
+def _optional(parse: Callable[[str, str], object]) -> Parser:
+    return lambda name, text: None if text is None else parse(name, text)
+
+
+def number(minimum: float, integer: bool = False, maximum: float = float("inf")) -> Parser:
+    """A parser for a number of seconds (or a whole number) within bounds."""
+    def parse(name: str, text: Optional[str]) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value != value or not minimum <= value <= maximum or value == float("inf"):
+            kind = "a whole number" if integer else "a number of seconds"
+            upper = f" and at most {maximum:g}" if maximum != float("inf") else ""
+            raise ConfigError(f"{name} must be {kind} of at least {minimum:g}{upper}, "
+                              f"e.g. {name}={SETTING_DEFAULTS[name]}")
+        return value
+    return parse
+
+
+def choice(*values: str, upper: bool = False) -> Parser:
+    """A parser that accepts one of a few words."""
+    def parse(name: str, text: Optional[str]) -> str:
+        word = text.upper() if upper else text.lower()
+        if word not in values:
+            raise ConfigError(f"{name} must be {', '.join(values[:-1])} or {values[-1]}, e.g. {name}={values[0]}")
+        return word
+    return parse
+
+
+def boolean(name: str, text: Optional[str]) -> bool:
+    word = text.lower()
+    if word not in ("0", "1", "true", "false", "yes", "no"):
+        raise ConfigError(f"{name} must be 1 or 0, e.g. {name}=1")
+    return word in ("1", "true", "yes")
+
+
+def parse_owner(entry: str) -> Tuple[str, str]:
+    """Split an OWNER entry into (registry, namespace); a bare name is Docker Hub's."""
+    registry, rest = split_registry(entry.strip())
+    rest = rest.lower()  # GitHub and Quay namespaces are spelled in any case; image names are lower case
+    if not rest or not REPOSITORY_RE.fullmatch(rest):
+        raise ConfigError(f"OWNER has an invalid entry {entry.strip()!r}: use namespaces like "
+                          "OWNER=acme or OWNER=acme,ghcr.io/acme")
+    return registry, rest
+
+
+def parse_owners(name: str, text: str) -> Tuple[Tuple[str, str], ...]:
+    owners = tuple(parse_owner(e) for e in text.split(",") if e.strip())
+    if not owners:
+        raise ConfigError(f"{name} is empty: set OWNER to your Docker Hub namespace, e.g. OWNER=acme")
+    return owners
+
+
+def parse_secret(name: str, text: str) -> str:
+    if not SECRET_RE.fullmatch(text):
+        raise ConfigError(f"{name} is too weak: it needs at least 16 characters from A-Z a-z 0-9 . _ ~ -; "
+                          f"{SECRET_FIX}")
+    return text
+
+
+def parse_project_name(name: str, text: str) -> str:
+    if not PROJECT_RE.fullmatch(text):
+        raise ConfigError(f"{name} must be lower-case letters, digits, '-' and '_', starting with a letter or "
+                          f"digit, e.g. {name}=site")
+    return text
+
+
+def parse_command(name: str, text: str) -> str:
+    try:
+        shlex.split(text)
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid command line, e.g. {name}=docker-compose") from None
+    return text
+
+
+def parse_url(name: str, text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name} must be an http:// or https:// URL, e.g. {name}=https://ntfy.sh/mytopic")
+    return text
+
+
+def parse_services(name: str, text: str) -> Tuple[Tuple[ImageKey, str], ...]:
+    """Parse SERVICES: comma-separated IMAGE[:TAG]=SERVICE pairs."""
+    pairs = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        image, sep, service = entry.partition("=")
+        key = parse_reference(image.strip()) if sep else None
+        if key is None or not SERVICE_RE.fullmatch(service.strip()):
+            raise ConfigError(f"{name} has an invalid entry {entry!r}: use IMAGE[:TAG]=SERVICE pairs, "
+                              "e.g. SERVICES=acme/site=web,acme/api:stable=api")
+        pairs.append((key, service.strip()))
+    if not pairs:
+        raise ConfigError(f"{name} is set but empty: unset it, or give IMAGE[:TAG]=SERVICE pairs")
+    return tuple(pairs)
+
+
+def as_text(name: str, text: Optional[str]) -> Optional[str]:
+    return text
+
+
+SETTINGS = (
+    Setting("OWNER", None, "required: comma-separated namespaces allowed to trigger updates; a bare name is a "
+            "Docker Hub namespace, REGISTRY/NAME another registry's (ghcr.io/acme)",
+            _required(parse_owners, "set OWNER to your Docker Hub namespace, e.g. OWNER=acme"), "owners"),
+    Setting("WEBHOOK_SECRET", None, "required: at least 16 URL-safe characters (A-Z a-z 0-9 . _ ~ -); "
+            "prefer the variable, as a flag is visible to other users in ps",
+            _required(parse_secret, SECRET_FIX), "secret"),
+    Setting("HOST", "0.0.0.0", "address to listen on", as_text),
+    Setting("PORT", "8080", "port to listen on", number(0, integer=True, maximum=65535)),
+    Setting("COMPOSE_FILE", None, "Compose file(s), as Compose reads this variable", as_text),
+    Setting("COMPOSE_PROJECT_NAME", None, "Compose project name, as Compose reads this variable",
+            _optional(parse_project_name), "project_name"),
+    Setting("COMPOSE_COMMAND", "auto", "auto (docker compose, else docker-compose) or the command to run, "
+            "e.g. 'docker-compose'", parse_command),
+    Setting("SERVICES", None, "explicit mapping, comma-separated IMAGE[:TAG]=SERVICE pairs; when set only "
+            "these pairs update", lambda name, text: parse_services(name, text) if text is not None else ()),
+    Setting("PULL_TIMEOUT", "600", "seconds a pull may take", number(1)),
+    Setting("COMMAND_TIMEOUT", "120", "seconds any other docker command may take", number(1)),
+    Setting("STOP_TIMEOUT", "10", "seconds docker stop waits before killing the old container",
+            number(0, integer=True)),
+    Setting("HEALTH_TIMEOUT", "60", "seconds a new container has to become healthy "
+            "(never less than its healthcheck start_period)", number(1)),
+    Setting("SETTLE_TIME", "10", "seconds a container without a healthcheck must stay running", number(0)),
+    Setting("NOTIFY_URL", None, "http(s) URL that receives a JSON summary of each deployment that "
+            "changed something or failed", _optional(parse_url)),
+    Setting("DRY_RUN", "0", "1 to log the commands a deployment would run and run none of them", boolean,
+            switch=True),
+    Setting("REQUEST_TIMEOUT", "10", "seconds a client has to send a whole request", number(0.1)),
+    Setting("MAX_CONNECTIONS", "512", "open client connections held at once; the oldest is dropped beyond",
+            number(1, integer=True)),
+    Setting("SHUTDOWN_TIMEOUT", "120", "seconds a running deployment may take to finish on SIGTERM", number(0)),
+    Setting("REFRESH_INTERVAL", "60", "seconds between re-reads of the Compose project while idle", number(1)),
+    Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", choice("INFO", "DEBUG", "WARNING", "ERROR",
+                                                                         upper=True)),
+)
+SETTING_DEFAULTS = {s.name: s.default for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting, read once at start-up."""
+
+    owners: Tuple[Tuple[str, str], ...]
+    secret: str
+    host: str
+    port: int
+    compose_file: Optional[str]
+    project_name: Optional[str]
+    compose_command: str
+    services: Tuple[Tuple[ImageKey, str], ...]
+    pull_timeout: float
+    command_timeout: float
+    stop_timeout: int
+    health_timeout: float
+    settle_time: float
+    notify_url: Optional[str]
+    dry_run: bool
+    request_timeout: float
+    max_connections: int
+    shutdown_timeout: float
+    refresh_interval: float
+    log_level: str
+    environ: Mapping[str, str]
+    check: bool = False
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line: one flag per setting, plus --check and --version."""
+    parser = argparse.ArgumentParser(
+        prog="gopdater", description="Receive registry push webhooks and update the matching Compose services.",
+        epilog="Each flag has an environment variable of the same name in upper case (--port is PORT). "
+               "Flags win over variables.")
+    for setting in SETTINGS:
+        default = f" (default {setting.default})" if setting.default is not None else ""
+        extra = dict(action="store_const", const="1") if setting.switch else dict(metavar=setting.name)
+        parser.add_argument(setting.flag, dest=setting.name, help=f"{setting.help}{default}", **extra)
+    parser.add_argument("--check", action="store_true", help="diagnose the set-up, print what to fix, exit 0 or 1")
+    parser.add_argument("--version", action="version", version=f"gopdater {__version__}")
+    return parser
+
+
+def load_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> Config:
+    """Read flags, then the environment, then defaults; raise ConfigError on the first bad one."""
+    args = argument_parser().parse_args(argv)
+    values = {}
+    for setting in SETTINGS:
+        text = getattr(args, setting.name)
+        if text is None:
+            text = environ.get(setting.name)
+        text = setting.default if text is None or not text.strip() else text.strip()
+        values[setting.attribute] = setting.parse(setting.name, text)
+    return Config(**values, environ=types.MappingProxyType(dict(environ)), check=args.check)
+
+
+# ==========================================================================================
+# Senders: one row per registry (path, authentication, content types, parser)
+# ==========================================================================================
+
+MANIFEST_MEDIA_TYPES = frozenset({
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+})
+DISTRIBUTION_CONTENT_TYPES = frozenset({
+    "application/vnd.docker.distribution.events.v1+json",
+    "application/vnd.docker.distribution.events.v2+json",
+    "application/json",
+})
+
+
+class PayloadError(Exception):
+    """A field of the payload is missing or invalid; the message is the field's path."""
+
+
+class Ignored(Exception):
+    """The delivery is authentic and valid but asks for nothing; the message is a fixed reason."""
+
+    status = "ignored"
+
+
+class Pong(Ignored):
+    """A sender's test delivery (GitHub's ping): answered 200 ok."""
+
+    status = "ok"
+
+
+@dataclasses.dataclass(frozen=True)
+class PushEvent:
+    """One pushed image tag, whoever sent it."""
+
+    sender: str
+    image: ImageKey
+    digest: Optional[str] = None
+
+
 def get_field(data: object, path: str, kind: type = str, required: bool = True, prefix: str = ""):
     """Walk a dotted path through nested objects; raise PayloadError naming it if absent or of the wrong type."""
     value = data
@@ -412,13 +426,6 @@ def checked_name(name: str, field: str) -> Tuple[str, str]:
     return parsed
 
 
-def checked_digest(digest: object, field: str) -> Optional[str]:
-    """Validate an optional digest from a payload."""
-    if digest is not None and (not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest)):
-        raise PayloadError(field)
-    return digest
-
-
 def checked_tag(tag: object, field: str) -> str:
     """Validate a tag from a payload."""
     if not isinstance(tag, str) or not TAG_RE.fullmatch(tag):
@@ -432,8 +439,9 @@ def pushed(sender: str, host: object, repository: object, tag: object, digest: o
     if not isinstance(host, str) or not DOMAIN_RE.fullmatch(host):
         raise PayloadError(fields[0])
     registry, repository = checked_name(f"{host}/{repository}", fields[1])
-    return PushEvent(sender, ImageKey(registry, repository, checked_tag(tag, fields[2])),
-                     checked_digest(digest, fields[3]))
+    if digest is not None and (not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest)):
+        raise PayloadError(fields[3])
+    return PushEvent(sender, ImageKey(registry, repository, checked_tag(tag, fields[2])), digest)
 
 
 def parse_dockerhub(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
@@ -457,6 +465,8 @@ def parse_quay(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
 def parse_ghcr(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
     """GitHub package event: published or updated container versions with a tag."""
     event = headers.get("X-GitHub-Event", "")
+    if event == "ping":
+        raise Pong("pong")
     if event not in ("package", "registry_package"):
         raise Ignored("event is not a package event")
     if get_field(data, "action") not in ("published", "updated"):
@@ -498,40 +508,956 @@ def parse_harbor(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
     return events
 
 
+def distribution_event(sender: str, item: dict, field: str) -> PushEvent:
+    """One Distribution-shaped event (a registry's or Azure's): a tagged manifest push, else Ignored."""
+    if get_field(item, "action", prefix=field) != "push":
+        raise Ignored("not a push")
+    if get_field(item, "target.mediaType", required=False, prefix=field) not in MANIFEST_MEDIA_TYPES:
+        raise Ignored("not a manifest push")
+    tag = get_field(item, "target.tag", required=False, prefix=field)
+    if not tag:
+        raise Ignored("manifest pushed without a tag")
+    parts = ("request.host", "target.repository", "target.tag", "target.digest")
+    return pushed(sender, get_field(item, "request.host", prefix=field),
+                  get_field(item, "target.repository", prefix=field), tag,
+                  get_field(item, "target.digest", required=False, prefix=field), [field + part for part in parts])
+
+
 def parse_distribution(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
     """Distribution envelope: manifest pushes with a tag; pulls and blob pushes are skipped."""
     events, reasons = [], set()
     for i, item in enumerate(get_field(data, "events", list)):
-        field = f"events[{i}]."
-        if get_field(item, "action", prefix=field) != "push":
-            reasons.add("not a push")
-            continue
-        if get_field(item, "target.mediaType", required=False, prefix=field) not in MANIFEST_MEDIA_TYPES:
-            reasons.add("not a manifest push")
-            continue
-        tag = get_field(item, "target.tag", required=False, prefix=field)
-        if not tag:
-            reasons.add("manifest pushed without a tag")
-            continue
-        parts = ("request.host", "target.repository", "target.tag", "target.digest")
-        events.append(pushed("registry", get_field(item, "request.host", prefix=field),
-                             get_field(item, "target.repository", prefix=field), tag,
-                             get_field(item, "target.digest", required=False, prefix=field),
-                             [field + part for part in parts]))
+        try:
+            events.append(distribution_event("registry", item, f"events[{i}]."))
+        except Ignored as reason:
+            reasons.add(str(reason))
     if not events:
         raise Ignored(sorted(reasons)[0] if reasons else "no events")
     return events
 
 
-def owner_allowed(owners: Sequence[Tuple[str, str]], image: ImageKey) -> bool:
-    """True when the image's registry and namespace are one of OWNER."""
-    return any(image.registry == registry and image.repository.startswith(namespace + "/")
-               for registry, namespace in owners)
+def parse_acr(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
+    """Azure Container Registry: one Distribution-shaped event, no envelope; only a tagged push counts."""
+    if get_field(data, "action") != "push":
+        raise Ignored("not a push")
+    if not get_field(data, "target.tag", required=False):
+        raise Ignored("manifest pushed without a tag")
+    parts = ("request.host", "target.repository", "target.tag", "target.digest")
+    return [pushed("acr", get_field(data, "request.host"), get_field(data, "target.repository"),
+                   get_field(data, "target.tag"), get_field(data, "target.digest", required=False), parts)]
 
 
-# --------------------------------------------------------------------------
-# The docker / compose layer
-# --------------------------------------------------------------------------
+def parse_gitea(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
+    """Gitea and Forgejo package events: created container versions with a tag."""
+    event = headers.get("X-Gitea-Event") or headers.get("X-Forgejo-Event") or headers.get("X-GitHub-Event")
+    if event != "package":
+        raise Ignored("event is not a package event")
+    if get_field(data, "action") != "created":
+        raise Ignored("action is not created")
+    if get_field(data, "package.type") != "container":
+        raise Ignored("package is not a container image")
+    version = get_field(data, "package.version")
+    if DIGEST_RE.fullmatch(version):
+        raise Ignored("no tag: pushed by digest")
+    host = urllib.parse.urlsplit(get_field(data, "package.html_url")).netloc
+    owner = get_field(data, "package.owner.login")
+    return [pushed("gitea", host, f"{owner.lower()}/{get_field(data, 'package.name')}", version, None,
+                   ("package.html_url", "package.name", "package.version", ""))]
+
+
+def secret_in_path(secret: bytes, captured: str, headers: Mapping[str, str], body: bytes) -> bool:
+    """The secret is the path segment in the place of {secret}."""
+    return hmac.compare_digest(captured.encode(), secret)
+
+
+def bearer(secret: bytes, captured: str, headers: Mapping[str, str], body: bytes) -> bool:
+    """Authorization: Bearer <secret>."""
+    scheme, _, token = (headers.get("Authorization") or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), secret)
+
+
+def signature(*header_prefixes: Tuple[str, str]) -> Callable[..., bool]:
+    """HMAC-SHA256 of the raw body, hex, under the first of these (header, prefix) pairs that is present."""
+    def check(secret: bytes, captured: str, headers: Mapping[str, str], body: bytes) -> bool:
+        for header, prefix in header_prefixes:
+            given = headers.get(header)
+            if given is not None:
+                expected = prefix + hmac.new(secret, body, hashlib.sha256).hexdigest()
+                return hmac.compare_digest(given.strip().encode(), expected.encode())
+        return False
+    return check
+
+
+Authenticator = Callable[[bytes, str, Mapping[str, str], bytes], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sender:
+    """One way a registry delivers a push: where, how it proves itself, what it sends, how to read it."""
+
+    name: str
+    path: str  # "{secret}" stands for a path segment that must be the secret
+    authenticate: Authenticator
+    parse: Callable[[dict, Mapping[str, str]], List[PushEvent]]
+    content_types: Optional[FrozenSet[str]] = None  # None: any
+    # A Distribution registry retries a refused delivery forever and holds back later events.
+    foreign_owner_ignored: bool = False
+
+
+SENDERS = (
+    Sender("dockerhub", "/hooks", bearer, parse_dockerhub),
+    Sender("ghcr", "/hooks/ghcr", signature(("X-Hub-Signature-256", "sha256=")), parse_ghcr),
+    Sender("harbor", "/hooks/harbor", bearer, parse_harbor),
+    Sender("registry", "/hooks/registry", bearer, parse_distribution, DISTRIBUTION_CONTENT_TYPES, True),
+    Sender("gitea", "/hooks/gitea", signature(("X-Gitea-Signature", ""), ("X-Forgejo-Signature", ""),
+                                              ("X-Hub-Signature-256", "sha256=")), parse_gitea),
+    Sender("acr", "/hooks/acr", bearer, parse_acr),
+    Sender("dockerhub", "/hooks/{secret}", secret_in_path, parse_dockerhub),
+    Sender("quay", "/hooks/{secret}/quay", secret_in_path, parse_quay),
+)
+
+
+# ==========================================================================================
+# The request pipeline: route, size, authenticate, decode, parse, owner, map, enqueue
+# ==========================================================================================
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+
+
+class Response(NamedTuple):
+    """A status, a short fixed JSON body (or text, for /metrics) and extra headers."""
+
+    status: HTTPStatus
+    payload: Union[dict, str]
+    headers: Tuple[Tuple[str, str], ...] = ()
+
+
+def refusal(status: HTTPStatus, reason: str, headers: Tuple[Tuple[str, str], ...] = ()) -> Response:
+    return Response(status, {"status": "error", "reason": reason}, headers)
+
+
+NOT_FOUND = refusal(HTTPStatus.NOT_FOUND, "not found")
+FORBIDDEN = refusal(HTTPStatus.FORBIDDEN, "forbidden")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A request whose head has passed routing, method and size checks; its body may still be coming."""
+
+    method: str
+    sender: Optional[Sender]  # None for the GET endpoints
+    endpoint: str
+    captured: str
+    headers: Mapping[str, str]
+    length: int
+
+
+def route(path: str) -> Tuple[Optional[Sender], str, str]:
+    """(sender, endpoint, captured secret) for a path; fixed paths win over the {secret} ones."""
+    path = urllib.parse.urlsplit(path).path
+    if len(path) > 1:
+        path = path.rstrip("/")
+    if path in GET_ENDPOINTS:
+        return None, path, ""
+    parts = path.split("/")
+    for sender in SENDERS:
+        pattern = sender.path.split("/")
+        if len(pattern) == len(parts) and all(p == q or (p == "{secret}" and q) for p, q in zip(pattern, parts)):
+            return sender, sender.path, parts[pattern.index("{secret}")] if "{secret}" in pattern else ""
+    return None, "", ""
+
+
+def body_length(method: str, headers: Mapping[str, str]) -> Union[int, Response]:
+    """The body's length from Content-Length, or the refusal: 411 (none, or chunked), 400, 413."""
+    length = headers.get("Content-Length")
+    if headers.get("Transfer-Encoding") or (length is None and method == "POST"):
+        return refusal(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+    if length is None:
+        return 0
+    if not length.strip().isdigit():
+        return refusal(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
+    if int(length) > MAX_BODY_BYTES:
+        return refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is over 1 MiB")
+    return int(length)
+
+
+def decode(body: bytes) -> Union[dict, Response]:
+    """The body as a JSON object, or the 400 that says why not."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return refusal(HTTPStatus.BAD_REQUEST, "body is not valid JSON")
+    if not isinstance(data, dict):
+        return refusal(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
+    return data
+
+
+class App:
+    """Answers requests; never runs a command on the request path (deployments are queued)."""
+
+    def __init__(self, config: Config, queue: "WorkQueue", metrics: Optional["Metrics"] = None):
+        self.config, self.queue = config, queue
+        self.metrics = metrics or Metrics()
+        self.secret = config.secret.encode()
+
+    def begin(self, method: str, path: str, headers: Mapping[str, str]) -> Union[Request, Response]:
+        """Route, method and size: what can be judged before the body is read."""
+        sender, endpoint, captured = route(path)
+        allowed = "POST" if sender else ("GET" if endpoint else None)
+        if allowed is None:
+            return NOT_FOUND
+        if method != allowed:
+            return refusal(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", (("Allow", allowed),))
+        length = body_length(method, headers)
+        if isinstance(length, Response):
+            return length
+        return Request(method, sender, endpoint, captured, headers, length)
+
+    def finish(self, request: Request, body: bytes) -> Response:
+        """Answer a request whose body has arrived."""
+        if request.sender is None:
+            return GET_ENDPOINTS[request.endpoint](self, request)
+        response = self.hook(request.sender, request, body[:request.length])
+        self.metrics.hook(request.sender.name, response.status)
+        return response
+
+    def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Response:
+        """begin, then finish: the whole pipeline for a request already read."""
+        request = self.begin(method, path, headers)
+        return request if isinstance(request, Response) else self.finish(request, body)
+
+    def hook(self, sender: Sender, request: Request, body: bytes) -> Response:
+        """Authenticate, decode, parse, then owner, mapping and queueing."""
+        if not sender.authenticate(self.secret, request.captured, request.headers, body):
+            return FORBIDDEN
+        content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if sender.content_types is not None and content_type not in sender.content_types:
+            return refusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported Content-Type")
+        data = decode(body)
+        if isinstance(data, Response):
+            return data
+        try:
+            events = sender.parse(data, request.headers)
+        except PayloadError as error:
+            return refusal(HTTPStatus.BAD_REQUEST, f"missing or invalid field: {error}")
+        except Ignored as reason:
+            return Response(HTTPStatus.OK, {"status": reason.status, "reason": str(reason)})
+        return self.enqueue(sender, events)
+
+    def enqueue(self, sender: Sender, events: List[PushEvent]) -> Response:
+        """Owner check, service mapping and queueing for validated events."""
+        allowed = [e for e in events if owner_allowed(self.config.owners, e.image)]
+        if not allowed:
+            if sender.foreign_owner_ignored:
+                return Response(HTTPStatus.OK, {"status": "ignored", "reason": "namespace not in OWNER"})
+            return refusal(HTTPStatus.FORBIDDEN, "namespace not in OWNER")
+        ids, services = [], set()
+        for event in allowed:
+            submitted = self.queue.submit(event)
+            if submitted is None:
+                return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "deployment queue is full or gopdater is stopping")
+            if submitted.deployment is None:
+                continue
+            deployment = submitted.deployment
+            log.info("hook accepted sender=%s image=%s deployment=%s services=%s coalesced=%s", sender.name,
+                     event.image, deployment.id, ",".join(submitted.services), "yes" if submitted.coalesced else "no")
+            if deployment.id not in ids:
+                ids.append(deployment.id)
+            services.update(submitted.services)
+        if not ids:
+            return Response(HTTPStatus.OK, {"status": "ignored", "reason": "no service runs this image and tag"})
+        reply = {"status": "accepted", "id": ids[0], "services": sorted(services)}
+        if len(ids) > 1:
+            reply["ids"] = ids
+        return Response(HTTPStatus.ACCEPTED, reply)
+
+    def needs_target(self, request: Request) -> bool:
+        """Only /healthz is answered before start-up discovery is done."""
+        return request.endpoint != "/healthz"
+
+    def healthz(self, request: Request) -> Response:
+        return Response(HTTPStatus.OK, {"status": "ok"})
+
+    def deployments(self, request: Request) -> Response:
+        if not bearer(self.secret, "", request.headers, b""):
+            return FORBIDDEN
+        return Response(HTTPStatus.OK, {"deployments": self.queue.views()})
+
+    def metrics_text(self, request: Request) -> Response:
+        if not bearer(self.secret, "", request.headers, b""):
+            return FORBIDDEN
+        return Response(HTTPStatus.OK, self.metrics.render(self.queue))
+
+
+GET_ENDPOINTS: Dict[str, Callable[[App, Request], Response]] = {
+    "/healthz": App.healthz, "/deployments": App.deployments, "/metrics": App.metrics_text}
+
+
+# ==========================================================================================
+# The work queue: one deployment at a time, bursts coalesced, the last 50 kept for the view
+# ==========================================================================================
+
+HISTORY_SIZE = 50
+MAX_QUEUED_DEPLOYMENTS = 50
+UNMATCHED_REFRESH_SECONDS = 10.0
+
+
+class State(str, enum.Enum):
+    """Where a deployment stands; the last five are also the outcome of one service."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled-back"
+    UPDATED = "updated"
+    DRY_RUN = "dry-run"
+    UP_TO_DATE = "up-to-date"
+
+
+# A deployment of several services ends in the first of these that any service ended in.
+SEVERITY = (State.FAILED, State.ROLLED_BACK, State.UPDATED, State.DRY_RUN, State.UP_TO_DATE)
+CHANGED = frozenset({State.UPDATED, State.ROLLED_BACK, State.FAILED})
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How the update of one service ended."""
+
+    result: State = State.FAILED
+    old_image: Optional[str] = None
+    new_image: Optional[str] = None
+    reason: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One timed step of a deployment, as logged and shown in the view."""
+
+    service: str
+    step: str
+    result: str
+    seconds: float
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass
+class Deployment:
+    """One requested update of one or more services, as shown in the deployments view."""
+
+    id: str
+    sender: str
+    key: ImageKey
+    digest: Optional[str]
+    services: List[str]
+    state: State = State.QUEUED
+    hooks: int = 1
+    created: str = dataclasses.field(default_factory=_now)
+    started: Optional[str] = None
+    finished: Optional[str] = None
+    results: Dict[str, State] = dataclasses.field(default_factory=dict)
+    steps: List[Step] = dataclasses.field(default_factory=list)
+    error: Optional[str] = None
+    logs: List[str] = dataclasses.field(default_factory=list)
+
+    def view(self) -> dict:
+        fields = dataclasses.asdict(self)
+        del fields["key"]
+        fields["state"] = self.state.value
+        fields["results"] = {service: state.value for service, state in self.results.items()}
+        return {"id": self.id, "image": f"{self.key.registry}/{self.key.repository}", "tag": self.key.tag,
+                **fields}
+
+
+class DeployFailed(Exception):
+    """A step of a deployment failed; the message is the reason."""
+
+
+class StepLog:
+    """What an update target reports through: timed steps, log lines and its clock; one per service."""
+
+    def __init__(self, deployment: Deployment, service: str, lock: threading.Condition,
+                 clock: Callable[[], float], sleep: Callable[[float], None]):
+        self.deployment, self.service, self.lock = deployment, service, lock
+        self.clock, self.sleep = clock, sleep
+        self.label = f"deployment={deployment.id} service={service}"
+
+    def record(self, step: str, result: str, started: float) -> float:
+        """Log one step that began at started and keep its timing in the deployment; return its seconds."""
+        return self.note(step, result, self.clock() - started)
+
+    def note(self, step: str, result: str, seconds: float) -> float:
+        """Log one step of the given length and keep it in the deployment."""
+        seconds = round(seconds, 3)
+        with self.lock:
+            self.deployment.steps.append(Step(self.service, step, result, seconds))
+        quiet = result in ("ok", "kept", State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
+        log.log(logging.INFO if quiet else logging.WARNING, "%s step=%s result=%s seconds=%.2f", self.label,
+                step, result, seconds)
+        return seconds
+
+    def step(self, name: str, action: Callable[[], object]):
+        """Run one step, timed; a CommandError becomes DeployFailed naming the step."""
+        started = self.clock()
+        try:
+            value = action()
+        except CommandError as error:
+            self.record(name, "failed", started)
+            raise DeployFailed(f"{name} failed: {error}") from None
+        self.record(name, "ok", started)
+        return value
+
+    def container_log(self, container: str, lines: Sequence[str]) -> None:
+        """Keep a failing container's last lines, in the log and in the deployment."""
+        for line in lines:
+            log.warning("%s container %s logged: %r", self.label, container, line)
+            with self.lock:
+                self.deployment.logs.append(f"{self.service}: {line}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Submitted:
+    """What became of one pushed image: the deployment it joined (None: nothing runs it)."""
+
+    deployment: Optional[Deployment]
+    services: Tuple[str, ...] = ()
+    coalesced: bool = False
+
+
+class WorkQueue:
+    """Runs deployments one at a time in a worker thread; knows targets only through their interface."""
+
+    def __init__(self, config: Config, target: "Target", clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep, notify: Optional[Callable[[str, dict], bool]] = None,
+                 metrics: Optional["Metrics"] = None):
+        self.config, self.target, self.clock, self.sleep = config, target, clock, sleep
+        self.notify = notify or (lambda url, payload: send_notification(url, payload, sleep=sleep))
+        self.metrics = metrics or Metrics()
+        self.lock = threading.Condition()
+        self.queue: collections.deque = collections.deque()
+        self.history: collections.deque = collections.deque(maxlen=HISTORY_SIZE)
+        self.current: Optional[Deployment] = None
+        self.stopping = False
+        self.refresh_due: Optional[float] = None
+        self.last_refresh = clock()
+
+    # -- the request side: map and enqueue, nothing slower ------------------------------------
+
+    def submit(self, event: PushEvent) -> Optional[Submitted]:
+        """Queue a deployment of the services that run the image, or join a queued one; None if full."""
+        services = tuple(self.target.services_for(event.image))
+        with self.lock:
+            if not services:
+                self.refresh_soon()
+                return Submitted(None)
+            for queued in self.queue:
+                if queued.key == event.image or set(services) <= set(queued.services):
+                    queued.hooks += 1
+                    queued.services = sorted(set(queued.services) | set(services))
+                    queued.digest = event.digest or queued.digest
+                    return Submitted(queued, services, True)
+            if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
+                return None
+            deployment = Deployment(secrets.token_hex(6), event.sender, event.image, event.digest, list(services))
+            self.queue.append(deployment)
+            self.history.append(deployment)
+            self.lock.notify_all()
+            return Submitted(deployment, services)
+
+    def refresh_soon(self) -> None:
+        """A hook matched nothing: re-read the targets within 10 s (at most one extra read per 10 s)."""
+        due = max(self.clock(), self.last_refresh + UNMATCHED_REFRESH_SECONDS)
+        if self.refresh_due is None or due < self.refresh_due:
+            self.refresh_due = due
+            self.lock.notify_all()
+
+    def views(self) -> List[dict]:
+        with self.lock:
+            return [d.view() for d in reversed(self.history)]
+
+    def queued(self) -> int:
+        with self.lock:
+            return len(self.queue) + (self.current is not None)
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def next_job(self) -> Tuple[bool, Optional[Deployment]]:
+        """Wait for a deployment or a due refresh: (stop, deployment or None for a refresh)."""
+        with self.lock:
+            while not self.queue and not self.stopping:
+                due = min(self.refresh_due or float("inf"), self.last_refresh + self.config.refresh_interval)
+                if due <= self.clock():
+                    break
+                self.lock.wait(timeout=min(due - self.clock(), 1.0))
+            if self.stopping:
+                return True, None
+            self.current = self.queue.popleft() if self.queue else None
+            self.refresh_due = None
+            return False, self.current
+
+    def run_forever(self) -> None:
+        """Take queued deployments one at a time until stopped; re-read the targets while idle."""
+        while True:
+            stop, deployment = self.next_job()
+            if stop:
+                return
+            try:
+                if deployment is None:
+                    self.refresh()
+                else:
+                    self.execute(deployment)
+            finally:
+                with self.lock:
+                    self.current = None
+                    self.lock.notify_all()
+            self.last_refresh = self.clock()
+
+    def refresh(self) -> None:
+        try:
+            self.target.refresh()
+        except Exception as error:  # a bug or a docker hiccup must not kill the worker
+            log.warning("could not re-read what runs here: %s", error)
+
+    def stop(self, timeout: float) -> bool:
+        """Stop taking work, cancel queued deployments, wait (bounded) for the running one; True if idle."""
+        with self.lock:
+            self.stopping = True
+            for deployment in self.queue:
+                deployment.state, deployment.finished = State.CANCELLED, _now()
+                log.warning("deployment=%s cancelled by shutdown services=%s", deployment.id,
+                            ",".join(deployment.services))
+            self.queue.clear()
+            self.lock.notify_all()
+        return self.wait_idle(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or running; True if that happened within timeout."""
+        end = time.monotonic() + timeout
+        with self.lock:
+            while (self.queue or self.current is not None) and time.monotonic() < end:
+                self.lock.wait(timeout=min(1.0, max(0.0, end - time.monotonic())))
+            return not self.queue and self.current is None
+
+    def execute(self, deployment: Deployment) -> None:
+        """Update each service of the deployment in turn, record and report each outcome."""
+        with self.lock:
+            deployment.state, deployment.started = State.RUNNING, _now()
+        log.info("deployment=%s start image=%s services=%s hooks=%s", deployment.id, deployment.key,
+                 ",".join(deployment.services), deployment.hooks)
+        for service in list(deployment.services):
+            self.update_one(deployment, service)
+        results = set(deployment.results.values())
+        with self.lock:
+            deployment.state = next(s for s in SEVERITY if s in results)
+            deployment.finished = _now()
+        if results & CHANGED:
+            self.refresh()
+        log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
+
+    def update_one(self, deployment: Deployment, service: str) -> None:
+        """One service through the target, never raising; then its record, metrics and notification."""
+        steps = StepLog(deployment, service, self.lock, self.clock, self.sleep)
+        started = self.clock()
+        try:
+            outcome = self.target.update(service, deployment.digest, steps)
+        except Exception as error:  # a bug must not kill the worker
+            log.exception("%s crashed", steps.label)
+            outcome = Outcome(reason=f"internal error ({type(error).__name__})")
+        with self.lock:
+            deployment.results[service] = outcome.result
+            if outcome.reason and outcome.result in (State.FAILED, State.ROLLED_BACK):
+                deployment.error = "; ".join(filter(None, [deployment.error, f"{service}: {outcome.reason}"]))
+        seconds = steps.record("done", outcome.result.value, started)
+        self.metrics.deployed(service, outcome.result, seconds, deployment.steps)
+        if outcome.result in CHANGED and self.config.notify_url:
+            payload = notification(deployment, service, outcome, seconds)
+            if not self.notify(self.config.notify_url, payload):
+                log.warning("%s notification not delivered", steps.label)
+
+
+# ==========================================================================================
+# Update targets: what gets updated, behind one small interface (the Compose project today)
+# ==========================================================================================
+
+POLL_FIRST, POLL_MAX = 0.2, 2.0
+DEFAULT = "(Compose's default)"
+Finding = Tuple[bool, str]  # (ok, one line), for the start-up log and --check
+
+
+class Target:
+    """What the work queue updates. The queue and the HTTP side know targets only through this."""
+
+    def services_for(self, image: ImageKey) -> List[str]:
+        """The services that a push of this image and tag updates."""
+        raise NotImplementedError
+
+    def update(self, service: str, digest: Optional[str], steps: StepLog) -> Outcome:
+        """Update one service to the pushed image, safely; report steps through steps."""
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """Re-read what runs here."""
+        raise NotImplementedError
+
+    def describe(self) -> List[Finding]:
+        """What this target is and what would update, one finding per line."""
+        raise NotImplementedError
+
+
+class Verdict(enum.Enum):
+    READY = "ready"
+    WAIT = "wait"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """A verdict on a service's new containers at one moment, with what it waits for or why it failed."""
+
+    verdict: Verdict
+    reason: str = ""
+
+
+def health_limit(containers: Sequence[Container], health_timeout: float, settle_time: float) -> float:
+    """Seconds the new containers get: HEALTH_TIMEOUT or the longest start_period, plus settling if needed."""
+    limit = max([health_timeout] + [c.start_period for c in containers])
+    return limit + (settle_time if not all(c.has_healthcheck for c in containers) else 0)
+
+
+def judge(containers: Sequence[Container], expected: int, first_seen: Mapping[str, Tuple[float, str]],
+          now: float, waited: float, limit: float, settle_time: float) -> Health:
+    """Judge inspected containers: ready, keep waiting, or failed with a reason. Pure.
+
+    first_seen maps a container id to when it was first seen running and its StartedAt then.
+    """
+    ready, waiting = 0, "not running"
+    for c in containers:
+        if c.status in ("exited", "dead"):
+            return Health(Verdict.FAILED, f"container {c.name} exited with code {c.exit_code}")
+        seen_at, seen_start = first_seen.get(c.id, (now, c.started_at))
+        if c.restart_count > 0 or c.status == "restarting" or seen_start != c.started_at:
+            return Health(Verdict.FAILED, f"container {c.name} restarted")
+        if c.status != "running":
+            waiting = c.status or "not running"
+        elif c.has_healthcheck:
+            if c.health == "unhealthy":
+                return Health(Verdict.FAILED, f"container {c.name} is unhealthy")
+            ready += c.health == "healthy"
+            waiting = f"health {c.health or 'unknown'}"
+        else:
+            ready += now - seen_at >= settle_time
+            waiting = "settling"
+    if ready == expected == len(containers):
+        return Health(Verdict.READY)
+    if waited >= limit:
+        return Health(Verdict.FAILED, f"still {waiting} after {limit:g}s")
+    return Health(Verdict.WAIT, waiting)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposeLocation:
+    """Which project Compose works on, and where each part of that came from."""
+
+    project_name: Optional[str]
+    project_name_source: str
+    compose_file: Optional[str]
+    compose_file_source: str
+    working_dir: str
+    working_dir_source: str
+    own_service: Optional[str] = None
+
+
+def own_container_id(mountinfo: str, cgroup: str) -> Optional[str]:
+    """Find the id of the container this process runs in, from /proc/self/{mountinfo,cgroup} text."""
+    match = re.search(r"/containers/([0-9a-f]{64})/", mountinfo) or re.search(
+        r"(?:docker[-/])([0-9a-f]{64})", cgroup)
+    return match.group(1) if match else None
+
+
+def _project_name(config: Config, labels: Mapping[str, str]) -> Tuple[Optional[str], str]:
+    if config.project_name:
+        return config.project_name, "COMPOSE_PROJECT_NAME"
+    if labels.get("com.docker.compose.project"):
+        return labels["com.docker.compose.project"], "label com.docker.compose.project of this container"
+    return None, "Compose's default, the project folder's name"
+
+
+def locate(config: Config, labels: Mapping[str, str], cwd: str) -> ComposeLocation:
+    """Decide project name, files and working dir: explicit settings win, then our own container's labels."""
+    project = labels.get("com.docker.compose.project")
+    working_dir = labels.get("com.docker.compose.project.working_dir")
+    files = [f for f in labels.get("com.docker.compose.project.config_files", "").split(",") if f]
+    name, name_source = _project_name(config, labels)
+    separator = config.environ.get("COMPOSE_PATH_SEPARATOR", os.pathsep)
+    if config.compose_file:
+        # Made absolute because Compose then runs in the project directory, not in ours.
+        paths = [os.path.abspath(os.path.join(cwd, f)) for f in config.compose_file.split(separator) if f]
+        compose_file, file_source = separator.join(paths), "COMPOSE_FILE"
+    elif files and working_dir:
+        compose_file = separator.join(os.path.join(working_dir, f) for f in files)
+        file_source = "label com.docker.compose.project.config_files of this container"
+    else:
+        compose_file, file_source = None, "Compose's default, compose.yaml or docker-compose.yml"
+    if working_dir:
+        directory, dir_source = working_dir, "label com.docker.compose.project.working_dir of this container"
+    elif config.compose_file:
+        # Compose's project directory is the first file's; ${PWD} and ./paths then mean what they meant there.
+        directory, dir_source = os.path.dirname(compose_file.split(separator)[0]), "directory of the first COMPOSE_FILE"
+    else:
+        directory, dir_source = cwd, "current directory"
+    # gopdater leaves its own service alone when it works on its own project.
+    own_service = labels.get("com.docker.compose.service") if project and name == project else None
+    return ComposeLocation(name, name_source, compose_file, file_source, directory, dir_source, own_service)
+
+
+class ComposeProject(Target):
+    """A Compose project's services, updated through Compose: pull, compare, replace, wait, roll back."""
+
+    kind = "compose"
+
+    def __init__(self, config: Config, docker: Compose, version: str, engine: str = ""):
+        self.config, self.docker, self.version, self.engine = config, docker, version, engine
+        self.services: Tuple[str, ...] = ()
+        self.images: Dict[str, ImageKey] = {}
+        self.containers: Dict[str, List[Container]] = {}
+
+    @property
+    def name(self) -> str:
+        """The project's name: as set, else as its containers' labels say."""
+        labels = sorted({c.project for cs in self.containers.values() for c in cs})
+        return self.docker.location.project_name or ", ".join(labels) or DEFAULT
+
+    def refresh(self) -> None:
+        """Re-read the project (`compose config --services`, `compose ps`, `docker inspect`)."""
+        services = tuple(s for s in self.docker.list_services() if s != self.docker.location.own_service)
+        by_service: Dict[str, List[Container]] = {}
+        for container in self.docker.containers():
+            if container.service in services:
+                by_service.setdefault(container.service, []).append(container)
+        images = {}
+        for service, containers in by_service.items():
+            key = parse_reference(containers[0].image)
+            if key is not None:
+                images[service] = key
+        self.services, self.images, self.containers = services, images, by_service
+
+    def services_for(self, image: ImageKey) -> List[str]:
+        """Services that run this image: by SERVICES when set, else by what the project runs."""
+        if self.config.services:
+            return sorted({service for key, service in self.config.services if key == image})
+        return sorted(service for service, key in self.images.items() if key == image)
+
+    def update(self, service: str, digest: Optional[str], steps: StepLog) -> Outcome:
+        """Pull; stop if unchanged; else replace and wait; roll back on failure; clean up on success."""
+        outcome = Outcome()
+        try:
+            old = steps.step("inspect", lambda: self.docker.containers(service))
+            steps.step("pull", lambda: self.docker.pull(service))
+            image = old[0].image if old else None
+            new_id = steps.step("compare", lambda: self.docker.image_id(image)) if image else None
+        except DeployFailed as error:
+            outcome.reason = str(error)
+            return outcome
+        old_ids = sorted({c.image_id for c in old})
+        outcome.old_image, outcome.new_image = (old_ids[0] if old_ids else None), new_id
+        if old and all(c.image_id == new_id for c in old):
+            outcome.result = State.UP_TO_DATE
+            return outcome
+        try:
+            self.replace(service, old, steps)
+        except DeployFailed as error:
+            return self.roll_back(service, image, old_ids, str(error), outcome, steps)
+        outcome.result = State.DRY_RUN if self.docker.dry else State.UPDATED
+        for old_id in old_ids:
+            if old_id != new_id:
+                self.remove_old_image(old_id, steps)
+        return outcome
+
+    def replace(self, service: str, old: Sequence[Container], steps: StepLog, prefix: str = "") -> None:
+        """Stop and remove the old containers, `compose up` the service, wait until it is ready."""
+        stopped = steps.clock()
+        for container in old:
+            steps.step(prefix + "stop", lambda c=container: self.docker.stop(c.name))
+            steps.step(prefix + "remove", lambda c=container: self.docker.remove(c.name))
+        steps.step(prefix + "up", lambda: self.docker.up(service))
+        self.wait_until_ready(service, steps, stopped)
+
+    def wait_until_ready(self, service: str, steps: StepLog, stopped: float) -> None:
+        """Poll the new containers until judged ready; raise DeployFailed with the reason otherwise."""
+        started = steps.clock()
+        try:
+            health, containers = self.poll(service, steps, stopped, started)
+        except CommandError as error:
+            steps.record("wait", "failed", started)
+            raise DeployFailed(f"wait failed: {error}") from None
+        if health.verdict is Verdict.READY:
+            steps.record("wait", "ok", started)
+            return
+        steps.record("wait", "failed", started)
+        for c in containers:
+            steps.container_log(c.name, self.docker.logs(c.name))
+        raise DeployFailed(health.reason)
+
+    def poll(self, service: str, steps: StepLog, stopped: float, started: float
+             ) -> Tuple[Health, List[Container]]:
+        """Inspect the service's containers with a growing pause until the verdict is not WAIT."""
+        ids = [c.id for c in self.docker.containers(service)]
+        if not ids:
+            return Health(Verdict.FAILED, "wait failed: compose up created no container"), []
+        first_seen: Dict[str, Tuple[float, str]] = {}
+        delay = POLL_FIRST
+        while True:
+            containers, now = self.docker.inspect(ids), steps.clock()
+            for c in containers:
+                if c.status == "running" and not first_seen:
+                    steps.note("downtime", "ok", now - stopped)
+                if c.status == "running":
+                    first_seen.setdefault(c.id, (now, c.started_at))
+            limit = health_limit(containers, self.config.health_timeout, self.config.settle_time)
+            health = judge(containers, len(ids), first_seen, now, now - started, limit, self.config.settle_time)
+            if health.verdict is not Verdict.WAIT:
+                return health, containers
+            steps.sleep(delay)
+            delay = min(delay * 1.5, POLL_MAX)
+
+    def roll_back(self, service: str, image: Optional[str], old_ids: List[str], reason: str,
+                  outcome: Outcome, steps: StepLog) -> Outcome:
+        """Put the previous image back under the service's image name and recreate the service from it."""
+        outcome.reason = reason
+        log.error("%s update failed: %s; rolling back", steps.label, reason)
+        if not image or len(old_ids) != 1:
+            outcome.reason = f"{reason}; no previous image to roll back to, fix the service by hand"
+            return outcome
+        try:
+            steps.step("rollback-tag", lambda: self.docker.tag(old_ids[0], image))
+            self.replace(service, self.docker.containers(service), steps, prefix="rollback-")
+        except (DeployFailed, CommandError) as error:
+            hint = (f"run by hand in {self.docker.location.working_dir}: docker tag {old_ids[0]} {image} && "
+                    f"{' '.join(self.docker.command)} up -d --no-deps {service}")
+            outcome.reason = f"{reason}; rollback failed too ({error}); {hint}"
+            log.error("%s ROLLBACK FAILED: %s", steps.label, outcome.reason)
+            return outcome
+        outcome.result = State.ROLLED_BACK
+        log.warning("%s rolled back to %s; the failed image %s is kept for inspection", steps.label,
+                    old_ids[0][:19], outcome.new_image)
+        return outcome
+
+    def remove_old_image(self, image_id: str, steps: StepLog) -> None:
+        """Remove the replaced image; keep it, with a log line, if Docker says it is still in use."""
+        started = steps.clock()
+        try:
+            self.docker.remove_image(image_id)
+        except CommandError as error:
+            steps.record("cleanup", "kept", started)
+            log.info("%s kept old image %s: %s", steps.label, image_id[:19], error.tail)
+            return
+        steps.record("cleanup", "ok", started)
+
+    def describe(self) -> List[Finding]:
+        """Compose, the project and where it came from, and what would update each service."""
+        where = self.docker.location
+        found = [(True, f"compose: {' '.join(self.docker.command)} {self.version} ({compose_flavour(self.version)})"),
+                 (True, f"project: {self.name} (from {where.project_name_source})"),
+                 (True, f"compose file: {where.compose_file or DEFAULT} (from {where.compose_file_source})"),
+                 (True, f"working directory: {where.working_dir} (from {where.working_dir_source})")]
+        if where.own_service:
+            found.append((True, f"own service {where.own_service} is left alone: gopdater does not update itself"))
+        mapped = [(service, self.triggers(service)) for service in self.services]
+        for service, keys in mapped:
+            if keys:
+                found.append((True, f"service {service}: updates on a push of {', '.join(keys)}"))
+            else:
+                why = "not in SERVICES" if self.config.services else "no running container with a tagged image"
+                found.append((True, f"service {service}: {why}, never updated"))
+        if not any(keys for _, keys in mapped):
+            found.append((False, "no service would ever be updated: start the services with docker compose up -d, "
+                                 "or set SERVICES"))
+        return found
+
+    def triggers(self, service: str) -> List[str]:
+        """The image references whose push updates this service."""
+        if self.config.services:
+            return [str(k) for k, s in self.config.services if s == service]
+        return [str(self.images[service])] if service in self.images else []
+
+    def summary(self) -> str:
+        """One line for the start-up log."""
+        services = ",".join(f"{s}={self.images[s]}" if s in self.images else s for s in self.services)
+        return (f"compose={' '.join(self.docker.command)} {self.version} project={self.name} "
+                f"dir={self.docker.location.working_dir} services={services}")
+
+
+def discover(config: Config, runner: Runner = None, read_file: Optional[Callable[[str], str]] = None,
+             cwd: Optional[str] = None) -> ComposeProject:
+    """Check Docker, find Compose and the project (with self-detection), validate SERVICES; raise ConfigError."""
+    runner = runner or run_command
+    engine = engine_version(config, runner)
+    try:
+        command, version = detect_compose(config, runner)
+    except CommandError as error:
+        raise ConfigError(f"no Compose found ({error.tail}): install the docker compose plugin or "
+                          "docker-compose, or set COMPOSE_COMMAND") from None
+    labels = own_labels(config, runner, read_file or _read_text)
+    location = locate(config, labels, cwd or os.getcwd())
+    if config.dry_run:
+        runner = DryRunner(runner)
+    project = ComposeProject(config, Compose(config, location, command, runner), version, engine)
+    try:
+        project.refresh()
+    except (CommandError, ValueError) as error:
+        raise ConfigError(f"Compose cannot read the project in {location.working_dir} ({error}): set COMPOSE_FILE "
+                          "or run gopdater from the project directory") from None
+    unknown = sorted({service for _, service in config.services} - set(project.services))
+    if unknown:
+        raise ConfigError(f"SERVICES names {', '.join(unknown)}, not a service of this Compose project "
+                          f"({', '.join(project.services) or 'none'}): fix SERVICES")
+    return project
+
+
+def engine_version(config: Config, runner: Runner) -> str:
+    """The Docker engine's version; ConfigError if it does not answer."""
+    try:
+        return runner(["docker", "version", "--format", "{{.Server.Version}}"], timeout=config.command_timeout,
+                      env=config.environ, quiet=True).strip()
+    except CommandError as error:
+        raise ConfigError("the Docker engine does not answer (docker version: "
+                          f"{error.tail or error.code}): start Docker, mount /var/run/docker.sock, "
+                          "or set DOCKER_HOST") from None
+
+
+def own_labels(config: Config, runner: Runner, read_file: Callable[[str], str]) -> Mapping[str, str]:
+    """The Compose labels of the container gopdater runs in, if it runs in one."""
+    container_id = own_container_id(read_file("/proc/self/mountinfo"), read_file("/proc/self/cgroup"))
+    if not container_id:
+        return {}
+    try:
+        found = json.loads(runner(["docker", "inspect", container_id], timeout=config.command_timeout,
+                                  env=config.environ, quiet=True))
+        return (found[0].get("Config") or {}).get("Labels") or {}
+    except (CommandError, ValueError, IndexError, AttributeError):
+        log.info("running in container %s, which Docker does not report; using settings only", container_id[:12])
+        return {}
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+# ==========================================================================================
+# Docker commands: one subprocess wrapper, a dry-run runner, and every command gopdater runs
+# ==========================================================================================
+
+STDERR_TAIL_CHARS = 300
+LOG_TAIL_LINES = 20
+DRY_RUN_IMAGE = "(dry run: the image a pull would fetch)"
 
 
 class CommandError(Exception):
@@ -543,11 +1469,19 @@ class CommandError(Exception):
         super().__init__(f"{' '.join(argv[:3])} {what}: {tail}" if tail else f"{' '.join(argv[:3])} {what}")
 
 
+def stderr_tail(stderr: str) -> str:
+    """The last STDERR_TAIL_CHARS of stderr, whole lines only."""
+    stderr = stderr.strip()
+    tail = stderr[-STDERR_TAIL_CHARS:]
+    if len(stderr) > STDERR_TAIL_CHARS and "\n" in tail:
+        tail = tail.split("\n", 1)[1]
+    return tail
+
+
 def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
-                cwd: Optional[str] = None, quiet: bool = False, both: bool = False) -> str:
+                cwd: Optional[str] = None, quiet: bool = False, both: bool = False, mutates: bool = False) -> str:
     """Run one command (argv list, no shell) with a timeout; log it; return stdout (with both, and
     stderr) or raise CommandError."""
-    level = logging.DEBUG if quiet else logging.INFO
     started = time.monotonic()
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
@@ -559,23 +1493,41 @@ def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[st
         log.warning("command %s could not start: %s", shlex.join(argv), error.strerror)
         raise CommandError(argv, 127, error.strerror or "could not start") from None
     seconds = time.monotonic() - started
-    stderr = (proc.stderr or "").strip()
-    tail = stderr[-STDERR_TAIL_CHARS:]
-    if len(stderr) > STDERR_TAIL_CHARS and "\n" in tail:
-        tail = tail.split("\n", 1)[1]  # whole lines only
     if proc.returncode != 0:
+        tail = stderr_tail(proc.stderr or "")
         log.warning("command %s exit=%s seconds=%.2f stderr=%r", shlex.join(argv), proc.returncode, seconds, tail)
         raise CommandError(argv, proc.returncode, tail)
-    log.log(level, "command %s exit=0 seconds=%.2f", shlex.join(argv), seconds)
+    log.log(logging.DEBUG if quiet else logging.INFO, "command %s exit=0 seconds=%.2f", shlex.join(argv), seconds)
     return proc.stdout + (proc.stderr or "") if both else proc.stdout
 
 
 Runner = Callable[..., str]
 
 
+class DryRunner:
+    """A runner that runs read-only commands and logs the others instead of running them.
+
+    A dry pull fetches nothing, so the image it would fetch counts as new: the log then shows every
+    command of a real update.
+    """
+
+    dry = True
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def __call__(self, argv: Sequence[str], *, mutates: bool = False, **kwargs) -> str:
+        if mutates:
+            log.info("dry-run would run: %s", shlex.join(argv))
+            return ""
+        if list(argv[:3]) == ["docker", "image", "inspect"]:
+            return DRY_RUN_IMAGE
+        return self.runner(argv, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Container:
-    """What `docker inspect` says about one container of the project."""
+    """What `docker inspect` says about one container."""
 
     id: str
     name: str
@@ -601,100 +1553,45 @@ class Container:
         check = config.get("Healthcheck") or {}
         test = check.get("Test") or []
         return cls(
-            id=data.get("Id", ""),
-            name=(data.get("Name") or "").lstrip("/"),
+            id=data.get("Id", ""), name=(data.get("Name") or "").lstrip("/"),
             service=labels.get("com.docker.compose.service", ""),
             project=labels.get("com.docker.compose.project", ""),
-            image=config.get("Image") or "",
-            image_id=data.get("Image") or "",
+            image=config.get("Image") or "", image_id=data.get("Image") or "",
             status="restarting" if state.get("Restarting") else state.get("Status", ""),
             health=(state.get("Health") or {}).get("Status"),
-            restart_count=int(data.get("RestartCount") or 0),
-            started_at=state.get("StartedAt") or "",
-            exit_code=int(state.get("ExitCode") or 0),
-            has_healthcheck=bool(test) and test[0] != "NONE",
+            restart_count=int(data.get("RestartCount") or 0), started_at=state.get("StartedAt") or "",
+            exit_code=int(state.get("ExitCode") or 0), has_healthcheck=bool(test) and test[0] != "NONE",
             start_period=(check.get("StartPeriod") or 0) / 1e9,
             oneoff=labels.get("com.docker.compose.oneoff", "False") == "True",
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class ComposeTarget:
-    """Which project Compose works on, and where each part of that came from."""
-
-    project_name: Optional[str]
-    project_name_source: str
-    compose_file: Optional[str]
-    compose_file_source: str
-    working_dir: str
-    working_dir_source: str
-    own_service: Optional[str] = None
-
-
-def own_container_id(mountinfo: str, cgroup: str) -> Optional[str]:
-    """Find the id of the container this process runs in, from /proc/self/{mountinfo,cgroup} text."""
-    match = re.search(r"/containers/([0-9a-f]{64})/", mountinfo) or re.search(
-        r"(?:docker[-/])([0-9a-f]{64})", cgroup)
-    return match.group(1) if match else None
-
-
-def resolve_target(config: Config, labels: Mapping[str, str], cwd: str) -> ComposeTarget:
-    """Decide project name, files and working dir: explicit settings win, then our own container's labels."""
-    project = labels.get("com.docker.compose.project")
-    working_dir = labels.get("com.docker.compose.project.working_dir")
-    files = [f for f in labels.get("com.docker.compose.project.config_files", "").split(",") if f]
-    if config.project_name:
-        name, name_source = config.project_name, "COMPOSE_PROJECT_NAME"
-    elif project:
-        name, name_source = project, "label com.docker.compose.project of this container"
-    else:
-        name, name_source = None, "Compose's default, the project folder's name"
-    separator = config.environ.get("COMPOSE_PATH_SEPARATOR", os.pathsep)
-    if config.compose_file:
-        # Made absolute because Compose then runs in the project directory, not in ours.
-        paths = [os.path.abspath(os.path.join(cwd, f)) for f in config.compose_file.split(separator) if f]
-        compose_file, file_source = separator.join(paths), "COMPOSE_FILE"
-    elif files and working_dir:
-        compose_file = separator.join(os.path.join(working_dir, f) for f in files)
-        file_source = "label com.docker.compose.project.config_files of this container"
-    else:
-        compose_file, file_source = None, "Compose's default, compose.yaml or docker-compose.yml"
-    if working_dir:
-        directory, dir_source = working_dir, "label com.docker.compose.project.working_dir of this container"
-    elif config.compose_file:
-        # Compose's project directory is the first file's; ${PWD} and ./paths then mean what they meant there.
-        directory, dir_source = os.path.dirname(compose_file.split(separator)[0]), "directory of the first COMPOSE_FILE"
-    else:
-        directory, dir_source = cwd, "current directory"
-    # gopdater leaves its own service alone when it works on its own project.
-    own_service = labels.get("com.docker.compose.service") if project and name == project else None
-    return ComposeTarget(name, name_source, compose_file, file_source, directory, dir_source, own_service)
-
-
 class Compose:
-    """Every docker and Compose command gopdater runs, for one project."""
+    """Every docker and Compose command gopdater runs for one project, as argv lists."""
 
-    def __init__(self, config: Config, target: ComposeTarget, command: Sequence[str], runner: Runner):
-        self.config, self.target, self.command, self.runner = config, target, list(command), runner
+    def __init__(self, config: Config, location: ComposeLocation, command: Sequence[str], runner: Runner):
+        self.config, self.location, self.command, self.runner = config, location, list(command), runner
         env = dict(config.environ)
         # Compose interpolates ${PWD}; make it the project directory, as on the host.
-        env["PWD"] = target.working_dir
-        if target.project_name:
-            env["COMPOSE_PROJECT_NAME"] = target.project_name
-        if target.compose_file:
-            env["COMPOSE_FILE"] = target.compose_file
+        env["PWD"] = location.working_dir
+        if location.project_name:
+            env["COMPOSE_PROJECT_NAME"] = location.project_name
+        if location.compose_file:
+            env["COMPOSE_FILE"] = location.compose_file
         self.env = types.MappingProxyType(env)
 
-    def run(self, argv: Sequence[str], timeout: Optional[float] = None, quiet: bool = False) -> str:
-        return self.runner(list(argv), timeout=timeout or self.config.command_timeout,
-                           env=self.env, cwd=self.target.working_dir, quiet=quiet)
+    @property
+    def dry(self) -> bool:
+        return getattr(self.runner, "dry", False)
 
-    def run_compose(self, *args: str, timeout: Optional[float] = None, quiet: bool = False) -> str:
-        return self.run([*self.command, *args], timeout=timeout, quiet=quiet)
+    def run(self, argv: Sequence[str], timeout: Optional[float] = None, **kwargs) -> str:
+        return self.runner(list(argv), timeout=timeout or self.config.command_timeout, env=self.env,
+                           cwd=self.location.working_dir, **kwargs)
 
     def list_services(self) -> List[str]:
         """Service names of the project, from `compose config --services`."""
-        return [s for s in self.run_compose("config", "--services", quiet=True).split() if SERVICE_RE.fullmatch(s)]
+        return [s for s in self.run([*self.command, "config", "--services"], quiet=True).split()
+                if SERVICE_RE.fullmatch(s)]
 
     def inspect(self, ids: Sequence[str]) -> List[Container]:
         """Inspect containers by id."""
@@ -704,38 +1601,36 @@ class Compose:
 
     def containers(self, service: Optional[str] = None) -> List[Container]:
         """The project's containers (one-off `run` containers left out), optionally of one service."""
-        ids = self.run_compose("ps", "-a", "-q", *([service] if service else []), quiet=True).split()
+        ids = self.run([*self.command, "ps", "-a", "-q", *([service] if service else [])], quiet=True).split()
         return [c for c in self.inspect(ids) if not c.oneoff and CONTAINER_RE.fullmatch(c.name)
                 and SERVICE_RE.fullmatch(c.service) and (service is None or c.service == service)]
 
     def pull(self, service: str) -> None:
-        self.run_compose("pull", service, timeout=self.config.pull_timeout)
+        self.run([*self.command, "pull", service], timeout=self.config.pull_timeout, mutates=True)
 
     def image_id(self, image: str) -> str:
         return self.run(["docker", "image", "inspect", "--format", "{{.Id}}", image], quiet=True).strip()
 
     def stop(self, name: str) -> None:
         self.run(["docker", "stop", "-t", str(self.config.stop_timeout), name],
-                 timeout=self.config.stop_timeout + self.config.command_timeout)
+                 timeout=self.config.stop_timeout + self.config.command_timeout, mutates=True)
 
     def remove(self, name: str) -> None:
-        self.run(["docker", "rm", name])
+        self.run(["docker", "rm", name], mutates=True)
 
     def up(self, service: str) -> None:
-        self.run_compose("up", "-d", "--no-deps", service)
+        self.run([*self.command, "up", "-d", "--no-deps", service], mutates=True)
 
     def remove_image(self, image_id: str) -> None:
-        self.run(["docker", "rmi", image_id])
+        self.run(["docker", "rmi", image_id], mutates=True)
 
     def tag(self, image_id: str, image: str) -> None:
-        self.run(["docker", "tag", image_id, image])
+        self.run(["docker", "tag", image_id, image], mutates=True)
 
     def logs(self, name: str) -> List[str]:
         """The container's last log lines, stdout and stderr together; never raises."""
         try:
-            text = self.runner(["docker", "logs", "--tail", str(LOG_TAIL_LINES), name],
-                               timeout=self.config.command_timeout, env=self.env, cwd=self.target.working_dir,
-                               quiet=True, both=True)
+            text = self.run(["docker", "logs", "--tail", str(LOG_TAIL_LINES), name], quiet=True, both=True)
         except CommandError:
             return []
         return text.splitlines()[-LOG_TAIL_LINES:]
@@ -766,461 +1661,35 @@ def compose_flavour(version: str) -> str:
     return "v1" if version.startswith("1.") else "v2"
 
 
-@dataclasses.dataclass
-class Project:
-    """The Compose project as last discovered: services, and the image each one runs."""
+# ==========================================================================================
+# Notifications and metrics: what gopdater tells the outside about deployments
+# ==========================================================================================
 
-    compose: Compose
-    version: str
-    engine: str = ""
-    services: Tuple[str, ...] = ()
-    images: Dict[str, ImageKey] = dataclasses.field(default_factory=dict)
-    containers: Dict[str, List[Container]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        """The project's name: as set, else as its containers' labels say."""
-        labels = sorted({c.project for cs in self.containers.values() for c in cs})
-        return self.compose.target.project_name or ", ".join(labels) or DEFAULT
-
-    def refresh(self) -> None:
-        """Re-read the project (`compose config --services`, `compose ps`, `docker inspect`)."""
-        services = tuple(s for s in self.compose.list_services() if s != self.compose.target.own_service)
-        by_service: Dict[str, List[Container]] = {}
-        for container in self.compose.containers():
-            if container.service in services:
-                by_service.setdefault(container.service, []).append(container)
-        images = {}
-        for service, containers in by_service.items():
-            key = parse_reference(containers[0].image)
-            if key is not None:
-                images[service] = key
-        self.services, self.images, self.containers = services, images, by_service
-
-    def services_for(self, image: ImageKey, explicit: Sequence[Tuple[ImageKey, str]]) -> List[str]:
-        """Services that run this image: by SERVICES when set, else by what the project runs."""
-        if explicit:
-            return sorted({service for key, service in explicit if key == image})
-        return sorted(service for service, key in self.images.items() if key == image)
+NOTIFY_TIMEOUT, NOTIFY_RETRY_DELAY = 5.0, 1.0
+DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+OUTAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
 
-def start_project(config: Config, runner: Runner = run_command,
-                  read_file: Optional[Callable[[str], str]] = None, cwd: Optional[str] = None) -> Project:
-    """Check Docker, find Compose and the project (with self-detection), validate SERVICES; raise ConfigError."""
-    read_file = read_file or _read_text
-    try:
-        engine = runner(["docker", "version", "--format", "{{.Server.Version}}"], timeout=config.command_timeout,
-                        env=config.environ, quiet=True).strip()
-    except CommandError as error:
-        raise ConfigError("the Docker engine does not answer (docker version: "
-                          f"{error.tail or error.code}): start Docker, mount /var/run/docker.sock, "
-                          "or set DOCKER_HOST") from None
-    try:
-        command, version = detect_compose(config, runner)
-    except CommandError as error:
-        raise ConfigError(f"no Compose found ({error.tail}): install the docker compose plugin or "
-                          "docker-compose, or set COMPOSE_COMMAND") from None
-    labels: Mapping[str, str] = {}
-    container_id = own_container_id(read_file("/proc/self/mountinfo"), read_file("/proc/self/cgroup"))
-    if container_id:
-        try:
-            found = json.loads(runner(["docker", "inspect", container_id], timeout=config.command_timeout,
-                                      env=config.environ, quiet=True))
-            labels = (found[0].get("Config") or {}).get("Labels") or {}
-        except (CommandError, ValueError, IndexError, AttributeError):
-            log.info("running in container %s, which Docker does not report; using settings only", container_id[:12])
-    target = resolve_target(config, labels, cwd or os.getcwd())
-    project = Project(Compose(config, target, command, runner), version, engine)
-    try:
-        project.refresh()
-    except (CommandError, ValueError) as error:
-        raise ConfigError(f"Compose cannot read the project in {target.working_dir} ({error}): set COMPOSE_FILE "
-                          "or run gopdater from the project directory") from None
-    unknown = sorted({service for _, service in config.services} - set(project.services))
-    if unknown:
-        raise ConfigError(f"SERVICES names {', '.join(unknown)}, not a service of this Compose project "
-                          f"({', '.join(project.services) or 'none'}): fix SERVICES")
-    return project
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except OSError:
-        return ""
-
-
-# --------------------------------------------------------------------------
-# The deployment worker
-# --------------------------------------------------------------------------
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclasses.dataclass
-class Deployment:
-    """One requested update of one or more services, as shown in the deployments view."""
-
-    id: str
-    sender: str
-    key: ImageKey
-    digest: Optional[str]
-    services: List[str]
-    state: str = "queued"
-    hooks: int = 1
-    created: str = dataclasses.field(default_factory=_now)
-    started: Optional[str] = None
-    finished: Optional[str] = None
-    results: Dict[str, str] = dataclasses.field(default_factory=dict)
-    steps: List[dict] = dataclasses.field(default_factory=list)
-    error: Optional[str] = None
-    logs: List[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def image(self) -> str:
-        return f"{self.key.registry}/{self.key.repository}"
-
-    @property
-    def tag(self) -> str:
-        return self.key.tag
-
-    def view(self) -> dict:
-        fields = dataclasses.asdict(self)
-        del fields["key"]
-        return {"id": self.id, "image": self.image, "tag": self.tag, **fields}
-
-
-class DeployFailed(Exception):
-    """A step of a deployment failed; the message is the reason."""
-
-
-class Deployer:
-    """Runs deployments one at a time in a worker thread; bursts for the same service coalesce."""
-
-    def __init__(self, config: Config, project: Project, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep,
-                 notify: Optional[Callable[[str, dict], bool]] = None):
-        self.config, self.project, self.compose = config, project, project.compose
-        self.clock, self.sleep = clock, sleep
-        self.notify = notify or (lambda url, summary: send_notification(url, summary, sleep=sleep))
-        self.lock = threading.Condition()
-        self.queue: collections.deque = collections.deque()
-        self.history: collections.deque = collections.deque(maxlen=HISTORY_SIZE)
-        self.current: Optional[Deployment] = None
-        self.stopping = False
-        self.refresh_wanted = False
-
-    # -- the request side: validate-and-enqueue only --------------------------------------------
-
-    def submit(self, event: PushEvent, services: List[str]) -> Tuple[Optional[Deployment], bool]:
-        """Queue a deployment, or join a queued one for the same image or services; (None, False) if full."""
-        with self.lock:
-            for queued in self.queue:
-                if queued.key == event.image or set(services) <= set(queued.services):
-                    queued.hooks += 1
-                    queued.services = sorted(set(queued.services) | set(services))
-                    queued.digest = event.digest or queued.digest
-                    return queued, True
-            if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
-                return None, False
-            deployment = Deployment(id=secrets.token_hex(6), sender=event.sender, key=event.image,
-                                    digest=event.digest, services=list(services))
-            self.queue.append(deployment)
-            self.history.append(deployment)
-            self.lock.notify_all()
-            return deployment, False
-
-    def request_refresh(self) -> None:
-        """Ask the worker to re-read the project soon (a hook matched nothing)."""
-        with self.lock:
-            self.refresh_wanted = True
-            self.lock.notify_all()
-
-    def views(self) -> List[dict]:
-        with self.lock:
-            return [d.view() for d in reversed(self.history)]
-
-    # -- the worker ---------------------------------------------------------------------------
-
-    def run_forever(self) -> None:
-        """Take queued deployments one at a time until stopped; re-read the project while idle."""
-        last_refresh = self.clock()
-        while True:
-            with self.lock:
-                while not self.queue and not self.stopping:
-                    # A hook that matched nothing asks for a refresh, but at most one per 10 s.
-                    interval = min(self.config.refresh_interval, 10) if self.refresh_wanted \
-                        else self.config.refresh_interval
-                    due = last_refresh + interval - self.clock()
-                    if due <= 0:
-                        break
-                    self.lock.wait(timeout=min(due, 1.0))
-                if self.stopping:
-                    return
-                deployment = self.queue.popleft() if self.queue else None
-                self.current = deployment
-                self.refresh_wanted = False
-            if deployment is None:
-                self.refresh_quietly()
-            else:
-                try:
-                    self.execute(deployment)
-                finally:
-                    with self.lock:
-                        self.current = None
-                        self.lock.notify_all()
-            last_refresh = self.clock()
-
-    def stop(self, timeout: float) -> bool:
-        """Stop taking work, cancel queued deployments, wait (bounded) for the running one; True if idle."""
-        with self.lock:
-            self.stopping = True
-            for deployment in self.queue:
-                deployment.state, deployment.finished = "cancelled", _now()
-                log.warning("deployment=%s cancelled by shutdown services=%s", deployment.id,
-                            ",".join(deployment.services))
-            self.queue.clear()
-            self.lock.notify_all()
-        return self.wait_idle(timeout)
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until nothing is queued or running; True if that happened within timeout."""
-        end = time.monotonic() + timeout
-        with self.lock:
-            while (self.queue or self.current is not None) and time.monotonic() < end:
-                self.lock.wait(timeout=min(1.0, max(0.0, end - time.monotonic())))
-            return not self.queue and self.current is None
-
-    def refresh_quietly(self) -> None:
-        try:
-            self.project.refresh()
-        except (CommandError, ValueError) as error:
-            log.warning("could not re-read the Compose project: %s", error)
-        except Exception:  # a bug must not kill the worker
-            log.exception("could not re-read the Compose project")
-
-    def execute(self, deployment: Deployment) -> None:
-        """Deploy each service of the deployment in turn and record the outcome."""
-        deployment.state, deployment.started = "running", _now()
-        log.info("deployment=%s start image=%s:%s services=%s hooks=%s", deployment.id, deployment.image,
-                 deployment.tag, ",".join(deployment.services), deployment.hooks)
-        for service in list(deployment.services):
-            started = self.clock()
-            summary = {"result": "failed", "old_image": None, "new_image": None, "reason": None}
-            try:
-                self.deploy_service(deployment, service, summary)
-            except DeployFailed as error:
-                summary["reason"] = str(error)
-            except Exception as error:  # a bug must not kill the worker
-                log.exception("deployment=%s service=%s crashed", deployment.id, service)
-                summary["reason"] = f"internal error ({type(error).__name__})"
-            with self.lock:
-                deployment.results[service] = summary["result"]
-                if summary["reason"] and summary["result"] in ("failed", "rolled-back"):
-                    deployment.error = "; ".join(filter(None, [deployment.error, f"{service}: {summary['reason']}"]))
-            self.record(deployment, service, "done", summary["result"], started)
-            if summary["result"] in ("updated", "failed", "rolled-back") and self.config.notify_url:
-                self.send_summary(deployment, service, summary, self.clock() - started)
-        results = set(deployment.results.values())
-        for state in ("failed", "rolled-back", "updated", "dry-run", "up-to-date"):
-            if state in results:
-                deployment.state = state
-                break
-        deployment.finished = _now()
-        if results & {"updated", "rolled-back", "failed"}:  # only these can have changed the containers
-            self.refresh_quietly()
-        log.info("deployment=%s end state=%s", deployment.id, deployment.state)
-
-    def record(self, deployment: Deployment, service: str, step: str, result: str, started: float) -> None:
-        """Log one step and keep its timing in the deployment."""
-        seconds = round(self.clock() - started, 3)
-        with self.lock:
-            deployment.steps.append({"service": service, "step": step, "result": result, "seconds": seconds})
-        level = logging.INFO if result in ("ok", "updated", "up-to-date", "dry-run", "kept") else logging.WARNING
-        log.log(level, "deployment=%s service=%s step=%s result=%s seconds=%.2f",
-                deployment.id, service, step, result, seconds)
-
-    def step(self, deployment: Deployment, service: str, name: str, action: Callable[[], object]):
-        """Run one step, recording its time; a CommandError becomes DeployFailed naming the step."""
-        started = self.clock()
-        try:
-            value = action()
-        except CommandError as error:
-            self.record(deployment, service, name, "failed", started)
-            raise DeployFailed(f"{name} failed: {error}") from None
-        self.record(deployment, service, name, "ok", started)
-        return value
-
-    def deploy_service(self, deployment: Deployment, service: str, summary: dict) -> None:
-        """Pull; stop if unchanged; else stop, remove, up, wait; roll back on failure; clean up on success."""
-        old = self.step(deployment, service, "inspect", lambda: self.compose.containers(service))
-        if self.config.dry_run:
-            self.plan(deployment, service, old)
-            summary["result"] = "dry-run"
-            return
-        self.step(deployment, service, "pull", lambda: self.compose.pull(service))
-        image = old[0].image if old else None
-        new_id = self.step(deployment, service, "compare", lambda: self.compose.image_id(image)) if image else None
-        old_ids = sorted({c.image_id for c in old})
-        summary["old_image"], summary["new_image"] = (old_ids[0] if old_ids else None), new_id
-        if old and all(c.image_id == new_id for c in old):
-            summary["result"] = "up-to-date"
-            return
-        stopped = self.clock()
-        try:
-            for container in old:
-                self.step(deployment, service, "stop", lambda c=container: self.compose.stop(c.name))
-                self.step(deployment, service, "remove", lambda c=container: self.compose.remove(c.name))
-            self.step(deployment, service, "up", lambda: self.compose.up(service))
-            self.wait_until_ready(deployment, service, stopped)
-        except DeployFailed as error:
-            self.roll_back(deployment, service, image, old_ids, str(error), summary)
-            return
-        summary["result"] = "updated"
-        for old_id in old_ids:
-            if old_id != new_id:
-                self.remove_old_image(deployment, service, old_id)
-
-    def plan(self, deployment: Deployment, service: str, old: List[Container]) -> None:
-        """Dry run: log the commands a deployment would run, run none of them."""
-        compose = self.compose
-        argvs = [[*compose.command, "pull", service]]
-        for container in old:
-            argvs += [["docker", "stop", "-t", str(self.config.stop_timeout), container.name],
-                      ["docker", "rm", container.name]]
-        argvs.append([*compose.command, "up", "-d", "--no-deps", service])
-        argvs += [["docker", "rmi", image_id] for image_id in sorted({c.image_id for c in old})]
-        for argv in argvs:
-            log.info("deployment=%s service=%s dry-run would run: %s", deployment.id, service, shlex.join(argv))
-
-    def wait_until_ready(self, deployment: Deployment, service: str, stopped: float) -> None:
-        """Poll the new containers until healthy (or running for SETTLE_TIME); raise DeployFailed otherwise."""
-        started = self.clock()
-        try:
-            self.poll_until_ready(deployment, service, stopped, started)
-        except CommandError as error:
-            self.record(deployment, service, "wait", "failed", started)
-            raise DeployFailed(f"wait failed: {error}") from None
-
-    def poll_until_ready(self, deployment: Deployment, service: str, stopped: float, started: float) -> None:
-        ids = [c.id for c in self.compose.containers(service)]
-        if not ids:
-            self.record(deployment, service, "wait", "failed", started)
-            raise DeployFailed("wait failed: compose up created no container")
-        first_running: Dict[str, Tuple[float, str]] = {}
-        delay, downtime = POLL_FIRST, None
-        while True:
-            containers = self.compose.inspect(ids)
-            limit = max([self.config.health_timeout] + [c.start_period for c in containers])
-            if not all(c.has_healthcheck for c in containers):
-                limit += self.config.settle_time
-            now = self.clock()
-            ready, problem, waiting = 0, None, "not running"
-            for c in containers:
-                if c.status in ("exited", "dead") or c.restart_count > 0 or c.status == "restarting":
-                    problem = f"container {c.name} exited with code {c.exit_code}" if c.status in (
-                        "exited", "dead") else f"container {c.name} restarted"
-                    break
-                if c.status != "running":
-                    waiting = c.status or "not running"
-                    continue
-                if downtime is None:
-                    downtime = now - stopped
-                seen_at, seen_start = first_running.setdefault(c.id, (now, c.started_at))
-                if seen_start != c.started_at:
-                    problem = f"container {c.name} restarted"
-                    break
-                if c.has_healthcheck:
-                    if c.health == "unhealthy":
-                        problem = f"container {c.name} is unhealthy"
-                        break
-                    ready += c.health == "healthy"
-                    waiting = f"health {c.health or 'unknown'}"
-                else:
-                    ready += now - seen_at >= self.config.settle_time
-                    waiting = "settling"
-            if problem is None and ready == len(ids) == len(containers):
-                with self.lock:
-                    deployment.steps.append({"service": service, "step": "downtime", "result": "ok",
-                                             "seconds": round(downtime or 0.0, 3)})
-                self.record(deployment, service, "wait", "ok", started)
-                return
-            if problem is None and now - started >= limit:
-                problem = f"still {waiting} after {limit:g}s"
-            if problem is not None:
-                self.record(deployment, service, "wait", "failed", started)
-                for c in containers:
-                    for line in self.compose.logs(c.name):
-                        log.warning("deployment=%s service=%s container %s logged: %r", deployment.id, service,
-                                    c.name, line)
-                        deployment.logs.append(f"{service}: {line}")
-                raise DeployFailed(problem)
-            self.sleep(delay)
-            delay = min(delay * 1.5, POLL_MAX)
-
-    def roll_back(self, deployment: Deployment, service: str, image: Optional[str], old_ids: List[str],
-                  reason: str, summary: dict) -> None:
-        """Put the previous image back under the service's image name and recreate the service from it."""
-        summary["reason"] = reason
-        log.error("deployment=%s service=%s update failed: %s; rolling back", deployment.id, service, reason)
-        if not image or len(old_ids) != 1:
-            summary["result"] = "failed"
-            summary["reason"] = f"{reason}; no previous image to roll back to, fix the service by hand"
-            return
-        hint = (f"run by hand in {self.compose.target.working_dir}: docker tag {old_ids[0]} {image} && "
-                f"{' '.join(self.compose.command)} up -d --no-deps {service}")
-        started = self.clock()
-        try:
-            self.step(deployment, service, "rollback-tag", lambda: self.compose.tag(old_ids[0], image))
-            for container in self.compose.containers(service):
-                self.step(deployment, service, "rollback-stop", lambda c=container: self.compose.stop(c.name))
-                self.step(deployment, service, "rollback-remove", lambda c=container: self.compose.remove(c.name))
-            self.step(deployment, service, "rollback-up", lambda: self.compose.up(service))
-            self.wait_until_ready(deployment, service, started)
-        except (DeployFailed, CommandError) as error:
-            summary["result"] = "failed"
-            summary["reason"] = f"{reason}; rollback failed too ({error}); {hint}"
-            log.error("deployment=%s service=%s ROLLBACK FAILED: %s", deployment.id, service, summary["reason"])
-            return
-        summary["result"] = "rolled-back"
-        log.warning("deployment=%s service=%s rolled back to %s; the failed image %s is kept for inspection",
-                    deployment.id, service, old_ids[0][:19], summary["new_image"])
-
-    def remove_old_image(self, deployment: Deployment, service: str, image_id: str) -> None:
-        """Remove the replaced image; keep it, with a log line, if Docker says it is still in use."""
-        started = self.clock()
-        try:
-            self.compose.remove_image(image_id)
-        except CommandError as error:
-            self.record(deployment, service, "cleanup", "kept", started)
-            log.info("deployment=%s service=%s kept old image %s: %s", deployment.id, service, image_id[:19],
-                     error.tail)
-            return
-        self.record(deployment, service, "cleanup", "ok", started)
-
-    def send_summary(self, deployment: Deployment, service: str, summary: dict, seconds: float) -> None:
-        """POST the outcome to NOTIFY_URL; a failure is logged and changes nothing else."""
-        result, image = summary["result"], f"{deployment.image}:{deployment.tag}"
-        sentence = {
-            "updated": f"gopdater updated {service} to {image} in {seconds:.1f} s.",
-            "rolled-back": f"gopdater rolled {service} back: {image} failed ({summary['reason']}).",
-            "failed": f"gopdater could not update {service} to {image}: {summary['reason']}.",
-        }[result]
-        payload = {"deployment": deployment.id, "service": service, "image": deployment.image,
-                   "tag": deployment.tag, "digest": deployment.digest, "result": result,
-                   "old_image": summary["old_image"], "new_image": summary["new_image"],
-                   "seconds": round(seconds, 3),
-                   "durations": {s["step"]: s["seconds"] for s in deployment.steps if s["service"] == service},
-                   "reason": summary["reason"], "text": sentence}
-        if not self.notify(self.config.notify_url, payload):
-            log.warning("deployment=%s service=%s notification not delivered", deployment.id, service)
+def notification(deployment: Deployment, service: str, outcome: Outcome, seconds: float) -> dict:
+    """The JSON summary of one service's outcome, with a one-sentence text chat tools show as it is."""
+    image = str(deployment.key)
+    sentence = {
+        State.UPDATED: f"gopdater updated {service} to {image} in {seconds:.1f} s.",
+        State.ROLLED_BACK: f"gopdater rolled {service} back: {image} failed ({outcome.reason}).",
+        State.FAILED: f"gopdater could not update {service} to {image}: {outcome.reason}.",
+    }[outcome.result]
+    return {"deployment": deployment.id, "service": service, "image": f"{deployment.key.registry}/"
+            f"{deployment.key.repository}", "tag": deployment.key.tag, "digest": deployment.digest,
+            "result": outcome.result.value, "old_image": outcome.old_image, "new_image": outcome.new_image,
+            "seconds": round(seconds, 3),
+            "durations": {s.step: s.seconds for s in deployment.steps if s.service == service},
+            "reason": outcome.reason, "text": sentence}
 
 
 def send_notification(url: str, payload: dict, sleep: Callable[[float], None] = time.sleep) -> bool:
     """POST JSON to url with a timeout and one retry; never raises."""
+    import http.client
+    import urllib.request  # only when a notification is sent: it costs memory at idle
     body = json.dumps(payload).encode()
     host = urllib.parse.urlsplit(url).netloc
     for attempt in (1, 2):
@@ -1238,15 +1707,101 @@ def send_notification(url: str, payload: dict, sleep: Callable[[float], None] = 
     return False
 
 
-# --------------------------------------------------------------------------
-# HTTP
-# --------------------------------------------------------------------------
+class Histogram:
+    """A Prometheus histogram: cumulative buckets, a sum and a count."""
+
+    def __init__(self, buckets: Sequence[float]):
+        self.buckets, self.counts, self.sum, self.count = tuple(buckets), [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            self.counts[i] += value <= bound
+        self.sum, self.count = self.sum + value, self.count + 1
+
+    def lines(self, name: str) -> List[str]:
+        rows = [f'{name}_bucket{{le="{bound:g}"}} {n}' for bound, n in zip(self.buckets, self.counts)]
+        return rows + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6g}",
+                       f"{name}_count {self.count}"]
+
+
+def _labels(**labels: object) -> str:
+    escaped = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in labels.values())
+    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, escaped)) + "}"
+
+
+class Metrics:
+    """Counters for /metrics. Label values are gopdater's own names (senders, codes, results, services)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock, self.lock = clock, threading.Lock()
+        self.hooks: collections.Counter = collections.Counter()
+        self.rejected_requests: collections.Counter = collections.Counter()
+        self.results: collections.Counter = collections.Counter()
+        self.duration, self.outage = Histogram(DURATION_BUCKETS), Histogram(OUTAGE_BUCKETS)
+        self.last: Dict[str, Tuple[float, State]] = {}
+
+    def hook(self, sender: str, status: HTTPStatus) -> None:
+        with self.lock:
+            self.hooks[(sender, int(status))] += 1
+
+    def rejected(self, status: HTTPStatus) -> None:
+        with self.lock:
+            self.rejected_requests[int(status)] += 1
+
+    def deployed(self, service: str, result: State, seconds: float, steps: Sequence[Step]) -> None:
+        with self.lock:
+            self.results[result.value] += 1
+            self.duration.observe(seconds)
+            for step in steps:
+                if step.service == service and step.step == "downtime":
+                    self.outage.observe(step.seconds)
+            self.last[service] = (self.clock(), result)
+
+    def render(self, queue: Optional[WorkQueue]) -> str:
+        """The Prometheus text exposition format (0.0.4)."""
+        with self.lock:
+            families = [
+                ("gopdater_hooks_total", "counter", "Webhook deliveries answered, by sender and status code.",
+                 [f"{_labels(sender=s, code=c)} {n}" for (s, c), n in sorted(self.hooks.items())]),
+                ("gopdater_rejected_requests_total", "counter", "Requests answered with a 4xx or 5xx code.",
+                 [f"{_labels(code=c)} {n}" for c, n in sorted(self.rejected_requests.items())]),
+                ("gopdater_deployments_total", "counter", "Service updates ended, by result.",
+                 [f"{_labels(result=r)} {n}" for r, n in sorted(self.results.items())]),
+                ("gopdater_last_deployment_timestamp_seconds", "gauge", "When each service's last update ended.",
+                 [f"{_labels(service=s)} {t:.3f}" for s, (t, _) in sorted(self.last.items())]),
+                ("gopdater_last_deployment_result", "gauge", "1 for the result of each service's last update.",
+                 [f"{_labels(service=s, result=r.value)} 1" for s, (_, r) in sorted(self.last.items())]),
+                ("gopdater_queue_length", "gauge", "Deployments queued or running.",
+                 [f" {queue.queued() if queue else 0}"]),
+            ]
+            lines = []
+            for name, kind, help_text, rows in families:
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+                lines += [name + row for row in rows]
+            for name, histogram, help_text in (
+                    ("gopdater_deployment_duration_seconds", self.duration, "Seconds a service update took."),
+                    ("gopdater_outage_seconds", self.outage, "Seconds from stopping the old container to the "
+                                                             "new one running.")):
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *histogram.lines(name)]
+        return "\n".join(lines) + "\n"
+
+
+# ==========================================================================================
+# The HTTP transport: an asyncio front that buffers requests and parses heads with http.server
+# ==========================================================================================
+
+REJECT_LOG_INTERVAL = 60.0
+DRAIN_SECONDS = 2.0
+STARTUP_WAIT = 5.0
+SWEEP_SECONDS = 0.1
+SECRET_PATH_RE = re.compile(r"/hooks/(?!(?:" + "|".join(
+    re.escape(s.path.split("/")[2]) for s in SENDERS if s.path.count("/") == 2 and "{" not in s.path)
+    + r")\b)[^/\s?\"]+")
 
 
 def redact(text: str, secret: str) -> str:
     """Remove the secret, and anything in the secret's place in a hook path, from a log line."""
-    text = text.replace(secret, "***")
-    text = re.sub(r"/hooks/(?!ghcr\b|harbor\b|registry\b)[^/\s?\"]+", "/hooks/***", text)
+    text = SECRET_PATH_RE.sub("/hooks/***", text.replace(secret, "***"))
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
 
 
@@ -1259,12 +1814,13 @@ class RejectLog:
         self.window_start: Optional[float] = None
         self.counts: collections.Counter = collections.Counter()
 
-    def note(self, status: int, line: str) -> None:
+    def note(self, status: int, line: Callable[[], str]) -> None:
+        """Count a rejection; line() is called only for the one that is logged in full."""
         with self.lock:
             self._flush_locked()
             if self.window_start is None:
                 self.window_start = self.clock()
-                log.warning("rejected %s (further rejections are counted for %ds)", line, self.interval)
+                log.warning("rejected %s (further rejections are counted for %ds)", line(), self.interval)
             else:
                 self.counts[status] += 1
 
@@ -1282,461 +1838,321 @@ class RejectLog:
         self.window_start, self.counts = None, collections.Counter()
 
 
-def http_response(status: HTTPStatus, payload: dict, headers: Sequence[Tuple[str, str]] = ()) -> bytes:
-    """A complete HTTP/1.0 response with a small JSON body."""
-    body = json.dumps(payload).encode()
-    lines = [f"HTTP/1.0 {status.value} {status.phrase}", "Server: gopdater", "Content-Type: application/json",
-             f"Content-Length: {len(body)}", "Cache-Control: no-store", "X-Content-Type-Options: nosniff",
-             "Connection: close", *(f"{k}: {v}" for k, v in headers)]
+def encode(response: Response, keep_alive: bool) -> bytes:
+    """A complete HTTP/1.1 response: short JSON (or the metrics text) and fixed headers."""
+    if isinstance(response.payload, str):
+        body, kind = response.payload.encode(), "text/plain; version=0.0.4; charset=utf-8"
+    else:
+        body, kind = json.dumps(response.payload).encode(), "application/json"
+    lines = [f"HTTP/1.1 {response.status.value} {response.status.phrase}", "Server: gopdater",
+             f"Content-Type: {kind}", f"Content-Length: {len(body)}", "Cache-Control: no-store",
+             "X-Content-Type-Options: nosniff", "Connection: " + ("keep-alive" if keep_alive else "close"),
+             *(f"{k}: {v}" for k, v in response.headers)]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def error_body(reason: str) -> dict:
-    return {"status": "error", "reason": reason}
+class HeadParser(http.server.BaseHTTPRequestHandler):
+    """http.server's own parsing of a request line and headers, run on a head already read; writes nothing."""
 
+    protocol_version = "HTTP/1.1"
 
-Response = Tuple[HTTPStatus, dict, Tuple[Tuple[str, str], ...]]
-
-HOOK_ROUTES = {"ghcr": ("ghcr", parse_ghcr), "harbor": ("harbor", parse_harbor),
-               "registry": ("registry", parse_distribution)}
-
-
-class App:
-    """Routes, authenticates, validates and enqueues; never runs a command on the request path."""
-
-    def __init__(self, config: Config, project: Project, deployer: Deployer, rejects: Optional[RejectLog] = None):
-        self.config, self.project, self.deployer = config, project, deployer
-        self.rejects = rejects or RejectLog()
-        self.secret = config.secret.encode()
-
-    def bearer_ok(self, headers: Mapping[str, str]) -> bool:
-        value = headers.get("Authorization") or ""
-        scheme, _, token = value.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.secret)
-
-    def check_secret(self, candidate: str) -> bool:
-        return hmac.compare_digest(candidate.encode(), self.secret)
-
-    def signature_ok(self, headers: Mapping[str, str], body: bytes) -> bool:
-        expected = "sha256=" + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
-        return hmac.compare_digest((headers.get("X-Hub-Signature-256") or "").encode(), expected.encode())
-
-    def handle(self, method: str, raw_path: str, headers: Mapping[str, str], body: bytes) -> Response:
-        """Answer one request; the order is route, method, size, secret, parse, owner, mapping."""
-        path = urllib.parse.urlsplit(raw_path).path
-        if len(path) > 1:
-            path = path.rstrip("/")
-        if path == "/healthz":
-            if method != "GET":
-                return HTTPStatus.METHOD_NOT_ALLOWED, error_body("method not allowed"), (("Allow", "GET"),)
-            return HTTPStatus.OK, {"status": "ok"}, ()
-        if path == "/deployments":
-            if method != "GET":
-                return HTTPStatus.METHOD_NOT_ALLOWED, error_body("method not allowed"), (("Allow", "GET"),)
-            if not self.bearer_ok(headers):
-                return HTTPStatus.FORBIDDEN, error_body("forbidden"), ()
-            return HTTPStatus.OK, {"deployments": self.deployer.views()}, ()
-        parts = path.split("/")[1:]
-        if parts[:1] != ["hooks"] or len(parts) > 3 or (len(parts) == 3 and parts[2] != "quay"):
-            return HTTPStatus.NOT_FOUND, error_body("not found"), ()
-        if method != "POST":
-            return HTTPStatus.METHOD_NOT_ALLOWED, error_body("method not allowed"), (("Allow", "POST"),)
-        length = headers.get("Content-Length")
-        if headers.get("Transfer-Encoding") or length is None:
-            return HTTPStatus.LENGTH_REQUIRED, error_body("Content-Length is required"), ()
-        if not length.strip().isdigit():
-            return HTTPStatus.BAD_REQUEST, error_body("invalid Content-Length"), ()
-        if int(length) > MAX_BODY_BYTES:
-            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, error_body("body is over 1 MiB"), ()
-        body = body[:int(length)]
-        if len(parts) == 1:
-            sender, parse, authentic = "dockerhub", parse_dockerhub, self.bearer_ok(headers)
-        elif len(parts) == 2 and parts[1] in HOOK_ROUTES:
-            sender, parse = HOOK_ROUTES[parts[1]]
-            authentic = self.signature_ok(headers, body) if sender == "ghcr" else self.bearer_ok(headers)
-        else:
-            sender, parse = ("quay", parse_quay) if len(parts) == 3 else ("dockerhub", parse_dockerhub)
-            authentic = self.check_secret(parts[1])
-        if not authentic:
-            return HTTPStatus.FORBIDDEN, error_body("forbidden"), ()
-        if sender == "ghcr" and headers.get("X-GitHub-Event") == "ping":
-            return HTTPStatus.OK, {"status": "ok", "reason": "pong"}, ()
-        if sender == "registry":
-            content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
-            if content_type not in DISTRIBUTION_CONTENT_TYPES:
-                return HTTPStatus.UNSUPPORTED_MEDIA_TYPE, error_body("unsupported Content-Type"), ()
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            return HTTPStatus.BAD_REQUEST, error_body("body is not valid JSON"), ()
-        if not isinstance(data, dict):
-            return HTTPStatus.BAD_REQUEST, error_body("body must be a JSON object"), ()
-        try:
-            events = parse(data, headers)
-        except PayloadError as error:
-            return HTTPStatus.BAD_REQUEST, error_body(f"missing or invalid field: {error}"), ()
-        except Ignored as reason:
-            return HTTPStatus.OK, {"status": "ignored", "reason": str(reason)}, ()
-        return self.enqueue(sender, events)
-
-    def enqueue(self, sender: str, events: List[PushEvent]) -> Response:
-        """Owner check, service mapping and queueing for validated events."""
-        allowed = [e for e in events if owner_allowed(self.config.owners, e.image)]
-        if not allowed:
-            # A Distribution registry retries a refused delivery forever and holds back later events,
-            # so events outside OWNER are only ignored there.
-            if sender == "registry":
-                return HTTPStatus.OK, {"status": "ignored", "reason": "namespace not in OWNER"}, ()
-            return HTTPStatus.FORBIDDEN, error_body("namespace not in OWNER"), ()
-        ids, all_services = [], set()
-        for event in allowed:
-            services = self.project.services_for(event.image, self.config.services)
-            if not services:
-                continue
-            deployment, coalesced = self.deployer.submit(event, services)
-            if deployment is None:
-                reason = "deployment queue is full or gopdater is stopping"
-                return HTTPStatus.SERVICE_UNAVAILABLE, error_body(reason), ()
-            log.info("hook accepted sender=%s image=%s deployment=%s services=%s coalesced=%s", sender,
-                     event.image, deployment.id, ",".join(services), "yes" if coalesced else "no")
-            if deployment.id not in ids:
-                ids.append(deployment.id)
-            all_services.update(services)
-        if not ids:
-            self.deployer.request_refresh()
-            return HTTPStatus.OK, {"status": "ignored", "reason": "no service runs this image and tag"}, ()
-        reply = {"status": "accepted", "id": ids[0], "services": sorted(all_services)}
-        if len(ids) > 1:
-            reply["ids"] = ids
-        return HTTPStatus.ACCEPTED, reply, ()
-
-
-class PendingRequest:
-    """A connection whose request is still arriving."""
-
-    __slots__ = ("sock", "address", "data", "deadline", "need")
-
-    def __init__(self, sock: socket.socket, address, deadline: float):
-        self.sock, self.address, self.data, self.deadline, self.need = sock, address, bytearray(), deadline, None
-
-
-class Buffered:
-    """A complete request handed to a worker: the socket and the bytes already read."""
-
-    def __init__(self, sock: socket.socket, data: bytes):
-        self.sock, self.data = sock, data
-
-
-def read_head(head: bytes) -> Tuple[int, bool]:
-    """Content-Length (0 when absent or unusable: the handler answers those) and whether the client
-    waits for `100 Continue` before sending the body, from raw header bytes."""
-    length, expect = 0, False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name, value = name.strip().lower(), value.strip()
-        if name == b"content-length" and value.isdigit():
-            length = int(value)
-        expect = expect or (name == b"expect" and value.lower() == b"100-continue")
-    return length, expect
-
-
-class HookHandler(http.server.BaseHTTPRequestHandler):
-    """Parses one already-buffered request with http.server and answers it through App."""
-
-    server_version, sys_version, protocol_version = "gopdater", "", "HTTP/1.0"
-
-    def setup(self) -> None:
-        self.connection = self.request.sock
-        self.connection.settimeout(self.server.request_timeout)
-        self.rfile = io.BytesIO(self.request.data)
-        self.wfile = io.BytesIO()
-        self.rejected = False
-
-    def finish(self) -> None:
-        try:
-            self.connection.sendall(self.wfile.getvalue())
-        except OSError:
-            pass
-
-    def handle(self) -> None:
-        self.close_connection = True
+    def __init__(self, head: bytes):  # pylint: disable=super-init-not-called
+        self.rfile, self.wfile = io.BytesIO(head), io.BytesIO()
+        self.error, self.expects_continue, self.command = None, False, None
         self.raw_requestline = self.rfile.readline(MAX_HEADER_BYTES + 1)
-        if not self.raw_requestline or not self.parse_request():
-            return
-        try:
-            status, payload, headers = self.server.app.handle(self.command, self.path, self.headers, self.rfile.read())
-        except Exception:
-            log.exception("internal error answering %s", redact(self.requestline, self.server.app.config.secret))
-            status, payload, headers = HTTPStatus.INTERNAL_SERVER_ERROR, error_body("internal error"), ()
-        self.reply(status, payload, headers)
+        self.valid = self.parse_request()
 
-    def reply(self, status: HTTPStatus, payload: dict, headers: Sequence[Tuple[str, str]] = ()) -> None:
-        self.rejected = status >= 400
-        self.wfile.write(http_response(status, payload, headers))
-        self.log_request(status.value, "-")
+    def handle_expect_100(self) -> bool:
+        self.expects_continue = True
+        return True
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """http.server's own errors (bad request line, ...), as fixed JSON that echoes nothing."""
-        status = HTTPStatus(code)
-        self.reply(status, error_body(status.phrase.lower()))
+        self.error = HTTPStatus(code)
 
-    def log_message(self, format: str, *args) -> None:
-        line = redact(f"{self.client_address[0]} " + format % args, self.server.app.config.secret)
-        if self.rejected:
-            self.server.app.rejects.note(int(args[1]) if len(args) > 1 and str(args[1]).isdigit() else 0, line)
+
+class Connection(asyncio.Protocol):
+    """One client connection: buffers bytes until a request is whole, answers, keeps alive if it may."""
+
+    def __init__(self, server: "HookServer"):
+        self.server, self.buffer = server, bytearray()
+        self.request: Optional[Request] = None
+        self.first_line, self.keep_alive, self.skip = "", False, 0
+        self.busy = self.closing = False
+        self.deadline = server.loop.time() + server.request_timeout
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.peer = (transport.get_extra_info("peername") or ("?",))[0]
+        self.server.opened(self)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.server.connections.pop(self, None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # draining what a refused client still sends
+        if not self.buffer and self.request is None:
+            self.deadline = self.server.loop.time() + self.server.request_timeout
+        self.buffer += data
+        self.advance()
+
+    def advance(self) -> None:
+        """Handle every request that is whole in the buffer, in order."""
+        while not self.busy and not self.closing:
+            if self.skip:
+                dropped = min(self.skip, len(self.buffer))
+                del self.buffer[:dropped]
+                self.skip -= dropped
+                if self.skip:
+                    return
+            elif self.request is None:
+                if not self.read_head():
+                    return
+            elif len(self.buffer) >= self.request.length:
+                body = bytes(self.buffer[:self.request.length])
+                del self.buffer[:self.request.length]
+                self.answer(self.request, body)
+            else:
+                return
+
+    def read_head(self) -> bool:
+        """Parse the next head if it is whole; False when it is not, or the connection closes."""
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > MAX_HEADER_BYTES:
+            if len(self.buffer) > MAX_HEADER_BYTES:
+                self.refuse(refusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request header fields too large"))
+            return False
+        head = bytes(self.buffer[:end + 4])
+        del self.buffer[:end + 4]
+        self.first_line = head[:200].split(b"\r\n", 1)[0].decode("latin-1")
+        parsed = HeadParser(head)
+        if not parsed.valid:
+            status = parsed.error or HTTPStatus.BAD_REQUEST
+            self.refuse(refusal(status, status.phrase.lower()))
+            return False
+        self.keep_alive = not parsed.close_connection
+        begun = self.server.app.begin(parsed.command, parsed.path, parsed.headers)
+        if isinstance(begun, Response):
+            length = body_length(parsed.command, parsed.headers)
+            if isinstance(length, Response):
+                self.refuse(begun, drain=True)
+                return False
+            self.respond(begun)
+            self.skip = length
+            return True
+        self.request = begun
+        if parsed.expects_continue and len(self.buffer) < begun.length:
+            # curl sends a body over 1 KiB only after this, or after waiting a second for it.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def answer(self, request: Request, body: bytes) -> None:
+        """Answer through the App, after start-up discovery when the endpoint needs it."""
+        if self.server.ready.is_set() or not self.server.app.needs_target(request):
+            self.respond(self.server.app_finish(request, body))
+            return
+        self.busy = True
+        self.server.loop.create_task(self.answer_when_ready(request, body))
+
+    async def answer_when_ready(self, request: Request, body: bytes) -> None:
+        try:
+            await asyncio.wait_for(self.server.ready.wait(), STARTUP_WAIT)
+            response = self.server.app_finish(request, body)
+        except asyncio.TimeoutError:
+            response = refusal(HTTPStatus.SERVICE_UNAVAILABLE, "gopdater is starting")
+        self.busy = False
+        if not self.transport.is_closing():
+            self.respond(response)
+            self.advance()
+
+    def respond(self, response: Response, close: bool = False) -> None:
+        """Send the answer, log it (the secret redacted), and get ready for the next request."""
+        keep = self.keep_alive and not close and not self.server.stopping
+        self.transport.write(encode(response, keep))
+        self.server.log_request(self, response.status)
+        self.request = None
+        self.deadline = self.server.loop.time() + self.server.request_timeout
+        if self in self.server.connections:
+            self.server.connections.move_to_end(self)
+        if not keep:
+            self.closing = True
+            self.transport.close()
+
+    def refuse(self, response: Response, drain: bool = False) -> None:
+        """Answer a malformed or oversized request and close; with drain, read what is still sent first."""
+        if not drain:
+            self.respond(response, close=True)
+            return
+        self.keep_alive = False
+        self.transport.write(encode(response, False))
+        self.server.log_request(self, response.status)
+        self.closing = True
+        # Closing with unread data would reset the connection before the client reads the answer.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.deadline = self.server.loop.time() + DRAIN_SECONDS
+
+    def expire(self) -> None:
+        """The request did not arrive in time (408), or an idle or draining connection's time is up."""
+        if self.busy:
+            return  # waiting for start-up, bounded by STARTUP_WAIT
+        if not self.closing and (self.request is not None or self.buffer):
+            self.respond(refusal(HTTPStatus.REQUEST_TIMEOUT, "request timeout"), close=True)
         else:
-            log.info("%s", line)
+            self.closing = True
+            self.transport.close()
 
 
 class HookServer:
-    """Reads requests without a thread per connection, then answers complete ones on a bounded pool.
+    """Serves the App on a listening socket from one asyncio loop: no thread per connection.
 
-    A slow or idle client costs a buffer, not a thread: threads stay at WORKERS however many
-    connections are open, at most MAX_CONNECTIONS are held (the oldest is dropped beyond),
-    and each has REQUEST_TIMEOUT to send its whole request.
+    An idle or slow client costs a buffer for at most REQUEST_TIMEOUT; at most MAX_CONNECTIONS are
+    held (the least recently active is dropped beyond).
     """
 
-    def __init__(self, address: Tuple[str, int], app: App, *, workers: int = 4, max_connections: int = 512,
-                 request_timeout: float = 10.0):
-        host, port = address
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, port), family=family, backlog=128,
-                                             dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
-        self.listener.setblocking(False)
-        self.server_address = self.listener.getsockname()[:2]
-        self.app, self.workers, self.max_connections = app, workers, max_connections
-        self.request_timeout = request_timeout
-        self.pending: "collections.OrderedDict[int, PendingRequest]" = collections.OrderedDict()
-        self.draining: Dict[int, PendingRequest] = {}
-        self.jobs: queue.Queue = queue.Queue(maxsize=workers * 16)
-        self.selector = selectors.DefaultSelector()
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.stopping = threading.Event()
-        self.threads: List[threading.Thread] = []
+    def __init__(self, sock, app: App, *, max_connections: int = 512, request_timeout: float = 10.0,
+                 rejects: Optional[RejectLog] = None):
+        self.sock, self.app = sock, app
+        self.server_address = sock.getsockname()[:2]
+        self.max_connections, self.request_timeout = max_connections, request_timeout
+        self.rejects = rejects or RejectLog()
+        self.connections: "collections.OrderedDict[Connection, None]" = collections.OrderedDict()
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.pending: collections.deque = collections.deque()
+        self.stopping = False
 
-    def shutdown(self) -> None:
-        """Stop accepting; serve_forever returns soon after. Safe from a signal handler."""
-        self.stopping.set()
+    async def serve(self) -> None:
+        """Accept and answer until shutdown(); then close every connection."""
+        self.loop = asyncio.get_running_loop()
+        self.ready, self.stop = asyncio.Event(), asyncio.Event()
+        if getattr(self.app, "queue", None) is not None:
+            self.ready.set()
+        server = await self.loop.create_server(lambda: Connection(self), sock=self.sock)
+        sweeper = self.loop.create_task(self.sweep())
+        self.run_pending()
         try:
-            self.wake_w.send(b"x")
-        except OSError:
-            pass
+            await self.stop.wait()
+        finally:
+            self.stopping = True
+            server.close()
+            sweeper.cancel()
+            for connection in list(self.connections):
+                connection.transport.close()
+            await asyncio.sleep(0)
 
     def serve_forever(self) -> None:
-        for n in range(self.workers):
-            thread = threading.Thread(target=self.work, name=f"http-{n}", daemon=True)
-            thread.start()
-            self.threads.append(thread)
-        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
-        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
-        try:
-            while not self.stopping.is_set():
-                for key, _ in self.selector.select(timeout=0.5):
-                    if key.data == "accept":
-                        self.accept()
-                    elif key.data == "wake":
-                        self.wake_r.recv(64)
-                    else:
-                        self.read(key.data)
-                self.expire()
-                self.app.rejects.flush()
-        finally:
-            self.close()
+        asyncio.run(self.serve())
 
-    def close(self) -> None:
-        self.selector.close()
-        self.listener.close()
-        for pending in [*self.pending.values(), *self.draining.values()]:
-            pending.sock.close()
-        self.pending.clear()
-        self.draining.clear()
-        for _ in self.threads:
-            self.jobs.put(None)
-        for thread in self.threads:
-            thread.join(timeout=self.request_timeout)
-        self.wake_r.close()
-        self.wake_w.close()
-
-    def accept(self) -> None:
-        for _ in range(64):
+    def call(self, function: Callable[[], None]) -> None:
+        """Run function on the loop (once it runs), from any thread or a signal handler; takes no lock."""
+        self.pending.append(function)
+        loop = self.loop
+        if loop is not None:
             try:
-                sock, address = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:  # e.g. out of file descriptors: drop the oldest to make room
-                log.warning("accept failed: %s", error)
-                if self.pending:
-                    self.refuse(next(iter(self.pending.values())), HTTPStatus.SERVICE_UNAVAILABLE)
-                return
-            if len(self.pending) >= self.max_connections:
-                self.refuse(next(iter(self.pending.values())), HTTPStatus.SERVICE_UNAVAILABLE)
-            sock.setblocking(False)
-            pending = PendingRequest(sock, address, time.monotonic() + self.request_timeout)
-            self.pending[sock.fileno()] = pending
-            self.selector.register(sock, selectors.EVENT_READ, pending)
-
-    def read(self, pending: PendingRequest) -> None:
-        try:
-            chunk = pending.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        if pending.sock.fileno() in self.draining:
-            if not chunk:
-                self.drop(pending)
-            return
-        if not chunk:
-            self.drop(pending)
-            return
-        pending.data += chunk
-        if pending.need is None:
-            end = pending.data.find(b"\r\n\r\n")
-            if end < 0:
-                if len(pending.data) > MAX_HEADER_BYTES:
-                    self.refuse(pending, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
-                return
-            length, expect = read_head(bytes(pending.data[:end]))
-            if length > MAX_BODY_BYTES:
-                self.refuse(pending, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, drain=True)
-                return
-            pending.need = end + 4 + length
-            if expect and len(pending.data) < pending.need:
-                # curl sends a body over 1 KiB only after this, or after waiting a second for it.
-                try:
-                    pending.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-                except OSError:
-                    pass
-        if len(pending.data) >= pending.need:
-            self.dispatch(pending)
-
-    def dispatch(self, pending: PendingRequest) -> None:
-        self.selector.unregister(pending.sock)
-        del self.pending[pending.sock.fileno()]
-        pending.sock.setblocking(True)
-        try:
-            self.jobs.put_nowait((pending.sock, pending.address, bytes(pending.data)))
-        except queue.Full:
-            self.send_quietly(pending.sock, HTTPStatus.SERVICE_UNAVAILABLE, "server busy")
-            self.note_rejected(pending, HTTPStatus.SERVICE_UNAVAILABLE)
-            pending.sock.close()
-
-    def work(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            sock, address, data = job
-            try:
-                HookHandler(Buffered(sock, data), address, self)
-            except Exception:
-                log.exception("internal error in the HTTP worker")
-            finally:
-                sock.close()
-
-    def send_quietly(self, sock: socket.socket, status: HTTPStatus, reason: str) -> None:
-        try:
-            sock.send(http_response(status, error_body(reason)))
-        except OSError:
-            pass
-
-    def note_rejected(self, pending: PendingRequest, status: HTTPStatus) -> None:
-        first_line = bytes(pending.data[:200]).split(b"\r\n")[0].decode("latin-1")
-        line = redact(f'{pending.address[0]} "{first_line}" {status.value}', self.app.config.secret)
-        self.app.rejects.note(status.value, line)
-
-    def refuse(self, pending: PendingRequest, status: HTTPStatus, drain: bool = False) -> None:
-        """Answer with a fixed error without a worker; with drain, read and discard what the client still sends."""
-        self.send_quietly(pending.sock, status, status.phrase.lower())
-        self.note_rejected(pending, status)
-        del self.pending[pending.sock.fileno()]
-        if drain:
-            # Closing with unread data would reset the connection before the client reads the answer.
-            try:
-                pending.sock.shutdown(socket.SHUT_WR)
-            except OSError:
+                loop.call_soon_threadsafe(self.run_pending)
+            except RuntimeError:  # the loop has just closed
                 pass
-            pending.deadline = time.monotonic() + DRAIN_SECONDS
-            self.draining[pending.sock.fileno()] = pending
-        else:
-            self.selector.unregister(pending.sock)
-            pending.sock.close()
 
-    def drop(self, pending: PendingRequest) -> None:
-        fileno = pending.sock.fileno()
-        self.pending.pop(fileno, None)
-        self.draining.pop(fileno, None)
-        self.selector.unregister(pending.sock)
-        pending.sock.close()
-
-    def expire(self) -> None:
-        now = time.monotonic()
+    def run_pending(self) -> None:
         while self.pending:
-            oldest = next(iter(self.pending.values()))
-            if oldest.deadline > now:
-                break
-            if oldest.data:
-                self.refuse(oldest, HTTPStatus.REQUEST_TIMEOUT)
-            else:
-                self.drop(oldest)
-        for pending in [p for p in self.draining.values() if p.deadline <= now]:
-            self.drop(pending)
+            self.pending.popleft()()
+
+    def shutdown(self) -> None:
+        self.call(lambda: self.stop.set())
+
+    def mark_ready(self) -> None:
+        """Start-up discovery is done: answer the requests that waited for it."""
+        self.call(lambda: self.ready.set())
+
+    def app_finish(self, request: Request, body: bytes) -> Response:
+        try:
+            return self.app.finish(request, body)
+        except Exception:
+            log.exception("internal error answering %s", request.endpoint)
+            return refusal(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
+
+    def opened(self, connection: Connection) -> None:
+        if len(self.connections) >= self.max_connections:
+            oldest = next(iter(self.connections))
+            self.connections.pop(oldest)
+            oldest.refuse(refusal(HTTPStatus.SERVICE_UNAVAILABLE, "service unavailable"))
+        self.connections[connection] = None
+
+    async def sweep(self) -> None:
+        """Expire connections whose time is up, and flush the rejection summary."""
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            now = self.loop.time()
+            for connection in [c for c in self.connections if c.deadline <= now]:
+                connection.expire()
+            self.rejects.flush()
+
+    def log_request(self, connection: Connection, status: HTTPStatus) -> None:
+        """The access log: rejected requests summarised, the secret never shown."""
+        line = lambda: redact(f'{connection.peer} "{connection.first_line}" {status.value}', self.app.config.secret)
+        if status >= 400:
+            self.app.metrics.rejected(status)
+            self.rejects.note(status.value, line)
+        else:
+            log.info("%s", line())
 
 
-# --------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------
+# ==========================================================================================
+# --check: diagnose the set-up, one line per finding, a fix for each problem
+# ==========================================================================================
 
 
-def run_check(config: Config, runner: Runner = run_command, out=None) -> int:
+def run_check(config: Config, runner: Runner = None, out=None) -> int:
     """Diagnose the set-up for --check: one line per finding, a fix for each problem; 0 if all is well."""
     out = out or sys.stdout
-    problems = 0
-
-    def say(ok: bool, text: str) -> None:
-        nonlocal problems
-        problems += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {text}", file=out)
-
     docker_host = config.environ.get("DOCKER_HOST") or "unset, so /var/run/docker.sock"
     try:
-        project = start_project(config, runner)
+        target = discover(config, runner or run_command)
     except ConfigError as error:
-        say(False, f"{error} (DOCKER_HOST {docker_host})")
-        return 1
-    compose, target = project.compose, project.compose.target
-    say(True, f"docker: engine {project.engine} answers (DOCKER_HOST {docker_host})")
-    say(True, f"compose: {' '.join(compose.command)} {project.version} ({compose_flavour(project.version)})")
-    say(True, f"project: {project.name} (from {target.project_name_source})")
-    say(True, f"compose file: {target.compose_file or DEFAULT} (from {target.compose_file_source})")
-    say(True, f"working directory: {target.working_dir} (from {target.working_dir_source})")
-    if target.own_service:
-        say(True, f"own service {target.own_service} is left alone: gopdater does not update itself")
-    mapped = 0
-    for service in project.services:
-        keys = [str(k) for k, s in config.services if s == service] if config.services else (
-            [str(project.images[service])] if service in project.images else [])
-        mapped += bool(keys)
-        if keys:
-            say(True, f"service {service}: updates on a push of {', '.join(keys)}")
-        elif config.services:
-            say(True, f"service {service}: not in SERVICES, never updated")
-        else:
-            say(True, f"service {service}: no running container with a tagged image, never updated")
-    if not mapped:
-        say(False, "no service would ever be updated: start the services with docker compose up -d, "
-                   "or set SERVICES")
-    owners = ", ".join(f"{r}/{n}" for r, n in config.owners)
-    say(True, f"owners allowed: {owners}")
-    say(True, f"webhook URL for Docker Hub: http://<this-host>:{config.port}/hooks/{config.secret[:4]}"
-              f"{'*' * 8} (the full secret is WEBHOOK_SECRET)")
-    if config.dry_run:
-        say(True, "DRY_RUN is on: deployments log their commands and run none")
-    return 1 if problems else 0
+        findings = [(False, f"{error} (DOCKER_HOST {docker_host})")]
+    else:
+        findings = [(True, f"docker: engine {target.engine} answers (DOCKER_HOST {docker_host})"),
+                    *target.describe(),
+                    (True, f"owners allowed: {', '.join(f'{r}/{n}' for r, n in config.owners)}"),
+                    (True, f"webhook URL for Docker Hub: http://<this-host>:{config.port}/hooks/"
+                           f"{config.secret[:4]}{'*' * 8} (the full secret is WEBHOOK_SECRET)")]
+        if config.dry_run:
+            findings.append((True, "DRY_RUN is on: deployments log their commands and run none"))
+    for ok, text in findings:
+        print(f"{'ok  ' if ok else 'FAIL'} {text}", file=out)
+    return 0 if all(ok for ok, _ in findings) else 1
+
+
+# ==========================================================================================
+# main: settings, the port at once, discovery in the background, serve until SIGTERM
+# ==========================================================================================
+
+
+def listen(host: str, port: int):
+    """The listening socket (dual-stack for HOST=::)."""
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024, reuse_port=False,
+                                dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
+
+
+def start_in_background(config: Config, app: App, server: HookServer, failed: List[str]) -> None:
+    """Discover what runs here, then start the work queue and let waiting requests through."""
+    try:
+        target = discover(config)
+    except ConfigError as error:
+        failed.append(str(error))
+        server.shutdown()
+        return
+    app.queue = WorkQueue(config, target, metrics=app.metrics)
+    threading.Thread(target=app.queue.run_forever, name="deployer", daemon=True).start()
+    server.mark_ready()
+    log.info("gopdater %s ready on %s:%s %s%s", __version__, *server.server_address[:2], target.summary(),
+             " DRY_RUN" if config.dry_run else "")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Start gopdater: read settings, find the project, serve until SIGTERM or SIGINT."""
+    """Start gopdater: read settings, listen, find the project, serve until SIGTERM or SIGINT."""
     try:
         config = load_config(argv, os.environ)
     except ConfigError as error:
@@ -1745,41 +2161,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         print(f"gopdater: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=config.log_level, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
     if config.check:
         return run_check(config)
     try:
-        project = start_project(config)
-    except ConfigError as error:
-        print(f"gopdater: {error}", file=sys.stderr)
-        return 2
-    deployer = Deployer(config, project)
-    app = App(config, project, deployer)
-    try:
-        server = HookServer((config.host, config.port), app, workers=config.workers,
-                            max_connections=config.max_connections, request_timeout=config.request_timeout)
+        sock = listen(config.host, config.port)
     except OSError as error:
         print(f"gopdater: cannot listen on {config.host}:{config.port} ({error.strerror}): "
               "set HOST and PORT to a free address", file=sys.stderr)
         return 2
-    worker = threading.Thread(target=deployer.run_forever, name="deployer", daemon=True)
-    worker.start()
+    app, failed = App(config, None), []
+    server = HookServer(sock, app, max_connections=config.max_connections, request_timeout=config.request_timeout)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.shutdown())
-    target = project.compose.target
-    log.info("gopdater %s listening on %s:%s compose=%s %s project=%s dir=%s services=%s%s", __version__,
-             *server.server_address[:2], " ".join(project.compose.command), project.version,
-             project.name, target.working_dir,
-             ",".join(f"{s}={project.images[s]}" if s in project.images else s for s in project.services),
-             " DRY_RUN" if config.dry_run else "")
-    log.info("Docker Hub webhook URL: http://<this-host>:%s/hooks/%s******** (the rest of WEBHOOK_SECRET)",
-             config.port, config.secret[:4])
+    log.info("gopdater %s listening on %s:%s; Docker Hub webhook URL: http://<this-host>:%s/hooks/%s******** "
+             "(the rest of WEBHOOK_SECRET)", __version__, *server.server_address[:2], config.port, config.secret[:4])
+    threading.Thread(target=start_in_background, args=(config, app, server, failed), daemon=True).start()
     server.serve_forever()
+    if failed:
+        print(f"gopdater: {failed[0]}", file=sys.stderr)
+        return 2
     log.info("stopping: no new requests; waiting up to %ss for a running deployment", config.shutdown_timeout)
-    if not deployer.stop(config.shutdown_timeout):
+    if app.queue is not None and not app.queue.stop(config.shutdown_timeout):
         log.error("a deployment was still running after SHUTDOWN_TIMEOUT; exiting anyway")
-    app.rejects.flush(force=True)
+    server.rejects.flush(force=True)
     log.info("stopped")
     return 0
 

@@ -81,7 +81,7 @@ class FakeDocker:
         self.compose = list(compose)
         self.services = services or {"site": "acme/site:latest"}
         self.calls, self.fail, self.lock = [], {}, threading.Lock()
-        self.pull_gate = None
+        self.pull_gate, self.pull_started, self.config_read = None, threading.Event(), threading.Event()
         self.images = {ref: OLD_ID for ref in self.services.values()}
         self.registry = {ref: NEW_ID for ref in self.services.values()}
         self.behaviour = {OLD_ID: "healthy", NEW_ID: "healthy", BROKEN_ID: "crash"}
@@ -122,7 +122,7 @@ class FakeDocker:
                     "com.docker.compose.project": "demo", "com.docker.compose.service": c["service"],
                     "com.docker.compose.oneoff": "False"}}}
 
-    def __call__(self, argv, timeout, env=None, cwd=None, quiet=False, both=False):
+    def __call__(self, argv, timeout, env=None, cwd=None, quiet=False, both=False, mutates=False):
         assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), argv
         with self.lock:
             self.calls.append(list(argv))
@@ -138,10 +138,12 @@ class FakeDocker:
         if args == ["version", "--short"]:
             return "2.29.1\n"
         if args == ["config", "--services"]:
+            self.config_read.set()
             return "".join(f"{s}\n" for s in self.services)
         if args[:3] == ["ps", "-a", "-q"]:
             return "".join(f"{c['id']}\n" for c in self.containers.values() if args[3:] in ([], [c["service"]]))
         if args[0] == "pull":
+            self.pull_started.set()
             if self.pull_gate is not None:
                 self.pull_gate.wait(10)
             ref = self.services[args[1]]
@@ -197,32 +199,44 @@ def deployment_calls(calls):
 
 
 class Rig:
-    """A fake engine, a project discovered through it, a deployer and an App, not yet running."""
+    """A fake engine, a project discovered through it, a work queue and an App; the worker starts on demand."""
 
     def __init__(self, test, fake=None, **env):
+        self.test = test
         self.clock = FakeClock()
         self.fake = fake or FakeDocker(self.clock)
         self.fake.clock = self.clock
         self.config = make_config(**env)
-        self.project = gopdater.start_project(self.config, self.fake, read_file=lambda path: "", cwd="/srv/demo")
+        self.project = gopdater.discover(self.config, self.fake, read_file=lambda path: "", cwd="/srv/demo")
         self.notices = []
-        self.deployer = gopdater.Deployer(self.config, self.project, clock=self.clock, sleep=self.clock.sleep,
-                                          notify=lambda url, body: self.notices.append((url, body)) or True)
-        self.app = gopdater.App(self.config, self.project, self.deployer)
+        self.metrics = gopdater.Metrics(clock=self.clock)
+        self.queue = gopdater.WorkQueue(self.config, self.project, clock=self.clock, sleep=self.clock.sleep,
+                                        notify=lambda url, body: self.notices.append((url, body)) or True,
+                                        metrics=self.metrics)
+        self.app = gopdater.App(self.config, self.queue, self.metrics)
+        self.worker = None
         self.fake.calls.clear()
 
     def post(self, path, body, **hdrs):
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         hdrs.setdefault("Content_Length", str(len(raw)))
-        return self.app.handle("POST", path, headers(**hdrs), raw)
+        response = self.app.handle("POST", path, headers(**hdrs), raw)
+        return response.status, response.payload, response.headers
 
-    def deploy(self, event_image="docker.io/acme/site:latest", services=("site",)):
-        """Queue and run one deployment synchronously; return it."""
-        key = gopdater.parse_reference(event_image)
-        deployment, _ = self.deployer.submit(gopdater.PushEvent("dockerhub", key), list(services))
-        self.deployer.queue.remove(deployment)
-        self.deployer.execute(deployment)
-        return deployment
+    def start_worker(self):
+        """Run the work queue's worker thread until the test ends."""
+        if self.worker is None:
+            self.worker = threading.Thread(target=self.queue.run_forever, daemon=True)
+            self.worker.start()
+            self.test.addCleanup(self.worker.join, 10)
+            self.test.addCleanup(self.queue.stop, 10)
+
+    def deploy(self, event_image="docker.io/acme/site:latest"):
+        """Submit one push as a hook would, let the worker run it, and return the deployment once it ended."""
+        submitted = self.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference(event_image)))
+        self.start_worker()
+        self.test.assertTrue(self.queue.wait_idle(10), "the deployment ended")
+        return submitted.deployment
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +266,7 @@ class ConfigTest(unittest.TestCase):
             ({"PULL_TIMEOUT": "inf"}, "PULL_TIMEOUT"),
             ({"STOP_TIMEOUT": "1.5"}, "STOP_TIMEOUT"),
             ({"SETTLE_TIME": "soon"}, "SETTLE_TIME"),
-            ({"WORKERS": "0"}, "WORKERS"),
+            ({"MAX_CONNECTIONS": "0"}, "MAX_CONNECTIONS"),
             ({"DRY_RUN": "maybe"}, "DRY_RUN"),
             ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
             ({"NOTIFY_URL": "ftp://example.org/x"}, "NOTIFY_URL"),
@@ -565,7 +579,7 @@ class DiscoveryTest(unittest.TestCase):
         fake = FakeDocker(compose=("docker-compose",))
         fake.fail[("docker", "compose")] = (1, "docker: 'compose' is not a docker command.")
         rig = Rig(self, fake)
-        self.assertEqual(rig.project.compose.command, ["docker-compose"])
+        self.assertEqual(rig.project.docker.command, ["docker-compose"])
         self.assertEqual(gopdater.compose_flavour("1.29.2"), "v1")
         self.assertEqual(gopdater.compose_flavour("5.6.1"), "v2")
         self.assertEqual(rig.project.images["site"], ImageKey("docker.io", "acme/site", "latest"))
@@ -598,24 +612,24 @@ class DiscoveryTest(unittest.TestCase):
         labels = {"com.docker.compose.project": "site", "com.docker.compose.service": "gopdater",
                   "com.docker.compose.project.working_dir": "/home/me/site",
                   "com.docker.compose.project.config_files": "compose.yaml,compose.prod.yaml"}
-        detected = gopdater.resolve_target(make_config(), labels, "/app")
+        detected = gopdater.locate(make_config(), labels, "/app")
         self.assertEqual((detected.project_name, detected.compose_file, detected.working_dir),
                          ("site", "/home/me/site/compose.yaml:/home/me/site/compose.prod.yaml", "/home/me/site"))
         self.assertEqual(detected.own_service, "gopdater")
         self.assertIn("label", detected.project_name_source)
-        explicit = gopdater.resolve_target(make_config(COMPOSE_PROJECT_NAME="other", COMPOSE_FILE="x.yml"),
+        explicit = gopdater.locate(make_config(COMPOSE_PROJECT_NAME="other", COMPOSE_FILE="x.yml"),
                                            labels, "/app")
         self.assertEqual((explicit.project_name, explicit.compose_file, explicit.working_dir),
                          ("other", "/app/x.yml", "/home/me/site"))
         self.assertEqual((explicit.project_name_source, explicit.compose_file_source),
                          ("COMPOSE_PROJECT_NAME", "COMPOSE_FILE"))
         self.assertIsNone(explicit.own_service)
-        plain = gopdater.resolve_target(make_config(), {}, "/srv/demo")
+        plain = gopdater.locate(make_config(), {}, "/srv/demo")
         self.assertEqual((plain.project_name, plain.compose_file, plain.working_dir), (None, None, "/srv/demo"))
 
     def test_compose_file_elsewhere_makes_its_directory_the_project_directory(self):
         """Started elsewhere with COMPOSE_FILE, Compose runs in the first file's directory, as on the host."""
-        target = gopdater.resolve_target(make_config(COMPOSE_FILE="../site/compose.yaml:/srv/site/extra.yaml"),
+        target = gopdater.locate(make_config(COMPOSE_FILE="../site/compose.yaml:/srv/site/extra.yaml"),
                                          {}, "/home/me/tools")
         self.assertEqual(target.compose_file, "/home/me/site/compose.yaml:/srv/site/extra.yaml")
         self.assertEqual(target.working_dir, "/home/me/site")
@@ -625,7 +639,7 @@ class DiscoveryTest(unittest.TestCase):
         """Compose v1 writes config_files relative to working_dir; they are joined with it."""
         labels = {"com.docker.compose.project": "site", "com.docker.compose.project.working_dir": "/srv/site",
                   "com.docker.compose.project.config_files": "docker-compose.yml"}
-        target = gopdater.resolve_target(make_config(), labels, "/")
+        target = gopdater.locate(make_config(), labels, "/")
         self.assertEqual(target.compose_file, "/srv/site/docker-compose.yml")
 
     def test_self_detection_runs_compose_with_the_host_project(self):
@@ -651,42 +665,41 @@ class DiscoveryTest(unittest.TestCase):
             return fake(argv, **kwargs)
 
         mountinfo = f"1 0 0:1 /var/lib/docker/containers/{own}/hostname /etc/hostname rw\n"
-        project = gopdater.start_project(config, runner, read_file=lambda p: mountinfo if "mount" in p else "",
-                                         cwd="/app")
+        project = gopdater.discover(config, runner, read_file=lambda p: mountinfo if "mount" in p else "",
+                                    cwd="/app")
         env, cwd = seen[-1]["env"], seen[-1]["cwd"]
         self.assertEqual((env["COMPOSE_PROJECT_NAME"], env["COMPOSE_FILE"], env["PWD"], cwd),
                          ("demo", "/srv/demo/compose.yaml", "/srv/demo", "/srv/demo"))
-        self.assertEqual(project.compose.target.own_service, "gopdater")
+        self.assertEqual(project.docker.location.own_service, "gopdater")
 
     def test_own_service_is_never_updated(self):
         """gopdater's own service is left out of the project it updates."""
         fake = FakeDocker(services={"site": "acme/site:latest", "gopdater": "acme/site:latest"})
         config = make_config()
-        target = gopdater.ComposeTarget("demo", "", None, "", "/srv/demo", "", own_service="gopdater")
-        project = gopdater.Project(gopdater.Compose(config, target, ["docker", "compose"], fake), "2.29.1")
+        location = gopdater.ComposeLocation("demo", "", None, "", "/srv/demo", "", own_service="gopdater")
+        project = gopdater.ComposeProject(config, gopdater.Compose(config, location, ["docker", "compose"], fake),
+                                          "2.29.1")
         project.refresh()
         self.assertEqual(project.services, ("site",))
-        self.assertEqual(project.services_for(ImageKey("docker.io", "acme/site", "latest"), ()), ["site"])
+        self.assertEqual(project.services_for(ImageKey("docker.io", "acme/site", "latest")), ["site"])
 
     def test_mapping_matches_only_the_same_registry_repository_and_tag(self):
         """docker.io/acme/site:latest matches; ghcr.io/acme/site:latest, another tag or repo do not."""
         rig = Rig(self)
         match = rig.project.services_for
-        self.assertEqual(match(ImageKey("docker.io", "acme/site", "latest"), ()), ["site"])
+        self.assertEqual(match(ImageKey("docker.io", "acme/site", "latest")), ["site"])
         for other in [ImageKey("ghcr.io", "acme/site", "latest"), ImageKey("docker.io", "acme/site", "v2"),
                       ImageKey("docker.io", "acme/api", "latest")]:
             with self.subTest(image=str(other)):
-                self.assertEqual(match(other, ()), [])
+                self.assertEqual(match(other), [])
 
     def test_explicit_services_replace_discovery(self):
         """With SERVICES set, only its pairs map, whatever image the service runs."""
         fake = FakeDocker(services={"site": "acme/site:latest", "api": "acme/site:latest"})
         fake.images = {"acme/site:latest": OLD_ID}
         rig = Rig(self, fake, SERVICES="acme/mirror-name=site")
-        self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/mirror-name", "latest"),
-                                                  rig.config.services), ["site"])
-        self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/site", "latest"),
-                                                  rig.config.services), [])
+        self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/mirror-name", "latest")), ["site"])
+        self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/site", "latest")), [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -715,7 +728,7 @@ class DeployTest(unittest.TestCase):
         ])
         self.assertEqual((deployment.state, deployment.results), ("updated", {"site": "updated"}))
         self.assertEqual(rig.fake.calls[-3][2:], ["config", "--services"], "the project is re-read after a change")
-        self.assertEqual([s["step"] for s in deployment.steps],
+        self.assertEqual([s.step for s in deployment.steps],
                          ["inspect", "pull", "compare", "stop", "remove", "up", "downtime", "wait", "cleanup",
                           "done"])
 
@@ -749,7 +762,7 @@ class DeployTest(unittest.TestCase):
         self.assertEqual(deployment.state, "updated")
         self.assertIn(["docker", "rmi", OLD_ID], rig.fake.calls)
         self.assertTrue(any("kept old image" in line for line in logs.output))
-        self.assertEqual(deployment.steps[-2]["result"], "kept")
+        self.assertEqual(deployment.steps[-2].result, "kept")
 
     def assert_rolled_back(self, rig, deployment, reason):
         self.assertEqual(deployment.state, "rolled-back")
@@ -797,9 +810,9 @@ class DeployTest(unittest.TestCase):
         with self.assertLogs("gopdater", "INFO"):
             deployment = rig.deploy()
         self.assert_rolled_back(rig, deployment, "still health starting after 30s")
-        wait = next(s for s in deployment.steps if s["step"] == "wait")
-        self.assertGreaterEqual(wait["seconds"], 30)
-        self.assertLess(wait["seconds"], 33)
+        wait = next(s for s in deployment.steps if s.step == "wait")
+        self.assertGreaterEqual(wait.seconds, 30)
+        self.assertLess(wait.seconds, 33)
 
     def test_start_period_extends_the_health_limit(self):
         """A healthcheck start_period longer than HEALTH_TIMEOUT is waited for in full."""
@@ -933,7 +946,7 @@ class NotifyTest(unittest.TestCase):
             port = probe.getsockname()[1]
         url = f"http://127.0.0.1:{port}/secret-path-token"
         rig = Rig(self, NOTIFY_URL=url)
-        rig.deployer.notify = lambda u, body: gopdater.send_notification(u, body, sleep=lambda s: None)
+        rig.queue.notify = lambda u, body: gopdater.send_notification(u, body, sleep=lambda s: None)
         with self.assertLogs("gopdater", "WARNING") as logs:
             deployment = rig.deploy()
         self.assertEqual(deployment.state, "updated")
@@ -943,73 +956,87 @@ class NotifyTest(unittest.TestCase):
 
 
 class WorkerTest(unittest.TestCase):
-    def start_worker(self, rig):
-        thread = threading.Thread(target=rig.deployer.run_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 5)
-        self.addCleanup(rig.deployer.stop, 5)
-
     def test_burst_of_identical_hooks_gives_at_most_two_deployments(self):
         """20 hooks for one push while a deployment runs coalesce into one follow-up."""
         rig = Rig(self)
         rig.fake.pull_gate = threading.Event()
-        self.start_worker(rig)
+        rig.start_worker()
         body = payload("dockerhub-push.json")
         ids = {rig.post(f"/hooks/{SECRET}", body)[1]["id"]}
-        deadline = time.monotonic() + 5
-        while rig.deployer.current is None and time.monotonic() < deadline:
-            time.sleep(0.005)  # wait for the worker to take the first deployment into its pull
+        self.assertTrue(rig.fake.pull_started.wait(5), "the worker took the first deployment into its pull")
         for _ in range(19):
             status, reply, _ = rig.post(f"/hooks/{SECRET}", body)
             self.assertEqual(status, HTTPStatus.ACCEPTED)
             ids.add(reply["id"])
         rig.fake.pull_gate.set()
-        self.assertTrue(rig.deployer.wait_idle(10))
+        self.assertTrue(rig.queue.wait_idle(10))
         self.assertEqual(len(ids), 2)
         self.assertEqual(sum(call[2:3] == ["pull"] for call in rig.fake.calls), 2)
-        follow_up = rig.deployer.views()[0]
+        follow_up = rig.queue.views()[0]
         self.assertEqual((follow_up["hooks"], follow_up["state"]), (19, "up-to-date"))
 
     def test_deployments_never_overlap(self):
-        """Hooks for different images run one deployment at a time, in order."""
-        rig = Rig(self, FakeDocker(services={"site": "acme/site:latest", "api": "acme/api:latest"}))
-        active, overlaps = [0], []
+        """Hooks for three images racing from three threads run one deployment at a time."""
+        services = {"site": "acme/site:latest", "api": "acme/api:latest", "web": "acme/web:latest"}
+        rig = Rig(self, FakeDocker(services=services))
+        lock, active, most = threading.Lock(), [0], [0]
         original = rig.fake.__call__
 
-        def tracking(argv, **kwargs):
-            active[0] += 1
-            overlaps.append(active[0])
+        def recording(argv, **kwargs):
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
             try:
+                if argv[2:3] == ["pull"]:
+                    threading.Event().wait(0.05)  # hold the pull open so an overlap could not be missed
                 return original(argv, **kwargs)
             finally:
-                active[0] -= 1
+                with lock:
+                    active[0] -= 1
 
-        rig.deployer.compose.runner = tracking
-        self.start_worker(rig)
+        rig.project.docker.runner = recording
+        rig.start_worker()
         hub = payload("dockerhub-push.json")
-        rig.post(f"/hooks/{SECRET}", hub)
-        rig.post(f"/hooks/{SECRET}", {**hub, "repository": {"repo_name": "acme/api"}})
-        self.assertTrue(rig.deployer.wait_idle(10))
-        self.assertEqual(max(overlaps), 1)
-        self.assertEqual([d["state"] for d in rig.deployer.views()], ["updated", "updated"])
+        go = threading.Barrier(3)
+
+        def send(name):
+            go.wait(5)
+            rig.post(f"/hooks/{SECRET}", {**hub, "repository": {"repo_name": f"acme/{name}"}})
+
+        threads = [threading.Thread(target=send, args=(name,)) for name in services]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(5)
+        self.assertTrue(rig.queue.wait_idle(10))
+        self.assertEqual(most[0], 1, "two docker commands never ran at once")
+        self.assertEqual([d["state"] for d in rig.queue.views()], ["updated"] * 3)
 
     def test_shutdown_cancels_queued_work_and_waits_for_the_running_one(self):
         """stop() cancels what has not started and waits (bounded) for the running deployment."""
         rig = Rig(self)
         rig.fake.pull_gate = threading.Event()
-        self.start_worker(rig)
+        rig.start_worker()
         hub = payload("dockerhub-push.json")
         rig.post(f"/hooks/{SECRET}", hub)
-        deadline = time.monotonic() + 5
-        while rig.deployer.current is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        self.assertTrue(rig.fake.pull_started.wait(5))
         rig.post(f"/hooks/{SECRET}", hub)
         with self.assertLogs("gopdater", "WARNING"):
-            self.assertFalse(rig.deployer.stop(0.05))
+            self.assertFalse(rig.queue.stop(0.05))
         rig.fake.pull_gate.set()
-        self.assertTrue(rig.deployer.stop(10))
-        self.assertEqual([d["state"] for d in rig.deployer.views()], ["cancelled", "updated"])
+        self.assertTrue(rig.queue.stop(10))
+        self.assertEqual([d["state"] for d in rig.queue.views()], ["cancelled", "updated"])
         self.assertEqual(rig.post(f"/hooks/{SECRET}", hub)[0], HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def test_unmatched_hook_makes_the_worker_reread_the_project(self):
+        """An authentic hook no service runs makes the idle worker re-read the project within 10 s."""
+        rig = Rig(self, REFRESH_INTERVAL=3600)
+        rig.start_worker()
+        rig.fake.config_read.clear()
+        hub = payload("dockerhub-push.json")
+        self.assertEqual(rig.post(f"/hooks/{SECRET}", {**hub, "push_data": {"tag": "v9"}})[0], HTTPStatus.OK)
+        rig.clock.sleep(10)
+        self.assertTrue(rig.fake.config_read.wait(5), "the project was re-read")
 
 
 class CheckTest(unittest.TestCase):
@@ -1082,8 +1109,8 @@ class AppTest(unittest.TestCase):
 
     def assert_nothing_runs(self):
         self.assertEqual(self.rig.fake.calls, [])
-        self.assertEqual(list(self.rig.deployer.queue), [])
-        self.assertEqual(self.rig.deployer.views(), [])
+        self.assertEqual(list(self.rig.queue.queue), [])
+        self.assertEqual(self.rig.queue.views(), [])
 
     def test_valid_docker_hub_hook_is_accepted_and_queued(self):
         """POST /hooks/<secret> with Docker Hub's body answers 202 with the id and services, and queues."""
@@ -1091,7 +1118,7 @@ class AppTest(unittest.TestCase):
         self.assertEqual(status, HTTPStatus.ACCEPTED)
         self.assertEqual(set(reply), {"status", "id", "services"})
         self.assertEqual((reply["status"], reply["services"]), ("accepted", ["site"]))
-        self.assertEqual([d.id for d in self.rig.deployer.queue], [reply["id"]])
+        self.assertEqual([d["id"] for d in self.rig.queue.views()], [reply["id"]])
         self.assertEqual(self.rig.fake.calls, [], "the request path runs no command")
 
     def test_bearer_and_trailing_slash_are_accepted(self):
@@ -1182,18 +1209,25 @@ class AppTest(unittest.TestCase):
     def test_size_then_secret_then_parse(self):
         """An oversized body is 413 even with a wrong secret; bad JSON with a wrong secret is 403, not 400."""
         big = headers(Content_Length=str(2 * 1024 * 1024))
-        self.assertEqual(self.rig.app.handle("POST", "/hooks/wrong", big, b"")[0], HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        with mock.patch("gopdater.json.loads") as loads:
-            status = self.rig.post("/hooks/wrong-secret-000000000", b"{not json")[0]
-        self.assertEqual(status, HTTPStatus.FORBIDDEN)
-        loads.assert_not_called()
+        self.assertEqual(self.rig.app.handle("POST", "/hooks/wrong", big, b"").status,
+                         HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        self.assertEqual(self.rig.post("/hooks/wrong-secret-000000000", b"{not json")[0], HTTPStatus.FORBIDDEN)
+        self.assertEqual(self.rig.post(f"/hooks/{SECRET}", b"{not json")[0], HTTPStatus.BAD_REQUEST)
 
-    def test_secret_is_compared_in_constant_time(self):
-        """Every secret comparison goes through hmac.compare_digest."""
-        with mock.patch("gopdater.hmac.compare_digest", wraps=hmac.compare_digest) as compare:
-            self.rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
-            self.rig.post("/hooks", payload("dockerhub-push.json"), Authorization=f"Bearer {SECRET}")
-        self.assertEqual(compare.call_count, 2)
+    def test_every_sender_compares_its_credential_in_constant_time(self):
+        """Each sender's check hands the secret (or the expected signature) to hmac.compare_digest."""
+        body = b'{"x": 1}'
+        wrong = "sha256=" + "0" * 64
+        for sender in gopdater.SENDERS:
+            with self.subTest(sender=sender.name, path=sender.path):
+                path = sender.path.replace("{secret}", "wrong-secret-0123456789")
+                message = headers(Content_Length=str(len(body)), Authorization="Bearer wrong-secret-0123456789",
+                                  X_Hub_Signature_256=wrong, X_Gitea_Signature="0" * 64)
+                with mock.patch("gopdater.hmac.compare_digest", wraps=hmac.compare_digest) as compare:
+                    self.assertEqual(self.rig.app.handle("POST", path, message, body).status, HTTPStatus.FORBIDDEN)
+                compared = [bytes(arg) for call in compare.call_args_list for arg in call.args]
+                digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest().encode()
+                self.assertTrue(any(SECRET.encode() == c or c.endswith(digest) for c in compared), compared)
 
     def test_no_response_echoes_the_request(self):
         """A marker in the body, path or headers never appears in any reply."""
@@ -1226,11 +1260,10 @@ class AppTest(unittest.TestCase):
 
     def test_deployments_view_keeps_the_last_fifty(self):
         """Only the 50 most recent deployments are kept."""
+        rig = Rig(self, SERVICES=",".join(f"acme/site:v{n}=site" for n in range(60)))
         for n in range(60):
-            deployment, _ = self.rig.deployer.submit(gopdater.PushEvent(
-                "dockerhub", ImageKey("docker.io", "acme/site", f"v{n}")), ["site"])
-            self.rig.deployer.queue.clear()
-        views = self.rig.deployer.views()
+            rig.deploy(f"acme/site:v{n}")
+        views = rig.queue.views()
         self.assertEqual((len(views), views[0]["tag"], views[-1]["tag"]), (50, "v59", "v10"))
 
     def test_ghcr_signature_ping_and_push(self):
@@ -1241,16 +1274,17 @@ class AppTest(unittest.TestCase):
         rig = Rig(self, OWNER="ghcr.io/acme", SERVICES="ghcr.io/acme/site=site")
         status, reply, _ = rig.post("/hooks/ghcr", raw, X_GitHub_Event="package", X_Hub_Signature_256=signed(raw))
         self.assertEqual((status, reply["services"]), (HTTPStatus.ACCEPTED, ["site"]))
-        self.assertEqual(rig.deployer.views()[0]["digest"],
+        self.assertEqual(rig.queue.views()[0]["digest"],
                          "sha256:4f0a1c8e6b8e1f3a2d9c5b7e0a6f4d2c1b3a5e7f9d0c2b4a6e8f0a1c3e5b7d9f")
 
     def test_github_signature_matches_the_documented_test_vector(self):
         """GitHub's documented vector: secret "It's a Secret to Everybody", body "Hello, World!"."""
         config = gopdater.dataclasses.replace(make_config(), secret="It's a Secret to Everybody")
-        app = gopdater.App(config, self.rig.project, self.rig.deployer)
+        check = next(s for s in gopdater.SENDERS if s.name == "ghcr").authenticate
         expected = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
-        self.assertTrue(app.signature_ok(headers(X_Hub_Signature_256=expected), b"Hello, World!"))
-        self.assertFalse(app.signature_ok(headers(X_Hub_Signature_256=expected), b"Hello, World?"))
+        secret = config.secret.encode()
+        self.assertTrue(check(secret, "", headers(X_Hub_Signature_256=expected), b"Hello, World!"))
+        self.assertFalse(check(secret, "", headers(X_Hub_Signature_256=expected), b"Hello, World?"))
 
     def test_each_sender_reaches_the_same_deployment_path(self):
         """Quay, Harbor and Distribution deliveries for a configured image are accepted like Docker Hub's."""
@@ -1300,7 +1334,7 @@ class AppTest(unittest.TestCase):
         raw = json.dumps(payload("ghcr-package-published.json")).encode()
         status, reply, _ = rig.post("/hooks/ghcr", raw, X_GitHub_Event="package", X_Hub_Signature_256=signed(raw))
         self.assertEqual((status, reply["status"]), (HTTPStatus.OK, "ignored"))
-        self.assertEqual(rig.deployer.views(), [])
+        self.assertEqual(rig.queue.views(), [])
 
     def test_multi_event_envelope_queues_each_image(self):
         """A Distribution envelope with two tagged pushes queues both images' services."""
@@ -1315,13 +1349,6 @@ class AppTest(unittest.TestCase):
                                     Authorization=f"Bearer {SECRET}", Content_Type="application/json")
         self.assertEqual((status, reply["services"], len(reply["ids"])), (HTTPStatus.ACCEPTED, ["api", "site"], 2))
 
-    def test_unmatched_hook_asks_for_a_refresh(self):
-        """An authentic hook no service runs asks the worker to re-read the project."""
-        hub = payload("dockerhub-push.json")
-        self.rig.post(f"/hooks/{SECRET}", {**hub, "push_data": {"tag": "v9"}})
-        self.assertTrue(self.rig.deployer.refresh_wanted)
-
-
 class RejectLogTest(unittest.TestCase):
     def test_flood_becomes_one_line_then_a_count(self):
         """1,000 rejections in an interval log two lines: the first in full, then a count."""
@@ -1329,7 +1356,7 @@ class RejectLogTest(unittest.TestCase):
         rejects = gopdater.RejectLog(interval=60, clock=clock)
         with self.assertLogs("gopdater", "WARNING") as logs:
             for _ in range(1000):
-                rejects.note(403, '127.0.0.1 "POST /hooks/*** HTTP/1.1" 403')
+                rejects.note(403, lambda: '127.0.0.1 "POST /hooks/*** HTTP/1.1" 403')
             clock.sleep(61)
             rejects.flush()
         self.assertEqual(len(logs.output), 2)
@@ -1340,7 +1367,7 @@ class RejectLogTest(unittest.TestCase):
 class HTTPServerTest(unittest.TestCase):
     def start(self, **server_args):
         self.rig = Rig(self)
-        server = gopdater.HookServer(("127.0.0.1", 0), self.rig.app, **server_args)
+        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), self.rig.app, **server_args)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         self.addCleanup(thread.join, 10)
@@ -1397,7 +1424,7 @@ class HTTPServerTest(unittest.TestCase):
         self.start()
         with self.assertLogs("gopdater", "WARNING"):
             answer = self.raw(b"\x00\x01 MARKER garbage\r\n\r\n")
-        self.assertTrue(answer.startswith(b"HTTP/1.0 400"), answer[:40])
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:40])
         self.assertNotIn(b"MARKER", answer)
         self.assertTrue(answer.endswith(b'{"status": "error", "reason": "bad request"}'))
         self.assertEqual(self.request("GET", "/healthz")[0], 200)
@@ -1408,12 +1435,12 @@ class HTTPServerTest(unittest.TestCase):
         head = f"POST /hooks/{SECRET} HTTP/1.1\r\nHost: x\r\nContent-Length: {4 * 1024 * 1024}\r\n\r\n".encode()
         with self.assertLogs("gopdater", "WARNING") as logs:
             answer = self.raw(head + b"x" * 300000, shutdown_write=True)
-        self.assertTrue(answer.startswith(b"HTTP/1.0 413"), answer[:40])
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413"), answer[:40])
         self.assertNotIn(SECRET, "\n".join(logs.output))
 
     def test_idle_connections_hold_no_thread_and_do_not_block_a_hook(self):
-        """100 idle connections leave the thread count at WORKERS and a valid hook is still answered."""
-        self.start(workers=2)
+        """100 idle connections add no thread and a valid hook is still answered."""
+        self.start()
         self.assertEqual(self.request("GET", "/healthz")[0], 200)
         before = threading.active_count()
         idle = [socket.create_connection(("127.0.0.1", self.port)) for _ in range(100)]
@@ -1423,7 +1450,6 @@ class HTTPServerTest(unittest.TestCase):
         body = json.dumps(payload("dockerhub-push.json"))
         self.assertEqual(self.request("POST", f"/hooks/{SECRET}", body)[0], 202)
         self.assertEqual(threading.active_count(), before)
-        self.assertEqual(len(self.server.threads), 2)
 
     def test_connections_beyond_the_limit_drop_the_oldest(self):
         """With MAX_CONNECTIONS held, a new connection evicts the oldest idle one."""
@@ -1434,20 +1460,20 @@ class HTTPServerTest(unittest.TestCase):
         body = json.dumps(payload("dockerhub-push.json"))
         with self.assertLogs("gopdater", "WARNING"):
             self.assertEqual(self.request("POST", f"/hooks/{SECRET}", body)[0], 202)
-            self.assertTrue(idle[0].recv(1024).startswith(b"HTTP/1.0 503"))
+            self.assertTrue(idle[0].recv(1024).startswith(b"HTTP/1.1 503"))
 
     def test_expect_100_continue_gets_its_interim_answer(self):
         """A client that waits for 100 Continue (as curl does over 1 KiB) gets it and then its answer."""
         self.start()
         body = json.dumps({**payload("dockerhub-push.json"), "padding": "x" * 2000}).encode()
-        head = (f"POST /hooks/{SECRET} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        head = (f"POST /hooks/{SECRET} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall(head)
             self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
             sock.sendall(body)
             answer = b"".join(iter(lambda: sock.recv(65536), b""))
-        self.assertTrue(answer.startswith(b"HTTP/1.0 202"), answer[:40])
+        self.assertTrue(answer.startswith(b"HTTP/1.1 202"), answer[:40])
 
     def test_slow_client_is_timed_out(self):
         """A client that never finishes its request gets 408 after REQUEST_TIMEOUT."""
@@ -1455,7 +1481,7 @@ class HTTPServerTest(unittest.TestCase):
         with self.assertLogs("gopdater", "WARNING"):
             started = time.monotonic()
             answer = self.raw(b"POST /hooks/x HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
-        self.assertTrue(answer.startswith(b"HTTP/1.0 408"), answer[:40])
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408"), answer[:40])
         self.assertLess(time.monotonic() - started, 3)
 
     def test_deployments_view_over_http(self):
@@ -1465,6 +1491,84 @@ class HTTPServerTest(unittest.TestCase):
             self.assertEqual(self.request("GET", "/deployments")[0], 403)
         status, reply, _ = self.request("GET", "/deployments", Authorization=f"Bearer {SECRET}")
         self.assertEqual((status, reply), (200, {"deployments": []}))
+
+    def test_keep_alive_holds_for_rejected_and_accepted_requests(self):
+        """One connection carries a 403, a 404, a 200 and a 202 in turn: rejections do not close it."""
+        self.start()
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        self.addCleanup(connection.close)
+        body = json.dumps(payload("dockerhub-push.json"))
+        sockets = []
+        with self.assertLogs("gopdater", "INFO"):
+            for method, path, expected in [("POST", "/hooks/wrong-secret-0123456789", 403), ("GET", "/nope", 404),
+                                           ("GET", "/healthz", 200), ("POST", f"/hooks/{SECRET}", 202)]:
+                connection.request(method, path, body=body if method == "POST" else None)
+                response = connection.getresponse()
+                self.assertEqual(response.status, expected)
+                self.assertEqual(response.getheader("Connection"), "keep-alive")
+                response.read()
+                sockets.append(connection.sock)
+        self.assertTrue(all(sock is sockets[0] for sock in sockets), "one connection throughout")
+
+    def test_pipelined_requests_are_answered_in_order(self):
+        """Two requests sent at once on one connection get two answers, in order."""
+        self.start()
+        wrong = f"POST /hooks/wrong-secret-0123456789 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}"
+        last = "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n"
+        with self.assertLogs("gopdater", "INFO"):
+            answer = self.raw((wrong + last).encode())
+        self.assertEqual(re.findall(rb"HTTP/1\.1 (\d+)", answer), [b"403", b"200"])
+
+    def test_malformed_request_closes_the_connection(self):
+        """After a malformed request line the server answers 400 and closes, whatever the client asked."""
+        self.start()
+        with self.assertLogs("gopdater", "WARNING"):
+            answer = self.raw(b"GARBAGE\r\nConnection: keep-alive\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+        self.assertEqual(re.findall(rb"HTTP/1\.1 (\d+)", answer), [b"400"])
+        self.assertIn(b"Connection: close", answer)
+
+    def test_huge_header_is_refused_with_431(self):
+        """A head over 16 KiB gets 431 and the connection closes."""
+        self.start()
+        with self.assertLogs("gopdater", "WARNING"):
+            answer = self.raw(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431"), answer[:40])
+
+    def test_hook_that_arrives_before_discovery_is_answered_once_it_is_done(self):
+        """The port answers at once; a hook sent before the project is read waits for it, then gets 202."""
+        self.rig = Rig(self)
+        app = gopdater.App(self.rig.config, None, self.rig.metrics)
+        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), app)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(server.shutdown)
+        self.port = server.server_address[1]
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+        answers = []
+        body = json.dumps(payload("dockerhub-push.json"))
+        waiting = threading.Thread(target=lambda: answers.append(self.request("POST", f"/hooks/{SECRET}", body)))
+        with self.assertLogs("gopdater", "INFO"):
+            waiting.start()
+            waiting.join(0.3)
+            self.assertEqual(answers, [], "no answer before discovery is done")
+            app.queue = self.rig.queue
+            server.mark_ready()
+            waiting.join(5)
+        self.assertEqual(answers[0][0], 202)
+
+    def test_hook_is_refused_503_when_discovery_takes_too_long(self):
+        """A hook waits at most STARTUP_WAIT for start-up, then gets 503."""
+        self.rig = Rig(self)
+        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), gopdater.App(self.rig.config, None))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(server.shutdown)
+        self.port = server.server_address[1]
+        with mock.patch("gopdater.STARTUP_WAIT", 0.2), self.assertLogs("gopdater", "WARNING"):
+            status = self.request("POST", f"/hooks/{SECRET}", json.dumps(payload("dockerhub-push.json")))[0]
+        self.assertEqual(status, 503)
 
 
 if __name__ == "__main__":
