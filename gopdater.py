@@ -21,22 +21,19 @@ Standard library only; Python 3.9 or newer.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import collections
-import dataclasses
 import enum
+import functools
 import hashlib
 import hmac
-import http.server
 import io
 import json
 import logging
 import os
 import re
-import secrets
-import shlex
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -135,8 +132,7 @@ class ConfigError(Exception):
 Parser = Callable[[str, Optional[str]], object]
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One setting: its variable, default, help text, parser and Config field."""
 
     name: str
@@ -232,7 +228,10 @@ def parse_project_name(name: str, text: str) -> str:
 
 
 def parse_command(name: str, text: str) -> str:
+    if text == "auto":
+        return text
     try:
+        import shlex  # only for a COMPOSE_COMMAND given by hand: it costs memory
         shlex.split(text)
     except ValueError:
         raise ConfigError(f"{name} is not a valid command line, e.g. {name}=docker-compose") from None
@@ -303,8 +302,7 @@ SETTINGS = (
 SETTING_DEFAULTS = {s.name: s.default for s in SETTINGS}
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """Every setting, read once at start-up."""
 
     owners: Tuple[Tuple[str, str], ...]
@@ -331,32 +329,56 @@ class Config:
     check: bool = False
 
 
-def argument_parser() -> argparse.ArgumentParser:
-    """The command line: one flag per setting, plus --check and --version."""
-    parser = argparse.ArgumentParser(
-        prog="gopdater", description="Receive registry push webhooks and update the matching Compose services.",
-        epilog="Each flag has an environment variable of the same name in upper case (--port is PORT). "
-               "Flags win over variables.")
+def usage() -> str:
+    """The --help text: every flag with its variable's help and default."""
+    lines = ["usage: gopdater [--check] [--version] [--FLAG VALUE ...]", "",
+             "Receive registry push webhooks and update the matching Compose services.", ""]
     for setting in SETTINGS:
         default = f" (default {setting.default})" if setting.default is not None else ""
-        extra = dict(action="store_const", const="1") if setting.switch else dict(metavar=setting.name)
-        parser.add_argument(setting.flag, dest=setting.name, help=f"{setting.help}{default}", **extra)
-    parser.add_argument("--check", action="store_true", help="diagnose the set-up, print what to fix, exit 0 or 1")
-    parser.add_argument("--version", action="version", version=f"gopdater {__version__}")
-    return parser
+        lines.append(f"  {setting.flag}{'' if setting.switch else ' ' + setting.name}")
+        lines.append(f"      {setting.help}{default}")
+    lines += ["  --check", "      diagnose the set-up, print what to fix, exit 0 or 1", "  --version", "",
+              "Each flag has an environment variable of the same name in upper case (--port is PORT). "
+              "Flags win over variables."]
+    return "\n".join(lines)
+
+
+def parse_flags(argv: Sequence[str]) -> Tuple[Dict[str, str], bool]:
+    """The flags given: {setting name: text}, and whether --check was; --help and --version exit here."""
+    by_flag = {setting.flag: setting for setting in SETTINGS}
+    values, check, args = {}, False, list(argv)
+    while args:
+        flag, has_value, value = args.pop(0).partition("=")
+        if flag in ("-h", "--help", "--version"):
+            print(usage() if flag != "--version" else f"gopdater {__version__}")
+            raise SystemExit(0)
+        setting = by_flag.get(flag)
+        if flag == "--check" or (setting is not None and setting.switch):
+            if has_value:
+                raise ConfigError(f"{flag} takes no value: give it alone, e.g. gopdater {flag}")
+            check = check or flag == "--check"
+            if setting is not None:
+                values[setting.name] = "1"
+            continue
+        if setting is None:
+            raise ConfigError(f"{flag} is not a flag of gopdater: see gopdater --help")
+        if not has_value:
+            if not args:
+                raise ConfigError(f"{flag} needs a value, e.g. {flag} {setting.default or setting.name}")
+            value = args.pop(0)
+        values[setting.name] = value
+    return values, check
 
 
 def load_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> Config:
     """Read flags, then the environment, then defaults; raise ConfigError on the first bad one."""
-    args = argument_parser().parse_args(argv)
+    flags, check = parse_flags(sys.argv[1:] if argv is None else argv)
     values = {}
     for setting in SETTINGS:
-        text = getattr(args, setting.name)
-        if text is None:
-            text = environ.get(setting.name)
+        text = flags.get(setting.name, environ.get(setting.name))
         text = setting.default if text is None or not text.strip() else text.strip()
         values[setting.attribute] = setting.parse(setting.name, text)
-    return Config(**values, environ=types.MappingProxyType(dict(environ)), check=args.check)
+    return Config(**values, environ=types.MappingProxyType(dict(environ)), check=check)
 
 
 # ==========================================================================================
@@ -394,8 +416,7 @@ class Pong(Ignored):
     status = "ok"
 
 
-@dataclasses.dataclass(frozen=True)
-class PushEvent:
+class PushEvent(NamedTuple):
     """One pushed image tag, whoever sent it."""
 
     sender: str
@@ -591,8 +612,7 @@ def signature(*header_prefixes: Tuple[str, str]) -> Callable[..., bool]:
 Authenticator = Callable[[bytes, str, Mapping[str, str], bytes], bool]
 
 
-@dataclasses.dataclass(frozen=True)
-class Sender:
+class Sender(NamedTuple):
     """One way a registry delivers a push: where, how it proves itself, what it sends, how to read it."""
 
     name: str
@@ -615,6 +635,9 @@ SENDERS = (
     Sender("dockerhub", "/hooks/{secret}", secret_in_path, parse_dockerhub),
     Sender("quay", "/hooks/{secret}/quay", secret_in_path, parse_quay),
 )
+FIXED_ROUTES = {s.path: s for s in SENDERS if "{secret}" not in s.path}
+SECRET_ROUTES = [(s.path.split("/")[:s.path.split("/").index("{secret}")],
+                  s.path.split("/")[s.path.split("/").index("{secret}") + 1:], s) for s in SENDERS if "{secret}" in s.path]
 
 
 # ==========================================================================================
@@ -633,7 +656,9 @@ class Response(NamedTuple):
     headers: Tuple[Tuple[str, str], ...] = ()
 
 
+@functools.lru_cache(maxsize=None)
 def refusal(status: HTTPStatus, reason: str, headers: Tuple[Tuple[str, str], ...] = ()) -> Response:
+    """An error answer; there are only a few, each made once and kept (so are their bytes, see encode)."""
     return Response(status, {"status": "error", "reason": reason}, headers)
 
 
@@ -641,8 +666,7 @@ NOT_FOUND = refusal(HTTPStatus.NOT_FOUND, "not found")
 FORBIDDEN = refusal(HTTPStatus.FORBIDDEN, "forbidden")
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """A request whose head has passed routing, method and size checks; its body may still be coming."""
 
     method: str
@@ -655,16 +679,20 @@ class Request:
 
 def route(path: str) -> Tuple[Optional[Sender], str, str]:
     """(sender, endpoint, captured secret) for a path; fixed paths win over the {secret} ones."""
-    path = urllib.parse.urlsplit(path).path
+    if "?" in path or "#" in path:
+        path = urllib.parse.urlsplit(path).path
     if len(path) > 1:
         path = path.rstrip("/")
     if path in GET_ENDPOINTS:
         return None, path, ""
+    sender = FIXED_ROUTES.get(path)
+    if sender is not None:
+        return sender, path, ""
     parts = path.split("/")
-    for sender in SENDERS:
-        pattern = sender.path.split("/")
-        if len(pattern) == len(parts) and all(p == q or (p == "{secret}" and q) for p, q in zip(pattern, parts)):
-            return sender, sender.path, parts[pattern.index("{secret}")] if "{secret}" in pattern else ""
+    for prefix, suffix, sender in SECRET_ROUTES:
+        if len(parts) == len(prefix) + 1 + len(suffix) and parts[len(prefix)] and \
+                parts[:len(prefix)] == prefix and parts[len(prefix) + 1:] == suffix:
+            return sender, sender.path, parts[len(prefix)]
     return None, "", ""
 
 
@@ -821,8 +849,7 @@ SEVERITY = (State.FAILED, State.ROLLED_BACK, State.UPDATED, State.DRY_RUN, State
 CHANGED = frozenset({State.UPDATED, State.ROLLED_BACK, State.FAILED})
 
 
-@dataclasses.dataclass
-class Outcome:
+class Outcome(NamedTuple):
     """How the update of one service ended."""
 
     result: State = State.FAILED
@@ -831,8 +858,7 @@ class Outcome:
     reason: Optional[str] = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One timed step of a deployment, as logged and shown in the view."""
 
     service: str
@@ -845,32 +871,29 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@dataclasses.dataclass
 class Deployment:
     """One requested update of one or more services, as shown in the deployments view."""
 
-    id: str
-    sender: str
-    key: ImageKey
-    digest: Optional[str]
-    services: List[str]
-    state: State = State.QUEUED
-    hooks: int = 1
-    created: str = dataclasses.field(default_factory=_now)
-    started: Optional[str] = None
-    finished: Optional[str] = None
-    results: Dict[str, State] = dataclasses.field(default_factory=dict)
-    steps: List[Step] = dataclasses.field(default_factory=list)
-    error: Optional[str] = None
-    logs: List[str] = dataclasses.field(default_factory=list)
+    FIELDS = ("id", "sender", "digest", "services", "state", "hooks", "created", "started", "finished", "results",
+              "steps", "error", "logs")
+
+    def __init__(self, id: str, sender: str, key: ImageKey, digest: Optional[str], services: List[str]):
+        self.id, self.sender, self.key, self.digest, self.services = id, sender, key, digest, services
+        self.state, self.hooks, self.created = State.QUEUED, 1, _now()
+        self.started: Optional[str] = None
+        self.finished: Optional[str] = None
+        self.results: Dict[str, State] = {}
+        self.steps: List[Step] = []
+        self.error: Optional[str] = None
+        self.logs: List[str] = []
 
     def view(self) -> dict:
-        fields = dataclasses.asdict(self)
-        del fields["key"]
-        fields["state"] = self.state.value
-        fields["results"] = {service: state.value for service, state in self.results.items()}
-        return {"id": self.id, "image": f"{self.key.registry}/{self.key.repository}", "tag": self.key.tag,
-                **fields}
+        """The JSON shape of /deployments."""
+        fields = {name: getattr(self, name) for name in self.FIELDS}
+        fields.update(state=self.state.value, services=list(self.services), logs=list(self.logs),
+                      results={service: state.value for service, state in self.results.items()},
+                      steps=[step._asdict() for step in self.steps])
+        return {"image": f"{self.key.registry}/{self.key.repository}", "tag": self.key.tag, **fields}
 
 
 class DeployFailed(Exception):
@@ -919,8 +942,7 @@ class StepLog:
                 self.deployment.logs.append(f"{self.service}: {line}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Submitted:
+class Submitted(NamedTuple):
     """What became of one pushed image: the deployment it joined (None: nothing runs it)."""
 
     deployment: Optional[Deployment]
@@ -962,7 +984,7 @@ class WorkQueue:
                     return Submitted(queued, services, True)
             if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
                 return None
-            deployment = Deployment(secrets.token_hex(6), event.sender, event.image, event.digest, list(services))
+            deployment = Deployment(os.urandom(6).hex(), event.sender, event.image, event.digest, list(services))
             self.queue.append(deployment)
             self.history.append(deployment)
             self.lock.notify_all()
@@ -1114,8 +1136,7 @@ class Verdict(enum.Enum):
     FAILED = "failed"
 
 
-@dataclasses.dataclass(frozen=True)
-class Health:
+class Health(NamedTuple):
     """A verdict on a service's new containers at one moment, with what it waits for or why it failed."""
 
     verdict: Verdict
@@ -1158,8 +1179,7 @@ def judge(containers: Sequence[Container], expected: int, first_seen: Mapping[st
     return Health(Verdict.WAIT, waiting)
 
 
-@dataclasses.dataclass(frozen=True)
-class ComposeLocation:
+class ComposeLocation(NamedTuple):
     """Which project Compose works on, and where each part of that came from."""
 
     project_name: Optional[str]
@@ -1253,29 +1273,25 @@ class ComposeProject(Target):
 
     def update(self, service: str, digest: Optional[str], steps: StepLog) -> Outcome:
         """Pull; stop if unchanged; else replace and wait; roll back on failure; clean up on success."""
-        outcome = Outcome()
         try:
             old = steps.step("inspect", lambda: self.docker.containers(service))
             steps.step("pull", lambda: self.docker.pull(service))
             image = old[0].image if old else None
             new_id = steps.step("compare", lambda: self.docker.image_id(image)) if image else None
         except DeployFailed as error:
-            outcome.reason = str(error)
-            return outcome
+            return Outcome(reason=str(error))
         old_ids = sorted({c.image_id for c in old})
-        outcome.old_image, outcome.new_image = (old_ids[0] if old_ids else None), new_id
+        outcome = Outcome(old_image=old_ids[0] if old_ids else None, new_image=new_id)
         if old and all(c.image_id == new_id for c in old):
-            outcome.result = State.UP_TO_DATE
-            return outcome
+            return outcome._replace(result=State.UP_TO_DATE)
         try:
             self.replace(service, old, steps)
         except DeployFailed as error:
-            return self.roll_back(service, image, old_ids, str(error), outcome, steps)
-        outcome.result = State.DRY_RUN if self.docker.dry else State.UPDATED
+            return self.roll_back(service, image, old_ids, outcome._replace(reason=str(error)), steps)
         for old_id in old_ids:
             if old_id != new_id:
                 self.remove_old_image(old_id, steps)
-        return outcome
+        return outcome._replace(result=State.DRY_RUN if self.docker.dry else State.UPDATED)
 
     def replace(self, service: str, old: Sequence[Container], steps: StepLog, prefix: str = "") -> None:
         """Stop and remove the old containers, `compose up` the service, wait until it is ready."""
@@ -1324,27 +1340,24 @@ class ComposeProject(Target):
             steps.sleep(delay)
             delay = min(delay * 1.5, POLL_MAX)
 
-    def roll_back(self, service: str, image: Optional[str], old_ids: List[str], reason: str,
-                  outcome: Outcome, steps: StepLog) -> Outcome:
+    def roll_back(self, service: str, image: Optional[str], old_ids: List[str], failed: Outcome,
+                  steps: StepLog) -> Outcome:
         """Put the previous image back under the service's image name and recreate the service from it."""
-        outcome.reason = reason
-        log.error("%s update failed: %s; rolling back", steps.label, reason)
+        log.error("%s update failed: %s; rolling back", steps.label, failed.reason)
         if not image or len(old_ids) != 1:
-            outcome.reason = f"{reason}; no previous image to roll back to, fix the service by hand"
-            return outcome
+            return failed._replace(reason=f"{failed.reason}; no previous image to roll back to, fix the service by hand")
         try:
             steps.step("rollback-tag", lambda: self.docker.tag(old_ids[0], image))
             self.replace(service, self.docker.containers(service), steps, prefix="rollback-")
         except (DeployFailed, CommandError) as error:
             hint = (f"run by hand in {self.docker.location.working_dir}: docker tag {old_ids[0]} {image} && "
                     f"{' '.join(self.docker.command)} up -d --no-deps {service}")
-            outcome.reason = f"{reason}; rollback failed too ({error}); {hint}"
-            log.error("%s ROLLBACK FAILED: %s", steps.label, outcome.reason)
-            return outcome
-        outcome.result = State.ROLLED_BACK
+            reason = f"{failed.reason}; rollback failed too ({error}); {hint}"
+            log.error("%s ROLLBACK FAILED: %s", steps.label, reason)
+            return failed._replace(reason=reason)
         log.warning("%s rolled back to %s; the failed image %s is kept for inspection", steps.label,
-                    old_ids[0][:19], outcome.new_image)
-        return outcome
+                    old_ids[0][:19], failed.new_image)
+        return failed._replace(result=State.ROLLED_BACK)
 
     def remove_old_image(self, image_id: str, steps: StepLog) -> None:
         """Remove the replaced image; keep it, with a log line, if Docker says it is still in use."""
@@ -1478,6 +1491,14 @@ def stderr_tail(stderr: str) -> str:
     return tail
 
 
+UNSAFE_RE = re.compile(r"[^\w@%+=:,./-]", re.ASCII)
+
+
+def shown(argv: Sequence[str]) -> str:
+    """An argv as a shell would need it typed, for the log (shlex.join's rules, without its import)."""
+    return " ".join(a if a and not UNSAFE_RE.search(a) else "'" + a.replace("'", "'\"'\"'") + "'" for a in argv)
+
+
 def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
                 cwd: Optional[str] = None, quiet: bool = False, both: bool = False, mutates: bool = False) -> str:
     """Run one command (argv list, no shell) with a timeout; log it; return stdout (with both, and
@@ -1487,17 +1508,17 @@ def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[st
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
                               env=dict(env) if env is not None else None, cwd=cwd)
     except subprocess.TimeoutExpired:
-        log.warning("command %s timed out after %ss", shlex.join(argv), timeout)
+        log.warning("command %s timed out after %ss", shown(argv), timeout)
         raise CommandError(argv, None, f"no answer within {timeout:g}s") from None
     except OSError as error:
-        log.warning("command %s could not start: %s", shlex.join(argv), error.strerror)
+        log.warning("command %s could not start: %s", shown(argv), error.strerror)
         raise CommandError(argv, 127, error.strerror or "could not start") from None
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         tail = stderr_tail(proc.stderr or "")
-        log.warning("command %s exit=%s seconds=%.2f stderr=%r", shlex.join(argv), proc.returncode, seconds, tail)
+        log.warning("command %s exit=%s seconds=%.2f stderr=%r", shown(argv), proc.returncode, seconds, tail)
         raise CommandError(argv, proc.returncode, tail)
-    log.log(logging.DEBUG if quiet else logging.INFO, "command %s exit=0 seconds=%.2f", shlex.join(argv), seconds)
+    log.log(logging.DEBUG if quiet else logging.INFO, "command %s exit=0 seconds=%.2f", shown(argv), seconds)
     return proc.stdout + (proc.stderr or "") if both else proc.stdout
 
 
@@ -1518,15 +1539,14 @@ class DryRunner:
 
     def __call__(self, argv: Sequence[str], *, mutates: bool = False, **kwargs) -> str:
         if mutates:
-            log.info("dry-run would run: %s", shlex.join(argv))
+            log.info("dry-run would run: %s", shown(argv))
             return ""
         if list(argv[:3]) == ["docker", "image", "inspect"]:
             return DRY_RUN_IMAGE
         return self.runner(argv, **kwargs)
 
 
-@dataclasses.dataclass(frozen=True)
-class Container:
+class Container(NamedTuple):
     """What `docker inspect` says about one container."""
 
     id: str
@@ -1639,6 +1659,7 @@ class Compose:
 def detect_compose(config: Config, runner: Runner) -> Tuple[List[str], str]:
     """Find the Compose command and its version: COMPOSE_COMMAND, else `docker compose`, else `docker-compose`."""
     if config.compose_command != "auto":
+        import shlex  # only for a COMPOSE_COMMAND given by hand: it costs memory
         candidates = [shlex.split(config.compose_command)]
     else:
         candidates = [["docker", "compose"], ["docker-compose"]]
@@ -1787,7 +1808,7 @@ class Metrics:
 
 
 # ==========================================================================================
-# The HTTP transport: an asyncio front that buffers requests and parses heads with http.server
+# The HTTP transport: one selector loop that buffers requests and parses heads with http.server
 # ==========================================================================================
 
 REJECT_LOG_INTERVAL = 60.0
@@ -1838,8 +1859,17 @@ class RejectLog:
         self.window_start, self.counts = None, collections.Counter()
 
 
+ENCODED: Dict[Tuple[int, bool], bytes] = {}
+
+
 def encode(response: Response, keep_alive: bool) -> bytes:
     """A complete HTTP/1.1 response: short JSON (or the metrics text) and fixed headers."""
+    key = (id(response), keep_alive)
+    if key in ENCODED:
+        return ENCODED[key]
+    if response.status >= 400 and refusal(response.status, response.payload["reason"], response.headers) is response:
+        ENCODED[key] = encode(Response(*response), keep_alive)  # the refusals live as long as the process
+        return ENCODED[key]
     if isinstance(response.payload, str):
         body, kind = response.payload.encode(), "text/plain; version=0.0.4; charset=utf-8"
     else:
@@ -1851,245 +1881,330 @@ def encode(response: Response, keep_alive: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-class HeadParser(http.server.BaseHTTPRequestHandler):
-    """http.server's own parsing of a request line and headers, run on a head already read; writes nothing."""
-
-    protocol_version = "HTTP/1.1"
-
-    def __init__(self, head: bytes):  # pylint: disable=super-init-not-called
-        self.rfile, self.wfile = io.BytesIO(head), io.BytesIO()
-        self.error, self.expects_continue, self.command = None, False, None
-        self.raw_requestline = self.rfile.readline(MAX_HEADER_BYTES + 1)
-        self.valid = self.parse_request()
-
-    def handle_expect_100(self) -> bool:
-        self.expects_continue = True
-        return True
-
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        self.error = HTTPStatus(code)
+HEAD_CACHE_SIZE, HEAD_CACHE_BYTES = 64, 1024
 
 
-class Connection(asyncio.Protocol):
-    """One client connection: buffers bytes until a request is whole, answers, keeps alive if it may."""
+def parse_head(head: bytes, cache: Dict[bytes, object]):
+    """http.server's parse of a head; a small head seen lately is not parsed again (floods repeat themselves)."""
+    parsed = cache.get(head)
+    if parsed is None:
+        parsed = head_parser()(head)
+        if len(head) <= HEAD_CACHE_BYTES:
+            if len(cache) >= HEAD_CACHE_SIZE:
+                cache.clear()
+            cache[head] = parsed
+    return parsed
 
-    def __init__(self, server: "HookServer"):
-        self.server, self.buffer = server, bytearray()
+
+@functools.lru_cache(maxsize=None)
+def head_parser() -> type:
+    """http.server's request handler, made to parse a head already read and write nothing."""
+    import http.server  # here, not at the top: the port opens before this import's 15 ms
+
+    class HeadParser(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def __init__(self, head: bytes):  # pylint: disable=super-init-not-called
+            self.rfile, self.wfile = io.BytesIO(head), io.BytesIO()
+            self.error, self.expects_continue, self.command = None, False, None
+            self.raw_requestline = self.rfile.readline(MAX_HEADER_BYTES + 1)
+            self.valid = self.parse_request()
+
+        def handle_expect_100(self) -> bool:
+            self.expects_continue = True
+            return True
+
+        def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+            self.error = HTTPStatus(code)
+
+    return HeadParser
+
+
+class Connection:
+    """One client connection: the bytes read so far, the answer not yet sent, and where it stands."""
+
+    __slots__ = ("sock", "peer", "buffer", "out", "request", "first_line", "keep_alive", "skip", "closing",
+                 "drain", "waiting", "deadline")
+
+    def __init__(self, sock: socket.socket, peer: str, deadline: float):
+        self.sock, self.peer, self.deadline = sock, peer, deadline
+        self.buffer, self.out = bytearray(), bytearray()
         self.request: Optional[Request] = None
         self.first_line, self.keep_alive, self.skip = "", False, 0
-        self.busy = self.closing = False
-        self.deadline = server.loop.time() + server.request_timeout
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        self.peer = (transport.get_extra_info("peername") or ("?",))[0]
-        self.server.opened(self)
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.server.connections.pop(self, None)
-
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return  # draining what a refused client still sends
-        if not self.buffer and self.request is None:
-            self.deadline = self.server.loop.time() + self.server.request_timeout
-        self.buffer += data
-        self.advance()
-
-    def advance(self) -> None:
-        """Handle every request that is whole in the buffer, in order."""
-        while not self.busy and not self.closing:
-            if self.skip:
-                dropped = min(self.skip, len(self.buffer))
-                del self.buffer[:dropped]
-                self.skip -= dropped
-                if self.skip:
-                    return
-            elif self.request is None:
-                if not self.read_head():
-                    return
-            elif len(self.buffer) >= self.request.length:
-                body = bytes(self.buffer[:self.request.length])
-                del self.buffer[:self.request.length]
-                self.answer(self.request, body)
-            else:
-                return
-
-    def read_head(self) -> bool:
-        """Parse the next head if it is whole; False when it is not, or the connection closes."""
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0 or end + 4 > MAX_HEADER_BYTES:
-            if len(self.buffer) > MAX_HEADER_BYTES:
-                self.refuse(refusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request header fields too large"))
-            return False
-        head = bytes(self.buffer[:end + 4])
-        del self.buffer[:end + 4]
-        self.first_line = head[:200].split(b"\r\n", 1)[0].decode("latin-1")
-        parsed = HeadParser(head)
-        if not parsed.valid:
-            status = parsed.error or HTTPStatus.BAD_REQUEST
-            self.refuse(refusal(status, status.phrase.lower()))
-            return False
-        self.keep_alive = not parsed.close_connection
-        begun = self.server.app.begin(parsed.command, parsed.path, parsed.headers)
-        if isinstance(begun, Response):
-            length = body_length(parsed.command, parsed.headers)
-            if isinstance(length, Response):
-                self.refuse(begun, drain=True)
-                return False
-            self.respond(begun)
-            self.skip = length
-            return True
-        self.request = begun
-        if parsed.expects_continue and len(self.buffer) < begun.length:
-            # curl sends a body over 1 KiB only after this, or after waiting a second for it.
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return True
-
-    def answer(self, request: Request, body: bytes) -> None:
-        """Answer through the App, after start-up discovery when the endpoint needs it."""
-        if self.server.ready.is_set() or not self.server.app.needs_target(request):
-            self.respond(self.server.app_finish(request, body))
-            return
-        self.busy = True
-        self.server.loop.create_task(self.answer_when_ready(request, body))
-
-    async def answer_when_ready(self, request: Request, body: bytes) -> None:
-        try:
-            await asyncio.wait_for(self.server.ready.wait(), STARTUP_WAIT)
-            response = self.server.app_finish(request, body)
-        except asyncio.TimeoutError:
-            response = refusal(HTTPStatus.SERVICE_UNAVAILABLE, "gopdater is starting")
-        self.busy = False
-        if not self.transport.is_closing():
-            self.respond(response)
-            self.advance()
-
-    def respond(self, response: Response, close: bool = False) -> None:
-        """Send the answer, log it (the secret redacted), and get ready for the next request."""
-        keep = self.keep_alive and not close and not self.server.stopping
-        self.transport.write(encode(response, keep))
-        self.server.log_request(self, response.status)
-        self.request = None
-        self.deadline = self.server.loop.time() + self.server.request_timeout
-        if self in self.server.connections:
-            self.server.connections.move_to_end(self)
-        if not keep:
-            self.closing = True
-            self.transport.close()
-
-    def refuse(self, response: Response, drain: bool = False) -> None:
-        """Answer a malformed or oversized request and close; with drain, read what is still sent first."""
-        if not drain:
-            self.respond(response, close=True)
-            return
-        self.keep_alive = False
-        self.transport.write(encode(response, False))
-        self.server.log_request(self, response.status)
-        self.closing = True
-        # Closing with unread data would reset the connection before the client reads the answer.
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.deadline = self.server.loop.time() + DRAIN_SECONDS
-
-    def expire(self) -> None:
-        """The request did not arrive in time (408), or an idle or draining connection's time is up."""
-        if self.busy:
-            return  # waiting for start-up, bounded by STARTUP_WAIT
-        if not self.closing and (self.request is not None or self.buffer):
-            self.respond(refusal(HTTPStatus.REQUEST_TIMEOUT, "request timeout"), close=True)
-        else:
-            self.closing = True
-            self.transport.close()
+        self.closing = False  # answered for the last time; anything more the client sends is dropped
+        self.drain = False  # after the last answer, read and drop what the client still sends, then close
+        self.waiting: Optional[Tuple[Request, bytes, float]] = None  # a request held until start-up is done
 
 
 class HookServer:
-    """Serves the App on a listening socket from one asyncio loop: no thread per connection.
+    """Serves the App from one thread with a selector: no thread per connection, keep-alive for
+    well-formed requests, rejected or not.
 
     An idle or slow client costs a buffer for at most REQUEST_TIMEOUT; at most MAX_CONNECTIONS are
-    held (the least recently active is dropped beyond).
+    held (the least recently active one is dropped beyond).
     """
 
-    def __init__(self, sock, app: App, *, max_connections: int = 512, request_timeout: float = 10.0,
+    def __init__(self, sock: socket.socket, app: App, *, max_connections: int = 512, request_timeout: float = 10.0,
                  rejects: Optional[RejectLog] = None):
-        self.sock, self.app = sock, app
+        self.listener, self.app = sock, app
+        self.listener.setblocking(False)
         self.server_address = sock.getsockname()[:2]
         self.max_connections, self.request_timeout = max_connections, request_timeout
         self.rejects = rejects or RejectLog()
         self.connections: "collections.OrderedDict[Connection, None]" = collections.OrderedDict()
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
         self.pending: collections.deque = collections.deque()
+        self.heads: Dict[bytes, object] = {}
+        head_parser()
+        self.ready = app.queue is not None
         self.stopping = False
 
-    async def serve(self) -> None:
-        """Accept and answer until shutdown(); then close every connection."""
-        self.loop = asyncio.get_running_loop()
-        self.ready, self.stop = asyncio.Event(), asyncio.Event()
-        if getattr(self.app, "queue", None) is not None:
-            self.ready.set()
-        server = await self.loop.create_server(lambda: Connection(self), sock=self.sock)
-        sweeper = self.loop.create_task(self.sweep())
-        self.run_pending()
-        try:
-            await self.stop.wait()
-        finally:
-            self.stopping = True
-            server.close()
-            sweeper.cancel()
-            for connection in list(self.connections):
-                connection.transport.close()
-            await asyncio.sleep(0)
+    # -- the loop -----------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        asyncio.run(self.serve())
+        """Accept, read and answer until shutdown(); then close every connection."""
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        next_sweep = time.monotonic() + SWEEP_SECONDS
+        try:
+            while not self.stopping:
+                for key, mask in self.selector.select(timeout=SWEEP_SECONDS):
+                    if key.data == "accept":
+                        self.accept()
+                    elif key.data == "wake":
+                        self.run_pending()
+                    elif mask & selectors.EVENT_WRITE:
+                        self.flush(key.data)
+                    else:
+                        self.read(key.data)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SWEEP_SECONDS
+                    self.sweep()
+        finally:
+            self.close()
 
     def call(self, function: Callable[[], None]) -> None:
-        """Run function on the loop (once it runs), from any thread or a signal handler; takes no lock."""
+        """Run function on the loop's thread soon; safe from any thread or a signal handler."""
         self.pending.append(function)
-        loop = self.loop
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(self.run_pending)
-            except RuntimeError:  # the loop has just closed
-                pass
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
 
     def run_pending(self) -> None:
+        try:
+            self.wake_r.recv(4096)
+        except OSError:
+            pass
         while self.pending:
             self.pending.popleft()()
 
     def shutdown(self) -> None:
-        self.call(lambda: self.stop.set())
+        self.call(lambda: setattr(self, "stopping", True))
 
     def mark_ready(self) -> None:
         """Start-up discovery is done: answer the requests that waited for it."""
-        self.call(lambda: self.ready.set())
+        self.call(self.release_waiting)
 
-    def app_finish(self, request: Request, body: bytes) -> Response:
+    def release_waiting(self) -> None:
+        self.ready = True
+        for connection in [c for c in self.connections if c.waiting]:
+            request, body, _ = connection.waiting
+            connection.waiting = None
+            self.respond(connection, self.finish(request, body))
+            self.advance(connection)
+
+    def close(self) -> None:
+        for connection in list(self.connections):
+            self.drop(connection)
+        self.selector.close()
+        self.listener.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+    # -- connections --------------------------------------------------------------------------
+
+    def accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # e.g. out of file descriptors: make room
+                log.warning("accept failed: %s", error)
+                self.evict_oldest()
+                return
+            if len(self.connections) >= self.max_connections:
+                self.evict_oldest()
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = Connection(sock, str(address[0]), time.monotonic() + self.request_timeout)
+            self.connections[connection] = None
+            self.selector.register(sock, selectors.EVENT_READ, connection)
+
+    def evict_oldest(self) -> None:
+        if self.connections:
+            oldest = next(iter(self.connections))
+            self.respond(oldest, refusal(HTTPStatus.SERVICE_UNAVAILABLE, "service unavailable"), close=True)
+            self.drop(oldest)
+
+    def read(self, connection: Connection) -> None:
+        try:
+            chunk = connection.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.drop(connection)
+        elif not connection.closing:
+            if not connection.buffer and connection.request is None:
+                connection.deadline = time.monotonic() + self.request_timeout
+            connection.buffer += chunk
+            self.advance(connection)
+
+    def advance(self, c: Connection) -> None:
+        """Handle every request that is whole in the buffer, in order."""
+        while not c.closing and c.waiting is None and len(c.out) < MAX_BODY_BYTES:
+            if c.skip:
+                dropped = min(c.skip, len(c.buffer))
+                del c.buffer[:dropped]
+                c.skip -= dropped
+                if c.skip:
+                    return
+            elif c.request is None:
+                if not self.read_head(c):
+                    return
+            elif len(c.buffer) >= c.request.length:
+                body = bytes(c.buffer[:c.request.length])
+                del c.buffer[:c.request.length]
+                self.answer(c, c.request, body)
+            else:
+                return
+
+    def read_head(self, c: Connection) -> bool:
+        """Parse the next head if it is whole; False when it is not, or the connection closes."""
+        end = c.buffer.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > MAX_HEADER_BYTES:
+            if len(c.buffer) > MAX_HEADER_BYTES:
+                status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+                self.respond(c, refusal(status, status.phrase.lower()), close=True)
+            return False
+        head = bytes(c.buffer[:end + 4])
+        del c.buffer[:end + 4]
+        c.first_line = head[:200].split(b"\r\n", 1)[0].decode("latin-1")
+        parsed = parse_head(head, self.heads)
+        if not parsed.valid:
+            status = parsed.error or HTTPStatus.BAD_REQUEST
+            self.respond(c, refusal(status, status.phrase.lower()), close=True)
+            return False
+        c.keep_alive = not parsed.close_connection
+        begun = self.app.begin(parsed.command, parsed.path, parsed.headers)
+        if isinstance(begun, Response):
+            length = body_length(parsed.command, parsed.headers)
+            # A refused size means the body is not read: answer, then let the client finish sending.
+            self.respond(c, begun, close=isinstance(length, Response), drain=isinstance(length, Response))
+            c.skip = 0 if isinstance(length, Response) else length
+            return not c.closing
+        c.request = begun
+        if parsed.expects_continue and len(c.buffer) < begun.length:
+            # curl sends a body over 1 KiB only after this, or after waiting a second for it.
+            self.send(c, b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def answer(self, c: Connection, request: Request, body: bytes) -> None:
+        """Answer through the App, holding the request until start-up discovery is done if it needs that."""
+        c.request = None
+        if self.ready or not self.app.needs_target(request):
+            self.respond(c, self.finish(request, body))
+        else:
+            c.waiting = (request, body, time.monotonic() + STARTUP_WAIT)
+
+    def finish(self, request: Request, body: bytes) -> Response:
         try:
             return self.app.finish(request, body)
         except Exception:
             log.exception("internal error answering %s", request.endpoint)
             return refusal(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
 
-    def opened(self, connection: Connection) -> None:
-        if len(self.connections) >= self.max_connections:
-            oldest = next(iter(self.connections))
-            self.connections.pop(oldest)
-            oldest.refuse(refusal(HTTPStatus.SERVICE_UNAVAILABLE, "service unavailable"))
-        self.connections[connection] = None
+    def respond(self, c: Connection, response: Response, close: bool = False, drain: bool = False) -> None:
+        """Send the answer and log it (the secret redacted); close after it when it must."""
+        keep = c.keep_alive and not close and not self.stopping
+        self.send(c, encode(response, keep))
+        self.log_request(c, response.status)
+        c.keep_alive, c.deadline = keep, time.monotonic() + self.request_timeout
+        if c in self.connections:
+            self.connections.move_to_end(c)
+        if not keep:
+            c.closing, c.drain = True, drain
+            if not c.out:
+                self.end(c)
 
-    async def sweep(self) -> None:
-        """Expire connections whose time is up, and flush the rejection summary."""
-        while True:
-            await asyncio.sleep(SWEEP_SECONDS)
-            now = self.loop.time()
-            for connection in [c for c in self.connections if c.deadline <= now]:
-                connection.expire()
-            self.rejects.flush()
+    def end(self, c: Connection) -> None:
+        """After the last answer is sent: close, or with drain half-close and drop what still comes."""
+        if not c.drain:
+            self.drop(c)
+            return
+        # Closing with unread data would reset the connection before the client reads the answer.
+        try:
+            c.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        c.deadline = time.monotonic() + DRAIN_SECONDS
 
-    def log_request(self, connection: Connection, status: HTTPStatus) -> None:
+    def send(self, c: Connection, data: bytes) -> None:
+        if not c.out:
+            try:
+                data = data[c.sock.send(data):]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                data = b""
+            if data:
+                self.selector.modify(c.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
+        c.out += data
+
+    def flush(self, c: Connection) -> None:
+        try:
+            del c.out[:c.sock.send(c.out)]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            c.out.clear()
+        if not c.out:
+            self.selector.modify(c.sock, selectors.EVENT_READ, c)
+            if c.closing:
+                self.end(c)
+            else:
+                self.advance(c)
+
+    def drop(self, c: Connection) -> None:
+        self.connections.pop(c, None)
+        try:
+            self.selector.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        c.sock.close()
+
+    def sweep(self) -> None:
+        """408 for requests not whole in time, 503 for those that waited too long for start-up; drop the idle."""
+        now = time.monotonic()
+        for c in list(self.connections):
+            if c.waiting is not None and c.waiting[2] <= now:
+                c.waiting = None
+                self.respond(c, refusal(HTTPStatus.SERVICE_UNAVAILABLE, "gopdater is starting"))
+            elif c.waiting is None and c.deadline <= now:
+                if not c.closing and (c.request is not None or c.buffer):
+                    self.respond(c, refusal(HTTPStatus.REQUEST_TIMEOUT, "request timeout"), close=True)
+                self.drop(c)
+        self.rejects.flush()
+
+    def log_request(self, c: Connection, status: HTTPStatus) -> None:
         """The access log: rejected requests summarised, the secret never shown."""
-        line = lambda: redact(f'{connection.peer} "{connection.first_line}" {status.value}', self.app.config.secret)
+        def line() -> str:
+            return redact(f'{c.peer} "{c.first_line}" {status.value}', self.app.config.secret)
         if status >= 400:
             self.app.metrics.rejected(status)
             self.rejects.note(status.value, line)
@@ -2130,7 +2245,6 @@ def run_check(config: Config, runner: Runner = None, out=None) -> int:
 
 def listen(host: str, port: int):
     """The listening socket (dual-stack for HOST=::)."""
-    import socket
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=1024, reuse_port=False,
                                 dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())

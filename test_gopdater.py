@@ -1279,7 +1279,7 @@ class AppTest(unittest.TestCase):
 
     def test_github_signature_matches_the_documented_test_vector(self):
         """GitHub's documented vector: secret "It's a Secret to Everybody", body "Hello, World!"."""
-        config = gopdater.dataclasses.replace(make_config(), secret="It's a Secret to Everybody")
+        config = make_config()._replace(secret="It's a Secret to Everybody")
         check = next(s for s in gopdater.SENDERS if s.name == "ghcr").authenticate
         expected = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
         secret = config.secret.encode()
