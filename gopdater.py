@@ -2132,8 +2132,8 @@ class HookServer:
     def respond(self, c: Connection, response: Response, close: bool = False, drain: bool = False) -> None:
         """Send the answer and log it (the secret redacted); close after it when it must."""
         keep = c.keep_alive and not close and not self.stopping
+        self.log_request(c, response.status)  # before the answer leaves, so a client that got it finds it logged
         self.send(c, encode(response, keep))
-        self.log_request(c, response.status)
         c.keep_alive, c.deadline = keep, time.monotonic() + self.request_timeout
         if c in self.connections:
             self.connections.move_to_end(c)

@@ -86,6 +86,22 @@ def site_text(port):
     return body.decode().strip() if status == 200 else None
 
 
+def project_read(port):
+    """True once gopdater has read the project: /deployments answers only then."""
+    try:
+        return http("GET", f"http://127.0.0.1:{port}/deployments", timeout=2,
+                    headers={"Authorization": f"Bearer {SECRET}"})[0] == 200
+    except OSError:
+        return False
+
+
+def stop_process(process):
+    """Kill a process the test started, if it still runs."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
 def healthz_ok(port):
     try:
         return http("GET", f"http://127.0.0.1:{port}/healthz", timeout=1)[0] == 200
@@ -317,7 +333,9 @@ class Poller(threading.Thread):
 
 
 class EngineScenario:
-    """One Compose flavour, end to end; the numbered tests run in order and build on each other."""
+    """One Compose flavour, end to end. The registry, images, project and gopdater are made once per class;
+    each test first brings them back to a known state (site on v1, latest = v1, gopdater running), so
+    the tests run in any order and one failure does not spill into the next."""
 
     flavour = None
     from_elsewhere = False  # start gopdater outside the project folder, pointing COMPOSE_FILE at it
@@ -371,30 +389,47 @@ services:
 """)
         run([*cls.compose, "up", "-d"], cwd=cls.folder, timeout=300, env=clean_env(PWD=str(cls.folder)))
         wait_for(lambda: cls.site() == "acme site v1", 30, "the site to serve v1")
-        cls.start_gopdater()
+        cls.gp_log = cls.tmp / "gopdater.log"
+        cls.gopdater = cls.start_gopdater(cls.gp_port, cls.gp_log)
+
+    def setUp(self):
+        """The known state: both registries up, latest = v1, the site serving v1, gopdater answering."""
+        for registry in (self.registry, self.notifier):
+            if not registry.answers():
+                registry.start()
+        self.registry.retag("v1")
+        if self.container()["Image"] != self.images["v1"] or self.site() != "acme site v1":
+            env = clean_env(PWD=str(self.folder))
+            run([*self.compose, "pull", "site"], cwd=self.folder, timeout=300, env=env)
+            run([*self.compose, "up", "-d", "site"], cwd=self.folder, timeout=300, env=env)
+            wait_for(lambda: self.site() == "acme site v1", 30, "the site to serve v1 again")
+        if self.gopdater.poll() is not None:
+            type(self).gopdater = self.start_gopdater(self.gp_port, self.gp_log)
 
     @classmethod
-    def start_gopdater(cls):
+    def start_gopdater(cls, port, log_path):
+        """Start gopdater as a user would, on this port, logging to this file; return the process."""
         env = clean_env(OWNER=f"acme,127.0.0.1:{cls.notify_port}/acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1",
-                        PORT=str(cls.gp_port), HEALTH_TIMEOUT="30", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
+                        PORT=str(port), HEALTH_TIMEOUT="30", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
                         SERVICES=f"acme/site=site,127.0.0.1:{cls.notify_port}/acme/site=site",
                         COMPOSE_COMMAND=" ".join(cls.compose))
         cwd = cls.folder
         if cls.socket_proxy:
-            cls.proxy = RecordingSocketProxy(cls.tmp / "docker.sock")
-            cls.proxy.start()
-            cls.addClassCleanup(cls.proxy.stop)
+            if getattr(cls, "proxy", None) is None:
+                cls.proxy = RecordingSocketProxy(cls.tmp / "docker.sock")
+                cls.proxy.start()
+                cls.addClassCleanup(cls.proxy.stop)
             env["DOCKER_HOST"] = f"unix://{cls.tmp / 'docker.sock'}"
         if cls.from_elsewhere:
             cwd = cls.tmp / "elsewhere"
-            cwd.mkdir()
+            cwd.mkdir(exist_ok=True)
             env["COMPOSE_FILE"] = os.path.relpath(cls.folder / "docker-compose.yml", cwd)
-        cls.gp_log = cls.tmp / "gopdater.log"
-        with open(cls.gp_log, "wb") as log:
-            cls.gopdater = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cwd, env=env,
-                                            stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: cls.gopdater.poll() is not None or healthz_ok(cls.gp_port), 60, "gopdater to answer /healthz")
-        assert cls.gopdater.poll() is None, f"gopdater exited: {cls.gp_log.read_text()}"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cwd, env=env,
+                                       stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: process.poll() is not None or project_read(port), 60, "gopdater to read the project")
+        assert process.poll() is None, f"gopdater exited: {log_path.read_text()}"
+        return process
 
     @classmethod
     def cleanup(cls):
@@ -459,7 +494,7 @@ services:
 
     # -- the scenario ---------------------------------------------------------------------------
 
-    def test_1_forged_and_replayed_hooks_change_nothing(self):
+    def test_forged_and_replayed_hooks_change_nothing(self):
         """Wrong secret and wrong owner are refused; a replay with no new image restarts nothing."""
         before = self.container()["Id"]
         poller = Poller(f"http://127.0.0.1:{self.site_port}/")
@@ -478,7 +513,7 @@ services:
         print(f"\n[{self.flavour}] replayed hook: state up-to-date, longest gap between polls {gap * 1000:.0f} ms",
               file=sys.stderr)
 
-    def test_2_push_updates_the_service_in_place(self):
+    def test_push_updates_the_service_in_place(self):
         """A push of v2 is served within the bound, in the same project, same bind mounts; v1 is removed."""
         old = self.container()
         started = time.monotonic()
@@ -501,9 +536,9 @@ services:
         print(f"\n[{self.flavour}] update v1 -> v2: {elapsed:.1f} s from push to done; recorded downtime "
               f"{downtime:.2f} s; longest gap seen by a 20 ms poller {gap * 1000:.0f} ms", file=sys.stderr)
 
-    def test_3_burst_of_hooks_gives_at_most_two_deployments(self):
+    def test_burst_of_hooks_gives_at_most_two_deployments(self):
         """Ten hooks for one push give at most two deployments, and the site ends on that push."""
-        self.registry.retag("v1")
+        self.registry.retag("v2")
         replies = []
         threads = [threading.Thread(target=lambda: replies.append(self.hook())) for _ in range(10)]
         for thread in threads:
@@ -514,12 +549,12 @@ services:
         ids = {reply["id"] for _, reply in replies}
         self.assertLessEqual(len(ids), 2)
         records = [self.finished(i) for i in ids]
-        self.assertEqual(self.site(), "acme site v1")
+        self.assertEqual(self.site(), "acme site v2")
         self.assertIn("updated", [r["state"] for r in records])
         print(f"\n[{self.flavour}] burst of 10 hooks: {len(ids)} deployment(s): "
               f"{', '.join(r['state'] for r in records)}", file=sys.stderr)
 
-    def test_4_failed_pull_keeps_the_old_container_serving(self):
+    def test_failed_pull_keeps_the_old_container_serving(self):
         """With the registry down the pull fails, the deployment is failed and the site never stops."""
         before = self.container()["Id"]
         self.registry.stop()
@@ -533,7 +568,7 @@ services:
         self.assertEqual(poller.failed, 0, "the site served throughout")
         self.assertEqual(self.site(), "acme site v1")
 
-    def test_5_broken_image_is_rolled_back(self):
+    def test_broken_image_is_rolled_back(self):
         """A v3 whose process exits at once is rolled back; v1 serves again from the previous image."""
         before = self.container()["Image"]
         record, _, _ = self.deploy_and_watch(retag="v3")
@@ -544,7 +579,7 @@ services:
         self.assertTrue(self.image_exists(self.images["v3"]), "the failed image is kept for inspection")
         print(f"\n[{self.flavour}] broken v3: {record['state']}: {record['error']}", file=sys.stderr)
 
-    def test_6_registry_notification_alone_updates_the_service(self):
+    def test_registry_notification_alone_updates_the_service(self):
         """A push to the registry, whose notifications reach /hooks/registry, updates the site unaided."""
         known = {d["id"] for d in self.deployments()}
         self.notifier.retag("v2")
@@ -555,14 +590,20 @@ services:
         self.assertTrue(record["digest"].startswith("sha256:"))
         self.assertEqual(self.site(), "acme site v2")
 
-    def test_9_sigterm_stops_cleanly_and_the_log_holds_no_secret(self):
-        """SIGTERM ends gopdater with exit code 0; no log line ever held the secret."""
-        self.gopdater.send_signal(signal.SIGTERM)
-        self.assertEqual(self.gopdater.wait(30), 0)
-        log = self.gp_log.read_text()
+    def test_sigterm_stops_cleanly_and_the_log_holds_no_secret(self):
+        """A gopdater of its own answers hooks, then SIGTERM ends it with exit code 0; no log line held the secret."""
+        port, log_path = free_port(), self.tmp / f"sigterm-{secrets.token_hex(3)}.log"
+        process = self.start_gopdater(port, log_path)
+        self.addCleanup(stop_process, process)
+        for secret in ("x" * 30, SECRET):
+            body = json.dumps({"repository": {"repo_name": "acme/site"}, "push_data": {"tag": "nope"}}).encode()
+            http("POST", f"http://127.0.0.1:{port}/hooks/{secret}", body)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(30), 0)
+        log = log_path.read_text() + self.gp_log.read_text()
         self.assertNotIn(SECRET, log)
         self.assertIn("/hooks/***", log)
-        self.assertIn("stopped", log)
+        self.assertIn("stopped", log_path.read_text())
 
 
 def import_image(tag, files, links=()):
@@ -679,7 +720,7 @@ class ContainerDropInTest(unittest.TestCase):
         if getattr(cls, "registry", None):
             cls.registry.stop()
 
-    def test_1_check_reports_what_was_detected_from_the_labels(self):
+    def test_check_reports_what_was_detected_from_the_labels(self):
         """--check inside the container reports the host project, files and folder, from its own labels."""
         gp = service_container(self.project, "gopdater")
         out = run(["docker", "exec", gp["Id"], "python3", "/app/gopdater.py", "--check"], check=False)
@@ -689,7 +730,7 @@ class ContainerDropInTest(unittest.TestCase):
         self.assertIn("own service gopdater is left alone", out)
         self.assertNotIn(SECRET, out)
 
-    def test_2_hook_updates_the_host_project_in_place(self):
+    def test_hook_updates_the_host_project_in_place(self):
         """A hook updates the site in the host's project: same project label, same bind-mount source."""
         gopdater_before = service_container(self.project, "gopdater")["Id"]
         self.registry.retag("v2")
@@ -707,7 +748,7 @@ class ContainerDropInTest(unittest.TestCase):
         self.assertEqual(sorted(n for n in names if n.startswith(PREFIX)),
                          [f"{self.project}-gopdater-1", f"{self.project}-site-1"], "no second project")
 
-    def test_3_healthcheck_command_passes(self):
+    def test_healthcheck_command_passes(self):
         """The Dockerfile's HEALTHCHECK (Python, no curl) succeeds inside the running container."""
         gp = service_container(self.project, "gopdater")
         test = gp["Config"]["Healthcheck"]["Test"]
@@ -724,8 +765,11 @@ class ComposeV2Test(EngineScenario, unittest.TestCase):
     from_elsewhere = True
     socket_proxy = True
 
-    def test_7_docker_api_calls_are_the_documented_ones(self):
-        """Through DOCKER_HOST, gopdater used exactly the Docker API calls the README lists for a socket proxy."""
+    def test_docker_api_calls_are_the_documented_ones(self):
+        """Through DOCKER_HOST, an update used exactly the Docker API calls the README lists for a socket proxy."""
+        # An update (its cleanup removes an image), then a failed one (its rollback tags and reads logs).
+        self.assertEqual(self.deploy_and_watch(retag="v2")[0]["state"], "updated")
+        self.assertEqual(self.deploy_and_watch(retag="v3")[0]["state"], "rolled-back")
         readme = (HERE / "README.md").read_text()
         documented = set(re.findall(r"^\s*- `((?:GET|HEAD|POST|PUT|DELETE) /[^`]+)`", readme, re.MULTILINE))
         self.assertTrue(self.proxy.calls, "gopdater reached Docker through DOCKER_HOST")

@@ -283,7 +283,7 @@ class ConfigTest(unittest.TestCase):
                 message = str(caught.exception)
                 self.assertTrue(message.startswith(variable), message)
                 self.assertNotIn("\n", message)
-                self.assertRegex(message, r"(e\.g\.|set|use|unset|generate)")
+                self.assertRegex(message, r"(e\.g\.|\buse\b|\bunset it\b|\bgenerate one\b)")
 
     def test_flag_wins_over_environment(self):
         """--port beats PORT, and every setting has a flag of the same name."""
@@ -316,15 +316,27 @@ class ConfigTest(unittest.TestCase):
         self.assertIn("OWNER", stderr.getvalue())
         run.assert_not_called()
 
-    def test_help_documents_every_setting(self):
-        """--help lists a flag for every setting."""
+    def test_help_lists_the_flag_of_every_setting_in_the_readme(self):
+        """--help shows a flag for each variable of the README's settings table, and no other flag."""
         out = io.StringIO()
         with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as caught:
             gopdater.load_config(["--help"], {})
         self.assertEqual(caught.exception.code, 0)
-        for setting in gopdater.SETTINGS:
-            with self.subTest(setting=setting.name):
-                self.assertIn(setting.flag, out.getvalue())
+        readme = (HERE / "README.md").read_text()
+        documented = re.findall(r"^\| `([A-Z_]+)` \|", readme, re.MULTILINE)
+        flags = set(re.findall(r"^  (--[a-z-]+)", out.getvalue(), re.MULTILINE))
+        self.assertEqual(flags, {"--" + name.lower().replace("_", "-") for name in documented} |
+                         {"--check", "--version"})
+
+    def test_unknown_or_incomplete_flags_are_errors(self):
+        """A flag that does not exist, one missing its value, or a value on a switch, is a ConfigError."""
+        for argv, start in [(["--prot", "80"], "--prot"), (["--port"], "--port"), (["--dry-run=yes"], "--dry-run"),
+                            (["--check=1"], "--check")]:
+            with self.subTest(argv=argv):
+                with self.assertRaises(gopdater.ConfigError) as caught:
+                    make_config(argv)
+                self.assertTrue(str(caught.exception).startswith(start), caught.exception)
+        self.assertEqual(make_config(["--port=9001", "--check"]).port, 9001)
 
     def test_readme_documents_exactly_the_settings(self):
         """The README's settings table names every setting, and only real ones."""
@@ -389,6 +401,13 @@ class PayloadTest(unittest.TestCase):
              [gopdater.PushEvent("harbor", ImageKey("harbor.example.org", "acme/site", "latest"), digest)]),
             (gopdater.parse_distribution, "distribution-events.json", {},
              [gopdater.PushEvent("registry", ImageKey("registry.example.org", "acme/site", "latest"), digest)]),
+            (gopdater.parse_gitea, "gitea-package-created.json", {"X_Gitea_Event": "package"},
+             [gopdater.PushEvent("gitea", ImageKey("git.example.org", "acme/site", "latest"))]),
+            (gopdater.parse_gitea, "gitea-package-created.json", {"X_Forgejo_Event": "package"},
+             [gopdater.PushEvent("gitea", ImageKey("git.example.org", "acme/site", "latest"))]),
+            (gopdater.parse_acr, "acr-push.json", {},
+             [gopdater.PushEvent("acr", ImageKey("acmeregistry.azurecr.io", "acme/site", "latest"),
+                                 "sha256:80f0d5c8786bb9e621a45ece0db56d11cdc624ad20da9fe62e9d25490f331d7d")]),
         ]
         for parser, name, hdrs, expected in cases:
             with self.subTest(sample=name):
@@ -487,6 +506,41 @@ class PayloadTest(unittest.TestCase):
         with self.assertRaises(gopdater.Ignored) as caught:
             self.parse(gopdater.parse_distribution, {"events": [blob, pull]})
         self.assertIn("not a", str(caught.exception))
+
+    def test_gitea_acts_only_on_created_tagged_container_versions(self):
+        """Gitea/Forgejo: deleted, other package types, digest versions and other events are ignored."""
+        sample = payload("gitea-package-created.json")
+        deleted = {**sample, "action": "deleted"}
+        npm = copy.deepcopy(sample)
+        npm["package"]["type"] = "npm"
+        untagged = copy.deepcopy(sample)
+        untagged["package"]["version"] = "sha256:" + "a" * 64
+        cases = [(deleted, "package", "action is not created"), (npm, "package", "package is not a container image"),
+                 (untagged, "package", "no tag: pushed by digest"), (sample, "push", "event is not a package event")]
+        for body, event, reason in cases:
+            with self.subTest(reason=reason):
+                with self.assertRaises(gopdater.Ignored) as caught:
+                    self.parse(gopdater.parse_gitea, body, X_Gitea_Event=event)
+                self.assertEqual(str(caught.exception), reason)
+
+    def test_gitea_and_acr_bad_fields_name_the_field(self):
+        """A Gitea or ACR body with a bad name, tag or host names that field."""
+        gitea, acr = payload("gitea-package-created.json"), payload("acr-push.json")
+        bad_name, bad_tag, bad_host = copy.deepcopy(gitea), copy.deepcopy(gitea), copy.deepcopy(acr)
+        bad_name["package"]["name"] = "Site!"
+        bad_tag["package"]["version"] = "v 1"
+        bad_host["request"]["host"] = "bad host"
+        cases = [(gopdater.parse_gitea, bad_name, "package.name"), (gopdater.parse_gitea, bad_tag, "package.version"),
+                 (gopdater.parse_acr, bad_host, "request.host")]
+        for parser, body, field in cases:
+            with self.subTest(field=field):
+                with self.assertRaises(gopdater.PayloadError) as caught:
+                    self.parse(parser, body, X_Gitea_Event="package")
+                self.assertEqual(str(caught.exception), field)
+        with self.assertRaises(gopdater.Ignored):
+            self.parse(gopdater.parse_acr, {"action": "push"})
+        with self.assertRaises(gopdater.Ignored):
+            self.parse(gopdater.parse_acr, {**acr, "action": "delete"})
 
     def test_quay_updated_tags_each_become_an_event(self):
         """Quay's updated_tags is a list: one event per tag."""
@@ -1150,7 +1204,7 @@ class AppTest(unittest.TestCase):
              {"X-GitHub-Event": "package"}, HTTPStatus.FORBIDDEN),
             ("harbor no header", "/hooks/harbor", payload("harbor-push-artifact.json"), {}, HTTPStatus.FORBIDDEN),
             ("registry bad header", "/hooks/registry", payload("distribution-events.json"),
-             {"Authorization": "Bearer x" * 3}, HTTPStatus.FORBIDDEN),
+             {"Authorization": "Bearer " + "x" * 30}, HTTPStatus.FORBIDDEN),
             ("quay wrong secret", "/hooks/wrong-secret-0123456789/quay", payload("quay-repo-push.json"), {},
              HTTPStatus.FORBIDDEN),
         ]
@@ -1327,6 +1381,39 @@ class AppTest(unittest.TestCase):
                 status, reply, _ = self.rig.app.handle("POST", path, message, raw)
                 self.assertEqual(status, expected)
                 self.assert_nothing_runs()
+
+    def test_gitea_and_forgejo_are_authenticated_by_their_signature_headers(self):
+        """/hooks/gitea takes X-Gitea-Signature, X-Forgejo-Signature or X-Hub-Signature-256 over the raw body."""
+        rig = Rig(self, OWNER="git.example.org/acme", SERVICES="git.example.org/acme/site=site")
+        raw = json.dumps(payload("gitea-package-created.json")).encode()
+        digest = hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
+        good = [{"X_Gitea_Event": "package", "X_Gitea_Signature": digest},
+                {"X_Forgejo_Event": "package", "X_Forgejo_Signature": digest},
+                {"X_Gitea_Event": "package", "X_Hub_Signature_256": "sha256=" + digest}]
+        bad = [{"X_Gitea_Event": "package"}, {"X_Gitea_Event": "package", "X_Gitea_Signature": "0" * 64},
+               {"X_Gitea_Event": "package", "X_Gitea_Signature": "sha256=" + digest},
+               {"X_Gitea_Event": "package", "X_Hub_Signature_256": digest}]
+        for hdrs in good:
+            with self.subTest(accepted=hdrs):
+                self.assertEqual(rig.post("/hooks/gitea", raw, **hdrs)[0], HTTPStatus.ACCEPTED)
+        for hdrs in bad:
+            with self.subTest(refused=hdrs):
+                self.assertEqual(rig.post("/hooks/gitea", raw, **hdrs)[0], HTTPStatus.FORBIDDEN)
+        forged = json.dumps({**payload("gitea-package-created.json"), "action": "deleted"}).encode()
+        self.assertEqual(rig.post("/hooks/gitea", forged, X_Gitea_Event="package", X_Gitea_Signature=digest)[0],
+                         HTTPStatus.FORBIDDEN, "a signature over another body does not pass")
+
+    def test_acr_is_authenticated_by_bearer_and_owner_checked(self):
+        """/hooks/acr: the bearer secret is required, and the namespace must be in OWNER."""
+        raw = json.dumps(payload("acr-push.json")).encode()
+        rig = Rig(self, OWNER="acmeregistry.azurecr.io/acme", SERVICES="acmeregistry.azurecr.io/acme/site=site")
+        self.assertEqual(rig.post("/hooks/acr", raw, Authorization=f"Bearer {SECRET}")[0], HTTPStatus.ACCEPTED)
+        self.assertEqual(rig.post("/hooks/acr", raw)[0], HTTPStatus.FORBIDDEN)
+        self.assertEqual(rig.post("/hooks/acr", raw, Authorization="Bearer wrong-secret-0123456789")[0],
+                         HTTPStatus.FORBIDDEN)
+        self.assertEqual(self.rig.post("/hooks/acr", raw, Authorization=f"Bearer {SECRET}")[0], HTTPStatus.FORBIDDEN,
+                         "OWNER=acme does not cover the Azure registry")
+        self.assert_nothing_runs()
 
     def test_cross_registry_name_clash_does_not_match(self):
         """ghcr.io/acme/site:latest never updates a service running Docker Hub's acme/site:latest."""
@@ -1569,6 +1656,142 @@ class HTTPServerTest(unittest.TestCase):
         with mock.patch("gopdater.STARTUP_WAIT", 0.2), self.assertLogs("gopdater", "WARNING"):
             status = self.request("POST", f"/hooks/{SECRET}", json.dumps(payload("dockerhub-push.json")))[0]
         self.assertEqual(status, 503)
+
+
+# ---------------------------------------------------------------------------------------------
+# Health verdicts, metrics and the house rules
+# ---------------------------------------------------------------------------------------------
+
+
+def container(cid="c1", status="running", health=None, restarts=0, started="t1", code=0, check=True, period=0.0):
+    """A Container as docker inspect would describe it."""
+    return gopdater.Container(cid, "demo-site-1", "site", "demo", "acme/site:latest", NEW_ID, status, health,
+                              restarts, started, code, check, period, False)
+
+
+class HealthVerdictTest(unittest.TestCase):
+    def test_verdicts_for_what_docker_inspect_said(self):
+        """judge() is ready, waits or fails (with the reason) from the containers, the time and the limits."""
+        V = gopdater.Verdict
+        seen = {"c1": (100.0, "t1")}
+        cases = [
+            ("healthy", [container(health="healthy")], seen, 101, 1, (V.READY, "")),
+            ("starting", [container(health="starting")], seen, 101, 1, (V.WAIT, "health starting")),
+            ("starting at the limit", [container(health="starting")], seen, 160, 60,
+             (V.FAILED, "still health starting after 60s")),
+            ("unhealthy", [container(health="unhealthy")], seen, 101, 1,
+             (V.FAILED, "container demo-site-1 is unhealthy")),
+            ("exited", [container(status="exited", code=3)], {}, 101, 1,
+             (V.FAILED, "container demo-site-1 exited with code 3")),
+            ("restart count", [container(health="healthy", restarts=1)], seen, 101, 1,
+             (V.FAILED, "container demo-site-1 restarted")),
+            ("restarted between polls", [container(health="healthy", started="t2")], seen, 101, 1,
+             (V.FAILED, "container demo-site-1 restarted")),
+            ("restarting", [container(status="restarting")], {}, 101, 1, (V.FAILED, "container demo-site-1 restarted")),
+            ("created", [container(status="created")], {}, 101, 1, (V.WAIT, "created")),
+            ("no healthcheck, settling", [container(check=False)], seen, 105, 5, (V.WAIT, "settling")),
+            ("no healthcheck, settled", [container(check=False)], seen, 110, 10, (V.READY, "")),
+            ("one of two missing", [container(health="healthy")], seen, 101, 1, (V.WAIT, "health healthy")),
+        ]
+        for name, containers, first_seen, now, waited, expected in cases:
+            with self.subTest(case=name):
+                expected_count = 2 if name == "one of two missing" else 1
+                verdict = gopdater.judge(containers, expected_count, first_seen, now, waited, 60, 10)
+                self.assertEqual((verdict.verdict, verdict.reason), expected)
+
+    def test_limit_is_the_longest_start_period_plus_settling_without_healthcheck(self):
+        """health_limit: HEALTH_TIMEOUT or a longer start_period, plus SETTLE_TIME when one lacks a healthcheck."""
+        self.assertEqual(gopdater.health_limit([container()], 60, 10), 60)
+        self.assertEqual(gopdater.health_limit([container(period=90)], 60, 10), 90)
+        self.assertEqual(gopdater.health_limit([container(), container("c2", check=False)], 60, 10), 70)
+
+
+EXPOSITION_LINE = re.compile(
+    r'^(# HELP [a-z_]+ .+|# TYPE [a-z_]+ (counter|gauge|histogram)|'
+    r'[a-z_]+(\{([a-z_]+="([^"\\\n]|\\["\\n])*",)*[a-z_]+="([^"\\\n]|\\["\\n])*"\})? -?[0-9.e+]+)$')
+
+
+def parse_exposition(text):
+    """Check the Prometheus text format line by line; return {sample with labels: value}."""
+    assert text.endswith("\n"), "ends with a newline"
+    samples, typed = {}, set()
+    for line in text.splitlines():
+        assert EXPOSITION_LINE.match(line), f"not exposition format: {line!r}"
+        if line.startswith("# TYPE"):
+            name = line.split()[2]
+            assert name not in typed, f"{name} typed twice"
+            typed.add(name)
+        elif not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            family = re.sub(r"_(bucket|sum|count)$", "", key.split("{")[0])
+            assert family in typed or key.split("{")[0] in typed, f"{key} has no TYPE line before it"
+            assert key not in samples, f"{key} twice"
+            samples[key] = float(value)
+    return samples
+
+
+class MetricsTest(unittest.TestCase):
+    def scrape(self, rig, token=SECRET):
+        response = rig.app.handle("GET", "/metrics", headers(Authorization=f"Bearer {token}"), b"")
+        return response
+
+    def test_metrics_need_the_bearer_secret(self):
+        """GET /metrics without the secret is 403 and reveals nothing."""
+        rig = Rig(self)
+        self.assertEqual(rig.app.handle("GET", "/metrics", headers(), b"")[:2], gopdater.FORBIDDEN[:2])
+        self.assertEqual(self.scrape(rig, "wrong-secret-0123456789").status, HTTPStatus.FORBIDDEN)
+
+    def test_counters_move_as_hooks_arrive_and_deployments_end(self):
+        """Hooks by sender and code, deployments by result, durations, outage, last result and queue length."""
+        rig = Rig(self)
+        before = parse_exposition(self.scrape(rig).payload)
+        self.assertEqual(before["gopdater_queue_length"], 0)
+        hub = payload("dockerhub-push.json")
+        rig.post("/hooks/wrong-secret-0123456789", hub)
+        rig.post(f"/hooks/{SECRET}", hub)
+        self.assertEqual(parse_exposition(self.scrape(rig).payload)["gopdater_queue_length"], 1)
+        rig.start_worker()
+        self.assertTrue(rig.queue.wait_idle(10))
+        after = parse_exposition(self.scrape(rig).payload)
+        self.assertEqual(after['gopdater_hooks_total{sender="dockerhub",code="403"}'], 1)
+        self.assertEqual(after['gopdater_hooks_total{sender="dockerhub",code="202"}'], 1)
+        self.assertEqual(after['gopdater_deployments_total{result="updated"}'], 1)
+        self.assertEqual(after['gopdater_last_deployment_result{service="site",result="updated"}'], 1)
+        self.assertEqual(after['gopdater_last_deployment_timestamp_seconds{service="site"}'], rig.clock())
+        self.assertEqual(after["gopdater_deployment_duration_seconds_count"], 1)
+        self.assertEqual(after['gopdater_outage_seconds_bucket{le="+Inf"}'], 1)
+        self.assertEqual(after["gopdater_queue_length"], 0)
+
+    def test_label_values_never_come_from_a_payload(self):
+        """Hooks for names nobody runs add no label value: only senders, codes, results and known services."""
+        rig = Rig(self)
+        hub = payload("dockerhub-push.json")
+        for name in ("acme/evil-label", 'acme/x"y'):
+            rig.post(f"/hooks/{SECRET}", {**hub, "repository": {"repo_name": name}})
+        text = self.scrape(rig).payload
+        self.assertNotIn("evil", text)
+        self.assertNotIn('x\\"y', text)
+        labels = set(re.findall(r'[a-z_]+="([^"]*)"', text))
+        senders = {sender.name for sender in gopdater.SENDERS}
+        self.assertLessEqual(labels, senders | {"200", "400", "403"} | {"+Inf"} |
+                             {f"{b:g}" for b in gopdater.DURATION_BUCKETS + gopdater.OUTAGE_BUCKETS})
+
+
+class HouseRulesTest(unittest.TestCase):
+    def test_no_function_is_over_fifty_lines(self):
+        """Every function and method in gopdater.py fits in 50 lines."""
+        import ast
+        tree = ast.parse((HERE / "gopdater.py").read_text())
+        long = [(node.name, node.lineno, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50]
+        self.assertEqual(long, [])
+
+    def test_sections_follow_the_webhook(self):
+        """The banner comments come in the order a webhook flows through the file."""
+        banners = re.findall(r"^# ={20,}\n# ([^:\n]+)", (HERE / "gopdater.py").read_text(), re.MULTILINE)
+        self.assertEqual(banners, ["Image references", "Settings", "Senders", "The request pipeline", "The work queue",
+                                   "Update targets", "Docker commands", "Notifications and metrics",
+                                   "The HTTP transport", "--check", "main"])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ BENCH = pathlib.Path(__file__).resolve().parent / "bench_gopdater.py"
 
 class BenchmarkSmokeTest(unittest.TestCase):
     def test_quick_benchmark_runs_and_reports_every_measurement(self):
-        """`bench_gopdater.py --quick --json` finishes and reports start-up, latency, downtime, burst, floods."""
+        """`bench_gopdater.py --quick --json` reports start-up, memory, latency, downtime, burst, wrk rates, floods."""
         proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json"], capture_output=True, text=True,
                               timeout=120)
         self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
@@ -24,8 +24,15 @@ class BenchmarkSmokeTest(unittest.TestCase):
         self.assertTrue(results["downtime"]["seed_order"]["pull_inside_window"], "the baseline pulls while down")
         self.assertEqual(results["burst"]["accepted"], 20)
         self.assertLessEqual(results["burst"]["deployments"], 2)
-        self.assertEqual(results["rejected"]["refused_403"], results["rejected"]["requests"])
+        for case in ("wrong_secret_keep_alive", "wrong_owner_keep_alive", "wrong_secret_close", "wrong_owner_close",
+                     "wrong_secret_every_head_new_keep_alive"):
+            with self.subTest(case=case):
+                row = results["rejected"][case]
+                self.assertTrue(row["gopdater"]["all_403"] and row["bare"]["all_403"], row)
+                self.assertGreater(row["ratio"], 0)
         self.assertLessEqual(results["rejected"]["peak_threads"], results["rejected"]["thread_bound"])
+        self.assertGreater(results["startup"]["port_open_ms"], 0)
+        self.assertGreater(results["startup"]["bare_idle_rss_mib"], 0)
         self.assertEqual((results["flood"]["valid_hook_status"], results["flood"]["deployed"]), (202, True))
 
 
