@@ -295,6 +295,10 @@ SETTINGS = (
     Setting("MAX_CONNECTIONS", "512", "open client connections held at once; the oldest is dropped beyond",
             number(1, integer=True)),
     Setting("SHUTDOWN_TIMEOUT", "120", "seconds a running deployment may take to finish on SIGTERM", number(0)),
+    Setting("STATE_DIR", None, "folder for the journal of updates in progress and the deployment history "
+            "(default $XDG_STATE_HOME/gopdater, else ~/.local/state/gopdater)", _optional(lambda name, text: text)),
+    Setting("ENGINE_WAIT", "300", "seconds an update waits for a Docker engine that stopped answering",
+            number(0)),
     Setting("REFRESH_INTERVAL", "60", "seconds between re-reads of the Compose project while idle", number(1)),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", choice("INFO", "DEBUG", "WARNING", "ERROR",
                                                                          upper=True)),
@@ -323,6 +327,8 @@ class Config(NamedTuple):
     request_timeout: float
     max_connections: int
     shutdown_timeout: float
+    state_dir: Optional[str]
+    engine_wait: float
     refresh_interval: float
     log_level: str
     environ: Mapping[str, str]
@@ -840,13 +846,14 @@ class State(str, enum.Enum):
     FAILED = "failed"
     ROLLED_BACK = "rolled-back"
     UPDATED = "updated"
+    RECOVERED = "recovered"
     DRY_RUN = "dry-run"
     UP_TO_DATE = "up-to-date"
 
 
 # A deployment of several services ends in the first of these that any service ended in.
-SEVERITY = (State.FAILED, State.ROLLED_BACK, State.UPDATED, State.DRY_RUN, State.UP_TO_DATE)
-CHANGED = frozenset({State.UPDATED, State.ROLLED_BACK, State.FAILED})
+SEVERITY = (State.FAILED, State.ROLLED_BACK, State.RECOVERED, State.UPDATED, State.DRY_RUN, State.UP_TO_DATE)
+CHANGED = frozenset({State.UPDATED, State.RECOVERED, State.ROLLED_BACK, State.FAILED})
 
 
 class Outcome(NamedTuple):
@@ -880,6 +887,7 @@ class Deployment:
     def __init__(self, id: str, sender: str, key: ImageKey, digest: Optional[str], services: List[str]):
         self.id, self.sender, self.key, self.digest, self.services = id, sender, key, digest, services
         self.state, self.hooks, self.created = State.QUEUED, 1, _now()
+        self.recovery: Optional[dict] = None  # the journal record of an update a crash cut off
         self.started: Optional[str] = None
         self.finished: Optional[str] = None
         self.results: Dict[str, State] = {}
@@ -896,18 +904,135 @@ class Deployment:
         return {"image": f"{self.key.registry}/{self.key.repository}", "tag": self.key.tag, **fields}
 
 
+class Past(dict):
+    """A deployment from before the last restart, as its view was stored."""
+
+    def view(self) -> dict:
+        return dict(self)
+
+
 class DeployFailed(Exception):
     """A step of a deployment failed; the message is the reason."""
+
+
+def write_atomically(path: str, data: object) -> None:
+    """Write JSON so that a crash leaves the old file or the new one, never a torn one."""
+    temp = f"{path}.tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def read_state(path: str, kind: type):
+    """A state file's JSON if it is of this kind; a corrupt one is moved aside with a warning."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        if isinstance(data, kind):
+            return data
+        error: Exception = ValueError("not a JSON " + kind.__name__)
+    except FileNotFoundError:
+        return kind()
+    except (OSError, ValueError) as caught:
+        error = caught
+    aside = f"{path}.corrupt-{int(time.time())}"
+    try:
+        os.replace(path, aside)
+    except OSError:
+        aside = "nowhere (it could not be moved)"
+    log.warning("state file %s is unreadable (%s); moved aside to %s; starting without it", path,
+                type(error).__name__, aside)
+    return kind()
+
+
+def default_state_dir(environ: Mapping[str, str]) -> str:
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "gopdater")
+
+
+class Journal:
+    """Updates in progress and the deployment history, kept in STATE_DIR across restarts and crashes."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.journal_path = os.path.join(directory, "journal.json")
+        self.history_path = os.path.join(directory, "history.json")
+        self.records: Dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def problem(self) -> Optional[str]:
+        """None if STATE_DIR can be written, else one line saying what is wrong and how to fix it."""
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            write_atomically(os.path.join(self.directory, "probe.json"), {})
+            os.remove(os.path.join(self.directory, "probe.json"))
+        except OSError as error:
+            return (f"STATE_DIR {self.directory} cannot be written ({error.strerror or error}): make it a "
+                    "writable folder for this user with free space, or set STATE_DIR to one")
+        return None
+
+    def load(self) -> Tuple[List[dict], List[dict]]:
+        """The updates a crash left unfinished, and the stored history, newest last."""
+        journal = read_state(self.journal_path, dict)
+        updates = journal.get("updates")
+        updates = {k: v for k, v in updates.items() if isinstance(v, dict)} if isinstance(updates, dict) else {}
+        with self.lock:
+            self.records = updates
+        history = [view for view in read_state(self.history_path, list) if isinstance(view, dict)]
+        return list(updates.values()), history[-HISTORY_SIZE:]
+
+    def mark(self, key: str, **fields: object) -> None:
+        """Record where an update stands; raises OSError if that cannot be written."""
+        with self.lock:
+            self.records[key] = {**self.records.get(key, {}), **fields}
+            write_atomically(self.journal_path, {"version": 1, "updates": self.records})
+
+    def close(self, key: str) -> None:
+        """The update ended (whatever its result): forget it."""
+        with self.lock:
+            if self.records.pop(key, None) is not None:
+                try:
+                    write_atomically(self.journal_path, {"version": 1, "updates": self.records})
+                except OSError as error:
+                    log.warning("could not close the journal entry of %s: %s", key, error.strerror)
+
+    def save_history(self, views: List[dict]) -> None:
+        try:
+            write_atomically(self.history_path, views)
+        except OSError as error:
+            log.warning("could not keep the deployment history in %s: %s", self.directory, error.strerror)
 
 
 class StepLog:
     """What an update target reports through: timed steps, log lines and its clock; one per service."""
 
     def __init__(self, deployment: Deployment, service: str, lock: threading.Condition,
-                 clock: Callable[[], float], sleep: Callable[[float], None]):
+                 clock: Callable[[], float], sleep: Callable[[float], None], journal: Optional[Journal] = None):
         self.deployment, self.service, self.lock = deployment, service, lock
-        self.clock, self.sleep = clock, sleep
+        self.clock, self.sleep, self.journal = clock, sleep, journal
         self.label = f"deployment={deployment.id} service={service}"
+        self.key = f"{service}"
+
+    def begin(self) -> None:
+        """Open the journal record before any command; OSError if it cannot be written."""
+        if self.journal is not None:
+            self.journal.mark(self.key, service=self.service, deployment=self.deployment.id,
+                              reference=str(self.deployment.key), step="start", started=_now())
+
+    def remember(self, **fields: object) -> None:
+        """Add what recovery would need (image ids, the image reference) to the journal record."""
+        if self.journal is not None:
+            try:
+                self.journal.mark(self.key, **fields)
+            except OSError as error:  # mid-update, going on beats stopping with the service down
+                log.warning("%s could not write the journal: %s", self.label, error.strerror)
 
     def record(self, step: str, result: str, started: float) -> float:
         """Log one step that began at started and keep its timing in the deployment; return its seconds."""
@@ -924,10 +1049,14 @@ class StepLog:
         return seconds
 
     def step(self, name: str, action: Callable[[], object]):
-        """Run one step, timed; a CommandError becomes DeployFailed naming the step."""
+        """Run one step, journalled and timed; a CommandError becomes DeployFailed naming the step."""
+        self.remember(step=name)
         started = self.clock()
         try:
             value = action()
+        except EngineUnreachable:
+            self.record(name, "failed", started)
+            raise
         except CommandError as error:
             self.record(name, "failed", started)
             raise DeployFailed(f"{name} failed: {error}") from None
@@ -955,10 +1084,10 @@ class WorkQueue:
 
     def __init__(self, config: Config, target: "Target", clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep, notify: Optional[Callable[[str, dict], bool]] = None,
-                 metrics: Optional["Metrics"] = None):
+                 metrics: Optional["Metrics"] = None, journal: Optional[Journal] = None):
         self.config, self.target, self.clock, self.sleep = config, target, clock, sleep
         self.notify = notify or (lambda url, payload: send_notification(url, payload, sleep=sleep))
-        self.metrics = metrics or Metrics()
+        self.metrics, self.journal = metrics or Metrics(), journal
         self.lock = threading.Condition()
         self.queue: collections.deque = collections.deque()
         self.history: collections.deque = collections.deque(maxlen=HISTORY_SIZE)
@@ -1000,6 +1129,24 @@ class WorkQueue:
     def views(self) -> List[dict]:
         with self.lock:
             return [d.view() for d in reversed(self.history)]
+
+    def restore(self) -> int:
+        """Show the stored history, and queue a recovery, first, for each update a crash cut off."""
+        if self.journal is None:
+            return 0
+        unfinished, history = self.journal.load()
+        with self.lock:
+            self.history.extend(Past(view) for view in history)
+            for record in unfinished:
+                key = parse_reference(str(record.get("reference"))) or ImageKey("unknown", "unknown", "unknown")
+                deployment = Deployment(os.urandom(6).hex(), "recovery", key, None, [str(record.get("service"))])
+                deployment.recovery = record
+                self.queue.appendleft(deployment)
+                self.history.append(deployment)
+                log.warning("deployment=%s recovery of service=%s, cut off at step=%s by deployment=%s",
+                            deployment.id, record.get("service"), record.get("step"), record.get("deployment"))
+            self.lock.notify_all()
+        return len(unfinished)
 
     def queued(self) -> int:
         with self.lock:
@@ -1054,7 +1201,13 @@ class WorkQueue:
                             ",".join(deployment.services))
             self.queue.clear()
             self.lock.notify_all()
-        return self.wait_idle(timeout)
+        idle = self.wait_idle(timeout)
+        self.keep_history()
+        return idle
+
+    def keep_history(self) -> None:
+        if self.journal is not None:
+            self.journal.save_history(list(reversed(self.views())))
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or running; True if that happened within timeout."""
@@ -1076,19 +1229,57 @@ class WorkQueue:
         with self.lock:
             deployment.state = next(s for s in SEVERITY if s in results)
             deployment.finished = _now()
+        self.keep_history()
         if results & CHANGED:
             self.refresh()
         log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
 
-    def update_one(self, deployment: Deployment, service: str) -> None:
-        """One service through the target, never raising; then its record, metrics and notification."""
-        steps = StepLog(deployment, service, self.lock, self.clock, self.sleep)
-        started = self.clock()
+    def run_target(self, deployment: Deployment, service: str, steps: StepLog) -> Tuple[Outcome, bool]:
+        """The target's update (or recovery) of one service, journalled; never raises.
+
+        Returns the outcome, and whether the update ended (False: its journal record stays for the next start).
+        """
         try:
-            outcome = self.target.update(service, deployment.digest, steps)
+            steps.begin()
+        except OSError as error:
+            log.error("%s not started: the journal cannot be written (%s)", steps.label, error.strerror)
+            return Outcome(reason=f"not started: the journal in STATE_DIR cannot be written ({error.strerror})"), True
+        try:
+            try:
+                if deployment.recovery is not None:
+                    return self.target.recover(deployment.recovery, steps), True
+                return self.target.update(service, deployment.digest, steps), True
+            except EngineUnreachable:
+                return self.after_engine_outage(steps)
         except Exception as error:  # a bug must not kill the worker
             log.exception("%s crashed", steps.label)
-            outcome = Outcome(reason=f"internal error ({type(error).__name__})")
+            return Outcome(reason=f"internal error ({type(error).__name__})"), True
+
+    def after_engine_outage(self, steps: StepLog) -> Tuple[Outcome, bool]:
+        """The engine stopped answering mid-update: wait for it (ENGINE_WAIT), then go on from the journal."""
+        log.error("%s the Docker engine stopped answering; waiting up to %gs for it", steps.label,
+                  self.config.engine_wait)
+        end, delay = self.clock() + self.config.engine_wait, 1.0
+        while not self.target.engine_answers():
+            if self.clock() >= end:
+                return Outcome(reason=f"the Docker engine did not answer for {self.config.engine_wait:g}s; "
+                                      "the next start recovers the service from the journal"), False
+            self.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        log.warning("%s the Docker engine answers again; going on from the journal", steps.label)
+        record = self.journal.records.get(steps.key, {}) if self.journal is not None else {}
+        try:
+            return self.target.recover({**record, "service": steps.service}, steps), True
+        except EngineUnreachable:
+            return Outcome(reason="the Docker engine went away again; the next start recovers the service"), False
+
+    def update_one(self, deployment: Deployment, service: str) -> None:
+        """One service through the target, never raising; then its record, metrics and notification."""
+        steps = StepLog(deployment, service, self.lock, self.clock, self.sleep, self.journal)
+        started = self.clock()
+        outcome, ended = self.run_target(deployment, service, steps)
+        if ended and self.journal is not None:
+            self.journal.close(steps.key)
         with self.lock:
             deployment.results[service] = outcome.result
             if outcome.reason and outcome.result in (State.FAILED, State.ROLLED_BACK):
@@ -1119,6 +1310,14 @@ class Target:
 
     def update(self, service: str, digest: Optional[str], steps: StepLog) -> Outcome:
         """Update one service to the pushed image, safely; report steps through steps."""
+        raise NotImplementedError
+
+    def recover(self, record: Mapping[str, object], steps: StepLog) -> Outcome:
+        """Make a service whole after its update was cut off (a crash, the engine gone), from its journal record."""
+        raise NotImplementedError
+
+    def engine_answers(self) -> bool:
+        """Whether the engine behind this target answers."""
         raise NotImplementedError
 
     def refresh(self) -> None:
@@ -1282,6 +1481,7 @@ class ComposeProject(Target):
             return Outcome(reason=str(error))
         old_ids = sorted({c.image_id for c in old})
         outcome = Outcome(old_image=old_ids[0] if old_ids else None, new_image=new_id)
+        steps.remember(old_image=outcome.old_image, new_image=new_id, image=image)
         if old and all(c.image_id == new_id for c in old):
             return outcome._replace(result=State.UP_TO_DATE)
         try:
@@ -1307,6 +1507,8 @@ class ComposeProject(Target):
         started = steps.clock()
         try:
             health, containers = self.poll(service, steps, stopped, started)
+        except EngineUnreachable:
+            raise
         except CommandError as error:
             steps.record("wait", "failed", started)
             raise DeployFailed(f"wait failed: {error}") from None
@@ -1349,6 +1551,8 @@ class ComposeProject(Target):
         try:
             steps.step("rollback-tag", lambda: self.docker.tag(old_ids[0], image))
             self.replace(service, self.docker.containers(service), steps, prefix="rollback-")
+        except EngineUnreachable:
+            raise
         except (DeployFailed, CommandError) as error:
             hint = (f"run by hand in {self.docker.location.working_dir}: docker tag {old_ids[0]} {image} && "
                     f"{' '.join(self.docker.command)} up -d --no-deps {service}")
@@ -1358,6 +1562,48 @@ class ComposeProject(Target):
         log.warning("%s rolled back to %s; the failed image %s is kept for inspection", steps.label,
                     old_ids[0][:19], failed.new_image)
         return failed._replace(result=State.ROLLED_BACK)
+
+    def recover(self, record: Mapping[str, object], steps: StepLog) -> Outcome:
+        """Make the service whole from its journal record: keep it if it runs and is healthy; else bring
+        it up on the new image and wait; roll back to the old image when that fails or cannot be."""
+        service, step = str(record.get("service")), str(record.get("step", ""))
+        old_id, new_id, image = record.get("old_image"), record.get("new_image"), record.get("image")
+        outcome = Outcome(old_image=old_id, new_image=new_id)
+        try:
+            if step.startswith("rollback"):
+                raise DeployFailed("the update had failed and was being rolled back")
+            containers = steps.step("inspect", lambda: self.docker.containers(service))
+            if containers and all(c.status == "running" for c in containers):
+                if step in ("start", "inspect", "pull", "compare"):  # cut off before anything was stopped
+                    return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was")
+                self.wait_until_ready(service, steps, steps.clock())
+                back = {c.image_id for c in containers} == {old_id}
+                return outcome._replace(result=State.ROLLED_BACK if back else State.RECOVERED,
+                                        reason=f"{'the previous' if back else 'the new'} image was running healthy")
+            if not image or not new_id or not self.has_image(str(new_id)):
+                raise DeployFailed("the update was cut off before the new image was running")
+            steps.step("recover-tag", lambda: self.docker.tag(str(new_id), str(image)))
+            self.replace(service, containers, steps)
+        except DeployFailed as error:
+            old_ids = [str(old_id)] if old_id else []
+            return self.roll_back(service, image and str(image), old_ids, outcome._replace(reason=str(error)), steps)
+        return outcome._replace(result=State.RECOVERED, reason="the new image now runs healthy")
+
+    def has_image(self, image_id: str) -> bool:
+        try:
+            self.docker.image_id(image_id)
+            return True
+        except EngineUnreachable:
+            raise
+        except CommandError:
+            return False
+
+    def engine_answers(self) -> bool:
+        try:
+            engine_version(self.config, self.docker.runner)
+            return True
+        except ConfigError:
+            return False
 
     def remove_old_image(self, image_id: str, steps: StepLog) -> None:
         """Remove the replaced image; keep it, with a log line, if Docker says it is still in use."""
@@ -1482,6 +1728,20 @@ class CommandError(Exception):
         super().__init__(f"{' '.join(argv[:3])} {what}: {tail}" if tail else f"{' '.join(argv[:3])} {what}")
 
 
+class EngineUnreachable(CommandError):
+    """A command failed because the Docker engine did not answer, not because the command failed."""
+
+
+ENGINE_GONE_RE = re.compile(r"Cannot connect to the Docker daemon|Is the docker daemon running|error during connect",
+                            re.IGNORECASE)
+
+
+def command_failed(argv: Sequence[str], code: Optional[int], stderr: str) -> CommandError:
+    """The error for a failed command: EngineUnreachable when its stderr says the engine did not answer."""
+    kind = EngineUnreachable if ENGINE_GONE_RE.search(stderr) else CommandError
+    return kind(argv, code, stderr_tail(stderr))
+
+
 def stderr_tail(stderr: str) -> str:
     """The last STDERR_TAIL_CHARS of stderr, whole lines only."""
     stderr = stderr.strip()
@@ -1515,9 +1775,9 @@ def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[st
         raise CommandError(argv, 127, error.strerror or "could not start") from None
     seconds = time.monotonic() - started
     if proc.returncode != 0:
-        tail = stderr_tail(proc.stderr or "")
-        log.warning("command %s exit=%s seconds=%.2f stderr=%r", shown(argv), proc.returncode, seconds, tail)
-        raise CommandError(argv, proc.returncode, tail)
+        log.warning("command %s exit=%s seconds=%.2f stderr=%r", shown(argv), proc.returncode, seconds,
+                    stderr_tail(proc.stderr or ""))
+        raise command_failed(argv, proc.returncode, proc.stderr or "")
     log.log(logging.DEBUG if quiet else logging.INFO, "command %s exit=0 seconds=%.2f", shown(argv), seconds)
     return proc.stdout + (proc.stderr or "") if both else proc.stdout
 
@@ -1696,6 +1956,7 @@ def notification(deployment: Deployment, service: str, outcome: Outcome, seconds
     image = str(deployment.key)
     sentence = {
         State.UPDATED: f"gopdater updated {service} to {image} in {seconds:.1f} s.",
+        State.RECOVERED: f"gopdater recovered {service} after an interrupted update ({outcome.reason}).",
         State.ROLLED_BACK: f"gopdater rolled {service} back: {image} failed ({outcome.reason}).",
         State.FAILED: f"gopdater could not update {service} to {image}: {outcome.reason}.",
     }[outcome.result]
@@ -2217,6 +2478,17 @@ class HookServer:
 # ==========================================================================================
 
 
+def state_finding(config: Config) -> Finding:
+    """Whether STATE_DIR can be written, and what it holds."""
+    journal = Journal(config.state_dir or default_state_dir(config.environ))
+    problem = journal.problem()
+    if problem:
+        return False, problem
+    unfinished, history = journal.load()
+    return True, (f"state: {journal.directory} is writable; {len(history)} past deployments, "
+                  f"{len(unfinished)} unfinished updates to recover at the next start")
+
+
 def run_check(config: Config, runner: Runner = None, out=None) -> int:
     """Diagnose the set-up for --check: one line per finding, a fix for each problem; 0 if all is well."""
     out = out or sys.stdout
@@ -2233,6 +2505,7 @@ def run_check(config: Config, runner: Runner = None, out=None) -> int:
                            f"{config.secret[:4]}{'*' * 8} (the full secret is WEBHOOK_SECRET)")]
         if config.dry_run:
             findings.append((True, "DRY_RUN is on: deployments log their commands and run none"))
+        findings.append(state_finding(config))
     for ok, text in findings:
         print(f"{'ok  ' if ok else 'FAIL'} {text}", file=out)
     return 0 if all(ok for ok, _ in findings) else 1
@@ -2251,14 +2524,20 @@ def listen(host: str, port: int):
 
 
 def start_in_background(config: Config, app: App, server: HookServer, failed: List[str]) -> None:
-    """Discover what runs here, then start the work queue and let waiting requests through."""
+    """Discover what runs here, read the journal, then start the work queue and let waiting requests through."""
     try:
         target = discover(config)
     except ConfigError as error:
         failed.append(str(error))
         server.shutdown()
         return
-    app.queue = WorkQueue(config, target, metrics=app.metrics)
+    journal = Journal(config.state_dir or default_state_dir(config.environ))
+    problem = journal.problem()
+    if problem:
+        log.error("%s; until then every deployment fails before it starts", problem)
+    app.queue = WorkQueue(config, target, metrics=app.metrics, journal=journal)
+    if app.queue.restore():
+        log.warning("updates cut off by the last stop are recovered first")
     threading.Thread(target=app.queue.run_forever, name="deployer", daemon=True).start()
     server.mark_ready()
     log.info("gopdater %s ready on %s:%s %s%s", __version__, *server.server_address[:2], target.summary(),

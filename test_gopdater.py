@@ -15,8 +15,10 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import unittest
@@ -53,6 +55,10 @@ def headers(**values):
     return message
 
 
+class Crash(BaseException):
+    """gopdater and the commands it ran were killed (a reboot, an OOM kill, docker kill)."""
+
+
 class FakeClock:
     """Monotonic time that only moves when the code under test sleeps."""
 
@@ -81,11 +87,14 @@ class FakeDocker:
         self.compose = list(compose)
         self.services = services or {"site": "acme/site:latest"}
         self.calls, self.fail, self.lock = [], {}, threading.Lock()
+        self.crash_after = None  # (argv prefix, n): gopdater is killed right after the nth such call
+        self.engine_down_until = None  # fake time until which every command finds no engine
         self.pull_gate, self.pull_started, self.config_read = None, threading.Event(), threading.Event()
         self.images = {ref: OLD_ID for ref in self.services.values()}
         self.registry = {ref: NEW_ID for ref in self.services.values()}
         self.behaviour = {OLD_ID: "healthy", NEW_ID: "healthy", BROKEN_ID: "crash"}
         self.containers = {}
+        self.deleted = set()  # image ids removed from the engine by hand
         self.serial = 0
         for service in self.services:
             self.create(service)
@@ -126,13 +135,19 @@ class FakeDocker:
         assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), argv
         with self.lock:
             self.calls.append(list(argv))
+        if self.engine_down_until is not None and self.clock() < self.engine_down_until:
+            raise gopdater.command_failed(argv, 1, "Cannot connect to the Docker daemon at unix:///x.sock")
         for prefix, (code, tail) in self.fail.items():
             if argv[:len(prefix)] == list(prefix):
-                raise CommandError(argv, code, tail)
+                raise gopdater.command_failed(argv, code, tail)
         compose = self.compose
-        if argv[:len(compose)] == compose:
-            return self.run_compose(argv[len(compose):])
-        return self.run_docker(argv[1:])
+        out = self.run_compose(argv[len(compose):]) if argv[:len(compose)] == compose else self.run_docker(argv[1:])
+        if self.crash_after and argv[:len(self.crash_after[0])] == list(self.crash_after[0]):
+            prefix, left = self.crash_after
+            self.crash_after = (prefix, left - 1) if left > 1 else None
+            if left == 1:
+                raise Crash(f"killed after {argv}")
+        return out
 
     def run_compose(self, args):
         if args == ["version", "--short"]:
@@ -162,7 +177,11 @@ class FakeDocker:
         if args[0] == "inspect":
             return json.dumps([self.inspect(self.containers[i]) for i in args[1:]])
         if args[:2] == ["image", "inspect"]:
-            return self.images[args[-1]] + "\n"
+            if args[-1] in self.images:
+                return self.images[args[-1]] + "\n"
+            if args[-1] in set(self.images.values()) | set(self.registry.values()) - self.deleted:
+                return args[-1] + "\n"
+            raise CommandError(["docker", *args], 1, f"Error: No such image: {args[-1]}")
         if args[0] == "stop":
             by_name[args[-1]]["stopped"] = True
             return ""
@@ -198,6 +217,13 @@ def deployment_calls(calls):
     return collapsed
 
 
+def state_folder(test):
+    """A STATE_DIR of the test's own, removed after it."""
+    folder = tempfile.mkdtemp(prefix="gopdater-state-")
+    test.addCleanup(shutil.rmtree, folder, True)
+    return folder
+
+
 class Rig:
     """A fake engine, a project discovered through it, a work queue and an App; the worker starts on demand."""
 
@@ -210,12 +236,18 @@ class Rig:
         self.project = gopdater.discover(self.config, self.fake, read_file=lambda path: "", cwd="/srv/demo")
         self.notices = []
         self.metrics = gopdater.Metrics(clock=self.clock)
-        self.queue = gopdater.WorkQueue(self.config, self.project, clock=self.clock, sleep=self.clock.sleep,
-                                        notify=lambda url, body: self.notices.append((url, body)) or True,
-                                        metrics=self.metrics)
+        self.state_dir = env.get("STATE_DIR") or state_folder(test)
+        self.journal = gopdater.Journal(self.state_dir)
+        self.queue = self.new_queue()
         self.app = gopdater.App(self.config, self.queue, self.metrics)
         self.worker = None
         self.fake.calls.clear()
+
+    def new_queue(self, journal=None):
+        """A work queue on this rig's fake engine and STATE_DIR, as a fresh start of gopdater makes it."""
+        return gopdater.WorkQueue(self.config, self.project, clock=self.clock, sleep=self.clock.sleep,
+                                  notify=lambda url, body: self.notices.append((url, body)) or True,
+                                  metrics=self.metrics, journal=journal or self.journal)
 
     def post(self, path, body, **hdrs):
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -1792,6 +1824,192 @@ class HouseRulesTest(unittest.TestCase):
         self.assertEqual(banners, ["Image references", "Settings", "Senders", "The request pipeline", "The work queue",
                                    "Update targets", "Docker commands", "Notifications and metrics",
                                    "The HTTP transport", "--check", "main"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety: the journal, recovery at start, the engine going away, history across restarts
+# ---------------------------------------------------------------------------------------------
+
+
+class CrashRecoveryTest(unittest.TestCase):
+    def cut(self, rig, prefix, nth=1):
+        """Run a deployment of site that is killed right after the nth call starting with prefix."""
+        rig.fake.crash_after = (prefix, nth)
+        submitted = rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+        rig.queue.queue.remove(submitted.deployment)  # the worker is not running: this test is the worker
+        with self.assertRaises(Crash), self.assertLogs("gopdater", "INFO"):
+            rig.queue.execute(submitted.deployment)
+        self.assertIsNone(rig.fake.crash_after, "the cut happened")
+
+    def restart(self, rig):
+        """Start again with the same STATE_DIR: restore, run the worker until idle; return the queue."""
+        rig.fake.calls.clear()
+        queue = rig.new_queue(gopdater.Journal(rig.state_dir))
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(queue.restore(), 1)
+            thread = threading.Thread(target=queue.run_forever, daemon=True)
+            thread.start()
+            self.assertTrue(queue.wait_idle(10))
+            queue.stop(5)
+            thread.join(5)
+        return queue
+
+    def running_image(self, rig):
+        running = [c for c in rig.fake.containers.values() if not c["stopped"]]
+        self.assertEqual(len(running), 1, rig.fake.containers)
+        return running[0]["image_id"]
+
+    def test_cut_at_each_step_of_an_update_ends_on_the_new_image(self):
+        """Killed after the pull, stop, remove, up or during the wait, the next start serves the new image."""
+        cases = [(("docker", "compose", "pull"), 1, OLD_ID, "it was still running; left as it was"),
+                 (("docker", "stop"), 1, NEW_ID, "the new image now runs healthy"),
+                 (("docker", "rm"), 1, NEW_ID, "the new image now runs healthy"),
+                 (("docker", "compose", "up"), 1, NEW_ID, "the new image was running healthy"),
+                 (("docker", "inspect"), 2, NEW_ID, "the new image was running healthy")]
+        for prefix, nth, image, reason in cases:
+            with self.subTest(cut_after=prefix):
+                rig = Rig(self, NOTIFY_URL="http://127.0.0.1:9/hook")
+                self.cut(rig, prefix, nth)
+                queue = self.restart(rig)
+                view = queue.views()[0]
+                self.assertEqual((view["sender"], view["state"], view["results"]), ("recovery", "recovered",
+                                                                                  {"site": "recovered"}))
+                self.assertEqual(self.running_image(rig), image)
+                self.assertEqual((rig.notices[-1][1]["result"], rig.notices[-1][1]["reason"]), ("recovered", reason))
+                self.assertEqual(gopdater.Journal(rig.state_dir).load()[0], [], "the journal is closed")
+
+    def test_a_broken_new_image_found_at_recovery_is_rolled_back(self):
+        """Killed after up of an image that crashes, the next start rolls back to the old image."""
+        rig = Rig(self)
+        rig.fake.registry["acme/site:latest"] = BROKEN_ID
+        self.cut(rig, ("docker", "compose", "up"))
+        queue = self.restart(rig)
+        self.assertEqual(queue.views()[0]["state"], "rolled-back")
+        self.assertEqual(self.running_image(rig), OLD_ID)
+
+    def test_cut_at_each_rollback_step_ends_on_the_old_image(self):
+        """Killed during the rollback (tag, stop, remove, up, its wait), the next start finishes the rollback."""
+        cases = [(("docker", "tag"), 1), (("docker", "stop"), 2), (("docker", "rm"), 2),
+                 (("docker", "compose", "up"), 2), (("docker", "inspect"), 4)]
+        for prefix, nth in cases:
+            with self.subTest(cut_after=prefix, nth=nth):
+                rig = Rig(self)
+                rig.fake.registry["acme/site:latest"] = BROKEN_ID
+                self.cut(rig, prefix, nth)
+                self.assertIn(gopdater.Journal(rig.state_dir).load()[0][0]["step"], (
+                    "rollback-tag", "rollback-stop", "rollback-remove", "rollback-up"))
+                queue = self.restart(rig)
+                self.assertEqual(queue.views()[0]["state"], "rolled-back")
+                self.assertEqual(self.running_image(rig), OLD_ID)
+
+    def test_new_image_gone_at_recovery_rolls_back(self):
+        """If the pulled image was removed before the next start, recovery brings the old one back."""
+        rig = Rig(self)
+        self.cut(rig, ("docker", "rm"))
+        rig.fake.deleted.add(NEW_ID)
+        rig.fake.images["acme/site:latest"] = "sha256:" + "9" * 64  # the tag points elsewhere now
+        queue = self.restart(rig)
+        self.assertEqual(queue.views()[0]["state"], "rolled-back")
+        self.assertEqual(self.running_image(rig), OLD_ID)
+
+    def test_recovery_touches_only_the_service_its_record_names(self):
+        """With two services, a cut update of site is recovered without a command that names api."""
+        rig = Rig(self, FakeDocker(services={"site": "acme/site:latest", "api": "acme/api:latest"}))
+        self.cut(rig, ("docker", "rm"))
+        self.restart(rig)
+        mutating = rig.fake.mutating_calls()
+        self.assertTrue(mutating)
+        self.assertFalse([c for c in mutating if "api" in c or "demo-api-1" in c], mutating)
+
+    def test_a_service_nothing_cut_off_is_never_touched_at_start(self):
+        """An empty journal means no recovery and no command at start."""
+        rig = Rig(self)
+        rig.deploy()
+        rig.fake.calls.clear()
+        queue = rig.new_queue(gopdater.Journal(rig.state_dir))
+        self.assertEqual(queue.restore(), 0)
+        self.assertEqual(rig.fake.calls, [])
+
+    def test_the_engine_going_away_mid_update_is_waited_for_then_the_update_goes_on(self):
+        """Commands that find no engine make the update wait for it, then recover from the journal."""
+        rig = Rig(self)
+        original = rig.fake.run_docker
+
+        def engine_dies_at_rm(args):
+            if args[0] == "rm" and rig.fake.engine_down_until is None:
+                out = original(args)
+                rig.fake.engine_down_until = rig.clock() + 30
+                return out
+            return original(args)
+
+        rig.fake.run_docker = engine_dies_at_rm
+        with self.assertLogs("gopdater", "INFO") as logs:
+            deployment = rig.deploy()
+        self.assertEqual((deployment.state, self.running_image(rig)), ("recovered", NEW_ID))
+        self.assertTrue(any("stopped answering" in line for line in logs.output))
+        self.assertGreaterEqual(sum(c[:2] == ["docker", "version"] for c in rig.fake.calls), 2, "it probed")
+
+    def test_an_engine_that_stays_away_leaves_the_journal_for_the_next_start(self):
+        """After ENGINE_WAIT without an engine the update fails, and the next start recovers it."""
+        rig = Rig(self, ENGINE_WAIT=20)
+        rig.fake.fail[("docker", "rm")] = (1, "Cannot connect to the Docker daemon")
+        original = rig.fake.__call__
+
+        def no_engine_after_fail(argv, **kwargs):
+            if argv[1:2] == ["version"] and ("docker", "rm") in rig.fake.fail:
+                raise gopdater.EngineUnreachable(argv, 1, "Cannot connect to the Docker daemon")
+            return original(argv, **kwargs)
+
+        rig.project.docker.runner = no_engine_after_fail
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy()
+        self.assertEqual(deployment.state, "failed")
+        self.assertIn("did not answer for 20s", deployment.error)
+        self.assertEqual(len(gopdater.Journal(rig.state_dir).load()[0]), 1, "the record stays")
+        del rig.fake.fail[("docker", "rm")]
+        rig.project.docker.runner = rig.fake
+        self.assertEqual(self.restart(rig).views()[0]["state"], "recovered")
+
+    def test_history_survives_a_restart(self):
+        """The last deployments are shown again after a restart, newest first."""
+        rig = Rig(self)
+        first = rig.deploy()
+        rig.fake.registry["acme/site:latest"] = "sha256:" + "4" * 64
+        rig.fake.behaviour["sha256:" + "4" * 64] = "healthy"
+        second = rig.deploy()
+        queue = rig.new_queue(gopdater.Journal(rig.state_dir))
+        queue.restore()
+        self.assertEqual([v["id"] for v in queue.views()], [second.id, first.id])
+        self.assertEqual(queue.views()[0]["state"], "updated")
+
+    def test_a_corrupt_state_file_is_moved_aside_and_gopdater_starts(self):
+        """Unreadable journal and history files are moved aside with a warning; start-up goes on."""
+        folder = state_folder(self)
+        for name in ("journal.json", "history.json"):
+            pathlib.Path(folder, name).write_text("{torn")
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            self.assertEqual(gopdater.Journal(folder).load(), ([], []))
+        self.assertEqual(sum("moved aside" in line for line in logs.output), 2)
+        self.assertEqual(sorted(p.name.split(".corrupt-")[0] for p in pathlib.Path(folder).iterdir()),
+                         ["history.json", "journal.json"])
+
+    def test_a_state_dir_that_cannot_be_written_stops_deployments_not_gopdater(self):
+        """STATE_DIR unwritable: --check says how to fix it, and a deployment fails before any command."""
+        blocker = pathlib.Path(state_folder(self), "a-file")
+        blocker.write_text("")
+        bad = str(blocker / "state")
+        problem = gopdater.Journal(bad).problem()
+        self.assertTrue(problem.startswith(f"STATE_DIR {bad} cannot be written"), problem)
+        self.assertIn("set STATE_DIR", problem)
+        code, out = CheckTest.check(self, FakeDocker(), STATE_DIR=bad)
+        self.assertEqual(code, 1)
+        self.assertIn(f"FAIL STATE_DIR {bad} cannot be written", out)
+        rig = Rig(self, STATE_DIR=bad)
+        with self.assertLogs("gopdater", "ERROR"):
+            deployment = rig.deploy()
+        self.assertEqual(deployment.state, "failed")
+        self.assertIn("journal in STATE_DIR cannot be written", deployment.error)
+        self.assertEqual(rig.fake.mutating_calls(), [])
 
 
 if __name__ == "__main__":
