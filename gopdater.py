@@ -1732,8 +1732,10 @@ class EngineUnreachable(CommandError):
     """A command failed because the Docker engine did not answer, not because the command failed."""
 
 
-ENGINE_GONE_RE = re.compile(r"Cannot connect to the Docker daemon|Is the docker daemon running|error during connect",
-                            re.IGNORECASE)
+# What the docker CLI, Compose v2 and Compose v1 say when no engine answers.
+ENGINE_GONE_RE = re.compile(r"Cannot connect to the Docker daemon|Is the docker daemon running|error during connect|"
+                            r"failed to connect to the docker API|Error while fetching server API version|"
+                            r"Couldn't connect to Docker daemon", re.IGNORECASE)
 
 
 def command_failed(argv: Sequence[str], code: Optional[int], stderr: str) -> CommandError:

@@ -123,6 +123,10 @@ def remove_project(project, image_prefixes, image_ids):
     if ids:
         run(["docker", "rm", "-f", *ids], check=False)
     run(["docker", "network", "rm", f"{project}_default"], check=False)
+    volumes = run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+                  check=False).split()
+    if volumes:
+        run(["docker", "volume", "rm", "-f", *volumes], check=False)
     for line in run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"], check=False).split():
         if line.startswith(tuple(image_prefixes)):
             run(["docker", "rmi", "-f", line], check=False)
@@ -259,14 +263,29 @@ class RecordingSocketProxy(threading.Thread):
     def __init__(self, path, upstream="/var/run/docker.sock"):
         super().__init__(daemon=True)
         self.path, self.upstream, self.calls = str(path), upstream, set()
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(self.path)
-        self.listener.listen(64)
+        self.listener = self.listen()
+
+    def listen(self):
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(self.path)
+        listener.listen(64)
+        return listener
+
+    def pause(self):
+        """The engine goes away: the socket is gone, so a new command cannot connect."""
+        self.listener.close()
+        os.unlink(self.path)
+
+    def resume(self):
+        """The engine is back."""
+        self.listener = self.listen()
+        threading.Thread(target=self.run, daemon=True).start()
 
     def run(self):
+        listener = self.listener
         while True:
             try:
-                client, _ = self.listener.accept()
+                client, _ = listener.accept()
             except OSError:
                 return
             server = socket.socket(socket.AF_UNIX)
@@ -412,6 +431,7 @@ services:
         env = clean_env(OWNER=f"acme,127.0.0.1:{cls.notify_port}/acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1",
                         PORT=str(port), HEALTH_TIMEOUT="30", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
                         SERVICES=f"acme/site=site,127.0.0.1:{cls.notify_port}/acme/site=site",
+                        STATE_DIR=str(cls.tmp / "state"), ENGINE_WAIT="60",
                         COMPOSE_COMMAND=" ".join(cls.compose))
         cwd = cls.folder
         if cls.socket_proxy:
@@ -426,7 +446,7 @@ services:
             env["COMPOSE_FILE"] = os.path.relpath(cls.folder / "docker-compose.yml", cwd)
         with open(log_path, "ab") as log:
             process = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cwd, env=env,
-                                       stdout=log, stderr=subprocess.STDOUT)
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: process.poll() is not None or project_read(port), 60, "gopdater to read the project")
         assert process.poll() is None, f"gopdater exited: {log_path.read_text()}"
         return process
@@ -589,6 +609,46 @@ services:
         self.assertEqual((record["sender"], record["state"]), ("registry", "updated"), record)
         self.assertTrue(record["digest"].startswith("sha256:"))
         self.assertEqual(self.site(), "acme site v2")
+
+    def kill_after(self, line, retag):
+        """Push retag, wait until gopdater logs line, then kill its whole process group (a reboot, an OOM kill)."""
+        self.registry.retag(retag)
+        mark = self.gp_log.stat().st_size
+        status, reply = self.hook()
+        self.assertEqual(status, 202, reply)
+        wait_for(lambda: line in self.gp_log.read_text()[mark:], 60, f"gopdater to log {line!r}")
+        os.killpg(self.gopdater.pid, signal.SIGKILL)
+        self.gopdater.wait(10)
+        return reply["id"]
+
+    def restart_and_watch(self, expected_text):
+        """Start gopdater again; return seconds until the site serves expected_text, and the recovery record."""
+        started = time.monotonic()
+        type(self).gopdater = self.start_gopdater(self.gp_port, self.gp_log)
+        known = {d["id"] for d in self.deployments() if d["sender"] == "recovery" and d["state"] != "running"}
+        wait_for(lambda: self.site() == expected_text, 60, f"the site to serve {expected_text!r}")
+        seconds = time.monotonic() - started
+        record = wait_for(lambda: [d for d in self.deployments() if d["sender"] == "recovery" and d["id"] not in known
+                                   and d["state"] not in ("queued", "running")], 60, "the recovery to end")[0]
+        return seconds, record
+
+    def test_killed_after_the_remove_comes_back_on_the_new_image(self):
+        """gopdater killed right after removing the old container: the next start serves v2 within the bound."""
+        self.kill_after("step=remove result=ok", "v2")
+        seconds, record = self.restart_and_watch("acme site v2")
+        self.assertEqual(record["state"], "recovered", record)
+        self.assertLess(seconds, 30 + 10, "HEALTH_TIMEOUT plus a few seconds")
+        print(f"\n[{self.flavour}] killed after remove, restarted: v2 served {seconds:.1f} s after the restart",
+              file=sys.stderr)
+
+    def test_killed_after_the_remove_with_a_broken_image_ends_on_the_old_one(self):
+        """The same cut with a broken v3: the next start rolls back, and v1 serves again."""
+        self.kill_after("step=remove result=ok", "v3")
+        seconds, record = self.restart_and_watch("acme site v1")
+        self.assertEqual(record["state"], "rolled-back", record)
+        self.assertEqual(self.container()["Image"], self.images["v1"])
+        print(f"\n[{self.flavour}] killed after remove with broken v3: v1 served {seconds:.1f} s after the restart",
+              file=sys.stderr)
 
     def test_sigterm_stops_cleanly_and_the_log_holds_no_secret(self):
         """A gopdater of its own answers hooks, then SIGTERM ends it with exit code 0; no log line held the secret."""
@@ -764,6 +824,22 @@ class ComposeV2Test(EngineScenario, unittest.TestCase):
     flavour = "v2"
     from_elsewhere = True
     socket_proxy = True
+
+    def test_engine_gone_mid_update_then_back_completes_the_update(self):
+        """The engine stops answering right after the stop; once it is back the update completes on v2."""
+        self.registry.retag("v2")
+        mark = self.gp_log.stat().st_size
+        status, reply = self.hook()
+        self.assertEqual(status, 202, reply)
+        wait_for(lambda: "step=stop result=ok" in self.gp_log.read_text()[mark:], 60, "the old container to stop")
+        self.proxy.pause()
+        try:
+            wait_for(lambda: "stopped answering" in self.gp_log.read_text()[mark:], 60, "gopdater to notice")
+        finally:
+            self.proxy.resume()
+        record = self.finished(reply["id"])
+        self.assertEqual(record["state"], "recovered", record)
+        wait_for(lambda: self.site() == "acme site v2", 30, "the site to serve v2")
 
     def test_docker_api_calls_are_the_documented_ones(self):
         """Through DOCKER_HOST, an update used exactly the Docker API calls the README lists for a socket proxy."""
