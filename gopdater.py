@@ -791,14 +791,12 @@ class App:
             submitted = self.queue.submit(event)
             if submitted is None:
                 return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "deployment queue is full or gopdater is stopping")
-            if submitted.deployment is None:
-                continue
-            deployment = submitted.deployment
-            log.info("hook accepted sender=%s image=%s deployment=%s services=%s coalesced=%s", sender.name,
-                     event.image, deployment.id, ",".join(submitted.services), "yes" if submitted.coalesced else "no")
-            if deployment.id not in ids:
-                ids.append(deployment.id)
-            services.update(submitted.services)
+            for deployment, coalesced in submitted:
+                log.info("hook accepted sender=%s image=%s deployment=%s service=%s coalesced=%s", sender.name,
+                         event.image, deployment.id, deployment.ref, "yes" if coalesced else "no")
+                if deployment.id not in ids:
+                    ids.append(deployment.id)
+                services.add(str(deployment.ref))
         if not ids:
             return Response(HTTPStatus.OK, {"status": "ignored", "reason": "no service runs this image and tag"})
         reply = {"status": "accepted", "id": ids[0], "services": sorted(services)}
@@ -851,8 +849,6 @@ class State(str, enum.Enum):
     UP_TO_DATE = "up-to-date"
 
 
-# A deployment of several services ends in the first of these that any service ended in.
-SEVERITY = (State.FAILED, State.ROLLED_BACK, State.RECOVERED, State.UPDATED, State.DRY_RUN, State.UP_TO_DATE)
 CHANGED = frozenset({State.UPDATED, State.RECOVERED, State.ROLLED_BACK, State.FAILED})
 
 
@@ -868,7 +864,6 @@ class Outcome(NamedTuple):
 class Step(NamedTuple):
     """One timed step of a deployment, as logged and shown in the view."""
 
-    service: str
     step: str
     result: str
     seconds: float
@@ -878,19 +873,28 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class ServiceRef(NamedTuple):
+    """Which service: its kind (compose), its project (a Compose project), its name."""
+
+    kind: str
+    project: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.project}/{self.name}" if self.project else self.name
+
+
 class Deployment:
-    """One requested update of one or more services, as shown in the deployments view."""
+    """One requested update of one service, as shown in the deployments view."""
 
-    FIELDS = ("id", "sender", "digest", "services", "state", "hooks", "created", "started", "finished", "results",
-              "steps", "error", "logs")
+    FIELDS = ("id", "sender", "digest", "state", "hooks", "created", "started", "finished", "steps", "error", "logs")
 
-    def __init__(self, id: str, sender: str, key: ImageKey, digest: Optional[str], services: List[str]):
-        self.id, self.sender, self.key, self.digest, self.services = id, sender, key, digest, services
+    def __init__(self, id: str, sender: str, key: ImageKey, digest: Optional[str], ref: ServiceRef):
+        self.id, self.sender, self.key, self.digest, self.ref = id, sender, key, digest, ref
         self.state, self.hooks, self.created = State.QUEUED, 1, _now()
         self.recovery: Optional[dict] = None  # the journal record of an update a crash cut off
         self.started: Optional[str] = None
         self.finished: Optional[str] = None
-        self.results: Dict[str, State] = {}
         self.steps: List[Step] = []
         self.error: Optional[str] = None
         self.logs: List[str] = []
@@ -898,10 +902,9 @@ class Deployment:
     def view(self) -> dict:
         """The JSON shape of /deployments."""
         fields = {name: getattr(self, name) for name in self.FIELDS}
-        fields.update(state=self.state.value, services=list(self.services), logs=list(self.logs),
-                      results={service: state.value for service, state in self.results.items()},
-                      steps=[step._asdict() for step in self.steps])
-        return {"image": f"{self.key.registry}/{self.key.repository}", "tag": self.key.tag, **fields}
+        fields.update(state=self.state.value, logs=list(self.logs), steps=[step._asdict() for step in self.steps])
+        return {"image": f"{self.key.registry}/{self.key.repository}", "tag": self.key.tag, "kind": self.ref.kind,
+                "project": self.ref.project or None, "service": self.ref.name, **fields}
 
 
 class Past(dict):
@@ -1013,18 +1016,20 @@ class Journal:
 class StepLog:
     """What an update target reports through: timed steps, log lines and its clock; one per service."""
 
-    def __init__(self, deployment: Deployment, service: str, lock: threading.Condition,
-                 clock: Callable[[], float], sleep: Callable[[float], None], journal: Optional[Journal] = None):
-        self.deployment, self.service, self.lock = deployment, service, lock
+    def __init__(self, deployment: Deployment, lock: threading.Condition, clock: Callable[[], float],
+                 sleep: Callable[[float], None], journal: Optional[Journal] = None):
+        self.deployment, self.lock = deployment, lock
         self.clock, self.sleep, self.journal = clock, sleep, journal
-        self.label = f"deployment={deployment.id} service={service}"
-        self.key = f"{service}"
+        self.label = f"deployment={deployment.id} service={deployment.ref}"
+        self.key = f"{deployment.ref.kind}:{deployment.ref}"
 
     def begin(self) -> None:
         """Open the journal record before any command; OSError if it cannot be written."""
         if self.journal is not None:
-            self.journal.mark(self.key, service=self.service, deployment=self.deployment.id,
-                              reference=str(self.deployment.key), step="start", started=_now())
+            ref = self.deployment.ref
+            self.journal.mark(self.key, kind=ref.kind, project=ref.project, service=ref.name,
+                              deployment=self.deployment.id, reference=str(self.deployment.key), step="start",
+                              started=_now())
 
     def remember(self, **fields: object) -> None:
         """Add what recovery would need (image ids, the image reference) to the journal record."""
@@ -1042,7 +1047,7 @@ class StepLog:
         """Log one step of the given length and keep it in the deployment."""
         seconds = round(seconds, 3)
         with self.lock:
-            self.deployment.steps.append(Step(self.service, step, result, seconds))
+            self.deployment.steps.append(Step(step, result, seconds))
         quiet = result in ("ok", "kept", State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
         log.log(logging.INFO if quiet else logging.WARNING, "%s step=%s result=%s seconds=%.2f", self.label,
                 step, result, seconds)
@@ -1068,15 +1073,14 @@ class StepLog:
         for line in lines:
             log.warning("%s container %s logged: %r", self.label, container, line)
             with self.lock:
-                self.deployment.logs.append(f"{self.service}: {line}")
+                self.deployment.logs.append(line)
 
 
 class Submitted(NamedTuple):
-    """What became of one pushed image: the deployment it joined (None: nothing runs it)."""
+    """What became of one pushed image for one service: the deployment it queued or joined."""
 
-    deployment: Optional[Deployment]
-    services: Tuple[str, ...] = ()
-    coalesced: bool = False
+    deployment: Deployment
+    coalesced: bool
 
 
 class WorkQueue:
@@ -1098,26 +1102,29 @@ class WorkQueue:
 
     # -- the request side: map and enqueue, nothing slower ------------------------------------
 
-    def submit(self, event: PushEvent) -> Optional[Submitted]:
-        """Queue a deployment of the services that run the image, or join a queued one; None if full."""
-        services = tuple(self.target.services_for(event.image))
+    def submit(self, event: PushEvent) -> Optional[List[Submitted]]:
+        """Queue a deployment for each service that runs the image, or join one queued for that service;
+        [] if none runs it, None if the queue is full or stopping."""
+        refs = self.target.services_for(event.image)
+        submitted = []
         with self.lock:
-            if not services:
+            if not refs:
                 self.refresh_soon()
-                return Submitted(None)
-            for queued in self.queue:
-                if queued.key == event.image or set(services) <= set(queued.services):
+            for ref in refs:
+                queued = next((d for d in self.queue if d.ref == ref), None)
+                if queued is not None:
                     queued.hooks += 1
-                    queued.services = sorted(set(queued.services) | set(services))
                     queued.digest = event.digest or queued.digest
-                    return Submitted(queued, services, True)
-            if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
-                return None
-            deployment = Deployment(os.urandom(6).hex(), event.sender, event.image, event.digest, list(services))
-            self.queue.append(deployment)
-            self.history.append(deployment)
+                    submitted.append(Submitted(queued, True))
+                    continue
+                if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
+                    return None
+                deployment = Deployment(os.urandom(6).hex(), event.sender, event.image, event.digest, ref)
+                self.queue.append(deployment)
+                self.history.append(deployment)
+                submitted.append(Submitted(deployment, False))
             self.lock.notify_all()
-            return Submitted(deployment, services)
+        return submitted
 
     def refresh_soon(self) -> None:
         """A hook matched nothing: re-read the targets within 10 s (at most one extra read per 10 s)."""
@@ -1139,12 +1146,13 @@ class WorkQueue:
             self.history.extend(Past(view) for view in history)
             for record in unfinished:
                 key = parse_reference(str(record.get("reference"))) or ImageKey("unknown", "unknown", "unknown")
-                deployment = Deployment(os.urandom(6).hex(), "recovery", key, None, [str(record.get("service"))])
+                ref = ServiceRef(str(record.get("kind")), str(record.get("project") or ""), str(record.get("service")))
+                deployment = Deployment(os.urandom(6).hex(), "recovery", key, None, ref)
                 deployment.recovery = record
                 self.queue.appendleft(deployment)
                 self.history.append(deployment)
                 log.warning("deployment=%s recovery of service=%s, cut off at step=%s by deployment=%s",
-                            deployment.id, record.get("service"), record.get("step"), record.get("deployment"))
+                            deployment.id, ref, record.get("step"), record.get("deployment"))
             self.lock.notify_all()
         return len(unfinished)
 
@@ -1197,8 +1205,7 @@ class WorkQueue:
             self.stopping = True
             for deployment in self.queue:
                 deployment.state, deployment.finished = State.CANCELLED, _now()
-                log.warning("deployment=%s cancelled by shutdown services=%s", deployment.id,
-                            ",".join(deployment.services))
+                log.warning("deployment=%s cancelled by shutdown service=%s", deployment.id, deployment.ref)
             self.queue.clear()
             self.lock.notify_all()
         idle = self.wait_idle(timeout)
@@ -1218,23 +1225,31 @@ class WorkQueue:
             return not self.queue and self.current is None
 
     def execute(self, deployment: Deployment) -> None:
-        """Update each service of the deployment in turn, record and report each outcome."""
+        """Update the deployment's service through its target; record, count and report the outcome."""
         with self.lock:
             deployment.state, deployment.started = State.RUNNING, _now()
-        log.info("deployment=%s start image=%s services=%s hooks=%s", deployment.id, deployment.key,
-                 ",".join(deployment.services), deployment.hooks)
-        for service in list(deployment.services):
-            self.update_one(deployment, service)
-        results = set(deployment.results.values())
+        log.info("deployment=%s start image=%s service=%s hooks=%s", deployment.id, deployment.key,
+                 deployment.ref, deployment.hooks)
+        steps = StepLog(deployment, self.lock, self.clock, self.sleep, self.journal)
+        started = self.clock()
+        outcome, ended = self.run_target(deployment, steps)
+        if ended and self.journal is not None:
+            self.journal.close(steps.key)
         with self.lock:
-            deployment.state = next(s for s in SEVERITY if s in results)
-            deployment.finished = _now()
+            deployment.state, deployment.finished = outcome.result, _now()
+            if outcome.reason and outcome.result in (State.FAILED, State.ROLLED_BACK):
+                deployment.error = outcome.reason
+        seconds = steps.record("done", outcome.result.value, started)
+        self.metrics.deployed(str(deployment.ref), outcome.result, seconds, deployment.steps)
         self.keep_history()
-        if results & CHANGED:
+        if outcome.result in CHANGED:
+            if self.config.notify_url and not self.notify(self.config.notify_url,
+                                                          notification(deployment, outcome, seconds)):
+                log.warning("%s notification not delivered", steps.label)
             self.refresh()
         log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
 
-    def run_target(self, deployment: Deployment, service: str, steps: StepLog) -> Tuple[Outcome, bool]:
+    def run_target(self, deployment: Deployment, steps: StepLog) -> Tuple[Outcome, bool]:
         """The target's update (or recovery) of one service, journalled; never raises.
 
         Returns the outcome, and whether the update ended (False: its journal record stays for the next start).
@@ -1247,8 +1262,8 @@ class WorkQueue:
         try:
             try:
                 if deployment.recovery is not None:
-                    return self.target.recover(deployment.recovery, steps), True
-                return self.target.update(service, deployment.digest, steps), True
+                    return self.target.recover(deployment.ref, deployment.recovery, steps), True
+                return self.target.update(deployment.ref, deployment.digest, steps), True
             except EngineUnreachable:
                 return self.after_engine_outage(steps)
         except Exception as error:  # a bug must not kill the worker
@@ -1269,27 +1284,9 @@ class WorkQueue:
         log.warning("%s the Docker engine answers again; going on from the journal", steps.label)
         record = self.journal.records.get(steps.key, {}) if self.journal is not None else {}
         try:
-            return self.target.recover({**record, "service": steps.service}, steps), True
+            return self.target.recover(steps.deployment.ref, record, steps), True
         except EngineUnreachable:
             return Outcome(reason="the Docker engine went away again; the next start recovers the service"), False
-
-    def update_one(self, deployment: Deployment, service: str) -> None:
-        """One service through the target, never raising; then its record, metrics and notification."""
-        steps = StepLog(deployment, service, self.lock, self.clock, self.sleep, self.journal)
-        started = self.clock()
-        outcome, ended = self.run_target(deployment, service, steps)
-        if ended and self.journal is not None:
-            self.journal.close(steps.key)
-        with self.lock:
-            deployment.results[service] = outcome.result
-            if outcome.reason and outcome.result in (State.FAILED, State.ROLLED_BACK):
-                deployment.error = "; ".join(filter(None, [deployment.error, f"{service}: {outcome.reason}"]))
-        seconds = steps.record("done", outcome.result.value, started)
-        self.metrics.deployed(service, outcome.result, seconds, deployment.steps)
-        if outcome.result in CHANGED and self.config.notify_url:
-            payload = notification(deployment, service, outcome, seconds)
-            if not self.notify(self.config.notify_url, payload):
-                log.warning("%s notification not delivered", steps.label)
 
 
 # ==========================================================================================
@@ -1304,15 +1301,15 @@ Finding = Tuple[bool, str]  # (ok, one line), for the start-up log and --check
 class Target:
     """What the work queue updates. The queue and the HTTP side know targets only through this."""
 
-    def services_for(self, image: ImageKey) -> List[str]:
+    def services_for(self, image: ImageKey) -> List[ServiceRef]:
         """The services that a push of this image and tag updates."""
         raise NotImplementedError
 
-    def update(self, service: str, digest: Optional[str], steps: StepLog) -> Outcome:
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
         """Update one service to the pushed image, safely; report steps through steps."""
         raise NotImplementedError
 
-    def recover(self, record: Mapping[str, object], steps: StepLog) -> Outcome:
+    def recover(self, ref: ServiceRef, record: Mapping[str, object], steps: StepLog) -> Outcome:
         """Make a service whole after its update was cut off (a crash, the engine gone), from its journal record."""
         raise NotImplementedError
 
@@ -1464,14 +1461,22 @@ class ComposeProject(Target):
                 images[service] = key
         self.services, self.images, self.containers = services, images, by_service
 
-    def services_for(self, image: ImageKey) -> List[str]:
+    def services_for(self, image: ImageKey) -> List[ServiceRef]:
         """Services that run this image: by SERVICES when set, else by what the project runs."""
         if self.config.services:
-            return sorted({service for key, service in self.config.services if key == image})
-        return sorted(service for service, key in self.images.items() if key == image)
+            names = {self.named(entry) for key, entry in self.config.services if key == image} - {None}
+        else:
+            names = {service for service, key in self.images.items() if key == image}
+        return [ServiceRef(self.kind, self.name, name) for name in sorted(names)]
 
-    def update(self, service: str, digest: Optional[str], steps: StepLog) -> Outcome:
+    def named(self, entry: str) -> Optional[str]:
+        """The service a SERVICES entry (SERVICE or PROJECT/SERVICE) names in this project, if any."""
+        project, _, service = entry.rpartition("/")
+        return service if project in ("", self.name) and service in self.services else None
+
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
         """Pull; stop if unchanged; else replace and wait; roll back on failure; clean up on success."""
+        service = ref.name
         try:
             old = steps.step("inspect", lambda: self.docker.containers(service))
             steps.step("pull", lambda: self.docker.pull(service))
@@ -1563,10 +1568,10 @@ class ComposeProject(Target):
                     old_ids[0][:19], failed.new_image)
         return failed._replace(result=State.ROLLED_BACK)
 
-    def recover(self, record: Mapping[str, object], steps: StepLog) -> Outcome:
+    def recover(self, ref: ServiceRef, record: Mapping[str, object], steps: StepLog) -> Outcome:
         """Make the service whole from its journal record: keep it if it runs and is healthy; else bring
         it up on the new image and wait; roll back to the old image when that fails or cannot be."""
-        service, step = str(record.get("service")), str(record.get("step", ""))
+        service, step = ref.name, str(record.get("step", ""))
         old_id, new_id, image = record.get("old_image"), record.get("new_image"), record.get("image")
         outcome = Outcome(old_image=old_id, new_image=new_id)
         try:
@@ -1953,21 +1958,20 @@ DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OUTAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
 
-def notification(deployment: Deployment, service: str, outcome: Outcome, seconds: float) -> dict:
+def notification(deployment: Deployment, outcome: Outcome, seconds: float) -> dict:
     """The JSON summary of one service's outcome, with a one-sentence text chat tools show as it is."""
-    image = str(deployment.key)
+    image, service = str(deployment.key), str(deployment.ref)
     sentence = {
         State.UPDATED: f"gopdater updated {service} to {image} in {seconds:.1f} s.",
         State.RECOVERED: f"gopdater recovered {service} after an interrupted update ({outcome.reason}).",
         State.ROLLED_BACK: f"gopdater rolled {service} back: {image} failed ({outcome.reason}).",
         State.FAILED: f"gopdater could not update {service} to {image}: {outcome.reason}.",
     }[outcome.result]
-    return {"deployment": deployment.id, "service": service, "image": f"{deployment.key.registry}/"
-            f"{deployment.key.repository}", "tag": deployment.key.tag, "digest": deployment.digest,
-            "result": outcome.result.value, "old_image": outcome.old_image, "new_image": outcome.new_image,
-            "seconds": round(seconds, 3),
-            "durations": {s.step: s.seconds for s in deployment.steps if s.service == service},
-            "reason": outcome.reason, "text": sentence}
+    return {"deployment": deployment.id, "kind": deployment.ref.kind, "project": deployment.ref.project or None,
+            "service": deployment.ref.name, "image": f"{deployment.key.registry}/{deployment.key.repository}",
+            "tag": deployment.key.tag, "digest": deployment.digest, "result": outcome.result.value,
+            "old_image": outcome.old_image, "new_image": outcome.new_image, "seconds": round(seconds, 3),
+            "durations": {s.step: s.seconds for s in deployment.steps}, "reason": outcome.reason, "text": sentence}
 
 
 def send_notification(url: str, payload: dict, sleep: Callable[[float], None] = time.sleep) -> bool:
@@ -2037,7 +2041,7 @@ class Metrics:
             self.results[result.value] += 1
             self.duration.observe(seconds)
             for step in steps:
-                if step.service == service and step.step == "downtime":
+                if step.step == "downtime":
                     self.outage.observe(step.seconds)
             self.last[service] = (self.clock(), result)
 

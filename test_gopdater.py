@@ -33,6 +33,7 @@ SECRET = "s3cret-Token_for.tests~0123456789"
 OLD_ID = "sha256:" + "1" * 64
 NEW_ID = "sha256:" + "2" * 64
 BROKEN_ID = "sha256:" + "3" * 64
+SITE = gopdater.ServiceRef("compose", "demo", "site")
 
 
 def payload(name):
@@ -265,10 +266,10 @@ class Rig:
 
     def deploy(self, event_image="docker.io/acme/site:latest"):
         """Submit one push as a hook would, let the worker run it, and return the deployment once it ended."""
-        submitted = self.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference(event_image)))
+        (deployment, _), = self.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference(event_image)))
         self.start_worker()
         self.test.assertTrue(self.queue.wait_idle(10), "the deployment ended")
-        return submitted.deployment
+        return deployment
 
 
 # ---------------------------------------------------------------------------------------------
@@ -767,13 +768,13 @@ class DiscoveryTest(unittest.TestCase):
                                           "2.29.1")
         project.refresh()
         self.assertEqual(project.services, ("site",))
-        self.assertEqual(project.services_for(ImageKey("docker.io", "acme/site", "latest")), ["site"])
+        self.assertEqual(project.services_for(ImageKey("docker.io", "acme/site", "latest")), [SITE])
 
     def test_mapping_matches_only_the_same_registry_repository_and_tag(self):
         """docker.io/acme/site:latest matches; ghcr.io/acme/site:latest, another tag or repo do not."""
         rig = Rig(self)
         match = rig.project.services_for
-        self.assertEqual(match(ImageKey("docker.io", "acme/site", "latest")), ["site"])
+        self.assertEqual(match(ImageKey("docker.io", "acme/site", "latest")), [SITE])
         for other in [ImageKey("ghcr.io", "acme/site", "latest"), ImageKey("docker.io", "acme/site", "v2"),
                       ImageKey("docker.io", "acme/api", "latest")]:
             with self.subTest(image=str(other)):
@@ -784,7 +785,7 @@ class DiscoveryTest(unittest.TestCase):
         fake = FakeDocker(services={"site": "acme/site:latest", "api": "acme/site:latest"})
         fake.images = {"acme/site:latest": OLD_ID}
         rig = Rig(self, fake, SERVICES="acme/mirror-name=site")
-        self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/mirror-name", "latest")), ["site"])
+        self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/mirror-name", "latest")), [SITE])
         self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/site", "latest")), [])
 
 
@@ -812,7 +813,7 @@ class DeployTest(unittest.TestCase):
             ["docker", "inspect", new],
             ["docker", "rmi", OLD_ID],
         ])
-        self.assertEqual((deployment.state, deployment.results), ("updated", {"site": "updated"}))
+        self.assertEqual((deployment.state, deployment.ref), ("updated", SITE))
         self.assertEqual(rig.fake.calls[-3][2:], ["config", "--services"], "the project is re-read after a change")
         self.assertEqual([s.step for s in deployment.steps],
                          ["inspect", "pull", "compare", "stop", "remove", "up", "downtime", "wait", "cleanup",
@@ -870,7 +871,7 @@ class DeployTest(unittest.TestCase):
         with self.assertLogs("gopdater", "INFO") as logs:
             deployment = rig.deploy()
         self.assert_rolled_back(rig, deployment, "exited with code 1")
-        self.assertIn("site: panic: boom", deployment.logs)
+        self.assertIn("panic: boom", deployment.logs)
         self.assertTrue(any("container demo-site-1 logged: 'panic: boom'" in line for line in logs.output))
 
     def test_restart_loop_rolls_back(self):
@@ -976,11 +977,12 @@ class DeployTest(unittest.TestCase):
         rig.deploy()
         (url, body), = rig.notices
         self.assertEqual(url, "http://127.0.0.1:9/hook")
-        self.assertEqual({k: body[k] for k in ("service", "image", "tag", "result", "old_image", "new_image")},
-                         {"service": "site", "image": "docker.io/acme/site", "tag": "latest",
-                          "result": "updated", "old_image": OLD_ID, "new_image": NEW_ID})
+        self.assertEqual({k: body[k] for k in ("kind", "project", "service", "image", "tag", "result", "old_image",
+                                               "new_image")},
+                         {"kind": "compose", "project": "demo", "service": "site", "image": "docker.io/acme/site",
+                          "tag": "latest", "result": "updated", "old_image": OLD_ID, "new_image": NEW_ID})
         self.assertIn("pull", body["durations"])
-        self.assertTrue(body["text"].startswith("gopdater updated site to docker.io/acme/site:latest"))
+        self.assertTrue(body["text"].startswith("gopdater updated demo/site to docker.io/acme/site:latest"))
 
     def test_no_notification_when_nothing_changed(self):
         """An up-to-date deployment sends nothing."""
@@ -1203,7 +1205,7 @@ class AppTest(unittest.TestCase):
         status, reply, _ = self.rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
         self.assertEqual(status, HTTPStatus.ACCEPTED)
         self.assertEqual(set(reply), {"status", "id", "services"})
-        self.assertEqual((reply["status"], reply["services"]), ("accepted", ["site"]))
+        self.assertEqual((reply["status"], reply["services"]), ("accepted", ["demo/site"]))
         self.assertEqual([d["id"] for d in self.rig.queue.views()], [reply["id"]])
         self.assertEqual(self.rig.fake.calls, [], "the request path runs no command")
 
@@ -1340,8 +1342,9 @@ class AppTest(unittest.TestCase):
         status, reply, _ = self.rig.app.handle("GET", "/deployments", headers(Authorization=f"Bearer {SECRET}"), b"")
         self.assertEqual(status, HTTPStatus.OK)
         view, = reply["deployments"]
-        self.assertEqual({k: view[k] for k in ("image", "tag", "services", "state")},
-                         {"image": "docker.io/acme/site", "tag": "latest", "services": ["site"], "state": "queued"})
+        self.assertEqual({k: view[k] for k in ("image", "tag", "kind", "project", "service", "state")},
+                         {"image": "docker.io/acme/site", "tag": "latest", "kind": "compose", "project": "demo",
+                          "service": "site", "state": "queued"})
         self.assertLessEqual({"id", "steps", "error", "created", "started", "finished", "digest"}, set(view))
 
     def test_deployments_view_keeps_the_last_fifty(self):
@@ -1359,7 +1362,7 @@ class AppTest(unittest.TestCase):
         self.assertEqual((status, reply["status"]), (HTTPStatus.OK, "ok"))
         rig = Rig(self, OWNER="ghcr.io/acme", SERVICES="ghcr.io/acme/site=site")
         status, reply, _ = rig.post("/hooks/ghcr", raw, X_GitHub_Event="package", X_Hub_Signature_256=signed(raw))
-        self.assertEqual((status, reply["services"]), (HTTPStatus.ACCEPTED, ["site"]))
+        self.assertEqual((status, reply["services"]), (HTTPStatus.ACCEPTED, ["demo/site"]))
         self.assertEqual(rig.queue.views()[0]["digest"],
                          "sha256:4f0a1c8e6b8e1f3a2d9c5b7e0a6f4d2c1b3a5e7f9d0c2b4a6e8f0a1c3e5b7d9f")
 
@@ -1393,7 +1396,7 @@ class AppTest(unittest.TestCase):
                 for key, value in hdrs.items():
                     message[key] = value
                 status, reply, _ = rig.app.handle("POST", path, message, raw)
-                self.assertEqual((status, reply["services"]), (HTTPStatus.ACCEPTED, ["site"]))
+                self.assertEqual((status, reply["services"]), (HTTPStatus.ACCEPTED, ["demo/site"]))
 
     def test_wrong_owner_per_sender(self):
         """A namespace outside OWNER is 403 for each sender, but only ignored for a Distribution registry."""
@@ -1466,7 +1469,7 @@ class AppTest(unittest.TestCase):
         second["target"].update(repository="acme/api", tag="v2")
         status, reply, _ = rig.post("/hooks/registry", {"events": [event, second]},
                                     Authorization=f"Bearer {SECRET}", Content_Type="application/json")
-        self.assertEqual((status, reply["services"], len(reply["ids"])), (HTTPStatus.ACCEPTED, ["api", "site"], 2))
+        self.assertEqual((status, reply["services"], len(reply["ids"])), (HTTPStatus.ACCEPTED, ["demo/api", "demo/site"], 2))
 
 class RejectLogTest(unittest.TestCase):
     def test_flood_becomes_one_line_then_a_count(self):
@@ -1788,8 +1791,8 @@ class MetricsTest(unittest.TestCase):
         self.assertEqual(after['gopdater_hooks_total{sender="dockerhub",code="403"}'], 1)
         self.assertEqual(after['gopdater_hooks_total{sender="dockerhub",code="202"}'], 1)
         self.assertEqual(after['gopdater_deployments_total{result="updated"}'], 1)
-        self.assertEqual(after['gopdater_last_deployment_result{service="site",result="updated"}'], 1)
-        self.assertEqual(after['gopdater_last_deployment_timestamp_seconds{service="site"}'], rig.clock())
+        self.assertEqual(after['gopdater_last_deployment_result{service="demo/site",result="updated"}'], 1)
+        self.assertEqual(after['gopdater_last_deployment_timestamp_seconds{service="demo/site"}'], rig.clock())
         self.assertEqual(after["gopdater_deployment_duration_seconds_count"], 1)
         self.assertEqual(after['gopdater_outage_seconds_bucket{le="+Inf"}'], 1)
         self.assertEqual(after["gopdater_queue_length"], 0)
@@ -1835,10 +1838,10 @@ class CrashRecoveryTest(unittest.TestCase):
     def cut(self, rig, prefix, nth=1):
         """Run a deployment of site that is killed right after the nth call starting with prefix."""
         rig.fake.crash_after = (prefix, nth)
-        submitted = rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
-        rig.queue.queue.remove(submitted.deployment)  # the worker is not running: this test is the worker
+        (deployment, _), = rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+        rig.queue.queue.remove(deployment)  # the worker is not running: this test is the worker
         with self.assertRaises(Crash), self.assertLogs("gopdater", "INFO"):
-            rig.queue.execute(submitted.deployment)
+            rig.queue.execute(deployment)
         self.assertIsNone(rig.fake.crash_after, "the cut happened")
 
     def restart(self, rig):
@@ -1872,8 +1875,8 @@ class CrashRecoveryTest(unittest.TestCase):
                 self.cut(rig, prefix, nth)
                 queue = self.restart(rig)
                 view = queue.views()[0]
-                self.assertEqual((view["sender"], view["state"], view["results"]), ("recovery", "recovered",
-                                                                                  {"site": "recovered"}))
+                self.assertEqual((view["sender"], view["state"], view["project"], view["service"]),
+                                 ("recovery", "recovered", "demo", "site"))
                 self.assertEqual(self.running_image(rig), image)
                 self.assertEqual((rig.notices[-1][1]["result"], rig.notices[-1][1]["reason"]), ("recovered", reason))
                 self.assertEqual(gopdater.Journal(rig.state_dir).load()[0], [], "the journal is closed")
