@@ -246,14 +246,15 @@ def parse_url(name: str, text: str) -> str:
 
 
 def parse_services(name: str, text: str) -> Tuple[Tuple[ImageKey, str], ...]:
-    """Parse SERVICES: comma-separated IMAGE[:TAG]=SERVICE pairs."""
+    """Parse SERVICES: comma-separated IMAGE[:TAG]=[PROJECT/]SERVICE pairs."""
     pairs = []
     for entry in filter(None, (part.strip() for part in text.split(","))):
         image, sep, service = entry.partition("=")
         key = parse_reference(image.strip()) if sep else None
-        if key is None or not SERVICE_RE.fullmatch(service.strip()):
-            raise ConfigError(f"{name} has an invalid entry {entry!r}: use IMAGE[:TAG]=SERVICE pairs, "
-                              "e.g. SERVICES=acme/site=web,acme/api:stable=api")
+        project, _, bare = service.strip().rpartition("/")
+        if key is None or not SERVICE_RE.fullmatch(bare) or (project and not PROJECT_RE.fullmatch(project)):
+            raise ConfigError(f"{name} has an invalid entry {entry!r}: use IMAGE[:TAG]=[PROJECT/]SERVICE pairs, "
+                              "e.g. SERVICES=acme/site=web,acme/api:stable=shop/api")
         pairs.append((key, service.strip()))
     if not pairs:
         raise ConfigError(f"{name} is set but empty: unset it, or give IMAGE[:TAG]=SERVICE pairs")
@@ -262,6 +263,16 @@ def parse_services(name: str, text: str) -> Tuple[Tuple[ImageKey, str], ...]:
 
 def as_text(name: str, text: Optional[str]) -> Optional[str]:
     return text
+
+
+def parse_projects(name: str, text: Optional[str]) -> Optional[Tuple[str, ...]]:
+    """PROJECTS: unset (the one project here), * (every project on the engine) or names."""
+    if text is None:
+        return None
+    names = tuple(filter(None, (part.strip() for part in text.split(","))))
+    if names != ("*",) and (not names or not all(PROJECT_RE.fullmatch(n) for n in names)):
+        raise ConfigError(f"{name} must be * or Compose project names, comma-separated, e.g. {name}=blog,shop")
+    return names
 
 
 SETTINGS = (
@@ -278,8 +289,12 @@ SETTINGS = (
             _optional(parse_project_name), "project_name"),
     Setting("COMPOSE_COMMAND", "auto", "auto (docker compose, else docker-compose) or the command to run, "
             "e.g. 'docker-compose'", parse_command),
-    Setting("SERVICES", None, "explicit mapping, comma-separated IMAGE[:TAG]=SERVICE pairs; when set only "
-            "these pairs update", lambda name, text: parse_services(name, text) if text is not None else ()),
+    Setting("PROJECTS", None, "unset: the Compose project where gopdater runs; * every Compose project on the "
+            "engine; or project names, comma-separated", parse_projects),
+    Setting("SERVICES", None, "explicit mapping, comma-separated IMAGE[:TAG]=[PROJECT/]SERVICE pairs; when set "
+            "only these pairs update", lambda name, text: parse_services(name, text) if text is not None else ()),
+    Setting("LABEL_ENABLE", "0", "1: only services labelled gopdater.enable=true update (false always keeps one "
+            "out)", boolean),
     Setting("PULL_TIMEOUT", "600", "seconds a pull may take", number(1)),
     Setting("COMMAND_TIMEOUT", "120", "seconds any other docker command may take", number(1)),
     Setting("STOP_TIMEOUT", "10", "seconds docker stop waits before killing the old container",
@@ -316,7 +331,9 @@ class Config(NamedTuple):
     compose_file: Optional[str]
     project_name: Optional[str]
     compose_command: str
+    projects: Optional[Tuple[str, ...]]
     services: Tuple[Tuple[ImageKey, str], ...]
+    label_enable: bool
     pull_timeout: float
     command_timeout: float
     stop_timeout: int
@@ -1317,6 +1334,10 @@ class Target:
         """Whether the engine behind this target answers."""
         raise NotImplementedError
 
+    def owns(self, ref: ServiceRef) -> bool:
+        """Whether this target updates that service."""
+        raise NotImplementedError
+
     def refresh(self) -> None:
         """Re-read what runs here."""
         raise NotImplementedError
@@ -1385,6 +1406,7 @@ class ComposeLocation(NamedTuple):
     working_dir: str
     working_dir_source: str
     own_service: Optional[str] = None
+    env_files: Tuple[str, ...] = ()
 
 
 def own_container_id(mountinfo: str, cgroup: str) -> Optional[str]:
@@ -1440,6 +1462,7 @@ class ComposeProject(Target):
         self.services: Tuple[str, ...] = ()
         self.images: Dict[str, ImageKey] = {}
         self.containers: Dict[str, List[Container]] = {}
+        self.left_out: Dict[str, str] = {}  # service: why its gopdater.enable label keeps it out
 
     @property
     def name(self) -> str:
@@ -1459,7 +1482,17 @@ class ComposeProject(Target):
             key = parse_reference(containers[0].image)
             if key is not None:
                 images[service] = key
-        self.services, self.images, self.containers = services, images, by_service
+        left_out = {service: why for service in services if (why := self.label_says_no(by_service.get(service, [])))}
+        self.services, self.images, self.containers, self.left_out = services, images, by_service, left_out
+
+    def label_says_no(self, containers: Sequence[Container]) -> Optional[str]:
+        """Why the label gopdater.enable on a service's containers keeps it out, or None."""
+        values = {c.labels.get("gopdater.enable", "").strip().lower() for c in containers}
+        if "false" in values:
+            return "labelled gopdater.enable=false"
+        if self.config.label_enable and "true" not in values:
+            return "not labelled gopdater.enable=true (LABEL_ENABLE=1)"
+        return None
 
     def services_for(self, image: ImageKey) -> List[ServiceRef]:
         """Services that run this image: by SERVICES when set, else by what the project runs."""
@@ -1467,7 +1500,10 @@ class ComposeProject(Target):
             names = {self.named(entry) for key, entry in self.config.services if key == image} - {None}
         else:
             names = {service for service, key in self.images.items() if key == image}
-        return [ServiceRef(self.kind, self.name, name) for name in sorted(names)]
+        return [ServiceRef(self.kind, self.name, name) for name in sorted(names - set(self.left_out))]
+
+    def owns(self, ref: ServiceRef) -> bool:
+        return ref.kind == self.kind and ref.project == self.name
 
     def named(self, entry: str) -> Optional[str]:
         """The service a SERVICES entry (SERVICE or PROJECT/SERVICE) names in this project, if any."""
@@ -1632,11 +1668,13 @@ class ComposeProject(Target):
             found.append((True, f"own service {where.own_service} is left alone: gopdater does not update itself"))
         mapped = [(service, self.triggers(service)) for service in self.services]
         for service, keys in mapped:
+            name = ServiceRef(self.kind, self.name, service)
             if keys:
-                found.append((True, f"service {service}: updates on a push of {', '.join(keys)}"))
+                found.append((True, f"service {name}: updates on a push of {', '.join(keys)}"))
             else:
-                why = "not in SERVICES" if self.config.services else "no running container with a tagged image"
-                found.append((True, f"service {service}: {why}, never updated"))
+                why = self.left_out.get(service) or (
+                    "not in SERVICES" if self.config.services else "no running container with a tagged image")
+                found.append((True, f"service {name}: {why}, never updated"))
         if not any(keys for _, keys in mapped):
             found.append((False, "no service would ever be updated: start the services with docker compose up -d, "
                                  "or set SERVICES"))
@@ -1644,8 +1682,10 @@ class ComposeProject(Target):
 
     def triggers(self, service: str) -> List[str]:
         """The image references whose push updates this service."""
+        if service in self.left_out:
+            return []
         if self.config.services:
-            return [str(k) for k, s in self.config.services if s == service]
+            return [str(k) for k, entry in self.config.services if self.named(entry) == service]
         return [str(self.images[service])] if service in self.images else []
 
     def summary(self) -> str:
@@ -1655,9 +1695,128 @@ class ComposeProject(Target):
                 f"dir={self.docker.location.working_dir} services={services}")
 
 
+class Targets(Target):
+    """Several targets as one: each service goes to the target that owns it."""
+
+    def __init__(self, members: Sequence[Target]):
+        self.members = list(members)
+
+    def owner(self, ref: ServiceRef) -> "Target":
+        for member in self.members:
+            if member.owns(ref):
+                return member
+        raise DeployFailed(f"{ref} is no longer found here")
+
+    def owns(self, ref: ServiceRef) -> bool:
+        return any(member.owns(ref) for member in self.members)
+
+    def services_for(self, image: ImageKey) -> List[ServiceRef]:
+        return [ref for member in self.members for ref in member.services_for(image)]
+
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
+        return self.owner(ref).update(ref, digest, steps)
+
+    def recover(self, ref: ServiceRef, record: Mapping[str, object], steps: StepLog) -> Outcome:
+        return self.owner(ref).recover(ref, record, steps)
+
+    def engine_answers(self) -> bool:
+        return all(member.engine_answers() for member in self.members)
+
+    def refresh(self) -> None:
+        for member in self.members:
+            member.refresh()
+
+    def describe(self) -> List[Finding]:
+        return [finding for member in self.members for finding in member.describe()]
+
+    def summary(self) -> str:
+        return " ".join(member.summary() for member in self.members)
+
+
+class ComposeHost(Targets):
+    """Every Compose project on the engine (PROJECTS=*), or those named, each run as in its own folder."""
+
+    def __init__(self, config: Config, command: Sequence[str], version: str, engine: str, runner: Runner,
+                 own: Mapping[str, str]):
+        super().__init__([])
+        self.config, self.command, self.version, self.engine = config, list(command), version, engine
+        self.runner, self.own = runner, own
+        self.skipped: Dict[str, str] = {}  # project: why it cannot be updated from here
+
+    def refresh(self) -> None:
+        """Find the projects from their containers' labels, then re-read each one that can be read here."""
+        found = projects_on_engine(self.config, self.runner, self.own)
+        wanted = sorted(found) if self.config.projects == ("*",) else list(self.config.projects or ())
+        known = {member.name: member for member in self.members}
+        members, skipped = [], {}
+        for name in wanted:
+            location = found.get(name)
+            problem = "no container of it is on this engine" if location is None else unreadable(self.config,
+                                                                                                 location)
+            if problem:
+                skipped[name] = problem
+                continue
+            member = known.get(name) or ComposeProject(self.config, Compose(self.config, location, self.command,
+                                                                            self.runner), self.version, self.engine)
+            try:
+                member.refresh()
+            except (CommandError, ValueError) as error:
+                skipped[name] = f"Compose cannot read it ({error})"
+                continue
+            members.append(member)
+        self.members, self.skipped = members, skipped
+
+    def describe(self) -> List[Finding]:
+        found = [(True, f"projects: {', '.join(m.name for m in self.members) or 'none'} "
+                        f"(PROJECTS={','.join(self.config.projects or ())})")]
+        found += [(False, f"project {name} is skipped: {why}") for name, why in sorted(self.skipped.items())]
+        return found + super().describe()
+
+
+def projects_on_engine(config: Config, runner: Runner, own: Mapping[str, str]) -> Dict[str, ComposeLocation]:
+    """Each Compose project with a container on the engine, and where Compose keeps it, from the labels."""
+    ids = runner(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"],
+                 timeout=config.command_timeout, env=config.environ, quiet=True).split()
+    found: Dict[str, ComposeLocation] = {}
+    for data in json.loads(runner(["docker", "inspect", *ids], timeout=config.command_timeout, env=config.environ,
+                                  quiet=True)) if ids else []:
+        labels = (data.get("Config") or {}).get("Labels") or {}
+        name = labels.get("com.docker.compose.project", "")
+        if PROJECT_RE.fullmatch(name) and name not in found and labels.get("com.docker.compose.project.working_dir"):
+            found[name] = project_location(config, labels, own)
+    return found
+
+
+def project_location(config: Config, labels: Mapping[str, str], own: Mapping[str, str]) -> ComposeLocation:
+    """Where a project lives, from one of its containers' labels, as `docker compose up -d` there would run."""
+    folder = labels["com.docker.compose.project.working_dir"]
+    separator = config.environ.get("COMPOSE_PATH_SEPARATOR", os.pathsep)
+    files = [os.path.join(folder, f) for f in labels.get("com.docker.compose.project.config_files", "").split(",") if f]
+    env_files = tuple(os.path.join(folder, f) for f in
+                      labels.get("com.docker.compose.project.environment_file", "").split(",") if f)
+    source = "labels of its containers"
+    # gopdater leaves its own service alone when it works on its own project.
+    mine = own.get("com.docker.compose.service") if own.get("com.docker.compose.project") == labels.get(
+        "com.docker.compose.project") else None
+    return ComposeLocation(labels["com.docker.compose.project"], source, separator.join(files) or None, source,
+                           folder, source, mine, env_files)
+
+
+def unreadable(config: Config, location: ComposeLocation) -> Optional[str]:
+    """Why Compose could not read a project from here (its folder or files not visible), or None."""
+    separator = config.environ.get("COMPOSE_PATH_SEPARATOR", os.pathsep)
+    paths = [p for p in (location.compose_file or "").split(separator) if p] + list(location.env_files)
+    if not os.path.isdir(location.working_dir):
+        parent = os.path.dirname(location.working_dir.rstrip("/")) or "/"
+        return (f"its folder {location.working_dir} is not visible here: mount it at the same path, "
+                f"e.g. -v {parent}:{parent}")
+    missing = [p for p in paths if not os.access(p, os.R_OK)]
+    return f"{', '.join(missing)} cannot be read here: mount or fix it" if missing else None
+
+
 def discover(config: Config, runner: Runner = None, read_file: Optional[Callable[[str], str]] = None,
-             cwd: Optional[str] = None) -> ComposeProject:
-    """Check Docker, find Compose and the project (with self-detection), validate SERVICES; raise ConfigError."""
+             cwd: Optional[str] = None) -> Target:
+    """Check Docker, find Compose and the project(s) (with self-detection), validate SERVICES; raise ConfigError."""
     runner = runner or run_command
     engine = engine_version(config, runner)
     try:
@@ -1666,20 +1825,39 @@ def discover(config: Config, runner: Runner = None, read_file: Optional[Callable
         raise ConfigError(f"no Compose found ({error.tail}): install the docker compose plugin or "
                           "docker-compose, or set COMPOSE_COMMAND") from None
     labels = own_labels(config, runner, read_file or _read_text)
-    location = locate(config, labels, cwd or os.getcwd())
     if config.dry_run:
         runner = DryRunner(runner)
+    if config.projects is not None:
+        host = ComposeHost(config, command, version, engine, runner, labels)
+        try:
+            host.refresh()
+        except (CommandError, ValueError) as error:
+            raise ConfigError(f"the Compose projects on the engine cannot be listed ({error}): check DOCKER_HOST") \
+                from None
+        check_services(config, host.members)
+        return host
+    location = locate(config, labels, cwd or os.getcwd())
     project = ComposeProject(config, Compose(config, location, command, runner), version, engine)
     try:
         project.refresh()
     except (CommandError, ValueError) as error:
         raise ConfigError(f"Compose cannot read the project in {location.working_dir} ({error}): set COMPOSE_FILE "
                           "or run gopdater from the project directory") from None
-    unknown = sorted({service for _, service in config.services} - set(project.services))
-    if unknown:
-        raise ConfigError(f"SERVICES names {', '.join(unknown)}, not a service of this Compose project "
-                          f"({', '.join(project.services) or 'none'}): fix SERVICES")
+    check_services(config, [project])
     return project
+
+
+def check_services(config: Config, projects: Sequence[ComposeProject]) -> None:
+    """Every SERVICES entry names exactly one service of the projects; ConfigError naming the fix if not."""
+    for _, entry in config.services:
+        owners = [p.name for p in projects if p.named(entry) is not None]
+        if not owners:
+            known = ", ".join(f"{p.name}/{s}" for p in projects for s in p.services) or "none"
+            raise ConfigError(f"SERVICES names {entry}, not a service of the Compose project(s) here ({known}): "
+                              "fix SERVICES")
+        if len(owners) > 1:
+            raise ConfigError(f"SERVICES names {entry}, a service of {' and '.join(owners)}: write PROJECT/SERVICE, "
+                              f"e.g. {owners[0]}/{entry}")
 
 
 def engine_version(config: Config, runner: Runner) -> str:
@@ -1830,6 +2008,7 @@ class Container(NamedTuple):
     has_healthcheck: bool
     start_period: float
     oneoff: bool
+    labels: Mapping[str, str] = {}
 
     @classmethod
     def from_inspect(cls, data: dict) -> "Container":
@@ -1849,7 +2028,7 @@ class Container(NamedTuple):
             restart_count=int(data.get("RestartCount") or 0), started_at=state.get("StartedAt") or "",
             exit_code=int(state.get("ExitCode") or 0), has_healthcheck=bool(test) and test[0] != "NONE",
             start_period=(check.get("StartPeriod") or 0) / 1e9,
-            oneoff=labels.get("com.docker.compose.oneoff", "False") == "True",
+            oneoff=labels.get("com.docker.compose.oneoff", "False") == "True", labels=labels,
         )
 
 
@@ -1857,7 +2036,8 @@ class Compose:
     """Every docker and Compose command gopdater runs for one project, as argv lists."""
 
     def __init__(self, config: Config, location: ComposeLocation, command: Sequence[str], runner: Runner):
-        self.config, self.location, self.command, self.runner = config, location, list(command), runner
+        self.config, self.location, self.runner = config, location, runner
+        self.command = [*command, *(arg for path in location.env_files for arg in ("--env-file", path))]
         env = dict(config.environ)
         # Compose interpolates ${PWD}; make it the project directory, as on the host.
         env["PWD"] = location.working_dir

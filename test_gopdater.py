@@ -83,29 +83,34 @@ class FakeDocker:
     healthy at 80 s).
     """
 
-    def __init__(self, clock=None, services=None, compose=("docker", "compose")):
+    def __init__(self, clock=None, services=None, compose=("docker", "compose"), projects=None, root="/srv"):
         self.clock = clock or FakeClock()
-        self.compose = list(compose)
-        self.services = services or {"site": "acme/site:latest"}
+        self.compose, self.root = list(compose), root
+        self.projects = projects or {"demo": services or {"site": "acme/site:latest"}}
+        self.services = next(iter(self.projects.values()))  # the first project's, for one-project tests
+        self.labels = {}  # (project, service): extra labels of its containers
         self.calls, self.fail, self.lock = [], {}, threading.Lock()
         self.crash_after = None  # (argv prefix, n): gopdater is killed right after the nth such call
         self.engine_down_until = None  # fake time until which every command finds no engine
         self.pull_gate, self.pull_started, self.config_read = None, threading.Event(), threading.Event()
-        self.images = {ref: OLD_ID for ref in self.services.values()}
-        self.registry = {ref: NEW_ID for ref in self.services.values()}
+        refs = {ref for services in self.projects.values() for ref in services.values()}
+        self.images = {ref: OLD_ID for ref in refs}
+        self.registry = {ref: NEW_ID for ref in refs}
         self.behaviour = {OLD_ID: "healthy", NEW_ID: "healthy", BROKEN_ID: "crash"}
         self.containers = {}
         self.deleted = set()  # image ids removed from the engine by hand
         self.serial = 0
-        for service in self.services:
-            self.create(service)
+        for project, services in self.projects.items():
+            for service in services:
+                self.create(project, service)
 
-    def create(self, service):
+    def create(self, project, service):
         self.serial += 1
-        ref = self.services[service]
+        ref = self.projects[project][service]
         cid = f"{self.serial:064x}"
-        self.containers[cid] = {"id": cid, "name": f"demo-{service}-1", "service": service, "ref": ref,
-                                "image_id": self.images[ref], "started": self.clock(), "stopped": False}
+        self.containers[cid] = {"id": cid, "name": f"{project}-{service}-1", "service": service, "ref": ref,
+                                "image_id": self.images[ref], "started": self.clock(), "stopped": False,
+                                "project": project}
 
     def inspect(self, c):
         behaviour = self.behaviour[c["image_id"]]
@@ -129,8 +134,10 @@ class FakeDocker:
                 "State": {"Status": status, "Restarting": False, "ExitCode": code, "StartedAt": started_at,
                           **({"Health": {"Status": health}} if hc else {})},
                 "Config": {"Image": c["ref"], "Healthcheck": check, "Labels": {
-                    "com.docker.compose.project": "demo", "com.docker.compose.service": c["service"],
-                    "com.docker.compose.oneoff": "False"}}}
+                    "com.docker.compose.project": c["project"], "com.docker.compose.service": c["service"],
+                    "com.docker.compose.project.working_dir": f"{self.root}/{c['project']}",
+                    "com.docker.compose.project.config_files": "compose.yaml",
+                    "com.docker.compose.oneoff": "False", **self.labels.get((c["project"], c["service"]), {})}}}
 
     def __call__(self, argv, timeout, env=None, cwd=None, quiet=False, both=False, mutates=False):
         assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), argv
@@ -142,7 +149,10 @@ class FakeDocker:
             if argv[:len(prefix)] == list(prefix):
                 raise gopdater.command_failed(argv, code, tail)
         compose = self.compose
-        out = self.run_compose(argv[len(compose):]) if argv[:len(compose)] == compose else self.run_docker(argv[1:])
+        if argv[:len(compose)] == compose:
+            out = self.run_compose(argv[len(compose):], (env or {}).get("COMPOSE_PROJECT_NAME") or "demo")
+        else:
+            out = self.run_docker(argv[1:])
         if self.crash_after and argv[:len(self.crash_after[0])] == list(self.crash_after[0]):
             prefix, left = self.crash_after
             self.crash_after = (prefix, left - 1) if left > 1 else None
@@ -150,24 +160,26 @@ class FakeDocker:
                 raise Crash(f"killed after {argv}")
         return out
 
-    def run_compose(self, args):
+    def run_compose(self, args, project):
+        services = self.projects.get(project, {})
+        mine = [c for c in self.containers.values() if c["project"] == project]
         if args == ["version", "--short"]:
             return "2.29.1\n"
         if args == ["config", "--services"]:
             self.config_read.set()
-            return "".join(f"{s}\n" for s in self.services)
+            return "".join(f"{s}\n" for s in services)
         if args[:3] == ["ps", "-a", "-q"]:
-            return "".join(f"{c['id']}\n" for c in self.containers.values() if args[3:] in ([], [c["service"]]))
+            return "".join(f"{c['id']}\n" for c in mine if args[3:] in ([], [c["service"]]))
         if args[0] == "pull":
             self.pull_started.set()
             if self.pull_gate is not None:
                 self.pull_gate.wait(10)
-            ref = self.services[args[1]]
+            ref = services[args[1]]
             self.images[ref] = self.registry[ref]
             return ""
         if args[:3] == ["up", "-d", "--no-deps"]:
-            if not any(c["service"] == args[3] for c in self.containers.values()):
-                self.create(args[3])
+            if not any(c["service"] == args[3] for c in mine):
+                self.create(project, args[3])
             return ""
         raise AssertionError(f"unexpected compose call {args}")
 
@@ -175,6 +187,8 @@ class FakeDocker:
         by_name = {c["name"]: c for c in self.containers.values()}
         if args[0] == "version":
             return "20.10.24\n"
+        if args == ["ps", "-a", "-q", "--filter", "label=com.docker.compose.project"]:
+            return "".join(f"{cid}\n" for cid in self.containers)
         if args[0] == "inspect":
             return json.dumps([self.inspect(self.containers[i]) for i in args[1:]])
         if args[:2] == ["image", "inspect"]:
@@ -945,10 +959,10 @@ class DeployTest(unittest.TestCase):
         rig.fake.registry["acme/site:latest"] = BROKEN_ID
         original = rig.fake.run_compose
 
-        def up_fails_after_tag(args):
+        def up_fails_after_tag(args, project):
             if args[0] == "up" and rig.fake.images["acme/site:latest"] == OLD_ID:
                 raise CommandError(["docker", "compose", *args], 1, "port is already allocated")
-            return original(args)
+            return original(args, project)
 
         rig.fake.run_compose = up_fails_after_tag
         with self.assertLogs("gopdater", "ERROR") as logs:
@@ -1129,6 +1143,7 @@ class WorkerTest(unittest.TestCase):
 
 class CheckTest(unittest.TestCase):
     def check(self, fake, **env):
+        env.setdefault("STATE_DIR", state_folder(self))
         out = io.StringIO()
         code = gopdater.run_check(make_config(**env), fake, out=out)
         return code, out.getvalue()
@@ -1141,7 +1156,7 @@ class CheckTest(unittest.TestCase):
         for line in ["ok   docker: engine 20.10.24 answers (DOCKER_HOST unset, so /var/run/docker.sock)",
                      "ok   compose: docker compose 2.29.1 (v2)",
                      "ok   project: demo (from Compose's default, the project folder's name)",
-                     "ok   service site: updates on a push of docker.io/acme/site:latest",
+                     "ok   service demo/site: updates on a push of docker.io/acme/site:latest",
                      "ok   owners allowed: docker.io/acme",
                      f"ok   webhook URL for Docker Hub: http://<this-host>:8080/hooks/{SECRET[:4]}********"]:
             with self.subTest(line=line):
@@ -1178,7 +1193,7 @@ class CheckTest(unittest.TestCase):
         """With SERVICES and DRY_RUN set, --check says which pairs update and that nothing will run."""
         code, out = self.check(FakeDocker(), SERVICES="acme/mirror=site", DRY_RUN=1)
         self.assertEqual(code, 0, out)
-        self.assertIn("service site: updates on a push of docker.io/acme/mirror:latest", out)
+        self.assertIn("service demo/site: updates on a push of docker.io/acme/mirror:latest", out)
         self.assertIn("DRY_RUN is on", out)
 
 
@@ -2013,6 +2028,121 @@ class CrashRecoveryTest(unittest.TestCase):
         self.assertEqual(deployment.state, "failed")
         self.assertIn("journal in STATE_DIR cannot be written", deployment.error)
         self.assertEqual(rig.fake.mutating_calls(), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Every Compose project on the host
+# ---------------------------------------------------------------------------------------------
+
+
+class ProjectsTest(unittest.TestCase):
+    def host(self, projects=None, folders=("blog", "shop"), **env):
+        """A rig over a fake engine with several projects, each with a folder and compose.yaml here."""
+        root = state_folder(self)
+        for name in folders:
+            os.makedirs(os.path.join(root, name))
+            pathlib.Path(root, name, "compose.yaml").write_text("services: {}\n")
+        fake = FakeDocker(projects=projects or {"blog": {"site": "acme/site:latest"},
+                                                "shop": {"site": "acme/site:latest", "api": "acme/api:latest"}},
+                          root=root)
+        env.setdefault("PROJECTS", "*")
+        return Rig(self, fake, **env), root
+
+    def test_every_project_is_found_and_run_in_its_own_folder_with_its_own_name(self):
+        """PROJECTS=* finds each project from its labels; Compose runs with its name, files and folder."""
+        rig, root = self.host()
+        self.assertEqual([m.name for m in rig.project.members], ["blog", "shop"])
+        seen = []
+        original = rig.fake.__call__
+        rig.project.members[1].docker.runner = lambda argv, **kw: seen.append(kw) or original(argv, **kw)
+        rig.project.members[1].refresh()
+        env, cwd = seen[0]["env"], seen[0]["cwd"]
+        self.assertEqual((env["COMPOSE_PROJECT_NAME"], env["COMPOSE_FILE"], env["PWD"], cwd),
+                         ("shop", f"{root}/shop/compose.yaml", f"{root}/shop", f"{root}/shop"))
+
+    def test_a_push_updates_the_service_in_every_project_that_runs_it(self):
+        """acme/site updates blog/site and shop/site, one deployment each; acme/api only shop/api."""
+        rig, _ = self.host()
+        hub = payload("dockerhub-push.json")
+        status, reply, _ = rig.post(f"/hooks/{SECRET}", hub)
+        self.assertEqual((status, reply["services"], len(reply["ids"])), (202, ["blog/site", "shop/site"], 2))
+        rig.start_worker()
+        self.assertTrue(rig.queue.wait_idle(10))
+        views = {f"{v['project']}/{v['service']}": v for v in rig.queue.views()}
+        self.assertEqual({k: v["state"] for k, v in views.items()}, {"blog/site": "updated", "shop/site": "updated"})
+        self.assertEqual(sorted((c["project"], c["image_id"]) for c in rig.fake.containers.values()
+                                if c["service"] == "site"), [("blog", NEW_ID), ("shop", NEW_ID)])
+        status, reply, _ = rig.post(f"/hooks/{SECRET}", {**hub, "repository": {"repo_name": "acme/api"}})
+        self.assertEqual(reply["services"], ["shop/api"])
+
+    def test_cleanup_never_removes_an_image_another_project_runs(self):
+        """The old image stays while the other project still runs it, and goes after its update."""
+        rig, _ = self.host({"blog": {"site": "acme/site:latest"}, "shop": {"site": "acme/site:latest"}})
+        rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+        rig.start_worker()
+        self.assertTrue(rig.queue.wait_idle(10))
+        cleanup = {v["project"]: [s["result"] for s in v["steps"] if s["step"] == "cleanup"]
+                   for v in rig.queue.views()}
+        self.assertEqual(cleanup, {"blog": ["kept"], "shop": ["ok"]})
+
+    def test_the_enable_label_keeps_services_out_or_lets_only_marked_ones_in(self):
+        """gopdater.enable=false keeps a service out always; LABEL_ENABLE=1 updates only those labelled true."""
+        rig, _ = self.host()
+        rig.fake.labels[("shop", "site")] = {"gopdater.enable": "false"}
+        rig.project.refresh()
+        hub = payload("dockerhub-push.json")
+        self.assertEqual(rig.post(f"/hooks/{SECRET}", hub)[1]["services"], ["blog/site"])
+        rig, _ = self.host(LABEL_ENABLE=1)
+        rig.fake.labels[("shop", "site")] = {"gopdater.enable": "true"}
+        rig.project.refresh()
+        self.assertEqual(rig.post(f"/hooks/{SECRET}", hub)[1]["services"], ["shop/site"])
+        code, out = CheckTest.check(self, rig.fake, PROJECTS="*", LABEL_ENABLE=1)
+        self.assertIn("service blog/site: not labelled gopdater.enable=true (LABEL_ENABLE=1), never updated", out)
+
+    def test_a_project_whose_folder_is_not_visible_is_reported_and_skipped(self):
+        """A project whose folder this process cannot see is skipped, and --check says which mount is missing."""
+        rig, root = self.host(folders=("shop",))
+        self.assertEqual([m.name for m in rig.project.members], ["shop"])
+        code, out = CheckTest.check(self, rig.fake, PROJECTS="*")
+        self.assertEqual(code, 1)
+        self.assertIn(f"FAIL project blog is skipped: its folder {root}/blog is not visible here: mount it at the "
+                      f"same path, e.g. -v {root}:{root}", out)
+        self.assertEqual(rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))[1]["services"], ["shop/site"])
+
+    def test_projects_named_are_the_only_ones_updated(self):
+        """PROJECTS=blog leaves shop alone."""
+        rig, _ = self.host(PROJECTS="blog")
+        self.assertEqual(rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))[1]["services"], ["blog/site"])
+
+    def test_services_may_name_a_project_and_a_bare_name_must_be_unambiguous(self):
+        """SERVICES=acme/x=shop/site maps into shop; a bare site in two projects stops start-up."""
+        rig, _ = self.host(SERVICES="acme/x=shop/site")
+        body = {**payload("dockerhub-push.json"), "repository": {"repo_name": "acme/x"}}
+        self.assertEqual(rig.post(f"/hooks/{SECRET}", body)[1]["services"], ["shop/site"])
+        with self.assertRaises(gopdater.ConfigError) as caught:
+            self.host(SERVICES="acme/x=site")
+        self.assertEqual(str(caught.exception), "SERVICES names site, a service of blog and shop: write "
+                                                "PROJECT/SERVICE, e.g. blog/site")
+        self.assertEqual(self.host(SERVICES="acme/x=api")[0].project.services_for(
+            gopdater.parse_reference("acme/x")), [gopdater.ServiceRef("compose", "shop", "api")])
+
+    def test_a_project_started_later_is_found_soon_after_a_hook_for_it(self):
+        """A new project is found by the refresh an unmatched authentic hook asks for."""
+        rig, root = self.host(REFRESH_INTERVAL=3600)
+        rig.start_worker()
+        os.makedirs(os.path.join(root, "wiki"))
+        pathlib.Path(root, "wiki", "compose.yaml").write_text("services: {}\n")
+        rig.fake.projects["wiki"] = {"web": "acme/wiki:latest"}
+        rig.fake.images["acme/wiki:latest"] = OLD_ID
+        rig.fake.registry["acme/wiki:latest"] = NEW_ID
+        rig.fake.create("wiki", "web")
+        body = {**payload("dockerhub-push.json"), "repository": {"repo_name": "acme/wiki"}}
+        self.assertEqual(rig.post(f"/hooks/{SECRET}", body)[1]["status"], "ignored")
+        rig.fake.config_read.clear()
+        rig.clock.sleep(10)
+        self.assertTrue(rig.fake.config_read.wait(5))
+        self.assertTrue(rig.queue.wait_idle(5))
+        self.assertEqual(rig.post(f"/hooks/{SECRET}", body)[1]["services"], ["wiki/web"])
 
 
 if __name__ == "__main__":
