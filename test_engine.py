@@ -191,13 +191,13 @@ def setUpModule():
                              "apt-get install -y busybox-static docker-registry (.ci/run does)")
 
 
-def build_site_images(folder, tag_prefix):
+def build_site_images(folder, tag_prefix, name="site"):
     """Build v1, v2 and a broken v3 of a tiny web site FROM scratch; return {version: image id}."""
     images = {}
     shutil.copy("/bin/busybox", folder / "busybox")
-    (folder / "www").mkdir()
+    (folder / "www").mkdir(exist_ok=True)
     for version in ("v1", "v2", "v3"):
-        (folder / "www" / "index.html").write_text(f"acme site {version}\n")
+        (folder / "www" / "index.html").write_text(f"acme {name} {version}\n")
         command = '["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]' if version != "v3" else \
             '["/bin/busybox", "sh", "-c", "echo v3 is broken >&2; exit 3"]'
         (folder / "Dockerfile").write_text(
@@ -240,9 +240,9 @@ class Registry:
             self.process.terminate()
             self.process.wait(10)
 
-    def retag(self, source, target="latest"):
-        """Point acme/site:<target> at the manifest of :<source>: a push, as the registry sees it."""
-        base = f"http://127.0.0.1:{self.port}/v2/acme/site/manifests/"
+    def retag(self, source, target="latest", name="site"):
+        """Point acme/<name>:<target> at the manifest of :<source>: a push, as the registry sees it."""
+        base = f"http://127.0.0.1:{self.port}/v2/acme/{name}/manifests/"
         status, manifest, headers = http("GET", base + source, headers={"Accept": MANIFEST_TYPES})
         assert status == 200, f"manifest {source}: {status}"
         status, _, _ = http("PUT", base + target, body=manifest,
@@ -815,6 +815,172 @@ class ContainerDropInTest(unittest.TestCase):
         self.assertEqual(test[:2], ["CMD", "python3"])
         proc = subprocess.run(["docker", "exec", gp["Id"], *test[1:]], capture_output=True, timeout=30)
         self.assertEqual(proc.returncode, 0, proc.stderr)
+
+
+class ProjectsEngineTest(unittest.TestCase):
+    """PROJECTS on the real engine (Compose v2): two projects in two folders, each with its own bind mount;
+    blog runs acme/site, shop runs acme/site, acme/api and a service labelled out; wiki starts later."""
+
+    @classmethod
+    def setUpClass(cls):
+        if "v2" not in COMPOSE:
+            raise unittest.SkipTest("Compose v2 is not installed")
+        cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix=PREFIX))
+        cls.addClassCleanup(shutil.rmtree, cls.tmp, True)
+        cls.names = {short: f"{PREFIX}{short}" for short in ("blog", "shop", "wiki")}
+        cls.port, cls.gp_port = free_port(), free_port()
+        cls.ports = {(p, s): free_port() for p in cls.names for s in ("site", "api", "pinned")}
+        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
+        cls.addClassCleanup(cls.cleanup)
+        cls.registry.start()
+        cls.repo = f"127.0.0.1:{cls.port}/acme"
+        cls.images = {}
+        for name in ("site", "api"):
+            (cls.tmp / f"build-{name}").mkdir()
+            built = build_site_images(cls.tmp / f"build-{name}", f"{PREFIX}-{name}", name)
+            cls.images[name] = built
+            for version in ("v1", "v2"):
+                run(["docker", "tag", built[version], f"{cls.repo}/{name}:{version}"])
+                run(["docker", "push", f"{cls.repo}/{name}:{version}"], timeout=300)
+                run(["docker", "rmi", f"{cls.repo}/{name}:{version}", f"{PREFIX}-{name}:{version}"])
+            cls.registry.retag("v1", name=name)
+        cls.write_project("blog", ["site"])
+        cls.write_project("shop", ["site", "api", "pinned"])
+        cls.write_project("wiki", ["site"])
+        for short in ("blog", "shop"):
+            cls.compose(short, "up", "-d")
+        cls.log = cls.tmp / "gopdater.log"
+        env = clean_env(OWNER=f"127.0.0.1:{cls.port}/acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1",
+                        PORT=str(cls.gp_port), HEALTH_TIMEOUT="30", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
+                        PROJECTS=",".join(cls.names.values()), STATE_DIR=str(cls.tmp / "state"),
+                        COMPOSE_COMMAND="docker compose")
+        with open(cls.log, "ab") as log:
+            cls.gopdater = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cls.tmp, env=env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: cls.gopdater.poll() is not None or project_read(cls.gp_port), 60, "gopdater to start")
+        assert cls.gopdater.poll() is None, cls.log.read_text()
+
+    @classmethod
+    def write_project(cls, short, services):
+        folder = cls.tmp / short
+        (folder / "data").mkdir(parents=True)
+        blocks = []
+        for service in services:
+            image = "api" if service == "api" else "site"
+            label = '\n    labels:\n      gopdater.enable: "false"' if service == "pinned" else ""
+            blocks.append(f"""  {service}:
+    image: {cls.repo}/{image}:latest
+    ports: ["127.0.0.1:{cls.ports[(short, service)]}:80"]
+    volumes: [./data:/data]{label}
+    healthcheck:
+      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 1s
+      timeout: 1s
+      retries: 3
+""")
+        (folder / "compose.yaml").write_text("services:\n" + "".join(blocks))
+
+    @classmethod
+    def compose(cls, short, *args):
+        folder = cls.tmp / short
+        run(["docker", "compose", "-p", cls.names[short], *args], cwd=folder, timeout=300,
+            env=clean_env(PWD=str(folder)))
+
+    @classmethod
+    def cleanup(cls):
+        if getattr(cls, "gopdater", None):
+            stop_process(cls.gopdater)
+        for name in getattr(cls, "names", {}).values():
+            remove_project(name, [f"127.0.0.1:{cls.port}/", PREFIX],
+                           [i for built in getattr(cls, "images", {}).values() for i in built.values()])
+        cls.registry.stop()
+
+    def setUp(self):
+        """The known state: latest = v1 for both images, every service of blog and shop on v1, wiki down."""
+        for name in ("site", "api"):
+            self.registry.retag("v1", name=name)
+        for short, services in (("blog", ["site"]), ("shop", ["site", "api", "pinned"])):
+            if any(self.serves(short, s) != f"acme {'api' if s == 'api' else 'site'} v1" for s in services):
+                self.compose(short, "pull")
+                self.compose(short, "up", "-d")
+            for service in services:
+                expected = f"acme {'api' if service == 'api' else 'site'} v1"
+                wait_for(lambda: self.serves(short, service) == expected, 30, f"{short}/{service} on v1")
+        self.compose("wiki", "down")
+
+    def serves(self, short, service):
+        return site_text(self.ports[(short, service)])
+
+    def container(self, short, service):
+        return service_container(self.names[short], service)
+
+    def hook(self, name, secret=SECRET):
+        body = json.dumps({"repository": {"repo_name": f"{self.repo}/{name}"}, "push_data": {"tag": "latest"}})
+        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body.encode(),
+                                {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"})
+        return status, json.loads(reply)
+
+    def finished(self, ids):
+        def done():
+            status, reply, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
+                                    headers={"Authorization": f"Bearer {SECRET}"})
+            found = {d["id"]: d for d in json.loads(reply)["deployments"] if d["id"] in ids}
+            return found if len(found) == len(ids) and all(
+                d["state"] not in ("queued", "running") for d in found.values()) else None
+        return wait_for(done, 120, "the deployments to end")
+
+    def test_a_push_updates_the_service_in_both_projects_each_in_its_own_project(self):
+        """acme/site updates blog/site and shop/site, each keeping its project, network and bind mount."""
+        before = {key: self.container(*key)["Id"] for key in (("shop", "api"), ("shop", "pinned"))}
+        self.registry.retag("v2", name="site")
+        status, reply = self.hook("site")
+        self.assertEqual(status, 202, reply)
+        self.assertEqual(reply["services"], [f"{self.names['blog']}/site", f"{self.names['shop']}/site"])
+        records = self.finished(reply["ids"])
+        self.assertEqual([r["state"] for r in records.values()], ["updated", "updated"])
+        for short in ("blog", "shop"):
+            with self.subTest(project=short):
+                self.assertEqual(self.serves(short, "site"), "acme site v2")
+                container = self.container(short, "site")
+                self.assertEqual(container["Config"]["Labels"]["com.docker.compose.project"], self.names[short])
+                self.assertEqual(list(container["NetworkSettings"]["Networks"]), [f"{self.names[short]}_default"])
+                self.assertEqual([m["Source"] for m in container["Mounts"] if m["Type"] == "bind"],
+                                 [str(self.tmp / short / "data")])
+        after = {key: self.container(*key)["Id"] for key in before}
+        self.assertEqual(after, before, "shop/api and the labelled-out shop/pinned were not touched")
+        self.assertEqual(self.serves("shop", "pinned"), "acme site v1")
+
+    def test_a_push_of_api_touches_only_the_project_that_runs_it(self):
+        """acme/api updates shop/api alone."""
+        sites = {short: self.container(short, "site")["Id"] for short in ("blog", "shop")}
+        self.registry.retag("v2", name="api")
+        status, reply = self.hook("api")
+        self.assertEqual((status, reply["services"]), (202, [f"{self.names['shop']}/api"]))
+        self.assertEqual([r["state"] for r in self.finished([reply["id"]]).values()], ["updated"])
+        self.assertEqual(self.serves("shop", "api"), "acme api v2")
+        self.assertEqual({short: self.container(short, "site")["Id"] for short in sites}, sites)
+
+    def test_a_project_started_after_gopdater_is_found(self):
+        """wiki, started after gopdater, is found within seconds of a hook and updated with the others."""
+        self.compose("wiki", "up", "-d")
+        wait_for(lambda: self.serves("wiki", "site") == "acme site v1", 30, "wiki on v1")
+        self.registry.retag("v2", name="site")
+        wiki = f"{self.names['wiki']}/site"
+
+        def accepted_for_wiki():
+            status, reply = self.hook("site")
+            return reply if wiki in reply.get("services", []) else None
+
+        reply = wait_for(accepted_for_wiki, 30, "a hook to reach the new project")
+        self.finished(reply["ids"])
+        wait_for(lambda: self.serves("wiki", "site") == "acme site v2", 60, "wiki on v2")
+
+    def test_a_forged_hook_runs_nothing(self):
+        """A wrong secret is refused and no container changes."""
+        before = {key: self.container(*key)["Id"] for key in (("blog", "site"), ("shop", "site"))}
+        self.registry.retag("v2", name="site")
+        self.assertEqual(self.hook("site", secret="x" * 30)[0], 403)
+        self.assertEqual({key: self.container(*key)["Id"] for key in before}, before)
 
 
 class ComposeV2Test(EngineScenario, unittest.TestCase):
