@@ -309,6 +309,8 @@ SETTINGS = (
     Setting("REQUEST_TIMEOUT", "10", "seconds a client has to send a whole request", number(0.1)),
     Setting("MAX_CONNECTIONS", "512", "open client connections held at once; the oldest is dropped beyond",
             number(1, integer=True)),
+    Setting("SWITCH_DELAY", "1.5", "seconds a start-first update gives a reverse proxy to see the new container "
+            "before the old one stops", number(0)),
     Setting("SHUTDOWN_TIMEOUT", "120", "seconds a running deployment may take to finish on SIGTERM", number(0)),
     Setting("STATE_DIR", None, "folder for the journal of updates in progress and the deployment history "
             "(default $XDG_STATE_HOME/gopdater, else ~/.local/state/gopdater)", _optional(lambda name, text: text)),
@@ -343,6 +345,7 @@ class Config(NamedTuple):
     dry_run: bool
     request_timeout: float
     max_connections: int
+    switch_delay: float
     shutdown_timeout: float
     state_dir: Optional[str]
     engine_wait: float
@@ -1452,6 +1455,21 @@ def locate(config: Config, labels: Mapping[str, str], cwd: str) -> ComposeLocati
     return ComposeLocation(name, name_source, compose_file, file_source, directory, dir_source, own_service)
 
 
+COMPOSE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*[-_][a-zA-Z0-9][a-zA-Z0-9._-]*[-_][0-9]+", re.ASCII)
+
+
+def start_first_refusal(containers: Sequence[Container]) -> Optional[str]:
+    """Why a service's containers cannot run twice at once for a start-first update, or None."""
+    for c in containers:
+        if c.host_ports:
+            return f"{c.name} publishes a host port"
+        if not COMPOSE_NAME_RE.fullmatch(c.name) or not c.name.startswith(c.project):
+            return f"{c.name} has a fixed container_name"
+        if not c.has_healthcheck:
+            return f"{c.name} has no healthcheck, which start-first needs"
+    return None
+
+
 class ComposeProject(Target):
     """A Compose project's services, updated through Compose: pull, compare, replace, wait, roll back."""
 
@@ -1463,6 +1481,7 @@ class ComposeProject(Target):
         self.images: Dict[str, ImageKey] = {}
         self.containers: Dict[str, List[Container]] = {}
         self.left_out: Dict[str, str] = {}  # service: why its gopdater.enable label keeps it out
+        self.start_first: set = set()  # services that asked for start-first updates
 
     @property
     def name(self) -> str:
@@ -1472,7 +1491,8 @@ class ComposeProject(Target):
 
     def refresh(self) -> None:
         """Re-read the project (`compose config --services`, `compose ps`, `docker inspect`)."""
-        services = tuple(s for s in self.docker.list_services() if s != self.docker.location.own_service)
+        configured = self.docker.list_services()
+        services = tuple(s for s in configured if s != self.docker.location.own_service)
         by_service: Dict[str, List[Container]] = {}
         for container in self.docker.containers():
             if container.service in services:
@@ -1484,6 +1504,8 @@ class ComposeProject(Target):
                 images[service] = key
         left_out = {service: why for service in services if (why := self.label_says_no(by_service.get(service, [])))}
         self.services, self.images, self.containers, self.left_out = services, images, by_service, left_out
+        self.start_first = {s for s in services if configured[s] == "start-first" or any(
+            c.labels.get("gopdater.order", "").strip() == "start-first" for c in by_service.get(s, []))}
 
     def label_says_no(self, containers: Sequence[Container]) -> Optional[str]:
         """Why the label gopdater.enable on a service's containers keeps it out, or None."""
@@ -1525,6 +1547,11 @@ class ComposeProject(Target):
         steps.remember(old_image=outcome.old_image, new_image=new_id, image=image)
         if old and all(c.image_id == new_id for c in old):
             return outcome._replace(result=State.UP_TO_DATE)
+        if service in self.start_first:
+            refusal_reason = start_first_refusal(old)
+            if refusal_reason is None:
+                return self.start_first_update(service, old, image, old_ids, outcome, steps)
+            log.warning("%s start-first falls back to stop-first: %s", steps.label, refusal_reason)
         try:
             self.replace(service, old, steps)
         except DeployFailed as error:
@@ -1533,6 +1560,54 @@ class ComposeProject(Target):
             if old_id != new_id:
                 self.remove_old_image(old_id, steps)
         return outcome._replace(result=State.DRY_RUN if self.docker.dry else State.UPDATED)
+
+    def start_first_update(self, service: str, old: Sequence[Container], image: Optional[str], old_ids: List[str],
+                           outcome: Outcome, steps: StepLog) -> Outcome:
+        """Each old container in turn: a new one beside it, off the networks until healthy, then switched in."""
+        for container in old:
+            try:
+                self.switch(service, container, steps)
+            except DeployFailed as error:
+                log.error("%s update failed: %s; the old container kept serving", steps.label, error)
+                if image and len(old_ids) == 1:
+                    self.put_back_tag(old_ids[0], image, steps)
+                return outcome._replace(result=State.ROLLED_BACK, reason=str(error))
+        for old_id in old_ids:
+            if old_id != outcome.new_image:
+                self.remove_old_image(old_id, steps)
+        return outcome._replace(result=State.DRY_RUN if self.docker.dry else State.UPDATED)
+
+    def switch(self, service: str, old: Container, steps: StepLog) -> None:
+        """Create a new container beside old, start it off the networks, wait, connect it, retire old."""
+        before = self.docker.containers(service)
+        steps.step("create", lambda: self.docker.create_next(service, len(before) + 1))
+        created = [c for c in self.docker.containers(service) if c.id not in {b.id for b in before}]
+        if len(created) != 1:
+            raise DeployFailed(f"create made {len(created)} containers, not one")
+        new = created[0]
+        steps.remember(old_container=old.name, new_container=new.name, networks=dict(new.networks))
+        try:
+            for network in new.networks:
+                steps.step("isolate", lambda n=network: self.docker.network("disconnect", n, new.name))
+            steps.step("start", lambda: self.docker.start(new.name))
+            self.wait_until_ready(service, steps, None, ids=[new.id])
+            for network, aliases in new.networks.items():
+                steps.step("connect", lambda n=network, a=aliases: self.docker.network("connect", n, new.name, a))
+        except DeployFailed:
+            steps.step("discard", lambda: self.docker.discard(new.name))
+            raise
+        started = steps.clock()
+        steps.sleep(self.config.switch_delay)  # the reverse proxy's DNS must see the new one first
+        steps.record("switch", "ok", started)
+        steps.step("stop", lambda: self.docker.stop(old.name))
+        steps.step("remove", lambda: self.docker.remove(old.name))
+
+    def put_back_tag(self, old_id: str, image: str, steps: StepLog) -> None:
+        """Point the image name at the old image again, so a later `compose up` keeps it; best effort."""
+        try:
+            steps.step("rollback-tag", lambda: self.docker.tag(old_id, image))
+        except DeployFailed as error:
+            log.warning("%s %s", steps.label, error)
 
     def replace(self, service: str, old: Sequence[Container], steps: StepLog, prefix: str = "") -> None:
         """Stop and remove the old containers, `compose up` the service, wait until it is ready."""
@@ -1543,11 +1618,14 @@ class ComposeProject(Target):
         steps.step(prefix + "up", lambda: self.docker.up(service))
         self.wait_until_ready(service, steps, stopped)
 
-    def wait_until_ready(self, service: str, steps: StepLog, stopped: float) -> None:
-        """Poll the new containers until judged ready; raise DeployFailed with the reason otherwise."""
+    def wait_until_ready(self, service: str, steps: StepLog, stopped: Optional[float],
+                         ids: Sequence[str] = ()) -> None:
+        """Poll the new containers (those given, else the service's) until judged ready; raise DeployFailed
+        with the reason otherwise."""
         started = steps.clock()
         try:
-            health, containers = self.poll(service, steps, stopped, started)
+            ids = list(ids) or [c.id for c in self.docker.containers(service)]
+            health, containers = self.poll(ids, steps, stopped, started)
         except EngineUnreachable:
             raise
         except CommandError as error:
@@ -1561,10 +1639,10 @@ class ComposeProject(Target):
             steps.container_log(c.name, self.docker.logs(c.name))
         raise DeployFailed(health.reason)
 
-    def poll(self, service: str, steps: StepLog, stopped: float, started: float
+    def poll(self, ids: Sequence[str], steps: StepLog, stopped: Optional[float], started: float
              ) -> Tuple[Health, List[Container]]:
-        """Inspect the service's containers with a growing pause until the verdict is not WAIT."""
-        ids = [c.id for c in self.docker.containers(service)]
+        """Inspect the containers with a growing pause until the verdict is not WAIT; note the downtime
+        (from stopped, when an old container was stopped, to the first one running)."""
         if not ids:
             return Health(Verdict.FAILED, "wait failed: compose up created no container"), []
         first_seen: Dict[str, Tuple[float, str]] = {}
@@ -1572,7 +1650,7 @@ class ComposeProject(Target):
         while True:
             containers, now = self.docker.inspect(ids), steps.clock()
             for c in containers:
-                if c.status == "running" and not first_seen:
+                if c.status == "running" and not first_seen and stopped is not None:
                     steps.note("downtime", "ok", now - stopped)
                 if c.status == "running":
                     first_seen.setdefault(c.id, (now, c.started_at))
@@ -1610,6 +1688,8 @@ class ComposeProject(Target):
         service, step = ref.name, str(record.get("step", ""))
         old_id, new_id, image = record.get("old_image"), record.get("new_image"), record.get("image")
         outcome = Outcome(old_image=old_id, new_image=new_id)
+        if record.get("new_container"):
+            return self.recover_switch(service, record, outcome, steps)
         try:
             if step.startswith("rollback"):
                 raise DeployFailed("the update had failed and was being rolled back")
@@ -1629,6 +1709,36 @@ class ComposeProject(Target):
             old_ids = [str(old_id)] if old_id else []
             return self.roll_back(service, image and str(image), old_ids, outcome._replace(reason=str(error)), steps)
         return outcome._replace(result=State.RECOVERED, reason="the new image now runs healthy")
+
+    def recover_switch(self, service: str, record: Mapping[str, object], outcome: Outcome,
+                       steps: StepLog) -> Outcome:
+        """A start-first switch was cut off: keep exactly one healthy container, the old one if it still runs."""
+        by_name = {c.name: c for c in steps.step("inspect", lambda: self.docker.containers(service))}
+        old, new = by_name.get(str(record.get("old_container"))), by_name.get(str(record.get("new_container")))
+        try:
+            if old is not None and old.status == "running" or new is None:
+                if new is not None:
+                    steps.step("discard", lambda: self.docker.discard(new.name))
+                if old is not None and old.status == "running":
+                    if record.get("image") and outcome.old_image:
+                        self.put_back_tag(str(outcome.old_image), str(record["image"]), steps)
+                    return outcome._replace(result=State.ROLLED_BACK, reason="the switch was cut off; the old "
+                                                                             "container kept serving")
+                raise DeployFailed("the switch was cut off with neither container running")
+            if old is not None:
+                steps.step("remove", lambda: self.docker.remove(old.name))
+            if new.status != "running":
+                steps.step("start", lambda: self.docker.start(new.name))
+            networks = record.get("networks") if isinstance(record.get("networks"), dict) else {}
+            for network, aliases in networks.items():
+                if network not in new.networks:
+                    steps.step("connect", lambda n=network, a=aliases: self.docker.network("connect", n, new.name, a))
+            self.wait_until_ready(service, steps, None, ids=[new.id])
+        except DeployFailed as error:
+            old_ids = [str(outcome.old_image)] if outcome.old_image else []
+            image = record.get("image")
+            return self.roll_back(service, image and str(image), old_ids, outcome._replace(reason=str(error)), steps)
+        return outcome._replace(result=State.RECOVERED, reason="the new container now serves alone")
 
     def has_image(self, image_id: str) -> bool:
         try:
@@ -1671,6 +1781,10 @@ class ComposeProject(Target):
             name = ServiceRef(self.kind, self.name, service)
             if keys:
                 found.append((True, f"service {name}: updates on a push of {', '.join(keys)}"))
+                if service in self.start_first:
+                    refused = start_first_refusal(self.containers.get(service, []))
+                    found.append((True, f"service {name}: start-first" + (
+                        f" falls back to stop-first: {refused}" if refused else "")))
             else:
                 why = self.left_out.get(service) or (
                     "not in SERVICES" if self.config.services else "no running container with a tagged image")
@@ -1756,8 +1870,9 @@ class ComposeHost(Targets):
             if problem:
                 skipped[name] = problem
                 continue
-            member = known.get(name) or ComposeProject(self.config, Compose(self.config, location, self.command,
-                                                                            self.runner), self.version, self.engine)
+            member = known.get(name) or ComposeProject(self.config, Compose(
+                self.config, location, self.command, self.runner, compose_flavour(self.version) == "v2"),
+                self.version, self.engine)
             try:
                 member.refresh()
             except (CommandError, ValueError) as error:
@@ -1837,7 +1952,8 @@ def discover(config: Config, runner: Runner = None, read_file: Optional[Callable
         check_services(config, host.members)
         return host
     location = locate(config, labels, cwd or os.getcwd())
-    project = ComposeProject(config, Compose(config, location, command, runner), version, engine)
+    project = ComposeProject(config, Compose(config, location, command, runner, compose_flavour(version) == "v2"),
+                             version, engine)
     try:
         project.refresh()
     except (CommandError, ValueError) as error:
@@ -2009,6 +2125,8 @@ class Container(NamedTuple):
     start_period: float
     oneoff: bool
     labels: Mapping[str, str] = {}
+    host_ports: bool = False  # publishes a port on the host, so two copies cannot run at once
+    networks: Mapping[str, Tuple[str, ...]] = {}  # network: the aliases Compose gave the container there
 
     @classmethod
     def from_inspect(cls, data: dict) -> "Container":
@@ -2029,14 +2147,19 @@ class Container(NamedTuple):
             exit_code=int(state.get("ExitCode") or 0), has_healthcheck=bool(test) and test[0] != "NONE",
             start_period=(check.get("StartPeriod") or 0) / 1e9,
             oneoff=labels.get("com.docker.compose.oneoff", "False") == "True", labels=labels,
+            host_ports=any(b.get("HostPort") for bs in ((data.get("HostConfig") or {}).get("PortBindings") or {})
+                           .values() for b in bs or ()),
+            networks={net: tuple(a for a in (v or {}).get("Aliases") or () if SERVICE_RE.fullmatch(a))
+                      for net, v in ((data.get("NetworkSettings") or {}).get("Networks") or {}).items()},
         )
 
 
 class Compose:
     """Every docker and Compose command gopdater runs for one project, as argv lists."""
 
-    def __init__(self, config: Config, location: ComposeLocation, command: Sequence[str], runner: Runner):
-        self.config, self.location, self.runner = config, location, runner
+    def __init__(self, config: Config, location: ComposeLocation, command: Sequence[str], runner: Runner,
+                 json_config: bool = False):
+        self.config, self.location, self.runner, self.json_config = config, location, runner, json_config
         self.command = [*command, *(arg for path in location.env_files for arg in ("--env-file", path))]
         env = dict(config.environ)
         # Compose interpolates ${PWD}; make it the project directory, as on the host.
@@ -2055,10 +2178,30 @@ class Compose:
         return self.runner(list(argv), timeout=timeout or self.config.command_timeout, env=self.env,
                            cwd=self.location.working_dir, **kwargs)
 
-    def list_services(self) -> List[str]:
-        """Service names of the project, from `compose config --services`."""
-        return [s for s in self.run([*self.command, "config", "--services"], quiet=True).split()
-                if SERVICE_RE.fullmatch(s)]
+    def list_services(self) -> Dict[str, str]:
+        """Service names of the project, each with its deploy.update_config.order where Compose reports it
+        (`compose config --format json`, Compose v2), else from `compose config --services` (v1)."""
+        if not self.json_config:
+            return {s: "" for s in self.run([*self.command, "config", "--services"], quiet=True).split()
+                    if SERVICE_RE.fullmatch(s)}
+        services = json.loads(self.run([*self.command, "config", "--format", "json"], quiet=True)).get("services")
+        return {name: str(((value or {}).get("deploy") or {}).get("update_config", {}).get("order") or "")
+                for name, value in (services or {}).items() if SERVICE_RE.fullmatch(name)}
+
+    def create_next(self, service: str, count: int) -> None:
+        """One more container of the service, created and not started, the others left as they are."""
+        self.run([*self.command, "up", "--no-start", "--no-deps", "--no-recreate", "--scale", f"{service}={count}",
+                  service], mutates=True)
+
+    def network(self, verb: str, network: str, name: str, aliases: Sequence[str] = ()) -> None:
+        self.run(["docker", "network", verb, *(a for alias in aliases for a in ("--alias", alias)), network, name],
+                 mutates=True)
+
+    def start(self, name: str) -> None:
+        self.run(["docker", "start", name], mutates=True)
+
+    def discard(self, name: str) -> None:
+        self.run(["docker", "rm", "-f", name], mutates=True)
 
     def inspect(self, ids: Sequence[str]) -> List[Container]:
         """Inspect containers by id."""

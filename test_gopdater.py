@@ -89,6 +89,9 @@ class FakeDocker:
         self.projects = projects or {"demo": services or {"site": "acme/site:latest"}}
         self.services = next(iter(self.projects.values()))  # the first project's, for one-project tests
         self.labels = {}  # (project, service): extra labels of its containers
+        self.orders = {}  # (project, service): deploy.update_config.order in the Compose file
+        self.names, self.host_ports = {}, {}  # (project, service): a fixed container_name; a published host port
+        self.events = []  # (what, container, networks it was on then), for start and connect
         self.calls, self.fail, self.lock = [], {}, threading.Lock()
         self.crash_after = None  # (argv prefix, n): gopdater is killed right after the nth such call
         self.engine_down_until = None  # fake time until which every command finds no engine
@@ -104,13 +107,16 @@ class FakeDocker:
             for service in services:
                 self.create(project, service)
 
-    def create(self, project, service):
+    def create(self, project, service, started=True):
         self.serial += 1
         ref = self.projects[project][service]
         cid = f"{self.serial:064x}"
-        self.containers[cid] = {"id": cid, "name": f"{project}-{service}-1", "service": service, "ref": ref,
-                                "image_id": self.images[ref], "started": self.clock(), "stopped": False,
-                                "project": project}
+        taken = {c["name"] for c in self.containers.values()}
+        name = next(f"{project}-{service}-{n}" for n in range(1, 99) if f"{project}-{service}-{n}" not in taken)
+        self.containers[cid] = {"id": cid, "name": self.names.get((project, service), name), "service": service,
+                                "ref": ref, "image_id": self.images[ref], "started": self.clock(), "stopped": False,
+                                "project": project, "created": not started,
+                                "networks": {f"{project}_default": [service]}}
 
     def inspect(self, c):
         behaviour = self.behaviour[c["image_id"]]
@@ -129,8 +135,13 @@ class FakeDocker:
             restarts, started_at = 1, f"t{c['started'] + 2}"
         if c["stopped"]:
             status = "exited"
+        if c["created"]:
+            status, health = "created", None
         check = {"Test": ["CMD", "true"], "StartPeriod": 90 * 10**9 if behaviour == "slow" else 0} if hc else None
+        ports = self.host_ports.get((c["project"], c["service"]))
         return {"Id": c["id"], "Name": "/" + c["name"], "Image": c["image_id"], "RestartCount": restarts,
+                "HostConfig": {"PortBindings": {"80/tcp": [{"HostIp": "", "HostPort": ports}]} if ports else {}},
+                "NetworkSettings": {"Networks": {n: {"Aliases": a} for n, a in c["networks"].items()}},
                 "State": {"Status": status, "Restarting": False, "ExitCode": code, "StartedAt": started_at,
                           **({"Health": {"Status": health}} if hc else {})},
                 "Config": {"Image": c["ref"], "Healthcheck": check, "Labels": {
@@ -164,10 +175,15 @@ class FakeDocker:
         services = self.projects.get(project, {})
         mine = [c for c in self.containers.values() if c["project"] == project]
         if args == ["version", "--short"]:
-            return "2.29.1\n"
+            return "1.29.2\n" if self.compose == ["docker-compose"] else "2.29.1\n"
         if args == ["config", "--services"]:
             self.config_read.set()
             return "".join(f"{s}\n" for s in services)
+        if args == ["config", "--format", "json"]:
+            self.config_read.set()
+            return json.dumps({"name": project, "services": {s: {"image": ref, **(
+                {"deploy": {"update_config": {"order": self.orders[(project, s)]}}}
+                if (project, s) in self.orders else {})} for s, ref in services.items()}})
         if args[:3] == ["ps", "-a", "-q"]:
             return "".join(f"{c['id']}\n" for c in mine if args[3:] in ([], [c["service"]]))
         if args[0] == "pull":
@@ -180,6 +196,11 @@ class FakeDocker:
         if args[:3] == ["up", "-d", "--no-deps"]:
             if not any(c["service"] == args[3] for c in mine):
                 self.create(project, args[3])
+            return ""
+        if args[:4] == ["up", "--no-start", "--no-deps", "--no-recreate"] and args[4] == "--scale":
+            service, count = args[5].split("=")
+            for _ in range(int(count) - sum(c["service"] == service for c in mine)):
+                self.create(project, service, started=False)
             return ""
         raise AssertionError(f"unexpected compose call {args}")
 
@@ -201,7 +222,20 @@ class FakeDocker:
             by_name[args[-1]]["stopped"] = True
             return ""
         if args[0] == "rm":
-            del self.containers[by_name[args[1]]["id"]]
+            del self.containers[by_name[args[-1]]["id"]]
+            return ""
+        if args[0] == "start":
+            c = by_name[args[1]]
+            c["created"], c["started"] = False, self.clock()
+            self.events.append(("start", c["name"], sorted(c["networks"])))
+            return ""
+        if args[:2] == ["network", "disconnect"]:
+            del by_name[args[3]]["networks"][args[2]]
+            return ""
+        if args[:2] == ["network", "connect"]:
+            c = by_name[args[-1]]
+            c["networks"][args[-2]] = [a for i, a in enumerate(args) if i and args[i - 1] == "--alias"]
+            self.events.append(("connect", c["name"], sorted(c["networks"])))
             return ""
         if args[0] == "rmi":
             if any(c["image_id"] == args[1] for c in self.containers.values()):
@@ -216,7 +250,7 @@ class FakeDocker:
 
     def mutating_calls(self):
         """The calls that change something, in order."""
-        changes = ("pull", "stop", "rm", "up", "rmi", "tag")
+        changes = ("pull", "stop", "rm", "up", "rmi", "tag", "start", "network")
         return [c for c in self.calls if any(word in c[:3] for word in changes)]
 
 
@@ -672,7 +706,7 @@ class DiscoveryTest(unittest.TestCase):
         self.assertEqual(rig.project.images, {"site": ImageKey("docker.io", "acme/site", "latest")})
         rig.project.refresh()
         cid = next(iter(rig.fake.containers))
-        self.assertEqual(rig.fake.calls, [["docker", "compose", "config", "--services"],
+        self.assertEqual(rig.fake.calls, [["docker", "compose", "config", "--format", "json"],
                                           ["docker", "compose", "ps", "-a", "-q"], ["docker", "inspect", cid]])
 
     def test_compose_v1_is_used_when_the_plugin_is_missing(self):
@@ -828,7 +862,7 @@ class DeployTest(unittest.TestCase):
             ["docker", "rmi", OLD_ID],
         ])
         self.assertEqual((deployment.state, deployment.ref), ("updated", SITE))
-        self.assertEqual(rig.fake.calls[-3][2:], ["config", "--services"], "the project is re-read after a change")
+        self.assertEqual(rig.fake.calls[-3][2:], ["config", "--format", "json"], "the project is re-read after a change")
         self.assertEqual([s.step for s in deployment.steps],
                          ["inspect", "pull", "compare", "stop", "remove", "up", "downtime", "wait", "cleanup",
                           "done"])
@@ -2143,6 +2177,117 @@ class ProjectsTest(unittest.TestCase):
         self.assertTrue(rig.fake.config_read.wait(5))
         self.assertTrue(rig.queue.wait_idle(5))
         self.assertEqual(rig.post(f"/hooks/{SECRET}", body)[1]["services"], ["wiki/web"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-first updates for services behind a reverse proxy
+# ---------------------------------------------------------------------------------------------
+
+
+class StartFirstTest(unittest.TestCase):
+    def rig(self, **env):
+        fake = FakeDocker()
+        fake.labels[("demo", "site")] = {"gopdater.order": "start-first"}
+        return Rig(self, fake, **env)
+
+    def test_the_new_container_starts_beside_the_old_off_the_network_then_takes_over(self):
+        """Create one more, isolate it, start, wait for health, connect with its aliases, wait, retire the old."""
+        rig = self.rig()
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy()
+        self.assertEqual(deployment.state, "updated")
+        self.assertEqual(rig.fake.mutating_calls(), [
+            ["docker", "compose", "pull", "site"],
+            ["docker", "compose", "up", "--no-start", "--no-deps", "--no-recreate", "--scale", "site=2", "site"],
+            ["docker", "network", "disconnect", "demo_default", "demo-site-2"],
+            ["docker", "start", "demo-site-2"],
+            ["docker", "network", "connect", "--alias", "site", "demo_default", "demo-site-2"],
+            ["docker", "stop", "-t", "10", "demo-site-1"],
+            ["docker", "rm", "demo-site-1"],
+            ["docker", "rmi", OLD_ID]])
+        self.assertEqual(rig.fake.events, [("start", "demo-site-2", []), ("connect", "demo-site-2", ["demo_default"])])
+        self.assertIn(1.5, rig.clock.sleeps, "SWITCH_DELAY for the proxy")
+        (name, running), = [(c["name"], c["image_id"]) for c in rig.fake.containers.values()]
+        self.assertEqual((name, running), ("demo-site-2", NEW_ID))
+        self.assertEqual([s.step for s in deployment.steps], [
+            "inspect", "pull", "compare", "create", "isolate", "start", "wait", "connect", "switch", "stop",
+            "remove", "cleanup", "done"])
+
+    def test_the_compose_files_own_update_config_order_asks_for_it_too(self):
+        """deploy.update_config.order: start-first, as Compose v2 reports it, works like the label."""
+        fake = FakeDocker()
+        fake.orders[("demo", "site")] = "start-first"
+        rig = Rig(self, fake)
+        with self.assertLogs("gopdater", "INFO"):
+            rig.deploy()
+        self.assertIn(["docker", "start", "demo-site-2"], rig.fake.calls)
+
+    def test_a_broken_image_costs_nothing_the_old_container_never_stops(self):
+        """A new container that fails its wait is removed; the old one never stopped; ends rolled-back."""
+        rig = self.rig()
+        rig.fake.registry["acme/site:latest"] = BROKEN_ID
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy()
+        self.assertEqual(deployment.state, "rolled-back")
+        self.assertNotIn(["docker", "stop", "-t", "10", "demo-site-1"], rig.fake.calls)
+        self.assertIn(["docker", "rm", "-f", "demo-site-2"], rig.fake.calls)
+        self.assertIn(["docker", "tag", OLD_ID, "acme/site:latest"], rig.fake.calls)
+        (running,) = rig.fake.containers.values()
+        self.assertEqual((running["name"], running["image_id"], running["stopped"]), ("demo-site-1", OLD_ID, False))
+
+    def test_services_that_cannot_run_twice_fall_back_and_say_why(self):
+        """A host port, a fixed container_name or no healthcheck: the usual replace, with the reason logged."""
+        cases = [("host_ports", "8080", "demo-site-1 publishes a host port"),
+                 ("names", "my-site", "my-site has a fixed container_name"),
+                 ("behaviour", "nohc", "demo-site-1 has no healthcheck, which start-first needs")]
+        for what, value, reason in cases:
+            with self.subTest(reason=reason):
+                fake = FakeDocker()
+                fake.labels[("demo", "site")] = {"gopdater.order": "start-first"}
+                if what == "behaviour":
+                    fake.behaviour[OLD_ID] = fake.behaviour[NEW_ID] = "nohc"
+                    fake.containers.clear()
+                    fake.create("demo", "site")
+                else:
+                    getattr(fake, what)[("demo", "site")] = value
+                    fake.containers.clear()
+                    fake.create("demo", "site")
+                rig = Rig(self, fake, SETTLE_TIME=1)
+                code, out = CheckTest.check(self, fake)
+                self.assertIn(f"start-first falls back to stop-first: {reason}", out)
+                with self.assertLogs("gopdater", "INFO") as logs:
+                    self.assertEqual(rig.deploy().state, "updated")
+                self.assertTrue(any(f"start-first falls back to stop-first: {reason}" in l for l in logs.output))
+                self.assertNotIn("start", [c[1] for c in rig.fake.calls])
+
+    def test_each_of_several_containers_is_switched_in_turn(self):
+        """With two containers, each is replaced by a new one, one at a time."""
+        rig = self.rig()
+        rig.fake.create("demo", "site")
+        rig.project.refresh()
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(rig.deploy().state, "updated")
+        creates = [c[-2] for c in rig.fake.calls if c[2:4] == ["up", "--no-start"]]
+        self.assertEqual(creates, ["site=3", "site=3"])
+        self.assertEqual(sorted(c["image_id"] for c in rig.fake.containers.values()), [NEW_ID, NEW_ID])
+
+    def test_a_crash_mid_switch_leaves_exactly_one_healthy_container(self):
+        """Killed while both run, the new one goes; killed after the old one stopped, the new one stays."""
+        for prefix, nth, survivor, image, state in [(("docker", "start"), 1, "demo-site-1", OLD_ID, "rolled-back"),
+                                                    (("docker", "network", "connect"), 1, "demo-site-1", OLD_ID,
+                                                     "rolled-back"),
+                                                    (("docker", "stop"), 1, "demo-site-2", NEW_ID, "recovered"),
+                                                    (("docker", "network", "disconnect"), 1, "demo-site-1", OLD_ID,
+                                                     "rolled-back")]:
+            with self.subTest(cut_after=prefix):
+                rig = self.rig()
+                CrashRecoveryTest.cut(self, rig, prefix, nth)
+                queue = CrashRecoveryTest.restart(self, rig)
+                self.assertEqual(queue.views()[0]["state"], state)
+                self.assertEqual([(c["name"], c["image_id"], c["stopped"]) for c in rig.fake.containers.values()],
+                                 [(survivor, image, False)])
+                self.assertEqual(sorted(rig.fake.containers.values().__iter__().__next__()["networks"]),
+                                 ["demo_default"])
 
 
 if __name__ == "__main__":
