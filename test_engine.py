@@ -983,6 +983,172 @@ class ProjectsEngineTest(unittest.TestCase):
         self.assertEqual({key: self.container(*key)["Id"] for key in before}, before)
 
 
+CADDYFILE = """{
+	admin off
+	auto_https off
+}
+:80 {
+	reverse_proxy {
+		dynamic a site 80 {
+			refresh 1s
+		}
+		lb_try_duration 3s
+		lb_try_interval 50ms
+		transport http {
+			dial_timeout 150ms
+		}
+	}
+}
+"""
+
+
+def caddy_image(tag):
+    """An image FROM nothing holding Debian's caddy and the libraries ldd lists for it."""
+    caddy = shutil.which("caddy")
+    if not caddy:
+        raise AssertionError("caddy is not installed: apt-get install -y caddy (.ci/run does)")
+    files = {os.path.realpath(caddy): "/usr/bin/caddy"}
+    for word in run(["ldd", os.path.realpath(caddy)]).split():
+        if word.startswith("/") and os.path.exists(word):
+            files[word] = word
+    import_image(tag, files)
+
+
+class StartFirstEngineTest(unittest.TestCase):
+    """Start-first on the real engine (Compose v2): a site behind Caddy, polled through it every 20 ms."""
+
+    @classmethod
+    def setUpClass(cls):
+        if "v2" not in COMPOSE:
+            raise unittest.SkipTest("Compose v2 is not installed")
+        cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix=PREFIX))
+        cls.addClassCleanup(shutil.rmtree, cls.tmp, True)
+        cls.project = f"{PREFIX}proxy"
+        cls.folder = cls.tmp / cls.project
+        cls.folder.mkdir()
+        cls.port, cls.proxy_port, cls.host_port, cls.gp_port = (free_port() for _ in range(4))
+        cls.caddy = f"{PREFIX}-caddy:test"
+        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
+        cls.addClassCleanup(cls.cleanup)
+        caddy_image(cls.caddy)
+        cls.registry.start()
+        (cls.tmp / "build").mkdir()
+        cls.images = build_site_images(cls.tmp / "build", f"{PREFIX}-fsite")
+        repo = f"127.0.0.1:{cls.port}/acme/site"
+        for version, image_id in cls.images.items():
+            run(["docker", "tag", image_id, f"{repo}:{version}"])
+            run(["docker", "push", f"{repo}:{version}"], timeout=300)
+            run(["docker", "rmi", f"{repo}:{version}", f"{PREFIX}-fsite:{version}"])
+        cls.registry.retag("v1")
+        (cls.folder / "Caddyfile").write_text(CADDYFILE)
+        health = """    healthcheck:
+      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 1s
+      timeout: 1s
+      retries: 3
+"""
+        (cls.folder / "compose.yaml").write_text(f"""services:
+  site:
+    image: {repo}:latest
+    labels:
+      gopdater.order: start-first
+{health}  hostport:
+    image: {repo}:latest
+    labels:
+      gopdater.order: start-first
+    ports: ["127.0.0.1:{cls.host_port}:80"]
+{health}  proxy:
+    image: {cls.caddy}
+    command: ["/usr/bin/caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]
+    environment: {{HOME: /tmp, XDG_DATA_HOME: /tmp, XDG_CONFIG_HOME: /tmp}}
+    volumes: ["./Caddyfile:/etc/caddy/Caddyfile:ro"]
+    ports: ["127.0.0.1:{cls.proxy_port}:80"]
+""")
+        cls.compose("up", "-d")
+        wait_for(lambda: site_text(cls.proxy_port) == "acme site v1", 60, "the site to serve v1 through caddy")
+        cls.log = cls.tmp / "gopdater.log"
+        env = clean_env(OWNER=f"127.0.0.1:{cls.port}/acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1",
+                        PORT=str(cls.gp_port), HEALTH_TIMEOUT="30", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
+                        STATE_DIR=str(cls.tmp / "state"), COMPOSE_COMMAND="docker compose",
+                        SERVICES=f"127.0.0.1:{cls.port}/acme/site=site,127.0.0.1:{cls.port}/acme/site=hostport")
+        with open(cls.log, "ab") as log:
+            cls.gopdater = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cls.folder, env=env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: cls.gopdater.poll() is not None or project_read(cls.gp_port), 60, "gopdater to start")
+        assert cls.gopdater.poll() is None, cls.log.read_text()
+
+    @classmethod
+    def compose(cls, *args):
+        run(["docker", "compose", "-p", cls.project, *args], cwd=cls.folder, timeout=300,
+            env=clean_env(PWD=str(cls.folder)))
+
+    @classmethod
+    def cleanup(cls):
+        if getattr(cls, "gopdater", None):
+            stop_process(cls.gopdater)
+        remove_project(cls.project, [f"127.0.0.1:{cls.port}/", PREFIX], list(getattr(cls, "images", {}).values()))
+        run(["docker", "rmi", "-f", cls.caddy], check=False)
+        cls.registry.stop()
+
+    def setUp(self):
+        """The known state: latest = v1 and the site serving v1 through the proxy."""
+        self.registry.retag("v1")
+        if site_text(self.proxy_port) != "acme site v1":
+            self.compose("pull", "site", "hostport")
+            self.compose("up", "-d")
+            wait_for(lambda: site_text(self.proxy_port) == "acme site v1", 60, "v1 through caddy")
+
+    def push(self, version):
+        """Retag, send the hook, wait for the site's deployment; return its record."""
+        self.registry.retag(version)
+        body = json.dumps({"repository": {"repo_name": f"127.0.0.1:{self.port}/acme/site"},
+                           "push_data": {"tag": "latest"}}).encode()
+        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body,
+                                {"Authorization": f"Bearer {SECRET}"})
+        reply = json.loads(reply)
+        self.assertEqual(status, 202, reply)
+
+        def ended():
+            status, raw, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
+                                  headers={"Authorization": f"Bearer {SECRET}"})
+            views = [d for d in json.loads(raw)["deployments"] if d["id"] in reply["ids"]]
+            return views if all(d["state"] not in ("queued", "running") for d in views) else None
+        views = wait_for(ended, 120, "the deployments to end")
+        return next(v for v in views if v["service"] == "site")
+
+    def test_five_pushes_give_zero_failed_requests_through_the_proxy(self):
+        """Pushes of v2, v1, v2, v1, v2: each updated start-first; a client polling the proxy sees no failure."""
+        poller = Poller(f"http://127.0.0.1:{self.proxy_port}/")
+        poller.start()
+        try:
+            for version in ("v2", "v1", "v2", "v1", "v2"):
+                record = self.push(version)
+                self.assertEqual(record["state"], "updated", record)
+                wait_for(lambda: site_text(self.proxy_port) == f"acme site {version}", 15, f"{version} served")
+        finally:
+            poller.stop()
+        print(f"\n[start-first] 5 pushes through caddy: {poller.failed} failed requests of "
+              f"{poller.failed + len(poller.ok)}", file=sys.stderr)
+        self.assertEqual(poller.failed, 0)
+        self.assertEqual(len(run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={self.project}",
+                                  "--filter", "label=com.docker.compose.service=site"]).split()), 1)
+        self.assertIn("hostport start-first falls back to stop-first: ", self.log.read_text())
+        self.assertIn("publishes a host port", self.log.read_text())
+
+    def test_a_broken_image_gives_zero_failed_requests_and_ends_rolled_back(self):
+        """A v3 that exits at once: the old container never stops, the proxy never fails, v1 serves."""
+        poller = Poller(f"http://127.0.0.1:{self.proxy_port}/")
+        poller.start()
+        try:
+            record = self.push("v3")
+        finally:
+            poller.stop()
+        print(f"\n[start-first] broken v3 through caddy: {poller.failed} failed requests; {record['state']}",
+              file=sys.stderr)
+        self.assertEqual((record["state"], poller.failed), ("rolled-back", 0))
+        self.assertEqual(site_text(self.proxy_port), "acme site v1")
+
+
 class ComposeV2Test(EngineScenario, unittest.TestCase):
     """Compose v2 (`docker compose`), gopdater started outside the project folder (COMPOSE_FILE) and
     reaching Docker through DOCKER_HOST and a recording socket proxy."""
