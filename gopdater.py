@@ -293,6 +293,8 @@ SETTINGS = (
             "engine; or project names, comma-separated", parse_projects),
     Setting("SERVICES", None, "explicit mapping, comma-separated IMAGE[:TAG]=[PROJECT/]SERVICE pairs; when set "
             "only these pairs update", lambda name, text: parse_services(name, text) if text is not None else ()),
+    Setting("SWARM", "auto", "auto (Swarm services too when the engine is a swarm manager), on or off",
+            choice("auto", "on", "off")),
     Setting("LABEL_ENABLE", "0", "1: only services labelled gopdater.enable=true update (false always keeps one "
             "out)", boolean),
     Setting("PULL_TIMEOUT", "600", "seconds a pull may take", number(1)),
@@ -335,6 +337,7 @@ class Config(NamedTuple):
     compose_command: str
     projects: Optional[Tuple[str, ...]]
     services: Tuple[Tuple[ImageKey, str], ...]
+    swarm: str
     label_enable: bool
     pull_timeout: float
     command_timeout: float
@@ -1509,12 +1512,7 @@ class ComposeProject(Target):
 
     def label_says_no(self, containers: Sequence[Container]) -> Optional[str]:
         """Why the label gopdater.enable on a service's containers keeps it out, or None."""
-        values = {c.labels.get("gopdater.enable", "").strip().lower() for c in containers}
-        if "false" in values:
-            return "labelled gopdater.enable=false"
-        if self.config.label_enable and "true" not in values:
-            return "not labelled gopdater.enable=true (LABEL_ENABLE=1)"
-        return None
+        return enable_label_says_no(self.config, [c.labels for c in containers])
 
     def services_for(self, image: ImageKey) -> List[ServiceRef]:
         """Services that run this image: by SERVICES when set, else by what the project runs."""
@@ -1814,6 +1812,7 @@ class Targets(Target):
 
     def __init__(self, members: Sequence[Target]):
         self.members = list(members)
+        self.engine = next((m.engine for m in self.members if getattr(m, "engine", "")), "")
 
     def owner(self, ref: ServiceRef) -> "Target":
         for member in self.members:
@@ -1929,6 +1928,184 @@ def unreadable(config: Config, location: ComposeLocation) -> Optional[str]:
     return f"{', '.join(missing)} cannot be read here: mount or fix it" if missing else None
 
 
+class SwarmService(NamedTuple):
+    """What `docker service inspect` says about one Swarm service."""
+
+    id: str
+    name: str
+    stack: str
+    image: str  # as Swarm stores it: ref:tag@sha256:...
+    key: Optional[ImageKey]
+    digest: Optional[str]
+    labels: Mapping[str, str]
+    replicas: Optional[int]  # None for a global service
+    batches: int  # how many batches of update_config.parallelism an update takes
+    update_state: str
+    update_started: str
+    update_message: str
+
+    @classmethod
+    def from_inspect(cls, data: dict) -> "SwarmService":
+        spec = data.get("Spec") or {}
+        image = ((spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image") or ""
+        reference, _, digest = image.partition("@")
+        replicas = ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas")
+        parallelism = (spec.get("UpdateConfig") or {}).get("Parallelism") or 0
+        status = data.get("UpdateStatus") or {}
+        return cls(data.get("ID", ""), spec.get("Name", ""), (spec.get("Labels") or {}).get(
+            "com.docker.stack.namespace", ""), image, parse_reference(reference), digest or None,
+                   spec.get("Labels") or {}, replicas, -(-(replicas or 1) // parallelism) if parallelism else 1,
+                   status.get("State", ""), status.get("StartedAt", ""), status.get("Message", ""))
+
+
+class SwarmServices(Target):
+    """The engine's Swarm services, updated by Swarm itself: `docker service update --image`, then its state."""
+
+    kind = name = "swarm"
+
+    def __init__(self, config: Config, runner: Runner, engine: str):
+        self.config, self.runner, self.engine = config, runner, engine
+        self.services: Dict[str, SwarmService] = {}
+        self.left_out: Dict[str, str] = {}
+
+    def run(self, argv: Sequence[str], **kwargs) -> str:
+        return self.runner(list(argv), timeout=self.config.command_timeout, env=self.config.environ, **kwargs)
+
+    def inspect(self, names: Sequence[str]) -> List[SwarmService]:
+        if not names:
+            return []
+        return [SwarmService.from_inspect(d) for d in json.loads(self.run(["docker", "service", "inspect", *names],
+                                                                          quiet=True))]
+
+    def refresh(self) -> None:
+        found = self.inspect(self.run(["docker", "service", "ls", "-q"], quiet=True).split())
+        self.services = {s.name: s for s in found if SERVICE_RE.fullmatch(s.name)}
+        self.left_out = {name: why for name, s in self.services.items()
+                         if (why := enable_label_says_no(self.config, [s.labels]))}
+
+    def owns(self, ref: ServiceRef) -> bool:
+        return ref.kind == self.kind
+
+    def services_for(self, image: ImageKey) -> List[ServiceRef]:
+        if self.config.services:
+            names = {entry.rpartition("/")[2] for key, entry in self.config.services if key == image}
+            matched = [s for s in self.services.values() if s.name in names]
+        else:
+            matched = [s for s in self.services.values() if s.key == image]
+        return [ServiceRef(self.kind, s.stack, s.name) for s in sorted(matched) if s.name not in self.left_out]
+
+    def named(self, entry: str) -> Optional[str]:
+        name = entry.rpartition("/")[2]
+        return name if name in self.services else None
+
+    @property
+    def dry(self) -> bool:
+        return getattr(self.runner, "dry", False)
+
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
+        """`docker service update --image <ref:tag>[@digest] --with-registry-auth`, then follow Swarm's state."""
+        try:
+            before = steps.step("inspect", lambda: self.inspect([ref.name]))[0]
+            outcome = Outcome(old_image=before.image)
+            if digest and digest == before.digest:
+                return outcome._replace(result=State.UP_TO_DATE, new_image=before.image)
+            target = before.image.partition("@")[0] + (f"@{digest}" if digest else "")
+            steps.remember(old_image=before.image, swarm_started=before.update_started)
+            steps.step("update", lambda: self.run(["docker", "service", "update", "--detach", "--image", target,
+                                                   "--with-registry-auth", ref.name], mutates=True))
+            if self.dry:
+                return outcome._replace(result=State.DRY_RUN)
+            after = self.inspect([ref.name])[0]
+            if after.image == before.image:
+                return outcome._replace(result=State.UP_TO_DATE, new_image=after.image)
+            return self.follow(ref.name, before.update_started, outcome._replace(new_image=after.image), steps)
+        except DeployFailed as error:
+            return Outcome(reason=str(error))
+
+    def follow(self, name: str, previous: str, outcome: Outcome, steps: StepLog) -> Outcome:
+        """Follow UpdateStatus until it settles; roll back (`docker service rollback`) a paused or unhealthy one."""
+        started, delay, reason = steps.clock(), POLL_FIRST, None
+        while True:
+            service = self.inspect([name])[0]
+            state = service.update_state if service.update_started != previous else "pending"
+            limit = self.config.health_timeout * max(1, service.batches)
+            if state == "completed" and self.tasks_run(service):
+                steps.record("wait", "ok", started)
+                return outcome._replace(result=State.UPDATED, new_image=service.image)
+            if state == "rollback_completed":
+                steps.record("wait", "failed", started)
+                return outcome._replace(result=State.ROLLED_BACK, reason=reason or service.update_message)
+            if state == "rollback_paused" or (reason and steps.clock() - started > 2 * limit):
+                steps.record("wait", "failed", started)
+                return outcome._replace(reason=f"{reason or 'the rollback'}; Swarm's rollback did not finish: "
+                                               f"{service.update_message}; see docker service ps {name}")
+            if not reason and (state == "paused" or steps.clock() - started > limit):
+                reason = service.update_message if state == "paused" else f"not running after {limit:g}s"
+                log.error("%s update failed: %s; rolling back", steps.label, reason)
+                steps.step("rollback", lambda: self.run(["docker", "service", "rollback", "--detach", name],
+                                                        mutates=True))
+            steps.sleep(delay)
+            delay = min(delay * 1.5, POLL_MAX)
+
+    def tasks_run(self, service: SwarmService) -> bool:
+        """Whether every task Swarm wants running runs the service's image (and as many as its replicas)."""
+        ids = self.run(["docker", "service", "ps", "-q", "--filter", "desired-state=running", service.name],
+                       quiet=True).split()
+        tasks = json.loads(self.run(["docker", "inspect", *ids], quiet=True)) if ids else []
+        running = [t for t in tasks if (t.get("Status") or {}).get("State") == "running" and
+                   ((t.get("Spec") or {}).get("ContainerSpec") or {}).get("Image") == service.image]
+        return bool(running) and len(running) == len(tasks) and service.replicas in (None, len(running))
+
+    def recover(self, ref: ServiceRef, record: Mapping[str, object], steps: StepLog) -> Outcome:
+        """Swarm kept going without us: follow the update from where the journal says it was."""
+        outcome = Outcome(old_image=record.get("old_image"))
+        if record.get("step") in ("start", "inspect"):
+            return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was")
+        followed = self.follow(ref.name, str(record.get("swarm_started") or ""), outcome, steps)
+        return followed._replace(result=State.RECOVERED) if followed.result is State.UPDATED else followed
+
+    def engine_answers(self) -> bool:
+        try:
+            engine_version(self.config, self.runner)
+            return True
+        except ConfigError:
+            return False
+
+    def describe(self) -> List[Finding]:
+        found = [(True, f"swarm: this engine is a manager; {len(self.services)} Swarm services")]
+        for s in sorted(self.services.values()):
+            name = ServiceRef(self.kind, s.stack, s.name)
+            why = self.left_out.get(s.name)
+            found.append((True, f"Swarm service {name}: {why + ', never updated' if why else 'updates on a push of '}"
+                                f"{'' if why else s.key}"))
+        return found
+
+    def summary(self) -> str:
+        return f"swarm={','.join(sorted(self.services)) or 'no services'}"
+
+
+def enable_label_says_no(config: Config, labels: Sequence[Mapping[str, str]]) -> Optional[str]:
+    """Why the label gopdater.enable (on a service or its containers) keeps it out, or None."""
+    values = {(each.get("gopdater.enable") or "").strip().lower() for each in labels}
+    if "false" in values:
+        return "labelled gopdater.enable=false"
+    if config.label_enable and "true" not in values:
+        return "not labelled gopdater.enable=true (LABEL_ENABLE=1)"
+    return None
+
+
+def swarm_role(config: Config, runner: Runner) -> str:
+    """'manager', 'worker' or '' (not in a swarm), from `docker info`."""
+    try:
+        info = json.loads(runner(["docker", "info", "--format", "{{json .Swarm}}"], timeout=config.command_timeout,
+                                 env=config.environ, quiet=True) or "{}")
+    except (CommandError, ValueError):
+        return ""
+    if not isinstance(info, dict) or info.get("LocalNodeState") != "active":
+        return ""
+    return "manager" if info.get("ControlAvailable") else "worker"
+
+
 def discover(config: Config, runner: Runner = None, read_file: Optional[Callable[[str], str]] = None,
              cwd: Optional[str] = None) -> Target:
     """Check Docker, find Compose and the project(s) (with self-detection), validate SERVICES; raise ConfigError."""
@@ -1942,6 +2119,43 @@ def discover(config: Config, runner: Runner = None, read_file: Optional[Callable
     labels = own_labels(config, runner, read_file or _read_text)
     if config.dry_run:
         runner = DryRunner(runner)
+    swarm = swarm_target(config, runner, engine)
+    try:
+        compose, projects = compose_target(config, runner, command, version, engine, labels, cwd)
+    except ConfigError as error:
+        if swarm is None:
+            raise
+        log.warning("no Compose project is updated: %s", error)
+        compose, projects = None, []
+    check_services(config, [*projects, *([swarm] if swarm is not None else [])])
+    if compose is None or swarm is None:
+        return compose or swarm
+    return Targets([compose, swarm])
+
+
+def swarm_target(config: Config, runner: Runner, engine: str) -> Optional[SwarmServices]:
+    """The Swarm services, when SWARM is on, or auto and the engine is a manager; ConfigError for on without."""
+    if config.swarm == "off":
+        return None
+    role = swarm_role(config, runner)
+    if role != "manager":
+        if config.swarm == "on":
+            raise ConfigError(f"SWARM=on but this engine is {'a swarm worker' if role else 'not in a swarm'}: "
+                              "Swarm services are updated from a manager; run gopdater there, or set SWARM=auto")
+        if role == "worker":
+            log.warning("this engine is a swarm worker: Swarm services are updated only by a gopdater on a manager")
+        return None
+    swarm = SwarmServices(config, runner, engine)
+    try:
+        swarm.refresh()
+    except (CommandError, ValueError) as error:
+        raise ConfigError(f"the Swarm services cannot be listed ({error}): check DOCKER_HOST") from None
+    return swarm
+
+
+def compose_target(config: Config, runner: Runner, command: Sequence[str], version: str, engine: str,
+                   labels: Mapping[str, str], cwd: Optional[str]) -> Tuple[Target, List["ComposeProject"]]:
+    """The Compose project here, or with PROJECTS those on the engine; and the projects found."""
     if config.projects is not None:
         host = ComposeHost(config, command, version, engine, runner, labels)
         try:
@@ -1949,8 +2163,7 @@ def discover(config: Config, runner: Runner = None, read_file: Optional[Callable
         except (CommandError, ValueError) as error:
             raise ConfigError(f"the Compose projects on the engine cannot be listed ({error}): check DOCKER_HOST") \
                 from None
-        check_services(config, host.members)
-        return host
+        return host, host.members
     location = locate(config, labels, cwd or os.getcwd())
     project = ComposeProject(config, Compose(config, location, command, runner, compose_flavour(version) == "v2"),
                              version, engine)
@@ -1959,11 +2172,10 @@ def discover(config: Config, runner: Runner = None, read_file: Optional[Callable
     except (CommandError, ValueError) as error:
         raise ConfigError(f"Compose cannot read the project in {location.working_dir} ({error}): set COMPOSE_FILE "
                           "or run gopdater from the project directory") from None
-    check_services(config, [project])
-    return project
+    return project, [project]
 
 
-def check_services(config: Config, projects: Sequence[ComposeProject]) -> None:
+def check_services(config: Config, projects: Sequence[Target]) -> None:
     """Every SERVICES entry names exactly one service of the projects; ConfigError naming the fix if not."""
     for _, entry in config.services:
         owners = [p.name for p in projects if p.named(entry) is not None]

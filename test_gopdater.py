@@ -92,6 +92,8 @@ class FakeDocker:
         self.orders = {}  # (project, service): deploy.update_config.order in the Compose file
         self.names, self.host_ports = {}, {}  # (project, service): a fixed container_name; a published host port
         self.events = []  # (what, container, networks it was on then), for start and connect
+        self.swarm_info = {"LocalNodeState": "inactive"}
+        self.tasks = {}  # the Swarm tasks FakeSwarm makes
         self.calls, self.fail, self.lock = [], {}, threading.Lock()
         self.crash_after = None  # (argv prefix, n): gopdater is killed right after the nth such call
         self.engine_down_until = None  # fake time until which every command finds no engine
@@ -208,6 +210,10 @@ class FakeDocker:
         by_name = {c["name"]: c for c in self.containers.values()}
         if args[0] == "version":
             return "20.10.24\n"
+        if args == ["info", "--format", "{{json .Swarm}}"]:
+            return json.dumps(self.swarm_info) + "\n"
+        if args[:1] == ["service"] or (args[:1] == ["inspect"] and args[1:2] and args[1] in self.tasks):
+            return self.swarm(args)
         if args == ["ps", "-a", "-q", "--filter", "label=com.docker.compose.project"]:
             return "".join(f"{cid}\n" for cid in self.containers)
         if args[0] == "inspect":
@@ -247,6 +253,9 @@ class FakeDocker:
         if args[0] == "logs":
             return "panic: boom\n"
         raise AssertionError(f"unexpected docker call {args}")
+
+    def swarm(self, args):
+        raise AssertionError(f"unexpected swarm call {args}")
 
     def mutating_calls(self):
         """The calls that change something, in order."""
@@ -2288,6 +2297,173 @@ class StartFirstTest(unittest.TestCase):
                                  [(survivor, image, False)])
                 self.assertEqual(sorted(rig.fake.containers.values().__iter__().__next__()["networks"]),
                                  ["demo_default"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Swarm services
+# ---------------------------------------------------------------------------------------------
+
+SWARM_REF = "127.0.0.1:5000/acme/site:latest"
+DIGEST_1, DIGEST_2 = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+
+class FakeSwarm(FakeDocker):
+    """FakeDocker whose engine is also a swarm manager running the service blog_site (stack blog).
+
+    script: the UpdateStatus states an update goes through, one per `docker service inspect`; tasks:
+    whether its tasks run once an update completed ("running" or "failed").
+    """
+
+    def __init__(self, script=("updating", "completed"), tasks="running", **kwargs):
+        super().__init__(**kwargs)
+        self.swarm_info = {"LocalNodeState": "active", "ControlAvailable": True}
+        self.resolves = {SWARM_REF: DIGEST_2}  # the digest the manager finds for the tag
+        self.script, self.rollback_script, self.task_state = list(script), ["rollback_started",
+                                                                           "rollback_completed"], tasks
+        self.service = {"ID": "svc1", "Spec": {
+            "Name": "blog_site", "Labels": {"com.docker.stack.namespace": "blog"},
+            "TaskTemplate": {"ContainerSpec": {"Image": f"{SWARM_REF}@{DIGEST_1}"}},
+            "Mode": {"Replicated": {"Replicas": 2}}, "UpdateConfig": {"Parallelism": 1, "Order": "start-first"}}}
+        self.pending, self.starts = [], 0
+
+    def image(self):
+        return self.service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+
+    def swarm(self, args):
+        if args == ["service", "ls", "-q"]:
+            return "svc1\n"
+        if args[:2] == ["service", "inspect"]:
+            if self.pending:
+                state = self.pending.pop(0) if len(self.pending) > 1 else self.pending[0]
+                self.service["UpdateStatus"] = {**self.service["UpdateStatus"], "State": state,
+                                                "Message": {"paused": "update paused due to failure of task t1",
+                                                            "rollback_paused": "rollback paused"}.get(state, state)}
+                if state == "rollback_completed" and "PreviousSpec" in self.service:  # Swarm rolled back itself
+                    self.service["Spec"] = self.service.pop("PreviousSpec")
+            return json.dumps([copy.deepcopy(self.service)])
+        if args[:3] == ["service", "update", "--detach"]:
+            image = args[4] if "@" in args[4] else f"{args[4]}@{self.resolves[args[4]]}"
+            if image != self.image():
+                self.service["PreviousSpec"] = copy.deepcopy(self.service["Spec"])
+                self.service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] = image
+                self.begin(self.script)
+            return "blog_site\n"
+        if args[:3] == ["service", "rollback", "--detach"]:
+            self.begin(self.rollback_script)
+            return "blog_site\n"
+        if args[:2] == ["service", "ps"]:
+            self.tasks = {"t1": 1, "t2": 2}
+            return "t1\nt2\n"
+        if args[0] == "inspect":
+            state = self.task_state if self.service["UpdateStatus"]["State"] == "completed" else "running"
+            return json.dumps([{"ID": t, "Status": {"State": state},
+                                "Spec": {"ContainerSpec": {"Image": self.image()}}} for t in args[1:]])
+        return super().swarm(args)
+
+    def begin(self, states):
+        self.starts += 1
+        self.service["UpdateStatus"] = {"State": states[0], "StartedAt": f"t{self.starts}", "Message": ""}
+        self.pending = list(states)
+
+
+class SwarmTest(unittest.TestCase):
+    def rig(self, fake=None, **env):
+        env.setdefault("OWNER", "acme,127.0.0.1:5000/acme")
+        return Rig(self, fake or FakeSwarm(), **env)
+
+    def push(self, rig, digest=None):
+        """A push of 127.0.0.1:5000/acme/site:latest (with a digest, as GHCR, Harbor and registries send)."""
+        key = gopdater.parse_reference(SWARM_REF)
+        submitted = rig.queue.submit(gopdater.PushEvent("registry", key, digest))
+        rig.start_worker()
+        self.assertTrue(rig.queue.wait_idle(10))
+        return {d.ref.kind: d for d, _ in submitted}
+
+    def test_a_manager_finds_its_swarm_services_beside_the_compose_project(self):
+        """SWARM=auto on a manager: one push maps to the Swarm service (with its stack) and Compose services."""
+        fake = FakeSwarm(projects={"demo": {"site": SWARM_REF}})
+        rig = self.rig(fake)
+        refs = rig.project.services_for(gopdater.parse_reference(SWARM_REF))
+        self.assertEqual(refs, [gopdater.ServiceRef("compose", "demo", "site"),
+                                gopdater.ServiceRef("swarm", "blog", "blog_site")])
+        code, out = CheckTest.check(self, fake, OWNER="127.0.0.1:5000/acme")
+        self.assertIn("Swarm service blog/blog_site: updates on a push of 127.0.0.1:5000/acme/site:latest", out)
+
+    def test_an_update_runs_service_update_and_follows_swarm_to_completed(self):
+        """`docker service update --detach --image <ref> --with-registry-auth`, then UpdateStatus: updated."""
+        rig = self.rig()
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = self.push(rig)["swarm"]
+        self.assertEqual(deployment.state, "updated")
+        updates = [c for c in rig.fake.calls if c[1:3] == ["service", "update"]]
+        self.assertEqual(updates, [["docker", "service", "update", "--detach", "--image", SWARM_REF,
+                                    "--with-registry-auth", "blog_site"]])
+        view = rig.queue.views()[0]
+        self.assertEqual((view["kind"], view["project"], view["service"]), ("swarm", "blog", "blog_site"))
+
+    def test_the_pushed_digest_pins_the_update_and_a_known_one_changes_nothing(self):
+        """With the hook's digest the update names it; a digest the service already runs updates nothing."""
+        rig = self.rig()
+        with self.assertLogs("gopdater", "INFO"):
+            self.push(rig, DIGEST_2)
+        self.assertIn(["docker", "service", "update", "--detach", "--image", f"{SWARM_REF}@{DIGEST_2}",
+                       "--with-registry-auth", "blog_site"], rig.fake.calls)
+        rig.fake.calls.clear()
+        deployment = self.push(rig, DIGEST_2)["swarm"]
+        self.assertEqual(deployment.state, "up-to-date")
+        self.assertFalse([c for c in rig.fake.calls if c[1:3] == ["service", "update"]])
+
+    def test_a_replay_without_digest_restarts_nothing(self):
+        """A tag that still resolves to the running digest leaves the spec alone: up-to-date, no rollback."""
+        rig = self.rig()
+        rig.fake.resolves[SWARM_REF] = DIGEST_1
+        deployment = self.push(rig)["swarm"]
+        self.assertEqual(deployment.state, "up-to-date")
+        self.assertFalse([c for c in rig.fake.calls if c[1:3] == ["service", "rollback"]])
+
+    def test_each_way_an_update_can_end(self):
+        """rollback_completed, paused (then rolled back by gopdater), completed but not running, rollback_paused."""
+        cases = [(("updating", "rollback_started", "rollback_completed"), "running", "rolled-back", False),
+                 (("updating", "paused"), "running", "rolled-back", True),
+                 (("updating", "completed"), "failed", "rolled-back", True),
+                 (("updating", "paused"), "running", "failed", True)]
+        for script, tasks, state, rolls_back in cases:
+            with self.subTest(script=script, tasks=tasks, state=state):
+                fake = FakeSwarm(script, tasks)
+                if state == "failed":
+                    fake.rollback_script = ["rollback_started", "rollback_paused"]
+                rig = self.rig(fake, HEALTH_TIMEOUT=5)
+                with self.assertLogs("gopdater", "INFO"):
+                    deployment = self.push(rig)["swarm"]
+                self.assertEqual(deployment.state, state, deployment.error)
+                rollbacks = [c for c in rig.fake.calls if c[1:3] == ["service", "rollback"]]
+                self.assertEqual(rollbacks, [["docker", "service", "rollback", "--detach", "blog_site"]] * rolls_back)
+                if state == "rolled-back":
+                    self.assertTrue(rig.fake.image().endswith(DIGEST_1), "the old image serves")
+
+    def test_swarm_on_needs_a_manager_and_a_worker_says_so(self):
+        """SWARM=on on a non-manager stops start-up; SWARM=auto on a worker logs why nothing of Swarm updates."""
+        worker = FakeDocker()
+        worker.swarm_info = {"LocalNodeState": "active", "ControlAvailable": False}
+        with self.assertRaises(gopdater.ConfigError) as caught:
+            Rig(self, worker, SWARM="on")
+        self.assertTrue(str(caught.exception).startswith("SWARM=on but this engine is a swarm worker"))
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            Rig(self, worker)
+        self.assertIn("swarm worker", logs.output[0])
+        self.assertIsInstance(Rig(self, FakeSwarm(), SWARM="off").project, gopdater.ComposeProject)
+
+    def test_a_crash_after_the_update_call_is_followed_to_the_end_at_the_next_start(self):
+        """Killed right after `service update`, the next start follows Swarm's state and ends recovered."""
+        rig = self.rig()
+        rig.fake.crash_after = (("docker", "service", "update"), 1)
+        (deployment, _), = [x for x in rig.queue.submit(gopdater.PushEvent(
+            "registry", gopdater.parse_reference(SWARM_REF))) if x[0].ref.kind == "swarm"]
+        rig.queue.queue.remove(deployment)
+        with self.assertRaises(Crash), self.assertLogs("gopdater", "INFO"):
+            rig.queue.execute(deployment)
+        queue = CrashRecoveryTest.restart(self, rig)
+        self.assertEqual(queue.views()[0]["state"], "recovered")
 
 
 if __name__ == "__main__":
