@@ -2051,7 +2051,7 @@ class SwarmServices(Target):
         """Whether every task Swarm wants running runs the service's image (and as many as its replicas)."""
         ids = self.run(["docker", "service", "ps", "-q", "--filter", "desired-state=running", service.name],
                        quiet=True).split()
-        tasks = json.loads(self.run(["docker", "inspect", *ids], quiet=True)) if ids else []
+        tasks = json.loads(self.run(["docker", "inspect", "--type", "task", *ids], quiet=True)) if ids else []
         running = [t for t in tasks if (t.get("Status") or {}).get("State") == "running" and
                    ((t.get("Spec") or {}).get("ContainerSpec") or {}).get("Image") == service.image]
         return bool(running) and len(running) == len(tasks) and service.replicas in (None, len(running))

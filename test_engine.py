@@ -258,7 +258,8 @@ class RecordingSocketProxy(threading.Thread):
         (r"^/containers/(?!json$|create$)[^/]+$", "/containers/{id}"), (r"^/images/(?!json$|create$).+/(json|tag)$",
         r"/images/{name}/\1"), (r"^/images/(?!json$|create$|\{name\})[^/].*$", "/images/{name}"),
         (r"^/networks/(?!create$)[^/]+$", "/networks/{id}"), (r"^/volumes/(?!create$)[^/]+$", "/volumes/{name}"),
-        (r"^/distribution/.+/json$", "/distribution/{name}/json")]]
+        (r"^/distribution/.+/json$", "/distribution/{name}/json"), (r"^/tasks/(?!create$)[^/]+$", "/tasks/{id}"), (r"^/nodes/[^/]+$", "/nodes/{id}"),
+        (r"^/services/(?!create$)([^/]+)$", "/services/{id}"), (r"^/services/[^/{]+/(\w+)$", r"/services/{id}/\1")]]
 
     def __init__(self, path, upstream="/var/run/docker.sock"):
         super().__init__(daemon=True)
@@ -1147,6 +1148,184 @@ class StartFirstEngineTest(unittest.TestCase):
               file=sys.stderr)
         self.assertEqual((record["state"], poller.failed), ("rolled-back", 0))
         self.assertEqual(site_text(self.proxy_port), "acme site v1")
+
+
+class SwarmEngineTest(unittest.TestCase):
+    """Swarm on the real engine, one node: a stack with 2 replicas, start-first, a healthcheck, on an overlay
+    network, images from the local registry, polled every 20 ms by a client container on that network; a
+    Compose project on the same engine runs the same image."""
+
+    @classmethod
+    def setUpClass(cls):
+        if "v2" not in COMPOSE:
+            raise unittest.SkipTest("Compose v2 is not installed")
+        state = run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}"]).split()
+        if state[0] == "active" and state[1] != "true":
+            raise unittest.SkipTest("this engine is a swarm worker; the Swarm test needs a manager")
+        cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix=PREFIX))
+        cls.addClassCleanup(shutil.rmtree, cls.tmp, True)
+        cls.addClassCleanup(cls.cleanup)
+        cls.joined = state[0] != "active"
+        if cls.joined:
+            had_bridge = bool(run(["docker", "network", "ls", "-q", "--filter", "name=^docker_gwbridge$"]).strip())
+            cls.remove_bridge = not had_bridge
+            run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377"])
+        cls.stack, cls.network, cls.project = f"{PREFIX}stack", f"{PREFIX}net", f"{PREFIX}mixed"
+        cls.service = f"{cls.stack}_site"
+        cls.port, cls.gp_port, cls.site_port = free_port(), free_port(), free_port()
+        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
+        cls.registry.start()
+        (cls.tmp / "build").mkdir()
+        cls.images = build_site_images(cls.tmp / "build", f"{PREFIX}-ssite")
+        cls.repo = f"127.0.0.1:{cls.port}/acme/site"
+        for version, image_id in cls.images.items():
+            run(["docker", "tag", image_id, f"{cls.repo}:{version}"])
+            run(["docker", "push", f"{cls.repo}:{version}"], timeout=300)
+        cls.registry.retag("v1")
+        run(["docker", "network", "create", "-d", "overlay", "--attachable", cls.network])
+        health = {"test": ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"],
+                  "interval": "1s", "timeout": "1s", "retries": 3}
+        stack = {"version": "3.8", "networks": {"net": {"external": True, "name": cls.network}}, "services": {"site": {
+            "image": f"{cls.repo}:latest", "networks": ["net"], "healthcheck": health,
+            "deploy": {"replicas": 2, "endpoint_mode": "dnsrr", "update_config": {
+                "order": "start-first", "parallelism": 1, "failure_action": "rollback", "monitor": "5s"}}}}}
+        (cls.tmp / "stack.yml").write_text(json.dumps(stack))
+        run(["docker", "stack", "deploy", "--with-registry-auth", "-c", str(cls.tmp / "stack.yml"), cls.stack],
+            timeout=300)
+        folder = cls.tmp / cls.project
+        folder.mkdir()
+        (folder / "compose.yaml").write_text(json.dumps({"services": {"site": {
+            "image": f"{cls.repo}:latest", "ports": [f"127.0.0.1:{cls.site_port}:80"], "healthcheck": health}}}))
+        run(["docker", "compose", "-p", cls.project, "up", "-d"], cwd=folder, env=clean_env(PWD=str(folder)),
+            timeout=300)
+        cls.poller = f"{PREFIX}poller"
+        # Static busybox's wget cannot resolve names (and crashes with -T): nslookup, then wget the address.
+        loop = ("while true; do ip=$(/bin/busybox nslookup %s 2>/dev/null | /bin/busybox awk "
+                "'/^Address/ && !/:53/ {print $2; exit}'); if /bin/busybox timeout 2 /bin/busybox wget -q -O /dev/null "
+                "http://$ip/; then echo ok; else echo fail; fi; /bin/busybox usleep 20000; done" % cls.service)
+        run(["docker", "run", "-d", "--name", cls.poller, "--network", cls.network, cls.images["v1"],
+             "/bin/busybox", "sh", "-c", loop])
+        cls.wait_service("v1")
+        cls.proxy = RecordingSocketProxy(cls.tmp / "docker.sock")
+        cls.proxy.start()
+        cls.log = cls.tmp / "gopdater.log"
+        env = clean_env(OWNER=f"127.0.0.1:{cls.port}/acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1",
+                        PORT=str(cls.gp_port), HEALTH_TIMEOUT="60", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
+                        STATE_DIR=str(cls.tmp / "state"), COMPOSE_COMMAND="docker compose",
+                        COMPOSE_PROJECT_NAME=cls.project, DOCKER_HOST=f"unix://{cls.tmp / 'docker.sock'}")
+        with open(cls.log, "ab") as log:
+            cls.gopdater = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=folder, env=env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: cls.gopdater.poll() is not None or project_read(cls.gp_port), 60, "gopdater to start")
+        assert cls.gopdater.poll() is None, cls.log.read_text()
+
+    @classmethod
+    def cleanup(cls):
+        if getattr(cls, "gopdater", None):
+            stop_process(cls.gopdater)
+        if getattr(cls, "proxy", None):
+            cls.proxy.stop()
+        if getattr(cls, "stack", None):
+            run(["docker", "stack", "rm", cls.stack], check=False)
+            run(["docker", "rm", "-f", cls.poller], check=False)
+            wait_for(lambda: not run(["docker", "ps", "-aq", "--filter",
+                                      f"label=com.docker.stack.namespace={cls.stack}"], check=False).strip(),
+                     60, "the stack's containers to go")
+            wait_for(lambda: subprocess.run(["docker", "network", "rm", cls.network], capture_output=True).returncode
+                     == 0 or not run(["docker", "network", "ls", "-q", "--filter", f"name={cls.network}"],
+                                     check=False).strip(), 60, "the overlay network to go")
+            remove_project(cls.project, [f"127.0.0.1:{cls.port}/", PREFIX], list(getattr(cls, "images", {}).values()))
+        if getattr(cls, "registry", None):
+            cls.registry.stop()
+        if getattr(cls, "joined", False):
+            run(["docker", "swarm", "leave", "--force"], check=False)
+            if cls.remove_bridge:
+                run(["docker", "network", "rm", "docker_gwbridge"], check=False)
+
+    @classmethod
+    def running_images(cls):
+        ids = run(["docker", "service", "ps", "-q", "--filter", "desired-state=running", cls.service]).split()
+        tasks = json.loads(run(["docker", "inspect", "--type", "task", *ids])) if ids else []
+        return {t["Spec"]["ContainerSpec"]["Image"].partition("@")[2] for t in tasks
+                if t["Status"]["State"] == "running"}, len(tasks)
+
+    @classmethod
+    def wait_service(cls, version, timeout=120):
+        digest = http("GET", f"http://127.0.0.1:{cls.port}/v2/acme/site/manifests/{version}",
+                      headers={"Accept": MANIFEST_TYPES})[2]["Docker-Content-Digest"]
+        wait_for(lambda: cls.running_images() == ({digest}, 2), timeout, f"two tasks of {version} running")
+
+    def setUp(self):
+        """The known state: latest = v1, both replicas and the Compose service on v1."""
+        self.registry.retag("v1")
+        run(["docker", "service", "update", "--detach", "--image", f"{self.repo}:latest", "--with-registry-auth",
+             self.service])
+        self.wait_service("v1")
+        folder = self.tmp / self.project
+        run(["docker", "compose", "-p", self.project, "pull"], cwd=folder, env=clean_env(PWD=str(folder)))
+        run(["docker", "compose", "-p", self.project, "up", "-d"], cwd=folder, env=clean_env(PWD=str(folder)))
+        wait_for(lambda: site_text(self.site_port) == "acme site v1", 60, "the Compose site on v1")
+
+    def polls(self):
+        """(ok, failed) counts the client container logged so far."""
+        out = run(["docker", "logs", self.poller]).split()
+        return out.count("ok"), out.count("fail")
+
+    def push(self, version, secret=SECRET):
+        self.registry.retag(version)
+        body = json.dumps({"repository": {"repo_name": self.repo}, "push_data": {"tag": "latest"}}).encode()
+        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body,
+                                {"Authorization": f"Bearer {secret}"})
+        reply = json.loads(reply)
+        if status != 202:
+            return status, reply, {}
+
+        def ended():
+            raw = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
+                       headers={"Authorization": f"Bearer {SECRET}"})[1]
+            views = {d["kind"]: d for d in json.loads(raw)["deployments"] if d["id"] in reply.get("ids", [reply["id"]])}
+            return views if all(d["state"] not in ("queued", "running") for d in views.values()) else None
+        return status, reply, wait_for(ended, 300, "the deployments to end")
+
+    def test_a_push_updates_the_stack_with_zero_failed_requests_and_the_compose_project_too(self):
+        """v2: the Swarm service (start-first) with no failed request, and the Compose service, by one hook."""
+        before = self.polls()
+        status, reply, records = self.push("v2")
+        failed = self.polls()[1] - before[1]
+        self.assertEqual(status, 202, reply)
+        self.assertEqual({kind: r["state"] for kind, r in records.items()}, {"swarm": "updated", "compose": "updated"})
+        self.assertEqual((records["swarm"]["project"], records["swarm"]["service"]), (self.stack, self.service))
+        self.wait_service("v2", 10)
+        self.assertEqual(site_text(self.site_port), "acme site v2")
+        print(f"\n[swarm] v1 -> v2, 2 replicas start-first: {failed} failed requests of "
+              f"{self.polls()[0] - before[0] + failed} polled every 20 ms", file=sys.stderr)
+        self.assertEqual(failed, 0)
+
+    def test_a_broken_image_ends_rolled_back_and_the_previous_one_serves(self):
+        """v2, then a broken v3: Swarm's update of v3 ends rolled-back and v2 serves."""
+        self.assertEqual(self.push("v2")[2]["swarm"]["state"], "updated")
+        before = self.polls()
+        status, reply, records = self.push("v3")
+        self.assertEqual(records["swarm"]["state"], "rolled-back", records["swarm"])
+        self.wait_service("v2", 30)
+        print(f"\n[swarm] broken v3: {records['swarm']['state']} ({records['swarm']['error']}); "
+              f"{self.polls()[1] - before[1]} failed requests", file=sys.stderr)
+
+    def test_a_replay_and_a_forged_hook_change_nothing(self):
+        """The same push again restarts no task; a wrong secret is refused."""
+        tasks = run(["docker", "service", "ps", "-q", "--filter", "desired-state=running", self.service]).split()
+        status, reply, records = self.push("v1")
+        self.assertEqual(records["swarm"]["state"], "up-to-date", records["swarm"])
+        self.assertEqual(self.push("v2", secret="x" * 30)[0], 403)
+        self.assertEqual(sorted(run(["docker", "service", "ps", "-q", "--filter", "desired-state=running",
+                                     self.service]).split()), sorted(tasks))
+
+    def test_the_swarm_api_calls_are_documented_for_a_socket_proxy(self):
+        """What gopdater asked of Docker through DOCKER_HOST is in the README's list or docs/swarm.md's."""
+        self.push("v2")
+        documented = set(re.findall(r"`((?:GET|HEAD|POST|PUT|DELETE) /[^`]+)`",
+                                    (HERE / "README.md").read_text() + (HERE / "docs" / "swarm.md").read_text()))
+        self.assertLessEqual(self.proxy.calls, documented, sorted(self.proxy.calls - documented))
 
 
 class ComposeV2Test(EngineScenario, unittest.TestCase):

@@ -93,7 +93,6 @@ class FakeDocker:
         self.names, self.host_ports = {}, {}  # (project, service): a fixed container_name; a published host port
         self.events = []  # (what, container, networks it was on then), for start and connect
         self.swarm_info = {"LocalNodeState": "inactive"}
-        self.tasks = {}  # the Swarm tasks FakeSwarm makes
         self.calls, self.fail, self.lock = [], {}, threading.Lock()
         self.crash_after = None  # (argv prefix, n): gopdater is killed right after the nth such call
         self.engine_down_until = None  # fake time until which every command finds no engine
@@ -212,7 +211,7 @@ class FakeDocker:
             return "20.10.24\n"
         if args == ["info", "--format", "{{json .Swarm}}"]:
             return json.dumps(self.swarm_info) + "\n"
-        if args[:1] == ["service"] or (args[:1] == ["inspect"] and args[1:2] and args[1] in self.tasks):
+        if args[:1] == ["service"] or args[:3] == ["inspect", "--type", "task"]:
             return self.swarm(args)
         if args == ["ps", "-a", "-q", "--filter", "label=com.docker.compose.project"]:
             return "".join(f"{cid}\n" for cid in self.containers)
@@ -2352,12 +2351,11 @@ class FakeSwarm(FakeDocker):
             self.begin(self.rollback_script)
             return "blog_site\n"
         if args[:2] == ["service", "ps"]:
-            self.tasks = {"t1": 1, "t2": 2}
             return "t1\nt2\n"
-        if args[0] == "inspect":
+        if args[:3] == ["inspect", "--type", "task"]:
             state = self.task_state if self.service["UpdateStatus"]["State"] == "completed" else "running"
             return json.dumps([{"ID": t, "Status": {"State": state},
-                                "Spec": {"ContainerSpec": {"Image": self.image()}}} for t in args[1:]])
+                                "Spec": {"ContainerSpec": {"Image": self.image()}}} for t in args[3:]])
         return super().swarm(args)
 
     def begin(self, states):
