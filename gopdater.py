@@ -24,8 +24,6 @@ from __future__ import annotations
 import collections
 import enum
 import functools
-import hashlib
-import hmac
 import io
 import json
 import logging
@@ -40,6 +38,7 @@ import threading
 import time
 import types
 import urllib.parse
+from _operator import _compare_digest as compare_digest
 from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -615,15 +614,19 @@ def parse_gitea(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
                    ("package.html_url", "package.name", "package.version", ""))]
 
 
+# compare_digest is CPython's constant-time comparison: what hmac.compare_digest is in Python 3.9 (and
+# without OpenSSL since), here without importing hashlib, whose OpenSSL tables cost 0.7 MB at idle.
+
+
 def secret_in_path(secret: bytes, captured: str, headers: Mapping[str, str], body: bytes) -> bool:
     """The secret is the path segment in the place of {secret}."""
-    return hmac.compare_digest(captured.encode(), secret)
+    return compare_digest(captured.encode(), secret)
 
 
 def bearer(secret: bytes, captured: str, headers: Mapping[str, str], body: bytes) -> bool:
     """Authorization: Bearer <secret>."""
     scheme, _, token = (headers.get("Authorization") or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), secret)
+    return scheme.lower() == "bearer" and compare_digest(token.strip().encode(), secret)
 
 
 def signature(*header_prefixes: Tuple[str, str]) -> Callable[..., bool]:
@@ -632,8 +635,10 @@ def signature(*header_prefixes: Tuple[str, str]) -> Callable[..., bool]:
         for header, prefix in header_prefixes:
             given = headers.get(header)
             if given is not None:
+                import hashlib  # only for signed senders: OpenSSL's hash tables cost 0.7 MB at idle
+                import hmac
                 expected = prefix + hmac.new(secret, body, hashlib.sha256).hexdigest()
-                return hmac.compare_digest(given.strip().encode(), expected.encode())
+                return compare_digest(given.strip().encode(), expected.encode())
         return False
     return check
 
@@ -3064,8 +3069,9 @@ def listen(host: str, port: int):
                                 dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
 
 
-def start_in_background(config: Config, app: App, server: HookServer, failed: List[str]) -> None:
-    """Discover what runs here, read the journal, then start the work queue and let waiting requests through."""
+def start_then_work(config: Config, app: App, server: HookServer, failed: List[str]) -> None:
+    """The worker thread: discover what runs here, read the journal, let waiting requests through, then run
+    the work queue (one thread for both, as each thread costs the C heap an arena)."""
     try:
         target = discover(config)
     except ConfigError as error:
@@ -3079,10 +3085,10 @@ def start_in_background(config: Config, app: App, server: HookServer, failed: Li
     app.queue = WorkQueue(config, target, metrics=app.metrics, journal=journal)
     if app.queue.restore():
         log.warning("updates cut off by the last stop are recovered first")
-    threading.Thread(target=app.queue.run_forever, name="deployer", daemon=True).start()
     server.mark_ready()
     log.info("gopdater %s ready on %s:%s %s%s", __version__, *server.server_address[:2], target.summary(),
              " DRY_RUN" if config.dry_run else "")
+    app.queue.run_forever()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -3110,7 +3116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(signum, lambda *_: server.shutdown())
     log.info("gopdater %s listening on %s:%s; Docker Hub webhook URL: http://<this-host>:%s/hooks/%s******** "
              "(the rest of WEBHOOK_SECRET)", __version__, *server.server_address[:2], config.port, config.secret[:4])
-    threading.Thread(target=start_in_background, args=(config, app, server, failed), daemon=True).start()
+    threading.Thread(target=start_then_work, args=(config, app, server, failed), name="deployer",
+                     daemon=True).start()
     server.serve_forever()
     if failed:
         print(f"gopdater: {failed[0]}", file=sys.stderr)
