@@ -95,6 +95,20 @@ def project_read(port):
         return False
 
 
+def launch_gopdater(cwd, log_path, port, **settings):
+    """Start gopdater as a user would (its own process group), on this port with these settings; return it
+    once it has read what runs here."""
+    env = clean_env(**{"WEBHOOK_SECRET": SECRET, "HOST": "127.0.0.1", "PORT": str(port), "HEALTH_TIMEOUT": "30",
+                       "STOP_TIMEOUT": "5", "REFRESH_INTERVAL": "3600", "COMPOSE_COMMAND": "docker compose",
+                       **settings})
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cwd, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: process.poll() is not None or project_read(port), 60, "gopdater to read what runs here")
+    assert process.poll() is None, f"gopdater exited: {log_path.read_text()}"
+    return process
+
+
 def stop_process(process):
     """Kill a process the test started, if it still runs."""
     if process.poll() is None:
@@ -851,15 +865,8 @@ class ProjectsEngineTest(unittest.TestCase):
         for short in ("blog", "shop"):
             cls.compose(short, "up", "-d")
         cls.log = cls.tmp / "gopdater.log"
-        env = clean_env(OWNER=f"127.0.0.1:{cls.port}/acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1",
-                        PORT=str(cls.gp_port), HEALTH_TIMEOUT="30", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
-                        PROJECTS=",".join(cls.names.values()), STATE_DIR=str(cls.tmp / "state"),
-                        COMPOSE_COMMAND="docker compose")
-        with open(cls.log, "ab") as log:
-            cls.gopdater = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cls.tmp, env=env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: cls.gopdater.poll() is not None or project_read(cls.gp_port), 60, "gopdater to start")
-        assert cls.gopdater.poll() is None, cls.log.read_text()
+        cls.gopdater = launch_gopdater(cls.tmp, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme",
+                                       PROJECTS=",".join(cls.names.values()), STATE_DIR=str(cls.tmp / "state"))
 
     @classmethod
     def write_project(cls, short, services):
@@ -1068,15 +1075,9 @@ class StartFirstEngineTest(unittest.TestCase):
         cls.compose("up", "-d")
         wait_for(lambda: site_text(cls.proxy_port) == "acme site v1", 60, "the site to serve v1 through caddy")
         cls.log = cls.tmp / "gopdater.log"
-        env = clean_env(OWNER=f"127.0.0.1:{cls.port}/acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1",
-                        PORT=str(cls.gp_port), HEALTH_TIMEOUT="30", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
-                        STATE_DIR=str(cls.tmp / "state"), COMPOSE_COMMAND="docker compose",
-                        SERVICES=f"127.0.0.1:{cls.port}/acme/site=site,127.0.0.1:{cls.port}/acme/site=hostport")
-        with open(cls.log, "ab") as log:
-            cls.gopdater = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cls.folder, env=env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: cls.gopdater.poll() is not None or project_read(cls.gp_port), 60, "gopdater to start")
-        assert cls.gopdater.poll() is None, cls.log.read_text()
+        cls.gopdater = launch_gopdater(
+            cls.folder, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme", STATE_DIR=str(cls.tmp / "state"),
+            SERVICES=f"127.0.0.1:{cls.port}/acme/site=site,127.0.0.1:{cls.port}/acme/site=hostport")
 
     @classmethod
     def compose(cls, *args):
@@ -1209,15 +1210,10 @@ class SwarmEngineTest(unittest.TestCase):
         cls.proxy = RecordingSocketProxy(cls.tmp / "docker.sock")
         cls.proxy.start()
         cls.log = cls.tmp / "gopdater.log"
-        env = clean_env(OWNER=f"127.0.0.1:{cls.port}/acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1",
-                        PORT=str(cls.gp_port), HEALTH_TIMEOUT="60", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
-                        STATE_DIR=str(cls.tmp / "state"), COMPOSE_COMMAND="docker compose",
-                        COMPOSE_PROJECT_NAME=cls.project, DOCKER_HOST=f"unix://{cls.tmp / 'docker.sock'}")
-        with open(cls.log, "ab") as log:
-            cls.gopdater = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=folder, env=env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: cls.gopdater.poll() is not None or project_read(cls.gp_port), 60, "gopdater to start")
-        assert cls.gopdater.poll() is None, cls.log.read_text()
+        cls.gopdater = launch_gopdater(
+            folder, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme", HEALTH_TIMEOUT="60",
+            STATE_DIR=str(cls.tmp / "state"), COMPOSE_PROJECT_NAME=cls.project,
+            DOCKER_HOST=f"unix://{cls.tmp / 'docker.sock'}")
 
     @classmethod
     def cleanup(cls):
