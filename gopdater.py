@@ -1354,7 +1354,11 @@ class Target:
         raise NotImplementedError
 
     def describe(self) -> List[Finding]:
-        """What this target is and what would update, one finding per line."""
+        """What this target is and what would update, one finding per line (for --check)."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """What this target is, in one line (for the start-up log)."""
         raise NotImplementedError
 
 
@@ -3051,6 +3055,9 @@ def run_check(config: Config, runner: Runner = None, out=None) -> int:
                            f"{config.secret[:4]}{'*' * 8} (the full secret is WEBHOOK_SECRET)")]
         if config.dry_run:
             findings.append((True, "DRY_RUN is on: deployments log their commands and run none"))
+        if config.swarm != "off" and swarm_role(config, runner or run_command) == "worker":
+            findings.append((True, "swarm: this engine is a worker; Swarm services are updated only by a "
+                                   "gopdater on a manager"))
         findings.append(state_finding(config))
     for ok, text in findings:
         print(f"{'ok  ' if ok else 'FAIL'} {text}", file=out)

@@ -2453,6 +2453,10 @@ class SwarmTest(unittest.TestCase):
         with self.assertLogs("gopdater", "WARNING") as logs:
             Rig(self, worker)
         self.assertIn("swarm worker", logs.output[0])
+        with self.assertLogs("gopdater", "WARNING"):
+            code, out = CheckTest.check(self, worker)
+        self.assertIn("ok   swarm: this engine is a worker; Swarm services are updated only by a gopdater on a "
+                      "manager", out)
         self.assertIsInstance(Rig(self, FakeSwarm(), SWARM="off").project, gopdater.ComposeProject)
 
     def test_a_crash_after_the_update_call_is_followed_to_the_end_at_the_next_start(self):
