@@ -1845,8 +1845,12 @@ class Targets(Target):
         return all(member.engine_answers() for member in self.members)
 
     def refresh(self) -> None:
+        """Re-read each member; one that cannot be read keeps its last view and does not stop the others."""
         for member in self.members:
-            member.refresh()
+            try:
+                member.refresh()
+            except (CommandError, ValueError) as error:
+                log.warning("could not re-read %s: %s", type(member).__name__, error)
 
     def describe(self) -> List[Finding]:
         return [finding for member in self.members for finding in member.describe()]

@@ -1692,7 +1692,7 @@ class HTTPServerTest(unittest.TestCase):
     def test_pipelined_requests_are_answered_in_order(self):
         """Two requests sent at once on one connection get two answers, in order."""
         self.start()
-        wrong = f"POST /hooks/wrong-secret-0123456789 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}"
+        wrong = "POST /hooks/wrong-secret-0123456789 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
         last = "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n"
         with self.assertLogs("gopdater", "INFO"):
             answer = self.raw((wrong + last).encode())
