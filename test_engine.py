@@ -1316,6 +1316,14 @@ class SwarmEngineTest(unittest.TestCase):
         self.assertEqual(sorted(run(["docker", "service", "ps", "-q", "--filter", "desired-state=running",
                                      self.service]).split()), sorted(tasks))
 
+    def test_the_example_stack_file_runs_gopdater_on_a_manager(self):
+        """docs/stack.yml is a valid stack file (docker stack config) that places gopdater on a manager."""
+        out = run(["docker", "stack", "config", "-c", str(HERE / "docs" / "stack.yml")],
+                  env={**os.environ, "OWNER": "acme", "WEBHOOK_SECRET": SECRET})
+        self.assertIn("node.role == manager", out)
+        self.assertIn("/var/run/docker.sock", out)
+        self.assertIn('SWARM: "on"', out)
+
     def test_the_swarm_api_calls_are_documented_for_a_socket_proxy(self):
         """What gopdater asked of Docker through DOCKER_HOST is in the README's list or docs/swarm.md's."""
         self.push("v2")
