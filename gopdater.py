@@ -1467,6 +1467,12 @@ def locate(config: Config, labels: Mapping[str, str], cwd: str) -> ComposeLocati
     return ComposeLocation(name, name_source, compose_file, file_source, directory, dir_source, own_service)
 
 
+def default_project_name(folder: str) -> str:
+    """The name Compose gives a project by default: its folder's, in lower case, letters and digits kept."""
+    name = re.sub(r"[^a-z0-9_-]", "", os.path.basename(folder.rstrip("/")).lower()).lstrip("_-")
+    return name or "default"
+
+
 COMPOSE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*[-_][a-zA-Z0-9][a-zA-Z0-9._-]*[-_][0-9]+", re.ASCII)
 
 
@@ -1497,9 +1503,10 @@ class ComposeProject(Target):
 
     @property
     def name(self) -> str:
-        """The project's name: as set, else as its containers' labels say."""
+        """The project's name: as set, else as its containers' labels say, else as Compose names it by default."""
         labels = sorted({c.project for cs in self.containers.values() for c in cs})
-        return self.docker.location.project_name or ", ".join(labels) or DEFAULT
+        return self.docker.location.project_name or ", ".join(labels) or default_project_name(
+            self.docker.location.working_dir)
 
     def refresh(self) -> None:
         """Re-read the project (`compose config --services`, `compose ps`, `docker inspect`)."""

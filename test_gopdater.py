@@ -826,6 +826,16 @@ class DiscoveryTest(unittest.TestCase):
         self.assertEqual(project.services, ("site",))
         self.assertEqual(project.services_for(ImageKey("docker.io", "acme/site", "latest")), [SITE])
 
+    def test_a_project_with_no_container_yet_is_named_as_compose_names_it(self):
+        """No container and no COMPOSE_PROJECT_NAME: the folder's name, as Compose derives it."""
+        fake = FakeDocker()
+        fake.containers.clear()
+        project = gopdater.discover(make_config(SERVICES="acme/site=site"), fake, read_file=lambda path: "",
+                                    cwd="/srv/My_Site.v2")
+        self.assertEqual(project.name, "my_sitev2")
+        self.assertEqual(project.services_for(ImageKey("docker.io", "acme/site", "latest")),
+                         [gopdater.ServiceRef("compose", "my_sitev2", "site")])
+
     def test_mapping_matches_only_the_same_registry_repository_and_tag(self):
         """docker.io/acme/site:latest matches; ghcr.io/acme/site:latest, another tag or repo do not."""
         rig = Rig(self)
