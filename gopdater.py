@@ -703,7 +703,6 @@ FORBIDDEN = refusal(HTTPStatus.FORBIDDEN, "forbidden")
 class Request(NamedTuple):
     """A request whose head has passed routing, method and size checks; its body may still be coming."""
 
-    method: str
     sender: Optional[Sender]  # None for the GET endpoints
     endpoint: str
     captured: str
@@ -774,7 +773,7 @@ class App:
         length = body_length(method, headers)
         if isinstance(length, Response):
             return length
-        return Request(method, sender, endpoint, captured, headers, length)
+        return Request(sender, endpoint, captured, headers, length)
 
     def finish(self, request: Request, body: bytes) -> Response:
         """Answer a request whose body has arrived."""
@@ -1521,14 +1520,11 @@ class ComposeProject(Target):
             key = parse_reference(containers[0].image)
             if key is not None:
                 images[service] = key
-        left_out = {service: why for service in services if (why := self.label_says_no(by_service.get(service, [])))}
+        left_out = {service: why for service in services if (why := enable_label_says_no(
+            self.config, [c.labels for c in by_service.get(service, [])]))}
         self.services, self.images, self.containers, self.left_out = services, images, by_service, left_out
         self.start_first = {s for s in services if configured[s] == "start-first" or any(
             c.labels.get("gopdater.order", "").strip() == "start-first" for c in by_service.get(s, []))}
-
-    def label_says_no(self, containers: Sequence[Container]) -> Optional[str]:
-        """Why the label gopdater.enable on a service's containers keeps it out, or None."""
-        return enable_label_says_no(self.config, [c.labels for c in containers])
 
     def services_for(self, image: ImageKey) -> List[ServiceRef]:
         """Services that run this image: by SERVICES when set, else by what the project runs."""
@@ -1764,11 +1760,7 @@ class ComposeProject(Target):
             return False
 
     def engine_answers(self) -> bool:
-        try:
-            engine_version(self.config, self.docker.runner)
-            return True
-        except ConfigError:
-            return False
+        return engine_answers(self.config, self.docker.runner)
 
     def remove_old_image(self, image_id: str, steps: StepLog) -> None:
         """Remove the replaced image; keep it, with a log line, if Docker says it is still in use."""
@@ -2085,11 +2077,7 @@ class SwarmServices(Target):
         return followed._replace(result=State.RECOVERED) if followed.result is State.UPDATED else followed
 
     def engine_answers(self) -> bool:
-        try:
-            engine_version(self.config, self.runner)
-            return True
-        except ConfigError:
-            return False
+        return engine_answers(self.config, self.runner)
 
     def describe(self) -> List[Finding]:
         found = [(True, f"swarm: this engine is a manager; {len(self.services)} Swarm services")]
@@ -2217,6 +2205,15 @@ def engine_version(config: Config, runner: Runner) -> str:
         raise ConfigError("the Docker engine does not answer (docker version: "
                           f"{error.tail or error.code}): start Docker, mount /var/run/docker.sock, "
                           "or set DOCKER_HOST") from None
+
+
+def engine_answers(config: Config, runner: Runner) -> bool:
+    """Whether the Docker engine answers `docker version`."""
+    try:
+        engine_version(config, runner)
+        return True
+    except ConfigError:
+        return False
 
 
 def own_labels(config: Config, runner: Runner, read_file: Callable[[str], str]) -> Mapping[str, str]:
