@@ -27,6 +27,7 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 EXPOSE 8080
 STOPSIGNAL SIGTERM
+# With TLS_CERT set, PORT serves HTTPS only: the check speaks it too (to itself, so unverified).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8080'), timeout=4)"]
+    CMD ["python3", "-c", "import os, ssl, urllib.request as u; tls = bool(os.environ.get('TLS_CERT')); c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE; u.urlopen(('https' if tls else 'http') + '://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8080'), timeout=4, context=c if tls else None)"]
 CMD ["python3", "-m", "gopdater"]

@@ -21,15 +21,16 @@ Standard library only; Python 3.9 or newer.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
 import functools
+import hmac
 import io
 import json
 import logging
 import os
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -38,7 +39,6 @@ import threading
 import time
 import types
 import urllib.parse
-from _operator import _compare_digest as compare_digest
 from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -283,6 +283,9 @@ SETTINGS = (
             _required(parse_secret, SECRET_FIX), "secret"),
     Setting("HOST", "0.0.0.0", "address to listen on", as_text),
     Setting("PORT", "8080", "port to listen on", number(0, integer=True, maximum=65535)),
+    Setting("TLS_CERT", None, "PEM certificate file (the chain may follow it); with TLS_KEY, PORT serves HTTPS "
+            "only, TLS 1.2 or newer, and replaced files are used within 60 s", as_text),
+    Setting("TLS_KEY", None, "PEM private key file of TLS_CERT", as_text),
     Setting("COMPOSE_FILE", None, "Compose file(s), as Compose reads this variable", as_text),
     Setting("COMPOSE_PROJECT_NAME", None, "Compose project name, as Compose reads this variable",
             _optional(parse_project_name), "project_name"),
@@ -331,6 +334,8 @@ class Config(NamedTuple):
     secret: str
     host: str
     port: int
+    tls_cert: Optional[str]
+    tls_key: Optional[str]
     compose_file: Optional[str]
     project_name: Optional[str]
     compose_command: str
@@ -406,6 +411,8 @@ def load_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> Co
         text = flags.get(setting.name, environ.get(setting.name))
         text = setting.default if text is None or not text.strip() else text.strip()
         values[setting.attribute] = setting.parse(setting.name, text)
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        raise ConfigError("TLS_CERT and TLS_KEY go together: set both for HTTPS, or neither for HTTP")
     return Config(**values, environ=types.MappingProxyType(dict(environ)), check=check)
 
 
@@ -608,42 +615,47 @@ def parse_gitea(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
     version = get_field(data, "package.version")
     if DIGEST_RE.fullmatch(version):
         raise Ignored("no tag: pushed by digest")
-    host = urllib.parse.urlsplit(get_field(data, "package.html_url")).netloc
+    try:
+        host = urllib.parse.urlsplit(get_field(data, "package.html_url")).netloc
+    except ValueError:  # e.g. an unclosed [ in the host
+        raise PayloadError("package.html_url") from None
     owner = get_field(data, "package.owner.login")
     return [pushed("gitea", host, f"{owner.lower()}/{get_field(data, 'package.name')}", version, None,
                    ("package.html_url", "package.name", "package.version", ""))]
 
 
-# compare_digest is CPython's constant-time comparison: what hmac.compare_digest is in Python 3.9 (and
-# without OpenSSL since), here without importing hashlib, whose OpenSSL tables cost 0.7 MB at idle.
-
-
 def secret_in_path(secret: bytes, captured: str, headers: Mapping[str, str], body: bytes) -> bool:
     """The secret is the path segment in the place of {secret}."""
-    return compare_digest(captured.encode(), secret)
+    return hmac.compare_digest(captured.encode(), secret)
 
 
 def bearer(secret: bytes, captured: str, headers: Mapping[str, str], body: bytes) -> bool:
     """Authorization: Bearer <secret>."""
     scheme, _, token = (headers.get("Authorization") or "").partition(" ")
-    return scheme.lower() == "bearer" and compare_digest(token.strip().encode(), secret)
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), secret)
 
 
-def signature(*header_prefixes: Tuple[str, str]) -> Callable[..., bool]:
+class Credential(NamedTuple):
+    """How a sender proves itself: a check of (secret, captured path part, headers, body), and whether the
+    head alone decides it (then a wrong one is refused before its body is read)."""
+
+    check: Callable[[bytes, str, Mapping[str, str], bytes], bool]
+    in_head: bool
+
+
+def signature(*header_prefixes: Tuple[str, str]) -> Credential:
     """HMAC-SHA256 of the raw body, hex, under the first of these (header, prefix) pairs that is present."""
     def check(secret: bytes, captured: str, headers: Mapping[str, str], body: bytes) -> bool:
         for header, prefix in header_prefixes:
             given = headers.get(header)
             if given is not None:
-                import hashlib  # only for signed senders: OpenSSL's hash tables cost 0.7 MB at idle
-                import hmac
-                expected = prefix + hmac.new(secret, body, hashlib.sha256).hexdigest()
-                return compare_digest(given.strip().encode(), expected.encode())
+                expected = prefix + hmac.new(secret, body, "sha256").hexdigest()
+                return hmac.compare_digest(given.strip().encode(), expected.encode())
         return False
-    return check
+    return Credential(check, in_head=False)
 
 
-Authenticator = Callable[[bytes, str, Mapping[str, str], bytes], bool]
+SECRET_IN_PATH, BEARER = Credential(secret_in_path, in_head=True), Credential(bearer, in_head=True)
 
 
 class Sender(NamedTuple):
@@ -651,7 +663,7 @@ class Sender(NamedTuple):
 
     name: str
     path: str  # "{secret}" stands for a path segment that must be the secret
-    authenticate: Authenticator
+    authenticate: Credential
     parse: Callable[[dict, Mapping[str, str]], List[PushEvent]]
     content_types: Optional[FrozenSet[str]] = None  # None: any
     # A Distribution registry retries a refused delivery forever and holds back later events.
@@ -659,15 +671,15 @@ class Sender(NamedTuple):
 
 
 SENDERS = (
-    Sender("dockerhub", "/hooks", bearer, parse_dockerhub),
+    Sender("dockerhub", "/hooks", BEARER, parse_dockerhub),
     Sender("ghcr", "/hooks/ghcr", signature(("X-Hub-Signature-256", "sha256=")), parse_ghcr),
-    Sender("harbor", "/hooks/harbor", bearer, parse_harbor),
-    Sender("registry", "/hooks/registry", bearer, parse_distribution, DISTRIBUTION_CONTENT_TYPES, True),
+    Sender("harbor", "/hooks/harbor", BEARER, parse_harbor),
+    Sender("registry", "/hooks/registry", BEARER, parse_distribution, DISTRIBUTION_CONTENT_TYPES, True),
     Sender("gitea", "/hooks/gitea", signature(("X-Gitea-Signature", ""), ("X-Forgejo-Signature", ""),
                                               ("X-Hub-Signature-256", "sha256=")), parse_gitea),
-    Sender("acr", "/hooks/acr", bearer, parse_acr),
-    Sender("dockerhub", "/hooks/{secret}", secret_in_path, parse_dockerhub),
-    Sender("quay", "/hooks/{secret}/quay", secret_in_path, parse_quay),
+    Sender("acr", "/hooks/acr", BEARER, parse_acr),
+    Sender("dockerhub", "/hooks/{secret}", SECRET_IN_PATH, parse_dockerhub),
+    Sender("quay", "/hooks/{secret}/quay", SECRET_IN_PATH, parse_quay),
 )
 FIXED_ROUTES = {s.path: s for s in SENDERS if "{secret}" not in s.path}
 SECRET_ROUTES = [(s.path.split("/")[:s.path.split("/").index("{secret}")],
@@ -701,19 +713,22 @@ FORBIDDEN = refusal(HTTPStatus.FORBIDDEN, "forbidden")
 
 
 class Request(NamedTuple):
-    """A request whose head has passed routing, method and size checks; its body may still be coming."""
+    """A request whose head has been judged: refused already, or its body (length bytes) still to come."""
 
     sender: Optional[Sender]  # None for the GET endpoints
     endpoint: str
     captured: str
     headers: Mapping[str, str]
-    length: int
+    length: int  # -1 when the body cannot be delimited (the connection must close after the answer)
+    verified: bool = False  # authenticated from the head already, so its body may be held
+    refused: Optional[Response] = None  # the answer, given without reading the body
 
 
 def route(path: str) -> Tuple[Optional[Sender], str, str]:
     """(sender, endpoint, captured secret) for a path; fixed paths win over the {secret} ones."""
-    if "?" in path or "#" in path:
-        path = urllib.parse.urlsplit(path).path
+    if path.startswith(("http://", "https://")):  # the absolute form, as a proxy may send it
+        path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+    path = path.split("?", 1)[0].split("#", 1)[0]
     if len(path) > 1:
         path = path.rstrip("/")
     if path in GET_ENDPOINTS:
@@ -729,18 +744,23 @@ def route(path: str) -> Tuple[Optional[Sender], str, str]:
     return None, "", ""
 
 
+CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,7}", re.ASCII)  # int() is never given more (nor '²', which isdigit)
+
+
 def body_length(method: str, headers: Mapping[str, str]) -> Union[int, Response]:
     """The body's length from Content-Length, or the refusal: 411 (none, or chunked), 400, 413."""
-    length = headers.get("Content-Length")
-    if headers.get("Transfer-Encoding") or (length is None and method == "POST"):
+    values = {v.strip() for v in getattr(headers, "get_all", lambda name: None)("Content-Length") or ()}
+    if headers.get("Transfer-Encoding") or (not values and method == "POST"):
         return refusal(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-    if length is None:
+    if not values:
         return 0
-    if not length.strip().isdigit():
+    length = values.pop()
+    if values or not length.isascii() or not length.isdigit():
         return refusal(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
-    if int(length) > MAX_BODY_BYTES:
+    digits = length.lstrip("0") or "0"
+    if not CONTENT_LENGTH_RE.fullmatch(digits) or int(digits) > MAX_BODY_BYTES:
         return refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is over 1 MiB")
-    return int(length)
+    return int(digits)
 
 
 def decode(body: bytes) -> Union[dict, Response]:
@@ -762,18 +782,24 @@ class App:
         self.metrics = metrics or Metrics()
         self.secret = config.secret.encode()
 
-    def begin(self, method: str, path: str, headers: Mapping[str, str]) -> Union[Request, Response]:
-        """Route, method and size: what can be judged before the body is read."""
+    def begin(self, method: str, path: str, headers: Mapping[str, str]) -> Request:
+        """Route, size, method and a credential in the head: what can be judged before the body is read."""
         sender, endpoint, captured = route(path)
-        allowed = "POST" if sender else ("GET" if endpoint else None)
-        if allowed is None:
-            return NOT_FOUND
-        if method != allowed:
-            return refusal(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", (("Allow", allowed),))
         length = body_length(method, headers)
-        if isinstance(length, Response):
-            return length
-        return Request(sender, endpoint, captured, headers, length)
+        verified = sender is not None and sender.authenticate.in_head
+        allowed = "POST" if sender else ("GET" if endpoint else None)
+        refused = None
+        if allowed is None:
+            refused = NOT_FOUND
+        elif method != allowed:
+            refused = refusal(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", (("Allow", allowed),))
+        elif isinstance(length, Response):
+            refused = length
+        elif verified and not sender.authenticate.check(self.secret, captured, headers, b""):
+            self.metrics.hook(sender.name, HTTPStatus.FORBIDDEN)
+            refused = FORBIDDEN
+        return Request(sender, endpoint, captured, headers, length if isinstance(length, int) else -1, verified,
+                       refused)
 
     def finish(self, request: Request, body: bytes) -> Response:
         """Answer a request whose body has arrived."""
@@ -786,14 +812,15 @@ class App:
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Response:
         """begin, then finish: the whole pipeline for a request already read."""
         request = self.begin(method, path, headers)
-        return request if isinstance(request, Response) else self.finish(request, body)
+        return request.refused or self.finish(request, body)
 
     def hook(self, sender: Sender, request: Request, body: bytes) -> Response:
         """Authenticate, decode, parse, then owner, mapping and queueing."""
-        if not sender.authenticate(self.secret, request.captured, request.headers, body):
+        if not request.verified and not sender.authenticate.check(self.secret, request.captured, request.headers,
+                                                                  body):
             return FORBIDDEN
-        content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if sender.content_types is not None and content_type not in sender.content_types:
+        if sender.content_types is not None and (request.headers.get("Content-Type") or "").split(";")[0].strip(
+                ).lower() not in sender.content_types:
             return refusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported Content-Type")
         data = decode(body)
         if isinstance(data, Response):
@@ -2627,13 +2654,33 @@ class Metrics:
 
 
 # ==========================================================================================
-# The HTTP transport: one selector loop that buffers requests and parses heads with http.server
+# The HTTP transport: asyncio, one protocol object per connection, heads parsed by http.server
 # ==========================================================================================
+#
+# What bounds what (test_hostile.py tries each as an attacker would):
+# - A connection keeps at most one request's head (16 KiB) or body (1 MiB) plus one read (64 KiB):
+#   it is not read from while a whole request of it waits for its turn or for start-up, or while
+#   the answers already written are not being read (asyncio's write buffer above WRITE_HIGH_WATER).
+# - A turn does at most TURN_STEPS steps for one connection, then the loop serves the others: a
+#   client pipelining thousands of requests delays everyone else by one turn (well under 1 ms).
+# - Bodies read before they can be authenticated (signed senders, and GET bodies) share
+#   UNVERIFIED_BODY_BYTES; beyond it a request is answered 503 before its body is read.
+# - REQUEST_TIMEOUT bounds a TLS handshake, a request from its first byte, an idle keep-alive and a
+#   client that stopped reading; MAX_CONNECTIONS bounds how many (the least recently active goes).
+# - Whatever goes wrong with one connection ends that connection only: 400 for what http.server's
+#   parser refuses, 500 for a bug (its traceback logged once a minute), never an exception that
+#   leaves the loop.
 
 REJECT_LOG_INTERVAL = 60.0
 DRAIN_SECONDS = 2.0
 STARTUP_WAIT = 5.0
 SWEEP_SECONDS = 0.1
+READ_BYTES = 64 * 1024
+WRITE_HIGH_WATER = 64 * 1024
+TURN_STEPS = 8
+UNVERIFIED_BODY_BYTES = 8 * 1024 * 1024
+TLS_RELOAD_SECONDS = 10.0
+TLS_EXPIRY_WARNING_DAYS = 14
 SECRET_PATH_RE = re.compile(r"/hooks/(?!(?:" + "|".join(
     re.escape(s.path.split("/")[2]) for s in SENDERS if s.path.count("/") == 2 and "{" not in s.path)
     + r")\b)[^/\s?\"]+")
@@ -2646,49 +2693,59 @@ def redact(text: str, secret: str) -> str:
 
 
 class RejectLog:
-    """Logs the first rejected request of each interval, then one summary line with counts."""
+    """Per kind of refusal (its status code): the first of each interval logged in full, then one count."""
 
     def __init__(self, interval: float = REJECT_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic):
         self.interval, self.clock = interval, clock
         self.lock = threading.Lock()
-        self.window_start: Optional[float] = None
-        self.counts: collections.Counter = collections.Counter()
+        self.windows: Dict[int, List[float]] = {}  # status: [window start, refusals counted since]
+        self.due = float("inf")  # when the oldest window ends
 
-    def note(self, status: int, line: Callable[[], str]) -> None:
-        """Count a rejection; line() is called only for the one that is logged in full."""
+    def note(self, status: int, line: Callable[[], str], trace: bool = False) -> None:
+        """Count a refusal; line() is called only for the one logged in full (with trace, its traceback)."""
         with self.lock:
-            self._flush_locked()
-            if self.window_start is None:
-                self.window_start = self.clock()
-                log.warning("rejected %s (further rejections are counted for %ds)", line(), self.interval)
-            else:
-                self.counts[status] += 1
+            if self.clock() >= self.due:
+                self._flush_locked()
+            window = self.windows.get(status)
+            if window is not None:
+                window[1] += 1
+                return
+            self.windows[status] = [self.clock(), 0]
+            self.due = min(self.due, self.clock() + self.interval)
+        log.log(logging.ERROR if trace else logging.WARNING, "rejected %s (further %s answers are counted for "
+                "%ds)", line(), status, self.interval, exc_info=trace)
 
     def flush(self, force: bool = False) -> None:
         with self.lock:
             self._flush_locked(force)
 
     def _flush_locked(self, force: bool = False) -> None:
-        if self.window_start is None or (not force and self.clock() - self.window_start < self.interval):
-            return
-        if self.counts:
-            detail = ", ".join(f"{code}: {n}" for code, n in sorted(self.counts.items()))
-            log.warning("rejected %d more requests in the last %ds (%s)", sum(self.counts.values()),
-                        round(self.clock() - self.window_start), detail)
-        self.window_start, self.counts = None, collections.Counter()
-
-
-ENCODED: Dict[Tuple[int, bool], bytes] = {}
+        now = self.clock()
+        for status, (started, count) in sorted(self.windows.items()):
+            if force or now - started >= self.interval:
+                if count:
+                    log.warning("rejected %d more requests in the last %ds (%s: %d)", count, round(now - started),
+                                status, count)
+                del self.windows[status]
+        self.due = min((started for started, _ in self.windows.values()), default=float("inf")) + self.interval
 
 
 def encode(response: Response, keep_alive: bool) -> bytes:
     """A complete HTTP/1.1 response: short JSON (or the metrics text) and fixed headers."""
-    key = (id(response), keep_alive)
-    if key in ENCODED:
-        return ENCODED[key]
-    if response.status >= 400 and refusal(response.status, response.payload["reason"], response.headers) is response:
-        ENCODED[key] = encode(Response(*response), keep_alive)  # the refusals live as long as the process
-        return ENCODED[key]
+    if response.status >= 400 and isinstance(response.payload, dict) and response.payload.keys() == {"status", "reason"}:
+        return encode_refusal(response.status, response.payload["reason"], response.headers, keep_alive)
+    return encode_now(response, keep_alive)
+
+
+@functools.lru_cache(maxsize=256)
+def encode_refusal(status: HTTPStatus, reason: str, headers: Tuple[Tuple[str, str], ...], keep_alive: bool) -> bytes:
+    """A flood is answered with a few fixed refusals: each is encoded once, which is about 5 us of the
+    40 us a refused request costs here (bench/README.md)."""
+    return encode_now(refusal(status, reason, headers), keep_alive)
+
+
+def encode_now(response: Response, keep_alive: bool) -> bytes:
+    """encode() without the cache."""
     if isinstance(response.payload, str):
         body, kind = response.payload.encode(), "text/plain; version=0.0.4; charset=utf-8"
     else:
@@ -2700,21 +2757,6 @@ def encode(response: Response, keep_alive: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-HEAD_CACHE_SIZE, HEAD_CACHE_BYTES = 64, 1024
-
-
-def parse_head(head: bytes, cache: Dict[bytes, object]):
-    """http.server's parse of a head; a small head seen lately is not parsed again (floods repeat themselves)."""
-    parsed = cache.get(head)
-    if parsed is None:
-        parsed = head_parser()(head)
-        if len(head) <= HEAD_CACHE_BYTES:
-            if len(cache) >= HEAD_CACHE_SIZE:
-                cache.clear()
-            cache[head] = parsed
-    return parsed
-
-
 @functools.lru_cache(maxsize=None)
 def head_parser() -> type:
     """http.server's request handler, made to parse a head already read and write nothing."""
@@ -2724,7 +2766,7 @@ def head_parser() -> type:
         protocol_version = "HTTP/1.1"
 
         def __init__(self, head: bytes):  # pylint: disable=super-init-not-called
-            self.rfile, self.wfile = io.BytesIO(head), io.BytesIO()
+            self.rfile, self.wfile = io.BytesIO(head), None  # send_error is replaced: nothing is written
             self.error, self.expects_continue, self.command = None, False, None
             self.raw_requestline = self.rfile.readline(MAX_HEADER_BYTES + 1)
             self.valid = self.parse_request()
@@ -2739,296 +2781,439 @@ def head_parser() -> type:
     return HeadParser
 
 
-class Connection:
-    """One client connection: the bytes read so far, the answer not yet sent, and where it stands."""
+# -- TLS: a context that follows its files when certbot or a proxy's ACME client replaces them ----
 
-    __slots__ = ("sock", "peer", "buffer", "out", "request", "first_line", "keep_alive", "skip", "closing",
-                 "drain", "waiting", "deadline")
 
-    def __init__(self, sock: socket.socket, peer: str, deadline: float):
-        self.sock, self.peer, self.deadline = sock, peer, deadline
-        self.buffer, self.out = bytearray(), bytearray()
-        self.request: Optional[Request] = None
-        self.first_line, self.keep_alive, self.skip = "", False, 0
-        self.closing = False  # answered for the last time; anything more the client sends is dropped
-        self.drain = False  # after the last answer, read and drop what the client still sends, then close
-        self.waiting: Optional[Tuple[Request, bytes, float]] = None  # a request held until start-up is done
+def certificate_expiry(pem: str) -> datetime:
+    """The notAfter of the first certificate in PEM text. The ssl module decodes only a verified peer's
+    certificate, so this walks the DER: Certificate, tbsCertificate, then its fifth field, validity."""
+    import ssl
+    block = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL)
+    if block is None:
+        raise ValueError("no PEM certificate in it")
+    der = ssl.PEM_cert_to_DER_cert(block.group(0))
+
+    def element(at: int) -> Tuple[int, int, int]:  # (tag, where its content starts, where it ends)
+        tag, size, at = der[at], der[at + 1], at + 2
+        if size & 0x80:
+            size, at = int.from_bytes(der[at:at + (size & 0x7F)], "big"), at + (size & 0x7F)
+        return tag, at, at + size
+
+    _, tbs, _ = element(element(0)[1])
+    tag, _, end = element(tbs)
+    at = end if tag == 0xA0 else tbs  # the optional [0] version
+    for _ in range(3):  # serialNumber, signature, issuer
+        at = element(at)[2]
+    _, validity, _ = element(at)
+    tag, start, end = element(element(validity)[2])  # notAfter, after notBefore
+    text = der[start:end].decode("ascii")
+    return datetime.strptime(text, "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ").replace(tzinfo=timezone.utc)
+
+
+class TLSFiles:
+    """TLS_CERT and TLS_KEY as server contexts: each handshake gets the newest pair that loaded."""
+
+    def __init__(self, cert: str, key: str):
+        self.cert, self.key = cert, key
+        self.stamp, self.current = self.files_stamp(), self.load()  # raises OSError, ValueError, ssl.SSLError
+        self.refused: Optional[tuple] = None  # the stamp of files that failed to load, warned about once
+        self.listening = self.load()
+        self.listening.sni_callback = self.choose
+
+    def load(self):
+        """A TLS 1.2+ server context with the files as they are now; raises if they do not make a pair."""
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+    def choose(self, connection, server_name: Optional[str], context) -> None:
+        """OpenSSL calls this during every handshake (with or without SNI): use the newest context."""
+        connection.context = self.current
+
+    def files_stamp(self) -> tuple:
+        stats = [os.stat(path) for path in (self.cert, self.key)]
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+    def expiry(self) -> datetime:
+        with open(self.cert, encoding="ascii", errors="replace") as handle:
+            return certificate_expiry(handle.read())
+
+    def reload(self) -> bool:
+        """Load the files again if they changed; keep the old pair (with one warning) if they do not load."""
+        try:
+            stamp = self.files_stamp()
+        except OSError:  # a file is being replaced: look again at the next check
+            return False
+        if stamp in (self.stamp, self.refused):
+            return False
+        try:
+            self.current = self.load()
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            self.refused = stamp
+            log.warning("the TLS files changed but do not load as a pair (%s); keeping the previous certificate",
+                        error)
+            return False
+        self.stamp, self.refused = stamp, None
+        log.info("TLS certificate reloaded from %s", self.cert)
+        return True
+
+
+def tls_problem(cert: str, key: str, now: Optional[datetime] = None) -> Finding:
+    """Whether the pair loads, and when the certificate expires (a warning within 14 days)."""
+    try:
+        expires = TLSFiles(cert, key).expiry()
+    except (OSError, ValueError) as error:
+        return False, (f"TLS_CERT {cert} and TLS_KEY {key} do not load ({getattr(error, 'strerror', None) or error}):"
+                       " both must be readable PEM files, the key the certificate's")
+    days = (expires - (now or datetime.now(timezone.utc))).total_seconds() / 86400
+    if days < 0:
+        return False, f"tls: the certificate {cert} expired on {expires:%Y-%m-%d}: renew it"
+    warning = f"warning: renew it, it expires in {days:.0f} days; " if days < TLS_EXPIRY_WARNING_DAYS else ""
+    return True, f"tls: {warning}{cert} with its key, expires {expires:%Y-%m-%d}; PORT serves HTTPS only"
+
+
+# -- one connection -------------------------------------------------------------------------
+
+
+class Phase(enum.Enum):
+    """Where a connection stands: what the next bytes from the client are."""
+
+    HEAD = "head"  # the next request's head (nothing yet: an idle keep-alive)
+    BODY = "body"  # the body of an accepted head, read whole before it is answered
+    SKIP = "skip"  # the body of a refused head, dropped as it comes, then HEAD again
+    HELD = "held"  # a whole request waits for start-up discovery; nothing more is read
+    CLOSING = "closing"  # the last answer is written; what still comes is dropped until the client closes
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection: its unparsed bytes, its phase, the request in progress and its deadline."""
+
+    def __init__(self, server: "HookServer"):
+        self.server, self.transport = server, None
+        self.buffer = bytearray()
+        self.phase, self.request, self.skip, self.reserved = Phase.HEAD, None, 0, 0
+        self.head, self.keep_alive, self.quiet, self.peer = b"", False, False, "-"
+        self.writing_paused = self.turn_pending = self.reading_paused = self.eof = False
+        self.held: Optional[Tuple[Request, bytes]] = None
+        self.deadline = time.monotonic() + server.request_timeout
+
+    # -- what asyncio calls -------------------------------------------------------------------
+
+    @property
+    def first_line(self) -> str:
+        """The request line of the latest head, for the log."""
+        return self.head[:200].split(b"\r\n", 1)[0].decode("latin-1")
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else "-"
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.server.opened(self)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.server.closed(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.scratch  # one buffer for every connection: buffer_updated copies out at once
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.phase is Phase.CLOSING:
+            return
+        if self.phase is Phase.HEAD and not self.buffer:
+            self.deadline = time.monotonic() + self.server.request_timeout  # a request is whole in time
+        self.buffer += self.server.scratch[:nbytes]
+        self.advance()
+
+    def eof_received(self) -> bool:
+        """The client sends no more: answer what is whole, then close (True keeps it open meanwhile)."""
+        self.eof = True
+        self.advance()
+        return self.phase is Phase.HELD or self.turn_pending
+
+    def pause_writing(self) -> None:
+        self.writing_paused, self.deadline = True, time.monotonic() + self.server.request_timeout
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.advance()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Answer what is whole in the buffer, at most TURN_STEPS steps, then let the others have a turn."""
+        try:
+            for _ in range(TURN_STEPS):
+                if not self.step():
+                    break
+            else:
+                if not self.turn_pending:
+                    self.turn_pending = True
+                    self.server.loop.call_soon(self.next_turn)
+            if self.eof and not self.turn_pending and self.phase is not Phase.HELD:
+                self.transport.close()
+        except Exception:  # a bug must cost this connection only
+            self.server.internal_error(self)
+        self.update_reading()
+
+    def next_turn(self) -> None:
+        self.turn_pending = False
+        self.advance()
+
+    def update_reading(self) -> None:
+        """Read only while this connection's answers are read and none of its requests waits."""
+        paused = self.writing_paused or self.turn_pending or self.phase is Phase.HELD
+        if paused != self.reading_paused and not self.transport.is_closing():
+            self.reading_paused = paused
+            (self.transport.pause_reading if paused else self.transport.resume_reading)()
+
+    def step(self) -> bool:
+        """One step: drop a refused body, parse a head, or answer a whole request; False when none can be made."""
+        if self.writing_paused or self.phase in (Phase.HELD, Phase.CLOSING):
+            return False
+        if self.phase is Phase.SKIP:
+            dropped = min(self.skip, len(self.buffer))
+            del self.buffer[:dropped]
+            self.skip -= dropped
+            if self.skip:
+                return False
+            self.phase = Phase.HEAD
+        if self.phase is Phase.HEAD:
+            return self.read_head()
+        if len(self.buffer) < self.request.length:
+            return False
+        body = bytes(self.buffer[:self.request.length])
+        del self.buffer[:self.request.length]
+        self.answer(self.request, body)
+        return True
+
+    def read_head(self) -> bool:
+        """Parse the next head if it is whole and judge it; False when it is not whole or the connection ends."""
+        end = self.buffer.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
+        if end < 0:
+            if len(self.buffer) > MAX_HEADER_BYTES:
+                self.respond(refusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request header fields too large"),
+                             close=True)
+            return False
+        head = bytes(self.buffer[:end + 4])
+        del self.buffer[:end + 4]
+        self.head, self.quiet = head, False
+        parsed = head_parser()(head)
+        if not parsed.valid:
+            status = parsed.error or HTTPStatus.BAD_REQUEST
+            self.respond(refusal(status, status.phrase.lower()), close=True)
+            return False
+        self.keep_alive = not parsed.close_connection
+        begun = self.server.app.begin(parsed.command, parsed.path, parsed.headers)
+        if begun.refused is not None:
+            self.respond(begun.refused, close=begun.length < 0)  # a body that cannot be delimited is not read
+            if self.phase is Phase.HEAD and begun.length > 0:
+                self.phase, self.skip = Phase.SKIP, begun.length
+            return self.phase is not Phase.CLOSING
+        if not begun.verified and not self.server.reserve(self, begun.length):
+            self.respond(refusal(HTTPStatus.SERVICE_UNAVAILABLE, "too many unauthenticated bodies at once"),
+                         close=True)
+            return False
+        self.request, self.phase = begun, Phase.BODY
+        if parsed.expects_continue and len(self.buffer) < begun.length:
+            # curl sends a body over 1 KiB only after this, or after waiting a second for it.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def answer(self, request: Request, body: bytes) -> None:
+        """Answer through the App, or hold the request until start-up discovery is done if it needs that."""
+        self.server.release(self)
+        self.request, self.phase, self.quiet = None, Phase.HEAD, request.endpoint == "/healthz"
+        if self.server.ready or not self.server.app.needs_target(request):
+            response = self.server.finish(request, body)
+            self.respond(response, close=response.status is HTTPStatus.INTERNAL_SERVER_ERROR)
+        else:
+            self.phase, self.held = Phase.HELD, (request, body)
+            self.deadline = time.monotonic() + STARTUP_WAIT
+
+    def release_held(self, ready: bool) -> None:
+        """Start-up is done (or took too long): answer the held request, then go on with the next."""
+        request, body = self.held
+        self.held, self.phase = None, Phase.HEAD
+        self.respond(self.server.finish(request, body) if ready else
+                     refusal(HTTPStatus.SERVICE_UNAVAILABLE, "gopdater is starting"))
+        self.advance()
+
+    def respond(self, response: Response, close: bool = False) -> None:
+        """Write the answer and log it (the secret redacted); after it, close if it must."""
+        keep = self.keep_alive and not close and not self.server.stopping
+        self.server.log_request(self, response.status)  # before it leaves: a client that has it finds it logged
+        self.transport.write(encode(response, keep))
+        self.deadline = time.monotonic() + self.server.request_timeout
+        self.server.touched(self)
+        if not keep:
+            self.close_after_answer()
+
+    def close_after_answer(self) -> None:
+        """Half-close and drop what still comes: closing with unread data would reset the connection
+        before the client reads the answer. TLS has no half-close; its close waits for the client's."""
+        self.server.release(self)
+        self.phase, self.held, self.request = Phase.CLOSING, None, None
+        self.buffer.clear()
+        self.deadline = time.monotonic() + DRAIN_SECONDS
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+
+    def expire(self) -> None:
+        """REQUEST_TIMEOUT (or the start-up wait, or the drain) ran out for this connection."""
+        if self.phase is Phase.HELD:
+            self.release_held(ready=False)
+        elif self.phase is Phase.CLOSING or self.writing_paused:
+            self.transport.abort()
+        elif self.buffer or self.phase is Phase.BODY:
+            self.respond(refusal(HTTPStatus.REQUEST_TIMEOUT, "request timeout"), close=True)
+        else:
+            self.transport.close()
+
+
+# -- the server -----------------------------------------------------------------------------
 
 
 class HookServer:
-    """Serves the App from one thread with a selector: no thread per connection, keep-alive for
-    well-formed requests, rejected or not.
-
-    An idle or slow client costs a buffer for at most REQUEST_TIMEOUT; at most MAX_CONNECTIONS are
-    held (the least recently active one is dropped beyond).
-    """
+    """Serves the App on an asyncio loop in the thread that calls serve_forever(); stop it from anywhere."""
 
     def __init__(self, sock: socket.socket, app: App, *, max_connections: int = 512, request_timeout: float = 10.0,
-                 rejects: Optional[RejectLog] = None):
-        self.listener, self.app = sock, app
-        self.listener.setblocking(False)
+                 rejects: Optional[RejectLog] = None, tls: Optional[TLSFiles] = None):
+        self.listener, self.app, self.tls = sock, app, tls
         self.server_address = sock.getsockname()[:2]
         self.max_connections, self.request_timeout = max_connections, request_timeout
         self.rejects = rejects or RejectLog()
+        self.loop = asyncio.new_event_loop()
+        self.done = self.loop.create_future()
         self.connections: "collections.OrderedDict[Connection, None]" = collections.OrderedDict()
-        self.selector = selectors.DefaultSelector()
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.pending: collections.deque = collections.deque()
-        self.heads: Dict[bytes, object] = {}
+        self.scratch = memoryview(bytearray(READ_BYTES))
+        self.unverified = 0  # body bytes held for requests not yet authenticated
+        self.ready, self.stopping = app.queue is not None, False
         head_parser()
-        self.ready = app.queue is not None
-        self.stopping = False
-
-    # -- the loop -----------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Accept, read and answer until shutdown(); then close every connection."""
-        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
-        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
-        next_sweep = time.monotonic() + SWEEP_SECONDS
+        """Accept and answer until shutdown(); then close every connection."""
         try:
-            while not self.stopping:
-                for key, mask in self.selector.select(timeout=SWEEP_SECONDS):
-                    if key.data == "accept":
-                        self.accept()
-                    elif key.data == "wake":
-                        self.run_pending()
-                    elif mask & selectors.EVENT_WRITE:
-                        self.flush(key.data)
-                    else:
-                        self.read(key.data)
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + SWEEP_SECONDS
-                    self.sweep()
+            self.loop.run_until_complete(self.serve())
         finally:
-            self.close()
+            self.loop.close()
 
-    def call(self, function: Callable[[], None]) -> None:
-        """Run function on the loop's thread soon; safe from any thread or a signal handler."""
-        self.pending.append(function)
-        try:
-            self.wake_w.send(b"x")
-        except OSError:
-            pass
-
-    def run_pending(self) -> None:
-        try:
-            self.wake_r.recv(4096)
-        except OSError:
-            pass
-        while self.pending:
-            self.pending.popleft()()
+    async def serve(self) -> None:
+        server = await self.loop.create_server(
+            lambda: Connection(self), sock=self.listener, backlog=1024,
+            ssl=self.tls.listening if self.tls else None,
+            ssl_handshake_timeout=self.request_timeout if self.tls else None)
+        sweep = self.loop.call_later(SWEEP_SECONDS, self.sweep)
+        await self.done
+        sweep.cancel()
+        server.close()
+        for connection in list(self.connections):
+            connection.transport.abort()
+        await asyncio.sleep(0)  # let connection_lost run
 
     def shutdown(self) -> None:
-        self.call(lambda: setattr(self, "stopping", True))
+        """Stop serving soon; safe from any thread, and after the loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(self.stop)
+        except RuntimeError:  # already closed
+            pass
+
+    def stop(self) -> None:
+        self.stopping = True
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def stop_on(self, *signals: int) -> None:
+        """Stop on these signals (from the main thread)."""
+        for signum in signals:
+            self.loop.add_signal_handler(signum, self.stop)
 
     def mark_ready(self) -> None:
         """Start-up discovery is done: answer the requests that waited for it."""
-        self.call(self.release_waiting)
+        self.loop.call_soon_threadsafe(self.release_waiting)
 
     def release_waiting(self) -> None:
         self.ready = True
-        for connection in [c for c in self.connections if c.waiting]:
-            request, body, _ = connection.waiting
-            connection.waiting = None
-            self.respond(connection, self.finish(request, body))
-            self.advance(connection)
+        for connection in [c for c in self.connections if c.phase is Phase.HELD]:
+            connection.release_held(ready=True)
 
-    def close(self) -> None:
-        for connection in list(self.connections):
-            self.drop(connection)
-        self.selector.close()
-        self.listener.close()
-        self.wake_r.close()
-        self.wake_w.close()
+    # -- the table of connections, and what they share -----------------------------------------
 
-    # -- connections --------------------------------------------------------------------------
+    def opened(self, connection: Connection) -> None:
+        if len(self.connections) >= self.max_connections:
+            oldest, _ = self.connections.popitem(last=False)
+            if not oldest.writing_paused and oldest.phase is not Phase.CLOSING:
+                oldest.respond(refusal(HTTPStatus.SERVICE_UNAVAILABLE, "service unavailable"), close=True)
+            # Out of the table nothing expires it: a client that does not read must not keep it alive.
+            if oldest.transport.get_write_buffer_size():
+                oldest.transport.abort()
+            oldest.transport.close()
+        self.connections[connection] = None
 
-    def accept(self) -> None:
-        for _ in range(64):
-            try:
-                sock, address = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:  # e.g. out of file descriptors: make room
-                log.warning("accept failed: %s", error)
-                self.evict_oldest()
-                return
-            if len(self.connections) >= self.max_connections:
-                self.evict_oldest()
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            connection = Connection(sock, str(address[0]), time.monotonic() + self.request_timeout)
-            self.connections[connection] = None
-            self.selector.register(sock, selectors.EVENT_READ, connection)
+    def closed(self, connection: Connection) -> None:
+        self.release(connection)
+        self.connections.pop(connection, None)
 
-    def evict_oldest(self) -> None:
-        if self.connections:
-            oldest = next(iter(self.connections))
-            self.respond(oldest, refusal(HTTPStatus.SERVICE_UNAVAILABLE, "service unavailable"), close=True)
-            self.drop(oldest)
+    def touched(self, connection: Connection) -> None:
+        if connection in self.connections:
+            self.connections.move_to_end(connection)
 
-    def read(self, connection: Connection) -> None:
-        try:
-            chunk = connection.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self.drop(connection)
-        elif not connection.closing:
-            if not connection.buffer and connection.request is None:
-                connection.deadline = time.monotonic() + self.request_timeout
-            connection.buffer += chunk
-            self.advance(connection)
-
-    def advance(self, c: Connection) -> None:
-        """Handle every request that is whole in the buffer, in order."""
-        while not c.closing and c.waiting is None and len(c.out) < MAX_BODY_BYTES:
-            if c.skip:
-                dropped = min(c.skip, len(c.buffer))
-                del c.buffer[:dropped]
-                c.skip -= dropped
-                if c.skip:
-                    return
-            elif c.request is None:
-                if not self.read_head(c):
-                    return
-            elif len(c.buffer) >= c.request.length:
-                body = bytes(c.buffer[:c.request.length])
-                del c.buffer[:c.request.length]
-                self.answer(c, c.request, body)
-            else:
-                return
-
-    def read_head(self, c: Connection) -> bool:
-        """Parse the next head if it is whole; False when it is not, or the connection closes."""
-        end = c.buffer.find(b"\r\n\r\n")
-        if end < 0 or end + 4 > MAX_HEADER_BYTES:
-            if len(c.buffer) > MAX_HEADER_BYTES:
-                status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
-                self.respond(c, refusal(status, status.phrase.lower()), close=True)
+    def reserve(self, connection: Connection, length: int) -> bool:
+        """Hold room for an unauthenticated body, if the shared budget has it."""
+        if self.unverified + length > UNVERIFIED_BODY_BYTES:
             return False
-        head = bytes(c.buffer[:end + 4])
-        del c.buffer[:end + 4]
-        c.first_line = head[:200].split(b"\r\n", 1)[0].decode("latin-1")
-        parsed = parse_head(head, self.heads)
-        if not parsed.valid:
-            status = parsed.error or HTTPStatus.BAD_REQUEST
-            self.respond(c, refusal(status, status.phrase.lower()), close=True)
-            return False
-        c.keep_alive = not parsed.close_connection
-        begun = self.app.begin(parsed.command, parsed.path, parsed.headers)
-        if isinstance(begun, Response):
-            length = body_length(parsed.command, parsed.headers)
-            # A refused size means the body is not read: answer, then let the client finish sending.
-            self.respond(c, begun, close=isinstance(length, Response), drain=isinstance(length, Response))
-            c.skip = 0 if isinstance(length, Response) else length
-            return not c.closing
-        c.request = begun
-        if parsed.expects_continue and len(c.buffer) < begun.length:
-            # curl sends a body over 1 KiB only after this, or after waiting a second for it.
-            self.send(c, b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.unverified, connection.reserved = self.unverified + length, length
         return True
 
-    def answer(self, c: Connection, request: Request, body: bytes) -> None:
-        """Answer through the App, holding the request until start-up discovery is done if it needs that."""
-        c.request = None
-        if self.ready or not self.app.needs_target(request):
-            self.respond(c, self.finish(request, body))
-        else:
-            c.waiting = (request, body, time.monotonic() + STARTUP_WAIT)
+    def release(self, connection: Connection) -> None:
+        self.unverified, connection.reserved = self.unverified - connection.reserved, 0
+
+    def sweep(self) -> None:
+        """Expire what ran out of time, pick up renewed TLS files, flush the refusal counts; every 0.1 s."""
+        now = time.monotonic()
+        for connection in [c for c in self.connections if c.deadline <= now]:
+            try:
+                connection.expire()
+            except Exception:  # a bug must cost this connection only
+                self.internal_error(connection)
+        if self.tls is not None and now >= getattr(self, "tls_checked", 0) + TLS_RELOAD_SECONDS:
+            self.tls_checked = now
+            self.tls.reload()
+        self.rejects.flush()
+        self.loop.call_later(SWEEP_SECONDS, self.sweep)
+
+    # -- answers and the access log -----------------------------------------------------------
 
     def finish(self, request: Request, body: bytes) -> Response:
         try:
             return self.app.finish(request, body)
         except Exception:
-            log.exception("internal error answering %s", request.endpoint)
+            self.rejects.note(500, lambda: f"internal error answering {request.endpoint}", trace=True)
             return refusal(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
 
-    def respond(self, c: Connection, response: Response, close: bool = False, drain: bool = False) -> None:
-        """Send the answer and log it (the secret redacted); close after it when it must."""
-        keep = c.keep_alive and not close and not self.stopping
-        self.log_request(c, response.status)  # before the answer leaves, so a client that got it finds it logged
-        self.send(c, encode(response, keep))
-        c.keep_alive, c.deadline = keep, time.monotonic() + self.request_timeout
-        if c in self.connections:
-            self.connections.move_to_end(c)
-        if not keep:
-            c.closing, c.drain = True, drain
-            if not c.out:
-                self.end(c)
-
-    def end(self, c: Connection) -> None:
-        """After the last answer is sent: close, or with drain half-close and drop what still comes."""
-        if not c.drain:
-            self.drop(c)
-            return
-        # Closing with unread data would reset the connection before the client reads the answer.
-        try:
-            c.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        c.deadline = time.monotonic() + DRAIN_SECONDS
-
-    def send(self, c: Connection, data: bytes) -> None:
-        if not c.out:
-            try:
-                data = data[c.sock.send(data):]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                data = b""
-            if data:
-                self.selector.modify(c.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
-        c.out += data
-
-    def flush(self, c: Connection) -> None:
-        try:
-            del c.out[:c.sock.send(c.out)]
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            c.out.clear()
-        if not c.out:
-            self.selector.modify(c.sock, selectors.EVENT_READ, c)
-            if c.closing:
-                self.end(c)
-            else:
-                self.advance(c)
-
-    def drop(self, c: Connection) -> None:
-        self.connections.pop(c, None)
-        try:
-            self.selector.unregister(c.sock)
-        except (KeyError, ValueError):
-            pass
-        c.sock.close()
-
-    def sweep(self) -> None:
-        """408 for requests not whole in time, 503 for those that waited too long for start-up; drop the idle."""
-        now = time.monotonic()
-        for c in list(self.connections):
-            if c.waiting is not None and c.waiting[2] <= now:
-                c.waiting = None
-                self.respond(c, refusal(HTTPStatus.SERVICE_UNAVAILABLE, "gopdater is starting"))
-            elif c.waiting is None and c.deadline <= now:
-                if not c.closing and (c.request is not None or c.buffer):
-                    self.respond(c, refusal(HTTPStatus.REQUEST_TIMEOUT, "request timeout"), close=True)
-                self.drop(c)
-        self.rejects.flush()
+    def internal_error(self, connection: Connection) -> None:
+        """A bug while handling a connection: log it (once a minute), answer 500 if it can, close it."""
+        self.rejects.note(500, lambda: redact(f'{connection.peer} "{connection.first_line}" 500',
+                                              self.app.config.secret), trace=True)
+        if connection.phase is not Phase.CLOSING and not connection.transport.is_closing():
+            connection.transport.write(encode(refusal(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error"), False))
+        connection.phase = Phase.CLOSING
+        connection.transport.close()
 
     def log_request(self, c: Connection, status: HTTPStatus) -> None:
-        """The access log: rejected requests summarised, the secret never shown."""
+        """The access log: refusals summarised per kind, /healthz at DEBUG, the secret never shown."""
         def line() -> str:
             return redact(f'{c.peer} "{c.first_line}" {status.value}', self.app.config.secret)
         if status >= 400:
             self.app.metrics.rejected(status)
             self.rejects.note(status.value, line)
         else:
-            log.info("%s", line())
+            log.log(logging.DEBUG if c.quiet else logging.INFO, "%s", line())
 
 
 # ==========================================================================================
@@ -3059,8 +3244,10 @@ def run_check(config: Config, runner: Runner = None, out=None) -> int:
         findings = [(True, f"docker: engine {target.engine} answers (DOCKER_HOST {docker_host})"),
                     *target.describe(),
                     (True, f"owners allowed: {', '.join(f'{r}/{n}' for r, n in config.owners)}"),
-                    (True, f"webhook URL for Docker Hub: http://<this-host>:{config.port}/hooks/"
+                    (True, f"webhook URL for Docker Hub: {scheme(config)}://<this-host>:{config.port}/hooks/"
                            f"{config.secret[:4]}{'*' * 8} (the full secret is WEBHOOK_SECRET)")]
+        if config.tls_cert:
+            findings.append(tls_problem(config.tls_cert, config.tls_key))
         if config.dry_run:
             findings.append((True, "DRY_RUN is on: deployments log their commands and run none"))
         if config.swarm != "off" and swarm_role(config, runner or run_command) == "worker":
@@ -3082,6 +3269,27 @@ def listen(host: str, port: int):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=1024, reuse_port=False,
                                 dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
+
+
+def scheme(config: Config) -> str:
+    return "https" if config.tls_cert else "http"
+
+
+def open_front(config: Config) -> Tuple[socket.socket, Optional[TLSFiles]]:
+    """The TLS files (checked before the port opens) and the listening socket; ConfigError saying the fix."""
+    tls = None
+    if config.tls_cert:
+        ok, text = tls_problem(config.tls_cert, config.tls_key)
+        if not ok:
+            raise ConfigError(text)
+        if "warning" in text:
+            log.warning("%s", text)
+        tls = TLSFiles(config.tls_cert, config.tls_key)
+    try:
+        return listen(config.host, config.port), tls
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {config.host}:{config.port} ({error.strerror}): set HOST and PORT "
+                          "to a free address") from None
 
 
 def start_then_work(config: Config, app: App, server: HookServer, failed: List[str]) -> None:
@@ -3120,17 +3328,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if config.check:
         return run_check(config)
     try:
-        sock = listen(config.host, config.port)
-    except OSError as error:
-        print(f"gopdater: cannot listen on {config.host}:{config.port} ({error.strerror}): "
-              "set HOST and PORT to a free address", file=sys.stderr)
+        sock, tls = open_front(config)
+    except ConfigError as error:
+        print(f"gopdater: {error}", file=sys.stderr)
         return 2
     app, failed = App(config, None), []
-    server = HookServer(sock, app, max_connections=config.max_connections, request_timeout=config.request_timeout)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.shutdown())
-    log.info("gopdater %s listening on %s:%s; Docker Hub webhook URL: http://<this-host>:%s/hooks/%s******** "
-             "(the rest of WEBHOOK_SECRET)", __version__, *server.server_address[:2], config.port, config.secret[:4])
+    server = HookServer(sock, app, max_connections=config.max_connections, request_timeout=config.request_timeout,
+                        tls=tls)
+    server.stop_on(signal.SIGTERM, signal.SIGINT)
+    log.info("gopdater %s listening on %s:%s; Docker Hub webhook URL: %s://<this-host>:%s/hooks/%s******** "
+             "(the rest of WEBHOOK_SECRET)", __version__, *server.server_address[:2], scheme(config), config.port,
+             config.secret[:4])
     threading.Thread(target=start_then_work, args=(config, app, server, failed), name="deployer",
                      daemon=True).start()
     server.serve_forever()

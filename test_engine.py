@@ -1325,10 +1325,10 @@ class SwarmEngineTest(unittest.TestCase):
         self.assertIn('SWARM: "on"', out)
 
     def test_the_swarm_api_calls_are_documented_for_a_socket_proxy(self):
-        """What gopdater asked of Docker through DOCKER_HOST is in the README's list or docs/swarm.md's."""
+        """What gopdater asked of Docker through DOCKER_HOST is in the list of docs/reference.md or docs/swarm.md."""
         self.push("v2")
-        documented = set(re.findall(r"`((?:GET|HEAD|POST|PUT|DELETE) /[^`]+)`",
-                                    (HERE / "README.md").read_text() + (HERE / "docs" / "swarm.md").read_text()))
+        listed = (HERE / "docs" / "reference.md").read_text() + (HERE / "docs" / "swarm.md").read_text()
+        documented = set(re.findall(r"`((?:GET|HEAD|POST|PUT|DELETE) /[^`]+)`", listed))
         self.assertLessEqual(self.proxy.calls, documented, sorted(self.proxy.calls - documented))
 
 
@@ -1357,12 +1357,12 @@ class ComposeV2Test(EngineScenario, unittest.TestCase):
         wait_for(lambda: self.site() == "acme site v2", 30, "the site to serve v2")
 
     def test_docker_api_calls_are_the_documented_ones(self):
-        """Through DOCKER_HOST, an update used exactly the Docker API calls the README lists for a socket proxy."""
+        """Through DOCKER_HOST, an update used exactly the Docker API calls docs/reference.md lists for a socket proxy."""
         # An update (its cleanup removes an image), then a failed one (its rollback tags and reads logs).
         self.assertEqual(self.deploy_and_watch(retag="v2")[0]["state"], "updated")
         self.assertEqual(self.deploy_and_watch(retag="v3")[0]["state"], "rolled-back")
-        readme = (HERE / "README.md").read_text()
-        documented = set(re.findall(r"^\s*- `((?:GET|HEAD|POST|PUT|DELETE) /[^`]+)`", readme, re.MULTILINE))
+        listed = (HERE / "docs" / "reference.md").read_text()
+        documented = set(re.findall(r"^\s*- `((?:GET|HEAD|POST|PUT|DELETE) /[^`]+)`", listed, re.MULTILINE))
         self.assertTrue(self.proxy.calls, "gopdater reached Docker through DOCKER_HOST")
         self.assertEqual(self.proxy.calls, documented)
         print(f"\n[{self.flavour}] Docker API calls through DOCKER_HOST: {', '.join(sorted(self.proxy.calls))}",

@@ -6,6 +6,7 @@ which uses the real Docker engine).
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import hmac
 import http.client
@@ -1346,6 +1347,17 @@ class AppTest(unittest.TestCase):
              "body is over 1 MiB"),
             ("POST", "/hooks/registry", b"{}", {"Authorization": f"Bearer {SECRET}", "Content-Type": "text/plain"},
              HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported Content-Type"),
+            ("POST", hook, b"{}", {"Content-Length": "\u00b2"}, HTTPStatus.BAD_REQUEST, "invalid Content-Length"),
+            ("POST", hook, b"{}", {"Content-Length": "\u0662"}, HTTPStatus.BAD_REQUEST, "invalid Content-Length"),
+            ("POST", hook, b"{}", {"Content-Length": "+2"}, HTTPStatus.BAD_REQUEST, "invalid Content-Length"),
+            ("POST", hook, b"{}", {"Content-Length": "2, 2"}, HTTPStatus.BAD_REQUEST, "invalid Content-Length"),
+            ("POST", hook, b"{}", {"Content-Length": "9" * 5000}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+             "body is over 1 MiB"),
+            ("POST", hook, b"{}", {"Content-Length": "12345678"}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+             "body is over 1 MiB"),
+            ("POST", hook, b"{}", {"Transfer-Encoding": "chunked"}, HTTPStatus.LENGTH_REQUIRED,
+             "Content-Length is required"),
+            ("GET", "http://[x?a", b"", {}, HTTPStatus.NOT_FOUND, "not found"),
         ]
         for method, path, body, hdrs, expected, reason in cases:
             with self.subTest(method=method, path=path, body=body[:30], headers=hdrs):
@@ -1378,7 +1390,7 @@ class AppTest(unittest.TestCase):
                 path = sender.path.replace("{secret}", "wrong-secret-0123456789")
                 message = headers(Content_Length=str(len(body)), Authorization="Bearer wrong-secret-0123456789",
                                   X_Hub_Signature_256=wrong, X_Gitea_Signature="0" * 64)
-                with mock.patch("gopdater.compare_digest", wraps=hmac.compare_digest) as compare:
+                with mock.patch("hmac.compare_digest", wraps=hmac.compare_digest) as compare:
                     self.assertEqual(self.rig.app.handle("POST", path, message, body).status, HTTPStatus.FORBIDDEN)
                 compared = [bytes(arg) for call in compare.call_args_list for arg in call.args]
                 digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest().encode()
@@ -1436,7 +1448,7 @@ class AppTest(unittest.TestCase):
     def test_github_signature_matches_the_documented_test_vector(self):
         """GitHub's documented vector: secret "It's a Secret to Everybody", body "Hello, World!"."""
         config = make_config()._replace(secret="It's a Secret to Everybody")
-        check = next(s for s in gopdater.SENDERS if s.name == "ghcr").authenticate
+        check = next(s for s in gopdater.SENDERS if s.name == "ghcr").authenticate.check
         expected = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
         secret = config.secret.encode()
         self.assertTrue(check(secret, "", headers(X_Hub_Signature_256=expected), b"Hello, World!"))
@@ -1538,6 +1550,43 @@ class AppTest(unittest.TestCase):
                                     Authorization=f"Bearer {SECRET}", Content_Type="application/json")
         self.assertEqual((status, reply["services"], len(reply["ids"])), (HTTPStatus.ACCEPTED, ["demo/api", "demo/site"], 2))
 
+    def test_content_length_is_one_to_seven_ascii_digits_and_never_two_that_differ(self):
+        """Content-Length values as a client may send them: what body length each means, or its refusal."""
+        cases = [(["0"], 0), (["73"], 73), ([" 73 "], 73), (["0" * 5000], 0), (["0073"], 73),
+                 (["73", "73"], 73), (["1048576"], 1048576),
+                 (["73", "74"], HTTPStatus.BAD_REQUEST), (["7e1"], HTTPStatus.BAD_REQUEST),
+                 (["0x10"], HTTPStatus.BAD_REQUEST), (["\u00b2"], HTTPStatus.BAD_REQUEST), ([""], HTTPStatus.BAD_REQUEST),
+                 (["1048577"], HTTPStatus.REQUEST_ENTITY_TOO_LARGE), (["9" * 5000], HTTPStatus.REQUEST_ENTITY_TOO_LARGE)]
+        for values, expected in cases:
+            with self.subTest(values=[v[:10] for v in values]):
+                message = headers()
+                for value in values:
+                    message["Content-Length"] = value
+                length = gopdater.body_length("POST", message)
+                self.assertEqual(length if isinstance(length, int) else length.status, expected)
+
+    def test_a_wrong_secret_in_the_path_or_a_bearer_token_is_refused_from_the_head(self):
+        """begin() refuses a wrong path secret or token before any body is read; a signature needs the body."""
+        big = headers(Content_Length=str(1024 * 1024), Authorization="Bearer wrong-secret-0123456789")
+        for path in ("/hooks/wrong-secret-0123456789", "/hooks/wrong-secret-0123456789/quay", "/hooks",
+                     "/hooks/harbor", "/hooks/registry", "/hooks/acr"):
+            with self.subTest(path=path):
+                request = self.rig.app.begin("POST", path, big)
+                self.assertEqual((request.refused, request.length), (gopdater.FORBIDDEN, 1024 * 1024))
+        for path in ("/hooks/ghcr", "/hooks/gitea"):
+            with self.subTest(path=path):
+                request = self.rig.app.begin("POST", path, big)
+                self.assertEqual((request.refused, request.verified), (None, False))
+        self.assertEqual(self.rig.app.begin("POST", f"/hooks/{SECRET}", big).refused, None)
+
+    def test_an_absolute_url_routes_by_its_path(self):
+        """A request line in absolute form (as a proxy may send it) is routed by its path alone."""
+        for target, endpoint in [("http://example.org/healthz", "/healthz"), ("https://example.org/healthz?x", "/healthz"),
+                                 ("http://[x?a", ""), ("http://example.org", ""), ("/healthz#x", "/healthz")]:
+            with self.subTest(target=target):
+                self.assertEqual(gopdater.route(target)[1], endpoint)
+
+
 class RejectLogTest(unittest.TestCase):
     def test_flood_becomes_one_line_then_a_count(self):
         """1,000 rejections in an interval log two lines: the first in full, then a count."""
@@ -1551,6 +1600,18 @@ class RejectLogTest(unittest.TestCase):
         self.assertEqual(len(logs.output), 2)
         self.assertIn("rejected 999 more requests", logs.output[1])
         self.assertIn("403: 999", logs.output[1])
+
+    def test_each_kind_of_refusal_gets_its_own_first_line_and_count(self):
+        """A flood of 404s does not hide the first 403: each status has its own line a minute, then a count."""
+        clock = FakeClock()
+        rejects = gopdater.RejectLog(interval=60, clock=clock)
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            for status in [404] * 500 + [403] * 3:
+                rejects.note(status, lambda s=status: f'127.0.0.1 "GET /x HTTP/1.1" {s}')
+            clock.sleep(61)
+            rejects.flush()
+        self.assertEqual([line.split(" (")[0][-3:] for line in logs.output[:2]], ["404", "403"])
+        self.assertEqual(sorted(line.split("(")[-1] for line in logs.output[2:]), ["403: 2)", "404: 499)"])
 
 
 class HTTPServerTest(unittest.TestCase):
@@ -1669,7 +1730,7 @@ class HTTPServerTest(unittest.TestCase):
         self.start(request_timeout=0.3)
         with self.assertLogs("gopdater", "WARNING"):
             started = time.monotonic()
-            answer = self.raw(b"POST /hooks/x HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
+            answer = self.raw(f"POST /hooks/{SECRET} HTTP/1.1\r\nContent-Length: 50\r\n\r\n{{".encode())
         self.assertTrue(answer.startswith(b"HTTP/1.1 408"), answer[:40])
         self.assertLess(time.monotonic() - started, 3)
 
@@ -1746,6 +1807,38 @@ class HTTPServerTest(unittest.TestCase):
             waiting.join(5)
         self.assertEqual(answers[0][0], 202)
 
+    def test_a_bug_ends_one_connection_with_500_and_its_traceback_is_logged_once(self):
+        """A request whose handling raises gets 500 and a closed connection; the traceback is logged for the
+        first only, and the server goes on serving."""
+        class Exploding:
+            def submit(self, event):
+                raise RuntimeError("a bug")
+        rig = Rig(self)
+        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), gopdater.App(rig.config, Exploding()))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(server.shutdown)
+        self.port = server.server_address[1]
+        body = json.dumps(payload("dockerhub-push.json"))
+        with self.assertLogs("gopdater", "INFO") as logs:
+            for _ in range(3):
+                status, _, response = self.request("POST", f"/hooks/{SECRET}", body)
+                self.assertEqual((status, response.getheader("Connection")), (500, "close"))
+            self.assertEqual(self.request("GET", "/healthz")[0], 200)
+        self.assertEqual(sum("Traceback" in line for line in logs.output), 1)
+        self.assertIn("RuntimeError: a bug", "\n".join(logs.output))
+
+    def test_healthz_answers_are_logged_at_debug_only(self):
+        """A monitoring probe's /healthz is not an INFO line per request; other answers are."""
+        self.start()
+        with self.assertLogs("gopdater", "DEBUG") as logs:
+            self.request("GET", "/healthz")
+            self.request("GET", "/deployments", Authorization=f"Bearer {SECRET}")
+        levels = {record.getMessage().split('"')[1]: record.levelname for record in logs.records if '"' in
+                  record.getMessage()}
+        self.assertEqual(levels, {"GET /healthz HTTP/1.1": "DEBUG", "GET /deployments HTTP/1.1": "INFO"})
+
     def test_hook_is_refused_503_when_discovery_takes_too_long(self):
         """A hook waits at most STARTUP_WAIT for start-up, then gets 503."""
         self.rig = Rig(self)
@@ -1758,6 +1851,74 @@ class HTTPServerTest(unittest.TestCase):
         with mock.patch("gopdater.STARTUP_WAIT", 0.2), self.assertLogs("gopdater", "WARNING"):
             status = self.request("POST", f"/hooks/{SECRET}", json.dumps(payload("dockerhub-push.json")))[0]
         self.assertEqual(status, 503)
+
+
+class TLSTest(unittest.TestCase):
+    """TLS_CERT and TLS_KEY, checked with certificates openssl makes for the test."""
+
+    def certificate(self, name, days=30):
+        folder = pathlib.Path(state_folder(self))
+        cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", str(days), "-subj", f"/CN={name}"],
+                       check=True, capture_output=True)
+        return str(cert), str(key)
+
+    def test_the_expiry_date_is_read_from_the_certificate(self):
+        """certificate_expiry reads the same notAfter as openssl, first certificate of a chain."""
+        cert, _ = self.certificate("site", days=40)
+        shown = subprocess.run(["openssl", "x509", "-enddate", "-noout", "-in", cert], capture_output=True,
+                               text=True, check=True).stdout.strip().split("=", 1)[1]
+        expected = gopdater.datetime.strptime(shown, "%b %d %H:%M:%S %Y %Z").replace(tzinfo=gopdater.timezone.utc)
+        chain = pathlib.Path(cert).read_text() * 2
+        self.assertEqual(gopdater.certificate_expiry(chain), expected)
+
+    def test_check_says_whether_the_pair_loads_and_when_it_expires(self):
+        """tls_problem: a good pair, one expiring within 14 days, an expired one, a wrong key, a missing file."""
+        cert, key = self.certificate("good", days=60)
+        soon, soon_key = self.certificate("soon", days=5)
+        _, other_key = self.certificate("other")
+        later = gopdater.datetime.now(gopdater.timezone.utc) + datetime.timedelta(days=61)
+        cases = [("good", cert, key, None, True, "expires"),
+                 ("expiring", soon, soon_key, None, True, "warning: renew it, it expires in 5 days"),
+                 ("expired", cert, key, later, False, "expired on"),
+                 ("the key of another", cert, other_key, None, False, "do not load"),
+                 ("missing", cert + ".gone", key, None, False, "do not load")]
+        for name, cert_path, key_path, now, ok, text in cases:
+            with self.subTest(name):
+                found = gopdater.tls_problem(cert_path, key_path, now)
+                self.assertEqual(found[0], ok, found[1])
+                self.assertIn(text, found[1])
+
+    def test_check_shows_the_https_url_and_the_certificate(self):
+        """--check with TLS files: the webhook URL is https, a line gives the expiry, a wrong key FAILs."""
+        cert, key = self.certificate("site")
+        _, other = self.certificate("other")
+        for key_path, code in ((key, 0), (other, 1)):
+            with self.subTest(code=code):
+                out = io.StringIO()
+                self.assertEqual(gopdater.run_check(make_config(TLS_CERT=cert, TLS_KEY=key_path,
+                                                                STATE_DIR=state_folder(self)), FakeDocker(), out=out),
+                                 code, out.getvalue())
+                self.assertIn("webhook URL for Docker Hub: https://<this-host>:8080/hooks/", out.getvalue())
+                self.assertIn("ok   tls: " if code == 0 else "FAIL TLS_CERT", out.getvalue())
+
+    def test_one_of_the_pair_alone_is_a_startup_error(self):
+        """TLS_CERT without TLS_KEY (or the other way round) stops start-up naming both."""
+        for env in ({"TLS_CERT": "/x.pem"}, {"TLS_KEY": "/x.key"}):
+            with self.subTest(env=env), self.assertRaisesRegex(gopdater.ConfigError, "TLS_CERT and TLS_KEY go together"):
+                make_config(**env)
+
+    def test_main_exits_2_with_one_line_when_the_pair_does_not_load(self):
+        """A key that is not the certificate's stops gopdater with exit 2 and one line, before the port opens."""
+        cert, _ = self.certificate("site")
+        _, key = self.certificate("other")
+        env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "TLS_CERT": cert, "TLS_KEY": key, "PORT": "0"}
+        stderr = io.StringIO()
+        with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(stderr):
+            self.assertEqual(gopdater.main([]), 2)
+        self.assertEqual(len(stderr.getvalue().strip().splitlines()), 1)
+        self.assertIn("do not load", stderr.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
