@@ -913,6 +913,7 @@ class Outcome(NamedTuple):
     old_image: Optional[str] = None
     new_image: Optional[str] = None
     reason: Optional[str] = None
+    resume: bool = False  # cut off for now (the engine stayed away): its journal record stays for the next start
 
 
 class Step(NamedTuple):
@@ -946,7 +947,7 @@ class Deployment:
     def __init__(self, id: str, sender: str, key: ImageKey, digest: Optional[str], ref: ServiceRef):
         self.id, self.sender, self.key, self.digest, self.ref = id, sender, key, digest, ref
         self.state, self.hooks, self.created = State.QUEUED, 1, _now()
-        self.recovery: Optional[dict] = None  # the journal record of an update a crash cut off
+        self.recovery: Optional["Record"] = None  # the journal record of an update a crash cut off
         self.started: Optional[str] = None
         self.finished: Optional[str] = None
         self.steps: List[Step] = []
@@ -970,164 +971,6 @@ class Past(dict):
 
 class DeployFailed(Exception):
     """A step of a deployment failed; the message is the reason."""
-
-
-def write_atomically(path: str, data: object) -> None:
-    """Write JSON so that a crash leaves the old file or the new one, never a torn one."""
-    temp = f"{path}.tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def read_state(path: str, kind: type):
-    """A state file's JSON if it is of this kind; a corrupt one is moved aside with a warning."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        if isinstance(data, kind):
-            return data
-        error: Exception = ValueError("not a JSON " + kind.__name__)
-    except FileNotFoundError:
-        return kind()
-    except (OSError, ValueError) as caught:
-        error = caught
-    aside = f"{path}.corrupt-{int(time.time())}"
-    try:
-        os.replace(path, aside)
-    except OSError:
-        aside = "nowhere (it could not be moved)"
-    log.warning("state file %s is unreadable (%s); moved aside to %s; starting without it", path,
-                type(error).__name__, aside)
-    return kind()
-
-
-def default_state_dir(environ: Mapping[str, str]) -> str:
-    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "gopdater")
-
-
-class Journal:
-    """Updates in progress and the deployment history, kept in STATE_DIR across restarts and crashes."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.journal_path = os.path.join(directory, "journal.json")
-        self.history_path = os.path.join(directory, "history.json")
-        self.records: Dict[str, dict] = {}
-        self.lock = threading.Lock()
-
-    def problem(self) -> Optional[str]:
-        """None if STATE_DIR can be written, else one line saying what is wrong and how to fix it."""
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            write_atomically(os.path.join(self.directory, "probe.json"), {})
-            os.remove(os.path.join(self.directory, "probe.json"))
-        except OSError as error:
-            return (f"STATE_DIR {self.directory} cannot be written ({error.strerror or error}): make it a "
-                    "writable folder for this user with free space, or set STATE_DIR to one")
-        return None
-
-    def load(self) -> Tuple[List[dict], List[dict]]:
-        """The updates a crash left unfinished, and the stored history, newest last."""
-        journal = read_state(self.journal_path, dict)
-        updates = journal.get("updates")
-        updates = {k: v for k, v in updates.items() if isinstance(v, dict)} if isinstance(updates, dict) else {}
-        with self.lock:
-            self.records = updates
-        history = [view for view in read_state(self.history_path, list) if isinstance(view, dict)]
-        return list(updates.values()), history[-HISTORY_SIZE:]
-
-    def mark(self, key: str, **fields: object) -> None:
-        """Record where an update stands; raises OSError if that cannot be written."""
-        with self.lock:
-            self.records[key] = {**self.records.get(key, {}), **fields}
-            write_atomically(self.journal_path, {"version": 1, "updates": self.records})
-
-    def close(self, key: str) -> None:
-        """The update ended (whatever its result): forget it."""
-        with self.lock:
-            if self.records.pop(key, None) is not None:
-                try:
-                    write_atomically(self.journal_path, {"version": 1, "updates": self.records})
-                except OSError as error:
-                    log.warning("could not close the journal entry of %s: %s", key, error.strerror)
-
-    def save_history(self, views: List[dict]) -> None:
-        try:
-            write_atomically(self.history_path, views)
-        except OSError as error:
-            log.warning("could not keep the deployment history in %s: %s", self.directory, error.strerror)
-
-
-class StepLog:
-    """What an update target reports through: timed steps, log lines and its clock; one per service."""
-
-    def __init__(self, deployment: Deployment, lock: threading.Condition, clock: Callable[[], float],
-                 sleep: Callable[[float], None], journal: Optional[Journal] = None):
-        self.deployment, self.lock = deployment, lock
-        self.clock, self.sleep, self.journal = clock, sleep, journal
-        self.label = f"deployment={deployment.id} service={deployment.ref}"
-        self.key = f"{deployment.ref.kind}:{deployment.ref}"
-
-    def begin(self) -> None:
-        """Open the journal record before any command; OSError if it cannot be written."""
-        if self.journal is not None:
-            ref = self.deployment.ref
-            self.journal.mark(self.key, kind=ref.kind, project=ref.project, service=ref.name,
-                              deployment=self.deployment.id, reference=str(self.deployment.key), step="start",
-                              started=_now())
-
-    def remember(self, **fields: object) -> None:
-        """Add what recovery would need (image ids, the image reference) to the journal record."""
-        if self.journal is not None:
-            try:
-                self.journal.mark(self.key, **fields)
-            except OSError as error:  # mid-update, going on beats stopping with the service down
-                log.warning("%s could not write the journal: %s", self.label, error.strerror)
-
-    def record(self, step: str, result: str, started: float) -> float:
-        """Log one step that began at started and keep its timing in the deployment; return its seconds."""
-        return self.note(step, result, self.clock() - started)
-
-    def note(self, step: str, result: str, seconds: float) -> float:
-        """Log one step of the given length and keep it in the deployment."""
-        seconds = round(seconds, 3)
-        with self.lock:
-            self.deployment.steps.append(Step(step, result, seconds))
-        quiet = result in ("ok", "kept", State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
-        log.log(logging.INFO if quiet else logging.WARNING, "%s step=%s result=%s seconds=%.2f", self.label,
-                step, result, seconds)
-        return seconds
-
-    def step(self, name: str, action: Callable[[], object]):
-        """Run one step, journalled and timed; a CommandError becomes DeployFailed naming the step."""
-        self.remember(step=name)
-        started = self.clock()
-        try:
-            value = action()
-        except EngineUnreachable:
-            self.record(name, "failed", started)
-            raise
-        except CommandError as error:
-            self.record(name, "failed", started)
-            raise DeployFailed(f"{name} failed: {error}") from None
-        self.record(name, "ok", started)
-        return value
-
-    def container_log(self, container: str, lines: Sequence[str]) -> None:
-        """Keep a failing container's last lines, in the log and in the deployment."""
-        for line in lines:
-            log.warning("%s container %s logged: %r", self.label, container, line)
-            with self.lock:
-                self.deployment.logs.append(line)
 
 
 class Submitted(NamedTuple):
@@ -1199,14 +1042,13 @@ class WorkQueue:
         with self.lock:
             self.history.extend(Past(view) for view in history)
             for record in unfinished:
-                key = parse_reference(str(record.get("reference"))) or ImageKey("unknown", "unknown", "unknown")
-                ref = ServiceRef(str(record.get("kind")), str(record.get("project") or ""), str(record.get("service")))
-                deployment = Deployment(os.urandom(6).hex(), "recovery", key, None, ref)
+                ref = ServiceRef(record.kind, record.project, record.service)
+                deployment = Deployment(os.urandom(6).hex(), "recovery", parse_reference(record.reference), None, ref)
                 deployment.recovery = record
                 self.queue.appendleft(deployment)
                 self.history.append(deployment)
                 log.warning("deployment=%s recovery of service=%s, cut off at step=%s by deployment=%s",
-                            deployment.id, ref, record.get("step"), record.get("deployment"))
+                            deployment.id, ref, record.stage.value, record.deployment)
             self.lock.notify_all()
         return len(unfinished)
 
@@ -1286,8 +1128,8 @@ class WorkQueue:
                  deployment.ref, deployment.hooks)
         steps = StepLog(deployment, self.lock, self.clock, self.sleep, self.journal)
         started = self.clock()
-        outcome, ended = self.run_target(deployment, steps)
-        if ended and self.journal is not None:
+        outcome = self.run_target(deployment, steps)
+        if not outcome.resume and self.journal is not None:
             self.journal.close(steps.key)
         with self.lock:
             deployment.state, deployment.finished = outcome.result, _now()
@@ -1303,80 +1145,478 @@ class WorkQueue:
             self.refresh()
         log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
 
-    def run_target(self, deployment: Deployment, steps: StepLog) -> Tuple[Outcome, bool]:
-        """The target's update (or recovery) of one service, journalled; never raises.
-
-        Returns the outcome, and whether the update ended (False: its journal record stays for the next start).
-        """
-        try:
-            steps.begin()
-        except OSError as error:
-            log.error("%s not started: the journal cannot be written (%s)", steps.label, error.strerror)
-            return Outcome(reason=f"not started: the journal in STATE_DIR cannot be written ({error.strerror})"), True
+    def run_target(self, deployment: Deployment, steps: StepLog) -> Outcome:
+        """The target's update (or recovery) of one service, journalled; never raises."""
         try:
             try:
                 if deployment.recovery is not None:
-                    return self.target.recover(deployment.ref, deployment.recovery, steps), True
-                return self.target.update(deployment.ref, deployment.digest, steps), True
+                    return self.target.recover(deployment.ref, deployment.recovery, steps)
+                return self.target.update(deployment.ref, deployment.digest, steps)
             except EngineUnreachable:
                 return self.after_engine_outage(steps)
+        except OSError as error:  # the journal could not be opened: nothing has run
+            log.error("%s not started: the journal cannot be written (%s)", steps.label, error.strerror)
+            return Outcome(reason=f"not started: the journal in STATE_DIR cannot be written ({error.strerror})")
         except Exception as error:  # a bug must not kill the worker
             log.exception("%s crashed", steps.label)
-            return Outcome(reason=f"internal error ({type(error).__name__})"), True
+            return Outcome(reason=f"internal error ({type(error).__name__}: {error})")
 
-    def after_engine_outage(self, steps: StepLog) -> Tuple[Outcome, bool]:
+    def after_engine_outage(self, steps: StepLog) -> Outcome:
         """The engine stopped answering mid-update: wait for it (ENGINE_WAIT), then go on from the journal."""
         log.error("%s the Docker engine stopped answering; waiting up to %gs for it", steps.label,
                   self.config.engine_wait)
-        end, delay = self.clock() + self.config.engine_wait, 1.0
-        while not self.target.engine_answers():
+        end = self.clock() + self.config.engine_wait
+        for delay in backoff(1.0, 2.0, 10.0):
+            if self.target.engine_answers():
+                break
             if self.clock() >= end:
                 return Outcome(reason=f"the Docker engine did not answer for {self.config.engine_wait:g}s; "
-                                      "the next start recovers the service from the journal"), False
+                                      "the next start recovers the service from the journal", resume=True)
             self.sleep(delay)
-            delay = min(delay * 2, 10.0)
         log.warning("%s the Docker engine answers again; going on from the journal", steps.label)
-        record = self.journal.records.get(steps.key, {}) if self.journal is not None else {}
+        record = steps.record_now()
+        if record is None:
+            return Outcome(reason="the Docker engine went away before the update was journalled; push again")
         try:
-            return self.target.recover(steps.deployment.ref, record, steps), True
+            return self.target.recover(steps.deployment.ref, record, steps)
         except EngineUnreachable:
-            return Outcome(reason="the Docker engine went away again; the next start recovers the service"), False
+            return Outcome(reason="the Docker engine went away again; the next start recovers the service",
+                           resume=True)
+
+
+def backoff(first: float, factor: float, most: float):
+    """Pauses that grow by factor from first up to most, for every poll and wait that repeats."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * factor, most)
 
 
 # ==========================================================================================
-# Update targets: what gets updated, behind one small interface (the Compose project today)
+# The journal: each update in progress, on disk before every step, and what recovery does then
+# ==========================================================================================
+#
+# journal.json in STATE_DIR holds one Record per update in progress, rewritten atomically (temp
+# file, fsync, rename) before every step and dropped when the update ends. An update follows one
+# Procedure, which journals its own Stages in order. After a crash, or an engine that stopped
+# answering, plan() decides from the record alone and whether the service's containers all run:
+# RECOVERY is that decision as a table, with a row for every stage a procedure journals.
+
+
+class Procedure(str, enum.Enum):
+    """How an update changes a service; what its journalled stages mean depends on it."""
+
+    REPLACE = "replace"  # stop and remove the old containers, compose up, wait (also any recovery of it)
+    START_FIRST = "start-first"  # a new container beside the old one, switched in once healthy
+    SWARM = "swarm"  # docker service update, then Swarm's own UpdateStatus
+
+
+class Stage(str, enum.Enum):
+    """The steps an update journals; each is also the name of its timed step in the view and the log."""
+
+    START = "start"  # the record is open; nothing has run yet (for START_FIRST: the new container starts)
+    INSPECT = "inspect"
+    PULL = "pull"
+    COMPARE = "compare"
+    STOP = "stop"
+    REMOVE = "remove"
+    UP = "up"
+    RECOVER_TAG = "recover-tag"
+    ROLLBACK_TAG = "rollback-tag"
+    ROLLBACK_STOP = "rollback-stop"
+    ROLLBACK_REMOVE = "rollback-remove"
+    ROLLBACK_UP = "rollback-up"
+    CREATE = "create"
+    ISOLATE = "isolate"
+    CONNECT = "connect"
+    DISCARD = "discard"
+    UPDATE = "update"
+    ROLLBACK = "rollback"
+
+
+class Action(enum.Enum):
+    """What recovery does with a service an update left unfinished."""
+
+    LEAVE = "leave"  # nothing had changed: record it as it was
+    JUDGE = "judge"  # what runs now is judged as a new container would be; rolled back if it fails
+    BRING_UP = "bring-up"  # bring the service up on the new image, or back on the old one if that is gone
+    ROLL_BACK = "roll-back"  # the update had failed: finish putting the old image back
+    SETTLE = "settle"  # a start-first switch: keep exactly one container, the old one if it still serves
+    FOLLOW = "follow"  # Swarm went on alone: follow its update to the end
+    REFUSE = "refuse"  # the record is not one gopdater wrote: run nothing, say so
+
+
+_ROLLBACK = (Stage.ROLLBACK_TAG, Stage.ROLLBACK_STOP, Stage.ROLLBACK_REMOVE, Stage.ROLLBACK_UP)
+# (procedure, stage) -> (the action if every container of the service runs, the action if not)
+RECOVERY: Dict[Tuple[Procedure, Stage], Tuple[Action, Action]] = {
+    **{(Procedure.REPLACE, s): (Action.LEAVE, Action.LEAVE)
+       for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE)},
+    **{(Procedure.REPLACE, s): (Action.JUDGE, Action.BRING_UP)
+       for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG)},
+    **{(Procedure.REPLACE, s): (Action.ROLL_BACK, Action.ROLL_BACK) for s in _ROLLBACK},
+    **{(Procedure.START_FIRST, s): (Action.SETTLE, Action.SETTLE)
+       for s in (Stage.INSPECT, Stage.CREATE, Stage.ISOLATE, Stage.START, Stage.CONNECT, Stage.DISCARD,
+                 Stage.STOP, Stage.REMOVE, *_ROLLBACK)},
+    **{(Procedure.SWARM, s): (Action.LEAVE, Action.LEAVE) for s in (Stage.START, Stage.INSPECT)},
+    **{(Procedure.SWARM, s): (Action.FOLLOW, Action.FOLLOW) for s in (Stage.UPDATE, Stage.ROLLBACK)},
+}
+
+
+class Record(NamedTuple):
+    """One update in progress, as journal.json keeps it."""
+
+    kind: str
+    project: str
+    service: str
+    deployment: str
+    reference: str  # the pushed image and tag
+    procedure: Procedure
+    stage: Stage
+    started: str
+    old_image: Optional[str] = None  # image ids, from docker inspect
+    new_image: Optional[str] = None
+    image: Optional[str] = None  # the reference the service runs, as its containers name it
+    old_container: Optional[str] = None  # start-first: the two containers and the new one's networks
+    new_container: Optional[str] = None
+    networks: Mapping[str, Tuple[str, ...]] = {}
+    swarm_started: Optional[str] = None  # Swarm's UpdateStatus.StartedAt before the update
+
+    @classmethod
+    def from_json(cls, data: object) -> Optional["Record"]:
+        """A record read back from disk, if every field is what gopdater writes; else None."""
+        if not isinstance(data, dict):
+            return None
+        fields = {k: v for k, v in data.items() if k in cls._fields}
+        if "step" in data and "stage" not in data:  # written by gopdater 1.1
+            fields["stage"] = data["step"]
+            fields["procedure"] = (Procedure.SWARM if data.get("kind") == "swarm" else Procedure.START_FIRST
+                                   if data.get("new_container") else Procedure.REPLACE).value
+        try:
+            record = cls(**{**fields, "procedure": Procedure(fields.get("procedure")),
+                            "stage": Stage(fields.get("stage")), "networks": {
+                                str(k): tuple(v) for k, v in (fields.get("networks") or {}).items()}})
+        except (TypeError, ValueError, AttributeError):
+            return None
+        return record if record_problem(record) is None else None
+
+
+def image_value(text: str) -> bool:
+    """An image as a record names it: an id (sha256:...), or a reference, optionally @digest (Swarm's)."""
+    reference, at, digest = text.partition("@")
+    return bool(DIGEST_RE.fullmatch(text) or (parse_reference(reference) and (not at or DIGEST_RE.fullmatch(digest))))
+
+
+RECORD_CHECKS: Tuple[Tuple[str, Callable[[str], object]], ...] = (
+    ("kind", re.compile(r"compose|swarm").fullmatch), ("project", lambda v: v == "" or PROJECT_RE.fullmatch(v)),
+    ("service", SERVICE_RE.fullmatch), ("deployment", re.compile(r"[0-9a-f]{12}|recovery").fullmatch),
+    ("reference", parse_reference), ("image", parse_reference), ("old_image", image_value),
+    ("new_image", image_value), ("old_container", CONTAINER_RE.fullmatch), ("new_container", CONTAINER_RE.fullmatch),
+    ("started", lambda v: True), ("swarm_started", lambda v: True))
+
+
+def record_problem(record: Record) -> Optional[str]:
+    """Why a record cannot be acted on (a field gopdater would never write, e.g. one like an option), or None."""
+    for field, valid in RECORD_CHECKS:
+        value = getattr(record, field)
+        if value is not None and (not isinstance(value, str) or not valid(value) or value.startswith("-")):
+            return f"its {field} is not one gopdater writes"
+    if not all(SERVICE_RE.fullmatch(n) and all(SERVICE_RE.fullmatch(a) for a in v) for n, v in record.networks.items()):
+        return "its networks are not valid names"
+    return None
+
+
+def plan(record: Record, running: bool) -> Action:
+    """What recovery does, from the record and whether every container of its service runs. Pure."""
+    row = RECOVERY.get((record.procedure, record.stage))
+    return Action.REFUSE if row is None else row[0 if running else 1]
+
+
+def write_atomically(path: str, data: object) -> None:
+    """Write JSON so that a crash leaves the old file or the new one, never a torn one."""
+    temp = f"{path}.tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def read_state(path: str, kind: type):
+    """A state file's JSON if it is of this kind; a corrupt one is moved aside with a warning."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        if isinstance(data, kind):
+            return data
+        error: Exception = ValueError("not a JSON " + kind.__name__)
+    except FileNotFoundError:
+        return kind()
+    except (OSError, ValueError, RecursionError) as caught:
+        error = caught
+    aside = f"{path}.corrupt-{int(time.time())}"
+    try:
+        os.replace(path, aside)
+    except OSError:
+        aside = "nowhere (it could not be moved)"
+    log.warning("state file %s is unreadable (%s); moved aside to %s; starting without it", path,
+                type(error).__name__, aside)
+    return kind()
+
+
+def default_state_dir(environ: Mapping[str, str]) -> str:
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "gopdater")
+
+
+JOURNAL_VERSION = 2
+
+
+class Journal:
+    """Updates in progress and the deployment history, kept in STATE_DIR across restarts and crashes."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.journal_path = os.path.join(directory, "journal.json")
+        self.history_path = os.path.join(directory, "history.json")
+        self.records: Dict[str, Record] = {}
+        self.lock = threading.Lock()
+
+    def problem(self) -> Optional[str]:
+        """None if STATE_DIR can be written, else one line saying what is wrong and how to fix it."""
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            write_atomically(os.path.join(self.directory, "probe.json"), {})
+            os.remove(os.path.join(self.directory, "probe.json"))
+        except OSError as error:
+            return (f"STATE_DIR {self.directory} cannot be written ({error.strerror or error}): make it a "
+                    "writable folder for this user with free space, or set STATE_DIR to one")
+        return None
+
+    def load(self) -> Tuple[List[Record], List[dict]]:
+        """The updates a crash left unfinished, and the stored history, newest last."""
+        updates = read_state(self.journal_path, dict).get("updates")
+        records = {}
+        for key, data in (updates.items() if isinstance(updates, dict) else ()):
+            record = Record.from_json(data)
+            if record is None:
+                log.error("journal record %r is not one gopdater writes; it is dropped and nothing is run for it",
+                          str(key)[:80])
+                continue
+            records[key] = record
+        with self.lock:
+            self.records = records
+        history = [view for view in read_state(self.history_path, list) if isinstance(view, dict)]
+        return list(records.values()), history[-HISTORY_SIZE:]
+
+    def record(self, key: str) -> Optional[Record]:
+        with self.lock:
+            return self.records.get(key)
+
+    def open(self, key: str, record: Record) -> None:
+        """Journal a new update; raises OSError if that cannot be written."""
+        with self.lock:
+            self.records[key] = record
+            self.write_locked()
+
+    def mark(self, key: str, **fields: object) -> None:
+        """Record where an update stands (fields of Record); raises OSError if that cannot be written."""
+        with self.lock:
+            self.records[key] = self.records[key]._replace(**fields)
+            self.write_locked()
+
+    def close(self, key: str) -> None:
+        """The update ended (whatever its result): forget it."""
+        with self.lock:
+            if self.records.pop(key, None) is not None:
+                try:
+                    self.write_locked()
+                except OSError as error:
+                    log.warning("could not close the journal entry of %s: %s", key, error.strerror)
+
+    def write_locked(self) -> None:
+        updates = {key: {**r._asdict(), "procedure": r.procedure.value, "stage": r.stage.value}
+                   for key, r in self.records.items()}
+        write_atomically(self.journal_path, {"version": JOURNAL_VERSION, "updates": updates})
+
+    def save_history(self, views: List[dict]) -> None:
+        try:
+            write_atomically(self.history_path, views)
+        except OSError as error:
+            log.warning("could not keep the deployment history in %s: %s", self.directory, error.strerror)
+
+
+class StepLog:
+    """What an update target reports through: timed steps, log lines, its clock, and its journal record."""
+
+    def __init__(self, deployment: Deployment, lock: threading.Condition, clock: Callable[[], float],
+                 sleep: Callable[[float], None], journal: Optional[Journal] = None):
+        self.deployment, self.lock = deployment, lock
+        self.clock, self.sleep, self.journal = clock, sleep, journal
+        self.label = f"deployment={deployment.id} service={deployment.ref}"
+        self.key = f"{deployment.ref.kind}:{deployment.ref}"
+
+    def begin(self, procedure: Procedure) -> None:
+        """Open the journal record before any command; OSError if it cannot be written."""
+        if self.journal is not None:
+            ref = self.deployment.ref
+            self.journal.open(self.key, Record(ref.kind, ref.project, ref.name, self.deployment.id,
+                                               str(self.deployment.key), procedure, Stage.START, _now()))
+
+    def record_now(self) -> Optional[Record]:
+        """The journal record as it stands, if there is one."""
+        return self.journal.record(self.key) if self.journal is not None else None
+
+    def remember(self, **fields: object) -> None:
+        """Add what recovery would need (image ids, the image reference, the procedure) to the journal record."""
+        if self.journal is not None:
+            try:
+                self.journal.mark(self.key, **fields)
+            except OSError as error:  # mid-update, going on beats stopping with the service down
+                log.warning("%s could not write the journal: %s", self.label, error.strerror)
+
+    def record(self, step: str, result: str, started: float) -> float:
+        """Log one step that began at started and keep its timing in the deployment; return its seconds."""
+        return self.note(step, result, self.clock() - started)
+
+    def note(self, step: str, result: str, seconds: float) -> float:
+        """Log one step of the given length and keep it in the deployment."""
+        seconds = round(seconds, 3)
+        with self.lock:
+            self.deployment.steps.append(Step(step, result, seconds))
+        quiet = result in ("ok", "kept", State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
+        log.log(logging.INFO if quiet else logging.WARNING, "%s step=%s result=%s seconds=%.2f", self.label,
+                step, result, seconds)
+        return seconds
+
+    def step(self, stage: Stage, action: Callable[[], object]):
+        """Run one stage, journalled first, and timed; a CommandError becomes DeployFailed naming it."""
+        record = self.record_now()
+        if record is not None and (record.procedure, stage) not in RECOVERY:
+            raise ValueError(f"{stage.value} is not a stage of {record.procedure.value}: add its RECOVERY row")
+        self.remember(stage=stage)
+        return self.look(stage.value, action)
+
+    def look(self, name: str, action: Callable[[], object]):
+        """Run one step, timed but not journalled: a read-only look must not overwrite where an update stands."""
+        started = self.clock()
+        try:
+            value = action()
+        except EngineUnreachable:
+            self.record(name, "failed", started)
+            raise
+        except CommandError as error:
+            self.record(name, "failed", started)
+            raise DeployFailed(f"{name} failed: {error}") from None
+        self.record(name, "ok", started)
+        return value
+
+    def container_log(self, container: str, lines: Sequence[str]) -> None:
+        """Keep a failing container's last lines, in the log and in the deployment."""
+        for line in lines:
+            log.warning("%s container %s logged: %r", self.label, container, line)
+            with self.lock:
+                self.deployment.logs.append(line)
+
+
+# ==========================================================================================
+# Update targets: what gets updated (Compose projects, Swarm services), behind one interface
 # ==========================================================================================
 
-POLL_FIRST, POLL_MAX = 0.2, 2.0
+POLL_FIRST, POLL_FACTOR, POLL_MAX = 0.2, 1.5, 2.0
 DEFAULT = "(Compose's default)"
 Finding = Tuple[bool, str]  # (ok, one line), for the start-up log and --check
 
+# -- the interface, the one matcher, and the health verdict ---------------------------------
+
+
+class Running(NamedTuple):
+    """One service a target could update, as it runs now: what the matcher decides from."""
+
+    ref: ServiceRef
+    image: Optional[ImageKey]  # the tagged reference it runs; None if none (not started, or pinned by digest)
+    labels: Tuple[Mapping[str, str], ...] = ()  # the service's labels, or each of its containers'
+
+
+def names(entry: str, ref: ServiceRef) -> bool:
+    """Whether a SERVICES entry (SERVICE, or PROJECT/SERVICE with a Compose project or Swarm stack) names ref."""
+    project, _, service = entry.rpartition("/")
+    return service == ref.name and project in ("", ref.project)
+
+
+def enable_label_says_no(config: Config, labels: Sequence[Mapping[str, str]]) -> Optional[str]:
+    """Why the label gopdater.enable (on a service or its containers) keeps it out, or None."""
+    values = {(each.get("gopdater.enable") or "").strip().lower() for each in labels}
+    if "false" in values:
+        return "labelled gopdater.enable=false"
+    if config.label_enable and "true" not in values:
+        return "not labelled gopdater.enable=true (LABEL_ENABLE=1)"
+    return None
+
+
+def triggers(config: Config, service: Running) -> Tuple[Tuple[ImageKey, ...], str]:
+    """The pushes that update a service, or () and why none does: the opt-out label, LABEL_ENABLE,
+    SERVICES and OWNER, for the pipeline, --check and the start-up log alike. Pure."""
+    why = enable_label_says_no(config, service.labels)
+    if why:
+        return (), why
+    if config.services:
+        keys = tuple(key for key, entry in config.services if names(entry, service.ref))
+        if not keys:
+            return (), "not in SERVICES"
+    elif service.image is None:
+        return (), "no running container with a tagged image"
+    else:
+        keys = (service.image,)
+    allowed = tuple(key for key in keys if owner_allowed(config.owners, key))
+    return allowed, "" if allowed else f"{keys[0]} is not in OWNER"
+
 
 class Target:
-    """What the work queue updates. The queue and the HTTP side know targets only through this."""
+    """What the work queue updates. The queue, the HTTP side and --check know targets only through this."""
+
+    kind = ""
+    runner: Runner  # what runs its commands (a DryRunner for DRY_RUN)
+
+    def __init__(self, config: Config, engine: str):
+        self.config, self.engine = config, engine
+
+    @property
+    def dry(self) -> bool:
+        """Whether commands that change something are only logged (DRY_RUN)."""
+        return getattr(self.runner, "dry", False)
+
+    def running(self) -> List[Running]:
+        """Every service this target could update, as last read."""
+        raise NotImplementedError
 
     def services_for(self, image: ImageKey) -> List[ServiceRef]:
         """The services that a push of this image and tag updates."""
-        raise NotImplementedError
-
-    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
-        """Update one service to the pushed image, safely; report steps through steps."""
-        raise NotImplementedError
-
-    def recover(self, ref: ServiceRef, record: Mapping[str, object], steps: StepLog) -> Outcome:
-        """Make a service whole after its update was cut off (a crash, the engine gone), from its journal record."""
-        raise NotImplementedError
-
-    def engine_answers(self) -> bool:
-        """Whether the engine behind this target answers."""
-        raise NotImplementedError
+        return [s.ref for s in self.running() if image in triggers(self.config, s)[0]]
 
     def owns(self, ref: ServiceRef) -> bool:
         """Whether this target updates that service."""
         raise NotImplementedError
 
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
+        """Update one service to the pushed image, safely; report steps through steps. Raises only
+        EngineUnreachable (the queue waits for the engine), or OSError if the journal cannot be opened."""
+        raise NotImplementedError
+
+    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
+        """Make a service whole after its update was cut off (a crash, the engine gone), as plan() says."""
+        raise NotImplementedError
+
+    def engine_answers(self) -> bool:
+        """Whether the engine behind this target answers."""
+        return engine_answers(self.config, self.runner)
+
     def refresh(self) -> None:
-        """Re-read what runs here."""
+        """Re-read what runs here; CommandError or ValueError if it cannot be read."""
         raise NotImplementedError
 
     def describe(self) -> List[Finding]:
@@ -1386,6 +1626,15 @@ class Target:
     def summary(self) -> str:
         """What this target is, in one line (for the start-up log)."""
         raise NotImplementedError
+
+    def service_findings(self, label: str) -> List[Finding]:
+        """One line per service: the pushes that update it, or why none does."""
+        found = []
+        for service in self.running():
+            keys, why = triggers(self.config, service)
+            found.append((True, f"{label} {service.ref}: " + (
+                f"updates on a push of {', '.join(map(str, keys))}" if keys else f"{why}, never updated")))
+        return found
 
 
 class Verdict(enum.Enum):
@@ -1437,6 +1686,160 @@ def judge(containers: Sequence[Container], expected: int, first_seen: Mapping[st
     return Health(Verdict.WAIT, waiting)
 
 
+class Targets(Target):
+    """Several targets as one: each service goes to the target that owns it."""
+
+    def __init__(self, members: Sequence[Target]):
+        self.members = list(members)
+        first = self.members[0] if self.members else None
+        super().__init__(first.config if first else None, first.engine if first else "")
+        self.runner = first.runner if first else None
+
+    def owner(self, ref: ServiceRef) -> Optional[Target]:
+        return next((member for member in self.members if member.owns(ref)), None)
+
+    def owns(self, ref: ServiceRef) -> bool:
+        return self.owner(ref) is not None
+
+    def running(self) -> List[Running]:
+        return [service for member in self.members for service in member.running()]
+
+    def services_for(self, image: ImageKey) -> List[ServiceRef]:
+        return [ref for member in self.members for ref in member.services_for(image)]
+
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
+        owner = self.owner(ref)
+        return owner.update(ref, digest, steps) if owner else Outcome(reason=f"{ref} is no longer found here")
+
+    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
+        owner = self.owner(ref)
+        return owner.recover(ref, record, steps) if owner else Outcome(
+            reason=f"{ref} is no longer found here; nothing was run for its unfinished update")
+
+    def engine_answers(self) -> bool:
+        return all(member.engine_answers() for member in self.members)
+
+    def refresh(self) -> None:
+        """Re-read each member; one that cannot be read keeps its last view and does not stop the others."""
+        for member in self.members:
+            try:
+                member.refresh()
+            except (CommandError, ValueError) as error:
+                log.warning("could not re-read %s: %s", type(member).__name__, error)
+
+    def describe(self) -> List[Finding]:
+        return [finding for member in self.members for finding in member.describe()]
+
+    def summary(self) -> str:
+        return " ".join(member.summary() for member in self.members)
+
+
+# -- the steps any container-based target takes: wait and judge, roll back by tag, clean up ---
+
+
+class ContainerSteps:
+    """Engine-level steps on containers, written once for every target that replaces containers."""
+
+    def __init__(self, config: Config, docker: "Compose"):
+        self.config, self.docker = config, docker
+
+    def wait_until_ready(self, ids: Sequence[str], steps: StepLog, stopped: Optional[float]) -> None:
+        """Poll the new containers until judged ready; raise DeployFailed with the reason otherwise."""
+        started = steps.clock()
+        try:
+            health, containers = self.poll(ids, steps, stopped, started)
+        except EngineUnreachable:
+            raise
+        except CommandError as error:
+            steps.record("wait", "failed", started)
+            raise DeployFailed(f"wait failed: {error}") from None
+        if health.verdict is Verdict.READY:
+            steps.record("wait", "ok", started)
+            return
+        steps.record("wait", "failed", started)
+        for c in containers:
+            steps.container_log(c.name, self.docker.logs(c.name))
+        raise DeployFailed(health.reason)
+
+    def poll(self, ids: Sequence[str], steps: StepLog, stopped: Optional[float], started: float
+             ) -> Tuple[Health, List[Container]]:
+        """Inspect the containers with a growing pause until the verdict is not WAIT; note the downtime
+        (from stopped, when an old container was stopped, to the first one running)."""
+        if not ids:
+            return Health(Verdict.FAILED, "wait failed: compose up created no container"), []
+        first_seen: Dict[str, Tuple[float, str]] = {}
+        for delay in backoff(POLL_FIRST, POLL_FACTOR, POLL_MAX):
+            containers, now = self.docker.inspect(ids), steps.clock()
+            for c in containers:
+                if c.status == "running" and not first_seen and stopped is not None:
+                    steps.note("downtime", "ok", now - stopped)
+                if c.status == "running":
+                    first_seen.setdefault(c.id, (now, c.started_at))
+            limit = health_limit(containers, self.config.health_timeout, self.config.settle_time)
+            health = judge(containers, len(ids), first_seen, now, now - started, limit, self.config.settle_time)
+            if health.verdict is not Verdict.WAIT:
+                return health, containers
+            steps.sleep(delay)
+        raise AssertionError("unreachable: backoff() never ends")
+
+    def retire(self, container: Container, steps: StepLog, prefix: str = "") -> None:
+        """Stop and remove a container."""
+        steps.step(Stage(prefix + "stop"), lambda: self.docker.stop(container.name))
+        steps.step(Stage(prefix + "remove"), lambda: self.docker.remove(container.name))
+
+    def put_back_tag(self, old_id: str, image: str, steps: StepLog) -> None:
+        """Point the image name at the old image again, so a later `compose up` keeps it; best effort."""
+        try:
+            steps.step(Stage.ROLLBACK_TAG, lambda: self.docker.tag(old_id, image))
+        except DeployFailed as error:
+            log.warning("%s %s", steps.label, error)
+
+    def roll_back(self, image: Optional[str], old_ids: Sequence[str], failed: Outcome, steps: StepLog,
+                  replace: Callable[[], None], hint: str) -> Outcome:
+        """Tag the previous image under the service's image name again, then replace() brings it up."""
+        log.error("%s update failed: %s; rolling back", steps.label, failed.reason)
+        if not image or len(old_ids) != 1:
+            return failed._replace(reason=f"{failed.reason}; no previous image to roll back to, fix the service by hand")
+        try:
+            steps.step(Stage.ROLLBACK_TAG, lambda: self.docker.tag(old_ids[0], image))
+            replace()
+        except EngineUnreachable:
+            raise
+        except (DeployFailed, CommandError) as error:
+            reason = f"{failed.reason}; rollback failed too ({error}); run by hand: docker tag {old_ids[0]} {image} && {hint}"
+            log.error("%s ROLLBACK FAILED: %s", steps.label, reason)
+            return failed._replace(reason=reason)
+        log.warning("%s rolled back to %s; the failed image %s is kept for inspection", steps.label,
+                    old_ids[0][:19], failed.new_image)
+        return failed._replace(result=State.ROLLED_BACK)
+
+    def has_image(self, image_id: str) -> bool:
+        try:
+            self.docker.image_id(image_id)
+            return True
+        except EngineUnreachable:
+            raise
+        except CommandError:
+            return False
+
+    def clean_up(self, old_ids: Sequence[str], new_id: Optional[str], steps: StepLog) -> None:
+        """Remove the replaced images; keep one, with a log line, if Docker says it is still in use."""
+        for image_id in old_ids:
+            if image_id == new_id:
+                continue
+            started = steps.clock()
+            try:
+                self.docker.remove_image(image_id)
+            except CommandError as error:
+                steps.record("cleanup", "kept", started)
+                log.info("%s kept old image %s: %s", steps.label, image_id[:19], error.tail)
+                continue
+            steps.record("cleanup", "ok", started)
+
+
+# -- Compose: where a project lives, and its services updated through Compose ----------------
+
+
 class ComposeLocation(NamedTuple):
     """Which project Compose works on, and where each part of that came from."""
 
@@ -1448,6 +1851,11 @@ class ComposeLocation(NamedTuple):
     working_dir_source: str
     own_service: Optional[str] = None
     env_files: Tuple[str, ...] = ()
+
+
+def path_separator(config: Config) -> str:
+    """The separator of COMPOSE_FILE lists, as Compose reads it."""
+    return config.environ.get("COMPOSE_PATH_SEPARATOR", os.pathsep)
 
 
 def own_container_id(mountinfo: str, cgroup: str) -> Optional[str]:
@@ -1471,7 +1879,7 @@ def locate(config: Config, labels: Mapping[str, str], cwd: str) -> ComposeLocati
     working_dir = labels.get("com.docker.compose.project.working_dir")
     files = [f for f in labels.get("com.docker.compose.project.config_files", "").split(",") if f]
     name, name_source = _project_name(config, labels)
-    separator = config.environ.get("COMPOSE_PATH_SEPARATOR", os.pathsep)
+    separator = path_separator(config)
     if config.compose_file:
         # Made absolute because Compose then runs in the project directory, not in ours.
         paths = [os.path.abspath(os.path.join(cwd, f)) for f in config.compose_file.split(separator) if f]
@@ -1519,12 +1927,12 @@ class ComposeProject(Target):
 
     kind = "compose"
 
-    def __init__(self, config: Config, docker: Compose, version: str, engine: str = ""):
-        self.config, self.docker, self.version, self.engine = config, docker, version, engine
+    def __init__(self, config: Config, docker: "Compose", version: str, engine: str = ""):
+        super().__init__(config, engine)
+        self.docker, self.version = docker, version
+        self.steps = ContainerSteps(config, docker)
         self.services: Tuple[str, ...] = ()
-        self.images: Dict[str, ImageKey] = {}
         self.containers: Dict[str, List[Container]] = {}
-        self.left_out: Dict[str, str] = {}  # service: why its gopdater.enable label keeps it out
         self.start_first: set = set()  # services that asked for start-first updates
 
     @property
@@ -1535,48 +1943,41 @@ class ComposeProject(Target):
             self.docker.location.working_dir)
 
     def refresh(self) -> None:
-        """Re-read the project (`compose config --services`, `compose ps`, `docker inspect`)."""
+        """Re-read the project (`compose config`, `compose ps`, `docker inspect`)."""
         configured = self.docker.list_services()
         services = tuple(s for s in configured if s != self.docker.location.own_service)
         by_service: Dict[str, List[Container]] = {}
         for container in self.docker.containers():
             if container.service in services:
                 by_service.setdefault(container.service, []).append(container)
-        images = {}
-        for service, containers in by_service.items():
-            key = parse_reference(containers[0].image)
-            if key is not None:
-                images[service] = key
-        left_out = {service: why for service in services if (why := enable_label_says_no(
-            self.config, [c.labels for c in by_service.get(service, [])]))}
-        self.services, self.images, self.containers, self.left_out = services, images, by_service, left_out
+        self.services, self.containers = services, by_service
         self.start_first = {s for s in services if configured[s] == "start-first" or any(
             c.labels.get("gopdater.order", "").strip() == "start-first" for c in by_service.get(s, []))}
 
-    def services_for(self, image: ImageKey) -> List[ServiceRef]:
-        """Services that run this image: by SERVICES when set, else by what the project runs."""
-        if self.config.services:
-            names = {self.named(entry) for key, entry in self.config.services if key == image} - {None}
-        else:
-            names = {service for service, key in self.images.items() if key == image}
-        return [ServiceRef(self.kind, self.name, name) for name in sorted(names - set(self.left_out))]
+    @property
+    def runner(self) -> Runner:
+        return self.docker.runner
+
+    def running(self) -> List[Running]:
+        found = []
+        for service in self.services:
+            containers = self.containers.get(service, [])
+            image = parse_reference(containers[0].image) if containers else None
+            found.append(Running(ServiceRef(self.kind, self.name, service), image, tuple(c.labels for c in containers)))
+        return found
 
     def owns(self, ref: ServiceRef) -> bool:
         return ref.kind == self.kind and ref.project == self.name
 
-    def named(self, entry: str) -> Optional[str]:
-        """The service a SERVICES entry (SERVICE or PROJECT/SERVICE) names in this project, if any."""
-        project, _, service = entry.rpartition("/")
-        return service if project in ("", self.name) and service in self.services else None
-
     def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
         """Pull; stop if unchanged; else replace and wait; roll back on failure; clean up on success."""
+        steps.begin(Procedure.REPLACE)
         service = ref.name
         try:
-            old = steps.step("inspect", lambda: self.docker.containers(service))
-            steps.step("pull", lambda: self.docker.pull(service))
+            old = steps.step(Stage.INSPECT, lambda: self.docker.containers(service))
+            steps.step(Stage.PULL, lambda: self.docker.pull(service))
             image = old[0].image if old else None
-            new_id = steps.step("compare", lambda: self.docker.image_id(image)) if image else None
+            new_id = steps.step(Stage.COMPARE, lambda: self.docker.image_id(image)) if image else None
         except DeployFailed as error:
             return Outcome(reason=str(error))
         old_ids = sorted({c.image_id for c in old})
@@ -1593,31 +1994,54 @@ class ComposeProject(Target):
             self.replace(service, old, steps)
         except DeployFailed as error:
             return self.roll_back(service, image, old_ids, outcome._replace(reason=str(error)), steps)
-        for old_id in old_ids:
-            if old_id != new_id:
-                self.remove_old_image(old_id, steps)
-        return outcome._replace(result=State.DRY_RUN if self.docker.dry else State.UPDATED)
+        self.steps.clean_up(old_ids, new_id, steps)
+        return outcome._replace(result=State.DRY_RUN if self.dry else State.UPDATED)
 
-    def start_first_update(self, service: str, old: Sequence[Container], image: Optional[str], old_ids: List[str],
-                           outcome: Outcome, steps: StepLog) -> Outcome:
+    def replace(self, service: str, old: Sequence[Container], steps: StepLog, prefix: str = "") -> None:
+        """Stop and remove the old containers, `compose up` the service, wait until it is ready."""
+        stopped = steps.clock()
+        for container in old:
+            self.steps.retire(container, steps, prefix)
+        steps.step(Stage(prefix + "up"), lambda: self.docker.up(service))
+        self.steps.wait_until_ready(self.container_ids(service), steps, stopped)
+
+    def container_ids(self, service: str) -> List[str]:
+        """The ids of the service's containers now; DeployFailed if Compose cannot say."""
+        try:
+            return [c.id for c in self.docker.containers(service)]
+        except EngineUnreachable:
+            raise
+        except CommandError as error:
+            raise DeployFailed(f"wait failed: {error}") from None
+
+    def roll_back(self, service: str, image: Optional[str], old_ids: Sequence[str], failed: Outcome,
+                  steps: StepLog) -> Outcome:
+        """Put the previous image back under the service's image name and recreate the service from it."""
+        hint = f"cd {self.docker.location.working_dir} && {' '.join(self.docker.command)} up -d --no-deps {service}"
+        return self.steps.roll_back(image, old_ids, failed, steps, lambda: self.replace(
+            service, self.docker.containers(service), steps, prefix="rollback-"), hint)
+
+    # -- start-first ----------------------------------------------------------------------
+
+    def start_first_update(self, service: str, old: Sequence[Container], image: Optional[str],
+                           old_ids: List[str], outcome: Outcome, steps: StepLog) -> Outcome:
         """Each old container in turn: a new one beside it, off the networks until healthy, then switched in."""
+        steps.remember(procedure=Procedure.START_FIRST)
         for container in old:
             try:
                 self.switch(service, container, steps)
             except DeployFailed as error:
                 log.error("%s update failed: %s; the old container kept serving", steps.label, error)
                 if image and len(old_ids) == 1:
-                    self.put_back_tag(old_ids[0], image, steps)
+                    self.steps.put_back_tag(old_ids[0], image, steps)
                 return outcome._replace(result=State.ROLLED_BACK, reason=str(error))
-        for old_id in old_ids:
-            if old_id != outcome.new_image:
-                self.remove_old_image(old_id, steps)
-        return outcome._replace(result=State.DRY_RUN if self.docker.dry else State.UPDATED)
+        self.steps.clean_up(old_ids, outcome.new_image, steps)
+        return outcome._replace(result=State.DRY_RUN if self.dry else State.UPDATED)
 
     def switch(self, service: str, old: Container, steps: StepLog) -> None:
         """Create a new container beside old, start it off the networks, wait, connect it, retire old."""
         before = self.docker.containers(service)
-        steps.step("create", lambda: self.docker.create_next(service, len(before) + 1))
+        steps.step(Stage.CREATE, lambda: self.docker.create_next(service, len(before) + 1))
         created = [c for c in self.docker.containers(service) if c.id not in {b.id for b in before}]
         if len(created) != 1:
             raise DeployFailed(f"create made {len(created)} containers, not one")
@@ -1625,180 +2049,104 @@ class ComposeProject(Target):
         steps.remember(old_container=old.name, new_container=new.name, networks=dict(new.networks))
         try:
             for network in new.networks:
-                steps.step("isolate", lambda n=network: self.docker.network("disconnect", n, new.name))
-            steps.step("start", lambda: self.docker.start(new.name))
-            self.wait_until_ready(service, steps, None, ids=[new.id])
+                steps.step(Stage.ISOLATE, lambda n=network: self.docker.network("disconnect", n, new.name))
+            steps.step(Stage.START, lambda: self.docker.start(new.name))
+            self.steps.wait_until_ready([new.id], steps, None)
             for network, aliases in new.networks.items():
-                steps.step("connect", lambda n=network, a=aliases: self.docker.network("connect", n, new.name, a))
+                steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.docker.network("connect", n, new.name, a))
         except DeployFailed:
-            steps.step("discard", lambda: self.docker.discard(new.name))
+            steps.step(Stage.DISCARD, lambda: self.docker.discard(new.name))
             raise
         started = steps.clock()
         steps.sleep(self.config.switch_delay)  # the reverse proxy's DNS must see the new one first
         steps.record("switch", "ok", started)
-        steps.step("stop", lambda: self.docker.stop(old.name))
-        steps.step("remove", lambda: self.docker.remove(old.name))
+        self.steps.retire(old, steps)
 
-    def put_back_tag(self, old_id: str, image: str, steps: StepLog) -> None:
-        """Point the image name at the old image again, so a later `compose up` keeps it; best effort."""
+    # -- recovery, as plan() decides ------------------------------------------------------
+
+    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
+        """Make the service whole from its journal record, doing what plan() says for where it was cut off."""
+        outcome = Outcome(old_image=record.old_image, new_image=record.new_image)
         try:
-            steps.step("rollback-tag", lambda: self.docker.tag(old_id, image))
+            containers = steps.look("inspect", lambda: self.docker.containers(ref.name))
         except DeployFailed as error:
-            log.warning("%s %s", steps.label, error)
+            return outcome._replace(reason=str(error))
+        action = plan(record, bool(containers) and all(c.status == "running" for c in containers))
+        handler = COMPOSE_RECOVERY.get(action, ComposeProject.refuse)
+        return handler(self, ref.name, record, containers, outcome, steps)
 
-    def replace(self, service: str, old: Sequence[Container], steps: StepLog, prefix: str = "") -> None:
-        """Stop and remove the old containers, `compose up` the service, wait until it is ready."""
-        stopped = steps.clock()
-        for container in old:
-            steps.step(prefix + "stop", lambda c=container: self.docker.stop(c.name))
-            steps.step(prefix + "remove", lambda c=container: self.docker.remove(c.name))
-        steps.step(prefix + "up", lambda: self.docker.up(service))
-        self.wait_until_ready(service, steps, stopped)
+    def leave(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
+              steps: StepLog) -> Outcome:
+        """Cut off before anything changed."""
+        running = bool(containers) and all(c.status == "running" for c in containers)
+        return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was" if running
+                                else "the update had changed nothing yet; left as it was")
 
-    def wait_until_ready(self, service: str, steps: StepLog, stopped: Optional[float],
-                         ids: Sequence[str] = ()) -> None:
-        """Poll the new containers (those given, else the service's) until judged ready; raise DeployFailed
-        with the reason otherwise."""
-        started = steps.clock()
+    def judge_running(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
+                      steps: StepLog) -> Outcome:
+        """It runs again: judge it as a new container; roll back if it fails."""
         try:
-            ids = list(ids) or [c.id for c in self.docker.containers(service)]
-            health, containers = self.poll(ids, steps, stopped, started)
-        except EngineUnreachable:
-            raise
-        except CommandError as error:
-            steps.record("wait", "failed", started)
-            raise DeployFailed(f"wait failed: {error}") from None
-        if health.verdict is Verdict.READY:
-            steps.record("wait", "ok", started)
-            return
-        steps.record("wait", "failed", started)
-        for c in containers:
-            steps.container_log(c.name, self.docker.logs(c.name))
-        raise DeployFailed(health.reason)
+            self.steps.wait_until_ready([c.id for c in containers], steps, steps.clock())
+        except DeployFailed as error:
+            return self.roll_back_record(service, record, outcome._replace(reason=str(error)), steps)
+        back = {c.image_id for c in containers} == {record.old_image}
+        return outcome._replace(result=State.ROLLED_BACK if back else State.RECOVERED,
+                                reason=f"{'the previous' if back else 'the new'} image was running healthy")
 
-    def poll(self, ids: Sequence[str], steps: StepLog, stopped: Optional[float], started: float
-             ) -> Tuple[Health, List[Container]]:
-        """Inspect the containers with a growing pause until the verdict is not WAIT; note the downtime
-        (from stopped, when an old container was stopped, to the first one running)."""
-        if not ids:
-            return Health(Verdict.FAILED, "wait failed: compose up created no container"), []
-        first_seen: Dict[str, Tuple[float, str]] = {}
-        delay = POLL_FIRST
-        while True:
-            containers, now = self.docker.inspect(ids), steps.clock()
-            for c in containers:
-                if c.status == "running" and not first_seen and stopped is not None:
-                    steps.note("downtime", "ok", now - stopped)
-                if c.status == "running":
-                    first_seen.setdefault(c.id, (now, c.started_at))
-            limit = health_limit(containers, self.config.health_timeout, self.config.settle_time)
-            health = judge(containers, len(ids), first_seen, now, now - started, limit, self.config.settle_time)
-            if health.verdict is not Verdict.WAIT:
-                return health, containers
-            steps.sleep(delay)
-            delay = min(delay * 1.5, POLL_MAX)
-
-    def roll_back(self, service: str, image: Optional[str], old_ids: List[str], failed: Outcome,
-                  steps: StepLog) -> Outcome:
-        """Put the previous image back under the service's image name and recreate the service from it."""
-        log.error("%s update failed: %s; rolling back", steps.label, failed.reason)
-        if not image or len(old_ids) != 1:
-            return failed._replace(reason=f"{failed.reason}; no previous image to roll back to, fix the service by hand")
+    def bring_up(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
+                 steps: StepLog) -> Outcome:
+        """Bring the service up on the new image; back on the old one if that fails or the image is gone."""
         try:
-            steps.step("rollback-tag", lambda: self.docker.tag(old_ids[0], image))
-            self.replace(service, self.docker.containers(service), steps, prefix="rollback-")
-        except EngineUnreachable:
-            raise
-        except (DeployFailed, CommandError) as error:
-            hint = (f"run by hand in {self.docker.location.working_dir}: docker tag {old_ids[0]} {image} && "
-                    f"{' '.join(self.docker.command)} up -d --no-deps {service}")
-            reason = f"{failed.reason}; rollback failed too ({error}); {hint}"
-            log.error("%s ROLLBACK FAILED: %s", steps.label, reason)
-            return failed._replace(reason=reason)
-        log.warning("%s rolled back to %s; the failed image %s is kept for inspection", steps.label,
-                    old_ids[0][:19], failed.new_image)
-        return failed._replace(result=State.ROLLED_BACK)
-
-    def recover(self, ref: ServiceRef, record: Mapping[str, object], steps: StepLog) -> Outcome:
-        """Make the service whole from its journal record: keep it if it runs and is healthy; else bring
-        it up on the new image and wait; roll back to the old image when that fails or cannot be."""
-        service, step = ref.name, str(record.get("step", ""))
-        old_id, new_id, image = record.get("old_image"), record.get("new_image"), record.get("image")
-        outcome = Outcome(old_image=old_id, new_image=new_id)
-        if record.get("new_container"):
-            return self.recover_switch(service, record, outcome, steps)
-        try:
-            if step.startswith("rollback"):
-                raise DeployFailed("the update had failed and was being rolled back")
-            containers = steps.step("inspect", lambda: self.docker.containers(service))
-            if containers and all(c.status == "running" for c in containers):
-                if step in ("start", "inspect", "pull", "compare"):  # cut off before anything was stopped
-                    return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was")
-                self.wait_until_ready(service, steps, steps.clock())
-                back = {c.image_id for c in containers} == {old_id}
-                return outcome._replace(result=State.ROLLED_BACK if back else State.RECOVERED,
-                                        reason=f"{'the previous' if back else 'the new'} image was running healthy")
-            if not image or not new_id or not self.has_image(str(new_id)):
+            if not record.image or not record.new_image or not self.steps.has_image(record.new_image):
                 raise DeployFailed("the update was cut off before the new image was running")
-            steps.step("recover-tag", lambda: self.docker.tag(str(new_id), str(image)))
+            steps.step(Stage.RECOVER_TAG, lambda: self.docker.tag(record.new_image, record.image))
             self.replace(service, containers, steps)
         except DeployFailed as error:
-            old_ids = [str(old_id)] if old_id else []
-            return self.roll_back(service, image and str(image), old_ids, outcome._replace(reason=str(error)), steps)
+            return self.roll_back_record(service, record, outcome._replace(reason=str(error)), steps)
         return outcome._replace(result=State.RECOVERED, reason="the new image now runs healthy")
 
-    def recover_switch(self, service: str, record: Mapping[str, object], outcome: Outcome,
-                       steps: StepLog) -> Outcome:
+    def finish_rollback(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
+                        steps: StepLog) -> Outcome:
+        """The update had failed and was being rolled back: finish that."""
+        return self.roll_back_record(service, record, outcome._replace(
+            reason="the update had failed and was being rolled back"), steps)
+
+    def roll_back_record(self, service: str, record: Record, failed: Outcome, steps: StepLog) -> Outcome:
+        return self.roll_back(service, record.image, [record.old_image] if record.old_image else [], failed, steps)
+
+    def settle(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
+               steps: StepLog) -> Outcome:
         """A start-first switch was cut off: keep exactly one healthy container, the old one if it still runs."""
-        by_name = {c.name: c for c in steps.step("inspect", lambda: self.docker.containers(service))}
-        old, new = by_name.get(str(record.get("old_container"))), by_name.get(str(record.get("new_container")))
+        by_name = {c.name: c for c in containers}
+        old, new = by_name.get(record.old_container or ""), by_name.get(record.new_container or "")
         try:
             if old is not None and old.status == "running" or new is None:
                 if new is not None:
-                    steps.step("discard", lambda: self.docker.discard(new.name))
+                    steps.step(Stage.DISCARD, lambda: self.docker.discard(new.name))
                 if old is not None and old.status == "running":
-                    if record.get("image") and outcome.old_image:
-                        self.put_back_tag(str(outcome.old_image), str(record["image"]), steps)
+                    if record.image and record.old_image:
+                        self.steps.put_back_tag(record.old_image, record.image, steps)
                     return outcome._replace(result=State.ROLLED_BACK, reason="the switch was cut off; the old "
                                                                              "container kept serving")
                 raise DeployFailed("the switch was cut off with neither container running")
             if old is not None:
-                steps.step("remove", lambda: self.docker.remove(old.name))
+                steps.step(Stage.REMOVE, lambda: self.docker.remove(old.name))
             if new.status != "running":
-                steps.step("start", lambda: self.docker.start(new.name))
-            networks = record.get("networks") if isinstance(record.get("networks"), dict) else {}
-            for network, aliases in networks.items():
+                steps.step(Stage.START, lambda: self.docker.start(new.name))
+            for network, aliases in record.networks.items():
                 if network not in new.networks:
-                    steps.step("connect", lambda n=network, a=aliases: self.docker.network("connect", n, new.name, a))
-            self.wait_until_ready(service, steps, None, ids=[new.id])
+                    steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.docker.network("connect", n, new.name, a))
+            self.steps.wait_until_ready([new.id], steps, None)
         except DeployFailed as error:
-            old_ids = [str(outcome.old_image)] if outcome.old_image else []
-            image = record.get("image")
-            return self.roll_back(service, image and str(image), old_ids, outcome._replace(reason=str(error)), steps)
+            return self.roll_back_record(service, record, outcome._replace(reason=str(error)), steps)
         return outcome._replace(result=State.RECOVERED, reason="the new container now serves alone")
 
-    def has_image(self, image_id: str) -> bool:
-        try:
-            self.docker.image_id(image_id)
-            return True
-        except EngineUnreachable:
-            raise
-        except CommandError:
-            return False
+    def refuse(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
+               steps: StepLog) -> Outcome:
+        return outcome._replace(reason=f"its journal record ({record.procedure.value} at {record.stage.value}) is "
+                                       "not one Compose recovery knows; nothing was run, check the service by hand")
 
-    def engine_answers(self) -> bool:
-        return engine_answers(self.config, self.docker.runner)
-
-    def remove_old_image(self, image_id: str, steps: StepLog) -> None:
-        """Remove the replaced image; keep it, with a log line, if Docker says it is still in use."""
-        started = steps.clock()
-        try:
-            self.docker.remove_image(image_id)
-        except CommandError as error:
-            steps.record("cleanup", "kept", started)
-            log.info("%s kept old image %s: %s", steps.label, image_id[:19], error.tail)
-            return
-        steps.record("cleanup", "ok", started)
+    # -- what it says about itself --------------------------------------------------------
 
     def describe(self) -> List[Finding]:
         """Compose, the project and where it came from, and what would update each service."""
@@ -1809,90 +2157,39 @@ class ComposeProject(Target):
                  (True, f"working directory: {where.working_dir} (from {where.working_dir_source})")]
         if where.own_service:
             found.append((True, f"own service {where.own_service} is left alone: gopdater does not update itself"))
-        mapped = [(service, self.triggers(service)) for service in self.services]
-        for service, keys in mapped:
-            name = ServiceRef(self.kind, self.name, service)
-            if keys:
-                found.append((True, f"service {name}: updates on a push of {', '.join(keys)}"))
-                if service in self.start_first:
-                    refused = start_first_refusal(self.containers.get(service, []))
-                    found.append((True, f"service {name}: start-first" + (
-                        f" falls back to stop-first: {refused}" if refused else "")))
-            else:
-                why = self.left_out.get(service) or (
-                    "not in SERVICES" if self.config.services else "no running container with a tagged image")
-                found.append((True, f"service {name}: {why}, never updated"))
-        if not any(keys for _, keys in mapped):
+        found += self.service_findings("service")
+        for service in sorted(self.start_first):
+            refused = start_first_refusal(self.containers.get(service, []))
+            found.append((True, f"service {ServiceRef(self.kind, self.name, service)}: start-first" + (
+                f" falls back to stop-first: {refused}" if refused else "")))
+        if not any(triggers(self.config, s)[0] for s in self.running()):
             found.append((False, "no service would ever be updated: start the services with docker compose up -d, "
                                  "or set SERVICES"))
         return found
 
-    def triggers(self, service: str) -> List[str]:
-        """The image references whose push updates this service."""
-        if service in self.left_out:
-            return []
-        if self.config.services:
-            return [str(k) for k, entry in self.config.services if self.named(entry) == service]
-        return [str(self.images[service])] if service in self.images else []
-
     def summary(self) -> str:
         """One line for the start-up log."""
-        services = ",".join(f"{s}={self.images[s]}" if s in self.images else s for s in self.services)
+        services = ",".join(f"{s.ref.name}={s.image}" if s.image else s.ref.name for s in self.running())
         return (f"compose={' '.join(self.docker.command)} {self.version} project={self.name} "
                 f"dir={self.docker.location.working_dir} services={services}")
 
 
-class Targets(Target):
-    """Several targets as one: each service goes to the target that owns it."""
-
-    def __init__(self, members: Sequence[Target]):
-        self.members = list(members)
-        self.engine = next((m.engine for m in self.members if getattr(m, "engine", "")), "")
-
-    def owner(self, ref: ServiceRef) -> "Target":
-        for member in self.members:
-            if member.owns(ref):
-                return member
-        raise DeployFailed(f"{ref} is no longer found here")
-
-    def owns(self, ref: ServiceRef) -> bool:
-        return any(member.owns(ref) for member in self.members)
-
-    def services_for(self, image: ImageKey) -> List[ServiceRef]:
-        return [ref for member in self.members for ref in member.services_for(image)]
-
-    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
-        return self.owner(ref).update(ref, digest, steps)
-
-    def recover(self, ref: ServiceRef, record: Mapping[str, object], steps: StepLog) -> Outcome:
-        return self.owner(ref).recover(ref, record, steps)
-
-    def engine_answers(self) -> bool:
-        return all(member.engine_answers() for member in self.members)
-
-    def refresh(self) -> None:
-        """Re-read each member; one that cannot be read keeps its last view and does not stop the others."""
-        for member in self.members:
-            try:
-                member.refresh()
-            except (CommandError, ValueError) as error:
-                log.warning("could not re-read %s: %s", type(member).__name__, error)
-
-    def describe(self) -> List[Finding]:
-        return [finding for member in self.members for finding in member.describe()]
-
-    def summary(self) -> str:
-        return " ".join(member.summary() for member in self.members)
+COMPOSE_RECOVERY: Dict[Action, Callable[..., Outcome]] = {
+    Action.LEAVE: ComposeProject.leave, Action.JUDGE: ComposeProject.judge_running,
+    Action.BRING_UP: ComposeProject.bring_up, Action.ROLL_BACK: ComposeProject.finish_rollback,
+    Action.SETTLE: ComposeProject.settle}
 
 
 class ComposeHost(Targets):
     """Every Compose project on the engine (PROJECTS=*), or those named, each run as in its own folder."""
 
+    kind = "compose"
+
     def __init__(self, config: Config, command: Sequence[str], version: str, engine: str, runner: Runner,
                  own: Mapping[str, str]):
         super().__init__([])
-        self.config, self.command, self.version, self.engine = config, list(command), version, engine
-        self.runner, self.own = runner, own
+        self.config, self.runner, self.engine = config, runner, engine
+        self.command, self.version, self.own = list(command), version, own
         self.skipped: Dict[str, str] = {}  # project: why it cannot be updated from here
 
     def refresh(self) -> None:
@@ -1925,6 +2222,9 @@ class ComposeHost(Targets):
         found += [(False, f"project {name} is skipped: {why}") for name, why in sorted(self.skipped.items())]
         return found + super().describe()
 
+    def summary(self) -> str:
+        return super().summary() or f"compose projects=none (PROJECTS={','.join(self.config.projects or ())})"
+
 
 def projects_on_engine(config: Config, runner: Runner, own: Mapping[str, str]) -> Dict[str, ComposeLocation]:
     """Each Compose project with a container on the engine, and where Compose keeps it, from the labels."""
@@ -1943,7 +2243,6 @@ def projects_on_engine(config: Config, runner: Runner, own: Mapping[str, str]) -
 def project_location(config: Config, labels: Mapping[str, str], own: Mapping[str, str]) -> ComposeLocation:
     """Where a project lives, from one of its containers' labels, as `docker compose up -d` there would run."""
     folder = labels["com.docker.compose.project.working_dir"]
-    separator = config.environ.get("COMPOSE_PATH_SEPARATOR", os.pathsep)
     files = [os.path.join(folder, f) for f in labels.get("com.docker.compose.project.config_files", "").split(",") if f]
     env_files = tuple(os.path.join(folder, f) for f in
                       labels.get("com.docker.compose.project.environment_file", "").split(",") if f)
@@ -1951,20 +2250,22 @@ def project_location(config: Config, labels: Mapping[str, str], own: Mapping[str
     # gopdater leaves its own service alone when it works on its own project.
     mine = own.get("com.docker.compose.service") if own.get("com.docker.compose.project") == labels.get(
         "com.docker.compose.project") else None
-    return ComposeLocation(labels["com.docker.compose.project"], source, separator.join(files) or None, source,
-                           folder, source, mine, env_files)
+    return ComposeLocation(labels["com.docker.compose.project"], source, path_separator(config).join(files) or None,
+                           source, folder, source, mine, env_files)
 
 
 def unreadable(config: Config, location: ComposeLocation) -> Optional[str]:
     """Why Compose could not read a project from here (its folder or files not visible), or None."""
-    separator = config.environ.get("COMPOSE_PATH_SEPARATOR", os.pathsep)
-    paths = [p for p in (location.compose_file or "").split(separator) if p] + list(location.env_files)
+    paths = [p for p in (location.compose_file or "").split(path_separator(config)) if p] + list(location.env_files)
     if not os.path.isdir(location.working_dir):
         parent = os.path.dirname(location.working_dir.rstrip("/")) or "/"
         return (f"its folder {location.working_dir} is not visible here: mount it at the same path, "
                 f"e.g. -v {parent}:{parent}")
     missing = [p for p in paths if not os.access(p, os.R_OK)]
     return f"{', '.join(missing)} cannot be read here: mount or fix it" if missing else None
+
+
+# -- Swarm: services updated by Swarm itself -------------------------------------------------
 
 
 class SwarmService(NamedTuple):
@@ -2000,12 +2301,12 @@ class SwarmService(NamedTuple):
 class SwarmServices(Target):
     """The engine's Swarm services, updated by Swarm itself: `docker service update --image`, then its state."""
 
-    kind = name = "swarm"
+    kind = "swarm"
 
     def __init__(self, config: Config, runner: Runner, engine: str):
-        self.config, self.runner, self.engine = config, runner, engine
+        super().__init__(config, engine)
+        self.runner = runner
         self.services: Dict[str, SwarmService] = {}
-        self.left_out: Dict[str, str] = {}
 
     def run(self, argv: Sequence[str], **kwargs) -> str:
         return self.runner(list(argv), timeout=self.config.command_timeout, env=self.config.environ, **kwargs)
@@ -2019,39 +2320,26 @@ class SwarmServices(Target):
     def refresh(self) -> None:
         found = self.inspect(self.run(["docker", "service", "ls", "-q"], quiet=True).split())
         self.services = {s.name: s for s in found if SERVICE_RE.fullmatch(s.name)}
-        self.left_out = {name: why for name, s in self.services.items()
-                         if (why := enable_label_says_no(self.config, [s.labels]))}
+
+    def running(self) -> List[Running]:
+        return [Running(ServiceRef(self.kind, s.stack, s.name), s.key, (s.labels,))
+                for s in sorted(self.services.values())]
 
     def owns(self, ref: ServiceRef) -> bool:
         return ref.kind == self.kind
 
-    def services_for(self, image: ImageKey) -> List[ServiceRef]:
-        if self.config.services:
-            names = {entry.rpartition("/")[2] for key, entry in self.config.services if key == image}
-            matched = [s for s in self.services.values() if s.name in names]
-        else:
-            matched = [s for s in self.services.values() if s.key == image]
-        return [ServiceRef(self.kind, s.stack, s.name) for s in sorted(matched) if s.name not in self.left_out]
-
-    def named(self, entry: str) -> Optional[str]:
-        name = entry.rpartition("/")[2]
-        return name if name in self.services else None
-
-    @property
-    def dry(self) -> bool:
-        return getattr(self.runner, "dry", False)
-
     def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
         """`docker service update --image <ref:tag>[@digest] --with-registry-auth`, then follow Swarm's state."""
+        steps.begin(Procedure.SWARM)
         try:
-            before = steps.step("inspect", lambda: self.inspect([ref.name]))[0]
+            before = steps.step(Stage.INSPECT, lambda: self.inspect([ref.name]))[0]
             outcome = Outcome(old_image=before.image)
             if digest and digest == before.digest:
                 return outcome._replace(result=State.UP_TO_DATE, new_image=before.image)
             target = before.image.partition("@")[0] + (f"@{digest}" if digest else "")
             steps.remember(old_image=before.image, swarm_started=before.update_started)
-            steps.step("update", lambda: self.run(["docker", "service", "update", "--detach", "--image", target,
-                                                   "--with-registry-auth", ref.name], mutates=True))
+            steps.step(Stage.UPDATE, lambda: self.run(["docker", "service", "update", "--detach", "--image", target,
+                                                       "--with-registry-auth", ref.name], mutates=True))
             if self.dry:
                 return outcome._replace(result=State.DRY_RUN)
             after = self.inspect([ref.name])[0]
@@ -2062,9 +2350,10 @@ class SwarmServices(Target):
             return Outcome(reason=str(error))
 
     def follow(self, name: str, previous: str, outcome: Outcome, steps: StepLog) -> Outcome:
-        """Follow UpdateStatus until it settles; roll back (`docker service rollback`) a paused or unhealthy one."""
-        started, delay, reason = steps.clock(), POLL_FIRST, None
-        while True:
+        """Follow UpdateStatus until it settles; roll back (`docker service rollback`) a paused or unhealthy one.
+        Each batch of tasks gets HEALTH_TIMEOUT; a rollback gets as long again."""
+        started, reason = steps.clock(), None
+        for delay in backoff(POLL_FIRST, POLL_FACTOR, POLL_MAX):
             service = self.inspect([name])[0]
             state = service.update_state if service.update_started != previous else "pending"
             limit = self.config.health_timeout * max(1, service.batches)
@@ -2081,10 +2370,10 @@ class SwarmServices(Target):
             if not reason and (state == "paused" or steps.clock() - started > limit):
                 reason = service.update_message if state == "paused" else f"not running after {limit:g}s"
                 log.error("%s update failed: %s; rolling back", steps.label, reason)
-                steps.step("rollback", lambda: self.run(["docker", "service", "rollback", "--detach", name],
-                                                        mutates=True))
+                steps.step(Stage.ROLLBACK, lambda: self.run(["docker", "service", "rollback", "--detach", name],
+                                                            mutates=True))
             steps.sleep(delay)
-            delay = min(delay * 1.5, POLL_MAX)
+        raise AssertionError("unreachable: backoff() never ends")
 
     def tasks_run(self, service: SwarmService) -> bool:
         """Whether every task Swarm wants running runs the service's image (and as many as its replicas)."""
@@ -2095,174 +2384,27 @@ class SwarmServices(Target):
                    ((t.get("Spec") or {}).get("ContainerSpec") or {}).get("Image") == service.image]
         return bool(running) and len(running) == len(tasks) and service.replicas in (None, len(running))
 
-    def recover(self, ref: ServiceRef, record: Mapping[str, object], steps: StepLog) -> Outcome:
+    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
         """Swarm kept going without us: follow the update from where the journal says it was."""
-        outcome = Outcome(old_image=record.get("old_image"))
-        if record.get("step") in ("start", "inspect"):
+        outcome = Outcome(old_image=record.old_image)
+        action = plan(record, True)
+        if action is Action.LEAVE:
             return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was")
-        followed = self.follow(ref.name, str(record.get("swarm_started") or ""), outcome, steps)
+        if action is not Action.FOLLOW:
+            return outcome._replace(reason=f"its journal record ({record.procedure.value} at {record.stage.value}) "
+                                           "is not one Swarm recovery knows; nothing was run")
+        try:
+            followed = self.follow(ref.name, record.swarm_started or "", outcome, steps)
+        except DeployFailed as error:
+            return outcome._replace(reason=str(error))
         return followed._replace(result=State.RECOVERED) if followed.result is State.UPDATED else followed
-
-    def engine_answers(self) -> bool:
-        return engine_answers(self.config, self.runner)
 
     def describe(self) -> List[Finding]:
         found = [(True, f"swarm: this engine is a manager; {len(self.services)} Swarm services")]
-        for s in sorted(self.services.values()):
-            name = ServiceRef(self.kind, s.stack, s.name)
-            why = self.left_out.get(s.name)
-            found.append((True, f"Swarm service {name}: {why + ', never updated' if why else 'updates on a push of '}"
-                                f"{'' if why else s.key}"))
-        return found
+        return found + self.service_findings("Swarm service")
 
     def summary(self) -> str:
         return f"swarm={','.join(sorted(self.services)) or 'no services'}"
-
-
-def enable_label_says_no(config: Config, labels: Sequence[Mapping[str, str]]) -> Optional[str]:
-    """Why the label gopdater.enable (on a service or its containers) keeps it out, or None."""
-    values = {(each.get("gopdater.enable") or "").strip().lower() for each in labels}
-    if "false" in values:
-        return "labelled gopdater.enable=false"
-    if config.label_enable and "true" not in values:
-        return "not labelled gopdater.enable=true (LABEL_ENABLE=1)"
-    return None
-
-
-def swarm_role(config: Config, runner: Runner) -> str:
-    """'manager', 'worker' or '' (not in a swarm), from `docker info`."""
-    try:
-        info = json.loads(runner(["docker", "info", "--format", "{{json .Swarm}}"], timeout=config.command_timeout,
-                                 env=config.environ, quiet=True) or "{}")
-    except (CommandError, ValueError):
-        return ""
-    if not isinstance(info, dict) or info.get("LocalNodeState") != "active":
-        return ""
-    return "manager" if info.get("ControlAvailable") else "worker"
-
-
-def discover(config: Config, runner: Runner = None, read_file: Optional[Callable[[str], str]] = None,
-             cwd: Optional[str] = None) -> Target:
-    """Check Docker, find Compose and the project(s) (with self-detection), validate SERVICES; raise ConfigError."""
-    runner = runner or run_command
-    engine = engine_version(config, runner)
-    try:
-        command, version = detect_compose(config, runner)
-    except CommandError as error:
-        raise ConfigError(f"no Compose found ({error.tail}): install the docker compose plugin or "
-                          "docker-compose, or set COMPOSE_COMMAND") from None
-    labels = own_labels(config, runner, read_file or _read_text)
-    if config.dry_run:
-        runner = DryRunner(runner)
-    swarm = swarm_target(config, runner, engine)
-    try:
-        compose, projects = compose_target(config, runner, command, version, engine, labels, cwd)
-    except ConfigError as error:
-        if swarm is None:
-            raise
-        log.warning("no Compose project is updated: %s", error)
-        compose, projects = None, []
-    check_services(config, [*projects, *([swarm] if swarm is not None else [])])
-    if compose is None or swarm is None:
-        return compose or swarm
-    return Targets([compose, swarm])
-
-
-def swarm_target(config: Config, runner: Runner, engine: str) -> Optional[SwarmServices]:
-    """The Swarm services, when SWARM is on, or auto and the engine is a manager; ConfigError for on without."""
-    if config.swarm == "off":
-        return None
-    role = swarm_role(config, runner)
-    if role != "manager":
-        if config.swarm == "on":
-            raise ConfigError(f"SWARM=on but this engine is {'a swarm worker' if role else 'not in a swarm'}: "
-                              "Swarm services are updated from a manager; run gopdater there, or set SWARM=auto")
-        if role == "worker":
-            log.warning("this engine is a swarm worker: Swarm services are updated only by a gopdater on a manager")
-        return None
-    swarm = SwarmServices(config, runner, engine)
-    try:
-        swarm.refresh()
-    except (CommandError, ValueError) as error:
-        raise ConfigError(f"the Swarm services cannot be listed ({error}): check DOCKER_HOST") from None
-    return swarm
-
-
-def compose_target(config: Config, runner: Runner, command: Sequence[str], version: str, engine: str,
-                   labels: Mapping[str, str], cwd: Optional[str]) -> Tuple[Target, List["ComposeProject"]]:
-    """The Compose project here, or with PROJECTS those on the engine; and the projects found."""
-    if config.projects is not None:
-        host = ComposeHost(config, command, version, engine, runner, labels)
-        try:
-            host.refresh()
-        except (CommandError, ValueError) as error:
-            raise ConfigError(f"the Compose projects on the engine cannot be listed ({error}): check DOCKER_HOST") \
-                from None
-        return host, host.members
-    location = locate(config, labels, cwd or os.getcwd())
-    project = ComposeProject(config, Compose(config, location, command, runner, compose_flavour(version) == "v2"),
-                             version, engine)
-    try:
-        project.refresh()
-    except (CommandError, ValueError) as error:
-        raise ConfigError(f"Compose cannot read the project in {location.working_dir} ({error}): set COMPOSE_FILE "
-                          "or run gopdater from the project directory") from None
-    return project, [project]
-
-
-def check_services(config: Config, projects: Sequence[Target]) -> None:
-    """Every SERVICES entry names exactly one service of the projects; ConfigError naming the fix if not."""
-    for _, entry in config.services:
-        owners = [p.name for p in projects if p.named(entry) is not None]
-        if not owners:
-            known = ", ".join(f"{p.name}/{s}" for p in projects for s in p.services) or "none"
-            raise ConfigError(f"SERVICES names {entry}, not a service of the Compose project(s) here ({known}): "
-                              "fix SERVICES")
-        if len(owners) > 1:
-            raise ConfigError(f"SERVICES names {entry}, a service of {' and '.join(owners)}: write PROJECT/SERVICE, "
-                              f"e.g. {owners[0]}/{entry}")
-
-
-def engine_version(config: Config, runner: Runner) -> str:
-    """The Docker engine's version; ConfigError if it does not answer."""
-    try:
-        return runner(["docker", "version", "--format", "{{.Server.Version}}"], timeout=config.command_timeout,
-                      env=config.environ, quiet=True).strip()
-    except CommandError as error:
-        raise ConfigError("the Docker engine does not answer (docker version: "
-                          f"{error.tail or error.code}): start Docker, mount /var/run/docker.sock, "
-                          "or set DOCKER_HOST") from None
-
-
-def engine_answers(config: Config, runner: Runner) -> bool:
-    """Whether the Docker engine answers `docker version`."""
-    try:
-        engine_version(config, runner)
-        return True
-    except ConfigError:
-        return False
-
-
-def own_labels(config: Config, runner: Runner, read_file: Callable[[str], str]) -> Mapping[str, str]:
-    """The Compose labels of the container gopdater runs in, if it runs in one."""
-    container_id = own_container_id(read_file("/proc/self/mountinfo"), read_file("/proc/self/cgroup"))
-    if not container_id:
-        return {}
-    try:
-        found = json.loads(runner(["docker", "inspect", container_id], timeout=config.command_timeout,
-                                  env=config.environ, quiet=True))
-        return (found[0].get("Config") or {}).get("Labels") or {}
-    except (CommandError, ValueError, IndexError, AttributeError):
-        log.info("running in container %s, which Docker does not report; using settings only", container_id[:12])
-        return {}
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except OSError:
-        return ""
 
 
 # ==========================================================================================
@@ -3262,6 +3404,176 @@ def run_check(config: Config, runner: Runner = None, out=None) -> int:
 # ==========================================================================================
 # main: settings, the port at once, discovery in the background, serve until SIGTERM
 # ==========================================================================================
+
+
+# -- start-up: the engine, then each kind of target from a table ----------------------------
+
+
+class EngineFacts(NamedTuple):
+    """What start-up learns of the engine once, for every kind of target."""
+
+    version: str
+    swarm_role: str  # "manager", "worker", or "" (not in a swarm; or SWARM=off, so not asked)
+    own_labels: Mapping[str, str]  # the Compose labels of the container gopdater runs in, if any
+
+
+class TargetKind(NamedTuple):
+    """One kind of update target: whether it is wanted on this engine, whether it must be, and how to make it."""
+
+    name: str
+    wanted: Callable[[Config, EngineFacts], bool]
+    required: Callable[[Config, EngineFacts], bool]  # a failure to make it stops start-up even beside others
+    make: Callable[[Config, Runner, EngineFacts, Optional[str]], Target]  # raises ConfigError
+
+
+def swarm_wanted(config: Config, facts: EngineFacts) -> bool:
+    if config.swarm == "on" and facts.swarm_role != "manager":
+        raise ConfigError(f"SWARM=on but this engine is {'a swarm worker' if facts.swarm_role else 'not in a swarm'}:"
+                          " Swarm services are updated from a manager; run gopdater there, or set SWARM=auto")
+    if facts.swarm_role == "worker":
+        log.warning("this engine is a swarm worker: Swarm services are updated only by a gopdater on a manager")
+    return facts.swarm_role == "manager"
+
+
+TARGET_KINDS = (
+    TargetKind("compose", lambda config, facts: True, lambda config, facts: False, lambda *a: compose_target(*a)),
+    TargetKind("swarm", swarm_wanted, lambda config, facts: config.swarm == "on", lambda *a: swarm_target(*a)),
+)
+
+
+def discover(config: Config, runner: Runner = None, read_file: Optional[Callable[[str], str]] = None,
+             cwd: Optional[str] = None) -> Target:
+    """Check Docker, then make each kind of target wanted here (TARGET_KINDS) and validate SERVICES across
+    them; ConfigError saying the fix when nothing can be updated."""
+    runner = runner or run_command
+    facts = EngineFacts(engine_version(config, runner), swarm_role(config, runner) if config.swarm != "off" else "",
+                        own_labels(config, runner, read_file or _read_text))
+    if config.dry_run:
+        runner = DryRunner(runner)
+    members, errors = [], []
+    for kind in TARGET_KINDS:
+        if not kind.wanted(config, facts):
+            continue
+        try:
+            members.append(kind.make(config, runner, facts, cwd))
+        except ConfigError as error:
+            if kind.required(config, facts):
+                raise
+            errors.append(error)
+    if not members:
+        raise errors[0] if errors else ConfigError("nothing here can be updated: start a Compose project or a swarm")
+    for error in errors:
+        log.warning("%s", error)
+    target = members[0] if len(members) == 1 else Targets(members)
+    check_services(config, target)
+    return target
+
+
+def swarm_target(config: Config, runner: Runner, facts: EngineFacts, cwd: Optional[str]) -> SwarmServices:
+    """The Swarm services of this manager."""
+    swarm = SwarmServices(config, runner, facts.version)
+    try:
+        swarm.refresh()
+    except (CommandError, ValueError) as error:
+        raise ConfigError(f"the Swarm services cannot be listed ({error}): check DOCKER_HOST") from None
+    return swarm
+
+
+def compose_target(config: Config, runner: Runner, facts: EngineFacts, cwd: Optional[str]) -> Target:
+    """The Compose project here, or with PROJECTS those on the engine."""
+    try:
+        command, version = detect_compose(config, runner)
+    except CommandError as error:
+        raise ConfigError(f"no Compose found ({error.tail}): install the docker compose plugin or "
+                          "docker-compose, or set COMPOSE_COMMAND") from None
+    if config.projects is not None:
+        host = ComposeHost(config, command, version, facts.version, runner, facts.own_labels)
+        try:
+            host.refresh()
+        except (CommandError, ValueError) as error:
+            raise ConfigError(f"the Compose projects on the engine cannot be listed ({error}): check DOCKER_HOST") \
+                from None
+        return host
+    location = locate(config, facts.own_labels, cwd or os.getcwd())
+    project = ComposeProject(config, Compose(config, location, command, runner, compose_flavour(version) == "v2"),
+                             version, facts.version)
+    try:
+        project.refresh()
+    except (CommandError, ValueError) as error:
+        raise ConfigError(f"Compose cannot read the project in {location.working_dir} ({error}): set COMPOSE_FILE "
+                          "or run gopdater from the project directory") from None
+    return project
+
+
+def check_services(config: Config, target: Target) -> None:
+    """Every SERVICES entry names exactly one service here; ConfigError naming the fix if not."""
+    refs = [service.ref for service in target.running()]
+    for _, entry in config.services:
+        named = [ref for ref in refs if names(entry, ref)]
+        if not named:
+            known = ", ".join(map(str, refs)) or "none"
+            raise ConfigError(f"SERVICES names {entry}, not a service here ({known}): fix SERVICES")
+        if len(named) > 1:
+            raise ConfigError(f"SERVICES names {entry}, a service of {' and '.join(r.project for r in named)}: "
+                              f"write PROJECT/SERVICE, e.g. {named[0]}")
+
+
+def swarm_role(config: Config, runner: Runner) -> str:
+    """'manager', 'worker' or '' (not in a swarm), from `docker info`."""
+    try:
+        info = json.loads(runner(["docker", "info", "--format", "{{json .Swarm}}"], timeout=config.command_timeout,
+                                 env=config.environ, quiet=True) or "{}")
+    except (CommandError, ValueError):
+        return ""
+    if not isinstance(info, dict) or info.get("LocalNodeState") != "active":
+        return ""
+    return "manager" if info.get("ControlAvailable") else "worker"
+def engine_version(config: Config, runner: Runner) -> str:
+    """The Docker engine's version; ConfigError if it does not answer."""
+    try:
+        return runner(["docker", "version", "--format", "{{.Server.Version}}"], timeout=config.command_timeout,
+                      env=config.environ, quiet=True).strip()
+    except CommandError as error:
+        raise ConfigError("the Docker engine does not answer (docker version: "
+                          f"{error.tail or error.code}): start Docker, mount /var/run/docker.sock, "
+                          "or set DOCKER_HOST") from None
+
+
+def engine_answers(config: Config, runner: Runner) -> bool:
+    """Whether the Docker engine answers `docker version`."""
+    try:
+        engine_version(config, runner)
+        return True
+    except ConfigError:
+        return False
+
+
+def own_labels(config: Config, runner: Runner, read_file: Callable[[str], str]) -> Mapping[str, str]:
+    """The Compose labels of the container gopdater runs in, if it runs in one."""
+    container_id = own_container_id(read_file("/proc/self/mountinfo"), read_file("/proc/self/cgroup"))
+    if not container_id:
+        return {}
+    try:
+        found = json.loads(runner(["docker", "inspect", container_id], timeout=config.command_timeout,
+                                  env=config.environ, quiet=True))
+        return (found[0].get("Config") or {}).get("Labels") or {}
+    except (CommandError, ValueError, IndexError, AttributeError):
+        log.info("running in container %s, which Docker does not report; using settings only", container_id[:12])
+        return {}
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+# ==========================================================================================
+
+
+# -- the process ----------------------------------------------------------------------------
 
 
 def listen(host: str, port: int):

@@ -712,7 +712,7 @@ class DiscoveryTest(unittest.TestCase):
         """Discovery runs config --services, ps -a -q and docker inspect, and maps each service to its image."""
         rig = Rig(self)
         self.assertEqual(rig.project.services, ("site",))
-        self.assertEqual(rig.project.images, {"site": ImageKey("docker.io", "acme/site", "latest")})
+        self.assertEqual([s.image for s in rig.project.running()], [ImageKey("docker.io", "acme/site", "latest")])
         rig.project.refresh()
         cid = next(iter(rig.fake.containers))
         self.assertEqual(rig.fake.calls, [["docker", "compose", "config", "--format", "json"],
@@ -726,7 +726,7 @@ class DiscoveryTest(unittest.TestCase):
         self.assertEqual(rig.project.docker.command, ["docker-compose"])
         self.assertEqual(gopdater.compose_flavour("1.29.2"), "v1")
         self.assertEqual(gopdater.compose_flavour("5.6.1"), "v2")
-        self.assertEqual(rig.project.images["site"], ImageKey("docker.io", "acme/site", "latest"))
+        self.assertEqual([s.image for s in rig.project.running()], [ImageKey("docker.io", "acme/site", "latest")])
 
     def test_services_entry_not_in_the_project_is_a_startup_error(self):
         """SERVICES naming a service Compose does not know stops start-up with a ConfigError."""
@@ -2057,7 +2057,7 @@ class HouseRulesTest(unittest.TestCase):
         """The banner comments come in the order a webhook flows through the file."""
         banners = re.findall(r"^# ={20,}\n# ([^:\n]+)", (HERE / "gopdater.py").read_text(), re.MULTILINE)
         self.assertEqual(banners, ["Image references", "Settings", "Senders", "The request pipeline", "The work queue",
-                                   "Update targets", "Docker commands", "Notifications and metrics",
+                                   "The journal", "Update targets", "Docker commands", "Notifications and metrics",
                                    "The HTTP transport", "--check", "main"])
 
 
@@ -2131,7 +2131,7 @@ class CrashRecoveryTest(unittest.TestCase):
                 rig = Rig(self)
                 rig.fake.registry["acme/site:latest"] = BROKEN_ID
                 self.cut(rig, prefix, nth)
-                self.assertIn(gopdater.Journal(rig.state_dir).load()[0][0]["step"], (
+                self.assertIn(gopdater.Journal(rig.state_dir).load()[0][0].stage.value, (
                     "rollback-tag", "rollback-stop", "rollback-remove", "rollback-up"))
                 queue = self.restart(rig)
                 self.assertEqual(queue.views()[0]["state"], "rolled-back")
