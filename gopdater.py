@@ -8,8 +8,16 @@ serves, replace it through Compose, wait until the new one is healthy, roll back
 and only then remove the old image.
 
 The file reads in the order a webhook flows: image references, settings, senders, the request
-pipeline, the work queue, update targets, docker commands, notifications, the HTTP transport,
---check and main(). `--help` lists the settings; README.md explains them.
+pipeline, the work queue, the journal, update targets, docker commands, notifications, the HTTP
+transport, --check and main(). `--help` lists the settings; README.md explains them.
+
+The journal, plainly: before every step of an update, journal.json in STATE_DIR is rewritten
+(atomically) with that update's Record: its procedure (replace, start-first, swarm), the stage it
+is at, and the image ids and containers recovery needs. At the next start (or once an engine that
+stopped answering is back) plan() decides from the record and from whether the service's containers
+all run: leave it, judge what runs, bring it up on the new image, finish a rollback, settle a
+start-first switch, or follow Swarm. RECOVERY is that decision as a table; a stage without a row
+cannot be journalled.
 
 Security, plainly: Docker Hub signs nothing, so the long secret in the webhook URL is the
 credential. Every request is size-checked, then authenticated in constant time, and only then is
@@ -31,6 +39,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -230,7 +239,6 @@ def parse_command(name: str, text: str) -> str:
     if text == "auto":
         return text
     try:
-        import shlex  # only for a COMPOSE_COMMAND given by hand: it costs memory
         shlex.split(text)
     except ValueError:
         raise ConfigError(f"{name} is not a valid command line, e.g. {name}=docker-compose") from None
@@ -293,8 +301,8 @@ SETTINGS = (
             "e.g. 'docker-compose'", parse_command),
     Setting("PROJECTS", None, "unset: the Compose project where gopdater runs; * every Compose project on the "
             "engine; or project names, comma-separated", parse_projects),
-    Setting("SERVICES", None, "explicit mapping, comma-separated IMAGE[:TAG]=[PROJECT/]SERVICE pairs; when set "
-            "only these pairs update", lambda name, text: parse_services(name, text) if text is not None else ()),
+    Setting("SERVICES", None, "explicit mapping, comma-separated IMAGE[:TAG]=[PROJECT/]SERVICE pairs (PROJECT: a "
+            "Compose project or a Swarm stack); when set only these pairs update", lambda name, text: parse_services(name, text) if text is not None else ()),
     Setting("SWARM", "auto", "auto (Swarm services too when the engine is a swarm manager), on or off",
             choice("auto", "on", "off")),
     Setting("LABEL_ENABLE", "0", "1: only services labelled gopdater.enable=true update (false always keeps one "
@@ -303,8 +311,9 @@ SETTINGS = (
     Setting("COMMAND_TIMEOUT", "120", "seconds any other docker command may take", number(1)),
     Setting("STOP_TIMEOUT", "10", "seconds docker stop waits before killing the old container",
             number(0, integer=True)),
-    Setting("HEALTH_TIMEOUT", "60", "seconds a new container has to become healthy "
-            "(never less than its healthcheck start_period)", number(1)),
+    Setting("HEALTH_TIMEOUT", "60", "seconds each new container (for Swarm, each batch of update_config.parallelism "
+            "tasks) has to become healthy, never less than its healthcheck start_period; a rollback gets as long "
+            "again", number(1)),
     Setting("SETTLE_TIME", "10", "seconds a container without a healthcheck must stay running", number(0)),
     Setting("NOTIFY_URL", None, "http(s) URL that receives a JSON summary of each deployment that "
             "changed something or failed", _optional(parse_url)),
@@ -1078,16 +1087,29 @@ class WorkQueue:
             stop, deployment = self.next_job()
             if stop:
                 return
-            try:
-                if deployment is None:
-                    self.refresh()
-                else:
-                    self.execute(deployment)
-            finally:
-                with self.lock:
-                    self.current = None
-                    self.lock.notify_all()
-            self.last_refresh = self.clock()
+            self.run(deployment)
+
+    def run_next(self) -> Optional[Deployment]:
+        """Run the next queued deployment in this thread, as the worker would; None if nothing is queued."""
+        with self.lock:
+            if not self.queue:
+                return None
+            deployment = self.current = self.queue.popleft()
+        self.run(deployment)
+        return deployment
+
+    def run(self, deployment: Optional[Deployment]) -> None:
+        """Run one job the worker took: a deployment, or (None) a re-read of the targets."""
+        try:
+            if deployment is None:
+                self.refresh()
+            else:
+                self.execute(deployment)
+        finally:
+            with self.lock:
+                self.current = None
+                self.lock.notify_all()
+        self.last_refresh = self.clock()
 
     def refresh(self) -> None:
         try:
@@ -1318,7 +1340,9 @@ def record_problem(record: Record) -> Optional[str]:
     """Why a record cannot be acted on (a field gopdater would never write, e.g. one like an option), or None."""
     for field, valid in RECORD_CHECKS:
         value = getattr(record, field)
-        if value is not None and (not isinstance(value, str) or not valid(value) or value.startswith("-")):
+        optional = field in Record._field_defaults
+        if (value is not None or not optional) and (not isinstance(value, str) or not valid(value)
+                                                    or value.startswith("-")):
             return f"its {field} is not one gopdater writes"
     if not all(SERVICE_RE.fullmatch(n) and all(SERVICE_RE.fullmatch(a) for a in v) for n, v in record.networks.items()):
         return "its networks are not valid names"
@@ -2450,12 +2474,9 @@ def stderr_tail(stderr: str) -> str:
     return tail
 
 
-UNSAFE_RE = re.compile(r"[^\w@%+=:,./-]", re.ASCII)
-
-
 def shown(argv: Sequence[str]) -> str:
-    """An argv as a shell would need it typed, for the log (shlex.join's rules, without its import)."""
-    return " ".join(a if a and not UNSAFE_RE.search(a) else "'" + a.replace("'", "'\"'\"'") + "'" for a in argv)
+    """An argv as a shell would need it typed, for the log."""
+    return shlex.join(argv)
 
 
 def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
@@ -2647,7 +2668,6 @@ class Compose:
 def detect_compose(config: Config, runner: Runner) -> Tuple[List[str], str]:
     """Find the Compose command and its version: COMPOSE_COMMAND, else `docker compose`, else `docker-compose`."""
     if config.compose_command != "auto":
-        import shlex  # only for a COMPOSE_COMMAND given by hand: it costs memory
         candidates = [shlex.split(config.compose_command)]
     else:
         candidates = [["docker", "compose"], ["docker-compose"]]
@@ -3174,7 +3194,7 @@ class Connection(asyncio.BufferedProtocol):
             self.respond(response, close=response.status is HTTPStatus.INTERNAL_SERVER_ERROR)
         else:
             self.phase, self.held = Phase.HELD, (request, body)
-            self.deadline = time.monotonic() + STARTUP_WAIT
+            self.deadline = time.monotonic() + self.server.startup_wait
 
     def release_held(self, ready: bool) -> None:
         """Start-up is done (or took too long): answer the held request, then go on with the next."""
@@ -3225,8 +3245,9 @@ class HookServer:
     """Serves the App on an asyncio loop in the thread that calls serve_forever(); stop it from anywhere."""
 
     def __init__(self, sock: socket.socket, app: App, *, max_connections: int = 512, request_timeout: float = 10.0,
-                 rejects: Optional[RejectLog] = None, tls: Optional[TLSFiles] = None):
-        self.listener, self.app, self.tls = sock, app, tls
+                 rejects: Optional[RejectLog] = None, tls: Optional[TLSFiles] = None,
+                 startup_wait: float = STARTUP_WAIT):
+        self.listener, self.app, self.tls, self.startup_wait = sock, app, tls, startup_wait
         self.server_address = sock.getsockname()[:2]
         self.max_connections, self.request_timeout = max_connections, request_timeout
         self.rejects = rejects or RejectLog()
@@ -3278,6 +3299,10 @@ class HookServer:
     def mark_ready(self) -> None:
         """Start-up discovery is done: answer the requests that waited for it."""
         self.loop.call_soon_threadsafe(self.release_waiting)
+
+    def held(self) -> int:
+        """How many requests wait for start-up discovery now (read from the loop's thread, or roughly)."""
+        return sum(c.phase is Phase.HELD for c in list(self.connections))
 
     def release_waiting(self) -> None:
         self.ready = True

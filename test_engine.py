@@ -98,9 +98,10 @@ def project_read(port):
 def launch_gopdater(cwd, log_path, port, **settings):
     """Start gopdater as a user would (its own process group), on this port with these settings; return it
     once it has read what runs here."""
+    # SWARM=off unless a test asks: another lane's swarm test may make this engine a manager meanwhile.
     env = clean_env(**{"WEBHOOK_SECRET": SECRET, "HOST": "127.0.0.1", "PORT": str(port), "HEALTH_TIMEOUT": "30",
                        "STOP_TIMEOUT": "5", "REFRESH_INTERVAL": "3600", "COMPOSE_COMMAND": "docker compose",
-                       **settings})
+                       "SWARM": "off", **settings})
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cwd, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
@@ -443,10 +444,8 @@ services:
     @classmethod
     def start_gopdater(cls, port, log_path):
         """Start gopdater as a user would, on this port, logging to this file; return the process."""
-        env = clean_env(OWNER=f"acme,127.0.0.1:{cls.notify_port}/acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1",
-                        PORT=str(port), HEALTH_TIMEOUT="30", STOP_TIMEOUT="5", REFRESH_INTERVAL="3600",
-                        SERVICES=f"acme/site=site,127.0.0.1:{cls.notify_port}/acme/site=site",
-                        STATE_DIR=str(cls.tmp / "state"), ENGINE_WAIT="60",
+        settings = dict(OWNER=f"acme,127.0.0.1:{cls.notify_port}/acme", STATE_DIR=str(cls.tmp / "state"),
+                        SERVICES=f"acme/site=site,127.0.0.1:{cls.notify_port}/acme/site=site", ENGINE_WAIT="60",
                         COMPOSE_COMMAND=" ".join(cls.compose))
         cwd = cls.folder
         if cls.socket_proxy:
@@ -454,17 +453,12 @@ services:
                 cls.proxy = RecordingSocketProxy(cls.tmp / "docker.sock")
                 cls.proxy.start()
                 cls.addClassCleanup(cls.proxy.stop)
-            env["DOCKER_HOST"] = f"unix://{cls.tmp / 'docker.sock'}"
+            settings["DOCKER_HOST"] = f"unix://{cls.tmp / 'docker.sock'}"
         if cls.from_elsewhere:
             cwd = cls.tmp / "elsewhere"
             cwd.mkdir(exist_ok=True)
-            env["COMPOSE_FILE"] = os.path.relpath(cls.folder / "docker-compose.yml", cwd)
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cwd, env=env,
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: process.poll() is not None or project_read(port), 60, "gopdater to read the project")
-        assert process.poll() is None, f"gopdater exited: {log_path.read_text()}"
-        return process
+            settings["COMPOSE_FILE"] = os.path.relpath(cls.folder / "docker-compose.yml", cwd)
+        return launch_gopdater(cwd, log_path, port, **settings)
 
     @classmethod
     def cleanup(cls):
@@ -783,7 +777,8 @@ class ContainerDropInTest(unittest.TestCase):
         assert set(values) <= {line.split("=")[0] for line in lines if "=" in line and not line.startswith("#")}
         env_lines = [f"{line.split('=')[0]}={values[line.split('=')[0]]}" if line.split("=")[0] in values else line
                      for line in lines]
-        env_lines += [f"GOPDATER_IMAGE={cls.tags[2]}", "SERVICES=acme/site=site", "HEALTH_TIMEOUT=30"]
+        env_lines += [f"GOPDATER_IMAGE={cls.tags[2]}", "SERVICES=acme/site=site", "HEALTH_TIMEOUT=30",
+                      "SWARM=off"]  # another lane's swarm test may make this engine a manager meanwhile
         (cls.folder / ".env").write_text("\n".join(env_lines) + "\n")
         run(["docker", "compose", "up", "-d"], cwd=cls.folder, env=clean_env(PWD=str(cls.folder)), timeout=300)
         wait_for(lambda: site_text(cls.site_port) == "acme site v1", 30, "the site to serve v1")
@@ -1211,7 +1206,7 @@ class SwarmEngineTest(unittest.TestCase):
         cls.proxy.start()
         cls.log = cls.tmp / "gopdater.log"
         cls.gopdater = launch_gopdater(
-            folder, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme", HEALTH_TIMEOUT="60",
+            folder, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme", HEALTH_TIMEOUT="60", SWARM="on",
             STATE_DIR=str(cls.tmp / "state"), COMPOSE_PROJECT_NAME=cls.project,
             DOCKER_HOST=f"unix://{cls.tmp / 'docker.sock'}")
 

