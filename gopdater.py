@@ -1002,6 +1002,7 @@ class WorkQueue:
         self.queue: collections.deque = collections.deque()
         self.history: collections.deque = collections.deque(maxlen=HISTORY_SIZE)
         self.current: Optional[Deployment] = None
+        self.busy = False  # a job (a deployment, or a re-read of the targets) is running
         self.stopping = False
         self.refresh_due: Optional[float] = None
         self.last_refresh = clock()
@@ -1078,6 +1079,7 @@ class WorkQueue:
             if self.stopping:
                 return True, None
             self.current = self.queue.popleft() if self.queue else None
+            self.busy = True
             self.refresh_due = None
             return False, self.current
 
@@ -1095,6 +1097,7 @@ class WorkQueue:
             if not self.queue:
                 return None
             deployment = self.current = self.queue.popleft()
+            self.busy = True
         self.run(deployment)
         return deployment
 
@@ -1107,7 +1110,7 @@ class WorkQueue:
                 self.execute(deployment)
         finally:
             with self.lock:
-                self.current = None
+                self.current, self.busy = None, False
                 self.lock.notify_all()
         self.last_refresh = self.clock()
 
@@ -1135,12 +1138,12 @@ class WorkQueue:
             self.journal.save_history(list(reversed(self.views())))
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until nothing is queued or running; True if that happened within timeout."""
+        """Wait until nothing is queued or running (a re-read included); True if that happened within timeout."""
         end = time.monotonic() + timeout
         with self.lock:
-            while (self.queue or self.current is not None) and time.monotonic() < end:
+            while (self.queue or self.busy) and time.monotonic() < end:
                 self.lock.wait(timeout=min(1.0, max(0.0, end - time.monotonic())))
-            return not self.queue and self.current is None
+            return not self.queue and not self.busy
 
     def execute(self, deployment: Deployment) -> None:
         """Update the deployment's service through its target; record, count and report the outcome."""
@@ -2255,8 +2258,8 @@ def projects_on_engine(config: Config, runner: Runner, own: Mapping[str, str]) -
     ids = runner(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"],
                  timeout=config.command_timeout, env=config.environ, quiet=True).split()
     found: Dict[str, ComposeLocation] = {}
-    for data in json.loads(runner(["docker", "inspect", *ids], timeout=config.command_timeout, env=config.environ,
-                                  quiet=True)) if ids else []:
+    run = functools.partial(runner, timeout=config.command_timeout, env=config.environ, quiet=True)
+    for data in inspect_listed(run, ids):
         labels = (data.get("Config") or {}).get("Labels") or {}
         name = labels.get("com.docker.compose.project", "")
         if PROJECT_RE.fullmatch(name) and name not in found and labels.get("com.docker.compose.project.working_dir"):
@@ -2589,10 +2592,6 @@ class Compose:
             env["COMPOSE_FILE"] = location.compose_file
         self.env = types.MappingProxyType(env)
 
-    @property
-    def dry(self) -> bool:
-        return getattr(self.runner, "dry", False)
-
     def run(self, argv: Sequence[str], timeout: Optional[float] = None, **kwargs) -> str:
         return self.runner(list(argv), timeout=timeout or self.config.command_timeout, env=self.env,
                            cwd=self.location.working_dir, **kwargs)
@@ -2631,7 +2630,8 @@ class Compose:
     def containers(self, service: Optional[str] = None) -> List[Container]:
         """The project's containers (one-off `run` containers left out), optionally of one service."""
         ids = self.run([*self.command, "ps", "-a", "-q", *([service] if service else [])], quiet=True).split()
-        return [c for c in self.inspect(ids) if not c.oneoff and CONTAINER_RE.fullmatch(c.name)
+        listed = inspect_listed(lambda argv: self.run(argv, quiet=True), ids)
+        return [c for c in map(Container.from_inspect, listed) if not c.oneoff and CONTAINER_RE.fullmatch(c.name)
                 and SERVICE_RE.fullmatch(c.service) and (service is None or c.service == service)]
 
     def pull(self, service: str) -> None:
@@ -2663,6 +2663,26 @@ class Compose:
         except CommandError:
             return []
         return text.splitlines()[-LOG_TAIL_LINES:]
+
+
+def inspect_listed(run: Callable[[List[str]], str], ids: Sequence[str]) -> List[dict]:
+    """`docker inspect` of containers just listed, leaving out any removed meanwhile (containers come and go
+    on a busy host; one gone must not make the whole listing fail)."""
+    if not ids:
+        return []
+    try:
+        return json.loads(run(["docker", "inspect", *ids]))
+    except CommandError as error:
+        if "No such object" not in error.tail:
+            raise
+    found = []
+    for one in ids:
+        try:
+            found += json.loads(run(["docker", "inspect", one]))
+        except CommandError as error:
+            if "No such object" not in error.tail:
+                raise
+    return found
 
 
 def detect_compose(config: Config, runner: Runner) -> Tuple[List[str], str]:
@@ -3257,6 +3277,7 @@ class HookServer:
         self.scratch = memoryview(bytearray(READ_BYTES))
         self.unverified = 0  # body bytes held for requests not yet authenticated
         self.ready, self.stopping = app.queue is not None, False
+        self.tls_checked = time.monotonic()  # when the TLS files were last looked at
         head_parser()
 
     def serve_forever(self) -> None:
@@ -3348,7 +3369,7 @@ class HookServer:
                 connection.expire()
             except Exception:  # a bug must cost this connection only
                 self.internal_error(connection)
-        if self.tls is not None and now >= getattr(self, "tls_checked", 0) + TLS_RELOAD_SECONDS:
+        if self.tls is not None and now >= self.tls_checked + TLS_RELOAD_SECONDS:
             self.tls_checked = now
             self.tls.reload()
         self.rejects.flush()

@@ -239,6 +239,9 @@ class FakeDocker:
         if args == ["ps", "-a", "-q", "--filter", "label=com.docker.compose.project"]:
             return "".join(f"{cid}\n" for cid in self.containers)
         if args[0] == "inspect":
+            missing = [i for i in args[1:] if i not in self.containers]
+            if missing:  # as Docker: the others on stdout, lost to a failing command
+                raise CommandError(["docker", *args], 1, f"Error: No such object: {missing[0]}")
             return json.dumps([self.inspect(self.containers[i]) for i in args[1:]])
         if args[:2] == ["image", "inspect"]:
             if args[-1] in self.images:
@@ -2352,6 +2355,14 @@ class ProjectsTest(unittest.TestCase):
         env, cwd = rig.fake.call_kwargs[0]["env"], rig.fake.call_kwargs[0]["cwd"]
         self.assertEqual((env["COMPOSE_PROJECT_NAME"], env["COMPOSE_FILE"], env["PWD"], cwd),
                          ("shop", f"{root}/shop/compose.yaml", f"{root}/shop", f"{root}/shop"))
+
+    def test_a_container_removed_between_listing_and_inspecting_is_left_out(self):
+        """On a busy host a container listed by ps may be gone by the inspect: the others are still read."""
+        rig, _ = self.host()
+        gone = next(cid for cid, c in rig.fake.containers.items() if c["project"] == "blog")
+        rig.fake.then[("docker", "ps")] = lambda fake: fake.containers.pop(gone)
+        rig.project.refresh()
+        self.assertEqual([m.name for m in rig.project.members], ["shop"])
 
     def test_a_push_updates_the_service_in_every_project_that_runs_it(self):
         """acme/site updates blog/site and shop/site, one deployment each; acme/api only shop/api."""
