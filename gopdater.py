@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import functools
 import hmac
@@ -44,6 +45,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -272,6 +274,27 @@ def as_text(name: str, text: Optional[str]) -> Optional[str]:
     return text
 
 
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+# What docker and Compose get of gopdater's environment: never its own settings (a project's .env must
+# mean what it means when the user runs Compose by hand), only what finds and reaches the engine.
+COMMAND_ENV = ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CONTEXT", "DOCKER_CERT_PATH",
+               "DOCKER_TLS_VERIFY")
+
+
+def parse_pass_env(name: str, text: str) -> Tuple[str, ...]:
+    names = tuple(filter(None, (part.strip() for part in text.split(","))))
+    own = [n for n in names if n in SETTING_DEFAULTS and n not in COMMAND_ENV]
+    if not all(ENV_NAME_RE.fullmatch(n) for n in names) or own:
+        raise ConfigError(f"{name} must be environment variable names, comma-separated, and none of gopdater's own "
+                          f"settings{' (' + ', '.join(own) + ')' if own else ''}, e.g. {name}=HTTP_PROXY,SITE_TAG")
+    return names
+
+
+def command_env(environ: Mapping[str, str], passed: Sequence[str]) -> Mapping[str, str]:
+    """The environment docker and Compose run with: COMMAND_ENV and PASS_ENV's names, nothing else."""
+    return types.MappingProxyType({k: environ[k] for k in (*COMMAND_ENV, *passed) if k in environ})
+
+
 def parse_projects(name: str, text: Optional[str]) -> Optional[Tuple[str, ...]]:
     """PROJECTS: unset (the one project here), * (every project on the engine) or names."""
     if text is None:
@@ -303,6 +326,10 @@ SETTINGS = (
             "engine; or project names, comma-separated", parse_projects),
     Setting("SERVICES", None, "explicit mapping, comma-separated IMAGE[:TAG]=[PROJECT/]SERVICE pairs (PROJECT: a "
             "Compose project or a Swarm stack); when set only these pairs update", lambda name, text: parse_services(name, text) if text is not None else ()),
+    Setting("PASS_ENV", None, "variables of gopdater's environment that docker and Compose also get, "
+            "comma-separated (they always get PATH, HOME and DOCKER_HOST, DOCKER_CONFIG, DOCKER_CONTEXT, "
+            "DOCKER_CERT_PATH, DOCKER_TLS_VERIFY; never gopdater's own settings)",
+            lambda name, text: parse_pass_env(name, text) if text is not None else ()),
     Setting("SWARM", "auto", "auto (Swarm services too when the engine is a swarm manager), on or off",
             choice("auto", "on", "off")),
     Setting("LABEL_ENABLE", "0", "1: only services labelled gopdater.enable=true update (false always keeps one "
@@ -350,6 +377,7 @@ class Config(NamedTuple):
     compose_command: str
     projects: Optional[Tuple[str, ...]]
     services: Tuple[Tuple[ImageKey, str], ...]
+    pass_env: Tuple[str, ...]
     swarm: str
     label_enable: bool
     pull_timeout: float
@@ -367,7 +395,8 @@ class Config(NamedTuple):
     engine_wait: float
     refresh_interval: float
     log_level: str
-    environ: Mapping[str, str]
+    environ: Mapping[str, str]  # gopdater's own environment, for its own use only
+    command_env: Mapping[str, str] = types.MappingProxyType({})  # what docker and Compose get (command_env())
     check: bool = False
 
 
@@ -422,7 +451,8 @@ def load_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> Co
         values[setting.attribute] = setting.parse(setting.name, text)
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("TLS_CERT and TLS_KEY go together: set both for HTTPS, or neither for HTTP")
-    return Config(**values, environ=types.MappingProxyType(dict(environ)), check=check)
+    return Config(**values, environ=types.MappingProxyType(dict(environ)),
+                  command_env=command_env(environ, values["pass_env"]), check=check)
 
 
 # ==========================================================================================
@@ -872,6 +902,8 @@ class App:
         return request.endpoint != "/healthz"
 
     def healthz(self, request: Request) -> Response:
+        if self.queue is not None and not self.queue.working and not self.queue.stopping:
+            return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "no worker runs deployments")
         return Response(HTTPStatus.OK, {"status": "ok"})
 
     def deployments(self, request: Request) -> Response:
@@ -972,7 +1004,23 @@ class Deployment:
 
 
 class Past(dict):
-    """A deployment from before the last restart, as its view was stored."""
+    """A deployment from before the last restart, as its view was stored (only its own fields, flat)."""
+
+    SCALARS = ("image", "tag", "kind", "project", "service", "id", "sender", "digest", "state", "hooks", "created",
+               "started", "finished", "error")
+
+    @classmethod
+    def from_stored(cls, view: object) -> Optional["Past"]:
+        """The view as history.json keeps it, if it has the shape gopdater writes; else None."""
+        flat = (str, int, float, bool, type(None))
+        if not isinstance(view, dict) or not all(isinstance(view.get(k), flat) for k in cls.SCALARS):
+            return None
+        steps = [s for s in view.get("steps") or () if isinstance(s, dict)]
+        if not all(isinstance(s.get(k), flat) for s in steps for k in ("step", "result", "seconds")):
+            return None
+        logs = [line for line in view.get("logs") or () if isinstance(line, str)]
+        return cls({**{k: view.get(k) for k in cls.SCALARS}, "logs": logs,
+                    "steps": [{k: s.get(k) for k in ("step", "result", "seconds")} for s in steps]})
 
     def view(self) -> dict:
         return dict(self)
@@ -996,13 +1044,14 @@ class WorkQueue:
                  sleep: Callable[[float], None] = time.sleep, notify: Optional[Callable[[str, dict], bool]] = None,
                  metrics: Optional["Metrics"] = None, journal: Optional[Journal] = None):
         self.config, self.target, self.clock, self.sleep = config, target, clock, sleep
-        self.notify = notify or (lambda url, payload: send_notification(url, payload, sleep=sleep))
+        self.notify = notify or (lambda url, payload: send_notification(url, payload, sleep=sleep))  # in line
         self.metrics, self.journal = metrics or Metrics(), journal
         self.lock = threading.Condition()
         self.queue: collections.deque = collections.deque()
         self.history: collections.deque = collections.deque(maxlen=HISTORY_SIZE)
         self.current: Optional[Deployment] = None
         self.busy = False  # a job (a deployment, or a re-read of the targets) is running
+        self.working = False  # a worker runs (run_forever): /healthz says 503 while none does
         self.stopping = False
         self.refresh_due: Optional[float] = None
         self.last_refresh = clock()
@@ -1050,7 +1099,7 @@ class WorkQueue:
             return 0
         unfinished, history = self.journal.load()
         with self.lock:
-            self.history.extend(Past(view) for view in history)
+            self.history.extend(history)
             for record in unfinished:
                 ref = ServiceRef(record.kind, record.project, record.service)
                 deployment = Deployment(os.urandom(6).hex(), "recovery", parse_reference(record.reference), None, ref)
@@ -1085,11 +1134,15 @@ class WorkQueue:
 
     def run_forever(self) -> None:
         """Take queued deployments one at a time until stopped; re-read the targets while idle."""
-        while True:
-            stop, deployment = self.next_job()
-            if stop:
-                return
-            self.run(deployment)
+        self.working = True
+        try:
+            while True:
+                stop, deployment = self.next_job()
+                if stop:
+                    return
+                self.run(deployment)
+        finally:
+            self.working = False
 
     def run_next(self) -> Optional[Deployment]:
         """Run the next queued deployment in this thread, as the worker would; None if nothing is queued."""
@@ -1164,9 +1217,8 @@ class WorkQueue:
         self.metrics.deployed(str(deployment.ref), outcome.result, seconds, deployment.steps)
         self.keep_history()
         if outcome.result in CHANGED:
-            if self.config.notify_url and not self.notify(self.config.notify_url,
-                                                          notification(deployment, outcome, seconds)):
-                log.warning("%s notification not delivered", steps.label)
+            if self.config.notify_url:
+                self.notify(self.config.notify_url, notification(deployment, outcome, seconds))
             self.refresh()
         log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
 
@@ -1359,13 +1411,20 @@ def plan(record: Record, running: bool) -> Action:
 
 
 def write_atomically(path: str, data: object) -> None:
-    """Write JSON so that a crash leaves the old file or the new one, never a torn one."""
-    temp = f"{path}.tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    """Write JSON so that a crash leaves the old file or the new one, never a torn one. The temporary file is
+    made exclusively (mode 0600, a fresh name, so never through a link someone left), then renamed."""
+    descriptor, temp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                        dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
     folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -1376,7 +1435,8 @@ def write_atomically(path: str, data: object) -> None:
 def read_state(path: str, kind: type):
     """A state file's JSON if it is of this kind; a corrupt one is moved aside with a warning."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        # O_NOFOLLOW: a state file that is a link (to /etc/shadow, say) is not read but moved aside.
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), encoding="utf-8") as handle:
             data = json.load(handle)
         if isinstance(data, kind):
             return data
@@ -1395,9 +1455,52 @@ def read_state(path: str, kind: type):
     return kind()
 
 
-def default_state_dir(environ: Mapping[str, str]) -> str:
-    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "gopdater")
+def default_state_dir(config: Config, cwd: Optional[str] = None) -> str:
+    """$XDG_STATE_HOME/gopdater (else ~/.local/state/gopdater); with one project (PROJECTS unset), a folder
+    of its own below it, named for the project, so that one gopdater per project (the quick start) each
+    has its own journal."""
+    base = config.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    if config.projects is not None:
+        return os.path.join(base, "gopdater")
+    return os.path.join(base, "gopdater", "projects", config.project_name or default_project_name(cwd or os.getcwd()))
+
+
+def state_dir(config: Config) -> str:
+    return config.state_dir or default_state_dir(config)
+
+
+class StateLock:
+    """One gopdater per STATE_DIR: an exclusive lock on STATE_DIR/lock, held while the process lives."""
+
+    def __init__(self, directory: str):
+        self.path, self.handle = os.path.join(directory, "lock"), None
+
+    def acquire(self) -> Optional[str]:
+        """None once held; else one line saying who holds it and what to do."""
+        import fcntl  # POSIX only, as Docker is; the lock goes with the process, even when it is killed
+        handle = open(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = handle.read(20).strip() or "unknown"
+            handle.close()
+            return (f"STATE_DIR {os.path.dirname(self.path)} is in use by another gopdater (pid {holder}): give "
+                    "each gopdater its own STATE_DIR")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return None
+
+
+def secure_folder(directory: str) -> None:
+    """Make STATE_DIR (0700), or tighten one that others could read or write, with a warning."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    mode = os.stat(directory).st_mode & 0o777
+    if mode & 0o077:
+        os.chmod(directory, 0o700)
+        log.warning("STATE_DIR %s was open to others (mode %o); it is now 0700", directory, mode)
 
 
 JOURNAL_VERSION = 2
@@ -1416,7 +1519,7 @@ class Journal:
     def problem(self) -> Optional[str]:
         """None if STATE_DIR can be written, else one line saying what is wrong and how to fix it."""
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            secure_folder(self.directory)
             write_atomically(os.path.join(self.directory, "probe.json"), {})
             os.remove(os.path.join(self.directory, "probe.json"))
         except OSError as error:
@@ -1437,7 +1540,7 @@ class Journal:
             records[key] = record
         with self.lock:
             self.records = records
-        history = [view for view in read_state(self.history_path, list) if isinstance(view, dict)]
+        history = [past for past in map(Past.from_stored, read_state(self.history_path, list)) if past is not None]
         return list(records.values()), history[-HISTORY_SIZE:]
 
     def record(self, key: str) -> Optional[Record]:
@@ -2256,9 +2359,9 @@ class ComposeHost(Targets):
 def projects_on_engine(config: Config, runner: Runner, own: Mapping[str, str]) -> Dict[str, ComposeLocation]:
     """Each Compose project with a container on the engine, and where Compose keeps it, from the labels."""
     ids = runner(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"],
-                 timeout=config.command_timeout, env=config.environ, quiet=True).split()
+                 timeout=config.command_timeout, env=config.command_env, quiet=True).split()
     found: Dict[str, ComposeLocation] = {}
-    run = functools.partial(runner, timeout=config.command_timeout, env=config.environ, quiet=True)
+    run = functools.partial(runner, timeout=config.command_timeout, env=config.command_env, quiet=True)
     for data in inspect_listed(run, ids):
         labels = (data.get("Config") or {}).get("Labels") or {}
         name = labels.get("com.docker.compose.project", "")
@@ -2336,7 +2439,7 @@ class SwarmServices(Target):
         self.services: Dict[str, SwarmService] = {}
 
     def run(self, argv: Sequence[str], **kwargs) -> str:
-        return self.runner(list(argv), timeout=self.config.command_timeout, env=self.config.environ, **kwargs)
+        return self.runner(list(argv), timeout=self.config.command_timeout, env=self.config.command_env, **kwargs)
 
     def inspect(self, names: Sequence[str]) -> List[SwarmService]:
         if not names:
@@ -2583,13 +2686,13 @@ class Compose:
                  json_config: bool = False):
         self.config, self.location, self.runner, self.json_config = config, location, runner, json_config
         self.command = [*command, *(arg for path in location.env_files for arg in ("--env-file", path))]
-        env = dict(config.environ)
+        env = dict(config.command_env)
         # Compose interpolates ${PWD}; make it the project directory, as on the host.
         env["PWD"] = location.working_dir
         if location.project_name:
             env["COMPOSE_PROJECT_NAME"] = location.project_name
         if location.compose_file:
-            env["COMPOSE_FILE"] = location.compose_file
+            env["COMPOSE_FILE"], env["COMPOSE_PATH_SEPARATOR"] = location.compose_file, path_separator(config)
         self.env = types.MappingProxyType(env)
 
     def run(self, argv: Sequence[str], timeout: Optional[float] = None, **kwargs) -> str:
@@ -2695,7 +2798,7 @@ def detect_compose(config: Config, runner: Runner) -> Tuple[List[str], str]:
     for command in candidates:
         try:
             version = runner([*command, "version", "--short"], timeout=config.command_timeout,
-                             env=config.environ, quiet=True).strip().lstrip("v")
+                             env=config.command_env, quiet=True).strip().lstrip("v")
         except CommandError as error:
             errors.append(f"{' '.join(command)}: {error.tail or error.code}")
             continue
@@ -2735,25 +2838,118 @@ def notification(deployment: Deployment, outcome: Outcome, seconds: float) -> di
             "durations": {s.step: s.seconds for s in deployment.steps}, "reason": outcome.reason, "text": sentence}
 
 
-def send_notification(url: str, payload: dict, sleep: Callable[[float], None] = time.sleep) -> bool:
-    """POST JSON to url with a timeout and one retry; never raises."""
-    import http.client
-    import urllib.request  # only when a notification is sent: it costs memory at idle
+class Endpoint(NamedTuple):
+    """Where a notification goes: NOTIFY_URL taken apart; user and password go as HTTP Basic authentication."""
+
+    tls: bool
+    host: str
+    port: int
+    target: str  # path and query
+    authorization: Optional[str]
+    shown: str  # for the log: scheme and host, the credentials and the path (chat webhooks' secret) masked
+
+    @classmethod
+    def parse(cls, url: str) -> "Endpoint":
+        parts = urllib.parse.urlsplit(url)
+        import base64  # only with a NOTIFY_URL: nothing else needs it
+        credentials = None
+        if parts.username is not None:
+            pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            credentials = "Basic " + base64.b64encode(pair.encode()).decode()
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        shown = f"{parts.scheme}://{'***@' if credentials else ''}{parts.hostname}{'/***' if target != '/' else ''}"
+        return cls(parts.scheme == "https", parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80),
+                   target, credentials, shown)
+
+
+def post_json(endpoint: Endpoint, payload: dict, deadline: float) -> int:
+    """POST JSON and read the status line, all before deadline (time.monotonic()); return the status code.
+    Raises OSError (a timeout included) or ValueError. A redirect is a status like any other: never followed.
+    One total deadline, as a client sending a byte every few seconds must not hold the sender."""
     body = json.dumps(payload).encode()
-    host = urllib.parse.urlsplit(url).netloc
+    head = [f"POST {endpoint.target} HTTP/1.1", f"Host: {endpoint.host}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", f"User-Agent: gopdater/{__version__}", "Connection: close"]
+    if endpoint.authorization:
+        head.append(f"Authorization: {endpoint.authorization}")
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no answer within the deadline")
+        return remaining
+
+    with socket.create_connection((endpoint.host, endpoint.port), timeout=left()) as plain:
+        sock = plain
+        if endpoint.tls:
+            import ssl  # loaded by asyncio already; named here for the reader
+            plain.settimeout(left())
+            sock = ssl.create_default_context().wrap_socket(plain, server_hostname=endpoint.host)
+        with sock:
+            sock.settimeout(left())
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+            line = b""
+            while b"\r\n" not in line and len(line) < 1024:
+                sock.settimeout(left())
+                chunk = sock.recv(1024)
+                if not chunk:
+                    break
+                line += chunk
+    match = re.match(rb"HTTP/1\.[01] ([0-9]{3}) ", line)
+    if match is None:
+        raise ValueError("not an HTTP answer")
+    return int(match.group(1))
+
+
+def send_notification(url: str, payload: dict, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """POST JSON to url: one total deadline of 5 s per attempt, one retry, no redirect followed; never raises."""
+    endpoint = Endpoint.parse(url)
     for attempt in (1, 2):
-        request = urllib.request.Request(url, data=body, method="POST", headers={
-            "Content-Type": "application/json", "User-Agent": f"gopdater/{__version__}"})
         try:
-            with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT) as response:
-                response.read(1024)
-            return True
-        except (OSError, http.client.HTTPException, ValueError) as error:
-            # The URL may itself be a secret (chat webhooks): log the host only.
-            log.warning("notification to %s failed (attempt %s): %s", host, attempt, type(error).__name__)
+            status = post_json(endpoint, payload, time.monotonic() + NOTIFY_TIMEOUT)
+        except (OSError, ValueError) as error:
+            log.warning("notification to %s failed (attempt %s): %s", endpoint.shown, attempt, type(error).__name__)
+        else:
+            if 200 <= status < 300:
+                return True
+            log.warning("notification to %s answered %s (attempt %s)%s", endpoint.shown, status, attempt,
+                        "; redirects are not followed" if 300 <= status < 400 else "")
         if attempt == 1:
             sleep(NOTIFY_RETRY_DELAY)
     return False
+
+
+class Notifier:
+    """Sends notifications from a thread of its own, off the deployment path; a bounded queue."""
+
+    def __init__(self, send: Callable[[str, dict], bool] = send_notification, size: int = 100):
+        import queue  # only with a NOTIFY_URL
+        self.send, self.pending = send, queue.Queue(maxsize=size)
+        self.thread = threading.Thread(target=self.run, name="notifier", daemon=True)
+        self.thread.start()
+
+    def submit(self, url: str, payload: dict) -> bool:
+        """Queue one notification; False (and a log line) when the queue is full."""
+        try:
+            self.pending.put_nowait((url, payload))
+            return True
+        except Exception:  # queue.Full
+            log.warning("notification of deployment=%s dropped: %d are waiting already", payload.get("deployment"),
+                        self.pending.maxsize)
+            return False
+
+    def run(self) -> None:
+        while True:
+            item = self.pending.get()
+            if item is None:
+                return
+            if not self.send(*item):
+                log.warning("deployment=%s notification not delivered", item[1].get("deployment"))
+
+    def close(self, timeout: float) -> None:
+        """Send what is queued (bounded by timeout), then stop."""
+        with contextlib.suppress(Exception):
+            self.pending.put(None, timeout=timeout)
+        self.thread.join(timeout)
 
 
 class Histogram:
@@ -3411,8 +3607,8 @@ class HookServer:
 
 def state_finding(config: Config) -> Finding:
     """Whether STATE_DIR can be written, and what it holds."""
-    journal = Journal(config.state_dir or default_state_dir(config.environ))
-    problem = journal.problem()
+    journal = Journal(state_dir(config))
+    problem = journal.problem() or StateLock(journal.directory).acquire()
     if problem:
         return False, problem
     unfinished, history = journal.load()
@@ -3568,7 +3764,7 @@ def swarm_role(config: Config, runner: Runner) -> str:
     """'manager', 'worker' or '' (not in a swarm), from `docker info`."""
     try:
         info = json.loads(runner(["docker", "info", "--format", "{{json .Swarm}}"], timeout=config.command_timeout,
-                                 env=config.environ, quiet=True) or "{}")
+                                 env=config.command_env, quiet=True) or "{}")
     except (CommandError, ValueError):
         return ""
     if not isinstance(info, dict) or info.get("LocalNodeState") != "active":
@@ -3578,7 +3774,7 @@ def engine_version(config: Config, runner: Runner) -> str:
     """The Docker engine's version; ConfigError if it does not answer."""
     try:
         return runner(["docker", "version", "--format", "{{.Server.Version}}"], timeout=config.command_timeout,
-                      env=config.environ, quiet=True).strip()
+                      env=config.command_env, quiet=True).strip()
     except CommandError as error:
         raise ConfigError("the Docker engine does not answer (docker version: "
                           f"{error.tail or error.code}): start Docker, mount /var/run/docker.sock, "
@@ -3601,7 +3797,7 @@ def own_labels(config: Config, runner: Runner, read_file: Callable[[str], str]) 
         return {}
     try:
         found = json.loads(runner(["docker", "inspect", container_id], timeout=config.command_timeout,
-                                  env=config.environ, quiet=True))
+                                  env=config.command_env, quiet=True))
         return (found[0].get("Config") or {}).get("Labels") or {}
     except (CommandError, ValueError, IndexError, AttributeError):
         log.info("running in container %s, which Docker does not report; using settings only", container_id[:12])
@@ -3633,6 +3829,24 @@ def scheme(config: Config) -> str:
     return "https" if config.tls_cert else "http"
 
 
+STATE_LOCKS: List[StateLock] = []  # the lock on STATE_DIR, held as long as the process runs
+
+
+def hold_state_dir(config: Config) -> None:
+    """Take STATE_DIR for this process; ConfigError if another gopdater has it. A folder that cannot be made
+    is not an error here: the log and every deployment then say so (see Journal.problem)."""
+    directory = state_dir(config)
+    try:
+        secure_folder(directory)
+        lock = StateLock(directory)
+        held_by_other = lock.acquire()
+    except OSError:
+        return
+    if held_by_other:
+        raise ConfigError(held_by_other)
+    STATE_LOCKS.append(lock)
+
+
 def open_front(config: Config) -> Tuple[socket.socket, Optional[TLSFiles]]:
     """The TLS files (checked before the port opens) and the listening socket; ConfigError saying the fix."""
     tls = None
@@ -3643,6 +3857,7 @@ def open_front(config: Config) -> Tuple[socket.socket, Optional[TLSFiles]]:
         if "warning" in text:
             log.warning("%s", text)
         tls = TLSFiles(config.tls_cert, config.tls_key)
+    hold_state_dir(config)
     try:
         return listen(config.host, config.port), tls
     except OSError as error:
@@ -3659,17 +3874,32 @@ def start_then_work(config: Config, app: App, server: HookServer, failed: List[s
         failed.append(str(error))
         server.shutdown()
         return
-    journal = Journal(config.state_dir or default_state_dir(config.environ))
+    journal = Journal(state_dir(config))
     problem = journal.problem()
     if problem:
         log.error("%s; until then every deployment fails before it starts", problem)
-    app.queue = WorkQueue(config, target, metrics=app.metrics, journal=journal)
+    notifier = Notifier() if config.notify_url else None
+    app.queue = WorkQueue(config, target, metrics=app.metrics, journal=journal,
+                          notify=notifier.submit if notifier else None)
     if app.queue.restore():
         log.warning("updates cut off by the last stop are recovered first")
     server.mark_ready()
     log.info("gopdater %s ready on %s:%s %s%s", __version__, *server.server_address[:2], target.summary(),
              " DRY_RUN" if config.dry_run else "")
-    app.queue.run_forever()
+    work_until_stopped(app.queue)
+    if notifier is not None:
+        notifier.close(NOTIFY_TIMEOUT * 2 + NOTIFY_RETRY_DELAY)
+
+
+def work_until_stopped(queue: WorkQueue) -> None:
+    """Run the worker; one that dies (a bug) is logged and started again, /healthz answering 503 meanwhile."""
+    for delay in backoff(1.0, 2.0, 30.0):
+        try:
+            queue.run_forever()
+            return
+        except Exception:
+            log.exception("the worker died; it starts again in %gs", delay)
+            time.sleep(delay)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -3708,6 +3938,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.error("a deployment was still running after SHUTDOWN_TIMEOUT; exiting anyway")
     server.rejects.flush(force=True)
     log.info("stopped")
+    while STATE_LOCKS:
+        STATE_LOCKS.pop().handle.close()  # STATE_DIR is free for the next gopdater
     return 0
 
 

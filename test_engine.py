@@ -110,7 +110,7 @@ def launch_gopdater(cwd, log_path, port, **settings):
     # SWARM=off unless a test asks: another lane's swarm test may make this engine a manager meanwhile.
     env = clean_env(**{"WEBHOOK_SECRET": SECRET, "HOST": "127.0.0.1", "PORT": str(port), "HEALTH_TIMEOUT": "30",
                        "STOP_TIMEOUT": "5", "REFRESH_INTERVAL": "3600", "COMPOSE_COMMAND": "docker compose",
-                       "SWARM": "off", **settings})
+                       "SWARM": "off", "STATE_DIR": str(pathlib.Path(log_path).parent / "state"), **settings})
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, str(HERE / "gopdater.py")], cwd=cwd, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)

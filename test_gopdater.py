@@ -5,6 +5,7 @@ which uses the real Docker engine).
 """
 
 import contextlib
+import base64
 import copy
 import datetime
 import hashlib
@@ -357,10 +358,10 @@ class Rig:
         self.worker = None
         self.fake.calls.clear()
 
-    def new_queue(self, journal=None):
+    def new_queue(self, journal=None, notify=None):
         """A work queue on this rig's fake engine and STATE_DIR, as a fresh start of gopdater makes it."""
         return gopdater.WorkQueue(self.config, self.project, clock=self.clock, sleep=self.clock.sleep,
-                                  notify=lambda url, body: self.notices.append((url, body)) or True,
+                                  notify=notify or (lambda url, body: self.notices.append((url, body)) or True),
                                   metrics=self.metrics, journal=journal or self.journal)
 
     def post(self, path, body, **hdrs):
@@ -1107,8 +1108,14 @@ class NotifyTest(unittest.TestCase):
         class Receiver(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(statuses[min(len(received), len(statuses)) - 1])
+                self.authorizations.append(self.headers.get("Authorization"))
+                status = statuses[min(len(received), len(statuses)) - 1]
+                self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "http://127.0.0.1:9/elsewhere")
                 self.end_headers()
+
+            authorizations = []
 
             def log_message(self, *args):
                 pass
@@ -1118,7 +1125,30 @@ class NotifyTest(unittest.TestCase):
         thread.start()
         self.addCleanup(server.server_close)
         self.addCleanup(server.shutdown)
+        self.authorizations = Receiver.authorizations
         return f"http://127.0.0.1:{server.server_address[1]}/notify", received
+
+    def start_dripper(self):
+        """An endpoint that accepts, then answers one byte every 4 s; returns its URL and an event set once a
+        request has come in."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        arrived, stop = threading.Event(), threading.Event()
+        self.addCleanup(stop.set)
+
+        def serve():
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    sock, _ = listener.accept()
+                    with sock:
+                        sock.recv(65536)
+                        arrived.set()
+                        for byte in b"HTTP/1.1 200 OK\r\n\r\n":
+                            if stop.wait(4):
+                                return
+                            sock.send(bytes([byte]))
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/drip", arrived
 
     def test_notification_is_posted_as_json(self):
         """send_notification POSTs the JSON body and reports success."""
@@ -1141,13 +1171,59 @@ class NotifyTest(unittest.TestCase):
             port = probe.getsockname()[1]
         url = f"http://127.0.0.1:{port}/secret-path-token"
         rig = Rig(self, NOTIFY_URL=url)
-        rig.queue.notify = lambda u, body: gopdater.send_notification(u, body, sleep=lambda s: None)
+        notifier = gopdater.Notifier(lambda u, body: gopdater.send_notification(u, body, sleep=lambda s: None))
+        rig.queue = rig.new_queue(notify=notifier.submit)
         with self.assertLogs("gopdater", "WARNING") as logs:
             deployment = rig.deploy()
+            notifier.close(10)
         self.assertEqual(deployment.state, "updated")
         self.assertEqual(sum("notification to" in line for line in logs.output), 2)
         self.assertTrue(any("notification not delivered" in line for line in logs.output))
         self.assertFalse(any("secret-path-token" in line for line in logs.output))
+
+
+    def test_credentials_in_the_url_go_as_basic_authentication_and_are_never_logged(self):
+        """NOTIFY_URL=http://user:pass@host/...: an Authorization header, and the log masks user, pass and path."""
+        url, received = self.start_receiver([500, 500])
+        url = url.replace("http://", "http://ops:p%40ss-w0rd@")
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            self.assertFalse(gopdater.send_notification(url, {"text": "x"}, sleep=lambda s: None))
+        self.assertEqual(self.authorizations, ["Basic " + base64.b64encode(b"ops:p@ss-w0rd").decode()] * 2)
+        text = "\n".join(logs.output)
+        self.assertNotIn("ops", text)
+        self.assertNotIn("w0rd", text)
+        self.assertIn("http://***@127.0.0.1/***", text)
+
+    def test_a_redirect_is_never_followed(self):
+        """A 302 is a failed delivery: the Location is not visited, the POST never becomes a GET elsewhere."""
+        url, received = self.start_receiver([302, 302])
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            self.assertFalse(gopdater.send_notification(url, {"text": "x"}, sleep=lambda s: None))
+        self.assertEqual(len(received), 2, "two attempts, both to the endpoint itself")
+        self.assertIn("redirects are not followed", "\n".join(logs.output))
+
+    def test_an_endpoint_that_answers_a_byte_at_a_time_is_cut_off_at_the_deadline(self):
+        """One total deadline per attempt: a byte every 4 s does not keep the attempt alive past it."""
+        url, arrived = self.start_dripper()
+        started = time.monotonic()
+        with self.assertRaises(TimeoutError):
+            gopdater.post_json(gopdater.Endpoint.parse(url), {"text": "x"}, time.monotonic() + 1)
+        self.assertTrue(arrived.is_set())
+        self.assertLess(time.monotonic() - started, 3.5, "cut off at the deadline, not after a byte's 4 s")
+
+    def test_a_slow_endpoint_never_holds_back_the_next_deployment(self):
+        """Notifications go out from their own thread: a dripping endpoint holds it, not the deployments."""
+        url, arrived = self.start_dripper()
+        rig = Rig(self, NOTIFY_URL=url)
+        notifier = gopdater.Notifier()
+        self.addCleanup(notifier.close, 0)
+        rig.queue = rig.new_queue(notify=notifier.submit)
+        first = rig.deploy()
+        self.assertTrue(arrived.wait(5), "the notification is being sent")
+        rig.fake.registry["acme/site:latest"] = BROKEN_ID
+        second = rig.deploy()
+        self.assertEqual((first.state, second.state), ("updated", "rolled-back"))
+        self.assertEqual(notifier.pending.qsize(), 1, "the second notice waits behind the first; the deployment did not")
 
 
 class WorkerTest(unittest.TestCase):
@@ -1194,6 +1270,38 @@ class WorkerTest(unittest.TestCase):
         self.assertTrue(rig.queue.wait_idle(10))
         self.assertEqual(rig.fake.most_active, 1, "two docker commands never ran at once")
         self.assertEqual([d["state"] for d in rig.queue.views()], ["updated"] * 3)
+
+    def test_healthz_is_503_while_no_worker_runs_and_a_dead_worker_is_replaced(self):
+        """A worker that dies (here: a notifier that raises) is logged and started again; /healthz says 503
+        while no worker runs, 200 once one does."""
+        rig = Rig(self, NOTIFY_URL="http://127.0.0.1:9/")
+        self.assertEqual(rig.app.handle("GET", "/healthz", headers(), b"").status, HTTPStatus.SERVICE_UNAVAILABLE)
+        raised = []
+
+        def notify(url, payload):
+            if not raised:
+                raised.append(payload["deployment"])
+                raise RuntimeError("a bug in the notifier")
+            return True
+        queue = gopdater.WorkQueue(rig.config, rig.project, clock=rig.clock, sleep=rig.clock.sleep, notify=notify,
+                                   metrics=rig.metrics, journal=rig.journal)
+        app = gopdater.App(rig.config, queue, rig.metrics)
+        worker = threading.Thread(target=gopdater.work_until_stopped, args=(queue,), daemon=True)
+        with self.assertLogs("gopdater", "INFO") as logs:
+            worker.start()
+            self.addCleanup(worker.join, 10)
+            self.addCleanup(queue.stop, 10)
+            queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+            self.assertTrue(queue.wait_idle(10))
+            rig.fake.registry["acme/site:latest"] = BROKEN_ID
+            queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+            deadline = time.monotonic() + 10
+            while len(queue.views()) < 2 or queue.views()[0]["state"] in ("queued", "running"):
+                self.assertLess(time.monotonic(), deadline, "the second deployment ran on a new worker")
+                time.sleep(0.01)
+        self.assertIn("the worker died", "\n".join(logs.output))
+        self.assertEqual(queue.views()[0]["state"], "rolled-back")
+        self.assertEqual(app.handle("GET", "/healthz", headers(), b"").status, HTTPStatus.OK)
 
     def test_shutdown_cancels_queued_work_and_waits_for_the_running_one(self):
         """stop() cancels what has not started and waits (bounded) for the running deployment."""
@@ -1436,6 +1544,7 @@ class AppTest(unittest.TestCase):
 
     def test_healthz_needs_no_secret_and_reveals_nothing(self):
         """GET /healthz answers {"status": "ok"} and nothing else."""
+        self.rig.start_worker()
         status, reply, _ = self.rig.app.handle("GET", "/healthz", headers(), b"")
         self.assertEqual((status, reply), (HTTPStatus.OK, {"status": "ok"}))
 
@@ -1642,6 +1751,7 @@ class RejectLogTest(unittest.TestCase):
 class HTTPServerTest(unittest.TestCase):
     def start(self, **server_args):
         self.rig = Rig(self)
+        self.rig.start_worker()
         server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), self.rig.app, **server_args)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
@@ -1839,6 +1949,8 @@ class HTTPServerTest(unittest.TestCase):
         """A request whose handling raises gets 500 and a closed connection; the traceback is logged for the
         first only, and the server goes on serving."""
         class Exploding:
+            working, stopping = True, False
+
             def submit(self, event):
                 raise RuntimeError("a bug")
         rig = Rig(self)
@@ -1942,7 +2054,8 @@ class TLSTest(unittest.TestCase):
         """A key that is not the certificate's stops gopdater with exit 2 and one line, before the port opens."""
         cert, _ = self.certificate("site")
         _, key = self.certificate("other")
-        env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "TLS_CERT": cert, "TLS_KEY": key, "PORT": "0"}
+        env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "TLS_CERT": cert, "TLS_KEY": key, "PORT": "0",
+               "STATE_DIR": state_folder(self)}
         stderr = io.StringIO()
         with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(stderr):
             self.assertEqual(gopdater.main([]), 2)
