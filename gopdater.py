@@ -942,6 +942,7 @@ class State(str, enum.Enum):
     RECOVERED = "recovered"
     DRY_RUN = "dry-run"
     UP_TO_DATE = "up-to-date"
+    SKIPPED = "skipped"  # the pushed image failed here before (rolled back): a replay does not try it again
 
 
 CHANGED = frozenset({State.UPDATED, State.RECOVERED, State.ROLLED_BACK, State.FAILED})
@@ -1209,9 +1210,11 @@ class WorkQueue:
         outcome = self.run_target(deployment, steps)
         if not outcome.resume and self.journal is not None:
             self.journal.close(steps.key)
+        if outcome.result is State.ROLLED_BACK and outcome.new_image and self.journal is not None:
+            self.journal.remember_failure(steps.key, outcome.new_image)
         with self.lock:
             deployment.state, deployment.finished = outcome.result, _now()
-            if outcome.reason and outcome.result in (State.FAILED, State.ROLLED_BACK):
+            if outcome.reason and outcome.result in (State.FAILED, State.ROLLED_BACK, State.SKIPPED):
                 deployment.error = outcome.reason
         seconds = steps.record("done", outcome.result.value, started)
         self.metrics.deployed(str(deployment.ref), outcome.result, seconds, deployment.steps)
@@ -1504,6 +1507,7 @@ def secure_folder(directory: str) -> None:
 
 
 JOURNAL_VERSION = 2
+FAILED_KEPT = 10
 
 
 class Journal:
@@ -1514,6 +1518,7 @@ class Journal:
         self.journal_path = os.path.join(directory, "journal.json")
         self.history_path = os.path.join(directory, "history.json")
         self.records: Dict[str, Record] = {}
+        self.failed: Dict[str, List[str]] = {}  # service key: images whose new containers failed, newest last
         self.lock = threading.Lock()
 
     def problem(self) -> Optional[str]:
@@ -1538,8 +1543,11 @@ class Journal:
                           str(key)[:80])
                 continue
             records[key] = record
+        failed = read_state(self.journal_path, dict).get("failed")
         with self.lock:
             self.records = records
+            self.failed = {k: [i for i in v if isinstance(i, str) and image_value(i)][-FAILED_KEPT:]
+                           for k, v in (failed.items() if isinstance(failed, dict) else ()) if isinstance(v, list)}
         history = [past for past in map(Past.from_stored, read_state(self.history_path, list)) if past is not None]
         return list(records.values()), history[-HISTORY_SIZE:]
 
@@ -1568,10 +1576,24 @@ class Journal:
                 except OSError as error:
                     log.warning("could not close the journal entry of %s: %s", key, error.strerror)
 
+    def failed_before(self, key: str, image: Optional[str]) -> bool:
+        """Whether this image's new container failed for this service before (so a replay skips it)."""
+        with self.lock:
+            return image is not None and image in self.failed.get(key, ())
+
+    def remember_failure(self, key: str, image: str) -> None:
+        """An image whose new container failed and was rolled back; kept for the last FAILED_KEPT per service."""
+        with self.lock:
+            self.failed[key] = [i for i in self.failed.get(key, []) if i != image][-FAILED_KEPT + 1:] + [image]
+            try:
+                self.write_locked()
+            except OSError as error:
+                log.warning("could not keep the failed image of %s: %s", key, error.strerror)
+
     def write_locked(self) -> None:
         updates = {key: {**r._asdict(), "procedure": r.procedure.value, "stage": r.stage.value}
                    for key, r in self.records.items()}
-        write_atomically(self.journal_path, {"version": JOURNAL_VERSION, "updates": updates})
+        write_atomically(self.journal_path, {"version": JOURNAL_VERSION, "updates": updates, "failed": self.failed})
 
     def save_history(self, views: List[dict]) -> None:
         try:
@@ -1596,6 +1618,10 @@ class StepLog:
             ref = self.deployment.ref
             self.journal.open(self.key, Record(ref.kind, ref.project, ref.name, self.deployment.id,
                                                str(self.deployment.key), procedure, Stage.START, _now()))
+
+    def failed_before(self, image: Optional[str]) -> bool:
+        """Whether this image was rolled back for this service before: a replay must not try it again."""
+        return self.journal is not None and self.journal.failed_before(self.key, image)
 
     def record_now(self) -> Optional[Record]:
         """The journal record as it stands, if there is one."""
@@ -2115,6 +2141,9 @@ class ComposeProject(Target):
         steps.remember(old_image=outcome.old_image, new_image=new_id, image=image)
         if old and all(c.image_id == new_id for c in old):
             return outcome._replace(result=State.UP_TO_DATE)
+        if steps.failed_before(new_id):
+            return outcome._replace(result=State.SKIPPED, reason=f"{image} is the image whose new container failed "
+                                                                 "here before; push a new one")
         if service in self.start_first:
             refusal_reason = start_first_refusal(old)
             if refusal_reason is None:
@@ -2459,14 +2488,19 @@ class SwarmServices(Target):
         return ref.kind == self.kind
 
     def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
-        """`docker service update --image <ref:tag>[@digest] --with-registry-auth`, then follow Swarm's state."""
+        """`docker service update --image <ref:tag> --with-registry-auth`, then follow Swarm's state."""
         steps.begin(Procedure.SWARM)
         try:
             before = steps.step(Stage.INSPECT, lambda: self.inspect([ref.name]))[0]
             outcome = Outcome(old_image=before.image)
             if digest and digest == before.digest:
                 return outcome._replace(result=State.UP_TO_DATE, new_image=before.image)
-            target = before.image.partition("@")[0] + (f"@{digest}" if digest else "")
+            reference = before.image.partition("@")[0]
+            if digest and steps.failed_before(f"{reference}@{digest}"):
+                return outcome._replace(result=State.SKIPPED, reason=f"{reference}@{digest} failed here before; "
+                                                                     "push a new one")
+            # The tag, never the payload's digest: Swarm resolves it now, so a replay cannot move it backwards.
+            target = reference
             steps.remember(old_image=before.image, swarm_started=before.update_started)
             steps.step(Stage.UPDATE, lambda: self.run(["docker", "service", "update", "--detach", "--image", target,
                                                        "--with-registry-auth", ref.name], mutates=True))
@@ -2878,6 +2912,14 @@ def post_json(endpoint: Endpoint, payload: dict, deadline: float) -> int:
             raise TimeoutError("no answer within the deadline")
         return remaining
 
+    try:
+        return read_status(endpoint, head, body, left)
+    except socket.timeout:  # before Python 3.10 not yet the TimeoutError it is since
+        raise TimeoutError("no answer within the deadline") from None
+
+
+def read_status(endpoint: Endpoint, head: List[str], body: bytes, left: Callable[[], float]) -> int:
+    """post_json's exchange: connect, (TLS,) send, read the status line; each wait bounded by left()."""
     with socket.create_connection((endpoint.host, endpoint.port), timeout=left()) as plain:
         sock = plain
         if endpoint.tls:

@@ -1067,6 +1067,46 @@ class DeployTest(unittest.TestCase):
         self.assertIn("up -d --no-deps site", deployment.error)
         self.assertTrue(any("ROLLBACK FAILED" in line for line in logs.output))
 
+    def test_an_image_that_was_rolled_back_is_not_tried_again_by_a_replay_but_a_new_push_is(self):
+        """A re-delivery of the push whose container failed pulls, sees the same image and changes nothing; a
+        failed pull is no such memory; a new image is tried."""
+        rig = Rig(self)
+        rig.fake.registry["acme/site:latest"] = BROKEN_ID
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(rig.deploy().state, "rolled-back")
+            rig.fake.calls.clear()
+            replay = rig.deploy()
+        self.assertEqual(replay.state, "skipped")
+        self.assertIn("failed here before", replay.error)
+        self.assertFalse([c for c in rig.fake.mutating_calls() if c[:3] != ["docker", "compose", "pull"]])
+        rig.fake.registry["acme/site:latest"] = "sha256:" + "4" * 64
+        rig.fake.behaviour["sha256:" + "4" * 64] = "healthy"
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(rig.deploy().state, "updated")
+
+    def test_commands_get_a_clean_environment(self):
+        """docker and Compose get PATH, HOME, DOCKER_*, what PASS_ENV names and the project's COMPOSE_*; never
+        gopdater's own settings, so a project's .env means what it means by hand."""
+        rig = Rig(self, PASS_ENV="HTTP_PROXY", HTTP_PROXY="http://127.0.0.1:3128", HOME="/root", PORT=8080,
+                  DOCKER_HOST="unix:///run/docker.sock", SITE_TAG="9.9", COMPOSE_PROFILES="debug")
+        with self.assertLogs("gopdater", "INFO"):
+            rig.deploy()
+        allowed = {"PATH", "HOME", "DOCKER_HOST", "HTTP_PROXY", "PWD", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE",
+                   "COMPOSE_PATH_SEPARATOR"}
+        envs = [kw["env"] for kw in rig.fake.call_kwargs]
+        self.assertTrue(envs)
+        for env in envs:
+            self.assertLessEqual(set(env), allowed)
+            self.assertEqual((env["HTTP_PROXY"], env["DOCKER_HOST"]), ("http://127.0.0.1:3128", "unix:///run/docker.sock"))
+        for name in ("WEBHOOK_SECRET", "OWNER", "PORT", "SITE_TAG", "COMPOSE_PROFILES"):
+            self.assertFalse(any(name in env for env in envs), name)
+
+    def test_pass_env_cannot_hand_over_gopdater_s_own_settings(self):
+        """PASS_ENV=WEBHOOK_SECRET (or any of gopdater's settings) stops start-up; bad names too."""
+        for value in ("WEBHOOK_SECRET", "HTTP_PROXY,OWNER", "PORT", "a-b", "1X"):
+            with self.subTest(value=value), self.assertRaisesRegex(gopdater.ConfigError, "PASS_ENV"):
+                make_config(PASS_ENV=value)
+
     def test_dry_run_runs_no_mutating_command(self):
         """DRY_RUN logs the plan and runs neither pull, stop, rm, up nor rmi."""
         rig = Rig(self, DRY_RUN=1)
@@ -2233,6 +2273,101 @@ class HouseRulesTest(unittest.TestCase):
 # ---------------------------------------------------------------------------------------------
 
 
+class StateFolderTest(unittest.TestCase):
+    def test_one_gopdater_per_state_folder(self):
+        """A second gopdater on the same STATE_DIR stops at start with one line naming the folder; --check
+        says so too."""
+        folder = state_folder(self)
+        first = gopdater.StateLock(folder)
+        self.assertIsNone(first.acquire())
+        self.addCleanup(first.handle.close)
+        message = gopdater.StateLock(folder).acquire()
+        self.assertIn(f"STATE_DIR {folder} is in use by another gopdater (pid {os.getpid()})", message)
+        self.assertIn("give each gopdater its own STATE_DIR", message)
+        stderr = io.StringIO()
+        env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "STATE_DIR": folder, "PORT": "0"}
+        with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(stderr), \
+                mock.patch("gopdater.subprocess.run") as run:
+            self.assertEqual(gopdater.main([]), 2)
+        self.assertEqual(stderr.getvalue().count("\n"), 1)
+        self.assertIn("is in use by another gopdater", stderr.getvalue())
+        run.assert_not_called()
+        code, out = check(self, FakeDocker(), STATE_DIR=folder)
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL STATE_DIR", out)
+
+    def test_each_project_gets_its_own_default_state_folder(self):
+        """With PROJECTS unset the default STATE_DIR is one folder per project, below the shared one."""
+        env = {"XDG_STATE_HOME": "/var/lib/x"}
+        self.assertEqual(gopdater.default_state_dir(make_config(**env), "/srv/My-Site"),
+                         "/var/lib/x/gopdater/projects/my-site")
+        self.assertEqual(gopdater.default_state_dir(make_config(COMPOSE_PROJECT_NAME="blog", **env), "/srv/x"),
+                         "/var/lib/x/gopdater/projects/blog")
+        self.assertEqual(gopdater.default_state_dir(make_config(PROJECTS="*", **env), "/srv/x"), "/var/lib/x/gopdater")
+
+    def test_state_files_are_private_and_a_loose_folder_is_tightened(self):
+        """Files 0600 in a 0700 folder: a folder open to others is made 0700 with a warning."""
+        folder = state_folder(self)
+        os.chmod(folder, 0o755)
+        journal = gopdater.Journal(folder)
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            self.assertIsNone(journal.problem())
+        self.assertIn("was open to others", logs.output[0])
+        self.assertEqual(os.stat(folder).st_mode & 0o777, 0o700)
+        journal.save_history([])
+        self.assertEqual(os.stat(journal.history_path).st_mode & 0o777, 0o600)
+
+    def test_a_state_file_that_is_a_link_is_moved_aside_not_followed(self):
+        """journal.json pointing elsewhere (planted by someone) is not read through: moved aside, start clean."""
+        folder = state_folder(self)
+        target = pathlib.Path(folder, "elsewhere.json")
+        target.write_text(json.dumps({"version": 2, "updates": {}}))
+        os.symlink(target, os.path.join(folder, "journal.json"))
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            self.assertEqual(gopdater.Journal(folder).load(), ([], []))
+        self.assertIn("moved aside", logs.output[0])
+        self.assertTrue(target.exists(), "the link's target is untouched")
+
+    def test_absurdly_nested_or_wrongly_shaped_state_is_moved_aside_and_the_worker_lives(self):
+        """history.json nested 200,000 levels deep is moved aside; entries of the wrong shape are dropped; the
+        worker then deploys as usual."""
+        rig = Rig(self)
+        pathlib.Path(rig.state_dir, "history.json").write_text("[" * 200000 + "]" * 200000)
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            self.assertEqual(rig.journal.load(), ([], []))
+        self.assertIn("moved aside", "\n".join(logs.output))
+        pathlib.Path(rig.state_dir, "history.json").write_text(json.dumps(
+            [{"id": "x", "state": {"deep": [1]}}, "nonsense", {"id": "ok", "state": "updated", "steps": [{"step": {"x": 1}}]},
+             {"id": "good", "state": "updated"}]))
+        self.assertEqual([p["id"] for p in rig.journal.load()[1]], ["good"])
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(rig.deploy().state, "updated")
+
+    def test_a_journal_record_with_an_option_for_a_name_runs_nothing(self):
+        """A record naming service "--build" is dropped at load with an error line; recovery runs nothing."""
+        rig = Rig(self)
+        record = {"kind": "compose", "project": "demo", "service": "--build", "deployment": "0123456789ab",
+                  "reference": "docker.io/acme/site:latest", "procedure": "replace", "stage": "up", "started": "t"}
+        pathlib.Path(rig.state_dir, "journal.json").write_text(json.dumps({"version": 2, "updates": {"k": record}}))
+        queue = rig.new_queue(gopdater.Journal(rig.state_dir))
+        with self.assertLogs("gopdater", "ERROR") as logs:
+            self.assertEqual(queue.restore(), 0)
+        self.assertIn("not one gopdater writes", logs.output[0])
+        self.assertEqual(rig.fake.calls, [])
+
+    def test_a_deployment_whose_project_vanished_ends_failed_saying_so(self):
+        """The project of a queued deployment is gone by the time it runs: failed, with that reason, no traceback."""
+        rig = Rig(self)
+        deployment = gopdater.Deployment("0123456789ab", "dockerhub", gopdater.parse_reference("acme/site"), None,
+                                         gopdater.ServiceRef("compose", "gone", "site"))
+        host = gopdater.Targets([rig.project])
+        queue = gopdater.WorkQueue(rig.config, host, clock=rig.clock, sleep=rig.clock.sleep, journal=rig.journal,
+                                   notify=lambda url, body: True)
+        outcome = queue.run_target(deployment, gopdater.StepLog(deployment, queue.lock, rig.clock, rig.clock.sleep,
+                                                                rig.journal))
+        self.assertEqual((outcome.result, outcome.reason), (gopdater.State.FAILED, "gone/site is no longer found here"))
+
+
 class JournalProtocolTest(unittest.TestCase):
     def record(self, procedure="replace", stage="stop", **fields):
         return gopdater.Record("compose", "demo", "site", "0123456789ab", "docker.io/acme/site:latest",
@@ -2774,17 +2909,34 @@ class SwarmTest(unittest.TestCase):
         view = rig.queue.views()[0]
         self.assertEqual((view["kind"], view["project"], view["service"]), ("swarm", "blog", "blog_site"))
 
-    def test_the_pushed_digest_pins_the_update_and_a_known_one_changes_nothing(self):
-        """With the hook's digest the update names it; a digest the service already runs updates nothing."""
+    def test_the_pushed_digest_never_reaches_the_command_so_a_replay_cannot_move_back(self):
+        """The update names the tag, which Swarm resolves when it runs; a digest the service runs updates
+        nothing; a replay naming an older digest leaves the service on the newer one."""
         rig = self.rig()
         with self.assertLogs("gopdater", "INFO"):
             self.push(rig, DIGEST_2)
-        self.assertIn(["docker", "service", "update", "--detach", "--image", f"{SWARM_REF}@{DIGEST_2}",
-                       "--with-registry-auth", "blog_site"], rig.fake.calls)
+        self.assertIn(["docker", "service", "update", "--detach", "--image", SWARM_REF, "--with-registry-auth",
+                       "blog_site"], rig.fake.calls)
+        self.assertFalse([c for c in rig.fake.calls if any("@" in a for a in c)], "no digest in any command")
         rig.fake.calls.clear()
-        deployment = self.push(rig, DIGEST_2)["swarm"]
-        self.assertEqual(deployment.state, "up-to-date")
+        self.assertEqual(self.push(rig, DIGEST_2)["swarm"].state, "up-to-date")
         self.assertFalse([c for c in rig.fake.calls if c[1:3] == ["service", "update"]])
+        self.assertEqual(self.push(rig, DIGEST_1)["swarm"].state, "up-to-date", "a replay of the older push")
+        self.assertEqual(rig.fake.image(), f"{SWARM_REF}@{DIGEST_2}")
+
+    def test_a_rolled_back_digest_is_not_tried_again_by_a_replay_but_a_new_push_is(self):
+        """Once DIGEST_2's tasks failed and Swarm rolled back, a re-delivery of that push is skipped; a push
+        of a new digest is tried."""
+        rig = self.rig(FakeSwarm(script=("updating", "paused")))
+        self.assertEqual(self.push(rig, DIGEST_2)["swarm"].state, "rolled-back")
+        rig.fake.calls.clear()
+        replay = self.push(rig, DIGEST_2)["swarm"]
+        self.assertEqual(replay.state, "skipped")
+        self.assertIn("failed here before", replay.error)
+        self.assertFalse([c for c in rig.fake.calls if c[1:3] == ["service", "update"]])
+        rig.fake.script, digest_3 = ["updating", "completed"], "sha256:" + "c" * 64
+        rig.fake.resolves[SWARM_REF] = digest_3
+        self.assertEqual(self.push(rig, digest_3)["swarm"].state, "updated")
 
     def test_a_replay_without_digest_restarts_nothing(self):
         """A tag that still resolves to the running digest leaves the spec alone: up-to-date, no rollback."""
