@@ -376,6 +376,9 @@ class Poller(threading.Thread):
         return max(gaps) if gaps else float("inf")
 
 
+PROJECT_ENV = "WEBHOOK_SECRET=the-project-s-own-secret\nPORT=8081\nOWNER=project-owner\n"
+
+
 class EngineScenario:
     """One Compose flavour, end to end. The registry, images, project and gopdater are made once per class;
     each test first brings them back to a known state (site on v1, latest = v1, gopdater running), so
@@ -422,6 +425,8 @@ services:
     init: true
     restart: unless-stopped
     ports: ["127.0.0.1:{cls.site_port}:80"]
+    environment:
+      PROBE: "${{WEBHOOK_SECRET:-none}} ${{PORT:-none}} ${{OWNER:-none}}"
     volumes:
       - ./data:/data
       - ${{PWD}}/data:/data2
@@ -431,6 +436,8 @@ services:
       timeout: 1s
       retries: 3
 """)
+        # The project's own values for names gopdater also reads: an update must keep these, not gopdater's.
+        (cls.folder / ".env").write_text(PROJECT_ENV)
         run([*cls.compose, "up", "-d"], cwd=cls.folder, timeout=300, env=clean_env(PWD=str(cls.folder)))
         wait_for(lambda: cls.site() == "acme site v1", 30, "the site to serve v1")
         cls.gp_log = cls.tmp / "gopdater.log"
@@ -569,9 +576,23 @@ services:
         sources = sorted(m["Source"] for m in new["Mounts"] if m["Type"] == "bind")
         self.assertEqual(sources, [str(self.folder / "data")] * 2)
         self.assertFalse(self.image_exists(self.images["v1"]), "the replaced v1 image is removed")
+        self.assertIn("PROBE=the-project-s-own-secret 8081 project-owner", new["Config"]["Env"],
+                      "the project's .env, not gopdater's own WEBHOOK_SECRET, PORT and OWNER")
         downtime = next(s["seconds"] for s in record["steps"] if s["step"] == "downtime")
         figure(f"[{self.flavour}] update v1 -> v2: {elapsed:.1f} s from push to done; recorded downtime "
               f"{downtime:.2f} s; longest gap seen by a 20 ms poller {gap * 1000:.0f} ms")
+
+    def test_a_second_gopdater_on_the_same_state_folder_stops_at_start(self):
+        """Started again on the running one's STATE_DIR, gopdater exits 2 with one line saying so."""
+        env = clean_env(OWNER="acme", WEBHOOK_SECRET=SECRET, HOST="127.0.0.1", PORT=str(free_port()),
+                        STATE_DIR=str(self.tmp / "state"), SWARM="off", COMPOSE_COMMAND=" ".join(self.compose))
+        proc = subprocess.run([sys.executable, str(HERE / "gopdater.py")], cwd=self.folder, env=env,
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
+        self.assertEqual(proc.stderr.strip().count("\n"), 0, proc.stderr)
+        self.assertIn(f"STATE_DIR {self.tmp / 'state'} is in use by another gopdater (pid {self.gopdater.pid})",
+                      proc.stderr)
+        self.assertIsNone(self.gopdater.poll(), "the first one runs on")
 
     def test_burst_of_hooks_gives_at_most_two_deployments(self):
         """Ten hooks for one push give at most two deployments, and the site ends on that push."""
@@ -1315,6 +1336,32 @@ class SwarmEngineTest(unittest.TestCase):
         self.assertEqual(self.push("v2", secret="x" * 30)[0], 403)
         self.assertEqual(sorted(run(["docker", "service", "ps", "-q", "--filter", "desired-state=running",
                                      self.service]).split()), sorted(tasks))
+
+    def test_a_replay_naming_an_older_digest_leaves_the_stack_on_the_newer_image(self):
+        """A genuine registry notification of v1's digest, delivered once v2 runs, moves nothing back: the
+        update names the tag, which Swarm resolves to what it points at now."""
+        self.assertEqual(self.push("v2")[2]["swarm"]["state"], "updated")
+        self.wait_service("v2", timeout=10)
+        manifest = http("GET", f"http://127.0.0.1:{self.port}/v2/acme/site/manifests/v1",
+                        headers={"Accept": MANIFEST_TYPES})[2]
+        old = {"action": "push", "request": {"host": f"127.0.0.1:{self.port}"}, "target": {
+            "mediaType": manifest["Content-Type"], "repository": "acme/site", "tag": "latest",
+            "digest": manifest["Docker-Content-Digest"]}}
+        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks/registry",
+                                json.dumps({"events": [old]}).encode(),
+                                {"Authorization": f"Bearer {SECRET}",
+                                 "Content-Type": "application/vnd.docker.distribution.events.v1+json"})
+        self.assertEqual(status, 202, reply)
+        ids = json.loads(reply).get("ids") or [json.loads(reply)["id"]]
+
+        def ended():
+            raw = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
+                       headers={"Authorization": f"Bearer {SECRET}"})[1]
+            views = {d["kind"]: d for d in json.loads(raw)["deployments"] if d["id"] in ids}
+            return views if all(d["state"] not in ("queued", "running") for d in views.values()) else None
+        views = wait_for(ended, 120, "the replay's deployments to end")
+        self.assertEqual(views["swarm"]["state"], "up-to-date", views["swarm"])
+        self.wait_service("v2", timeout=10)
 
     def test_the_example_stack_file_runs_gopdater_on_a_manager(self):
         """docs/stack.yml is a valid stack file (docker stack config) that places gopdater on a manager."""
