@@ -3674,6 +3674,11 @@ def run_check(config: Config, runner: Runner = None, out=None) -> int:
                            f"{config.secret[:4]}{'*' * 8} (the full secret is WEBHOOK_SECRET)")]
         if config.tls_cert:
             findings.append(tls_problem(config.tls_cert, config.tls_key))
+        if config.notify_url:
+            endpoint = Endpoint.parse(config.notify_url)
+            findings.append((True, f"notify: {endpoint.shown}" + (
+                "; its user and password go as HTTP Basic authentication, never logged" if endpoint.authorization
+                else "")))
         if config.dry_run:
             findings.append((True, "DRY_RUN is on: deployments log their commands and run none"))
         if config.swarm != "off" and swarm_role(config, runner or run_command) == "worker":

@@ -96,6 +96,7 @@ class FakeHost:
         return {**env, "PATH": f"{self.tmp / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
                 "FAKE_DOCKER_STATE": str(self.state), "FAKE_DOCKER_LOG": str(self.log), "OWNER": "acme",
                 "WEBHOOK_SECRET": SECRET, "HOST": "127.0.0.1", "PORT": str(port), "COMPOSE_COMMAND": "auto",
+                "PASS_ENV": "FAKE_DOCKER_STATE,FAKE_DOCKER_LOG",  # what the fake docker reads
                 "STATE_DIR": str(self.tmp / "state"), **settings}
 
     def launch(self, port, from_source=True, **settings):
