@@ -216,14 +216,16 @@ def setUpModule():
 
 
 def build_site_images(folder, tag_prefix, name="site"):
-    """Build v1, v2 and a broken v3 of a tiny web site FROM scratch; return {version: image id}."""
+    """Build v1, v2 and broken v3, v4, v5 of a tiny web site FROM scratch; return {version: image id}. Each
+    broken one is an image of its own: gopdater skips an image that failed before, so each test that needs a
+    first failure pushes its own."""
     images = {}
     shutil.copy("/bin/busybox", folder / "busybox")
     (folder / "www").mkdir(exist_ok=True)
-    for version in ("v1", "v2", "v3"):
+    for version in ("v1", "v2", "v3", "v4", "v5"):
         (folder / "www" / "index.html").write_text(f"acme {name} {version}\n")
-        command = '["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]' if version != "v3" else \
-            '["/bin/busybox", "sh", "-c", "echo v3 is broken >&2; exit 3"]'
+        command = '["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]' if version in ("v1", "v2") else \
+            f'["/bin/busybox", "sh", "-c", "echo {version} is broken >&2; exit 3"]'
         (folder / "Dockerfile").write_text(
             f"FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nLABEL {PREFIX}={version}\nCMD {command}\n")
         tag = f"{tag_prefix}:{version}"
@@ -458,9 +460,10 @@ services:
             type(self).gopdater = self.start_gopdater(self.gp_port, self.gp_log)
 
     @classmethod
-    def start_gopdater(cls, port, log_path):
-        """Start gopdater as a user would, on this port, logging to this file; return the process."""
-        settings = dict(OWNER=f"acme,127.0.0.1:{cls.notify_port}/acme", STATE_DIR=str(cls.tmp / "state"),
+    def start_gopdater(cls, port, log_path, state="state"):
+        """Start gopdater as a user would, on this port, logging to this file, with STATE_DIR tmp/state;
+        return the process."""
+        settings = dict(OWNER=f"acme,127.0.0.1:{cls.notify_port}/acme", STATE_DIR=str(cls.tmp / state),
                         SERVICES=f"acme/site=site,127.0.0.1:{cls.notify_port}/acme/site=site", ENGINE_WAIT="60",
                         COMPOSE_COMMAND=" ".join(cls.compose))
         cwd = cls.folder
@@ -663,7 +666,8 @@ services:
         """Start gopdater again; return seconds until the site serves expected_text, and the recovery record."""
         started = time.monotonic()
         type(self).gopdater = self.start_gopdater(self.gp_port, self.gp_log)
-        known = {d["id"] for d in self.deployments() if d["sender"] == "recovery" and d["state"] != "running"}
+        known = {d["id"] for d in self.deployments() if d["sender"] == "recovery"
+                 and d["state"] not in ("queued", "running")}  # ended before: not this start's
         wait_for(lambda: self.site() == expected_text, 60, f"the site to serve {expected_text!r}")
         seconds = time.monotonic() - started
         record = wait_for(lambda: [d for d in self.deployments() if d["sender"] == "recovery" and d["id"] not in known
@@ -680,7 +684,7 @@ services:
 
     def test_killed_after_the_remove_with_a_broken_image_ends_on_the_old_one(self):
         """The same cut with a broken v3: the next start rolls back, and v1 serves again."""
-        self.kill_after("step=remove result=ok", "v3")
+        self.kill_after("step=remove result=ok", "v4")
         seconds, record = self.restart_and_watch("acme site v1")
         self.assertEqual(record["state"], "rolled-back", record)
         self.assertEqual(self.container()["Image"], self.images["v1"])
@@ -689,7 +693,7 @@ services:
     def test_sigterm_stops_cleanly_and_the_log_holds_no_secret(self):
         """A gopdater of its own answers hooks, then SIGTERM ends it with exit code 0; no log line held the secret."""
         port, log_path = free_port(), self.tmp / f"sigterm-{secrets.token_hex(3)}.log"
-        process = self.start_gopdater(port, log_path)
+        process = self.start_gopdater(port, log_path, state=log_path.stem)  # one gopdater per STATE_DIR
         self.addCleanup(stop_process, process)
         for secret in ("x" * 30, SECRET):
             body = json.dumps({"repository": {"repo_name": "acme/site"}, "push_data": {"tag": "nope"}}).encode()
@@ -1407,7 +1411,7 @@ class ComposeV2Test(EngineScenario, unittest.TestCase):
         """Through DOCKER_HOST, an update used exactly the Docker API calls docs/reference.md lists for a socket proxy."""
         # An update (its cleanup removes an image), then a failed one (its rollback tags and reads logs).
         self.assertEqual(self.deploy_and_watch(retag="v2")[0]["state"], "updated")
-        self.assertEqual(self.deploy_and_watch(retag="v3")[0]["state"], "rolled-back")
+        self.assertEqual(self.deploy_and_watch(retag="v5")[0]["state"], "rolled-back")
         listed = (HERE / "docs" / "reference.md").read_text()
         documented = set(re.findall(r"^\s*- `((?:GET|HEAD|POST|PUT|DELETE) /[^`]+)`", listed, re.MULTILINE))
         self.assertTrue(self.proxy.calls, "gopdater reached Docker through DOCKER_HOST")

@@ -1234,6 +1234,15 @@ class NotifyTest(unittest.TestCase):
         self.assertNotIn("w0rd", text)
         self.assertIn("http://***@127.0.0.1/***", text)
 
+    def test_check_shows_a_notify_url_with_its_credentials_masked(self):
+        """--check names the endpoint, says its user and password go as Basic authentication, and shows neither."""
+        code, out = check(self, FakeDocker(), NOTIFY_URL="https://ops:hunter2-pass@hooks.example.org/T0/B1/xoxb-token")
+        self.assertEqual(code, 0, out)
+        self.assertIn("ok   notify: https://***@hooks.example.org/***; its user and password go as HTTP Basic "
+                      "authentication, never logged", out)
+        for secret in ("ops:", "hunter2", "xoxb", "T0"):
+            self.assertNotIn(secret, out.replace("notify", ""))
+
     def test_a_redirect_is_never_followed(self):
         """A 302 is a failed delivery: the Location is not visited, the POST never becomes a GET elsewhere."""
         url, received = self.start_receiver([302, 302])
