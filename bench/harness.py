@@ -97,7 +97,7 @@ class FakeHost:
                 "FAKE_DOCKER_STATE": str(self.state), "FAKE_DOCKER_LOG": str(self.log), "OWNER": "acme",
                 "WEBHOOK_SECRET": SECRET, "HOST": "127.0.0.1", "PORT": str(port), "COMPOSE_COMMAND": "auto",
                 "PASS_ENV": "FAKE_DOCKER_STATE,FAKE_DOCKER_LOG",  # what the fake docker reads
-                "STATE_DIR": str(self.tmp / "state"), **settings}
+                "STATE_DIR": str(self.tmp / f"state-{port}"), **settings}  # one gopdater per STATE_DIR
 
     def launch(self, port, from_source=True, **settings):
         """Start gopdater as `python3 gopdater.py` does, or as the container does (`python3 -m gopdater`
