@@ -3392,7 +3392,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def step(self) -> bool:
         """One step: drop a refused body, parse a head, or answer a whole request; False when none can be made."""
-        if self.writing_paused or self.phase in (Phase.HELD, Phase.CLOSING):
+        if self.writing_paused or self.phase in (Phase.HELD, Phase.CLOSING) or self.transport.is_closing():
             return False
         if self.phase is Phase.SKIP:
             dropped = min(self.skip, len(self.buffer))
@@ -3466,6 +3466,9 @@ class Connection(asyncio.BufferedProtocol):
         """Write the answer and log it (the secret redacted); after it, close if it must."""
         keep = self.keep_alive and not close and not self.server.stopping
         self.server.log_request(self, response.status)  # before it leaves: a client that has it finds it logged
+        if self.transport.is_closing():  # the client is gone (reset): nobody to answer
+            self.phase = Phase.CLOSING
+            return
         self.transport.write(encode(response, keep))
         self.deadline = time.monotonic() + self.server.request_timeout
         self.server.touched(self)
@@ -3479,10 +3482,13 @@ class Connection(asyncio.BufferedProtocol):
         self.phase, self.held, self.request = Phase.CLOSING, None, None
         self.buffer.clear()
         self.deadline = time.monotonic() + DRAIN_SECONDS
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        else:
+        if not self.transport.can_write_eof():
             self.transport.close()
+            return
+        try:
+            self.transport.write_eof()
+        except OSError:  # the client reset the connection meanwhile
+            self.transport.abort()
 
     def expire(self) -> None:
         """REQUEST_TIMEOUT (or the start-up wait, or the drain) ran out for this connection."""
