@@ -688,7 +688,7 @@ services:
         seconds, record = self.restart_and_watch("acme site v1")
         self.assertEqual(record["state"], "rolled-back", record)
         self.assertEqual(self.container()["Image"], self.images["v1"])
-        figure(f"[{self.flavour}] killed after remove with broken v3: v1 served {seconds:.1f} s after the restart")
+        figure(f"[{self.flavour}] killed after remove with a broken v4: v1 served {seconds:.1f} s after the restart")
 
     def test_sigterm_stops_cleanly_and_the_log_holds_no_secret(self):
         """A gopdater of its own answers hooks, then SIGTERM ends it with exit code 0; no log line held the secret."""

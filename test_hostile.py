@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -65,25 +66,18 @@ class Front(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.host = harness.FakeHost()
+        cls.addClassCleanup(cls.host.close)  # the process and the folder, also when the start fails
         cls.folder = cls.host.tmp
         cls.port = harness.free_port()
         cls.process = cls.host.launch(cls.port, REQUEST_TIMEOUT=str(REQUEST_TIMEOUT), **cls.more_settings())
-        try:
-            harness.wait_until(lambda: harness.answers(cls.port, harness.deployments_request(), cls.tls_client),
-                               cls.process)
-            cls.hook_status = raw_request(cls.port, post(f"/hooks/{SECRET}", HOOK), 5, cls.tls_client)[0]
-            cls.idle_mib = harness.rss_mib(cls.process.pid)
-        except BaseException:
-            cls.host.close()
-            raise
+        harness.wait_until(lambda: harness.answers(cls.port, harness.deployments_request(), cls.tls_client),
+                           cls.process)
+        cls.hook_status = raw_request(cls.port, post(f"/hooks/{SECRET}", HOOK), 5, cls.tls_client)[0]
+        cls.idle_mib = harness.rss_mib(cls.process.pid)
 
     @classmethod
     def more_settings(cls):
         return {}
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.host.close()
 
     def connect(self):
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
@@ -223,19 +217,13 @@ class TLSFrontTest(Front):
     @classmethod
     def more_settings(cls):
         cls.certs = pathlib.Path(tempfile.mkdtemp(prefix="gopdater-tls-"))
+        cls.addClassCleanup(shutil.rmtree, cls.certs, True)  # also when the start fails
         cert, key = make_certificate(cls.certs, "first")
         cls.cert, cls.key = cls.certs / "live.crt", cls.certs / "live.key"
         os.replace(cert, cls.cert)
         os.replace(key, cls.key)
         cls.tls_client = ssl.create_default_context(cafile=str(cls.cert))
         return {"TLS_CERT": str(cls.cert), "TLS_KEY": str(cls.key)}
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        for path in cls.certs.iterdir():
-            path.unlink()
-        cls.certs.rmdir()
 
     def peer_certificate(self):
         """The certificate a new connection is given (DER), not verified."""
