@@ -54,7 +54,7 @@ from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 log = logging.getLogger("gopdater")
 
