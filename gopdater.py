@@ -1534,7 +1534,8 @@ class Journal:
 
     def load(self) -> Tuple[List[Record], List[dict]]:
         """The updates a crash left unfinished, and the stored history, newest last."""
-        updates = read_state(self.journal_path, dict).get("updates")
+        stored = read_state(self.journal_path, dict)
+        updates = stored.get("updates")
         records = {}
         for key, data in (updates.items() if isinstance(updates, dict) else ()):
             record = Record.from_json(data)
@@ -1543,7 +1544,7 @@ class Journal:
                           str(key)[:80])
                 continue
             records[key] = record
-        failed = read_state(self.journal_path, dict).get("failed")
+        failed = stored.get("failed")
         with self.lock:
             self.records = records
             self.failed = {k: [i for i in v if isinstance(i, str) and image_value(i)][-FAILED_KEPT:]
