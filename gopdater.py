@@ -2966,7 +2966,7 @@ class Notifier:
 
     def __init__(self, send: Callable[[str, dict], bool] = send_notification, size: int = 100):
         import queue  # only with a NOTIFY_URL
-        self.send, self.pending = send, queue.Queue(maxsize=size)
+        self.send, self.pending, self.full = send, queue.Queue(maxsize=size), queue.Full
         self.thread = threading.Thread(target=self.run, name="notifier", daemon=True)
         self.thread.start()
 
@@ -2975,7 +2975,7 @@ class Notifier:
         try:
             self.pending.put_nowait((url, payload))
             return True
-        except Exception:  # queue.Full
+        except self.full:
             log.warning("notification of deployment=%s dropped: %d are waiting already", payload.get("deployment"),
                         self.pending.maxsize)
             return False
@@ -3902,7 +3902,8 @@ def hold_state_dir(config: Config) -> None:
 
 
 def open_front(config: Config) -> Tuple[socket.socket, Optional[TLSFiles]]:
-    """The TLS files (checked before the port opens) and the listening socket; ConfigError saying the fix."""
+    """The TLS files (checked first), STATE_DIR taken for this process, then the listening socket: a second
+    gopdater on one STATE_DIR stops before it binds. ConfigError saying the fix."""
     tls = None
     if config.tls_cert:
         ok, text = tls_problem(config.tls_cert, config.tls_key)
