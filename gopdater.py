@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import enum
 import functools
@@ -52,7 +53,7 @@ import types
 import urllib.parse
 from datetime import datetime, timezone
 from http import HTTPStatus
-from typing import Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Hashable, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 __version__ = "1.2.0"
 
@@ -357,6 +358,9 @@ SETTINGS = (
     Setting("ENGINE_WAIT", "300", "seconds an update waits for a Docker engine that stopped answering",
             number(0)),
     Setting("REFRESH_INTERVAL", "60", "seconds between re-reads of the Compose project while idle", number(1)),
+    Setting("PARALLEL", "4", "deployments run at once, each of a different Compose project or Swarm service "
+            "(one project's services update one at a time); 1 runs every deployment in turn",
+            number(1, integer=True, maximum=64)),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", choice("INFO", "DEBUG", "WARNING", "ERROR",
                                                                          upper=True)),
 )
@@ -394,6 +398,7 @@ class Config(NamedTuple):
     state_dir: Optional[str]
     engine_wait: float
     refresh_interval: float
+    parallel: int
     log_level: str
     environ: Mapping[str, str]  # gopdater's own environment, for its own use only
     command_env: Mapping[str, str] = types.MappingProxyType({})  # what docker and Compose get (command_env())
@@ -922,7 +927,7 @@ GET_ENDPOINTS: Dict[str, Callable[[App, Request], Response]] = {
 
 
 # ==========================================================================================
-# The work queue: one deployment at a time, bursts coalesced, the last 50 kept for the view
+# The work queue: PARALLEL deployments at once, one per lane, bursts coalesced, the last 50 kept
 # ==========================================================================================
 
 HISTORY_SIZE = 50
@@ -990,6 +995,7 @@ class Deployment:
         self.id, self.sender, self.key, self.digest, self.ref = id, sender, key, digest, ref
         self.state, self.hooks, self.created = State.QUEUED, 1, _now()
         self.recovery: Optional["Record"] = None  # the journal record of an update a crash cut off
+        self.lane: Hashable = ref  # what it must not run beside (its Compose project): Target.lane()
         self.started: Optional[str] = None
         self.finished: Optional[str] = None
         self.steps: List[Step] = []
@@ -1039,7 +1045,8 @@ class Submitted(NamedTuple):
 
 
 class WorkQueue:
-    """Runs deployments one at a time in a worker thread; knows targets only through their interface."""
+    """Runs deployments in worker threads (run_forever, one per PARALLEL), at most one per lane: two of one
+    Compose project never race. A re-read of every target runs alone. Knows targets only through Target."""
 
     def __init__(self, config: Config, target: "Target", clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep, notify: Optional[Callable[[str, dict], bool]] = None,
@@ -1048,14 +1055,25 @@ class WorkQueue:
         self.notify = notify or (lambda url, payload: send_notification(url, payload, sleep=sleep))  # in line
         self.metrics, self.journal = metrics or Metrics(), journal
         self.lock = threading.Condition()
+        self.saving = threading.Lock()  # one history.json write at a time, each of the newest views
         self.queue: collections.deque = collections.deque()
         self.history: collections.deque = collections.deque(maxlen=HISTORY_SIZE)
-        self.current: Optional[Deployment] = None
-        self.busy = False  # a job (a deployment, or a re-read of the targets) is running
-        self.working = False  # a worker runs (run_forever): /healthz says 503 while none does
+        self.in_flight: Dict[Hashable, Deployment] = {}  # lane: the deployment running in it
+        self.refreshing = False  # a re-read of every target runs (nothing else meanwhile)
+        self.workers = 0  # worker threads in run_forever: /healthz says 503 while none runs
         self.stopping = False
         self.refresh_due: Optional[float] = None
         self.last_refresh = clock()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job (a deployment, or a re-read of the targets) is running."""
+        return bool(self.in_flight) or self.refreshing
+
+    @property
+    def working(self) -> bool:
+        """Whether a worker thread takes jobs."""
+        return self.workers > 0
 
     # -- the request side: map and enqueue, nothing slower ------------------------------------
 
@@ -1077,6 +1095,7 @@ class WorkQueue:
                 if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
                     return None
                 deployment = Deployment(os.urandom(6).hex(), event.sender, event.image, event.digest, ref)
+                deployment.lane = self.target.lane(ref)
                 self.queue.append(deployment)
                 self.history.append(deployment)
                 submitted.append(Submitted(deployment, False))
@@ -1104,7 +1123,7 @@ class WorkQueue:
             for record in unfinished:
                 ref = ServiceRef(record.kind, record.project, record.service)
                 deployment = Deployment(os.urandom(6).hex(), "recovery", parse_reference(record.reference), None, ref)
-                deployment.recovery = record
+                deployment.recovery, deployment.lane = record, self.target.lane(ref)
                 self.queue.appendleft(deployment)
                 self.history.append(deployment)
                 log.warning("deployment=%s recovery of service=%s, cut off at step=%s by deployment=%s",
@@ -1114,28 +1133,44 @@ class WorkQueue:
 
     def queued(self) -> int:
         with self.lock:
-            return len(self.queue) + (self.current is not None)
+            return len(self.queue) + len(self.in_flight)
 
-    # -- the worker ---------------------------------------------------------------------------
+    # -- the workers --------------------------------------------------------------------------
+
+    def claim_locked(self) -> Optional[Deployment]:
+        """Take the first queued deployment whose lane is free, while fewer than PARALLEL run; or None."""
+        if self.refreshing or len(self.in_flight) >= self.config.parallel:
+            return None
+        deployment = next((d for d in self.queue if d.lane not in self.in_flight), None)
+        if deployment is not None:
+            self.queue.remove(deployment)
+            self.in_flight[deployment.lane] = deployment
+        return deployment
+
+    def refresh_wait_locked(self) -> float:
+        """Seconds until a re-read of every target is due (REFRESH_INTERVAL, or sooner after a missed hook)."""
+        due = min(self.refresh_due or float("inf"), self.last_refresh + self.config.refresh_interval)
+        return due - self.clock()
 
     def next_job(self) -> Tuple[bool, Optional[Deployment]]:
-        """Wait for a deployment or a due refresh: (stop, deployment or None for a refresh)."""
+        """Wait for a deployment it may run, or a due re-read with nothing running:
+        (stop, the deployment, or None for the re-read)."""
         with self.lock:
-            while not self.queue and not self.stopping:
-                due = min(self.refresh_due or float("inf"), self.last_refresh + self.config.refresh_interval)
-                if due <= self.clock():
-                    break
-                self.lock.wait(timeout=min(due - self.clock(), 1.0))
-            if self.stopping:
-                return True, None
-            self.current = self.queue.popleft() if self.queue else None
-            self.busy = True
-            self.refresh_due = None
-            return False, self.current
+            while not self.stopping:
+                deployment = self.claim_locked()
+                if deployment is not None:
+                    return False, deployment
+                wait = self.refresh_wait_locked()
+                if wait <= 0 and not self.busy:
+                    self.refreshing, self.refresh_due = True, None
+                    return False, None
+                self.lock.wait(timeout=min(wait, 1.0) if wait > 0 else 1.0)  # a job's end notifies
+            return True, None
 
     def run_forever(self) -> None:
-        """Take queued deployments one at a time until stopped; re-read the targets while idle."""
-        self.working = True
+        """One worker: take jobs until stopped. Start PARALLEL of them for PARALLEL deployments at once."""
+        with self.lock:
+            self.workers += 1
         try:
             while True:
                 stop, deployment = self.next_job()
@@ -1143,20 +1178,19 @@ class WorkQueue:
                     return
                 self.run(deployment)
         finally:
-            self.working = False
+            with self.lock:
+                self.workers -= 1
 
     def run_next(self) -> Optional[Deployment]:
-        """Run the next queued deployment in this thread, as the worker would; None if nothing is queued."""
+        """Run the next queued deployment it may run in this thread, as a worker would; None if there is none."""
         with self.lock:
-            if not self.queue:
-                return None
-            deployment = self.current = self.queue.popleft()
-            self.busy = True
-        self.run(deployment)
+            deployment = self.claim_locked()
+        if deployment is not None:
+            self.run(deployment)
         return deployment
 
     def run(self, deployment: Optional[Deployment]) -> None:
-        """Run one job the worker took: a deployment, or (None) a re-read of the targets."""
+        """Run one job a worker claimed: a deployment, or (None) a re-read of every target."""
         try:
             if deployment is None:
                 self.refresh()
@@ -1164,18 +1198,21 @@ class WorkQueue:
                 self.execute(deployment)
         finally:
             with self.lock:
-                self.current, self.busy = None, False
+                if deployment is None:
+                    self.refreshing, self.last_refresh = False, self.clock()
+                else:
+                    self.in_flight.pop(deployment.lane, None)
                 self.lock.notify_all()
-        self.last_refresh = self.clock()
 
-    def refresh(self) -> None:
+    def refresh(self, ref: Optional[ServiceRef] = None) -> None:
+        """Re-read every target, or (ref) only what a deployment of ref touched; never raises."""
         try:
-            self.target.refresh()
+            self.target.refresh() if ref is None else self.target.refresh_around(ref)
         except Exception as error:  # a bug or a docker hiccup must not kill the worker
             log.warning("could not re-read what runs here: %s", error)
 
     def stop(self, timeout: float) -> bool:
-        """Stop taking work, cancel queued deployments, wait (bounded) for the running one; True if idle."""
+        """Stop taking work, cancel queued deployments, wait (bounded) for the running ones; True if idle."""
         with self.lock:
             self.stopping = True
             for deployment in self.queue:
@@ -1189,7 +1226,8 @@ class WorkQueue:
 
     def keep_history(self) -> None:
         if self.journal is not None:
-            self.journal.save_history(list(reversed(self.views())))
+            with self.saving:
+                self.journal.save_history(list(reversed(self.views())))
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or running (a re-read included); True if that happened within timeout."""
@@ -1222,7 +1260,7 @@ class WorkQueue:
         if outcome.result in CHANGED:
             if self.config.notify_url:
                 self.notify(self.config.notify_url, notification(deployment, outcome, seconds))
-            self.refresh()
+            self.refresh(deployment.ref)
         log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
 
     def run_target(self, deployment: Deployment, steps: StepLog) -> Outcome:
@@ -1577,6 +1615,11 @@ class Journal:
                 except OSError as error:
                     log.warning("could not close the journal entry of %s: %s", key, error.strerror)
 
+    def needed_by_another(self, key: str, image_id: str) -> bool:
+        """Whether an update of another service in flight runs or may roll back to this image."""
+        with self.lock:
+            return any(image_id in (r.old_image, r.new_image) for k, r in self.records.items() if k != key)
+
     def failed_before(self, key: str, image: Optional[str]) -> bool:
         """Whether this image's new container failed for this service before (so a replay skips it)."""
         with self.lock:
@@ -1623,6 +1666,10 @@ class StepLog:
     def failed_before(self, image: Optional[str]) -> bool:
         """Whether this image was rolled back for this service before: a replay must not try it again."""
         return self.journal is not None and self.journal.failed_before(self.key, image)
+
+    def needed_by_another(self, image_id: str) -> bool:
+        """Whether an update of another service in flight (PARALLEL) runs or may roll back to this image."""
+        return self.journal is not None and self.journal.needed_by_another(self.key, image_id)
 
     def record_now(self) -> Optional[Record]:
         """The journal record as it stands, if there is one."""
@@ -1685,6 +1732,7 @@ class StepLog:
 # ==========================================================================================
 
 POLL_FIRST, POLL_FACTOR, POLL_MAX = 0.2, 1.5, 2.0
+DISCOVERY_READS = 8  # projects read at once: `compose config` mostly waits on its start-up and the engine
 DEFAULT = "(Compose's default)"
 Finding = Tuple[bool, str]  # (ok, one line), for the start-up log and --check
 
@@ -1775,6 +1823,14 @@ class Target:
     def refresh(self) -> None:
         """Re-read what runs here; CommandError or ValueError if it cannot be read."""
         raise NotImplementedError
+
+    def refresh_around(self, ref: ServiceRef) -> None:
+        """Re-read what an update of ref may have changed (by default everything), as refresh() does."""
+        self.refresh()
+
+    def lane(self, ref: ServiceRef) -> Hashable:
+        """What an update of ref must not run beside (by default the service itself)."""
+        return ref
 
     def describe(self) -> List[Finding]:
         """What this target is and what would update, one finding per line (for --check)."""
@@ -1875,6 +1931,16 @@ class Targets(Target):
 
     def engine_answers(self) -> bool:
         return all(member.engine_answers() for member in self.members)
+
+    def lane(self, ref: ServiceRef) -> Hashable:
+        owner = self.owner(ref)
+        return owner.lane(ref) if owner else ref
+
+    def refresh_around(self, ref: ServiceRef) -> None:
+        """Re-read only the member that owns ref."""
+        owner = self.owner(ref)
+        if owner is not None:
+            owner.refresh_around(ref)
 
     def refresh(self) -> None:
         """Re-read each member; one that cannot be read keeps its last view and does not stop the others."""
@@ -1985,6 +2051,11 @@ class ContainerSteps:
             if image_id == new_id:
                 continue
             started = steps.clock()
+            if steps.needed_by_another(image_id):
+                steps.record("cleanup", "kept", started)
+                log.info("%s kept old image %s: an update in flight elsewhere may roll back to it", steps.label,
+                         image_id[:19])
+                continue
             try:
                 self.docker.remove_image(image_id)
             except CommandError as error:
@@ -2099,12 +2170,13 @@ class ComposeProject(Target):
         return self.docker.location.project_name or ", ".join(labels) or default_project_name(
             self.docker.location.working_dir)
 
-    def refresh(self) -> None:
-        """Re-read the project (`compose config`, `compose ps`, `docker inspect`)."""
+    def refresh(self, listed: Optional[Sequence[Container]] = None) -> None:
+        """Re-read the project (`compose config`, and `compose ps` and `docker inspect` unless its containers,
+        inspected, are given)."""
         configured = self.docker.list_services()
         services = tuple(s for s in configured if s != self.docker.location.own_service)
         by_service: Dict[str, List[Container]] = {}
-        for container in self.docker.containers():
+        for container in self.docker.containers() if listed is None else project_containers(listed):
             if container.service in services:
                 by_service.setdefault(container.service, []).append(container)
         self.services, self.containers = services, by_service
@@ -2125,6 +2197,10 @@ class ComposeProject(Target):
 
     def owns(self, ref: ServiceRef) -> bool:
         return ref.kind == self.kind and ref.project == self.name
+
+    def lane(self, ref: ServiceRef) -> Hashable:
+        """The whole project: two `compose up` of one project never run at once."""
+        return (self.kind, ref.project)
 
     def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
         """Pull; stop if unchanged; else replace and wait; roll back on failure; clean up on success."""
@@ -2353,28 +2429,36 @@ class ComposeHost(Targets):
         self.skipped: Dict[str, str] = {}  # project: why it cannot be updated from here
 
     def refresh(self) -> None:
-        """Find the projects from their containers' labels, then re-read each one that can be read here."""
+        """Find the projects from their containers' labels (one listing for all), then re-read each one that
+        can be read here, DISCOVERY_READS at a time."""
         found = projects_on_engine(self.config, self.runner, self.own)
         wanted = sorted(found) if self.config.projects == ("*",) else list(self.config.projects or ())
         known = {member.name: member for member in self.members}
-        members, skipped = [], {}
+        readable, skipped = [], {}
         for name in wanted:
-            location = found.get(name)
+            location = found[name][0] if name in found else None
             problem = "no container of it is on this engine" if location is None else unreadable(self.config,
                                                                                                  location)
             if problem:
                 skipped[name] = problem
-                continue
-            member = known.get(name) or ComposeProject(self.config, Compose(
-                self.config, location, self.command, self.runner, compose_flavour(self.version) == "v2"),
-                self.version, self.engine)
-            try:
-                member.refresh()
-            except (CommandError, ValueError) as error:
-                skipped[name] = f"Compose cannot read it ({error})"
-                continue
-            members.append(member)
-        self.members, self.skipped = members, skipped
+            else:
+                readable.append((name, known.get(name) or ComposeProject(self.config, Compose(
+                    self.config, location, self.command, self.runner, compose_flavour(self.version) == "v2"),
+                    self.version, self.engine)))
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(DISCOVERY_READS, len(readable)))) as pool:
+            problems = list(pool.map(lambda pair: self.read(pair[1], found[pair[0]][1]), readable))
+        skipped.update((name, problem) for (name, _), problem in zip(readable, problems) if problem)
+        self.members = [member for (name, member) in readable if name not in skipped]
+        self.skipped = dict(sorted(skipped.items()))
+
+    @staticmethod
+    def read(member: "ComposeProject", listed: Sequence[Container]) -> Optional[str]:
+        """Re-read one project from the containers listed for it; why it cannot be read, or None."""
+        try:
+            member.refresh(listed)
+        except (CommandError, ValueError) as error:
+            return f"Compose cannot read it ({error})"
+        return None
 
     def describe(self) -> List[Finding]:
         found = [(True, f"projects: {', '.join(m.name for m in self.members) or 'none'} "
@@ -2386,18 +2470,24 @@ class ComposeHost(Targets):
         return super().summary() or f"compose projects=none (PROJECTS={','.join(self.config.projects or ())})"
 
 
-def projects_on_engine(config: Config, runner: Runner, own: Mapping[str, str]) -> Dict[str, ComposeLocation]:
-    """Each Compose project with a container on the engine, and where Compose keeps it, from the labels."""
+def projects_on_engine(config: Config, runner: Runner, own: Mapping[str, str]
+                       ) -> Dict[str, Tuple[ComposeLocation, List[Container]]]:
+    """Each Compose project with a container on the engine: where Compose keeps it, from the labels, and its
+    containers, inspected (one `docker ps` and one `docker inspect` for the whole host)."""
     ids = runner(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"],
                  timeout=config.command_timeout, env=config.command_env, quiet=True).split()
-    found: Dict[str, ComposeLocation] = {}
+    locations: Dict[str, ComposeLocation] = {}
+    containers: Dict[str, List[Container]] = collections.defaultdict(list)
     run = functools.partial(runner, timeout=config.command_timeout, env=config.command_env, quiet=True)
     for data in inspect_listed(run, ids):
         labels = (data.get("Config") or {}).get("Labels") or {}
         name = labels.get("com.docker.compose.project", "")
-        if PROJECT_RE.fullmatch(name) and name not in found and labels.get("com.docker.compose.project.working_dir"):
-            found[name] = project_location(config, labels, own)
-    return found
+        if not PROJECT_RE.fullmatch(name):
+            continue
+        containers[name].append(Container.from_inspect(data))
+        if name not in locations and labels.get("com.docker.compose.project.working_dir"):
+            locations[name] = project_location(config, labels, own)
+    return {name: (location, containers[name]) for name, location in locations.items()}
 
 
 def project_location(config: Config, labels: Mapping[str, str], own: Mapping[str, str]) -> ComposeLocation:
@@ -2769,8 +2859,7 @@ class Compose:
         """The project's containers (one-off `run` containers left out), optionally of one service."""
         ids = self.run([*self.command, "ps", "-a", "-q", *([service] if service else [])], quiet=True).split()
         listed = inspect_listed(lambda argv: self.run(argv, quiet=True), ids)
-        return [c for c in map(Container.from_inspect, listed) if not c.oneoff and CONTAINER_RE.fullmatch(c.name)
-                and SERVICE_RE.fullmatch(c.service) and (service is None or c.service == service)]
+        return project_containers(map(Container.from_inspect, listed), service)
 
     def pull(self, service: str) -> None:
         self.run([*self.command, "pull", service], timeout=self.config.pull_timeout, mutates=True)
@@ -2801,6 +2890,12 @@ class Compose:
         except CommandError:
             return []
         return text.splitlines()[-LOG_TAIL_LINES:]
+
+
+def project_containers(containers: Iterable[Container], service: Optional[str] = None) -> List[Container]:
+    """The containers a project's `compose ps` shows (of one service if named), less one-off `run` ones."""
+    return [c for c in containers if not c.oneoff and CONTAINER_RE.fullmatch(c.name) and
+            SERVICE_RE.fullmatch(c.service) and (service is None or c.service == service)]
 
 
 def inspect_listed(run: Callable[[List[str]], str], ids: Sequence[str]) -> List[dict]:
@@ -3921,8 +4016,8 @@ def open_front(config: Config) -> Tuple[socket.socket, Optional[TLSFiles]]:
 
 
 def start_then_work(config: Config, app: App, server: HookServer, failed: List[str]) -> None:
-    """The worker thread: discover what runs here, read the journal, let waiting requests through, then run
-    the work queue (one thread for both, as each thread costs the C heap an arena)."""
+    """The first worker thread: discover what runs here, read the journal, let waiting requests through, start
+    the other PARALLEL - 1 workers, then work (each thread costs the C heap an arena: no more than that)."""
     try:
         target = discover(config)
     except ConfigError as error:
@@ -3941,6 +4036,9 @@ def start_then_work(config: Config, app: App, server: HookServer, failed: List[s
     server.mark_ready()
     log.info("gopdater %s ready on %s:%s %s%s", __version__, *server.server_address[:2], target.summary(),
              " DRY_RUN" if config.dry_run else "")
+    for worker in range(2, config.parallel + 1):
+        threading.Thread(target=work_until_stopped, args=(app.queue,), name=f"deployer-{worker}",
+                         daemon=True).start()
     work_until_stopped(app.queue)
     if notifier is not None:
         notifier.close(NOTIFY_TIMEOUT * 2 + NOTIFY_RETRY_DELAY)

@@ -6,6 +6,7 @@ which uses the real Docker engine).
 
 import contextlib
 import base64
+import collections
 import copy
 import datetime
 import hashlib
@@ -76,6 +77,26 @@ class FakeClock:
         self.now += seconds
 
 
+class Gate:
+    """Holds gopdater right after a call it matches: started is set once it holds; release lets it go on, or,
+    with crash set, kills it there."""
+
+    def __init__(self, matches):
+        self.matches, self.started, self.release, self.crash = matches, threading.Event(), threading.Event(), False
+
+    def let_go(self, crash=False):
+        self.crash = crash
+        self.release.set()
+
+
+def project_call(project, *prefix):
+    """A Gate's test: a call of this project (by Compose's environment or a container name) starting with prefix."""
+    def matches(argv, env):
+        named = (env or {}).get("COMPOSE_PROJECT_NAME") == project or any(a.startswith(f"{project}-") for a in argv)
+        return named and argv[:len(prefix)] == list(prefix)
+    return matches
+
+
 class FakeDocker:
     """An in-memory engine and Compose project answering the argv gopdater runs.
 
@@ -102,6 +123,7 @@ class FakeDocker:
         self.then = {}  # argv prefix: what to do to the fake right after the first such call
         self.active = self.most_active = 0  # commands running at once, now and at the most
         self.crash_after = None  # (argv prefix, n): gopdater is killed right after the nth such call
+        self.gates = []  # Gate: the first call each matches holds until the test lets it go
         self.engine_down_until = None  # fake time until which every command finds no engine
         self.pull_gate, self.pull_started, self.config_read = None, threading.Event(), threading.Event()
         refs = {ref for services in self.projects.values() for ref in services.values()}
@@ -166,10 +188,27 @@ class FakeDocker:
             self.active += 1
             self.most_active = max(self.most_active, self.active)
         try:
-            return self.answer(argv, env)
+            out = self.answer(argv, env)
         finally:
             with self.lock:
                 self.active -= 1
+        with self.lock:
+            gate = next((g for g in self.gates if g.matches(argv, env)), None)
+            if gate is not None:
+                self.gates.remove(gate)
+        if gate is not None:
+            gate.started.set()
+            assert gate.release.wait(10), "the test let the gate go"
+            if gate.crash:
+                raise Crash(f"killed after {argv}")
+        return out
+
+    def hold(self, matches):
+        """A Gate on the first call that matches(argv, env)."""
+        gate = Gate(matches)
+        with self.lock:
+            self.gates.append(gate)
+        return gate
 
     def answer(self, argv, env):
         if self.engine_down_until is not None and self.clock() < self.engine_down_until:
@@ -357,6 +396,7 @@ class Rig:
         self.app = gopdater.App(self.config, self.queue, self.metrics)
         self.worker = None
         self.fake.calls.clear()
+        self.fake.call_kwargs.clear()
 
     def new_queue(self, journal=None, notify=None):
         """A work queue on this rig's fake engine and STATE_DIR, as a fresh start of gopdater makes it."""
@@ -371,11 +411,13 @@ class Rig:
         return response.status, response.payload, response.headers
 
     def start_worker(self):
-        """Run the work queue's worker thread until the test ends."""
+        """Run the work queue's PARALLEL worker threads until the test ends."""
         if self.worker is None:
-            self.worker = threading.Thread(target=self.queue.run_forever, daemon=True)
-            self.worker.start()
-            self.test.addCleanup(self.worker.join, 10)
+            self.worker = [threading.Thread(target=self.queue.run_forever, daemon=True)
+                           for _ in range(self.config.parallel)]
+            for worker in self.worker:
+                worker.start()
+                self.test.addCleanup(worker.join, 10)
             self.test.addCleanup(self.queue.stop, 10)
 
     def deploy(self, event_image="docker.io/acme/site:latest"):
@@ -2637,8 +2679,10 @@ class ProjectsTest(unittest.TestCase):
         self.assertEqual(reply["services"], ["shop/api"])
 
     def test_cleanup_never_removes_an_image_another_project_runs(self):
-        """The old image stays while the other project still runs it, and goes after its update."""
-        rig, _ = self.host({"blog": {"site": "acme/site:latest"}, "shop": {"site": "acme/site:latest"}})
+        """The old image stays while the other project still runs it, and goes after its update (PARALLEL=1:
+        in turn)."""
+        rig, _ = self.host({"blog": {"site": "acme/site:latest"}, "shop": {"site": "acme/site:latest"}},
+                           PARALLEL=1)
         rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
         rig.start_worker()
         self.assertTrue(rig.queue.wait_idle(10))
@@ -2709,6 +2753,189 @@ class ProjectsTest(unittest.TestCase):
 # ---------------------------------------------------------------------------------------------
 # Start-first updates for services behind a reverse proxy
 # ---------------------------------------------------------------------------------------------
+
+
+class ParallelTest(unittest.TestCase):
+    """PARALLEL: deployments of different projects side by side, one project's in turn."""
+
+    FLEET = {"blog": {"site": "acme/site:latest"}, "shop": {"site": "acme/site:latest", "web": "acme/site:latest"},
+             "wiki": {"site": "acme/site:latest"}}
+
+    def host(self, **env):
+        """A rig over three projects (shop with two services) that all run acme/site:latest."""
+        root = state_folder(self)
+        for name in self.FLEET:
+            os.makedirs(os.path.join(root, name))
+            pathlib.Path(root, name, "compose.yaml").write_text("services: {}\n")
+        return Rig(self, FakeDocker(projects={k: dict(v) for k, v in self.FLEET.items()}, root=root),
+                   PROJECTS="*", **env)
+
+    def push(self, rig):
+        """A push of acme/site: one deployment per service, queued in the order blog, shop/site, shop/web, wiki."""
+        submitted = rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+        self.assertEqual([str(d.ref) for d, _ in submitted], ["blog/site", "shop/site", "shop/web", "wiki/site"])
+        return {str(d.ref): d for d, _ in submitted}
+
+    def in_thread(self, rig, gate, crash=False):
+        """Run the next deployment in a thread of its own until it reaches gate; return the thread."""
+        def run():
+            try:
+                rig.queue.run_next()
+            except Crash:
+                pass
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(gate.let_go)
+        self.assertTrue(gate.started.wait(10), "the deployment reached the gate")
+        return thread
+
+    def test_two_projects_update_at_once(self):
+        """While blog's update is held mid-pull, shop's runs to the end beside it."""
+        rig = self.host()
+        deployments = self.push(rig)
+        gate = rig.fake.hold(project_call("blog", "docker", "compose", "pull"))
+        with self.assertLogs("gopdater", "INFO"):
+            held = self.in_thread(rig, gate)
+            ran = rig.queue.run_next()
+            self.assertEqual((str(ran.ref), ran.state, deployments["blog/site"].state),
+                             ("shop/site", gopdater.State.UPDATED, gopdater.State.RUNNING))
+            gate.let_go()
+            held.join(10)
+        self.assertEqual(deployments["blog/site"].state, gopdater.State.UPDATED)
+
+    def test_one_project_never_runs_two_deployments_at_once(self):
+        """While shop/site is held, shop/web waits; wiki, another project, goes ahead of it."""
+        rig = self.host()
+        deployments = self.push(rig)
+        rig.queue.run_next()  # blog
+        gate = rig.fake.hold(project_call("shop", "docker", "compose", "pull"))
+        with self.assertLogs("gopdater", "INFO"):
+            held = self.in_thread(rig, gate)
+            self.assertEqual(str(rig.queue.run_next().ref), "wiki/site")
+            self.assertIsNone(rig.queue.run_next(), "shop/web waits for shop/site")
+            self.assertEqual(deployments["shop/web"].state, gopdater.State.QUEUED)
+            gate.let_go()
+            held.join(10)
+            self.assertEqual(str(rig.queue.run_next().ref), "shop/web")
+        self.assertEqual({str(d.ref): d.state.value for d in deployments.values()},
+                         dict.fromkeys(deployments, "updated"))
+
+    def test_no_more_than_parallel_run_at_once(self):
+        """PARALLEL=2: with blog and shop held, wiki waits; PARALLEL=1: with blog held, shop waits (the old
+        order, one deployment at a time)."""
+        for parallel, held_projects, waiting in ((2, ["blog", "shop"], "wiki/site"), (1, ["blog"], "shop/site")):
+            with self.subTest(PARALLEL=parallel):
+                rig = self.host(PARALLEL=parallel)
+                deployments = self.push(rig)
+                with self.assertLogs("gopdater", "INFO"):
+                    gates = [rig.fake.hold(project_call(p, "docker", "compose", "pull")) for p in held_projects]
+                    threads = [self.in_thread(rig, gate) for gate in gates]
+                    self.assertIsNone(rig.queue.run_next())
+                    self.assertEqual(deployments[waiting].state, gopdater.State.QUEUED)
+                    for gate, thread in zip(gates, threads):
+                        gate.let_go()
+                        thread.join(10)
+                    while rig.queue.run_next():
+                        pass
+                started = [d.ref for d in sorted(deployments.values(), key=lambda d: d.started)]
+                self.assertEqual(len(set(d.state for d in deployments.values())), 1)
+                if parallel == 1:
+                    pulls = [kw["env"]["COMPOSE_PROJECT_NAME"] for call, kw in zip(rig.fake.calls,
+                             rig.fake.call_kwargs) if call[2:3] == ["pull"]]
+                    self.assertEqual(pulls, ["blog", "shop", "shop", "wiki"], started)
+
+    def test_a_worker_pool_updates_the_fleet_and_rereads_only_what_each_touched(self):
+        """With PARALLEL workers every service updates; after each deployment only its project is re-read
+        (no listing of the whole host, no other project's compose config)."""
+        rig = self.host()
+        self.push(rig)
+        rig.fake.calls.clear()
+        rig.fake.call_kwargs.clear()
+        with self.assertLogs("gopdater", "INFO"):
+            rig.start_worker()
+            self.assertTrue(rig.queue.wait_idle(10))
+        self.assertEqual([v["state"] for v in rig.queue.views()], ["updated"] * 4)
+        self.assertNotIn(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"],
+                         rig.fake.calls)
+        reads = collections.Counter(kw["env"]["COMPOSE_PROJECT_NAME"] for call, kw in zip(
+            rig.fake.calls, rig.fake.call_kwargs) if call[2:3] == ["config"])
+        self.assertEqual(reads, {"blog": 1, "shop": 2, "wiki": 1})
+
+    def test_cleanup_keeps_an_image_an_update_in_flight_may_roll_back_to(self):
+        """While blog's old container is removed and its new one not yet judged, shop's cleanup keeps the
+        old image: blog's rollback needs it."""
+        rig = self.host()
+        self.push(rig)
+        gate = rig.fake.hold(project_call("blog", "docker", "rm"))
+        with self.assertLogs("gopdater", "INFO"):
+            held = self.in_thread(rig, gate)
+            shop = rig.queue.run_next()
+            self.assertEqual([s.result for s in shop.steps if s.step == "cleanup"], ["kept"])
+            self.assertNotIn(["docker", "rmi", OLD_ID], rig.fake.calls)
+            gate.let_go()
+            held.join(10)
+
+    def test_a_crash_with_three_deployments_in_flight_is_recovered_for_all_three(self):
+        """Killed while blog was stopped, shop removed and wiki brought up, the next start repairs all three."""
+        rig = self.host()
+        self.push(rig)
+        gates = [rig.fake.hold(project_call("blog", "docker", "stop")),
+                 rig.fake.hold(project_call("shop", "docker", "rm")),
+                 rig.fake.hold(project_call("wiki", "docker", "compose", "up"))]
+        with self.assertLogs("gopdater", "INFO"):
+            threads = [self.in_thread(rig, gate) for gate in gates]
+            self.assertEqual(len(gopdater.Journal(rig.state_dir).load()[0]), 3, "three updates in flight")
+            for gate, thread in zip(gates, threads):
+                gate.let_go(crash=True)
+                thread.join(10)
+        queue = rig.new_queue(gopdater.Journal(rig.state_dir))
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(queue.restore(), 3)
+            while queue.run_next():
+                pass
+        recovered = {f"{v['project']}/{v['service']}": v["state"] for v in queue.views() if v["sender"] == "recovery"}
+        self.assertEqual(recovered, dict.fromkeys(["blog/site", "shop/site", "wiki/site"], "recovered"))
+        self.assertEqual(gopdater.Journal(rig.state_dir).load()[0], [], "the journal is closed")
+        running = sorted((c["project"], c["service"], c["image_id"]) for c in rig.fake.containers.values()
+                         if not c["stopped"])
+        self.assertEqual(running, [("blog", "site", NEW_ID), ("shop", "site", NEW_ID), ("shop", "web", OLD_ID),
+                                   ("wiki", "site", NEW_ID)])
+
+    def test_sigterm_lets_every_running_deployment_finish_and_cancels_the_rest(self):
+        """stop() with blog and shop in flight waits for both (bounded) and cancels what had not started."""
+        rig = self.host(PARALLEL=2)
+        deployments = self.push(rig)
+        gates = [rig.fake.hold(project_call(p, "docker", "compose", "pull")) for p in ("blog", "shop")]
+        with self.assertLogs("gopdater", "INFO"):
+            threads = [self.in_thread(rig, gate) for gate in gates]
+            self.assertFalse(rig.queue.stop(0.05), "two deployments still run")
+            for gate in gates:
+                gate.let_go()
+            self.assertTrue(rig.queue.stop(10))
+            for thread in threads:
+                thread.join(10)
+        self.assertEqual({k: d.state.value for k, d in deployments.items()},
+                         {"blog/site": "updated", "shop/site": "updated", "shop/web": "cancelled",
+                          "wiki/site": "cancelled"})
+
+    def test_discovery_reads_projects_side_by_side(self):
+        """At start, blog's and shop's compose config are read at once (each held until both are)."""
+        rig = self.host()
+        gates = [rig.fake.hold(project_call(p, "docker", "compose", "config")) for p in ("blog", "shop")]
+        found = []
+        thread = threading.Thread(target=lambda: found.append(gopdater.discover(
+            rig.config, rig.fake, read_file=lambda path: "", cwd="/srv/demo")), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        for gate in gates:
+            self.addCleanup(gate.let_go)
+        for gate in gates:
+            self.assertTrue(gate.started.wait(10), "both projects are read at once")
+        for gate in gates:
+            gate.let_go()
+        thread.join(10)
+        self.assertEqual([m.name for m in found[0].members], ["blog", "shop", "wiki"])
 
 
 class StartFirstTest(unittest.TestCase):
