@@ -1059,11 +1059,12 @@ class WorkQueue:
         self.queue: collections.deque = collections.deque()
         self.history: collections.deque = collections.deque(maxlen=HISTORY_SIZE)
         self.in_flight: Dict[Hashable, Deployment] = {}  # lane: the deployment running in it
-        self.refreshing = False  # a re-read of every target runs (nothing else meanwhile)
+        self.refreshing = False  # a re-read of the targets runs: no deployment starts meanwhile
+        self.refresh_scope: Tuple[FrozenSet[Hashable], bool] = (frozenset(), True)  # (lanes it skips, full)
         self.workers = 0  # worker threads in run_forever: /healthz says 503 while none runs
         self.stopping = False
         self.refresh_due: Optional[float] = None
-        self.last_refresh = clock()
+        self.last_refresh = self.last_full_refresh = clock()
 
     @property
     def busy(self) -> bool:
@@ -1083,8 +1084,7 @@ class WorkQueue:
         refs = self.target.services_for(event.image)
         submitted = []
         with self.lock:
-            if not refs:
-                self.refresh_soon()
+            self.refresh_soon(matched=bool(refs))
             for ref in refs:
                 queued = next((d for d in self.queue if d.ref == ref), None)
                 if queued is not None:
@@ -1102,9 +1102,11 @@ class WorkQueue:
             self.lock.notify_all()
         return submitted
 
-    def refresh_soon(self) -> None:
-        """A hook matched nothing: re-read the targets within 10 s (at most one extra read per 10 s)."""
-        due = max(self.clock(), self.last_refresh + UNMATCHED_REFRESH_SECONDS)
+    def refresh_soon(self, matched: bool = False) -> None:
+        """An authentic hook came: look for what changed within 10 s (at most one extra look per 10 s), at once
+        if it matched nothing, else after the deployments it queued have started."""
+        due = max(self.clock() + (UNMATCHED_REFRESH_SECONDS if matched else 0),
+                  self.last_refresh + UNMATCHED_REFRESH_SECONDS)
         if self.refresh_due is None or due < self.refresh_due:
             self.refresh_due = due
             self.lock.notify_all()
@@ -1148,22 +1150,30 @@ class WorkQueue:
         return deployment
 
     def refresh_wait_locked(self) -> float:
-        """Seconds until a re-read of every target is due (REFRESH_INTERVAL, or sooner after a missed hook)."""
-        due = min(self.refresh_due or float("inf"), self.last_refresh + self.config.refresh_interval)
+        """Seconds until a re-read is due (REFRESH_INTERVAL, or sooner after a hook)."""
+        due = min(self.refresh_due or float("inf"), self.last_full_refresh + self.config.refresh_interval)
         return due - self.clock()
 
+    def claim_refresh_locked(self) -> bool:
+        """Take a due re-read: of everything every REFRESH_INTERVAL, else of what is new; either way leaving
+        alone the lanes deployments run in, and holding back new deployments while it runs."""
+        if self.refreshing or self.refresh_wait_locked() > 0:
+            return False
+        full = self.clock() >= self.last_full_refresh + self.config.refresh_interval
+        self.refreshing, self.refresh_due = True, None
+        self.refresh_scope = (frozenset(self.in_flight), full)
+        return True
+
     def next_job(self) -> Tuple[bool, Optional[Deployment]]:
-        """Wait for a deployment it may run, or a due re-read with nothing running:
-        (stop, the deployment, or None for the re-read)."""
+        """Wait for a due re-read, or a deployment it may run: (stop, the deployment, or None for the re-read)."""
         with self.lock:
             while not self.stopping:
+                if self.claim_refresh_locked():
+                    return False, None
                 deployment = self.claim_locked()
                 if deployment is not None:
                     return False, deployment
                 wait = self.refresh_wait_locked()
-                if wait <= 0 and not self.busy:
-                    self.refreshing, self.refresh_due = True, None
-                    return False, None
                 self.lock.wait(timeout=min(wait, 1.0) if wait > 0 else 1.0)  # a job's end notifies
             return True, None
 
@@ -1193,21 +1203,31 @@ class WorkQueue:
         """Run one job a worker claimed: a deployment, or (None) a re-read of every target."""
         try:
             if deployment is None:
-                self.refresh()
+                self.refresh(*self.refresh_scope)
             else:
                 self.execute(deployment)
         finally:
             with self.lock:
                 if deployment is None:
                     self.refreshing, self.last_refresh = False, self.clock()
+                    if self.refresh_scope[1]:
+                        self.last_full_refresh = self.last_refresh
                 else:
                     self.in_flight.pop(deployment.lane, None)
                 self.lock.notify_all()
 
-    def refresh(self, ref: Optional[ServiceRef] = None) -> None:
-        """Re-read every target, or (ref) only what a deployment of ref touched; never raises."""
+    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
+        """Re-read the targets but the busy lanes (full: everything, else what changed); never raises."""
+        self.guarded(lambda: self.target.refresh(busy, full))
+
+    def refresh_around(self, ref: ServiceRef) -> None:
+        """Re-read only what a deployment of ref touched; never raises."""
+        self.guarded(lambda: self.target.refresh_around(ref))
+
+    @staticmethod
+    def guarded(read: Callable[[], None]) -> None:
         try:
-            self.target.refresh() if ref is None else self.target.refresh_around(ref)
+            read()
         except Exception as error:  # a bug or a docker hiccup must not kill the worker
             log.warning("could not re-read what runs here: %s", error)
 
@@ -1260,7 +1280,7 @@ class WorkQueue:
         if outcome.result in CHANGED:
             if self.config.notify_url:
                 self.notify(self.config.notify_url, notification(deployment, outcome, seconds))
-            self.refresh(deployment.ref)
+            self.refresh_around(deployment.ref)
         log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
 
     def run_target(self, deployment: Deployment, steps: StepLog) -> Outcome:
@@ -1350,6 +1370,9 @@ class Stage(str, enum.Enum):
     DISCARD = "discard"
     UPDATE = "update"
     ROLLBACK = "rollback"
+    PRE_UPDATE = "pre-update"  # release steps: commands from the service's labels (gopdater.<stage>)
+    MIGRATE = "migrate"
+    POST_UPDATE = "post-update"
 
 
 class Action(enum.Enum):
@@ -1368,13 +1391,13 @@ _ROLLBACK = (Stage.ROLLBACK_TAG, Stage.ROLLBACK_STOP, Stage.ROLLBACK_REMOVE, Sta
 # (procedure, stage) -> (the action if every container of the service runs, the action if not)
 RECOVERY: Dict[Tuple[Procedure, Stage], Tuple[Action, Action]] = {
     **{(Procedure.REPLACE, s): (Action.LEAVE, Action.LEAVE)
-       for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE)},
+       for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE, Stage.PRE_UPDATE, Stage.MIGRATE)},
     **{(Procedure.REPLACE, s): (Action.JUDGE, Action.BRING_UP)
-       for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG)},
+       for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG, Stage.POST_UPDATE)},
     **{(Procedure.REPLACE, s): (Action.ROLL_BACK, Action.ROLL_BACK) for s in _ROLLBACK},
     **{(Procedure.START_FIRST, s): (Action.SETTLE, Action.SETTLE)
-       for s in (Stage.INSPECT, Stage.CREATE, Stage.ISOLATE, Stage.START, Stage.CONNECT, Stage.DISCARD,
-                 Stage.STOP, Stage.REMOVE, *_ROLLBACK)},
+       for s in (Stage.INSPECT, Stage.CREATE, Stage.ISOLATE, Stage.START, Stage.CONNECT, Stage.POST_UPDATE,
+                 Stage.DISCARD, Stage.STOP, Stage.REMOVE, *_ROLLBACK)},
     **{(Procedure.SWARM, s): (Action.LEAVE, Action.LEAVE) for s in (Stage.START, Stage.INSPECT)},
     **{(Procedure.SWARM, s): (Action.FOLLOW, Action.FOLLOW) for s in (Stage.UPDATE, Stage.ROLLBACK)},
 }
@@ -1533,6 +1556,11 @@ class StateLock:
         handle.flush()
         self.handle = handle
         return None
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 def secure_folder(directory: str) -> None:
@@ -1719,6 +1747,13 @@ class StepLog:
         self.record(name, "ok", started)
         return value
 
+    def command_output(self, name: str, lines: Sequence[str]) -> None:
+        """Keep the last lines a release step printed, in the log and in the deployment (never run or parsed)."""
+        for line in lines[-LOG_TAIL_LINES:]:
+            log.info("%s %s printed: %r", self.label, name, line)
+            with self.lock:
+                self.deployment.logs.append(f"{name}: {line}")
+
     def container_log(self, container: str, lines: Sequence[str]) -> None:
         """Keep a failing container's last lines, in the log and in the deployment."""
         for line in lines:
@@ -1820,8 +1855,9 @@ class Target:
         """Whether the engine behind this target answers."""
         return engine_answers(self.config, self.runner)
 
-    def refresh(self) -> None:
-        """Re-read what runs here; CommandError or ValueError if it cannot be read."""
+    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
+        """Re-read what runs here, leaving alone what runs in the busy lanes (a deployment in flight); full:
+        everything, else at least what is new. CommandError or ValueError if it cannot be read."""
         raise NotImplementedError
 
     def refresh_around(self, ref: ServiceRef) -> None:
@@ -1942,11 +1978,11 @@ class Targets(Target):
         if owner is not None:
             owner.refresh_around(ref)
 
-    def refresh(self) -> None:
+    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
         """Re-read each member; one that cannot be read keeps its last view and does not stop the others."""
         for member in self.members:
             try:
-                member.refresh()
+                member.refresh(busy, full)
             except (CommandError, ValueError) as error:
                 log.warning("could not re-read %s: %s", type(member).__name__, error)
 
@@ -2138,6 +2174,57 @@ def default_project_name(folder: str) -> str:
 COMPOSE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*[-_][a-zA-Z0-9][a-zA-Z0-9._-]*[-_][0-9]+", re.ASCII)
 
 
+# -- release steps: commands from a service's labels around its update -----------------------
+
+RELEASE_STEPS = (Stage.PRE_UPDATE, Stage.MIGRATE, Stage.POST_UPDATE)
+HOOK_TIMEOUT_LABEL = "gopdater.hook-timeout"
+DEFAULT_HOOK_TIMEOUT = 300.0
+
+
+class ReleaseSteps(NamedTuple):
+    """A service's release steps, as its labels gopdater.pre-update, .migrate, .post-update give them."""
+
+    commands: Mapping[Stage, Tuple[str, ...]] = {}  # each an argv, split as a shell would split the label
+    timeout: float = DEFAULT_HOOK_TIMEOUT  # seconds each may take (gopdater.hook-timeout)
+    problem: Optional[str] = None  # why they cannot run as labelled (the update then runs nothing)
+
+    def describe(self) -> str:
+        """One line for --check and the start-up log."""
+        if self.problem:
+            return self.problem
+        steps = ", ".join(f"{stage.value} {shlex.join(argv)!r}" for stage, argv in self.commands.items())
+        return f"release steps: {steps} (each within {self.timeout:g}s)"
+
+
+def release_label(stage: Stage) -> str:
+    return f"gopdater.{stage.value}"
+
+
+def release_steps(labels: Mapping[str, str]) -> ReleaseSteps:
+    """Read the release-step labels of one service. Pure; a label that cannot be read is a problem, never
+    guessed at."""
+    commands, problems = {}, []
+    for stage in RELEASE_STEPS:
+        text = (labels.get(release_label(stage)) or "").strip()
+        if not text:
+            continue
+        try:
+            commands[stage] = tuple(shlex.split(text))
+        except ValueError as error:
+            problems.append(f"{release_label(stage)} cannot be split as a shell would split it ({error})")
+    timeout_text = (labels.get(HOOK_TIMEOUT_LABEL) or "").strip()
+    timeout = DEFAULT_HOOK_TIMEOUT
+    if timeout_text:
+        try:
+            timeout = float(timeout_text)
+        except ValueError:
+            timeout = float("nan")
+        if not 0 < timeout < float("inf"):
+            problems.append(f"{HOOK_TIMEOUT_LABEL} must be a number of seconds above 0, not {timeout_text[:40]!r}")
+            timeout = DEFAULT_HOOK_TIMEOUT
+    return ReleaseSteps(commands, timeout, "; ".join(problems) or None)
+
+
 def start_first_refusal(containers: Sequence[Container]) -> Optional[str]:
     """Why a service's containers cannot run twice at once for a start-first update, or None."""
     for c in containers:
@@ -2161,7 +2248,7 @@ class ComposeProject(Target):
         self.steps = ContainerSteps(config, docker)
         self.services: Tuple[str, ...] = ()
         self.containers: Dict[str, List[Container]] = {}
-        self.start_first: set = set()  # services that asked for start-first updates
+        self.orders: Mapping[str, Configured] = {}  # service: what the Compose file says of it (v2)
 
     @property
     def name(self) -> str:
@@ -2170,8 +2257,21 @@ class ComposeProject(Target):
         return self.docker.location.project_name or ", ".join(labels) or default_project_name(
             self.docker.location.working_dir)
 
-    def refresh(self, listed: Optional[Sequence[Container]] = None) -> None:
-        """Re-read the project (`compose config`, and `compose ps` and `docker inspect` unless its containers,
+    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
+        """Re-read the project, unless a deployment of it is in flight."""
+        if self.lane(ServiceRef(self.kind, self.name, "")) not in busy:
+            self.read()
+
+    def take(self, listed: Sequence[Container]) -> None:
+        """Its containers, as a listing of the whole host found them (the Compose file is not read again)."""
+        by_service: Dict[str, List[Container]] = {}
+        for container in project_containers(listed):
+            if container.service in self.services:
+                by_service.setdefault(container.service, []).append(container)
+        self.containers = by_service
+
+    def read(self, listed: Optional[Sequence[Container]] = None) -> None:
+        """Read the project (`compose config`, and `compose ps` and `docker inspect` unless its containers,
         inspected, are given)."""
         configured = self.docker.list_services()
         services = tuple(s for s in configured if s != self.docker.location.own_service)
@@ -2179,9 +2279,17 @@ class ComposeProject(Target):
         for container in self.docker.containers() if listed is None else project_containers(listed):
             if container.service in services:
                 by_service.setdefault(container.service, []).append(container)
-        self.services, self.containers = services, by_service
-        self.start_first = {s for s in services if configured[s] == "start-first" or any(
-            c.labels.get("gopdater.order", "").strip() == "start-first" for c in by_service.get(s, []))}
+        self.services, self.containers, self.orders = services, by_service, configured
+
+    def refresh_around(self, ref: ServiceRef) -> None:
+        """An update of one service changed only its containers: re-read just those."""
+        self.containers = {**self.containers, ref.name: self.docker.containers(ref.name)}
+
+    @property
+    def start_first(self) -> FrozenSet[str]:
+        """The services that asked for start-first updates, in the Compose file or by label."""
+        return frozenset(s for s in self.services if self.orders.get(s, Configured()).order == "start-first" or any(
+            c.labels.get("gopdater.order", "").strip() == "start-first" for c in self.containers.get(s, [])))
 
     @property
     def runner(self) -> Runner:
@@ -2221,25 +2329,96 @@ class ComposeProject(Target):
         if steps.failed_before(new_id):
             return outcome._replace(result=State.SKIPPED, reason=f"{image} is the image whose new container failed "
                                                                  "here before; push a new one")
+        release = self.release_steps(service, old, new_id)
+        problem = release.problem or self.before_switch(service, old, release, image, old_ids, outcome, steps)
+        if problem:
+            return outcome._replace(reason=problem)
+        after = functools.partial(self.after_switch, service, release, outcome, steps)
         if service in self.start_first:
             refusal_reason = start_first_refusal(old)
             if refusal_reason is None:
-                return self.start_first_update(service, old, image, old_ids, outcome, steps)
+                return self.start_first_update(service, old, image, old_ids, outcome, steps, after)
             log.warning("%s start-first falls back to stop-first: %s", steps.label, refusal_reason)
         try:
-            self.replace(service, old, steps)
+            self.replace(service, old, steps, after=after)
         except DeployFailed as error:
             return self.roll_back(service, image, old_ids, outcome._replace(reason=str(error)), steps)
         self.steps.clean_up(old_ids, new_id, steps)
         return outcome._replace(result=State.DRY_RUN if self.dry else State.UPDATED)
 
-    def replace(self, service: str, old: Sequence[Container], steps: StepLog, prefix: str = "") -> None:
-        """Stop and remove the old containers, `compose up` the service, wait until it is ready."""
+    def replace(self, service: str, old: Sequence[Container], steps: StepLog, prefix: str = "",
+                after: Optional[Callable[[Sequence[str]], None]] = None) -> None:
+        """Stop and remove the old containers, `compose up` the service, wait until it is ready, then after()
+        (the post-update step) with the new containers' ids."""
         stopped = steps.clock()
         for container in old:
             self.steps.retire(container, steps, prefix)
         steps.step(Stage(prefix + "up"), lambda: self.docker.up(service))
-        self.steps.wait_until_ready(self.container_ids(service), steps, stopped)
+        ids = self.container_ids(service)
+        self.steps.wait_until_ready(ids, steps, stopped)
+        if after is not None:
+            after(ids)
+
+    # -- release steps --------------------------------------------------------------------
+
+    def release_steps(self, service: str, old: Sequence[Container], new_id: Optional[str]) -> ReleaseSteps:
+        """The service's release steps, from the Compose file (v2), else from the labels its containers were
+        started with, refused if the image itself carries one: commands come only from the operator's files."""
+        labels = self.orders.get(service, Configured()).labels
+        if labels is not None:
+            return release_steps(labels)
+        found = release_steps(old[0].labels if old else {})
+        if not found.commands or found.problem:
+            return found
+        try:
+            carried = {k: v for image_id in {old[0].image_id, new_id} - {None, ""}
+                       for k, v in self.docker.image_labels(image_id).items()}
+        except CommandError as error:
+            return found._replace(problem=f"the images' labels cannot be read ({error})")
+        named = sorted(name for name in map(release_label, RELEASE_STEPS) if name in carried)
+        return found._replace(problem=f"{', '.join(named)} is set by the image, not the Compose file: release "
+                                      "steps run only from the operator's own labels" if named else None)
+
+    def release_env(self, outcome: Outcome, steps: StepLog) -> Dict[str, str]:
+        return {"GOPDATER_OLD_IMAGE": outcome.old_image or "", "GOPDATER_NEW_IMAGE": outcome.new_image or "",
+                "GOPDATER_TAG": steps.deployment.key.tag}
+
+    def run_release_step(self, stage: Stage, service: str, where: str, release: ReleaseSteps, outcome: Outcome,
+                         steps: StepLog) -> None:
+        """Run one release step, journalled and timed, keeping its last lines; DeployFailed if it fails."""
+        def run() -> None:
+            try:
+                printed = self.docker.release_step(stage, service, where, release.commands[stage],
+                                                   self.release_env(outcome, steps), release.timeout)
+            except CommandError as error:
+                steps.command_output(stage.value, error.output)
+                raise
+            steps.command_output(stage.value, printed.splitlines())
+        steps.step(stage, run)
+
+    def before_switch(self, service: str, old: Sequence[Container], release: ReleaseSteps, image: Optional[str],
+                      old_ids: Sequence[str], outcome: Outcome, steps: StepLog) -> Optional[str]:
+        """pre-update in the old container, then migrate in a one-off container of the new image; why one
+        failed (nothing was switched, the image name points at the old image again), or None."""
+        where = {Stage.PRE_UPDATE: old[0].name if old else "",
+                 Stage.MIGRATE: f"{self.name}-{service}-migrate-{steps.deployment.id}"}
+        try:
+            for stage in (Stage.PRE_UPDATE, Stage.MIGRATE):
+                if stage in release.commands:
+                    self.run_release_step(stage, service, where[stage], release, outcome, steps)
+        except DeployFailed as error:
+            if image and len(old_ids) == 1:  # not journalled: a crash here leaves the old container serving
+                with contextlib.suppress(DeployFailed):
+                    steps.look("rollback-tag", lambda: self.docker.tag(old_ids[0], image))
+            return f"{error}; nothing was switched"
+        return None
+
+    def after_switch(self, service: str, release: ReleaseSteps, outcome: Outcome, steps: StepLog,
+                     ids: Sequence[str]) -> None:
+        """post-update in each new container, once it is ready; DeployFailed rolls the update back."""
+        if Stage.POST_UPDATE in release.commands:
+            for container in ids:
+                self.run_release_step(Stage.POST_UPDATE, service, container, release, outcome, steps)
 
     def container_ids(self, service: str) -> List[str]:
         """The ids of the service's containers now; DeployFailed if Compose cannot say."""
@@ -2260,12 +2439,13 @@ class ComposeProject(Target):
     # -- start-first ----------------------------------------------------------------------
 
     def start_first_update(self, service: str, old: Sequence[Container], image: Optional[str],
-                           old_ids: List[str], outcome: Outcome, steps: StepLog) -> Outcome:
+                           old_ids: List[str], outcome: Outcome, steps: StepLog,
+                           after: Callable[[Sequence[str]], None]) -> Outcome:
         """Each old container in turn: a new one beside it, off the networks until healthy, then switched in."""
         steps.remember(procedure=Procedure.START_FIRST)
         for container in old:
             try:
-                self.switch(service, container, steps)
+                self.switch(service, container, steps, after)
             except DeployFailed as error:
                 log.error("%s update failed: %s; the old container kept serving", steps.label, error)
                 if image and len(old_ids) == 1:
@@ -2274,8 +2454,10 @@ class ComposeProject(Target):
         self.steps.clean_up(old_ids, outcome.new_image, steps)
         return outcome._replace(result=State.DRY_RUN if self.dry else State.UPDATED)
 
-    def switch(self, service: str, old: Container, steps: StepLog) -> None:
-        """Create a new container beside old, start it off the networks, wait, connect it, retire old."""
+    def switch(self, service: str, old: Container, steps: StepLog,
+               after: Callable[[Sequence[str]], None] = lambda ids: None) -> None:
+        """Create a new container beside old, start it off the networks, wait, connect it, after() (the
+        post-update step), retire old."""
         before = self.docker.containers(service)
         steps.step(Stage.CREATE, lambda: self.docker.create_next(service, len(before) + 1))
         created = [c for c in self.docker.containers(service) if c.id not in {b.id for b in before}]
@@ -2290,6 +2472,7 @@ class ComposeProject(Target):
             self.steps.wait_until_ready([new.id], steps, None)
             for network, aliases in new.networks.items():
                 steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.docker.network("connect", n, new.name, a))
+            after([new.id])
         except DeployFailed:
             steps.step(Stage.DISCARD, lambda: self.docker.discard(new.name))
             raise
@@ -2315,6 +2498,8 @@ class ComposeProject(Target):
               steps: StepLog) -> Outcome:
         """Cut off before anything changed."""
         running = bool(containers) and all(c.status == "running" for c in containers)
+        if record.stage in RELEASE_STEPS:
+            return outcome._replace(result=State.RECOVERED, reason=f"cut off during {record.stage.value}; push again")
         return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was" if running
                                 else "the update had changed nothing yet; left as it was")
 
@@ -2394,6 +2579,11 @@ class ComposeProject(Target):
         if where.own_service:
             found.append((True, f"own service {where.own_service} is left alone: gopdater does not update itself"))
         found += self.service_findings("service")
+        for service in self.services:
+            release = self.release_steps(service, self.containers.get(service, []), None)
+            if release.commands or release.problem:
+                found.append((release.problem is None, f"service {ServiceRef(self.kind, self.name, service)}: "
+                                                       f"{release.describe()}"))
         for service in sorted(self.start_first):
             refused = start_first_refusal(self.containers.get(service, []))
             found.append((True, f"service {ServiceRef(self.kind, self.name, service)}: start-first" + (
@@ -2428,26 +2618,34 @@ class ComposeHost(Targets):
         self.command, self.version, self.own = list(command), version, own
         self.skipped: Dict[str, str] = {}  # project: why it cannot be updated from here
 
-    def refresh(self) -> None:
-        """Find the projects from their containers' labels (one listing for all), then re-read each one that
-        can be read here, DISCOVERY_READS at a time."""
+    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
+        """Find the projects from their containers' labels (one listing for all), then read each one that can be
+        read here, DISCOVERY_READS at a time: every one if full, else the new ones (the others take their
+        containers from the listing); one a deployment is in flight in is left as it is."""
         found = projects_on_engine(self.config, self.runner, self.own)
         wanted = sorted(found) if self.config.projects == ("*",) else list(self.config.projects or ())
         known = {member.name: member for member in self.members}
-        readable, skipped = [], {}
+        readable, skipped, to_read = [], {}, []
         for name in wanted:
             location = found[name][0] if name in found else None
             problem = "no container of it is on this engine" if location is None else unreadable(self.config,
                                                                                                  location)
-            if problem:
+            if problem and not (name in known and (self.kind, name) in busy):
                 skipped[name] = problem
+                continue
+            member = known.get(name) or ComposeProject(self.config, Compose(
+                self.config, location, self.command, self.runner, compose_flavour(self.version) == "v2"),
+                self.version, self.engine)
+            readable.append((name, member))
+            if (self.kind, name) in busy:
+                continue
+            if full or name not in known:
+                to_read.append((name, member))
             else:
-                readable.append((name, known.get(name) or ComposeProject(self.config, Compose(
-                    self.config, location, self.command, self.runner, compose_flavour(self.version) == "v2"),
-                    self.version, self.engine)))
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(DISCOVERY_READS, len(readable)))) as pool:
-            problems = list(pool.map(lambda pair: self.read(pair[1], found[pair[0]][1]), readable))
-        skipped.update((name, problem) for (name, _), problem in zip(readable, problems) if problem)
+                member.take(found[name][1])
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(DISCOVERY_READS, len(to_read)))) as pool:
+            problems = list(pool.map(lambda pair: self.read(pair[1], found[pair[0]][1]), to_read))
+        skipped.update((name, problem) for (name, _), problem in zip(to_read, problems) if problem)
         self.members = [member for (name, member) in readable if name not in skipped]
         self.skipped = dict(sorted(skipped.items()))
 
@@ -2455,7 +2653,7 @@ class ComposeHost(Targets):
     def read(member: "ComposeProject", listed: Sequence[Container]) -> Optional[str]:
         """Re-read one project from the containers listed for it; why it cannot be read, or None."""
         try:
-            member.refresh(listed)
+            member.read(listed)
         except (CommandError, ValueError) as error:
             return f"Compose cannot read it ({error})"
         return None
@@ -2567,13 +2765,17 @@ class SwarmServices(Target):
         return [SwarmService.from_inspect(d) for d in json.loads(self.run(["docker", "service", "inspect", *names],
                                                                           quiet=True))]
 
-    def refresh(self) -> None:
+    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
         found = self.inspect(self.run(["docker", "service", "ls", "-q"], quiet=True).split())
-        self.services = {s.name: s for s in found if SERVICE_RE.fullmatch(s.name)}
+        services = {s.name: s for s in found if SERVICE_RE.fullmatch(s.name)}
+        kept = {name: s for name, s in self.services.items() if self.lane(self.ref(s)) in busy}
+        self.services = {**services, **kept}
+
+    def ref(self, service: "SwarmService") -> ServiceRef:
+        return ServiceRef(self.kind, service.stack, service.name)
 
     def running(self) -> List[Running]:
-        return [Running(ServiceRef(self.kind, s.stack, s.name), s.key, (s.labels,))
-                for s in sorted(self.services.values())]
+        return [Running(self.ref(s), s.key, (s.labels,)) for s in sorted(self.services.values())]
 
     def owns(self, ref: ServiceRef) -> bool:
         return ref.kind == self.kind
@@ -2656,6 +2858,11 @@ class SwarmServices(Target):
 
     def describe(self) -> List[Finding]:
         found = [(True, f"swarm: this engine is a manager; {len(self.services)} Swarm services")]
+        for service in sorted(self.services.values()):
+            labelled = [name for name in (*map(release_label, RELEASE_STEPS), HOOK_TIMEOUT_LABEL) if name in service.labels]
+            if labelled:
+                found.append((False, f"Swarm service {service.name}: {', '.join(labelled)} is not supported on Swarm "
+                                     "services yet and is ignored; Swarm's update_config is in charge there"))
         return found + self.service_findings("Swarm service")
 
     def summary(self) -> str:
@@ -2674,8 +2881,8 @@ DRY_RUN_IMAGE = "(dry run: the image a pull would fetch)"
 class CommandError(Exception):
     """A command failed: its exit code (None on timeout) and a short stderr tail."""
 
-    def __init__(self, argv: Sequence[str], code: Optional[int], tail: str):
-        self.argv, self.code, self.tail = list(argv), code, tail
+    def __init__(self, argv: Sequence[str], code: Optional[int], tail: str, output: Sequence[str] = ()):
+        self.argv, self.code, self.tail, self.output = list(argv), code, tail, list(output)
         what = "timed out" if code is None else f"exited {code}"
         super().__init__(f"{' '.join(argv[:3])} {what}: {tail}" if tail else f"{' '.join(argv[:3])} {what}")
 
@@ -2690,10 +2897,11 @@ ENGINE_GONE_RE = re.compile(r"Cannot connect to the Docker daemon|Is the docker 
                             r"Couldn't connect to Docker daemon", re.IGNORECASE)
 
 
-def command_failed(argv: Sequence[str], code: Optional[int], stderr: str) -> CommandError:
+def command_failed(argv: Sequence[str], code: Optional[int], stderr: str, output: Sequence[str] = ()
+                   ) -> CommandError:
     """The error for a failed command: EngineUnreachable when its stderr says the engine did not answer."""
     kind = EngineUnreachable if ENGINE_GONE_RE.search(stderr) else CommandError
-    return kind(argv, code, stderr_tail(stderr))
+    return kind(argv, code, stderr_tail(stderr), output)
 
 
 def stderr_tail(stderr: str) -> str:
@@ -2712,25 +2920,29 @@ def shown(argv: Sequence[str]) -> str:
 
 def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
                 cwd: Optional[str] = None, quiet: bool = False, both: bool = False, mutates: bool = False) -> str:
-    """Run one command (argv list, no shell) with a timeout; log it; return stdout (with both, and
-    stderr) or raise CommandError."""
+    """Run one command (argv list, no shell, no stdin) with a timeout; log it; return stdout (with both,
+    stdout and stderr as one stream, whose last lines a CommandError also keeps) or raise CommandError."""
     started = time.monotonic()
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT if both else subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, text=True, errors="replace", timeout=timeout,
                               env=dict(env) if env is not None else None, cwd=cwd)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as expired:
         log.warning("command %s timed out after %ss", shown(argv), timeout)
-        raise CommandError(argv, None, f"no answer within {timeout:g}s") from None
+        printed = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else expired.stdout
+        raise CommandError(argv, None, f"no answer within {timeout:g}s",
+                           (printed or "").splitlines()[-LOG_TAIL_LINES:]) from None
     except OSError as error:
         log.warning("command %s could not start: %s", shown(argv), error.strerror)
         raise CommandError(argv, 127, error.strerror or "could not start") from None
     seconds = time.monotonic() - started
+    stderr = proc.stdout if both else proc.stderr
     if proc.returncode != 0:
         log.warning("command %s exit=%s seconds=%.2f stderr=%r", shown(argv), proc.returncode, seconds,
-                    stderr_tail(proc.stderr or ""))
-        raise command_failed(argv, proc.returncode, proc.stderr or "")
+                    stderr_tail(stderr or ""))
+        raise command_failed(argv, proc.returncode, stderr or "", (stderr or "").splitlines()[-LOG_TAIL_LINES:])
     log.log(logging.DEBUG if quiet else logging.INFO, "command %s exit=0 seconds=%.2f", shown(argv), seconds)
-    return proc.stdout + (proc.stderr or "") if both else proc.stdout
+    return proc.stdout
 
 
 Runner = Callable[..., str]
@@ -2804,6 +3016,21 @@ class Container(NamedTuple):
         )
 
 
+class Configured(NamedTuple):
+    """What the Compose file says of one service, where Compose reports it (v2)."""
+
+    order: str = ""  # deploy.update_config.order
+    labels: Optional[Mapping[str, str]] = None  # its labels; None where Compose does not say (v1)
+
+    @classmethod
+    def from_config(cls, value: dict) -> "Configured":
+        labels = value.get("labels") or {}
+        if isinstance(labels, list):  # the list form, KEY=VALUE
+            labels = dict(str(item).partition("=")[::2] for item in labels)
+        order = ((value.get("deploy") or {}).get("update_config") or {}).get("order")
+        return cls(str(order or ""), {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {})
+
+
 class Compose:
     """Every docker and Compose command gopdater runs for one project, as argv lists."""
 
@@ -2824,15 +3051,37 @@ class Compose:
         return self.runner(list(argv), timeout=timeout or self.config.command_timeout, env=self.env,
                            cwd=self.location.working_dir, **kwargs)
 
-    def list_services(self) -> Dict[str, str]:
-        """Service names of the project, each with its deploy.update_config.order where Compose reports it
-        (`compose config --format json`, Compose v2), else from `compose config --services` (v1)."""
+    def list_services(self) -> Dict[str, "Configured"]:
+        """Service names of the project, each with its deploy.update_config.order and labels as the Compose
+        file gives them (`compose config --format json`, Compose v2), else names alone (v1)."""
         if not self.json_config:
-            return {s: "" for s in self.run([*self.command, "config", "--services"], quiet=True).split()
+            return {s: Configured() for s in self.run([*self.command, "config", "--services"], quiet=True).split()
                     if SERVICE_RE.fullmatch(s)}
         services = json.loads(self.run([*self.command, "config", "--format", "json"], quiet=True)).get("services")
-        return {name: str(((value or {}).get("deploy") or {}).get("update_config", {}).get("order") or "")
+        return {name: Configured.from_config(value if isinstance(value, dict) else {})
                 for name, value in (services or {}).items() if SERVICE_RE.fullmatch(name)}
+
+    def release_step(self, stage: Stage, service: str, where: str, argv: Sequence[str], env: Mapping[str, str],
+                     timeout: float) -> str:
+        """Run one release step: in the container where (`docker exec`), or for MIGRATE in a one-off container
+        of the service named where (`compose run --rm --no-deps -T`), removed if it outlives timeout."""
+        given = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+        if stage is not Stage.MIGRATE:
+            return self.run(["docker", "exec", *given, where, *argv], timeout=timeout, mutates=True, both=True)
+        try:
+            return self.run([*self.command, "run", "--rm", "--no-deps", "-T", "--name", where, *given, service, *argv],
+                            timeout=timeout, mutates=True, both=True)
+        except CommandError as error:
+            if error.code is None:  # killing Compose leaves its one-off container running
+                with contextlib.suppress(CommandError):
+                    self.discard(where)
+            raise
+
+    def image_labels(self, image_id: str) -> Mapping[str, str]:
+        """The labels an image itself carries."""
+        text = self.run(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", image_id], quiet=True)
+        labels = json.loads(text or "null")
+        return labels if isinstance(labels, dict) else {}
 
     def create_next(self, service: str, count: int) -> None:
         """One more container of the service, created and not started, the others left as they are."""
@@ -2855,9 +3104,21 @@ class Compose:
             return []
         return [Container.from_inspect(d) for d in json.loads(self.run(["docker", "inspect", *ids], quiet=True))]
 
+    def container_ids(self, service: Optional[str] = None) -> List[str]:
+        """Ids of the project's containers (of one service): by label when the project's name is known, as one
+        `docker ps` costs a fraction of Compose loading the project (under load, 0.1 s against 0.7 s), else
+        from `compose ps`."""
+        name = self.location.project_name
+        if not name:
+            return self.run([*self.command, "ps", "-a", "-q", *([service] if service else [])], quiet=True).split()
+        labels = [f"com.docker.compose.project={name}", *([f"com.docker.compose.service={service}"] if service else [])]
+        return self.run(["docker", "ps", "-a", "-q", "--no-trunc", *(a for label in labels
+                                                                      for a in ("--filter", f"label={label}"))],
+                        quiet=True).split()
+
     def containers(self, service: Optional[str] = None) -> List[Container]:
         """The project's containers (one-off `run` containers left out), optionally of one service."""
-        ids = self.run([*self.command, "ps", "-a", "-q", *([service] if service else [])], quiet=True).split()
+        ids = self.container_ids(service)
         listed = inspect_listed(lambda argv: self.run(argv, quiet=True), ids)
         return project_containers(map(Container.from_inspect, listed), service)
 
@@ -2965,7 +3226,8 @@ def notification(deployment: Deployment, outcome: Outcome, seconds: float) -> di
             "service": deployment.ref.name, "image": f"{deployment.key.registry}/{deployment.key.repository}",
             "tag": deployment.key.tag, "digest": deployment.digest, "result": outcome.result.value,
             "old_image": outcome.old_image, "new_image": outcome.new_image, "seconds": round(seconds, 3),
-            "durations": {s.step: s.seconds for s in deployment.steps}, "reason": outcome.reason, "text": sentence}
+            "durations": {s.step: s.seconds for s in deployment.steps}, "reason": outcome.reason,
+            "logs": deployment.logs[-LOG_TAIL_LINES:], "text": sentence}
 
 
 class Endpoint(NamedTuple):
@@ -3751,8 +4013,9 @@ class HookServer:
 
 def state_finding(config: Config) -> Finding:
     """Whether STATE_DIR can be written, and what it holds."""
-    journal = Journal(state_dir(config))
-    problem = journal.problem() or StateLock(journal.directory).acquire()
+    journal, lock = Journal(state_dir(config)), StateLock(state_dir(config))
+    problem = journal.problem() or lock.acquire()
+    lock.release()  # --check only asks whether another gopdater holds it
     if problem:
         return False, problem
     unfinished, history = journal.load()
@@ -4033,6 +4296,9 @@ def start_then_work(config: Config, app: App, server: HookServer, failed: List[s
                           notify=notifier.submit if notifier else None)
     if app.queue.restore():
         log.warning("updates cut off by the last stop are recovered first")
+    for ok, line in target.describe():
+        if not ok:
+            log.warning("%s (gopdater --check lists every finding)", line)
     server.mark_ready()
     log.info("gopdater %s ready on %s:%s %s%s", __version__, *server.server_address[:2], target.summary(),
              " DRY_RUN" if config.dry_run else "")

