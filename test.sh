@@ -53,7 +53,8 @@ lanes() {  # each argument: the test classes of one lane, run one after the othe
     i=$((i + 1))
   done
 }
-lanes "test_engine.ComposeV2Test test_engine.ProjectsEngineTest" "test_engine.ComposeV1Test test_engine.ContainerDropInTest" \
+lanes "test_engine.ComposeV2Test test_engine.ProjectsEngineTest test_engine.ReleaseStepsV2Test" \
+      "test_engine.ComposeV1Test test_engine.ContainerDropInTest test_engine.ReleaseStepsV1Test" \
       "test_engine.SwarmEngineTest test_engine.FleetEngineTest"
 # Zero failed requests through a proxy is a figure about gopdater, not about a machine three lanes load.
 lanes "test_engine.StartFirstEngineTest"

@@ -9,6 +9,7 @@ These tests skip, saying why, only when no Docker engine answers. Missing tools 
 say what to install (.ci/run installs them).
 """
 
+import datetime
 import json
 import os
 import pathlib
@@ -215,6 +216,14 @@ def setUpModule():
                              "apt-get install -y busybox-static docker-registry (.ci/run does)")
 
 
+def project_folder(cls, project):
+    """Give a test class a temp folder (removed after it) holding the project's folder and its data folder."""
+    cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix=PREFIX))
+    cls.addClassCleanup(shutil.rmtree, cls.tmp, True)
+    cls.project, cls.folder = project, cls.tmp / project
+    (cls.folder / "data").mkdir(parents=True)
+
+
 def build_site_images(folder, tag_prefix, name="site", versions=("v1", "v2", "v3", "v4", "v5")):
     """Build v1, v2 and broken v3, v4, v5 of a tiny web site FROM scratch; return {version: image id}. Each
     broken one is an image of its own: gopdater skips an image that failed before, so each test that needs a
@@ -397,11 +406,7 @@ class EngineScenario:
             print(f"\ntest_engine: Compose {cls.flavour} is not installed here; tested: {other}", file=sys.stderr)
             raise unittest.SkipTest(f"Compose {cls.flavour} is not installed (tested here: {other})")
         cls.compose = COMPOSE[cls.flavour]
-        cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix=PREFIX))
-        cls.addClassCleanup(shutil.rmtree, cls.tmp, True)
-        cls.project = f"{PREFIX}{cls.flavour}"
-        cls.folder = cls.tmp / cls.project
-        (cls.folder / "data").mkdir(parents=True)
+        project_folder(cls, f"{PREFIX}{cls.flavour}")
         cls.port, cls.notify_port, cls.site_port, cls.gp_port = (free_port() for _ in range(4))
         storage = cls.tmp / "storage"
         cls.registry = Registry(cls.tmp, storage, cls.port)
@@ -706,9 +711,10 @@ services:
         self.assertIn("stopped", log_path.read_text())
 
 
-def import_image(tag, files, links=()):
+def import_image(tag, files, links=(), changes=()):
     """Make an image from host files (path -> path inside) and symlinks, with docker import; no pulls."""
-    proc = subprocess.Popen(["docker", "import", "--change", "ENV PATH=/usr/local/bin:/usr/bin:/bin", "-", tag],
+    given = [arg for change in ("ENV PATH=/usr/local/bin:/usr/bin:/bin", *changes) for arg in ("--change", change)]
+    proc = subprocess.Popen(["docker", "import", *given, "-", tag],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     with tarfile.open(fileobj=proc.stdin, mode="w|", dereference=True) as tar:
         for source, target in sorted(files.items()):
@@ -1523,6 +1529,175 @@ class ComposeV2Test(EngineScenario, unittest.TestCase):
 class ComposeV1Test(EngineScenario, unittest.TestCase):
     """Compose v1 (`docker-compose` 1.x), with gopdater started in the project folder."""
 
+    flavour = "v1"
+
+
+# The release steps of the README's example, exactly.
+RELEASE_LABELS = """\
+    labels:
+      gopdater.pre-update: cp /data/site.db /data/backup.db
+      gopdater.migrate: sh -c 'cat /app/migrate.sql >> /data/site.db'
+      gopdater.post-update: wget -q -O /dev/null http://127.0.0.1/smoke.html
+"""
+# Each version: (its migration, or None; whether it has the page the smoke test fetches).
+RELEASES = {"v1": ("schema v1", True), "v2": ("schema v2", True), "v3": (None, True), "v4": ("schema v4", False)}
+
+
+class ReleaseStepsScenario:
+    """The README's release steps on one Compose flavour: a dump before, a migration on the new image into
+    the bind-mounted data folder, a smoke test after. v3 has no migration (it fails), v4 no smoke page."""
+
+    flavour = None
+
+    @classmethod
+    def setUpClass(cls):
+        if cls.flavour not in COMPOSE:
+            raise unittest.SkipTest(f"Compose {cls.flavour} is not installed")
+        cls.compose = COMPOSE[cls.flavour]
+        project_folder(cls, f"{PREFIX}rel{cls.flavour}")
+        cls.port, cls.site_port, cls.gp_port = free_port(), free_port(), free_port()
+        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
+        cls.addClassCleanup(cls.cleanup)
+        cls.registry.start()
+        cls.repo = f"127.0.0.1:{cls.port}/acme/rel"
+        cls.images = {version: cls.build(version) for version in RELEASES}
+        cls.registry.retag("v1", name="rel")
+        (cls.folder / "compose.yaml").write_text(f"""services:
+  site:
+    image: {cls.repo}:latest
+    init: true
+    ports: ["127.0.0.1:{cls.site_port}:80"]
+    volumes: ["./data:/data"]
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 1s
+      timeout: 1s
+      retries: 3
+{RELEASE_LABELS}""")
+        cls.up()
+        cls.log = cls.tmp / "gopdater.log"
+        cls.gopdater = launch_gopdater(cls.folder, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme",
+                                       COMPOSE_COMMAND=" ".join(cls.compose))
+
+    @classmethod
+    def build(cls, version):
+        """One version, imported from files (busybox, its applets, the pages, the migration) and pushed."""
+        migration, smoke = RELEASES[version]
+        folder = cls.tmp / f"build-{version}"
+        folder.mkdir()
+        (folder / "index.html").write_text(f"acme rel {version}\n")
+        files = {"/bin/busybox": "/bin/busybox", str(folder / "index.html"): "/www/index.html"}
+        if smoke:
+            (folder / "smoke.html").write_text("ok\n")
+            files[str(folder / "smoke.html")] = "/www/smoke.html"
+        if migration:
+            (folder / "migrate.sql").write_text(migration + "\n")
+            files[str(folder / "migrate.sql")] = "/app/migrate.sql"
+        tag = f"{cls.repo}:{version}"
+        import_image(tag, files, [(f"/bin/{a}", "busybox") for a in ("sh", "cp", "cat", "wget", "httpd")],
+                     ['CMD ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]'])
+        image_id = run(["docker", "image", "inspect", "--format", "{{.Id}}", tag]).strip()
+        run(["docker", "push", tag], timeout=300)
+        run(["docker", "rmi", tag])
+        return image_id
+
+    @classmethod
+    def up(cls):
+        env = clean_env(PWD=str(cls.folder))
+        run([*cls.compose, "-p", cls.project, "pull", "site"], cwd=cls.folder, timeout=300, env=env)
+        run([*cls.compose, "-p", cls.project, "up", "-d", "site"], cwd=cls.folder, timeout=300, env=env)
+        wait_for(lambda: site_text(cls.site_port) == "acme rel v1", 30, "the site to serve v1")
+
+    @classmethod
+    def cleanup(cls):
+        if getattr(cls, "gopdater", None):
+            stop_process(cls.gopdater)
+        remove_project(cls.project, [f"127.0.0.1:{cls.port}/"], list(getattr(cls, "images", {}).values()))
+        cls.registry.stop()
+
+    def setUp(self):
+        """The known state: latest = v1, the site on v1, the data folder holding the v1 database alone."""
+        self.registry.retag("v1", name="rel")
+        if service_container(self.project, "site")["Image"] != self.images["v1"]:
+            self.up()
+        for name in ("site.db", "backup.db"):
+            (self.folder / "data" / name).unlink(missing_ok=True)
+        (self.folder / "data" / "site.db").write_text("schema v1\n")
+
+    def push(self, version):
+        """Move latest to version, send the hook, wait for the end; return (the deployment, the poller)."""
+        poller = Poller(f"http://127.0.0.1:{self.site_port}/")
+        poller.start()
+        self.registry.retag(version, name="rel")
+        body = json.dumps({"repository": {"repo_name": self.repo}, "push_data": {"tag": "latest"}}).encode()
+        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body,
+                                {"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"})
+        self.assertEqual(status, 202, reply)
+        deployment_id = json.loads(reply)["id"]
+
+        def ended():
+            _, answer, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
+                                headers={"Authorization": f"Bearer {SECRET}"})
+            found = [d for d in json.loads(answer)["deployments"] if d["id"] == deployment_id]
+            return found[0] if found and found[0]["state"] not in ("queued", "running") else None
+        record = wait_for(ended, 120, "the deployment to end")
+        poller.stop()
+        return record, poller
+
+    def test_the_migration_has_finished_before_the_new_container_starts(self):
+        """v2: the dump, then the migration writes into the bind mount before the new container starts, then
+        the smoke test; each step's timing is in /deployments."""
+        record, _ = self.push("v2")
+        self.assertEqual(record["state"], "updated", record)
+        data = self.folder / "data"
+        self.assertEqual((data / "site.db").read_text(), "schema v1\nschema v2\n")
+        self.assertEqual((data / "backup.db").read_text(), "schema v1\n")
+        container = service_container(self.project, "site")
+        self.assertEqual(container["Image"], self.images["v2"])
+        started = container["State"]["StartedAt"]
+        written = datetime.datetime.fromtimestamp((data / "site.db").stat().st_mtime, datetime.timezone.utc)
+        self.assertLess(written.isoformat(timespec="microseconds"), started[:26], "migrated before the start")
+        steps = {s["step"]: s for s in record["steps"]}
+        self.assertTrue(all(steps[name]["result"] == "ok" and steps[name]["seconds"] >= 0
+                            for name in ("pre-update", "migrate", "post-update")), record["steps"])
+        figure(f"[release {self.flavour}] steps: " + ", ".join(f"{n} {steps[n]['seconds']:.2f} s" for n in (
+            "pre-update", "migrate", "post-update")))
+
+    def test_a_failing_migration_leaves_the_old_container_serving(self):
+        """v3 has no migration: failed, the same old container served every request meanwhile."""
+        before = service_container(self.project, "site")["Id"]
+        record, poller = self.push("v3")
+        self.assertEqual(record["state"], "failed", record)
+        self.assertIn("migrate failed", record["error"])
+        self.assertEqual(service_container(self.project, "site")["Id"], before)
+        self.assertEqual((poller.failed, site_text(self.site_port)), (0, "acme rel v1"))
+        figure(f"[release {self.flavour}] failing migration: {poller.failed} failed requests of "
+               f"{poller.failed + len(poller.ok)}; the old container kept serving")
+
+    def test_a_failing_smoke_test_ends_on_the_previous_image(self):
+        """v4 has no smoke page: post-update fails, the update is rolled back to v1."""
+        record, _ = self.push("v4")
+        self.assertEqual(record["state"], "rolled-back", record)
+        self.assertIn("post-update failed", record["error"])
+        self.assertEqual(service_container(self.project, "site")["Image"], self.images["v1"])
+        self.assertEqual(site_text(self.site_port), "acme rel v1")
+
+    def test_a_failing_dump_changes_nothing(self):
+        """With no database to dump, pre-update fails: nothing ran after it, the same container serves."""
+        (self.folder / "data" / "site.db").unlink()
+        before = service_container(self.project, "site")["Id"]
+        record, _ = self.push("v2")
+        self.assertEqual(record["state"], "failed", record)
+        self.assertIn("pre-update failed", record["error"])
+        self.assertEqual(service_container(self.project, "site")["Id"], before)
+        self.assertFalse((self.folder / "data" / "site.db").exists(), "the migration did not run")
+
+
+class ReleaseStepsV2Test(ReleaseStepsScenario, unittest.TestCase):
+    flavour = "v2"
+
+
+class ReleaseStepsV1Test(ReleaseStepsScenario, unittest.TestCase):
     flavour = "v1"
 
 

@@ -2336,6 +2336,12 @@ class HouseRulesTest(unittest.TestCase):
         """README.md is at most 2,500 words (as wc -w counts them)."""
         self.assertLessEqual(len((HERE / "README.md").read_text().split()), 2500)
 
+    def test_the_readmes_release_steps_example_is_what_the_engine_test_runs(self):
+        """The labels the README's "Release steps" shows are, byte for byte, test_engine.py's RELEASE_LABELS."""
+        engine = (HERE / "test_engine.py").read_text()
+        labels = re.search(r'RELEASE_LABELS = """\\\n(.*?)"""', engine, re.DOTALL).group(1)
+        self.assertIn(f"```yaml\n{labels}```", (HERE / "README.md").read_text())
+
     def test_sections_follow_the_webhook(self):
         """The banner comments come in the order a webhook flows through the file."""
         banners = re.findall(r"^# ={20,}\n# ([^:\n]+)", (HERE / "gopdater.py").read_text(), re.MULTILINE)
