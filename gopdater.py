@@ -30,11 +30,13 @@ Standard library only; Python 3.9 or newer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
 import enum
 import functools
+import html
 import hmac
 import io
 import json
@@ -248,11 +250,32 @@ def parse_command(name: str, text: str) -> str:
     return text
 
 
-def parse_url(name: str, text: str) -> str:
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"{name} must be an http:// or https:// URL, e.g. {name}=https://ntfy.sh/mytopic")
-    return text
+def parse_notify_urls(name: str, text: str) -> Tuple[str, ...]:
+    """NOTIFY_URL: comma-separated http(s) URLs (a #fragment may name the format) and smtp(s) URLs."""
+    urls = tuple(filter(None, (part.strip() for part in text.split(","))))
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        shown = f"{parts.scheme}://{parts.hostname or ''}/..."  # never the path, query or credentials: secrets
+        if parts.scheme in ("smtp", "smtps"):
+            if not parts.hostname or not urllib.parse.parse_qs(parts.query).get("to"):
+                raise ConfigError(f"{name} entry {shown} needs a host and ?to=ADDRESS, e.g. "
+                                  f"smtp://user:pass@mail.example.org:587/?to=ops@example.org")
+        elif parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{name} entries must be http(s):// or smtp(s):// URLs, e.g. {name}=https://ntfy.sh/"
+                              f"mytopic; {shown} is not")
+        elif parts.fragment and parts.fragment not in NOTIFY_FORMATS:
+            raise ConfigError(f"{name} entry {shown} names the format #{parts.fragment[:20]}; use one of "
+                              + ", ".join(f"#{f}" for f in NOTIFY_FORMATS))
+    return urls
+
+
+def parse_notify_on(name: str, text: str) -> FrozenSet[str]:
+    """NOTIFY_ON: the results that are notified."""
+    results = frozenset(filter(None, (part.strip().lower() for part in text.split(","))))
+    known = ("updated", "rolled-back", "failed", "recovered", "skipped", "up-to-date", "dry-run")
+    if not results or not results <= set(known):
+        raise ConfigError(f"{name} must be results, comma-separated, of {', '.join(known)}")
+    return results
 
 
 def parse_services(name: str, text: str) -> Tuple[Tuple[ImageKey, str], ...]:
@@ -343,8 +366,12 @@ SETTINGS = (
             "tasks) has to become healthy, never less than its healthcheck start_period; a rollback gets as long "
             "again", number(1)),
     Setting("SETTLE_TIME", "10", "seconds a container without a healthcheck must stay running", number(0)),
-    Setting("NOTIFY_URL", None, "http(s) URL that receives a JSON summary of each deployment that "
-            "changed something or failed", _optional(parse_url)),
+    Setting("NOTIFY_URL", None, "where each deployment's result goes, comma-separated: Slack, Mattermost, Discord, "
+            "ntfy, Gotify, Telegram and Teams URLs as the service gives them, smtp(s)://user:pass@host:port/?to=ADDRESS"
+            ", or any http(s) URL for JSON (#slack, #discord, #ntfy, #gotify, #telegram, #teams or #json names the "
+            "format)", lambda name, text: parse_notify_urls(name, text) if text is not None else ()),
+    Setting("NOTIFY_ON", "updated,rolled-back,failed", "the results that are notified, comma-separated "
+            "(also recovered, skipped, up-to-date, dry-run)", parse_notify_on),
     Setting("DRY_RUN", "0", "1 to log the commands a deployment would run and run none of them", boolean,
             switch=True),
     Setting("REQUEST_TIMEOUT", "10", "seconds a client has to send a whole request", number(0.1)),
@@ -389,7 +416,8 @@ class Config(NamedTuple):
     stop_timeout: int
     health_timeout: float
     settle_time: float
-    notify_url: Optional[str]
+    notify_url: Tuple[str, ...]
+    notify_on: FrozenSet[str]
     dry_run: bool
     request_timeout: float
     max_connections: int
@@ -679,6 +707,16 @@ def bearer(secret: bytes, captured: str, headers: Mapping[str, str], body: bytes
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), secret)
 
 
+def basic(secret: bytes, headers: Mapping[str, str]) -> bool:
+    """Authorization: Basic, any user name, the secret as the password (what a browser prompts for)."""
+    scheme, _, token = (headers.get("Authorization") or "").partition(" ")
+    try:
+        password = base64.b64decode(token.strip(), validate=True).partition(b":")[2]
+    except ValueError:  # binascii.Error is a ValueError
+        return False
+    return scheme.lower() == "basic" and hmac.compare_digest(password, secret)
+
+
 class Credential(NamedTuple):
     """How a sender proves itself: a check of (secret, captured path part, headers, body), and whether the
     head alone decides it (then a wrong one is refused before its body is read)."""
@@ -738,8 +776,12 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 
 
+class Html(str):
+    """A body that is an HTML page (the status page)."""
+
+
 class Response(NamedTuple):
-    """A status, a short fixed JSON body (or text, for /metrics) and extra headers."""
+    """A status, a short fixed JSON body (or text, for /metrics, or Html) and extra headers."""
 
     status: HTTPStatus
     payload: Union[dict, str]
@@ -921,9 +963,20 @@ class App:
             return FORBIDDEN
         return Response(HTTPStatus.OK, self.metrics.render(self.queue))
 
+    def status_page(self, request: Request) -> Response:
+        """The status page, for a browser: HTTP Basic (the secret as the password) or the Bearer token."""
+        if not (basic(self.secret, request.headers) or bearer(self.secret, "", request.headers, b"")):
+            return UNAUTHORIZED
+        return Response(HTTPStatus.OK, Html(status_page(self.queue.target.running(), self.queue.views(),
+                                                         datetime.now(timezone.utc))), PAGE_HEADERS)
 
+
+UNAUTHORIZED = refusal(HTTPStatus.UNAUTHORIZED, "unauthorized", (("WWW-Authenticate", 'Basic realm="gopdater"'),))
+PAGE_HEADERS = (("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+                ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"))
 GET_ENDPOINTS: Dict[str, Callable[[App, Request], Response]] = {
-    "/healthz": App.healthz, "/deployments": App.deployments, "/metrics": App.metrics_text}
+    "/healthz": App.healthz, "/deployments": App.deployments, "/metrics": App.metrics_text,
+    "/status": App.status_page}
 
 
 # ==========================================================================================
@@ -1277,9 +1330,11 @@ class WorkQueue:
         seconds = steps.record("done", outcome.result.value, started)
         self.metrics.deployed(str(deployment.ref), outcome.result, seconds, deployment.steps)
         self.keep_history()
+        if outcome.result.value in self.config.notify_on and self.config.notify_url:
+            payload = notification(deployment, outcome, seconds, self.config.secret)
+            for url in self.config.notify_url:
+                self.notify(url, payload)
         if outcome.result in CHANGED:
-            if self.config.notify_url:
-                self.notify(self.config.notify_url, notification(deployment, outcome, seconds))
             self.refresh_around(deployment.ref)
         log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
 
@@ -1780,6 +1835,7 @@ class Running(NamedTuple):
     ref: ServiceRef
     image: Optional[ImageKey]  # the tagged reference it runs; None if none (not started, or pinned by digest)
     labels: Tuple[Mapping[str, str], ...] = ()  # the service's labels, or each of its containers'
+    image_id: Optional[str] = None  # the image it runs (an id, or Swarm's digest), for the status page
 
 
 def names(entry: str, ref: ServiceRef) -> bool:
@@ -2300,7 +2356,8 @@ class ComposeProject(Target):
         for service in self.services:
             containers = self.containers.get(service, [])
             image = parse_reference(containers[0].image) if containers else None
-            found.append(Running(ServiceRef(self.kind, self.name, service), image, tuple(c.labels for c in containers)))
+            found.append(Running(ServiceRef(self.kind, self.name, service), image, tuple(c.labels for c in containers),
+                                 containers[0].image_id if containers else None))
         return found
 
     def owns(self, ref: ServiceRef) -> bool:
@@ -2775,7 +2832,7 @@ class SwarmServices(Target):
         return ServiceRef(self.kind, service.stack, service.name)
 
     def running(self) -> List[Running]:
-        return [Running(self.ref(s), s.key, (s.labels,)) for s in sorted(self.services.values())]
+        return [Running(self.ref(s), s.key, (s.labels,), s.digest) for s in sorted(self.services.values())]
 
     def owns(self, ref: ServiceRef) -> bool:
         return ref.kind == self.kind
@@ -3213,21 +3270,161 @@ DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OUTAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
 
-def notification(deployment: Deployment, outcome: Outcome, seconds: float) -> dict:
-    """The JSON summary of one service's outcome, with a one-sentence text chat tools show as it is."""
-    image, service = str(deployment.key), str(deployment.ref)
-    sentence = {
-        State.UPDATED: f"gopdater updated {service} to {image} in {seconds:.1f} s.",
-        State.RECOVERED: f"gopdater recovered {service} after an interrupted update ({outcome.reason}).",
-        State.ROLLED_BACK: f"gopdater rolled {service} back: {image} failed ({outcome.reason}).",
-        State.FAILED: f"gopdater could not update {service} to {image}: {outcome.reason}.",
-    }[outcome.result]
-    return {"deployment": deployment.id, "kind": deployment.ref.kind, "project": deployment.ref.project or None,
+SENTENCES = {
+    State.UPDATED: "gopdater updated {service} to {image} in {seconds:.1f} s.",
+    State.RECOVERED: "gopdater recovered {service} after an interrupted update ({reason}).",
+    State.ROLLED_BACK: "gopdater rolled {service} back: {image} failed ({reason}).",
+    State.FAILED: "gopdater could not update {service} to {image}: {reason}.",
+    State.SKIPPED: "gopdater skipped {service}: {reason}.",
+    State.UP_TO_DATE: "{service} already runs {image}.",
+    State.DRY_RUN: "gopdater would have updated {service} to {image} (DRY_RUN).",
+}
+
+
+def notification(deployment: Deployment, outcome: Outcome, seconds: float, secret: str = "") -> dict:
+    """The JSON summary of one service's outcome, with a one-sentence text chat tools show as it is; the secret
+    is taken out of every string (a command's output could hold anything)."""
+    sentence = SENTENCES[outcome.result].format(service=deployment.ref, image=deployment.key, seconds=seconds,
+                                                reason=outcome.reason)
+    payload = {"deployment": deployment.id, "kind": deployment.ref.kind, "project": deployment.ref.project or None,
             "service": deployment.ref.name, "image": f"{deployment.key.registry}/{deployment.key.repository}",
             "tag": deployment.key.tag, "digest": deployment.digest, "result": outcome.result.value,
             "old_image": outcome.old_image, "new_image": outcome.new_image, "seconds": round(seconds, 3),
             "durations": {s.step: s.seconds for s in deployment.steps}, "reason": outcome.reason,
             "logs": deployment.logs[-LOG_TAIL_LINES:], "text": sentence}
+    if not secret:
+        return payload
+    clean = lambda value: value.replace(secret, "***") if isinstance(value, str) else value  # noqa: E731
+    return {k: [clean(v) for v in value] if isinstance(value, list) else clean(value) for k, value in payload.items()}
+
+
+# -- what each service renders: the format follows from the URL, or its #fragment ------------
+
+RESULT_LOOK = {  # result: (Discord colour, ntfy tag, ntfy and Gotify priority)
+    "updated": (0x2E7D32, "white_check_mark", 3), "recovered": (0x1565C0, "wrench", 3),
+    "rolled-back": (0xEF6C00, "rewind", 4), "failed": (0xC62828, "x", 5)}
+
+
+def message_fields(payload: dict) -> List[Tuple[str, str]]:
+    """The facts of one outcome, as (name, value), in the order every format shows them."""
+    fields = [("Service", f"{payload['project']}/{payload['service']}" if payload["project"] else payload["service"]),
+              ("Image", f"{payload['image']}:{payload['tag']}"), ("Result", payload["result"]),
+              ("Took", f"{payload['seconds']:.1f} s"), ("Old image", short_id(payload["old_image"])),
+              ("New image", short_id(payload["new_image"]))]
+    return fields + ([("Reason", payload["reason"])] if payload["reason"] else [])
+
+
+def short_id(image: Optional[str]) -> str:
+    return (image or "-").replace("sha256:", "")[:12]
+
+
+def plain_message(payload: dict) -> str:
+    """Title, facts and the last lines as plain text (ntfy, Gotify, Telegram, e-mail)."""
+    lines = [payload["text"], ""] + [f"{name}: {value}" for name, value in message_fields(payload)]
+    return "\n".join(lines + ([""] + ["Last lines:"] + payload["logs"] if payload["logs"] else []))
+
+
+def title(payload: dict) -> str:
+    service = f"{payload['project']}/{payload['service']}" if payload["project"] else payload["service"]
+    return f"gopdater: {service} {payload['result']}"
+
+
+def as_json(value: object) -> Tuple[str, bytes, Tuple[Tuple[str, str], ...]]:
+    return "application/json", json.dumps(value).encode(), ()
+
+
+def render_slack(payload: dict, parts: urllib.parse.SplitResult):
+    """Slack blocks (Mattermost shows the text)."""
+    fields = [{"type": "mrkdwn", "text": f"*{name}*\n{value}"} for name, value in message_fields(payload)]
+    blocks = [{"type": "section", "text": {"type": "plain_text", "text": payload["text"][:3000]}},
+              {"type": "section", "fields": fields[:10]}]
+    if payload["logs"]:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "```" + "\n".join(
+            payload["logs"]).replace("```", "\'\'\'")[-2900:] + "```"}})
+    return as_json({"text": payload["text"], "blocks": blocks})
+
+
+def render_discord(payload: dict, parts: urllib.parse.SplitResult):
+    """A Discord embed; no mention in it pings anyone."""
+    embed = {"title": title(payload)[:256], "description": payload["text"][:4096],
+             "color": RESULT_LOOK.get(payload["result"], (0x607D8B,))[0],
+             "fields": [{"name": name, "value": value[:1024], "inline": len(value) < 40}
+                        for name, value in message_fields(payload)]}
+    if payload["logs"]:
+        embed["fields"].append({"name": "Last lines", "value": ("```\n" + "\n".join(payload["logs"])[-1000:]
+                                                                 .replace("```", "\'\'\'") + "\n```")})
+    return as_json({"embeds": [embed], "allowed_mentions": {"parse": []}})
+
+
+def header_value(text: str) -> str:
+    """A header-safe version of text: no line breaks, Latin-1 only."""
+    return re.sub(r"[\r\n]+", " ", text).encode("latin-1", "replace").decode("latin-1")[:250]
+
+
+def render_ntfy(payload: dict, parts: urllib.parse.SplitResult):
+    """ntfy: the text as the body, with a title, a tag and a priority."""
+    _, tag, priority = RESULT_LOOK.get(payload["result"], (0, "information_source", 3))
+    return "text/plain; charset=utf-8", plain_message(payload).encode(), (
+        ("Title", header_value(title(payload))), ("Tags", tag), ("Priority", str(priority)))
+
+
+def render_gotify(payload: dict, parts: urllib.parse.SplitResult):
+    return as_json({"title": title(payload), "message": plain_message(payload),
+                    "priority": RESULT_LOOK.get(payload["result"], (0, "", 3))[2]})
+
+
+def render_telegram(payload: dict, parts: urllib.parse.SplitResult):
+    """sendMessage as plain text (no parse_mode: nothing in it is markup)."""
+    chat = urllib.parse.parse_qs(parts.query).get("chat_id", [""])[0]
+    return as_json({"chat_id": chat, "text": plain_message(payload)[:4096], "disable_web_page_preview": True})
+
+
+def render_teams(payload: dict, parts: urllib.parse.SplitResult):
+    """An Adaptive Card, as Teams workflows take it."""
+    card = {"$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard",
+            "version": "1.4", "body": [
+                {"type": "TextBlock", "text": title(payload), "weight": "Bolder", "size": "Medium", "wrap": True},
+                {"type": "TextBlock", "text": payload["text"], "wrap": True},
+                {"type": "FactSet", "facts": [{"title": n, "value": v} for n, v in message_fields(payload)]},
+                *([{"type": "TextBlock", "text": "\n".join(payload["logs"]), "fontType": "Monospace", "wrap": True}]
+                  if payload["logs"] else [])]}
+    return as_json({"type": "message", "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive",
+                                                        "content": card}]})
+
+
+class NotifyFormat(NamedTuple):
+    """One notification format: which URLs are its own, and how it renders an outcome."""
+
+    matches: Callable[[urllib.parse.SplitResult], bool]
+    render: Callable[[dict, urllib.parse.SplitResult], Tuple[str, bytes, Tuple[Tuple[str, str], ...]]]
+
+
+def host_is(parts: urllib.parse.SplitResult, *names: str) -> bool:
+    host = (parts.hostname or "").lower()
+    return any(host == name or host.endswith("." + name) for name in names)
+
+
+# The first that matches the URL renders it, unless its #fragment names one; json matches any.
+NOTIFY_FORMATS: Dict[str, NotifyFormat] = {
+    "slack": NotifyFormat(lambda p: host_is(p, "hooks.slack.com") or bool(re.fullmatch(r"/hooks/[a-z0-9]{26}", p.path)),
+                          render_slack),
+    "discord": NotifyFormat(lambda p: host_is(p, "discord.com", "discordapp.com") and "/api/webhooks/" in p.path,
+                            render_discord),
+    "ntfy": NotifyFormat(lambda p: host_is(p, "ntfy.sh"), render_ntfy),
+    "gotify": NotifyFormat(lambda p: p.path.endswith("/message") and "token=" in p.query, render_gotify),
+    "telegram": NotifyFormat(lambda p: host_is(p, "api.telegram.org") and p.path.endswith("/sendMessage"),
+                             render_telegram),
+    "teams": NotifyFormat(lambda p: host_is(p, "logic.azure.com", "powerplatform.com", "webhook.office.com"),
+                          render_teams),
+    "json": NotifyFormat(lambda p: True, lambda payload, parts: as_json(payload)),
+}
+
+
+def notify_format(url: str) -> str:
+    """The format name for a NOTIFY_URL entry: its #fragment, else the first whose URLs it is."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.fragment if parts.fragment in NOTIFY_FORMATS else next(
+        name for name, row in NOTIFY_FORMATS.items() if row.matches(parts))
 
 
 class Endpoint(NamedTuple):
@@ -3243,7 +3440,6 @@ class Endpoint(NamedTuple):
     @classmethod
     def parse(cls, url: str) -> "Endpoint":
         parts = urllib.parse.urlsplit(url)
-        import base64  # only with a NOTIFY_URL: nothing else needs it
         credentials = None
         if parts.username is not None:
             pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
@@ -3255,12 +3451,17 @@ class Endpoint(NamedTuple):
 
 
 def post_json(endpoint: Endpoint, payload: dict, deadline: float) -> int:
-    """POST JSON and read the status line, all before deadline (time.monotonic()); return the status code.
+    """POST JSON; see post."""
+    return post(endpoint, *as_json(payload), deadline)
+
+
+def post(endpoint: Endpoint, kind: str, body: bytes, headers: Tuple[Tuple[str, str], ...], deadline: float) -> int:
+    """POST a body and read the status line, all before deadline (time.monotonic()); return the status code.
     Raises OSError (a timeout included) or ValueError. A redirect is a status like any other: never followed.
     One total deadline, as a client sending a byte every few seconds must not hold the sender."""
-    body = json.dumps(payload).encode()
-    head = [f"POST {endpoint.target} HTTP/1.1", f"Host: {endpoint.host}", "Content-Type: application/json",
-            f"Content-Length: {len(body)}", f"User-Agent: gopdater/{__version__}", "Connection: close"]
+    head = [f"POST {endpoint.target} HTTP/1.1", f"Host: {endpoint.host}", f"Content-Type: {kind}",
+            f"Content-Length: {len(body)}", f"User-Agent: gopdater/{__version__}", "Connection: close",
+            *(f"{name}: {value}" for name, value in headers)]
     if endpoint.authorization:
         head.append(f"Authorization: {endpoint.authorization}")
 
@@ -3300,13 +3501,54 @@ def read_status(endpoint: Endpoint, head: List[str], body: bytes, left: Callable
     return int(match.group(1))
 
 
+def deliver_http(url: str, payload: dict, deadline: float) -> int:
+    """POST the outcome to url in the format its URL names; the status code."""
+    parts = urllib.parse.urlsplit(url)
+    return post(Endpoint.parse(url), *NOTIFY_FORMATS[notify_format(url)].render(payload, parts), deadline)
+
+
+def deliver_mail(url: str, payload: dict, deadline: float) -> int:
+    """Send the outcome as an e-mail: smtps:// in TLS from the start, smtp:// with STARTTLS when offered (a
+    password is never sent without TLS); 250 once the server took it. Each step gets what is left of deadline."""
+    import smtplib  # only with an smtp(s):// NOTIFY_URL
+    import ssl
+    from email.message import EmailMessage
+    parts, query = urllib.parse.urlsplit(url), urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    mail = EmailMessage()
+    mail["Subject"] = title(payload)
+    mail["To"] = ", ".join(a.strip() for value in query["to"] for a in value.split(",") if a.strip())
+    mail["From"] = query.get("from", [f"gopdater@{socket.gethostname()}"])[0]
+    mail.set_content(plain_message(payload))
+    left = lambda: max(0.01, deadline - time.monotonic())  # noqa: E731
+    tls = parts.scheme == "smtps"
+    server = (smtplib.SMTP_SSL(parts.hostname, parts.port or 465, timeout=left(), context=ssl.create_default_context())
+              if tls else smtplib.SMTP(parts.hostname, parts.port or 587, timeout=left()))
+    with server:
+        server.ehlo()
+        if not tls and server.has_extn("starttls"):
+            server.sock.settimeout(left())
+            server.starttls(context=ssl.create_default_context())
+            server.ehlo()
+        elif not tls and parts.username:
+            raise ValueError("the mail server offers no STARTTLS: the password is not sent in clear")
+        if parts.username:
+            server.sock.settimeout(left())
+            server.login(urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+        server.sock.settimeout(left())
+        server.send_message(mail)
+    return 250
+
+
 def send_notification(url: str, payload: dict, sleep: Callable[[float], None] = time.sleep) -> bool:
-    """POST JSON to url: one total deadline of 5 s per attempt, one retry, no redirect followed; never raises."""
+    """Deliver one outcome to url (http(s) in its format, or smtp(s)): one total deadline of 5 s per attempt,
+    one retry, no redirect followed; never raises, never logs the URL's secrets."""
+    deliver = deliver_mail if url.startswith(("smtp://", "smtps://")) else deliver_http
     endpoint = Endpoint.parse(url)
     for attempt in (1, 2):
         try:
-            status = post_json(endpoint, payload, time.monotonic() + NOTIFY_TIMEOUT)
-        except (OSError, ValueError) as error:
+            status = deliver(url, payload, time.monotonic() + NOTIFY_TIMEOUT)
+            status = 200 if status == 250 else status
+        except (OSError, ValueError) as error:  # smtplib's errors are OSErrors
             log.warning("notification to %s failed (attempt %s): %s", endpoint.shown, attempt, type(error).__name__)
         else:
             if 200 <= status < 300:
@@ -3350,6 +3592,87 @@ class Notifier:
         with contextlib.suppress(Exception):
             self.pending.put(None, timeout=timeout)
         self.thread.join(timeout)
+
+
+# -- the status page: one HTML page, no script, no external asset, every value escaped ------
+
+PAGE_STYLE = """body{font:15px/1.4 system-ui,sans-serif;margin:0 auto;max-width:60em;padding:1em;color:#222}
+h1{font-size:1.4em}h1 small{font-weight:normal;color:#666;font-size:.7em}h2{font-size:1.1em;margin-top:1.5em}
+table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.3em .5em;border-bottom:1px solid #ddd;
+vertical-align:top}th{font-size:.85em;color:#555}code{font-size:.9em;word-break:break-all}
+.r{display:inline-block;padding:0 .45em;border-radius:.3em;color:#fff;background:#757575;font-size:.85em}
+.updated{background:#2e7d32}.rolled-back{background:#ef6c00}.failed{background:#c62828}.recovered{background:#1565c0}
+.running,.queued{background:#6a1b9a}.bar{display:flex;height:.7em;width:12em;max-width:40vw;background:#eee}
+.bar span{background:#90a4ae;border-right:1px solid #fff}.bar span.out{background:#e53935}
+.err{color:#b71c1c;font-size:.85em}@media(max-width:40em){.wide{display:none}td,th{padding:.25em}}"""
+RESULT_WORDS = {"updated": "updated", "rolled-back": "rolled back", "failed": "failed", "recovered": "recovered",
+                "up-to-date": "up to date", "skipped": "skipped", "dry-run": "dry run", "queued": "queued",
+                "running": "running", "cancelled": "cancelled"}
+OUTAGE_STEPS = frozenset({"stop", "remove", "up", "rollback-stop", "rollback-remove", "rollback-up"})
+
+
+def badge(state: object) -> str:
+    state = str(state)
+    return f'<span class="r {html.escape(state)}">{html.escape(RESULT_WORDS.get(state, state))}</span>'
+
+
+def step_bar(steps: Sequence[Mapping[str, object]]) -> str:
+    """The steps of a deployment as a bar, each as wide as its share of the time; the outage steps in red."""
+    timed = [s for s in steps if s.get("step") not in ("done", "downtime") and isinstance(s.get("seconds"), (int, float))]
+    total = sum(float(s["seconds"]) for s in timed) or 1.0
+    spans = "".join(f'<span class="{"out" if s["step"] in OUTAGE_STEPS else ""}" style="width:{100 * float(s["seconds"]) / total:.1f}%" '
+                    f'title="{html.escape(str(s["step"]))} {float(s["seconds"]):.2f} s"></span>' for s in timed)
+    return f'<div class="bar" role="img" aria-label="steps">{spans}</div>'
+
+
+def service_name(view: Mapping[str, object]) -> str:
+    return f"{view.get('project')}/{view.get('service')}" if view.get("project") else str(view.get("service"))
+
+
+def status_rows(services: Sequence["Running"], views: Sequence[Mapping[str, object]]) -> List[str]:
+    """One row per service: kind, name, image and tag, the running image's short id, the last result and when."""
+    last = {}
+    for view in views:  # newest first
+        last.setdefault((view.get("kind"), view.get("project") or "", view.get("service")), view)
+    rows = []
+    for service in services:
+        view = last.get((service.ref.kind, service.ref.project, service.ref.name))
+        result = f"{badge(view['state'])} {html.escape(str(view.get('finished') or view.get('created') or ''))}" \
+            if view else "none yet"
+        rows.append(f"<tr><td>{html.escape(str(service.ref))}</td><td class=wide>{service.ref.kind}</td>"
+                    f"<td><code>{html.escape(str(service.image or '-'))}</code></td>"
+                    f"<td><code>{html.escape(short_id(service.image_id))}</code></td><td>{result}</td></tr>")
+    return rows
+
+
+def deployment_rows(views: Sequence[Mapping[str, object]]) -> List[str]:
+    """One row per deployment: when, service, image, result (and why), the time it took, its steps drawn."""
+    rows = []
+    for view in views:
+        took = next((s.get("seconds") for s in view.get("steps") or () if s.get("step") == "done"), None)
+        error = f'<div class=err>{html.escape(str(view["error"])[:300])}</div>' if view.get("error") else ""
+        rows.append(f"<tr><td class=wide>{html.escape(str(view.get('started') or view.get('created') or ''))}</td>"
+                    f"<td>{html.escape(service_name(view))}</td><td class=wide><code>{html.escape(str(view.get('tag')))}"
+                    f"</code></td><td>{badge(view.get('state'))}{error}</td>"
+                    f"<td>{'' if took is None else f'{float(took):.1f} s'}</td><td>{step_bar(view.get('steps') or ())}</td></tr>")
+    return rows
+
+
+def status_page(services: Sequence["Running"], views: Sequence[Mapping[str, object]], now: datetime) -> str:
+    """The whole page: what gopdater manages, what runs now, the last deployments. Pure."""
+    active = [v for v in views if v.get("state") in ("queued", "running")]
+    now_rows = "".join(f"<li>{badge(v['state'])} {html.escape(service_name(v))} <code>{html.escape(str(v.get('tag')))}"
+                       f"</code></li>" for v in active) or "<li>nothing queued or running</li>"
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+            '<meta name=viewport content="width=device-width,initial-scale=1"><meta http-equiv=refresh content=10>'
+            f"<title>gopdater</title><style>{PAGE_STYLE}</style></head><body>"
+            f"<h1>gopdater <small>{__version__} &middot; {len(services)} services &middot; "
+            f"{now.strftime('%Y-%m-%d %H:%M:%S')} UTC</small></h1><h2>Now</h2><ul>{now_rows}</ul>"
+            "<h2>Services</h2><table><tr><th>Service</th><th class=wide>Kind</th><th>Image</th><th>Running</th>"
+            f"<th>Last result</th></tr>{''.join(status_rows(services, views))}</table>"
+            "<h2>Last deployments</h2><table><tr><th class=wide>Started</th><th>Service</th><th class=wide>Tag</th>"
+            f"<th>Result</th><th>Took</th><th>Steps (red: out of service)</th></tr>{''.join(deployment_rows(views))}"
+            "</table></body></html>")
 
 
 class Histogram:
@@ -3524,7 +3847,9 @@ def encode_refusal(status: HTTPStatus, reason: str, headers: Tuple[Tuple[str, st
 
 def encode_now(response: Response, keep_alive: bool) -> bytes:
     """encode() without the cache."""
-    if isinstance(response.payload, str):
+    if isinstance(response.payload, Html):
+        body, kind = response.payload.encode(), "text/html; charset=utf-8"
+    elif isinstance(response.payload, str):
         body, kind = response.payload.encode(), "text/plain; version=0.0.4; charset=utf-8"
     else:
         body, kind = json.dumps(response.payload).encode(), "application/json"
@@ -4023,6 +4348,15 @@ def state_finding(config: Config) -> Finding:
                   f"{len(unfinished)} unfinished updates to recover at the next start")
 
 
+def notify_finding(url: str, notify_on: FrozenSet[str]) -> Finding:
+    """What --check says of one NOTIFY_URL entry, its secrets masked."""
+    endpoint, mail = Endpoint.parse(url), url.startswith(("smtp://", "smtps://"))
+    credentials = "; its user and password go as " + ("SMTP login, over TLS only" if mail else
+                                                       "HTTP Basic authentication") + ", never logged"
+    return True, (f"notify: {endpoint.shown} as {'e-mail' if mail else notify_format(url)} on "
+                  f"{','.join(sorted(notify_on))}" + (credentials if endpoint.authorization else ""))
+
+
 def run_check(config: Config, runner: Runner = None, out=None) -> int:
     """Diagnose the set-up for --check: one line per finding, a fix for each problem; 0 if all is well."""
     out = out or sys.stdout
@@ -4039,11 +4373,8 @@ def run_check(config: Config, runner: Runner = None, out=None) -> int:
                            f"{config.secret[:4]}{'*' * 8} (the full secret is WEBHOOK_SECRET)")]
         if config.tls_cert:
             findings.append(tls_problem(config.tls_cert, config.tls_key))
-        if config.notify_url:
-            endpoint = Endpoint.parse(config.notify_url)
-            findings.append((True, f"notify: {endpoint.shown}" + (
-                "; its user and password go as HTTP Basic authentication, never logged" if endpoint.authorization
-                else "")))
+        for url in config.notify_url:
+            findings.append(notify_finding(url, config.notify_on))
         if config.dry_run:
             findings.append((True, "DRY_RUN is on: deployments log their commands and run none"))
         if config.swarm != "off" and swarm_role(config, runner or run_command) == "worker":

@@ -4,11 +4,12 @@ Run with `python3 -m unittest` (the README's test command also runs test_engine.
 which uses the real Docker engine).
 """
 
-import contextlib
 import base64
+import contextlib
 import collections
 import copy
 import datetime
+import email
 import hashlib
 import hmac
 import http.client
@@ -20,6 +21,7 @@ import pathlib
 import re
 import shutil
 import socket
+import socketserver
 import subprocess
 import tempfile
 import threading
@@ -1305,8 +1307,8 @@ class NotifyTest(unittest.TestCase):
         """--check names the endpoint, says its user and password go as Basic authentication, and shows neither."""
         code, out = check(self, FakeDocker(), NOTIFY_URL="https://ops:hunter2-pass@hooks.example.org/T0/B1/xoxb-token")
         self.assertEqual(code, 0, out)
-        self.assertIn("ok   notify: https://***@hooks.example.org/***; its user and password go as HTTP Basic "
-                      "authentication, never logged", out)
+        self.assertIn("ok   notify: https://***@hooks.example.org/*** as json on failed,rolled-back,updated; its "
+                      "user and password go as HTTP Basic authentication, never logged", out)
         for secret in ("ops:", "hunter2", "xoxb", "T0"):
             self.assertNotIn(secret, out.replace("notify", ""))
 
@@ -1340,6 +1342,246 @@ class NotifyTest(unittest.TestCase):
         second = rig.deploy()
         self.assertEqual((first.state, second.state), ("updated", "rolled-back"))
         self.assertEqual(notifier.pending.qsize(), 1, "the second notice waits behind the first; the deployment did not")
+
+
+def outcome_payload(**changes):
+    """The notification of a rolled-back update of demo/site, with a reason holding the secret and two lines."""
+    deployment = gopdater.Deployment("d1", "dockerhub", gopdater.parse_reference("acme/site:1.4"), None, SITE)
+    deployment.steps = [gopdater.Step("pull", "ok", 1.5), gopdater.Step("done", "rolled-back", 9.25)]
+    deployment.logs = ["panic: boom <@everyone>", "exit 1"]
+    outcome = gopdater.Outcome(gopdater.State.ROLLED_BACK, OLD_ID, NEW_ID, f"container exited; token {SECRET}")
+    payload = gopdater.notification(deployment, outcome, 9.25, SECRET)
+    payload.update(changes)
+    return payload
+
+
+class Sink:
+    """A local endpoint that records each request whole: method, target, headers, body."""
+
+    def __init__(self, test, status=200):
+        self.requests = []
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                sink.requests.append((self.command, self.path, dict(self.headers), body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        test.addCleanup(server.server_close)
+        test.addCleanup(server.shutdown)
+        self.url = f"http://127.0.0.1:{server.server_address[1]}"
+
+
+class SMTPSink:
+    """A local mail server that speaks just enough SMTP (no STARTTLS) and records every line it was sent."""
+
+    def __init__(self, test):
+        self.lines, self.messages = [], []
+        sink = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                self.wfile.write(b"220 sink ESMTP\r\n")
+                while True:
+                    line = self.rfile.readline()
+                    if not line:
+                        return
+                    sink.lines.append(line.decode().strip())
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        self.wfile.write(b"250-sink\r\n250 AUTH PLAIN\r\n")
+                    elif verb == b"DATA":
+                        self.wfile.write(b"354 go on\r\n")
+                        data = b"".join(iter(self.rfile.readline, b".\r\n"))
+                        sink.messages.append(email.message_from_bytes(data))
+                        self.wfile.write(b"250 queued\r\n")
+                    elif verb == b"QUIT":
+                        self.wfile.write(b"221 bye\r\n")
+                        return
+                    else:
+                        self.wfile.write(b"250 ok\r\n")
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        test.addCleanup(server.server_close)
+        test.addCleanup(server.shutdown)
+        self.port = server.server_address[1]
+
+
+class NotifyFormatTest(unittest.TestCase):
+    """NOTIFY_URL: each service's format, e-mail, NOTIFY_ON, several URLs."""
+
+    def test_the_format_follows_from_the_host_and_path_or_the_fragment(self):
+        """Each service's URL, as it gives it, names its format; a #fragment overrides; anything else is JSON."""
+        cases = [("https://hooks.slack.com/services/T0/B1/xyz", "slack"),
+                 ("https://chat.example.org/hooks/abcdefghijklmnopqrstuvwxyz", "slack"),
+                 ("https://discord.com/api/webhooks/1/abc", "discord"), ("https://ntfy.sh/mytopic", "ntfy"),
+                 ("https://push.example.org/message?token=abc", "gotify"),
+                 ("https://api.telegram.org/bot123:abc/sendMessage?chat_id=42", "telegram"),
+                 ("https://prod-1.westus.logic.azure.com/workflows/x/triggers/manual/paths/invoke?sig=y", "teams"),
+                 ("https://example.org/notify", "json"), ("https://ntfy.example.org/topic#ntfy", "ntfy"),
+                 ("https://hooks.slack.com/services/T0/B1/xyz#json", "json")]
+        for url, name in cases:
+            with self.subTest(url=url):
+                self.assertEqual(gopdater.notify_format(url), name)
+
+    def test_each_format_gets_its_exact_request(self):
+        """POSTed to a local endpoint with its #fragment: the method, the target without the fragment, the
+        content type and the body each service renders; no secret, no mention that pings."""
+        sink = Sink(self)
+        payload = outcome_payload()
+        facts = [("Service", "demo/site"), ("Image", "docker.io/acme/site:1.4"), ("Result", "rolled-back"),
+                 ("Took", "9.2 s"), ("Old image", "1" * 12), ("New image", "2" * 12),
+                 ("Reason", "container exited; token ***")]
+        text = "gopdater rolled demo/site back: docker.io/acme/site:1.4 failed (container exited; token ***)."
+        plain = "\n".join([text, ""] + [f"{n}: {v}" for n, v in facts] + ["", "Last lines:",
+                                                                            "panic: boom <@everyone>", "exit 1"])
+        expected = {
+            "slack": ("/hooks/x", "application/json", {"text": text, "blocks": [
+                {"type": "section", "text": {"type": "plain_text", "text": text}},
+                {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{n}*\n{v}"} for n, v in facts]},
+                {"type": "section", "text": {"type": "mrkdwn", "text": "```panic: boom <@everyone>\nexit 1```"}}]}),
+            "discord": ("/api/webhooks/1/abc", "application/json", {"embeds": [{
+                "title": "gopdater: demo/site rolled-back", "description": text, "color": 0xEF6C00,
+                "fields": [{"name": n, "value": v, "inline": len(v) < 40} for n, v in facts] + [
+                    {"name": "Last lines", "value": "```\npanic: boom <@everyone>\nexit 1\n```"}]}],
+                "allowed_mentions": {"parse": []}}),
+            "gotify": ("/message?token=t0k", "application/json", {"title": "gopdater: demo/site rolled-back",
+                                                                  "message": plain, "priority": 4}),
+            "telegram": ("/bot1:x/sendMessage?chat_id=42", "application/json",
+                         {"chat_id": "42", "text": plain, "disable_web_page_preview": True}),
+            "json": ("/any", "application/json", payload),
+        }
+        for name, (target, kind, body) in expected.items():
+            with self.subTest(format=name):
+                self.assertTrue(gopdater.send_notification(f"{sink.url}{target}#{name}", payload))
+                method, path, head, raw = sink.requests[-1]
+                self.assertEqual((method, path, head["Content-Type"]), ("POST", target, kind))
+                self.assertEqual(json.loads(raw), body)
+                self.assertNotIn(SECRET, raw.decode())
+        self.assertTrue(gopdater.send_notification(f"{sink.url}/mytopic#ntfy", payload))
+        method, path, head, raw = sink.requests[-1]
+        self.assertEqual((method, path, head["Content-Type"], head["Title"], head["Tags"], head["Priority"]),
+                         ("POST", "/mytopic", "text/plain; charset=utf-8", "gopdater: demo/site rolled-back", "rewind",
+                          "4"))
+        self.assertEqual(raw.decode(), plain)
+        self.assertTrue(gopdater.send_notification(f"{sink.url}/workflows/x#teams", payload))
+        card = json.loads(sink.requests[-1][3])["attachments"][0]
+        self.assertEqual(card["contentType"], "application/vnd.microsoft.card.adaptive")
+        self.assertEqual(card["content"]["body"][2]["facts"], [{"title": n, "value": v} for n, v in facts])
+
+    def test_bad_notify_urls_stop_start_up_without_showing_their_secrets(self):
+        """An entry that is not http(s) or smtp(s), names an unknown #format, or mails no one is a ConfigError
+        that shows scheme and host only."""
+        for url in ("ftp://example.org/x", "https://example.org/bot123:SECRETTOKEN/x#nope",
+                    "smtp://user:SECRETTOKEN@mail.example.org:587/", "https:///SECRETTOKEN"):
+            with self.subTest(url=url), self.assertRaises(gopdater.ConfigError) as caught:
+                make_config(NOTIFY_URL=f"https://ntfy.sh/ok,{url}")
+            self.assertIn("NOTIFY_URL", str(caught.exception))
+            self.assertNotIn("SECRETTOKEN", str(caught.exception))
+        for value in ("updated,sometimes", ","):
+            with self.subTest(NOTIFY_ON=value), self.assertRaises(gopdater.ConfigError):
+                make_config(NOTIFY_ON=value)
+
+    def test_every_url_gets_each_result_notify_on_names(self):
+        """Two URLs each get an update's message; with NOTIFY_ON=failed,rolled-back an update sends nothing and
+        a rollback goes to both."""
+        rig = Rig(self, NOTIFY_URL="https://ntfy.sh/a,http://127.0.0.1:9/b")
+        rig.deploy()
+        self.assertEqual([url for url, _ in rig.notices], ["https://ntfy.sh/a", "http://127.0.0.1:9/b"])
+        rig = Rig(self, NOTIFY_URL="https://ntfy.sh/a,http://127.0.0.1:9/b", NOTIFY_ON="failed,rolled-back")
+        rig.deploy()
+        self.assertEqual(rig.notices, [])
+        rig.fake.registry["acme/site:latest"] = BROKEN_ID
+        with self.assertLogs("gopdater", "WARNING"):
+            rig.deploy()
+        self.assertEqual([(url, body["result"]) for url, body in rig.notices],
+                         [("https://ntfy.sh/a", "rolled-back"), ("http://127.0.0.1:9/b", "rolled-back")])
+
+    def test_mail_goes_by_smtp_with_the_message_in_plain_text(self):
+        """smtp://host:port/?to=...&from=...: one mail with the title as subject and the facts and lines in it."""
+        sink = SMTPSink(self)
+        url = f"smtp://127.0.0.1:{sink.port}/?to=ops@example.org,dev@example.org&from=gopdater@example.org"
+        self.assertTrue(gopdater.send_notification(url, outcome_payload()))
+        (mail,) = sink.messages
+        self.assertEqual((mail["Subject"], mail["From"], mail["To"]), (
+            "gopdater: demo/site rolled-back", "gopdater@example.org", "ops@example.org, dev@example.org"))
+        self.assertIn("Reason: container exited; token ***", mail.get_payload(decode=True).decode())
+        self.assertIn("rcpt TO:<dev@example.org>", sink.lines)
+
+    def test_a_mail_password_is_never_sent_without_tls(self):
+        """A server that offers no STARTTLS gets no AUTH: the delivery fails instead, and the log hides the
+        password."""
+        sink = SMTPSink(self)
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            self.assertFalse(gopdater.send_notification(
+                f"smtp://ops:hunter2@127.0.0.1:{sink.port}/?to=ops@example.org", outcome_payload(), sleep=lambda s: None))
+        self.assertFalse([line for line in sink.lines if line.upper().startswith("AUTH")])
+        self.assertEqual(sink.messages, [])
+        self.assertNotIn("hunter2", "\n".join(logs.output))
+
+
+class StatusPageTest(unittest.TestCase):
+    """GET /status: the HTML page for a browser."""
+
+    def test_basic_with_the_secret_or_the_bearer_token_opens_it_and_anything_else_is_401(self):
+        """Any user name with WEBHOOK_SECRET as the password, or the Bearer token: 200 HTML; else 401 asking
+        for Basic in realm gopdater."""
+        rig = Rig(self)
+        good = base64.b64encode(f"anyone:{SECRET}".encode()).decode()
+        for authorization, status in [(f"Basic {good}", 200), (f"Bearer {SECRET}", 200), (None, 401),
+                                      ("Basic " + base64.b64encode(b"anyone:wrong").decode(), 401),
+                                      ("Basic %%%not-base64", 401), (f"Basic {SECRET}", 401), ("Digest x", 401)]:
+            with self.subTest(authorization=authorization):
+                response = rig.app.handle("GET", "/status", headers(**(
+                    {"Authorization": authorization} if authorization else {})), b"")
+                self.assertEqual(response.status, status)
+                raw = gopdater.encode(response, False).decode()
+                if status == 401:
+                    self.assertIn('WWW-Authenticate: Basic realm="gopdater"', raw)
+                    self.assertNotIn("<html", raw)
+                else:
+                    self.assertIn("Content-Type: text/html; charset=utf-8", raw)
+                    self.assertIn("Content-Security-Policy: default-src 'none'", raw)
+
+    def test_it_shows_the_services_what_runs_and_the_deployments_escaped(self):
+        """Each service with its image and short id, the last result in words, each deployment with its steps
+        drawn; every value escaped; no script, no external asset; refreshed every 10 s."""
+        rig = Rig(self)
+        rig.fake.registry["acme/site:latest"] = BROKEN_ID
+        with self.assertLogs("gopdater", "WARNING"):
+            deployment = rig.deploy()
+        deployment.error = "<script>alert(1)</script> & more"
+        page = gopdater.status_page(rig.project.running(), rig.queue.views(), datetime.datetime(2026, 12, 3))
+        self.assertIn("<td>demo/site</td>", page)
+        self.assertIn("<code>docker.io/acme/site:latest</code>", page)
+        self.assertIn(f"<code>{'1' * 12}</code>", page)
+        self.assertIn('<span class="r rolled-back">rolled back</span>', page)
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt; &amp; more", page)
+        self.assertNotIn("<script", page)
+        self.assertIsNone(re.search(r"(src|href)=", page))
+        self.assertIn('<meta http-equiv=refresh content=10>', page)
+        self.assertIn('class="out"', page, "the outage steps are marked")
+
+    def test_fifty_deployments_make_a_page_under_100_kb(self):
+        """With 50 long deployments in the history the page stays small."""
+        views = [{"image": "docker.io/acme/site", "tag": "v1.2.3", "kind": "compose", "project": "shop" * 8,
+                  "service": "web", "id": f"{i:012x}", "state": "rolled-back", "created": "2026-12-03T10:00:00+00:00",
+                  "started": "2026-12-03T10:00:01+00:00", "finished": "2026-12-03T10:01:00+00:00", "error": "x" * 2000,
+                  "steps": [{"step": name, "result": "ok", "seconds": 1.25} for name in (
+                      "inspect", "pull", "compare", "pre-update", "migrate", "stop", "remove", "up", "downtime",
+                      "wait", "post-update", "rollback-tag", "rollback-stop", "rollback-remove", "rollback-up",
+                      "done")]} for i in range(50)]
+        page = gopdater.status_page([], views, datetime.datetime(2026, 12, 3))
+        self.assertLess(len(page.encode()), 100_000)
+        self.assertEqual(page.count('<div class="bar"'), 50)
 
 
 class WorkerTest(unittest.TestCase):
@@ -2531,7 +2773,7 @@ class CrashRecoveryTest(unittest.TestCase):
                  (("docker", "inspect"), 2, NEW_ID, "the new image was running healthy")]
         for prefix, nth, image, reason in cases:
             with self.subTest(cut_after=prefix):
-                rig = Rig(self, NOTIFY_URL="http://127.0.0.1:9/hook")
+                rig = Rig(self, NOTIFY_URL="http://127.0.0.1:9/hook", NOTIFY_ON="recovered")
                 self.cut(rig, prefix, nth)
                 queue = self.restart(rig)
                 view = queue.views()[0]
