@@ -3604,7 +3604,7 @@ vertical-align:top}th{font-size:.85em;color:#555}code{font-size:.9em;word-break:
 .updated{background:#2e7d32}.rolled-back{background:#ef6c00}.failed{background:#c62828}.recovered{background:#1565c0}
 .running,.queued{background:#6a1b9a}.bar{display:flex;height:.7em;width:12em;max-width:40vw;background:#eee}
 .bar span{background:#90a4ae;border-right:1px solid #fff}.bar span.out{background:#e53935}
-.err{color:#b71c1c;font-size:.85em}@media(max-width:40em){.wide{display:none}td,th{padding:.25em}}"""
+.err{color:#b71c1c;font-size:.85em;white-space:normal}.n{white-space:nowrap}@media(max-width:40em){.wide{display:none}td,th{padding:.25em}}"""
 RESULT_WORDS = {"updated": "updated", "rolled-back": "rolled back", "failed": "failed", "recovered": "recovered",
                 "up-to-date": "up to date", "skipped": "skipped", "dry-run": "dry run", "queued": "queued",
                 "running": "running", "cancelled": "cancelled"}
@@ -3625,6 +3625,11 @@ def step_bar(steps: Sequence[Mapping[str, object]]) -> str:
     return f'<div class="bar" role="img" aria-label="steps">{spans}</div>'
 
 
+def when(stamp: object) -> str:
+    """An ISO time as the page shows it: date and time, UTC."""
+    return html.escape(str(stamp or "")[:19].replace("T", " "))
+
+
 def service_name(view: Mapping[str, object]) -> str:
     return f"{view.get('project')}/{view.get('service')}" if view.get("project") else str(view.get("service"))
 
@@ -3637,7 +3642,7 @@ def status_rows(services: Sequence["Running"], views: Sequence[Mapping[str, obje
     rows = []
     for service in services:
         view = last.get((service.ref.kind, service.ref.project, service.ref.name))
-        result = f"{badge(view['state'])} {html.escape(str(view.get('finished') or view.get('created') or ''))}" \
+        result = f"{badge(view['state'])} <span class=n>{when(view.get('finished') or view.get('created'))}</span>" \
             if view else "none yet"
         rows.append(f"<tr><td>{html.escape(str(service.ref))}</td><td class=wide>{service.ref.kind}</td>"
                     f"<td><code>{html.escape(str(service.image or '-'))}</code></td>"
@@ -3651,10 +3656,11 @@ def deployment_rows(views: Sequence[Mapping[str, object]]) -> List[str]:
     for view in views:
         took = next((s.get("seconds") for s in view.get("steps") or () if s.get("step") == "done"), None)
         error = f'<div class=err>{html.escape(str(view["error"])[:300])}</div>' if view.get("error") else ""
-        rows.append(f"<tr><td class=wide>{html.escape(str(view.get('started') or view.get('created') or ''))}</td>"
-                    f"<td>{html.escape(service_name(view))}</td><td class=wide><code>{html.escape(str(view.get('tag')))}"
-                    f"</code></td><td>{badge(view.get('state'))}{error}</td>"
-                    f"<td>{'' if took is None else f'{float(took):.1f} s'}</td><td>{step_bar(view.get('steps') or ())}</td></tr>")
+        rows.append(f"<tr><td class='wide n'>{when(view.get('started') or view.get('created'))}</td>"
+                    f"<td>{html.escape(service_name(view))}</td><td class='wide n'><code>"
+                    f"{html.escape(str(view.get('tag')))}</code></td><td>{badge(view.get('state'))}{error}</td>"
+                    f"<td class=n>{'' if took is None else f'{float(took):.1f} s'}</td>"
+                    f"<td>{step_bar(view.get('steps') or ())}</td></tr>")
     return rows
 
 

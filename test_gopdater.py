@@ -2584,6 +2584,14 @@ class HouseRulesTest(unittest.TestCase):
         labels = re.search(r'RELEASE_LABELS = """\\\n(.*?)"""', engine, re.DOTALL).group(1)
         self.assertIn(f"```yaml\n{labels}```", (HERE / "README.md").read_text())
 
+    def test_every_engine_test_runs_in_a_lane_of_the_test_command(self):
+        """Each TestCase of test_engine.py is named in a lane of test.sh (else CI would never run it)."""
+        engine = (HERE / "test_engine.py").read_text()
+        classes = re.findall(r"^class (\w+)\((?:\w+, )?unittest\.TestCase\):", engine, re.MULTILINE)
+        lanes = (HERE / "test.sh").read_text()
+        self.assertGreater(len(classes), 5)
+        self.assertEqual([c for c in classes if f"test_engine.{c}" not in lanes], [])
+
     def test_sections_follow_the_webhook(self):
         """The banner comments come in the order a webhook flows through the file."""
         banners = re.findall(r"^# ={20,}\n# ([^:\n]+)", (HERE / "gopdater.py").read_text(), re.MULTILINE)
