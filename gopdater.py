@@ -55,9 +55,10 @@ import types
 import urllib.parse
 from datetime import datetime, timezone
 from http import HTTPStatus
-from typing import Callable, Dict, FrozenSet, Hashable, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (Callable, Dict, FrozenSet, Hashable, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
+                    Union)
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 
 log = logging.getLogger("gopdater")
 
@@ -2916,7 +2917,8 @@ class SwarmServices(Target):
     def describe(self) -> List[Finding]:
         found = [(True, f"swarm: this engine is a manager; {len(self.services)} Swarm services")]
         for service in sorted(self.services.values()):
-            labelled = [name for name in (*map(release_label, RELEASE_STEPS), HOOK_TIMEOUT_LABEL) if name in service.labels]
+            names = (*map(release_label, RELEASE_STEPS), HOOK_TIMEOUT_LABEL)
+            labelled = [name for name in names if name in service.labels]
             if labelled:
                 found.append((False, f"Swarm service {service.name}: {', '.join(labelled)} is not supported on Swarm "
                                      "services yet and is ignored; Swarm's update_config is in charge there"))
@@ -3561,37 +3563,57 @@ def send_notification(url: str, payload: dict, sleep: Callable[[float], None] = 
 
 
 class Notifier:
-    """Sends notifications from a thread of its own, off the deployment path; a bounded queue."""
+    """Sends notifications off the deployment path: a thread and a bounded queue for each URL, so that a slow
+    endpoint delays only its own messages."""
 
     def __init__(self, send: Callable[[str, dict], bool] = send_notification, size: int = 100):
         import queue  # only with a NOTIFY_URL
-        self.send, self.pending, self.full = send, queue.Queue(maxsize=size), queue.Full
-        self.thread = threading.Thread(target=self.run, name="notifier", daemon=True)
-        self.thread.start()
+        self.send, self.size, self.queue_module = send, size, queue
+        self.lanes: Dict[str, Tuple["queue.Queue", threading.Thread]] = {}
+        self.lock = threading.Lock()
+
+    def lane(self, url: str):
+        """The queue for url, its thread started on first use."""
+        with self.lock:
+            if url not in self.lanes:
+                pending = self.queue_module.Queue(maxsize=self.size)
+                thread = threading.Thread(target=self.run, args=(pending,), name="notifier", daemon=True)
+                thread.start()
+                self.lanes[url] = (pending, thread)
+            return self.lanes[url][0]
+
+    def waiting(self, url: str) -> int:
+        """How many notifications for url wait to be sent."""
+        return self.lane(url).qsize()
 
     def submit(self, url: str, payload: dict) -> bool:
-        """Queue one notification; False (and a log line) when the queue is full."""
+        """Queue one notification; False (and a log line) when url's queue is full."""
         try:
-            self.pending.put_nowait((url, payload))
+            self.lane(url).put_nowait((url, payload))
             return True
-        except self.full:
-            log.warning("notification of deployment=%s dropped: %d are waiting already", payload.get("deployment"),
-                        self.pending.maxsize)
+        except self.queue_module.Full:
+            log.warning("notification of deployment=%s to %s dropped: %d are waiting already",
+                        payload.get("deployment"), Endpoint.parse(url).shown, self.size)
             return False
 
-    def run(self) -> None:
+    def run(self, pending) -> None:
         while True:
-            item = self.pending.get()
+            item = pending.get()
             if item is None:
                 return
             if not self.send(*item):
                 log.warning("deployment=%s notification not delivered", item[1].get("deployment"))
 
     def close(self, timeout: float) -> None:
-        """Send what is queued (bounded by timeout), then stop."""
-        with contextlib.suppress(Exception):
-            self.pending.put(None, timeout=timeout)
-        self.thread.join(timeout)
+        """Send what is queued (bounded by timeout in all), then stop."""
+        end = time.monotonic() + timeout
+        with self.lock:
+            lanes = list(self.lanes.values())
+        for pending, _ in lanes:
+            with contextlib.suppress(Exception):
+                pending.put(None, timeout=max(0.0, end - time.monotonic()))
+        for _, thread in lanes:
+            thread.join(max(0.0, end - time.monotonic()))
 
 
 # -- the status page: one HTML page, no script, no external asset, every value escaped ------
@@ -3604,7 +3626,8 @@ vertical-align:top}th{font-size:.85em;color:#555}code{font-size:.9em;word-break:
 .updated{background:#2e7d32}.rolled-back{background:#ef6c00}.failed{background:#c62828}.recovered{background:#1565c0}
 .running,.queued{background:#6a1b9a}.bar{display:flex;height:.7em;width:12em;max-width:40vw;background:#eee}
 .bar span{background:#90a4ae;border-right:1px solid #fff}.bar span.out{background:#e53935}
-.err{color:#b71c1c;font-size:.85em;white-space:normal}.n{white-space:nowrap}@media(max-width:40em){.wide{display:none}td,th{padding:.25em}}"""
+.err{color:#b71c1c;font-size:.85em;white-space:normal}.n{white-space:nowrap}
+@media(max-width:40em){.wide{display:none}td,th{padding:.25em}}"""
 RESULT_WORDS = {"updated": "updated", "rolled-back": "rolled back", "failed": "failed", "recovered": "recovered",
                 "up-to-date": "up to date", "skipped": "skipped", "dry-run": "dry run", "queued": "queued",
                 "running": "running", "cancelled": "cancelled"}
@@ -3618,10 +3641,11 @@ def badge(state: object) -> str:
 
 def step_bar(steps: Sequence[Mapping[str, object]]) -> str:
     """The steps of a deployment as a bar, each as wide as its share of the time; the outage steps in red."""
-    timed = [s for s in steps if s.get("step") not in ("done", "downtime") and isinstance(s.get("seconds"), (int, float))]
-    total = sum(float(s["seconds"]) for s in timed) or 1.0
-    spans = "".join(f'<span class="{"out" if s["step"] in OUTAGE_STEPS else ""}" style="width:{100 * float(s["seconds"]) / total:.1f}%" '
-                    f'title="{html.escape(str(s["step"]))} {float(s["seconds"]):.2f} s"></span>' for s in timed)
+    timed = [(str(s.get("step")), float(s["seconds"])) for s in steps
+             if s.get("step") not in ("done", "downtime") and isinstance(s.get("seconds"), (int, float))]
+    total = sum(seconds for _, seconds in timed) or 1.0
+    spans = "".join(f'<span class="{"out" if step in OUTAGE_STEPS else ""}" style="width:{100 * seconds / total:.1f}%" '
+                    f'title="{html.escape(step)} {seconds:.2f} s"></span>' for step, seconds in timed)
     return f'<div class="bar" role="img" aria-label="steps">{spans}</div>'
 
 

@@ -1341,7 +1341,22 @@ class NotifyTest(unittest.TestCase):
         rig.fake.registry["acme/site:latest"] = BROKEN_ID
         second = rig.deploy()
         self.assertEqual((first.state, second.state), ("updated", "rolled-back"))
-        self.assertEqual(notifier.pending.qsize(), 1, "the second notice waits behind the first; the deployment did not")
+        self.assertEqual(notifier.waiting(url), 1, "the second notice waits behind the first; the deployment did not")
+
+    def test_a_slow_endpoint_holds_back_only_its_own_messages(self):
+        """Each URL has its own queue and thread: with one endpoint dripping, another gets its message at once."""
+        url, arrived = self.start_dripper()
+        fast, received = self.start_receiver([200])
+        notifier = gopdater.Notifier()
+        self.addCleanup(notifier.close, 0)
+        notifier.submit(url, {"deployment": "a", "text": "x"})
+        self.assertTrue(arrived.wait(5))
+        notifier.submit(fast, {"deployment": "a", "text": "x"})
+        deadline = time.monotonic() + 5
+        while not received:
+            self.assertLess(time.monotonic(), deadline, "the fast endpoint got its message while the slow one drips")
+            time.sleep(0.01)
+        self.assertEqual(received, [{"deployment": "a", "text": "x"}])
 
 
 def outcome_payload(**changes):
