@@ -101,10 +101,10 @@ def docker(state, args):
     if args[:1] == ["info"]:
         return json.dumps({"LocalNodeState": "inactive"}) + "\n", 0, 0
     if args[:1] == ["ps"]:
-        wanted = [f.split("=", 1) for f in args[1:] if f.startswith("label=com.docker.compose.") and "=" in f[6:]]
-        keys = {"label=com.docker.compose.project": "project", "label=com.docker.compose.service": None}
-        found = [cid for cid, c in containers.items()
-                 if all((c[keys[k]] if keys[k] else "site") == v for k, v in wanted)]
+        wanted = [f[len("label="):].split("=", 1) for f in args[1:] if f.startswith("label=") and "=" in f[6:]]
+        found = [cid for cid, c in containers.items() if all(
+            value == {"com.docker.compose.project": c["project"], "com.docker.compose.service": "site"}.get(key)
+            for key, value in wanted)]
         return "".join(cid + "\n" for cid in found), query.get("ps", 0), 0
     if args[:1] == ["inspect"]:
         found = [inspect(state, cid, containers[cid]) for cid in args[1:] if cid in containers]
