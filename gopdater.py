@@ -2681,14 +2681,15 @@ class ComposeHost(Targets):
         read here, DISCOVERY_READS at a time: every one if full, else the new ones (the others take their
         containers from the listing); one a deployment is in flight in is left as it is."""
         found = projects_on_engine(self.config, self.runner, self.own)
-        wanted = sorted(found) if self.config.projects == ("*",) else list(self.config.projects or ())
         known = {member.name: member for member in self.members}
+        in_flight = {name for name in known if (self.kind, name) in busy}  # mid-update it may have no container
+        wanted = sorted(set(found) | in_flight) if self.config.projects == ("*",) else list(self.config.projects or ())
         readable, skipped, to_read = [], {}, []
         for name in wanted:
             location = found[name][0] if name in found else None
             problem = "no container of it is on this engine" if location is None else unreadable(self.config,
                                                                                                  location)
-            if problem and not (name in known and (self.kind, name) in busy):
+            if problem and name not in in_flight:
                 skipped[name] = problem
                 continue
             member = known.get(name) or ComposeProject(self.config, Compose(

@@ -3257,6 +3257,19 @@ class ParallelTest(unittest.TestCase):
             gate.let_go()
             held.join(10)
 
+    def test_a_project_with_no_container_mid_update_stays_known(self):
+        """A re-read while blog's update has removed its old container and not yet started the new one keeps
+        blog, so the update's own re-read afterwards finds it."""
+        rig = self.host()
+        self.push(rig)
+        gate = rig.fake.hold(project_call("blog", "docker", "rm"))
+        with self.assertLogs("gopdater", "INFO"):
+            held = self.in_thread(rig, gate)
+            rig.queue.refresh(frozenset({("compose", "blog")}), full=False)
+            self.assertEqual([m.name for m in rig.project.members], ["blog", "shop", "wiki"])
+            gate.let_go()
+            held.join(10)
+
     def test_discovery_reads_projects_side_by_side(self):
         """At start, blog's and shop's compose config are read at once (each held until both are)."""
         rig = self.host()

@@ -18,7 +18,6 @@ each request with a header of its own, so no cache of heads could help. Standard
 import argparse
 import contextlib
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -27,7 +26,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
