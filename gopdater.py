@@ -1100,7 +1100,8 @@ class Submitted(NamedTuple):
 
 class WorkQueue:
     """Runs deployments in worker threads (run_forever, one per PARALLEL), at most one per lane: two of one
-    Compose project never race. A re-read of every target runs alone. Knows targets only through Target."""
+    Compose project never race. A re-read skips the lanes in flight and holds back new deployments while it
+    runs. Knows targets only through Target."""
 
     def __init__(self, config: Config, target: "Target", clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep, notify: Optional[Callable[[str, dict], bool]] = None,
