@@ -956,10 +956,10 @@ class FleetEngineTest(unittest.TestCase):
         records = wait_for(ended, 300, "the twenty deployments to end")
         seconds = time.monotonic() - started
         updates = sorted(next(s["seconds"] for s in d["steps"] if s["step"] == "done") for d in records)
-        # The target is a figure, not an assertion (test.sh runs this test alone, as the issue measured it).
+        # The target is a figure, not an assertion; in test.sh other lanes share the machine with this test.
         figure(f"fleet: one push updated {sum(d['state'] == 'updated' for d in records)} of {self.PROJECTS} "
                f"projects in {seconds:.1f} s (target <= 30 s: {'met' if seconds <= 30 else 'MISSED'}; PARALLEL=4; "
-               f"each update {updates[0]:.1f} to {updates[-1]:.1f} s)")
+               f"each update {updates[0]:.1f} to {updates[-1]:.1f} s; other lanes ran beside it)")
         self.assertEqual([d["state"] for d in records], ["updated"] * self.PROJECTS)
         for name in self.names:
             with self.subTest(project=name):
