@@ -986,7 +986,7 @@ GET_ENDPOINTS: Dict[str, Callable[[App, Request], Response]] = {
 
 HISTORY_SIZE = 50
 MAX_QUEUED_DEPLOYMENTS = 50
-UNMATCHED_REFRESH_SECONDS = 10.0
+LOOK_SECONDS = 10.0  # at most one look for new projects per this, and this long after a hook that matched
 
 
 class State(str, enum.Enum):
@@ -1160,8 +1160,8 @@ class WorkQueue:
     def refresh_soon(self, matched: bool = False) -> None:
         """An authentic hook came: look for what changed within 10 s (at most one extra look per 10 s), at once
         if it matched nothing, else after the deployments it queued have started."""
-        due = max(self.clock() + (UNMATCHED_REFRESH_SECONDS if matched else 0),
-                  self.last_refresh + UNMATCHED_REFRESH_SECONDS)
+        due = max(self.clock() + (LOOK_SECONDS if matched else 0),
+                  self.last_refresh + LOOK_SECONDS)
         if self.refresh_due is None or due < self.refresh_due:
             self.refresh_due = due
             self.lock.notify_all()
@@ -2104,10 +2104,12 @@ class ContainerSteps:
         steps.step(Stage(prefix + "stop"), lambda: self.docker.stop(container.name))
         steps.step(Stage(prefix + "remove"), lambda: self.docker.remove(container.name))
 
-    def put_back_tag(self, old_id: str, image: str, steps: StepLog) -> None:
-        """Point the image name at the old image again, so a later `compose up` keeps it; best effort."""
+    def put_back_tag(self, old_id: str, image: str, steps: StepLog, journalled: bool = True) -> None:
+        """Point the image name at the old image again, so a later `compose up` keeps it; best effort. Not
+        journalled where nothing has changed yet: a crash there must still leave the service alone."""
+        tag = lambda: self.docker.tag(old_id, image)  # noqa: E731
         try:
-            steps.step(Stage.ROLLBACK_TAG, lambda: self.docker.tag(old_id, image))
+            steps.step(Stage.ROLLBACK_TAG, tag) if journalled else steps.look(Stage.ROLLBACK_TAG.value, tag)
         except DeployFailed as error:
             log.warning("%s %s", steps.label, error)
 
@@ -2466,9 +2468,8 @@ class ComposeProject(Target):
                 if stage in release.commands:
                     self.run_release_step(stage, service, where[stage], release, outcome, steps)
         except DeployFailed as error:
-            if image and len(old_ids) == 1:  # not journalled: a crash here leaves the old container serving
-                with contextlib.suppress(DeployFailed):
-                    steps.look("rollback-tag", lambda: self.docker.tag(old_ids[0], image))
+            if image and len(old_ids) == 1:
+                self.steps.put_back_tag(old_ids[0], image, steps, journalled=False)
             return f"{error}; nothing was switched"
         return None
 
@@ -3517,7 +3518,8 @@ def deliver_mail(url: str, payload: dict, deadline: float) -> int:
     import smtplib  # only with an smtp(s):// NOTIFY_URL
     import ssl
     from email.message import EmailMessage
-    parts, query = urllib.parse.urlsplit(url), urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query)
     mail = EmailMessage()
     mail["Subject"] = title(payload)
     mail["To"] = ", ".join(a.strip() for value in query["to"] for a in value.split(",") if a.strip())

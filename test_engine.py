@@ -111,6 +111,25 @@ def project_read(port):
         return False
 
 
+def bearer_hook(port, repo, tag="latest", secret=SECRET):
+    """POST a Docker Hub-shaped hook for repo:tag to gopdater's /hooks with a Bearer token; (status, reply)."""
+    body = json.dumps({"repository": {"repo_name": repo}, "push_data": {"tag": tag}}).encode()
+    status, reply, _ = http("POST", f"http://127.0.0.1:{port}/hooks", body,
+                            {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"})
+    return status, json.loads(reply)
+
+
+def ended_deployments(port, ids, timeout=120, what="the deployments to end"):
+    """Wait until each deployment in ids is listed by /deployments and has ended; return them, newest first."""
+    def ended():
+        _, answer, _ = http("GET", f"http://127.0.0.1:{port}/deployments",
+                            headers={"Authorization": f"Bearer {SECRET}"})
+        found = [d for d in json.loads(answer)["deployments"] if d["id"] in ids]
+        return found if len(found) == len(ids) and all(d["state"] not in ("queued", "running") for d in found) \
+            else None
+    return wait_for(ended, timeout, what)
+
+
 def launch_gopdater(cwd, log_path, port, **settings):
     """Start gopdater as a user would (its own process group), on this port with these settings; return it
     once it has read what runs here."""
@@ -942,18 +961,9 @@ class FleetEngineTest(unittest.TestCase):
         """One push of acme/fleet updates every project, each keeping its project, network and bind mount."""
         self.registry.retag("v2", name="fleet")
         started = time.monotonic()
-        body = json.dumps({"repository": {"repo_name": f"{self.repo}/fleet"}, "push_data": {"tag": "latest"}})
-        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body.encode(),
-                                {"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"})
-        reply = json.loads(reply)
+        status, reply = bearer_hook(self.gp_port, f"{self.repo}/fleet")
         self.assertEqual((status, reply["services"]), (202, sorted(f"{name}/site" for name in self.names)))
-
-        def ended():
-            status, answer, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
-                                     headers={"Authorization": f"Bearer {SECRET}"})
-            found = [d for d in json.loads(answer)["deployments"] if d["id"] in reply["ids"]]
-            return found if all(d["state"] not in ("queued", "running") for d in found) else None
-        records = wait_for(ended, 300, "the twenty deployments to end")
+        records = ended_deployments(self.gp_port, reply["ids"], 300, "the twenty deployments to end")
         seconds = time.monotonic() - started
         updates = sorted(next(s["seconds"] for s in d["steps"] if s["step"] == "done") for d in records)
         # The target is a figure, not an assertion; in test.sh other lanes share the machine with this test.
@@ -1061,19 +1071,10 @@ class ProjectsEngineTest(unittest.TestCase):
         return service_container(self.names[short], service)
 
     def hook(self, name, secret=SECRET):
-        body = json.dumps({"repository": {"repo_name": f"{self.repo}/{name}"}, "push_data": {"tag": "latest"}})
-        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body.encode(),
-                                {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"})
-        return status, json.loads(reply)
+        return bearer_hook(self.gp_port, f"{self.repo}/{name}", secret=secret)
 
     def finished(self, ids):
-        def done():
-            status, reply, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
-                                    headers={"Authorization": f"Bearer {SECRET}"})
-            found = {d["id"]: d for d in json.loads(reply)["deployments"] if d["id"] in ids}
-            return found if len(found) == len(ids) and all(
-                d["state"] not in ("queued", "running") for d in found.values()) else None
-        return wait_for(done, 120, "the deployments to end")
+        return {d["id"]: d for d in ended_deployments(self.gp_port, ids)}
 
     def test_a_push_updates_the_service_in_both_projects_each_in_its_own_project(self):
         """acme/site updates blog/site and shop/site, each keeping its project, network and bind mount."""
@@ -1241,19 +1242,9 @@ class StartFirstEngineTest(unittest.TestCase):
     def push(self, version):
         """Retag, send the hook, wait for the site's deployment; return its record."""
         self.registry.retag(version)
-        body = json.dumps({"repository": {"repo_name": f"127.0.0.1:{self.port}/acme/site"},
-                           "push_data": {"tag": "latest"}}).encode()
-        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body,
-                                {"Authorization": f"Bearer {SECRET}"})
-        reply = json.loads(reply)
+        status, reply = bearer_hook(self.gp_port, f"127.0.0.1:{self.port}/acme/site")
         self.assertEqual(status, 202, reply)
-
-        def ended():
-            status, raw, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
-                                  headers={"Authorization": f"Bearer {SECRET}"})
-            views = [d for d in json.loads(raw)["deployments"] if d["id"] in reply["ids"]]
-            return views if all(d["state"] not in ("queued", "running") for d in views) else None
-        views = wait_for(ended, 120, "the deployments to end")
+        views = ended_deployments(self.gp_port, reply.get("ids") or [reply["id"]])
         return next(v for v in views if v["service"] == "site")
 
     def test_five_pushes_give_zero_failed_requests_through_the_proxy(self):
@@ -1406,19 +1397,11 @@ class SwarmEngineTest(unittest.TestCase):
 
     def push(self, version, secret=SECRET):
         self.registry.retag(version)
-        body = json.dumps({"repository": {"repo_name": self.repo}, "push_data": {"tag": "latest"}}).encode()
-        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body,
-                                {"Authorization": f"Bearer {secret}"})
-        reply = json.loads(reply)
+        status, reply = bearer_hook(self.gp_port, self.repo, secret=secret)
         if status != 202:
             return status, reply, {}
-
-        def ended():
-            raw = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
-                       headers={"Authorization": f"Bearer {SECRET}"})[1]
-            views = {d["kind"]: d for d in json.loads(raw)["deployments"] if d["id"] in reply.get("ids", [reply["id"]])}
-            return views if all(d["state"] not in ("queued", "running") for d in views.values()) else None
-        return status, reply, wait_for(ended, 300, "the deployments to end")
+        views = ended_deployments(self.gp_port, reply.get("ids", [reply["id"]]), 300)
+        return status, reply, {d["kind"]: d for d in views}
 
     def test_a_push_updates_the_stack_with_zero_failed_requests_and_the_compose_project_too(self):
         """v2: the Swarm service (start-first) with no failed request, and the Compose service, by one hook."""
@@ -1469,13 +1452,7 @@ class SwarmEngineTest(unittest.TestCase):
                                  "Content-Type": "application/vnd.docker.distribution.events.v1+json"})
         self.assertEqual(status, 202, reply)
         ids = json.loads(reply).get("ids") or [json.loads(reply)["id"]]
-
-        def ended():
-            raw = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
-                       headers={"Authorization": f"Bearer {SECRET}"})[1]
-            views = {d["kind"]: d for d in json.loads(raw)["deployments"] if d["id"] in ids}
-            return views if all(d["state"] not in ("queued", "running") for d in views.values()) else None
-        views = wait_for(ended, 120, "the replay's deployments to end")
+        views = {d["kind"]: d for d in ended_deployments(self.gp_port, ids, 120, "the replay's deployments to end")}
         self.assertEqual(views["swarm"]["state"], "up-to-date", views["swarm"])
         self.wait_service("v2", timeout=10)
 
@@ -1636,18 +1613,9 @@ class ReleaseStepsScenario:
         poller = Poller(f"http://127.0.0.1:{self.site_port}/")
         poller.start()
         self.registry.retag(version, name="rel")
-        body = json.dumps({"repository": {"repo_name": self.repo}, "push_data": {"tag": "latest"}}).encode()
-        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body,
-                                {"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"})
+        status, reply = bearer_hook(self.gp_port, self.repo)
         self.assertEqual(status, 202, reply)
-        deployment_id = json.loads(reply)["id"]
-
-        def ended():
-            _, answer, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
-                                headers={"Authorization": f"Bearer {SECRET}"})
-            found = [d for d in json.loads(answer)["deployments"] if d["id"] == deployment_id]
-            return found[0] if found and found[0]["state"] not in ("queued", "running") else None
-        record = wait_for(ended, 120, "the deployment to end")
+        (record,) = ended_deployments(self.gp_port, [reply["id"]], what="the deployment to end")
         poller.stop()
         return record, poller
 
@@ -1757,18 +1725,9 @@ class NotifyAndStatusEngineTest(unittest.TestCase):
 
     def push(self, version):
         self.registry.retag(version, name="note")
-        body = json.dumps({"repository": {"repo_name": self.repo}, "push_data": {"tag": "latest"}}).encode()
-        status, reply, _ = http("POST", f"http://127.0.0.1:{self.gp_port}/hooks", body,
-                                {"Authorization": f"Bearer {SECRET}"})
+        status, reply = bearer_hook(self.gp_port, self.repo)
         self.assertEqual(status, 202, reply)
-        deployment_id = json.loads(reply)["id"]
-
-        def ended():
-            _, answer, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
-                                headers={"Authorization": f"Bearer {SECRET}"})
-            found = [d for d in json.loads(answer)["deployments"] if d["id"] == deployment_id]
-            return found[0] if found and found[0]["state"] not in ("queued", "running") else None
-        return wait_for(ended, 120, "the deployment to end")
+        return ended_deployments(self.gp_port, [reply["id"]], what="the deployment to end")[0]
 
     def test_one_push_gives_a_message_in_each_format_and_the_page_shows_it_in_chromium(self):
         """v2 (updated), then a broken v3 (rolled back): each endpoint and the mail sink get both, each in its
