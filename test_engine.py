@@ -934,11 +934,11 @@ class FleetEngineTest(unittest.TestCase):
     image: {cls.repo}/fleet:latest
     init: true  # busybox as PID 1 would ignore SIGTERM, and each stop would wait STOP_TIMEOUT
     volumes: [./data:/data]
-    healthcheck:
+    healthcheck:  # a probe of 1 s timed out under CI load and a healthy site was (rightly) rolled back
       test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
       interval: 1s
-      timeout: 1s
-      retries: 3
+      timeout: 5s
+      retries: 5
 """)
         run(["docker", "compose", "-p", name, "up", "-d"], cwd=folder, timeout=300, env=clean_env(PWD=str(folder)))
 
@@ -970,7 +970,8 @@ class FleetEngineTest(unittest.TestCase):
         figure(f"fleet: one push updated {sum(d['state'] == 'updated' for d in records)} of {self.PROJECTS} "
                f"projects in {seconds:.1f} s (target <= 30 s: {'met' if seconds <= 30 else 'MISSED'}; PARALLEL=4; "
                f"each update {updates[0]:.1f} to {updates[-1]:.1f} s; other lanes ran beside it)")
-        self.assertEqual([d["state"] for d in records], ["updated"] * self.PROJECTS)
+        self.assertEqual([d["state"] for d in records], ["updated"] * self.PROJECTS,
+                         [d["error"] for d in records if d["state"] != "updated"])
         for name in self.names:
             with self.subTest(project=name):
                 container = service_container(name, "site")
