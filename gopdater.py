@@ -39,12 +39,14 @@ import functools
 import html
 import hmac
 import io
+import itertools
 import json
 import logging
 import os
 import re
 import shlex
 import signal
+import stat
 import socket
 import subprocess
 import sys
@@ -126,6 +128,76 @@ def owner_allowed(owners: Sequence[Tuple[str, str]], image: ImageKey) -> bool:
     """True when the image's registry and namespace are one of OWNER."""
     return any(image.registry == registry and image.repository.startswith(namespace + "/")
                for registry, namespace in owners)
+
+
+# -- version channels: which pushed tag a tracked service takes (gopdater.track) -------------
+
+# Semantic versioning 2.0.0, with the leading v many tags carry. Docker tags cannot hold +, but a
+# label or an env file can: build metadata is read and ignored, as semver says.
+VERSION_RE = re.compile(r"v?(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+                        r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?", re.ASCII)
+
+
+class Version(NamedTuple):
+    """A semantic version, ordered by semver's precedence rules (a pre-release before its release)."""
+
+    major: int
+    minor: int
+    patch: int
+    pre: Tuple[str, ...] = ()
+
+    def precedence(self) -> tuple:
+        # A release outranks its pre-releases; numeric identifiers rank below alphanumeric ones and by value.
+        pre = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in self.pre)
+        return self.major, self.minor, self.patch, not self.pre, pre
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.patch}" + (f"-{'.'.join(self.pre)}" if self.pre else "")
+
+
+def parse_version(tag: str) -> Optional[Version]:
+    """A tag as a semantic version (1.4.3, v1.4.3, 1.5.0-rc.1; build metadata ignored), or None. Pure."""
+    match = VERSION_RE.fullmatch(tag or "")
+    if not match:
+        return None
+    pre = tuple(match.group(4).split(".")) if match.group(4) else ()
+    if any(p.isdigit() and len(p) > 1 and p.startswith("0") for p in pre):
+        return None  # semver forbids leading zeros in numeric pre-release identifiers
+    return Version(int(match.group(1)), int(match.group(2)), int(match.group(3)), pre)
+
+
+class Channel(str, enum.Enum):
+    """How far a tracked service follows pushed versions: the label gopdater.track."""
+
+    PATCH = "patch"  # keeps major.minor
+    MINOR = "minor"  # keeps major
+    MAJOR = "major"  # takes any newer release
+
+
+CHANNEL_KEEPS = {Channel.PATCH: 2, Channel.MINOR: 1, Channel.MAJOR: 0}  # leading fields that must stay
+
+
+def channel_verdict(channel: Channel, current: str, pushed: str) -> Optional[str]:
+    """None if a service tracking channel, now on tag current, takes the pushed tag; else why not. Pure."""
+    new, now = parse_version(pushed), parse_version(current)
+    if new is None:
+        return f"{pushed} is not a semantic version"
+    if now is None:
+        return f"its tag {current} is not a semantic version"
+    if new.pre:
+        return f"{pushed} is a pre-release"
+    if new.precedence() <= now.precedence():
+        return f"{pushed} is not newer than {current}"
+    keeps = CHANNEL_KEEPS[channel]
+    if new[:keeps] != now[:keeps]:
+        return f"{pushed} is outside its {channel.value} channel from {current}"
+    return None
+
+
+def newer_tag(first: str, second: str) -> str:
+    """The later of two versions (the first if either is not one): what a burst of pushes coalesces to."""
+    a, b = parse_version(first), parse_version(second)
+    return second if a and b and b.precedence() > a.precedence() else first
 
 
 # ==========================================================================================
@@ -861,6 +933,9 @@ def decode(body: bytes) -> Union[dict, Response]:
     return data
 
 
+REASON_MAX = 1000  # a reason names services and tags; a host with hundreds of them must not make it unbounded
+
+
 class App:
     """Answers requests; never runs a command on the request path (deployments are queued)."""
 
@@ -939,7 +1014,8 @@ class App:
                     ids.append(deployment.id)
                 services.add(str(deployment.ref))
         if not ids:
-            return Response(HTTPStatus.OK, {"status": "ignored", "reason": "no service runs this image and tag"})
+            reason = "; ".join(dict.fromkeys(self.queue.target.why_ignored(e.image) for e in allowed))
+            return Response(HTTPStatus.OK, {"status": "ignored", "reason": reason[:REASON_MAX]})
         reply = {"status": "accepted", "id": ids[0], "services": sorted(services)}
         if len(ids) > 1:
             reply["ids"] = ids
@@ -1015,6 +1091,8 @@ class Outcome(NamedTuple):
     new_image: Optional[str] = None
     reason: Optional[str] = None
     resume: bool = False  # cut off for now (the engine stayed away): its journal record stays for the next start
+    old_tag: Optional[str] = None  # a tracked service (gopdater.track): the tag it ran, and the tag it moved to
+    new_tag: Optional[str] = None
 
 
 class Step(NamedTuple):
@@ -1043,7 +1121,8 @@ class ServiceRef(NamedTuple):
 class Deployment:
     """One requested update of one service, as shown in the deployments view."""
 
-    FIELDS = ("id", "sender", "digest", "state", "hooks", "created", "started", "finished", "steps", "error", "logs")
+    FIELDS = ("id", "sender", "digest", "state", "hooks", "created", "started", "finished", "steps", "error", "logs",
+              "old_tag", "new_tag")
 
     def __init__(self, id: str, sender: str, key: ImageKey, digest: Optional[str], ref: ServiceRef):
         self.id, self.sender, self.key, self.digest, self.ref = id, sender, key, digest, ref
@@ -1055,6 +1134,8 @@ class Deployment:
         self.steps: List[Step] = []
         self.error: Optional[str] = None
         self.logs: List[str] = []
+        self.old_tag: Optional[str] = None  # a tracked service's move (gopdater.track), once known
+        self.new_tag: Optional[str] = None
 
     def view(self) -> dict:
         """The JSON shape of /deployments."""
@@ -1068,7 +1149,7 @@ class Past(dict):
     """A deployment from before the last restart, as its view was stored (only its own fields, flat)."""
 
     SCALARS = ("image", "tag", "kind", "project", "service", "id", "sender", "digest", "state", "hooks", "created",
-               "started", "finished", "error")
+               "started", "finished", "error", "old_tag", "new_tag")
 
     @classmethod
     def from_stored(cls, view: object) -> Optional["Past"]:
@@ -1145,6 +1226,8 @@ class WorkQueue:
                 if queued is not None:
                     queued.hooks += 1
                     queued.digest = event.digest or queued.digest
+                    if queued.key[:2] == event.image[:2]:  # a tracked service's burst of versions: the newest
+                        queued.key = queued.key._replace(tag=newer_tag(queued.key.tag, event.image.tag))
                     submitted.append(Submitted(queued, True))
                     continue
                 if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
@@ -1327,10 +1410,12 @@ class WorkQueue:
             self.journal.remember_failure(steps.key, outcome.new_image)
         with self.lock:
             deployment.state, deployment.finished = outcome.result, _now()
+            deployment.old_tag, deployment.new_tag = outcome.old_tag, outcome.new_tag
             if outcome.reason and outcome.result in (State.FAILED, State.ROLLED_BACK, State.SKIPPED):
                 deployment.error = outcome.reason
         seconds = steps.record("done", outcome.result.value, started)
-        self.metrics.deployed(str(deployment.ref), outcome.result, seconds, deployment.steps)
+        self.metrics.deployed(str(deployment.ref), outcome.result, seconds, deployment.steps,
+                              (outcome.old_tag, outcome.new_tag) if outcome.new_tag else None)
         self.keep_history()
         if outcome.result.value in self.config.notify_on and self.config.notify_url:
             payload = notification(deployment, outcome, seconds, self.config.secret)
@@ -1430,6 +1515,7 @@ class Stage(str, enum.Enum):
     PRE_UPDATE = "pre-update"  # release steps: commands from the service's labels (gopdater.<stage>)
     MIGRATE = "migrate"
     POST_UPDATE = "post-update"
+    SET_TAG = "set-tag"  # version channels: the new tag written into the project's env file
 
 
 class Action(enum.Enum):
@@ -1448,7 +1534,8 @@ _ROLLBACK = (Stage.ROLLBACK_TAG, Stage.ROLLBACK_STOP, Stage.ROLLBACK_REMOVE, Sta
 # (procedure, stage) -> (the action if every container of the service runs, the action if not)
 RECOVERY: Dict[Tuple[Procedure, Stage], Tuple[Action, Action]] = {
     **{(Procedure.REPLACE, s): (Action.LEAVE, Action.LEAVE)
-       for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE, Stage.PRE_UPDATE, Stage.MIGRATE)},
+       for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE, Stage.SET_TAG, Stage.PRE_UPDATE,
+                 Stage.MIGRATE)},
     **{(Procedure.REPLACE, s): (Action.JUDGE, Action.BRING_UP)
        for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG, Stage.POST_UPDATE)},
     **{(Procedure.REPLACE, s): (Action.ROLL_BACK, Action.ROLL_BACK) for s in _ROLLBACK},
@@ -1478,6 +1565,10 @@ class Record(NamedTuple):
     new_container: Optional[str] = None
     networks: Mapping[str, Tuple[str, ...]] = {}
     swarm_started: Optional[str] = None  # Swarm's UpdateStatus.StartedAt before the update
+    old_tag: Optional[str] = None  # version channels: the tag it ran and the tag it moves to
+    new_tag: Optional[str] = None
+    env_file: Optional[str] = None  # Compose: where the tag is kept, as variable=tag
+    variable: Optional[str] = None
 
     @classmethod
     def from_json(cls, data: object) -> Optional["Record"]:
@@ -1509,7 +1600,9 @@ RECORD_CHECKS: Tuple[Tuple[str, Callable[[str], object]], ...] = (
     ("service", SERVICE_RE.fullmatch), ("deployment", re.compile(r"[0-9a-f]{12}|recovery").fullmatch),
     ("reference", parse_reference), ("image", parse_reference), ("old_image", image_value),
     ("new_image", image_value), ("old_container", CONTAINER_RE.fullmatch), ("new_container", CONTAINER_RE.fullmatch),
-    ("started", lambda v: True), ("swarm_started", lambda v: True))
+    ("started", lambda v: True), ("swarm_started", lambda v: True), ("old_tag", TAG_RE.fullmatch),
+    ("new_tag", TAG_RE.fullmatch), ("env_file", lambda v: os.path.isabs(v) and not set(v) & {"\0", "\n", "\r"}),
+    ("variable", lambda v: ENV_NAME_RE.fullmatch(v)))
 
 
 def record_problem(record: Record) -> Optional[str]:
@@ -1532,14 +1625,23 @@ def plan(record: Record, running: bool) -> Action:
 
 
 def write_atomically(path: str, data: object) -> None:
-    """Write JSON so that a crash leaves the old file or the new one, never a torn one. The temporary file is
-    made exclusively (mode 0600, a fresh name, so never through a link someone left), then renamed."""
+    """Write JSON so that a crash leaves the old file or the new one, never a torn one."""
+    replace_file(path, json.dumps(data).encode())
+
+
+def replace_file(path: str, data: bytes, mode: int = 0o600, owner: Optional[Tuple[int, int]] = None) -> None:
+    """Replace a file's bytes atomically. The temporary file is made exclusively (a fresh name, so never through
+    a link someone left), given the mode and owner, synced, renamed over path, and the folder synced."""
     descriptor, temp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
                                         dir=os.path.dirname(path) or ".")
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(data, handle)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            if owner is not None and owner != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(OSError):  # only root may give a file away; others keep their own
+                    os.fchown(handle.fileno(), *owner)
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
@@ -1838,6 +1940,7 @@ class Running(NamedTuple):
     image: Optional[ImageKey]  # the tagged reference it runs; None if none (not started, or pinned by digest)
     labels: Tuple[Mapping[str, str], ...] = ()  # the service's labels, or each of its containers'
     image_id: Optional[str] = None  # the image it runs (an id, or Swarm's digest), for the status page
+    tracking: Optional["Tracking"] = None  # it follows pushed versions (gopdater.track)
 
 
 def names(entry: str, ref: ServiceRef) -> bool:
@@ -1859,7 +1962,7 @@ def enable_label_says_no(config: Config, labels: Sequence[Mapping[str, str]]) ->
 def triggers(config: Config, service: Running) -> Tuple[Tuple[ImageKey, ...], str]:
     """The pushes that update a service, or () and why none does: the opt-out label, LABEL_ENABLE,
     SERVICES and OWNER, for the pipeline, --check and the start-up log alike. Pure."""
-    why = enable_label_says_no(config, service.labels)
+    why = enable_label_says_no(config, service.labels) or (service.tracking and service.tracking.problem)
     if why:
         return (), why
     if config.services:
@@ -1872,6 +1975,29 @@ def triggers(config: Config, service: Running) -> Tuple[Tuple[ImageKey, ...], st
         keys = (service.image,)
     allowed = tuple(key for key in keys if owner_allowed(config.owners, key))
     return allowed, "" if allowed else f"{keys[0]} is not in OWNER"
+
+
+def push_verdict(config: Config, service: Running, pushed: ImageKey) -> Optional[str]:
+    """None if a push of this image and tag updates the service, else why not: the one matcher. A service
+    takes its own tag; a tracked one a newer version of its image within its channel. Pure."""
+    keys, why = triggers(config, service)
+    if not keys:
+        return why
+    if service.tracking is None:
+        return None if pushed in keys else "it runs another image or tag"
+    if not any(key[:2] == pushed[:2] for key in keys):
+        return "it runs another image"
+    if service.image is None or service.image[:2] != pushed[:2]:
+        return "no running container of it has a tag of this image"
+    return channel_verdict(service.tracking.channel, service.image.tag, pushed.tag)
+
+
+def pushes(service: Running, keys: Sequence[ImageKey]) -> str:
+    """The pushes that update a service, in words (for --check and the start-up log)."""
+    if service.tracking is None or service.tracking.channel is None:
+        return ", ".join(map(str, keys))
+    return f"a newer {service.tracking.channel.value} release of " + ", ".join(
+        f"{k.registry}/{k.repository} than {k.tag}" for k in keys)
 
 
 class Target:
@@ -1894,7 +2020,13 @@ class Target:
 
     def services_for(self, image: ImageKey) -> List[ServiceRef]:
         """The services that a push of this image and tag updates."""
-        return [s.ref for s in self.running() if image in triggers(self.config, s)[0]]
+        return [s.ref for s in self.running() if push_verdict(self.config, s, image) is None]
+
+    def why_ignored(self, image: ImageKey) -> str:
+        """Why a push updates nothing: what each service tracking that image said, else that none runs it."""
+        said = [f"{s.ref}: {push_verdict(self.config, s, image)}" for s in self.running()
+                if s.tracking is not None and s.image is not None and s.image[:2] == image[:2]]
+        return "; ".join(said) or "no service runs this image and tag"
 
     def owns(self, ref: ServiceRef) -> bool:
         """Whether this target updates that service."""
@@ -1940,7 +2072,7 @@ class Target:
         for service in self.running():
             keys, why = triggers(self.config, service)
             found.append((True, f"{label} {service.ref}: " + (
-                f"updates on a push of {', '.join(map(str, keys))}" if keys else f"{why}, never updated")))
+                f"updates on a push of {pushes(service, keys)}" if keys else f"{why}, never updated")))
         return found
 
 
@@ -2010,9 +2142,6 @@ class Targets(Target):
 
     def running(self) -> List[Running]:
         return [service for member in self.members for service in member.running()]
-
-    def services_for(self, image: ImageKey) -> List[ServiceRef]:
-        return [ref for member in self.members for ref in member.services_for(image)]
 
     def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
         owner = self.owner(ref)
@@ -2104,28 +2233,40 @@ class ContainerSteps:
         steps.step(Stage(prefix + "stop"), lambda: self.docker.stop(container.name))
         steps.step(Stage(prefix + "remove"), lambda: self.docker.remove(container.name))
 
-    def put_back_tag(self, old_id: str, image: str, steps: StepLog, journalled: bool = True) -> None:
-        """Point the image name at the old image again, so a later `compose up` keeps it; best effort. Not
-        journalled where nothing has changed yet: a crash there must still leave the service alone."""
-        tag = lambda: self.docker.tag(old_id, image)  # noqa: E731
+    def point(self, image_id: str, image: str, move: Optional[TagMove], new: bool) -> None:
+        """Make a later `compose up` run image_id: a tracked service's env file names its tag (the new one, or the
+        old), and image (the reference that tag makes) names image_id."""
+        if move is not None and move.env_file and move.variable:
+            self.docker.write_env(move.env_file, move.variable, move.new_tag if new else move.old_tag)
+        self.docker.tag(image_id, image)
+
+    def put_back_tag(self, old_id: str, image: str, steps: StepLog, journalled: bool = True,
+                     move: Optional[TagMove] = None) -> None:
+        """Point the image name (and a tracked service's env file) at the old image again, so a later `compose up`
+        keeps it; best effort. Not journalled where nothing has changed yet: a crash there must still leave the
+        service alone."""
+        tag = lambda: self.point(old_id, image, move, new=False)  # noqa: E731
         try:
             steps.step(Stage.ROLLBACK_TAG, tag) if journalled else steps.look(Stage.ROLLBACK_TAG.value, tag)
         except DeployFailed as error:
             log.warning("%s %s", steps.label, error)
 
     def roll_back(self, image: Optional[str], old_ids: Sequence[str], failed: Outcome, steps: StepLog,
-                  replace: Callable[[], None], hint: str) -> Outcome:
-        """Tag the previous image under the service's image name again, then replace() brings it up."""
+                  replace: Callable[[], None], hint: str, move: Optional[TagMove] = None) -> Outcome:
+        """Tag the previous image under the service's image name again (a tracked service: its env file names the
+        old tag again; the new tag is never moved), then replace() brings it up."""
         log.error("%s update failed: %s; rolling back", steps.label, failed.reason)
         if not image or len(old_ids) != 1:
             return failed._replace(reason=f"{failed.reason}; no previous image to roll back to, fix the service by hand")
         try:
-            steps.step(Stage.ROLLBACK_TAG, lambda: self.docker.tag(old_ids[0], image))
+            steps.step(Stage.ROLLBACK_TAG, lambda: self.point(old_ids[0], image, move, new=False))
             replace()
         except EngineUnreachable:
             raise
         except (DeployFailed, CommandError) as error:
-            reason = f"{failed.reason}; rollback failed too ({error}); run by hand: docker tag {old_ids[0]} {image} && {hint}"
+            by_hand = (f"set {move.variable}={move.old_tag} in {move.env_file} && " if move and move.env_file else "")
+            reason = (f"{failed.reason}; rollback failed too ({error}); run by hand: {by_hand}docker tag {old_ids[0]} "
+                      f"{image} && {hint}")
             log.error("%s ROLLBACK FAILED: %s", steps.label, reason)
             return failed._replace(reason=reason)
         log.warning("%s rolled back to %s; the failed image %s is kept for inspection", steps.label,
@@ -2234,6 +2375,180 @@ def default_project_name(folder: str) -> str:
 COMPOSE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*[-_][a-zA-Z0-9][a-zA-Z0-9._-]*[-_][0-9]+", re.ASCII)
 
 
+# -- version channels: a tracked service's tag, kept as a variable in the project's env file ---
+
+TRACK_LABEL = "gopdater.track"
+# The tag of a raw image (`compose config --no-interpolate`) as one variable: ${X}, ${X:-d}, ${X-d}, ${X:?e}, $X.
+TAG_VARIABLE_RE = re.compile(r"(?P<name>.+?):(?:\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}|"
+                             r"\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*))", re.ASCII)
+# One definition in an env file, as Compose reads it: [export ]NAME=value, value bare or quoted, then a comment.
+ENV_LINE_RE = re.compile(r"(?P<lead>[ \t]*(?:export[ \t]+)?)(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)(?P<eq>[ \t]*=[ \t]*)"
+                         r"(?P<value>\"[^\"\\$`]*\"|'[^']*'|[^\s#\"'$`\\]*)(?P<rest>(?:[ \t]+#.*|[ \t]*))", re.ASCII)
+
+
+class Tracking(NamedTuple):
+    """A service that follows pushed versions (gopdater.track), and where its tag lives."""
+
+    channel: Optional[Channel]  # None where the label names none (problem says so)
+    variable: Optional[str] = None  # Compose: the variable its image's tag is, in env_file
+    env_file: Optional[str] = None
+    problem: Optional[str] = None  # why it cannot follow versions: it is then left alone
+
+
+class TagMove(NamedTuple):
+    """One tracked update: the env file's variable moves from old_tag to new_tag (a Swarm service has no file)."""
+
+    old_tag: str
+    new_tag: str
+    env_file: Optional[str] = None
+    variable: Optional[str] = None
+
+    @classmethod
+    def from_record(cls, record: "Record") -> Optional["TagMove"]:
+        if not (record.old_tag and record.new_tag):
+            return None
+        return cls(record.old_tag, record.new_tag, record.env_file, record.variable)
+
+
+def tracking_finding(ref: ServiceRef, tracking: Tracking) -> Finding:
+    """One line for --check and the start-up log: what a tracked service follows, or how to fix it."""
+    if tracking.problem:
+        return False, f"service {ref}: {TRACK_LABEL} is ignored, it is left alone: {tracking.problem}"
+    where = f" ({tracking.variable} in {tracking.env_file})" if tracking.env_file else ""
+    return True, f"service {ref}: follows {tracking.channel.value} releases{where}"
+
+
+def track_channel(value: str) -> Union[Channel, str]:
+    """The channel a gopdater.track label names, or why it names none. Pure."""
+    try:
+        return Channel(value.strip().lower())
+    except ValueError:
+        return f"{TRACK_LABEL} must be patch, minor or major, not {value.strip()[:40]!r}"
+
+
+def tag_variable(raw: Optional[str], service: str) -> Tuple[Optional[str], Optional[str]]:
+    """The variable that is a service's whole tag in its raw image (repo:${SITE_TAG}), or None and how to
+    fix the Compose file. Pure."""
+    if not raw:
+        return None, "its image is not named in the Compose file"
+    if "@" in raw:
+        return None, f"its image {raw[:80]} is pinned by digest"
+    match = TAG_VARIABLE_RE.fullmatch(raw)
+    if match:
+        return match.group("braced") or match.group("bare"), None
+    name, _, tag = raw.rpartition(":") if ":" in raw.rpartition("/")[2] else (raw, "", "latest")
+    variable = re.sub(r"[^A-Z0-9_]", "_", service.upper()) + "_TAG"
+    return None, (f"its tag is written in the Compose file ({raw[:80]}); gopdater never edits YAML: write "
+                  f"image: {name[:80]}:${{{variable}}} and put {variable}={tag[:40]} in the project's .env")
+
+
+def env_definitions(lines: Sequence[str], variable: str) -> List[Tuple[int, Optional[re.Match]]]:
+    """Each line that defines variable, with its parts, or None for a definition too unusual to rewrite."""
+    found = []
+    for number, line in enumerate(lines):
+        body = line.rstrip("\r\n")
+        head = re.match(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_.-]*)[ \t]*=", body)
+        if head and head.group(1) == variable:
+            found.append((number, ENV_LINE_RE.fullmatch(body)))
+    return found
+
+
+def env_value(text: str, variable: str) -> Optional[str]:
+    """The value an env file gives variable (its last definition wins, as in Compose), unquoted; or None. Pure."""
+    defined = env_definitions(text.splitlines(keepends=True), variable)
+    if not defined or defined[-1][1] is None:
+        return None
+    value = defined[-1][1].group("value")
+    return value[1:-1] if value[:1] in ("'", '"') else value
+
+
+def rewrite_env(text: str, variable: str, value: str) -> str:
+    """The env file with every definition of variable set to value, quoting kept, every other byte unchanged;
+    one line added (in the file's line ending) if none defines it. ValueError if a definition is not a plain
+    value gopdater can rewrite safely. Pure."""
+    lines = text.splitlines(keepends=True)
+    defined = env_definitions(lines, variable)
+    if any(match is None for _, match in defined):
+        raise ValueError(f"{variable} is defined in a form gopdater does not rewrite (a plain or quoted tag is)")
+    for number, match in defined:
+        quote = match.group("value")[:1] if match.group("value")[:1] in ("'", '"') else ""
+        ending = lines[number][len(lines[number].rstrip("\r\n")):]
+        lines[number] = f"{match.group('lead')}{variable}{match.group('eq')}{quote}{value}{quote}" \
+                        f"{match.group('rest')}{ending}"
+    if not defined:
+        newline = "\r\n" if "\r\n" in text else "\n"
+        if lines and not lines[-1].endswith(("\n", "\r")):
+            lines[-1] += newline
+        lines.append(f"{variable}={value}{newline}")
+    return "".join(lines)
+
+
+class EnvFile(NamedTuple):
+    """An env file as read for a rewrite: its text (bytes kept as they were), mode and owner; or absent."""
+
+    text: str
+    mode: int = 0o644
+    owner: Optional[Tuple[int, int]] = None
+
+    @classmethod
+    def read(cls, path: str) -> "EnvFile":
+        """Read it, never through a link (a rename would replace the link, not its target); OSError if unusable."""
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            return cls("")
+        with open(descriptor, "rb") as handle:
+            status = os.fstat(handle.fileno())
+            if not stat.S_ISREG(status.st_mode) or status.st_size > ENV_FILE_MAX:
+                raise OSError(f"{path} is not a regular file of at most {ENV_FILE_MAX} bytes")
+            data = handle.read(ENV_FILE_MAX + 1)
+        return cls(data.decode("utf-8", "surrogateescape"), stat.S_IMODE(status.st_mode),
+                   (status.st_uid, status.st_gid))
+
+
+ENV_FILE_MAX = 1 << 20
+
+
+def write_env(path: str, variable: str, value: str) -> Optional[str]:
+    """Set variable=value in an env file, atomically, keeping its mode and owner; the line written, or None
+    if the file already said so. OSError or ValueError if it cannot be done."""
+    current = EnvFile.read(path)
+    text = rewrite_env(current.text, variable, value)
+    if text == current.text:
+        return None
+    replace_file(path, text.encode("utf-8", "surrogateescape"), current.mode, current.owner)
+    return changed_line(current.text, text)
+
+
+def changed_line(before: str, after: str) -> str:
+    """The first line that differs, for the log."""
+    pairs = itertools.zip_longest(before.splitlines(), after.splitlines(), fillvalue="")
+    return next((new for old, new in pairs if old != new), "")
+
+
+def raw_images_from_yaml(text: str) -> Dict[str, str]:
+    """Each service's image from `docker-compose config --no-interpolate` (Compose v1 prints YAML only): the
+    service keys two spaces in under services:, their image: four in. Pure."""
+    images, service, inside = {}, None, False
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            inside, service = line.rstrip() == "services:", None
+        elif inside and re.fullmatch(r"  [^ :][^:]*:\s*", line):
+            service = line.strip()[:-1].strip("'\"")
+        elif inside and service and line.startswith("    image:"):
+            value = line.split(":", 1)[1].strip()
+            images[service] = value[1:-1] if value[:1] in ("'", '"') and value[-1:] == value[:1] else value
+    return images
+
+
+def with_tag(image: str, tag: str) -> str:
+    """An image reference, as the service spells it, with another tag."""
+    name = image.partition("@")[0]
+    if ":" in name.rpartition("/")[2]:
+        name = name.rpartition(":")[0]
+    return f"{name}:{tag}"
+
+
 # -- release steps: commands from a service's labels around its update -----------------------
 
 RELEASE_STEPS = (Stage.PRE_UPDATE, Stage.MIGRATE, Stage.POST_UPDATE)
@@ -2309,6 +2624,7 @@ class ComposeProject(Target):
         self.services: Tuple[str, ...] = ()
         self.containers: Dict[str, List[Container]] = {}
         self.orders: Mapping[str, Configured] = {}  # service: what the Compose file says of it (v2)
+        self.tracked: Mapping[str, Tracking] = {}  # service: how it follows versions (gopdater.track)
 
     @property
     def name(self) -> str:
@@ -2340,6 +2656,7 @@ class ComposeProject(Target):
             if container.service in services:
                 by_service.setdefault(container.service, []).append(container)
         self.services, self.containers, self.orders = services, by_service, configured
+        self.tracked = self.read_tracking()
 
     def refresh_around(self, ref: ServiceRef) -> None:
         """An update of one service changed only its containers: re-read just those."""
@@ -2361,7 +2678,7 @@ class ComposeProject(Target):
             containers = self.containers.get(service, [])
             image = parse_reference(containers[0].image) if containers else None
             found.append(Running(ServiceRef(self.kind, self.name, service), image, tuple(c.labels for c in containers),
-                                 containers[0].image_id if containers else None))
+                                 containers[0].image_id if containers else None, self.tracked.get(service)))
         return found
 
     def owns(self, ref: ServiceRef) -> bool:
@@ -2372,40 +2689,62 @@ class ComposeProject(Target):
         return (self.kind, ref.project)
 
     def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
-        """Pull; stop if unchanged; else replace and wait; roll back on failure; clean up on success."""
+        """Pull; stop if unchanged; else replace and wait; roll back on failure; clean up on success. A tracked
+        service pulls the pushed tag and has its env file name it before anything is switched."""
         steps.begin(Procedure.REPLACE)
         service = ref.name
         try:
             old = steps.step(Stage.INSPECT, lambda: self.docker.containers(service))
-            steps.step(Stage.PULL, lambda: self.docker.pull(service))
             image = old[0].image if old else None
-            new_id = steps.step(Stage.COMPARE, lambda: self.docker.image_id(image)) if image else None
+            move = self.tag_move(service, image, steps.deployment.key.tag)
+            if isinstance(move, str):
+                return Outcome(State.SKIPPED, reason=move)
+            pulled = self.pull(service, image, move, steps)
+            new_id = steps.step(Stage.COMPARE, lambda: self.docker.image_id(pulled)) if pulled else None
         except DeployFailed as error:
             return Outcome(reason=str(error))
         old_ids = sorted({c.image_id for c in old})
-        outcome = Outcome(old_image=old_ids[0] if old_ids else None, new_image=new_id)
-        steps.remember(old_image=outcome.old_image, new_image=new_id, image=image)
+        outcome = Outcome(old_image=old_ids[0] if old_ids else None, new_image=new_id,
+                          old_tag=move and move.old_tag, new_tag=move and move.new_tag)
+        steps.remember(old_image=outcome.old_image, new_image=new_id, image=image, **(move._asdict() if move else {}))
         if old and all(c.image_id == new_id for c in old):
             return outcome._replace(result=State.UP_TO_DATE)
         if steps.failed_before(new_id):
-            return outcome._replace(result=State.SKIPPED, reason=f"{image} is the image whose new container failed "
+            return outcome._replace(result=State.SKIPPED, reason=f"{pulled} is the image whose new container failed "
                                                                  "here before; push a new one")
         release = self.release_steps(service, old, new_id)
-        problem = release.problem or self.before_switch(service, old, release, image, old_ids, outcome, steps)
+        problem = release.problem or self.before_switch(service, old, release, image, old_ids, outcome, steps, move)
         if problem:
             return outcome._replace(reason=problem)
         after = functools.partial(self.after_switch, service, release, outcome, steps)
         if service in self.start_first:
             refusal_reason = start_first_refusal(old)
             if refusal_reason is None:
-                return self.start_first_update(service, old, image, old_ids, outcome, steps, after)
+                return self.start_first_update(service, old, image, old_ids, outcome, steps, after, move)
             log.warning("%s start-first falls back to stop-first: %s", steps.label, refusal_reason)
         try:
             self.replace(service, old, steps, after=after)
         except DeployFailed as error:
-            return self.roll_back(service, image, old_ids, outcome._replace(reason=str(error)), steps)
-        self.steps.clean_up(old_ids, new_id, steps)
+            return self.roll_back(service, image, old_ids, outcome._replace(reason=str(error)), steps, move)
+        self.clean_up(old_ids, new_id, steps, move)
         return outcome._replace(result=State.DRY_RUN if self.dry else State.UPDATED)
+
+    def pull(self, service: str, image: Optional[str], move: Optional[TagMove], steps: StepLog) -> Optional[str]:
+        """Pull what the update would run (`compose pull`, or a tracked service's new tag); that reference."""
+        if move is None:
+            steps.step(Stage.PULL, lambda: self.docker.pull(service))
+            return image
+        pulled = with_tag(image or "", move.new_tag)
+        steps.step(Stage.PULL, lambda: self.docker.pull_image(pulled))
+        return pulled
+
+    def clean_up(self, old_ids: Sequence[str], new_id: Optional[str], steps: StepLog, move: Optional[TagMove]) -> None:
+        """Remove the replaced image, unless it is a tracked service's old version: that still has its own tag,
+        and is what a manual rollback (the old tag in the env file) runs."""
+        if move is None:
+            self.steps.clean_up(old_ids, new_id, steps)
+        else:
+            log.info("%s kept the image of %s: it is still tagged", steps.label, move.old_tag)
 
     def replace(self, service: str, old: Sequence[Container], steps: StepLog, prefix: str = "",
                 after: Optional[Callable[[Sequence[str]], None]] = None) -> None:
@@ -2419,6 +2758,78 @@ class ComposeProject(Target):
         self.steps.wait_until_ready(ids, steps, stopped)
         if after is not None:
             after(ids)
+
+    # -- version channels -----------------------------------------------------------------
+
+    def read_tracking(self) -> Dict[str, Tracking]:
+        """The services labelled gopdater.track, each with where its tag lives, or why it cannot follow versions
+        (the raw Compose file is read only when one is labelled)."""
+        labelled = {}
+        for service in self.services:
+            configured = self.orders.get(service, Configured()).labels
+            each = [configured] if configured is not None else [c.labels for c in self.containers.get(service, [])]
+            value = next((labels[TRACK_LABEL] for labels in each if (labels.get(TRACK_LABEL) or "").strip()), None)
+            if value is not None:
+                labelled[service] = value
+        raw = self.docker.raw_images() if labelled else {}
+        return {service: self.tracking_of(service, value, raw.get(service)) for service, value in labelled.items()}
+
+    def tracking_of(self, service: str, value: str, raw: Optional[str]) -> Tracking:
+        """How one labelled service follows versions: its channel, the variable that is its tag, its env file."""
+        channel = track_channel(value)
+        if not isinstance(channel, Channel):
+            return Tracking(None, problem=channel)
+        variable, problem = tag_variable(raw, service)
+        if variable is None:
+            return Tracking(channel, problem=problem)
+        if variable in self.docker.env:
+            return Tracking(channel, variable, problem=f"{variable} is set in gopdater's own environment, which Compose "
+                                                       "puts before the env file: take it out of PASS_ENV")
+        env_file, problem = self.env_file_for(variable)
+        return Tracking(channel, variable, env_file, problem or self.image_says_track(service))
+
+    def env_file_for(self, variable: str) -> Tuple[str, Optional[str]]:
+        """The env file to keep variable in (the last that defines it, else the last Compose reads), and why it
+        cannot be rewritten from here, or None."""
+        read = {}
+        for path in self.docker.env_files():
+            try:
+                read[path] = EnvFile.read(path)
+            except OSError as error:
+                return path, f"{path} cannot be read: {error.strerror or error}"
+        path = next((p for p in reversed(list(read)) if env_value(read[p].text, variable) is not None), path)
+        folder = os.path.dirname(path)
+        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            return path, (f"{path} cannot be written here (gopdater replaces it atomically, in its folder): mount "
+                          f"{folder} read-write")
+        try:
+            rewrite_env(read[path].text, variable, "0.0.0")
+        except ValueError as error:
+            return path, f"{path}: {error}"
+        return path, None
+
+    def image_says_track(self, service: str) -> Optional[str]:
+        """Why the label is refused if the image itself carries it (Compose v1 shows images' labels merged in)."""
+        containers = self.containers.get(service, [])
+        if self.orders.get(service, Configured()).labels is not None or not containers:
+            return None
+        try:
+            carried = self.docker.image_labels(containers[0].image_id)
+        except CommandError as error:
+            return f"the image's labels cannot be read ({error})"
+        return (f"{TRACK_LABEL} is set by the image, not the Compose file: a service follows versions only by the "
+                "operator's own label") if TRACK_LABEL in carried else None
+
+    def tag_move(self, service: str, image: Optional[str], pushed: str) -> Union[None, TagMove, str]:
+        """None for a service that does not follow versions; else the move to the pushed tag, or (a string)
+        why it does not take it now (it may have moved on since the push was matched)."""
+        tracking = self.tracked.get(service)
+        if tracking is None:
+            return None
+        key = parse_reference(image or "")
+        why = tracking.problem or ("no running container has a tag" if key is None else
+                                   channel_verdict(tracking.channel, key.tag, pushed))
+        return why or TagMove(key.tag, pushed, tracking.env_file, tracking.variable)
 
     # -- release steps --------------------------------------------------------------------
 
@@ -2458,18 +2869,22 @@ class ComposeProject(Target):
         steps.step(stage, run)
 
     def before_switch(self, service: str, old: Sequence[Container], release: ReleaseSteps, image: Optional[str],
-                      old_ids: Sequence[str], outcome: Outcome, steps: StepLog) -> Optional[str]:
-        """pre-update in the old container, then migrate in a one-off container of the new image; why one
-        failed (nothing was switched, the image name points at the old image again), or None."""
+                      old_ids: Sequence[str], outcome: Outcome, steps: StepLog, move: Optional[TagMove] = None
+                      ) -> Optional[str]:
+        """A tracked service's new tag into its env file, pre-update in the old container, then migrate in a
+        one-off container of the new image; why one failed (nothing was switched, the image name and the env
+        file name the old image again), or None."""
         where = {Stage.PRE_UPDATE: old[0].name if old else "",
                  Stage.MIGRATE: f"{self.name}-{service}-migrate-{steps.deployment.id}"}
         try:
+            if move is not None:
+                steps.step(Stage.SET_TAG, lambda: self.docker.write_env(move.env_file, move.variable, move.new_tag))
             for stage in (Stage.PRE_UPDATE, Stage.MIGRATE):
                 if stage in release.commands:
                     self.run_release_step(stage, service, where[stage], release, outcome, steps)
         except DeployFailed as error:
             if image and len(old_ids) == 1:
-                self.steps.put_back_tag(old_ids[0], image, steps, journalled=False)
+                self.steps.put_back_tag(old_ids[0], image, steps, journalled=False, move=move)
             return f"{error}; nothing was switched"
         return None
 
@@ -2490,17 +2905,18 @@ class ComposeProject(Target):
             raise DeployFailed(f"wait failed: {error}") from None
 
     def roll_back(self, service: str, image: Optional[str], old_ids: Sequence[str], failed: Outcome,
-                  steps: StepLog) -> Outcome:
-        """Put the previous image back under the service's image name and recreate the service from it."""
+                  steps: StepLog, move: Optional[TagMove] = None) -> Outcome:
+        """Put the previous image back under the service's image name (and its tag in the env file) and recreate
+        the service from it."""
         hint = f"cd {self.docker.location.working_dir} && {' '.join(self.docker.command)} up -d --no-deps {service}"
         return self.steps.roll_back(image, old_ids, failed, steps, lambda: self.replace(
-            service, self.docker.containers(service), steps, prefix="rollback-"), hint)
+            service, self.docker.containers(service), steps, prefix="rollback-"), hint, move)
 
     # -- start-first ----------------------------------------------------------------------
 
     def start_first_update(self, service: str, old: Sequence[Container], image: Optional[str],
                            old_ids: List[str], outcome: Outcome, steps: StepLog,
-                           after: Callable[[Sequence[str]], None]) -> Outcome:
+                           after: Callable[[Sequence[str]], None], move: Optional[TagMove] = None) -> Outcome:
         """Each old container in turn: a new one beside it, off the networks until healthy, then switched in."""
         steps.remember(procedure=Procedure.START_FIRST)
         for container in old:
@@ -2509,9 +2925,9 @@ class ComposeProject(Target):
             except DeployFailed as error:
                 log.error("%s update failed: %s; the old container kept serving", steps.label, error)
                 if image and len(old_ids) == 1:
-                    self.steps.put_back_tag(old_ids[0], image, steps)
+                    self.steps.put_back_tag(old_ids[0], image, steps, move=move)
                 return outcome._replace(result=State.ROLLED_BACK, reason=str(error))
-        self.steps.clean_up(old_ids, outcome.new_image, steps)
+        self.clean_up(old_ids, outcome.new_image, steps, move)
         return outcome._replace(result=State.DRY_RUN if self.dry else State.UPDATED)
 
     def switch(self, service: str, old: Container, steps: StepLog,
@@ -2545,19 +2961,25 @@ class ComposeProject(Target):
 
     def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
         """Make the service whole from its journal record, doing what plan() says for where it was cut off."""
-        outcome = Outcome(old_image=record.old_image, new_image=record.new_image)
+        outcome = Outcome(old_image=record.old_image, new_image=record.new_image, old_tag=record.old_tag,
+                          new_tag=record.new_tag)
         try:
             containers = steps.look("inspect", lambda: self.docker.containers(ref.name))
         except DeployFailed as error:
             return outcome._replace(reason=str(error))
         action = plan(record, bool(containers) and all(c.status == "running" for c in containers))
+        if record.env_file and record.env_file not in (*self.docker.env_files(), *(
+                t.env_file for t in self.tracked.values())):  # a journal naming another file must not get it written
+            return outcome._replace(reason=f"its journal record names {record.env_file[:200]}, not an env file of the "
+                                           "project; nothing was run, check the service by hand")
         handler = COMPOSE_RECOVERY.get(action, ComposeProject.refuse)
         return handler(self, ref.name, record, containers, outcome, steps)
 
     def leave(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
               steps: StepLog) -> Outcome:
-        """Cut off before anything changed."""
+        """Cut off before anything changed (a tracked service's env file names the old tag again)."""
         running = bool(containers) and all(c.status == "running" for c in containers)
+        self.agree(record, False, steps)
         if record.stage in RELEASE_STEPS:
             return outcome._replace(result=State.RECOVERED, reason=f"cut off during {record.stage.value}; push again")
         return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was" if running
@@ -2571,6 +2993,7 @@ class ComposeProject(Target):
         except DeployFailed as error:
             return self.roll_back_record(service, record, outcome._replace(reason=str(error)), steps)
         back = {c.image_id for c in containers} == {record.old_image}
+        self.agree(record, not back, steps)
         return outcome._replace(result=State.ROLLED_BACK if back else State.RECOVERED,
                                 reason=f"{'the previous' if back else 'the new'} image was running healthy")
 
@@ -2580,7 +3003,9 @@ class ComposeProject(Target):
         try:
             if not record.image or not record.new_image or not self.steps.has_image(record.new_image):
                 raise DeployFailed("the update was cut off before the new image was running")
-            steps.step(Stage.RECOVER_TAG, lambda: self.docker.tag(record.new_image, record.image))
+            move = TagMove.from_record(record)  # a tracked service's new image has its own tag: the old one stays
+            image = with_tag(record.image, move.new_tag) if move else record.image
+            steps.step(Stage.RECOVER_TAG, lambda: self.steps.point(record.new_image, image, move, new=True))
             self.replace(service, containers, steps)
         except DeployFailed as error:
             return self.roll_back_record(service, record, outcome._replace(reason=str(error)), steps)
@@ -2593,7 +3018,19 @@ class ComposeProject(Target):
             reason="the update had failed and was being rolled back"), steps)
 
     def roll_back_record(self, service: str, record: Record, failed: Outcome, steps: StepLog) -> Outcome:
-        return self.roll_back(service, record.image, [record.old_image] if record.old_image else [], failed, steps)
+        return self.roll_back(service, record.image, [record.old_image] if record.old_image else [], failed, steps,
+                              TagMove.from_record(record))
+
+    def agree(self, record: Record, new: bool, steps: StepLog) -> None:
+        """A tracked service's env file names the tag that now runs (the new one, or the old); best effort."""
+        move = TagMove.from_record(record)
+        if move is None or not move.env_file or not move.variable:
+            return
+        try:
+            steps.look(Stage.SET_TAG.value, lambda: self.docker.write_env(
+                move.env_file, move.variable, move.new_tag if new else move.old_tag))
+        except DeployFailed as error:
+            log.error("%s %s; the env file may not name the tag that runs", steps.label, error)
 
     def settle(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
                steps: StepLog) -> Outcome:
@@ -2606,7 +3043,7 @@ class ComposeProject(Target):
                     steps.step(Stage.DISCARD, lambda: self.docker.discard(new.name))
                 if old is not None and old.status == "running":
                     if record.image and record.old_image:
-                        self.steps.put_back_tag(record.old_image, record.image, steps)
+                        self.steps.put_back_tag(record.old_image, record.image, steps, move=TagMove.from_record(record))
                     return outcome._replace(result=State.ROLLED_BACK, reason="the switch was cut off; the old "
                                                                              "container kept serving")
                 raise DeployFailed("the switch was cut off with neither container running")
@@ -2620,6 +3057,7 @@ class ComposeProject(Target):
             self.steps.wait_until_ready([new.id], steps, None)
         except DeployFailed as error:
             return self.roll_back_record(service, record, outcome._replace(reason=str(error)), steps)
+        self.agree(record, True, steps)
         return outcome._replace(result=State.RECOVERED, reason="the new container now serves alone")
 
     def refuse(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
@@ -2644,6 +3082,8 @@ class ComposeProject(Target):
             if release.commands or release.problem:
                 found.append((release.problem is None, f"service {ServiceRef(self.kind, self.name, service)}: "
                                                        f"{release.describe()}"))
+        for service, tracking in sorted(self.tracked.items()):
+            found.append(tracking_finding(ServiceRef(self.kind, self.name, service), tracking))
         for service in sorted(self.start_first):
             refused = start_first_refusal(self.containers.get(service, []))
             found.append((True, f"service {ServiceRef(self.kind, self.name, service)}: start-first" + (
@@ -2807,6 +3247,15 @@ class SwarmService(NamedTuple):
                    status.get("State", ""), status.get("StartedAt", ""), status.get("Message", ""))
 
 
+def swarm_tracking(labels: Mapping[str, str]) -> Optional[Tracking]:
+    """How a Swarm service follows versions (its spec, where its image is kept, is the source of truth). Pure."""
+    value = (labels.get(TRACK_LABEL) or "").strip()
+    if not value:
+        return None
+    channel = track_channel(value)
+    return Tracking(channel) if isinstance(channel, Channel) else Tracking(None, problem=channel)
+
+
 class SwarmServices(Target):
     """The engine's Swarm services, updated by Swarm itself: `docker service update --image`, then its state."""
 
@@ -2836,7 +3285,8 @@ class SwarmServices(Target):
         return ServiceRef(self.kind, service.stack, service.name)
 
     def running(self) -> List[Running]:
-        return [Running(self.ref(s), s.key, (s.labels,), s.digest) for s in sorted(self.services.values())]
+        return [Running(self.ref(s), s.key, (s.labels,), s.digest, swarm_tracking(s.labels))
+                for s in sorted(self.services.values())]
 
     def owns(self, ref: ServiceRef) -> bool:
         return ref.kind == self.kind
@@ -2849,13 +3299,18 @@ class SwarmServices(Target):
             outcome = Outcome(old_image=before.image)
             if digest and digest == before.digest:
                 return outcome._replace(result=State.UP_TO_DATE, new_image=before.image)
+            move = self.tag_move(before, steps.deployment.key.tag)
+            if isinstance(move, str):
+                return outcome._replace(result=State.SKIPPED, reason=move)
             reference = before.image.partition("@")[0]
             if digest and steps.failed_before(f"{reference}@{digest}"):
                 return outcome._replace(result=State.SKIPPED, reason=f"{reference}@{digest} failed here before; "
                                                                      "push a new one")
             # The tag, never the payload's digest: Swarm resolves it now, so a replay cannot move it backwards.
-            target = reference
-            steps.remember(old_image=before.image, swarm_started=before.update_started)
+            target = with_tag(reference, move.new_tag) if move else reference
+            outcome = outcome._replace(old_tag=move and move.old_tag, new_tag=move and move.new_tag)
+            steps.remember(old_image=before.image, swarm_started=before.update_started,
+                           **({"old_tag": move.old_tag, "new_tag": move.new_tag} if move else {}))
             steps.step(Stage.UPDATE, lambda: self.run(["docker", "service", "update", "--detach", "--image", target,
                                                        "--with-registry-auth", ref.name], mutates=True))
             if self.dry:
@@ -2866,6 +3321,16 @@ class SwarmServices(Target):
             return self.follow(ref.name, before.update_started, outcome._replace(new_image=after.image), steps)
         except DeployFailed as error:
             return Outcome(reason=str(error))
+
+    @staticmethod
+    def tag_move(service: "SwarmService", pushed: str) -> Union[None, TagMove, str]:
+        """None for a service that does not follow versions; else its move to the pushed tag, or why not now."""
+        tracking = swarm_tracking(service.labels)
+        if tracking is None:
+            return None
+        why = tracking.problem or ("its image has no tag" if service.key is None else
+                                   channel_verdict(tracking.channel, service.key.tag, pushed))
+        return why or TagMove(service.key.tag, pushed)
 
     def follow(self, name: str, previous: str, outcome: Outcome, steps: StepLog) -> Outcome:
         """Follow UpdateStatus until it settles; roll back (`docker service rollback`) a paused or unhealthy one.
@@ -2904,7 +3369,7 @@ class SwarmServices(Target):
 
     def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
         """Swarm kept going without us: follow the update from where the journal says it was."""
-        outcome = Outcome(old_image=record.old_image)
+        outcome = Outcome(old_image=record.old_image, old_tag=record.old_tag, new_tag=record.new_tag)
         action = plan(record, True)
         if action is Action.LEAVE:
             return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was")
@@ -2925,6 +3390,9 @@ class SwarmServices(Target):
             if labelled:
                 found.append((False, f"Swarm service {service.name}: {', '.join(labelled)} is not supported on Swarm "
                                      "services yet and is ignored; Swarm's update_config is in charge there"))
+            tracking = swarm_tracking(service.labels)
+            if tracking is not None:
+                found.append(tracking_finding(self.ref(service), tracking))
         return found + self.service_findings("Swarm service")
 
     def summary(self) -> str:
@@ -2947,6 +3415,14 @@ class CommandError(Exception):
         self.argv, self.code, self.tail, self.output = list(argv), code, tail, list(output)
         what = "timed out" if code is None else f"exited {code}"
         super().__init__(f"{' '.join(argv[:3])} {what}: {tail}" if tail else f"{' '.join(argv[:3])} {what}")
+
+
+class FileWriteError(CommandError):
+    """A file gopdater keeps for a project (its env file) could not be written: what and why."""
+
+    def __init__(self, path: str, why: str):
+        Exception.__init__(self, f"{path} cannot be written: {why}")
+        self.argv, self.code, self.tail, self.output = [], 1, why, []
 
 
 class EngineUnreachable(CommandError):
@@ -3123,6 +3599,36 @@ class Compose:
         return {name: Configured.from_config(value if isinstance(value, dict) else {})
                 for name, value in (services or {}).items() if SERVICE_RE.fullmatch(name)}
 
+    def raw_images(self) -> Dict[str, str]:
+        """Each service's image as the Compose file writes it, variables not filled in (`config --no-interpolate`:
+        JSON from Compose v2, YAML from v1)."""
+        if not self.json_config:
+            return raw_images_from_yaml(self.run([*self.command, "config", "--no-interpolate"], quiet=True))
+        services = json.loads(self.run([*self.command, "config", "--no-interpolate", "--format", "json"],
+                                       quiet=True)).get("services")
+        return {str(name): str(value.get("image") or "") for name, value in (services or {}).items()
+                if isinstance(value, dict)}
+
+    def env_files(self) -> Tuple[str, ...]:
+        """The env files Compose reads for the project, the last winning: as its labels name them, else .env."""
+        return self.location.env_files or (os.path.join(self.location.working_dir, ".env"),)
+
+    def write_env(self, path: str, variable: str, value: str) -> None:
+        """Set variable=value in the project's env file (logged, not done, under DRY_RUN); FileWriteError."""
+        if getattr(self.runner, "dry", False):
+            log.info("dry-run would write %s=%s to %s", variable, value, path)
+            return
+        try:
+            line = write_env(path, variable, value)
+        except (OSError, ValueError) as error:
+            raise FileWriteError(path, getattr(error, "strerror", None) or str(error)) from None
+        if line is not None:
+            log.info("wrote %r to %s", line, path)
+
+    def pull_image(self, image: str) -> None:
+        """Pull one reference (a tracked service's new tag, which its Compose file does not name yet)."""
+        self.run(["docker", "pull", image], timeout=self.config.pull_timeout, mutates=True)
+
     def release_step(self, stage: Stage, service: str, where: str, argv: Sequence[str], env: Mapping[str, str],
                      timeout: float) -> str:
         """Run one release step: in the container where (`docker exec`), or for MIGRATE in a one-off container
@@ -3294,7 +3800,8 @@ def notification(deployment: Deployment, outcome: Outcome, seconds: float, secre
     payload = {"deployment": deployment.id, "kind": deployment.ref.kind, "project": deployment.ref.project or None,
             "service": deployment.ref.name, "image": f"{deployment.key.registry}/{deployment.key.repository}",
             "tag": deployment.key.tag, "digest": deployment.digest, "result": outcome.result.value,
-            "old_image": outcome.old_image, "new_image": outcome.new_image, "seconds": round(seconds, 3),
+            "old_image": outcome.old_image, "new_image": outcome.new_image, "old_tag": outcome.old_tag,
+            "new_tag": outcome.new_tag, "seconds": round(seconds, 3),
             "durations": {s.step: s.seconds for s in deployment.steps}, "reason": outcome.reason,
             "logs": deployment.logs[-LOG_TAIL_LINES:], "text": sentence}
     if not secret:
@@ -3316,6 +3823,8 @@ def message_fields(payload: dict) -> List[Tuple[str, str]]:
               ("Image", f"{payload['image']}:{payload['tag']}"), ("Result", payload["result"]),
               ("Took", f"{payload['seconds']:.1f} s"), ("Old image", short_id(payload["old_image"])),
               ("New image", short_id(payload["new_image"]))]
+    if payload.get("new_tag"):
+        fields.insert(2, ("Version", f"{payload['old_tag']} -> {payload['new_tag']}"))
     return fields + ([("Reason", payload["reason"])] if payload["reason"] else [])
 
 
@@ -3741,6 +4250,7 @@ class Metrics:
         self.results: collections.Counter = collections.Counter()
         self.duration, self.outage = Histogram(DURATION_BUCKETS), Histogram(OUTAGE_BUCKETS)
         self.last: Dict[str, Tuple[float, State]] = {}
+        self.tags: Dict[str, Tuple[str, str, State]] = {}  # tracked service: its last move and how it ended
 
     def hook(self, sender: str, status: HTTPStatus) -> None:
         with self.lock:
@@ -3750,8 +4260,11 @@ class Metrics:
         with self.lock:
             self.rejected_requests[int(status)] += 1
 
-    def deployed(self, service: str, result: State, seconds: float, steps: Sequence[Step]) -> None:
+    def deployed(self, service: str, result: State, seconds: float, steps: Sequence[Step],
+                 tags: Optional[Tuple[Optional[str], str]] = None) -> None:
         with self.lock:
+            if tags is not None:
+                self.tags[service] = (tags[0] or "", tags[1], result)
             self.results[result.value] += 1
             self.duration.observe(seconds)
             for step in steps:
@@ -3773,6 +4286,9 @@ class Metrics:
                  [f"{_labels(service=s)} {t:.3f}" for s, (t, _) in sorted(self.last.items())]),
                 ("gopdater_last_deployment_result", "gauge", "1 for the result of each service's last update.",
                  [f"{_labels(service=s, result=r.value)} 1" for s, (_, r) in sorted(self.last.items())]),
+                ("gopdater_last_version_move", "gauge", "1 for each tracked service's last move between tags.",
+                 [f"{_labels(service=s, old_tag=o, new_tag=n, result=r.value)} 1"
+                  for s, (o, n, r) in sorted(self.tags.items())]),
                 ("gopdater_queue_length", "gauge", "Deployments queued or running.",
                  [f" {queue.queued() if queue else 0}"]),
             ]

@@ -112,6 +112,7 @@ class FakeDocker:
         self.clock = clock or FakeClock()
         self.compose, self.root = list(compose), root
         self.projects = projects or {"demo": services or {"site": "acme/site:latest"}}
+        self.raw = {}  # (project, service): its image as the Compose file writes it, if a variable names its tag
         self.services = next(iter(self.projects.values()))  # the first project's, for one-project tests
         self.labels = {}  # (project, service): extra labels of its containers
         self.file_labels = {}  # (project, service): labels the Compose file gives it (compose config, v2)
@@ -142,8 +143,46 @@ class FakeDocker:
             for service in services:
                 self.create(project, service)
 
+    def track(self, project, service, raw, env_text, label="minor", versions=()):
+        """Make a service name its tag by a variable (raw), kept in a real .env in the project's folder (root must
+        be a real folder), labelled gopdater.track (None: not); versions are tags the registry has, each new."""
+        folder = os.path.join(self.root, project)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, ".env"), "w", newline="") as handle:
+            handle.write(env_text)
+        self.raw[(project, service)] = raw
+        if label is not None:
+            self.file_labels[(project, service)] = {"gopdater.track": label}
+            if self.compose == ["docker-compose"]:  # Compose v1 shows labels on the containers only
+                self.labels[(project, service)] = {"gopdater.track": label}
+        for n, tag in enumerate(versions):
+            self.registry[gopdater.with_tag(raw, tag)] = f"sha256:{n + 0x70:064x}"
+            self.behaviour[f"sha256:{n + 0x70:064x}"] = "healthy"
+        self.resolve(project, service)
+        self.images[self.projects[project][service]] = OLD_ID
+        self.registry.setdefault(self.projects[project][service], OLD_ID)
+        for c in self.containers.values():
+            if (c["project"], c["service"]) == (project, service):
+                c["ref"] = self.projects[project][service]
+
+    def env_text(self, project):
+        with open(os.path.join(self.root, project, ".env"), newline="") as handle:
+            return handle.read()
+
+    def resolve(self, project, service):
+        """The image Compose would run: the raw image's variable filled in from the .env (or its default)."""
+        raw = self.raw.get((project, service))
+        if raw is not None:
+            match = re.fullmatch(r"(.+):\$\{(\w+)(?::-([^}]*))?\}", raw)
+            if match is None:  # a literal tag
+                self.projects[project][service] = raw
+                return
+            value = gopdater.env_value(self.env_text(project), match.group(2))
+            self.projects[project][service] = f"{match.group(1)}:{value or match.group(3)}"
+
     def create(self, project, service, started=True):
         self.serial += 1
+        self.resolve(project, service)
         ref = self.projects[project][service]
         cid = f"{self.serial:064x}"
         taken = {c["name"] for c in self.containers.values()}
@@ -254,6 +293,12 @@ class FakeDocker:
                 {"deploy": {"update_config": {"order": self.orders[(project, s)]}}}
                 if (project, s) in self.orders else {}), **({"labels": self.file_labels[(project, s)]}
                 if (project, s) in self.file_labels else {})} for s, ref in services.items()}})
+        if args[:2] == ["config", "--no-interpolate"]:
+            raw = {s: self.raw.get((project, s), ref) for s, ref in services.items()}
+            if args[2:] == ["--format", "json"]:
+                return json.dumps({"name": project, "services": {s: {"image": r} for s, r in raw.items()}})
+            assert args == ["config", "--no-interpolate"] and self.compose == ["docker-compose"], args
+            return "services:\n" + "".join(f"  {s}:\n    image: {r}\n" for s, r in raw.items()) + "version: '3'\n"
         if args[:5] == ["run", "--rm", "--no-deps", "-T", "--name"]:
             return self.said(args)
         if args[:3] == ["ps", "-a", "-q"]:
@@ -306,6 +351,11 @@ class FakeDocker:
             if args[-1] in set(self.images.values()) | set(self.registry.values()) - self.deleted:
                 return args[-1] + "\n"
             raise CommandError(["docker", *args], 1, f"Error: No such image: {args[-1]}")
+        if args[0] == "pull":
+            if args[1] not in self.registry:
+                raise CommandError(["docker", *args], 1, f"Error response from daemon: manifest for {args[1]} not found")
+            self.images[args[1]] = self.registry[args[1]]
+            return ""
         if args[0] == "stop":
             by_name[args[-1]]["stopped"] = True
             return ""
@@ -410,7 +460,8 @@ class Rig:
         self.fake = fake or FakeDocker(self.clock)
         self.fake.clock = self.clock
         self.config = make_config(**env)
-        self.project = gopdater.discover(self.config, self.fake, read_file=lambda path: "", cwd="/srv/demo")
+        self.project = gopdater.discover(self.config, self.fake, read_file=lambda path: "",
+                                         cwd=os.path.join(self.fake.root, "demo"))
         self.notices = []
         self.metrics = gopdater.Metrics(clock=self.clock)
         self.state_dir = env.get("STATE_DIR") or state_folder(test)
@@ -3800,6 +3851,500 @@ class SwarmTest(unittest.TestCase):
         cut(self, rig, ("docker", "service", "update"))
         queue = restart(self, rig)
         self.assertEqual(queue.views()[0]["state"], "recovered")
+
+
+# ---------------------------------------------------------------------------------------------
+# Version channels (gopdater.track)
+# ---------------------------------------------------------------------------------------------
+
+SITE_RAW = "acme/site:${SITE_TAG}"
+TRACKED_VERSIONS = ("1.4.3", "1.4.4", "1.5.0", "1.6.0", "2.0.0", "1.3.9", "1.5.0-rc.1")
+
+
+class VersionRulesTest(unittest.TestCase):
+    def test_versions_are_read_as_semver_with_a_v_and_build_metadata_ignored(self):
+        """parse_version: three numbers, an optional v, a pre-release kept, build metadata dropped, junk None."""
+        V = gopdater.Version
+        cases = [("1.4.3", V(1, 4, 3)), ("v1.4.3", V(1, 4, 3)), ("1.5.0-rc.1", V(1, 5, 0, ("rc", "1"))),
+                 ("1.4.3+build.7", V(1, 4, 3)), ("10.20.30", V(10, 20, 30)), ("1.4", None), ("latest", None),
+                 ("01.4.3", None), ("1.4.3-rc.01", None), ("V1.4.3", None), ("1.4.3.1", None), ("", None)]
+        for tag, expected in cases:
+            with self.subTest(tag=tag):
+                self.assertEqual(gopdater.parse_version(tag), expected)
+
+    def test_versions_order_as_semver_precedence_says(self):
+        """A pre-release before its release; numeric identifiers by value, below alphanumeric ones."""
+        ordered = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2",
+                   "1.0.0-beta.11", "1.0.0-rc.1", "1.0.0", "1.0.1", "1.2.0", "1.10.0", "2.0.0"]
+        keys = [gopdater.parse_version(tag).precedence() for tag in ordered]
+        self.assertEqual(keys, sorted(keys))
+        self.assertEqual(len(set(keys)), len(keys))
+        self.assertEqual(gopdater.parse_version("v1.2.3").precedence(), gopdater.parse_version("1.2.3").precedence())
+
+    def test_each_channel_takes_only_newer_releases_within_it(self):
+        """channel_verdict as a table: newer, within the channel, never a pre-release; else why not."""
+        P, m, M = gopdater.Channel.PATCH, gopdater.Channel.MINOR, gopdater.Channel.MAJOR
+        cases = [
+            (m, "1.4.2", "1.4.3", None), (m, "1.4.2", "1.5.0", None), (m, "1.4.2", "v1.9.0", None),
+            (m, "1.4.2", "2.0.0", "2.0.0 is outside its minor channel from 1.4.2"),
+            (m, "1.4.2", "1.3.9", "1.3.9 is not newer than 1.4.2"),
+            (m, "1.4.2", "1.4.2", "1.4.2 is not newer than 1.4.2"),
+            (m, "1.4.2", "1.5.0-rc.1", "1.5.0-rc.1 is a pre-release"),
+            (P, "1.4.2", "1.4.10", None), (P, "1.4.2", "1.5.0", "1.5.0 is outside its patch channel from 1.4.2"),
+            (M, "1.4.2", "2.0.0", None), (M, "1.4.2", "1.4.1", "1.4.1 is not newer than 1.4.2"),
+            (M, "1.5.0-rc.1", "1.5.0", None), (M, "v1.4.2", "1.4.2", "1.4.2 is not newer than v1.4.2"),
+            (m, "1.4.2", "latest", "latest is not a semantic version"),
+            (m, "latest", "1.4.3", "its tag latest is not a semantic version"),
+        ]
+        for channel, current, pushed, expected in cases:
+            with self.subTest(channel=channel.value, current=current, pushed=pushed):
+                self.assertEqual(gopdater.channel_verdict(channel, current, pushed), expected)
+
+    def test_a_burst_of_versions_coalesces_to_the_newest(self):
+        """newer_tag keeps the later version; anything not a version keeps the first."""
+        for first, second, expected in [("1.4.3", "1.4.4", "1.4.4"), ("1.4.4", "1.4.3", "1.4.4"),
+                                        ("latest", "1.4.4", "latest"), ("1.4.3", "latest", "1.4.3")]:
+            with self.subTest(first=first, second=second):
+                self.assertEqual(gopdater.newer_tag(first, second), expected)
+
+    def test_the_tag_must_be_one_variable_in_the_compose_file(self):
+        """tag_variable: ${X}, ${X:-d}, ${X-d}, ${X:?e}, $X name the variable; a literal tag or a digest says
+        how to fix the file."""
+        cases = [("acme/site:${SITE_TAG}", "SITE_TAG"), ("acme/site:${SITE_TAG:-1.4.2}", "SITE_TAG"),
+                 ("acme/site:${SITE_TAG-1.4.2}", "SITE_TAG"), ("acme/site:${SITE_TAG:?set it}", "SITE_TAG"),
+                 ("127.0.0.1:5000/site:$TAG", "TAG"), ("${REGISTRY:-ghcr.io}/acme/site:${T}", "T")]
+        for raw, variable in cases:
+            with self.subTest(raw=raw):
+                self.assertEqual(gopdater.tag_variable(raw, "site"), (variable, None))
+        refused = [("acme/site:1.4.2", "write image: acme/site:${MY_WEB_TAG} and put MY_WEB_TAG=1.4.2 in the "
+                                       "project's .env"),
+                   ("acme/site", "write image: acme/site:${MY_WEB_TAG} and put MY_WEB_TAG=latest"),
+                   ("acme/site:${MAJOR}.${MINOR}", "gopdater never edits YAML"),
+                   ("acme/site@sha256:" + "a" * 64, "pinned by digest"), ("", "not named in the Compose file")]
+        for raw, fix in refused:
+            with self.subTest(raw=raw):
+                variable, problem = gopdater.tag_variable(raw, "my-web")
+                self.assertIsNone(variable)
+                self.assertIn(fix, problem)
+
+    def test_compose_v1s_yaml_gives_each_services_raw_image(self):
+        """raw_images_from_yaml reads `docker-compose config --no-interpolate` (quoted or not)."""
+        text = ("networks:\n  image:\n    image: not-a-service\nservices:\n  web:\n    image: acme/site:${SITE_TAG}\n"
+                "    labels:\n      image: no\n  'api':\n    image: 'acme/api:$API_TAG'\nversion: '3.9'\n")
+        self.assertEqual(gopdater.raw_images_from_yaml(text), {"web": "acme/site:${SITE_TAG}",
+                                                               "api": "acme/api:$API_TAG"})
+
+
+class EnvRewriteTest(unittest.TestCase):
+    def test_only_the_variables_value_changes(self):
+        """rewrite_env keeps comments, quoting, export, CRLF, spacing and every other line as they were."""
+        cases = [
+            ("SITE_TAG=1.4.2\n", "SITE_TAG=1.4.3\n"),
+            ("# the site\nSITE_TAG=1.4.2 # pinned\nOTHER=x\n", "# the site\nSITE_TAG=1.4.3 # pinned\nOTHER=x\n"),
+            ('SITE_TAG="1.4.2"\n', 'SITE_TAG="1.4.3"\n'), ("SITE_TAG='1.4.2'\n", "SITE_TAG='1.4.3'\n"),
+            ("export SITE_TAG=1.4.2\n", "export SITE_TAG=1.4.3\n"), ("  SITE_TAG = 1.4.2\n", "  SITE_TAG = 1.4.3\n"),
+            ("A=1\r\nSITE_TAG=1.4.2\r\nB=2\r\n", "A=1\r\nSITE_TAG=1.4.3\r\nB=2\r\n"),
+            ("A=1\nSITE_TAG=1.4.2", "A=1\nSITE_TAG=1.4.3"),
+            ("SITE_TAG=1.4.1\nA=1\nSITE_TAG=1.4.2\n", "SITE_TAG=1.4.3\nA=1\nSITE_TAG=1.4.3\n"),
+            ("SITE_TAG=\n", "SITE_TAG=1.4.3\n"), ("#SITE_TAG=1.0.0\nSITE_TAGS=1\n", "#SITE_TAG=1.0.0\nSITE_TAGS=1\nSITE_TAG=1.4.3\n"),
+            ("A=1", "A=1\nSITE_TAG=1.4.3\n"), ("A=1\r\nB=2", "A=1\r\nB=2\r\nSITE_TAG=1.4.3\r\n"), ("", "SITE_TAG=1.4.3\n"),
+            ("A=\udcff\udcfe\nSITE_TAG=1.4.2\n", "A=\udcff\udcfe\nSITE_TAG=1.4.3\n"),
+        ]
+        for before, after in cases:
+            with self.subTest(before=before):
+                self.assertEqual(gopdater.rewrite_env(before, "SITE_TAG", "1.4.3"), after)
+
+    def test_a_definition_it_cannot_rewrite_safely_is_refused(self):
+        """A value that is not a plain tag (a reference, a space, an escape, an open quote) raises ValueError."""
+        for text in ["SITE_TAG=$OTHER\n", "SITE_TAG=${OTHER}\n", 'SITE_TAG="1.4.2\n', "SITE_TAG=1.4.2 more\n",
+                     'SITE_TAG="a\\"b"\n', "SITE_TAG=`id`\n", "A=1\nexport SITE_TAG = 1 2\n"]:
+            with self.subTest(text=text), self.assertRaisesRegex(ValueError, "SITE_TAG is defined in a form"):
+                gopdater.rewrite_env(text, "SITE_TAG", "1.4.3")
+
+    def test_the_value_read_is_the_last_definition_unquoted(self):
+        """env_value: Compose's last definition wins; quotes are not part of the value."""
+        for text, expected in [("SITE_TAG=1\nSITE_TAG='2'\n", "2"), ('export SITE_TAG="v1.0.0" # x\n', "v1.0.0"),
+                               ("A=1\n", None), ("SITE_TAG=$X\n", None)]:
+            with self.subTest(text=text):
+                self.assertEqual(gopdater.env_value(text, "SITE_TAG"), expected)
+
+    def folder(self):
+        folder = tempfile.mkdtemp(prefix="gopdater-env-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        return folder
+
+    def test_the_file_is_replaced_atomically_keeping_its_mode(self):
+        """write_env renames a finished file over the old one (a reader never sees half), keeps its mode, leaves
+        no temporary file, and says the line it wrote; a file that already says so is not touched."""
+        path = os.path.join(self.folder(), ".env")
+        with open(path, "w") as handle:
+            handle.write("# tags\nSITE_TAG=1.4.2\n")
+        os.chmod(path, 0o640)
+        before = os.stat(path).st_ino
+        self.assertEqual(gopdater.write_env(path, "SITE_TAG", "1.4.3"), "SITE_TAG=1.4.3")
+        self.assertEqual(pathlib.Path(path).read_text(), "# tags\nSITE_TAG=1.4.3\n")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
+        self.assertNotEqual(os.stat(path).st_ino, before, "a new file renamed over the old one")
+        self.assertEqual(os.listdir(os.path.dirname(path)), [".env"])
+        inode = os.stat(path).st_ino
+        self.assertIsNone(gopdater.write_env(path, "SITE_TAG", "1.4.3"))
+        self.assertEqual(os.stat(path).st_ino, inode)
+
+    def test_a_link_or_a_huge_file_is_never_written_through(self):
+        """An env file that is a symbolic link (to a file elsewhere), or not a regular file, is refused and its
+        target left as it was."""
+        folder = self.folder()
+        target = os.path.join(folder, "elsewhere")
+        with open(target, "w") as handle:
+            handle.write("SITE_TAG=1.4.2\n")
+        os.symlink(target, os.path.join(folder, ".env"))
+        os.mkfifo(os.path.join(folder, "fifo"))
+        for name in (".env", "fifo"):
+            with self.subTest(name=name), self.assertRaises(OSError):
+                gopdater.write_env(os.path.join(folder, name), "SITE_TAG", "1.4.3")
+        self.assertEqual(pathlib.Path(target).read_text(), "SITE_TAG=1.4.2\n")
+        self.assertTrue(os.path.islink(os.path.join(folder, ".env")))
+
+    def test_a_missing_file_is_made_with_the_one_line(self):
+        """With only a default in the Compose file, the .env is created holding the variable (mode 0644)."""
+        path = os.path.join(self.folder(), ".env")
+        self.assertEqual(gopdater.write_env(path, "SITE_TAG", "1.4.3"), "SITE_TAG=1.4.3")
+        self.assertEqual(pathlib.Path(path).read_text(), "SITE_TAG=1.4.3\n")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o644)
+
+
+class TrackedComposeTest(unittest.TestCase):
+    """A service on acme/site:${SITE_TAG} with SITE_TAG=1.4.2 in its .env, tracking minor, beside an untracked
+    service on acme/site:1.4.2."""
+
+    def rig(self, env_text="# tags\nSITE_TAG=1.4.2\n", label="minor", compose=("docker", "compose"),
+            raw=SITE_RAW, **env):
+        root = tempfile.mkdtemp(prefix="gopdater-track-")
+        self.addCleanup(shutil.rmtree, root, True)
+        fake = FakeDocker(services={"site": "acme/site:1.4.2", "pinned": "acme/site:1.4.2"}, root=root,
+                          compose=compose)
+        fake.track("demo", "site", raw, env_text, label, TRACKED_VERSIONS)
+        return Rig(self, fake, COMPOSE_COMMAND=" ".join(compose), **env)
+
+    def check(self, rig, **env):
+        """--check on the rig's project, run as from its folder."""
+        return check(self, rig.fake, COMPOSE_FILE=os.path.join(rig.fake.root, "demo", "compose.yaml"), **env)
+
+    def env(self, rig):
+        return rig.fake.env_text("demo")
+
+    def push(self, rig, tag):
+        """A Docker Hub push of acme/site:<tag> through the App: (status, reply)."""
+        body = payload("dockerhub-push.json")
+        body["push_data"]["tag"] = tag
+        status, reply, _ = rig.post(f"/hooks/{SECRET}", body)
+        return status, reply
+
+    def deploy(self, rig, tag):
+        with self.assertLogs("gopdater", "INFO"):
+            status, reply = self.push(rig, tag)
+            self.assertEqual(status, 202, reply)
+            rig.start_worker()
+            self.assertTrue(rig.queue.wait_idle(10))
+        return rig.queue.views()[0]
+
+    def running(self, rig, service="site"):
+        return sorted(c["ref"] for c in rig.fake.containers.values() if c["service"] == service)
+
+    def test_a_newer_version_in_the_channel_is_pulled_written_and_run(self):
+        """1.4.3 pushed: `docker pull acme/site:1.4.3`, SITE_TAG=1.4.3 in .env (the comment kept), then the
+        service replaced as any update; the old version keeps its tag and image; the view shows both tags."""
+        rig = self.rig()
+        old = next(c["name"] for c in rig.fake.containers.values() if c["service"] == "site")
+        view = self.deploy(rig, "1.4.3")
+        self.assertEqual(view["state"], "updated", view)
+        self.assertEqual((view["old_tag"], view["new_tag"]), ("1.4.2", "1.4.3"))
+        self.assertEqual(deployment_calls(rig.fake.mutating_calls()), [
+            ["docker", "pull", "acme/site:1.4.3"], ["docker", "stop", "-t", "10", old], ["docker", "rm", old],
+            ["docker", "compose", "up", "-d", "--no-deps", "site"]])
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.4.3\n")
+        self.assertEqual(self.running(rig), ["acme/site:1.4.3"])
+        self.assertEqual(self.running(rig, "pinned"), ["acme/site:1.4.2"], "the untracked service never moves")
+        self.assertEqual(rig.fake.images["acme/site:1.4.2"], OLD_ID)
+        self.assertEqual([s.step for s in rig.queue.history[-1].steps][:5],
+                         ["inspect", "pull", "compare", "set-tag", "stop"])
+
+    def test_pushes_outside_the_channel_are_ignored_with_the_reason(self):
+        """2.0.0, 1.3.9, 1.4.2 and 1.5.0-rc.1 are answered 200 ignored, naming why; nothing runs or is written."""
+        rig = self.rig()
+        cases = [("2.0.0", "demo/site: 2.0.0 is outside its minor channel from 1.4.2"),
+                 ("1.3.9", "demo/site: 1.3.9 is not newer than 1.4.2"),
+                 ("1.5.0-rc.1", "demo/site: 1.5.0-rc.1 is a pre-release"),
+                 ("nightly", "demo/site: nightly is not a semantic version")]
+        for tag, reason in cases:
+            with self.subTest(tag=tag):
+                self.assertEqual(self.push(rig, tag), (200, {"status": "ignored", "reason": reason}))
+        self.assertEqual(rig.queue.queued(), 0)
+        self.assertEqual(rig.fake.mutating_calls(), [])
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.4.2\n")
+
+    def test_the_untracked_service_on_the_same_image_takes_only_its_own_tag(self):
+        """A push of 1.4.2 updates the pinned service alone (the tracked one is on 1.4.2: not newer)."""
+        rig = self.rig()
+        status, reply = self.push(rig, "1.4.2")
+        self.assertEqual((status, reply["services"]), (202, ["demo/pinned"]))
+
+    def test_a_broken_version_is_rolled_back_and_the_file_says_the_old_tag_again(self):
+        """1.6.0 crashes: rolled back to 1.5.0 with SITE_TAG=1.5.0 again; the tag 1.6.0 is never pointed at the
+        old image (the rollback tags only the old reference); a replay of 1.6.0 is skipped."""
+        rig = self.rig()
+        self.assertEqual(self.deploy(rig, "1.5.0")["state"], "updated")
+        rig.fake.behaviour[rig.fake.registry["acme/site:1.6.0"]] = "crash"
+        rig.fake.calls.clear()
+        view = self.deploy(rig, "1.6.0")
+        self.assertEqual(view["state"], "rolled-back", view)
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.5.0\n")
+        self.assertEqual(self.running(rig), ["acme/site:1.5.0"])
+        tags = [c for c in rig.fake.calls if c[1:2] == ["tag"]]
+        self.assertEqual(tags, [["docker", "tag", rig.fake.registry["acme/site:1.5.0"], "acme/site:1.5.0"]])
+        self.assertEqual(rig.fake.images["acme/site:1.6.0"], rig.fake.registry["acme/site:1.6.0"])
+        with self.assertLogs("gopdater", "INFO"):
+            self.push(rig, "1.6.0")
+            self.assertTrue(rig.queue.wait_idle(10))
+        self.assertEqual(rig.queue.views()[0]["state"], "skipped")
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.5.0\n")
+
+    def test_a_failed_pull_touches_nothing(self):
+        """A tag the registry does not have: failed at the pull; the .env and the container are as they were."""
+        rig = self.rig()
+        del rig.fake.registry["acme/site:1.4.3"]
+        view = self.deploy(rig, "1.4.3")
+        self.assertEqual(view["state"], "failed")
+        self.assertIn("pull failed", view["error"])
+        self.assertEqual(rig.fake.mutating_calls(), [["docker", "pull", "acme/site:1.4.3"]])
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.4.2\n")
+
+    def test_an_env_file_that_cannot_be_written_fails_before_anything_is_switched(self):
+        """The write fails (a folder made read-only after start-up): failed, the old container kept serving."""
+        rig = self.rig()
+        folder = os.path.join(rig.fake.root, "demo")
+        with mock.patch.object(gopdater, "write_env", side_effect=PermissionError(13, "Permission denied")):
+            view = self.deploy(rig, "1.4.3")
+        self.assertEqual(view["state"], "failed")
+        self.assertIn(f"{folder}/.env cannot be written: Permission denied", view["error"])
+        self.assertFalse([c for c in rig.fake.mutating_calls() if c[1] in ("stop", "rm") or "up" in c])
+        self.assertEqual(self.running(rig), ["acme/site:1.4.2"])
+
+    def test_a_burst_of_versions_runs_once_to_the_newest_and_a_replay_never_moves_back(self):
+        """1.4.3 and 1.4.4 queued together run as one deployment to 1.4.4; 1.4.3 replayed later is ignored."""
+        rig = self.rig()
+        with self.assertLogs("gopdater", "INFO"):
+            first, second = self.push(rig, "1.4.3"), self.push(rig, "1.4.4")
+            self.assertEqual(first[1]["id"], second[1]["id"])
+            rig.start_worker()
+            self.assertTrue(rig.queue.wait_idle(10))
+        self.assertEqual(rig.queue.views()[0]["new_tag"], "1.4.4")
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.4.4\n")
+        self.assertEqual(self.push(rig, "1.4.3"), (200, {"status": "ignored",
+                                                         "reason": "demo/site: 1.4.3 is not newer than 1.4.4"}))
+
+    def test_a_push_matched_before_the_service_moved_on_is_skipped_when_it_runs(self):
+        """The channel is judged again when the deployment runs: a queued 1.4.3 behind an applied 1.5.0 is
+        skipped, and the .env keeps 1.5.0."""
+        rig = self.rig()
+        rig.queue.submit(gopdater.PushEvent("dockerhub", ImageKey("docker.io", "acme/site", "1.4.3")))
+        rig.project.tracked["site"]  # tracked, as read at start
+        with open(os.path.join(rig.fake.root, "demo", ".env"), "w") as handle:
+            handle.write("SITE_TAG=1.5.0\n")
+        for c in list(rig.fake.containers.values()):
+            if c["service"] == "site":
+                del rig.fake.containers[c["id"]]
+        rig.fake.images["acme/site:1.5.0"] = rig.fake.registry["acme/site:1.5.0"]
+        rig.fake.create("demo", "site")
+        with self.assertLogs("gopdater", "INFO"):
+            rig.queue.run_next()
+        view = rig.queue.views()[0]
+        self.assertEqual((view["state"], view["error"]), ("skipped", "1.4.3 is not newer than 1.5.0"))
+        self.assertEqual(self.env(rig), "SITE_TAG=1.5.0\n")
+
+    def test_compose_v1_reads_the_label_from_containers_and_the_raw_image_from_yaml(self):
+        """docker-compose 1.29: the same update, the raw image from `config --no-interpolate` YAML."""
+        root = tempfile.mkdtemp(prefix="gopdater-track-")
+        self.addCleanup(shutil.rmtree, root, True)
+        fake = FakeDocker(services={"site": "acme/site:1.4.2"}, root=root, compose=("docker-compose",))
+        fake.track("demo", "site", SITE_RAW, "# tags\nSITE_TAG=1.4.2\n", "minor", TRACKED_VERSIONS)
+        rig = Rig(self, fake, COMPOSE_COMMAND="docker-compose")  # the fake answers v1 with YAML alone
+        self.assertEqual(rig.project.tracked["site"].variable, "SITE_TAG")
+        view = self.deploy(rig, "1.4.3")
+        self.assertEqual((view["state"], self.env(rig)), ("updated", "# tags\nSITE_TAG=1.4.3\n"))
+
+    def test_a_label_on_the_image_itself_does_not_make_a_v1_service_follow_versions(self):
+        """Compose v1 shows an image's own labels merged in; gopdater.track from the image is refused."""
+        root = tempfile.mkdtemp(prefix="gopdater-track-")
+        self.addCleanup(shutil.rmtree, root, True)
+        fake = FakeDocker(services={"site": "acme/site:1.4.2"}, root=root, compose=("docker-compose",))
+        fake.track("demo", "site", SITE_RAW, "SITE_TAG=1.4.2\n", "major", TRACKED_VERSIONS)
+        fake.image_labels[OLD_ID] = {"gopdater.track": "major"}
+        rig = Rig(self, fake, COMPOSE_COMMAND="docker-compose")
+        self.assertIn("set by the image", rig.project.tracked["site"].problem)
+        self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/site", "2.0.0")), [])
+
+    def test_a_tracked_service_that_cannot_follow_is_left_alone_and_check_says_how_to_fix_it(self):
+        """A literal tag, a bad channel, the variable passed in gopdater's own environment, an unrewritable
+        definition: --check fails with the fix, and no push (not even its own tag) updates the service."""
+        cases = [
+            ({"raw": "acme/site:1.4.2"}, "write image: acme/site:${SITE_TAG} and put SITE_TAG=1.4.2 in the project's .env"),
+            ({"label": "newest"}, "gopdater.track must be patch, minor or major, not 'newest'"),
+            ({"PASS_ENV": "SITE_TAG", "SITE_TAG": "1.4.2"}, "SITE_TAG is set in gopdater's own environment"),
+            ({"env_text": "SITE_TAG=${BASE}\n"}, "SITE_TAG is defined in a form gopdater does not rewrite"),
+        ]
+        for settings, fix in cases:
+            with self.subTest(settings=settings):
+                rig = self.rig(**settings)
+                self.assertIn(fix, rig.project.tracked["site"].problem)
+                code, out = self.check(rig, **{k: v for k, v in settings.items() if k.isupper()})
+                self.assertEqual(code, 1, out)
+                self.assertIn(f"FAIL service demo/site: gopdater.track is ignored, it is left alone: ", out)
+                for tag in ("1.4.2", "1.4.3", "2.0.0"):
+                    self.assertNotIn(SITE, rig.project.services_for(ImageKey("docker.io", "acme/site", tag)))
+
+    def test_check_names_the_channel_and_where_the_tag_is_kept(self):
+        """--check: the channel, the variable and the env file it will write."""
+        rig = self.rig()
+        code, out = self.check(rig)
+        folder = os.path.join(rig.fake.root, "demo")
+        self.assertIn(f"ok   service demo/site: follows minor releases (SITE_TAG in {folder}/.env)", out)
+        self.assertIn("ok   service demo/site: updates on a push of a newer minor release of docker.io/acme/site "
+                      "than 1.4.2", out)
+
+    def test_dry_run_logs_the_line_it_would_write_and_writes_nothing(self):
+        """DRY_RUN=1: the pull, the env line and the replacement are logged, not done."""
+        rig = self.rig(DRY_RUN=1)
+        with self.assertLogs("gopdater", "INFO") as logs:
+            deployment = rig.deploy("docker.io/acme/site:1.4.3")
+        self.assertEqual(deployment.state, "dry-run")
+        text = "\n".join(logs.output)
+        self.assertIn(f"dry-run would write SITE_TAG=1.4.3 to {rig.fake.root}/demo/.env", text)
+        self.assertIn("dry-run would run: docker pull acme/site:1.4.3", text)
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.4.2\n")
+
+    def test_notifications_and_metrics_show_the_old_and_new_tag(self):
+        """The notification carries old_tag and new_tag (and shows them); /metrics has the move."""
+        rig = self.rig(NOTIFY_URL="https://hooks.example.org/x")
+        self.deploy(rig, "1.4.3")
+        (_, body), = rig.notices
+        self.assertEqual((body["old_tag"], body["new_tag"]), ("1.4.2", "1.4.3"))
+        self.assertIn(("Version", "1.4.2 -> 1.4.3"), gopdater.message_fields(body))
+        self.assertIn('gopdater_last_version_move{service="demo/site",old_tag="1.4.2",new_tag="1.4.3",'
+                      'result="updated"} 1', rig.metrics.render(rig.queue))
+
+
+class TrackedRecoveryTest(unittest.TestCase):
+    """A crash mid-update of a tracked service leaves the running image and the .env agreeing."""
+
+    def rig(self, **labels):
+        rig = TrackedComposeTest.rig(self, **{k: v for k, v in labels.items() if k != "file_labels"})
+        rig.fake.file_labels[("demo", "site")].update(labels.get("file_labels", {}))
+        return Rig(self, rig.fake, STATE_DIR=rig.state_dir)
+
+    env = TrackedComposeTest.env
+    running = TrackedComposeTest.running
+
+    def test_the_journal_records_both_tags_and_the_env_file(self):
+        """Cut off after the stop: journal.json names the old and new tag, the variable and the file."""
+        rig = self.rig()
+        rig.queue.submit(gopdater.PushEvent("dockerhub", ImageKey("docker.io", "acme/site", "1.4.3")))
+        cut(self, rig, ("docker", "stop"))
+        with open(os.path.join(rig.state_dir, "journal.json")) as handle:
+            record, = json.load(handle)["updates"].values()
+        self.assertEqual({k: record[k] for k in ("stage", "old_tag", "new_tag", "variable", "env_file", "image")},
+                         {"stage": "stop", "old_tag": "1.4.2", "new_tag": "1.4.3", "variable": "SITE_TAG",
+                          "env_file": os.path.join(rig.fake.root, "demo", ".env"), "image": "acme/site:1.4.2"})
+
+    def test_cut_off_after_the_stop_it_comes_up_on_the_new_tag(self):
+        """Recovery brings the service up on 1.4.3 (tagging the new image as 1.4.3, never as 1.4.2)."""
+        rig = self.rig()
+        rig.queue.submit(gopdater.PushEvent("dockerhub", ImageKey("docker.io", "acme/site", "1.4.3")))
+        cut(self, rig, ("docker", "stop"))
+        queue = restart(self, rig)
+        self.assertEqual(queue.views()[0]["state"], "recovered")
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.4.3\n")
+        self.assertEqual(self.running(rig), ["acme/site:1.4.3"])
+        self.assertEqual(rig.fake.images["acme/site:1.4.2"], OLD_ID)
+
+    def test_cut_off_in_a_release_step_after_the_write_the_file_says_the_old_tag_again(self):
+        """Killed in pre-update (the .env already says 1.4.3, the old container still serves): recovery leaves
+        the service and writes 1.4.2 back."""
+        rig = self.rig(file_labels={"gopdater.pre-update": "true"})
+        rig.queue.submit(gopdater.PushEvent("dockerhub", ImageKey("docker.io", "acme/site", "1.4.3")))
+        cut(self, rig, ("docker", "exec"))
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.4.3\n", "the cut came after the write")
+        queue = restart(self, rig)
+        self.assertEqual(queue.views()[0]["state"], "recovered")
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.4.2\n")
+        self.assertEqual(self.running(rig), ["acme/site:1.4.2"])
+
+    def test_a_journal_naming_another_file_gets_nothing_written(self):
+        """A record whose env_file is not the project's (a tampered journal) is refused: that file is untouched."""
+        rig = self.rig()
+        rig.queue.submit(gopdater.PushEvent("dockerhub", ImageKey("docker.io", "acme/site", "1.4.3")))
+        cut(self, rig, ("docker", "stop"))
+        victim = os.path.join(rig.fake.root, "victim.conf")
+        with open(victim, "w") as handle:
+            handle.write("SITE_TAG=keep\n")
+        path = os.path.join(rig.state_dir, "journal.json")
+        with open(path) as handle:
+            stored = json.load(handle)
+        for record in stored["updates"].values():
+            record["env_file"] = victim
+        gopdater.write_atomically(path, stored)
+        queue = restart(self, rig)
+        self.assertEqual(queue.views()[0]["state"], "failed")
+        self.assertIn("not an env file of the project", queue.views()[0]["error"])
+        self.assertEqual(pathlib.Path(victim).read_text(), "SITE_TAG=keep\n")
+
+    def test_record_fields_of_version_channels_are_validated(self):
+        """A record whose tags, variable or env file are not what gopdater writes is not acted on."""
+        base = gopdater.Record("compose", "demo", "site", "0" * 12, "docker.io/acme/site:1.4.3",
+                               gopdater.Procedure.REPLACE, gopdater.Stage.STOP, "t")
+        self.assertIsNone(gopdater.record_problem(base._replace(old_tag="1.4.2", new_tag="1.4.3", variable="SITE_TAG",
+                                                                env_file="/srv/demo/.env")))
+        for field, value in [("old_tag", "-x"), ("new_tag", "1.4.3;id"), ("variable", "SITE TAG"),
+                             ("env_file", "relative/.env"), ("env_file", "/srv/.env\nX=1"), ("variable", "--x")]:
+            with self.subTest(field=field, value=value):
+                self.assertIsNotNone(gopdater.record_problem(base._replace(**{field: value})))
+
+
+REGISTRY_HEADERS = {"Authorization": f"Bearer {SECRET}",
+                    "Content_Type": "application/vnd.docker.distribution.events.v1+json"}
+
+
+def distribution_push(tag, host="127.0.0.1:5000"):
+    """The sample Distribution notification, for acme/site:<tag> on host."""
+    body = payload("distribution-events.json")
+    body["events"][0]["target"]["tag"], body["events"][0]["request"]["host"] = tag, host
+    return body
+
+
+class TrackedSwarmTest(unittest.TestCase):
+    def test_a_swarm_service_tracking_patch_takes_a_newer_patch_by_its_tag(self):
+        """gopdater.track=patch on the service spec: 1.4.3 runs `service update --image <repo>:1.4.3`; 1.5.0 is
+        ignored with the reason; the view shows both tags."""
+        fake = FakeSwarm()
+        fake.service["Spec"]["Labels"]["gopdater.track"] = "patch"
+        fake.service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] = f"127.0.0.1:5000/acme/site:1.4.2@{DIGEST_1}"
+        fake.resolves = {"127.0.0.1:5000/acme/site:1.4.3": DIGEST_2}
+        rig = SwarmTest.rig(self, fake)
+        self.assertEqual(rig.post("/hooks/registry", distribution_push("1.5.0"), **REGISTRY_HEADERS)[:2],
+                         (200, {"status": "ignored", "reason": "blog/blog_site: 1.5.0 is outside its patch channel "
+                                                               "from 1.4.2"}))
+        with self.assertLogs("gopdater", "INFO"):
+            status, reply, _ = rig.post("/hooks/registry", distribution_push("1.4.3"), **REGISTRY_HEADERS)
+            self.assertEqual(status, 202, reply)
+            rig.start_worker()
+            self.assertTrue(rig.queue.wait_idle(10))
+        view = rig.queue.views()[0]
+        self.assertEqual((view["state"], view["old_tag"], view["new_tag"]), ("updated", "1.4.2", "1.4.3"))
+        self.assertEqual([c for c in rig.fake.calls if c[1:3] == ["service", "update"]],
+                         [["docker", "service", "update", "--detach", "--image", "127.0.0.1:5000/acme/site:1.4.3",
+                           "--with-registry-auth", "blog_site"]])
+        code, out = check(self, fake, OWNER="127.0.0.1:5000/acme")
+        self.assertIn("ok   service blog/blog_site: follows patch releases", out)
 
 
 if __name__ == "__main__":
