@@ -11,7 +11,7 @@ FROM ${DOCKER_CLI_IMAGE} AS docker-cli
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="gopdater" \
       org.opencontainers.image.description="Receives registry push webhooks and updates the matching Docker Compose services" \
-      org.opencontainers.image.version="1.3.0" \
+      org.opencontainers.image.version="1.4.0" \
       org.opencontainers.image.licenses="MIT"
 COPY --from=docker-cli /usr/local/bin/docker /usr/local/bin/docker
 COPY --from=docker-cli /usr/local/libexec/docker/cli-plugins/docker-compose /usr/local/libexec/docker/cli-plugins/docker-compose

@@ -60,7 +60,7 @@ from http import HTTPStatus
 from typing import (Callable, Dict, FrozenSet, Hashable, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
                     Union)
 
-__version__ = "1.3.0"
+__version__ = "1.4.0"
 
 log = logging.getLogger("gopdater")
 

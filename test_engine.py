@@ -1301,7 +1301,7 @@ class SwarmEngineTest(unittest.TestCase):
             cls.remove_bridge = not had_bridge
             run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377"])
         cls.stack, cls.network, cls.project = f"{PREFIX}stack", f"{PREFIX}net", f"{PREFIX}mixed"
-        cls.service = f"{cls.stack}_site"
+        cls.service, cls.versioned = f"{cls.stack}_site", f"{cls.stack}_versioned"
         cls.port, cls.gp_port, cls.site_port = free_port(), free_port(), free_port()
         cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
         cls.registry.start()
@@ -1312,13 +1312,18 @@ class SwarmEngineTest(unittest.TestCase):
             run(["docker", "tag", image_id, f"{cls.repo}:{version}"])
             run(["docker", "push", f"{cls.repo}:{version}"], timeout=300)
         cls.registry.retag("v1")
+        for source, tag in (("v1", "1.4.2"), ("v2", "1.4.3"), ("v2", "1.5.0")):
+            cls.registry.retag(source, target=tag)
         run(["docker", "network", "create", "-d", "overlay", "--attachable", cls.network])
         health = {"test": ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"],
                   "interval": "1s", "timeout": "1s", "retries": 3}
         stack = {"version": "3.8", "networks": {"net": {"external": True, "name": cls.network}}, "services": {"site": {
             "image": f"{cls.repo}:latest", "networks": ["net"], "healthcheck": health,
             "deploy": {"replicas": 2, "endpoint_mode": "dnsrr", "update_config": {
-                "order": "start-first", "parallelism": 1, "failure_action": "rollback", "monitor": "5s"}}}}}
+                "order": "start-first", "parallelism": 1, "failure_action": "rollback", "monitor": "5s"}}},
+            "versioned": {"image": f"{cls.repo}:1.4.2", "networks": ["net"], "healthcheck": health, "deploy": {
+                "replicas": 1, "labels": {"gopdater.track": "patch"}, "update_config": {
+                    "order": "start-first", "failure_action": "rollback", "monitor": "5s"}}}}}
         (cls.tmp / "stack.yml").write_text(json.dumps(stack))
         run(["docker", "stack", "deploy", "--with-registry-auth", "-c", str(cls.tmp / "stack.yml"), cls.stack],
             timeout=300)
@@ -1368,8 +1373,8 @@ class SwarmEngineTest(unittest.TestCase):
                 run(["docker", "network", "rm", "docker_gwbridge"], check=False)
 
     @classmethod
-    def running_images(cls):
-        ids = run(["docker", "service", "ps", "-q", "--filter", "desired-state=running", cls.service]).split()
+    def running_images(cls, service=None):
+        ids = run(["docker", "service", "ps", "-q", "--filter", "desired-state=running", service or cls.service]).split()
         tasks = json.loads(run(["docker", "inspect", "--type", "task", *ids])) if ids else []
         return {t["Spec"]["ContainerSpec"]["Image"].partition("@")[2] for t in tasks
                 if t["Status"]["State"] == "running"}, len(tasks)
@@ -1456,6 +1461,24 @@ class SwarmEngineTest(unittest.TestCase):
         views = {d["kind"]: d for d in ended_deployments(self.gp_port, ids, 120, "the replay's deployments to end")}
         self.assertEqual(views["swarm"]["state"], "up-to-date", views["swarm"])
         self.wait_service("v2", timeout=10)
+
+    def test_a_service_tracking_patch_takes_a_newer_patch_by_its_tag_and_ignores_a_minor(self):
+        """deploy.labels gopdater.track=patch, on 1.4.2: a push of 1.5.0 is ignored with the reason; 1.4.3 is
+        `service update --image <repo>:1.4.3`, and its task runs 1.4.3 (the spec names it)."""
+        spec = lambda: json.loads(run(["docker", "service", "inspect", self.versioned]))[0]["Spec"]  # noqa: E731
+        self.assertTrue(spec()["TaskTemplate"]["ContainerSpec"]["Image"].startswith(f"{self.repo}:1.4.2@"))
+        status, reply = bearer_hook(self.gp_port, self.repo, "1.5.0")
+        self.assertEqual((status, reply), (200, {"status": "ignored", "reason": (
+            f"{self.stack}/{self.versioned}: 1.5.0 is outside its patch channel from 1.4.2")}))
+        status, reply = bearer_hook(self.gp_port, self.repo, "1.4.3")
+        self.assertEqual(status, 202, reply)
+        (record,) = ended_deployments(self.gp_port, [reply["id"]], 300, "the tracked Swarm update to end")
+        self.assertEqual((record["kind"], record["state"], record["old_tag"], record["new_tag"]),
+                         ("swarm", "updated", "1.4.2", "1.4.3"), record)
+        self.assertTrue(spec()["TaskTemplate"]["ContainerSpec"]["Image"].startswith(f"{self.repo}:1.4.3@"))
+        digest = http("GET", f"http://127.0.0.1:{self.port}/v2/acme/site/manifests/1.4.3",
+                      headers={"Accept": MANIFEST_TYPES})[2]["Docker-Content-Digest"]
+        wait_for(lambda: self.running_images(self.versioned) == ({digest}, 1), 60, "the task on 1.4.3")
 
     def test_the_example_stack_file_runs_gopdater_on_a_manager(self):
         """docs/stack.yml is a valid stack file (docker stack config) that places gopdater on a manager."""
@@ -1783,6 +1806,142 @@ class ReleaseStepsV2Test(ReleaseStepsScenario, unittest.TestCase):
 
 
 class ReleaseStepsV1Test(ReleaseStepsScenario, unittest.TestCase):
+    flavour = "v1"
+
+
+# The README's version-channel example: the tag a variable in .env, the service tracking minor releases.
+TRACKED_COMPOSE = """\
+services:
+  site:
+    image: {repo}:${{SITE_TAG}}
+    init: true
+    ports: ["127.0.0.1:{site_port}:80"]
+    labels:
+      gopdater.track: minor
+{health}
+  pinned:
+    image: {repo}:1.4.2
+    init: true
+{health}
+"""
+HEALTH = """\
+    healthcheck:
+      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 1s
+      timeout: 1s
+      retries: 3"""
+CHANNEL_IMAGES = ("1.4.2", "1.4.3", "1.5.0", "1.6.0")  # 1.6.0 is broken: it exits at start
+IGNORED_TAGS = ("2.0.0", "1.3.9", "1.5.0-rc.1")  # pushed too (as copies of 1.4.2), and ignored
+
+
+def version_image(tmp, repo, version, broken=False):
+    """One version of a tiny site, imported from files (busybox and a page) and pushed; its image id."""
+    folder = tmp / f"build-{version}"
+    folder.mkdir()
+    (folder / "index.html").write_text(f"acme ver {version}\n")
+    tag = f"{repo}:{version}"
+    command = '["/bin/busybox", "sh", "-c", "exit 3"]' if broken else \
+        '["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]'
+    import_image(tag, {"/bin/busybox": "/bin/busybox", str(folder / "index.html"): "/www/index.html"},
+                 [("/bin/sh", "busybox")], [f"CMD {command}"])
+    image_id = run(["docker", "image", "inspect", "--format", "{{.Id}}", tag]).strip()
+    run(["docker", "push", tag], timeout=300)
+    run(["docker", "rmi", tag])
+    return image_id
+
+
+class VersionChannelsScenario:
+    """The README's version channels on one Compose flavour: site on ${SITE_TAG}=1.4.2 tracking minor, and
+    an untracked service pinned to 1.4.2 of the same image."""
+
+    flavour = None
+
+    @classmethod
+    def setUpClass(cls):
+        if cls.flavour not in COMPOSE:
+            raise unittest.SkipTest(f"Compose {cls.flavour} is not installed")
+        cls.compose = COMPOSE[cls.flavour]
+        project_folder(cls, f"{PREFIX}ver{cls.flavour}")
+        cls.port, cls.site_port, cls.gp_port = free_port(), free_port(), free_port()
+        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
+        cls.addClassCleanup(cls.cleanup)
+        cls.registry.start()
+        cls.repo = f"127.0.0.1:{cls.port}/acme/ver"
+        cls.images = {v: version_image(cls.tmp, cls.repo, v, broken=v == "1.6.0") for v in CHANNEL_IMAGES}
+        for tag in IGNORED_TAGS:
+            cls.registry.retag("1.4.2", target=tag, name="ver")
+        (cls.folder / "compose.yaml").write_text(TRACKED_COMPOSE.format(repo=cls.repo, site_port=cls.site_port,
+                                                                        health=HEALTH))
+        (cls.folder / ".env").write_text("# the site's version: gopdater keeps it\nSITE_TAG=1.4.2\n")
+        cls.compose_run("up", "-d")
+        wait_for(lambda: site_text(cls.site_port) == "acme ver 1.4.2", 60, "the site to serve 1.4.2")
+        cls.log = cls.tmp / "gopdater.log"
+        cls.gopdater = launch_gopdater(cls.folder, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme",
+                                       COMPOSE_COMMAND=" ".join(cls.compose))
+
+    @classmethod
+    def compose_run(cls, *args):
+        """Compose in the project folder, as the user runs it."""
+        return run([*cls.compose, *args], cwd=cls.folder, timeout=300, env=clean_env(PWD=str(cls.folder)))
+
+    @classmethod
+    def cleanup(cls):
+        if getattr(cls, "gopdater", None):
+            stop_process(cls.gopdater)
+        remove_project(cls.project, [f"127.0.0.1:{cls.port}/"], list(getattr(cls, "images", {}).values()))
+        cls.registry.stop()
+
+    def running(self, service="site"):
+        container = service_container(self.project, service)
+        return container["Config"]["Image"], container["Image"]
+
+    def push(self, tag):
+        """The hook of a push of tag: (status, reply), and the deployment once it ended if one was queued."""
+        status, reply = bearer_hook(self.gp_port, self.repo, tag)
+        if status != 202:
+            return status, reply, None
+        (record,) = ended_deployments(self.gp_port, [reply["id"]], what=f"the update to {tag} to end")
+        return status, reply, record
+
+    def env_tag(self):
+        return (self.folder / ".env").read_text()
+
+    def test_minor_releases_are_followed_others_ignored_a_broken_one_rolled_back(self):
+        """1.4.3 taken; 2.0.0, 1.3.9, 1.5.0-rc.1 ignored; 1.5.0 taken; a broken 1.6.0 ends on 1.5.0 with .env
+        saying 1.5.0; a manual `compose up -d` then keeps 1.5.0; the pinned service never moves."""
+        pinned = service_container(self.project, "pinned")["Id"]
+        started = time.monotonic()
+        status, reply, record = self.push("1.4.3")
+        took = time.monotonic() - started
+        self.assertEqual((status, record["state"]), (202, "updated"), record)
+        self.assertEqual((record["old_tag"], record["new_tag"]), ("1.4.2", "1.4.3"))
+        self.assertEqual(self.env_tag(), "# the site's version: gopdater keeps it\nSITE_TAG=1.4.3\n")
+        self.assertEqual(self.running(), (f"{self.repo}:1.4.3", self.images["1.4.3"]))
+        self.assertEqual(site_text(self.site_port), "acme ver 1.4.3")
+        for tag, why in [("2.0.0", "outside its minor channel"), ("1.3.9", "not newer"),
+                         ("1.5.0-rc.1", "a pre-release")]:
+            status, reply, _ = self.push(tag)
+            self.assertEqual((status, reply["status"]), (200, "ignored"), reply)
+            self.assertIn(why, reply["reason"])
+        self.assertEqual(self.push("1.5.0")[2]["state"], "updated")
+        status, reply, record = self.push("1.6.0")
+        self.assertEqual(record["state"], "rolled-back", record)
+        self.assertEqual(self.env_tag(), "# the site's version: gopdater keeps it\nSITE_TAG=1.5.0\n")
+        self.assertEqual(self.running(), (f"{self.repo}:1.5.0", self.images["1.5.0"]))
+        before = service_container(self.project, "site")["Id"]
+        self.compose_run("up", "-d")
+        self.assertEqual(service_container(self.project, "site")["Id"], before, "compose up -d recreated nothing")
+        self.assertEqual(site_text(self.site_port), "acme ver 1.5.0")
+        self.assertEqual(service_container(self.project, "pinned")["Id"], pinned)
+        self.assertEqual(self.running("pinned"), (f"{self.repo}:1.4.2", self.images["1.4.2"]))
+        figure(f"[channels {self.flavour}] 1.4.2 -> 1.4.3 tracked minor: {took:.1f} s from the hook to updated")
+
+
+class VersionChannelsV2Test(VersionChannelsScenario, unittest.TestCase):
+    flavour = "v2"
+
+
+class VersionChannelsV1Test(VersionChannelsScenario, unittest.TestCase):
     flavour = "v1"
 
 

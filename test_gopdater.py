@@ -4203,6 +4203,29 @@ class TrackedComposeTest(unittest.TestCase):
                 for tag in ("1.4.2", "1.4.3", "2.0.0"):
                     self.assertNotIn(SITE, rig.project.services_for(ImageKey("docker.io", "acme/site", tag)))
 
+    def test_a_start_first_service_takes_the_new_tag_and_a_broken_one_leaves_the_old_tag(self):
+        """Start-first: the new container is created from the new tag (written first); when it fails, the old
+        one serves on and the .env names the old tag again."""
+        rig = self.rig()
+        rig.fake.labels[("demo", "site")] = {"gopdater.order": "start-first"}
+        rig = Rig(self, rig.fake, STATE_DIR=rig.state_dir)
+        self.assertEqual(self.deploy(rig, "1.4.3")["state"], "updated")
+        self.assertEqual((self.running(rig), self.env(rig)), (["acme/site:1.4.3"], "# tags\nSITE_TAG=1.4.3\n"))
+        self.assertIn(["docker", "compose", "up", "--no-start", "--no-deps", "--no-recreate", "--scale", "site=2",
+                       "site"], rig.fake.calls)
+        rig.fake.behaviour[rig.fake.registry["acme/site:1.4.4"]] = "crash"
+        self.assertEqual(self.deploy(rig, "1.4.4")["state"], "rolled-back")
+        self.assertEqual((self.running(rig), self.env(rig)), (["acme/site:1.4.3"], "# tags\nSITE_TAG=1.4.3\n"))
+
+    def test_a_hostile_tag_never_reaches_the_env_file(self):
+        """Tags that are not Docker tags (a newline, a second assignment, a quote) are refused at the door."""
+        rig = self.rig()
+        for tag in ["1.4.3\nEVIL=1", "1.4.3 EVIL=1", '1.4.3"', "1.4.3#x", "-1.4.3", "1.4.3$(id)"]:
+            with self.subTest(tag=tag):
+                self.assertEqual(self.push(rig, tag)[0], 400)
+        self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.4.2\n")
+        self.assertEqual(rig.queue.queued(), 0)
+
     def test_check_names_the_channel_and_where_the_tag_is_kept(self):
         """--check: the channel, the variable and the env file it will write."""
         rig = self.rig()
