@@ -4257,6 +4257,54 @@ class TrackedComposeTest(unittest.TestCase):
                       'result="updated"} 1', rig.metrics.render(rig.queue))
 
 
+def with_tag_values(data, old, new):
+    """A sample payload with every string value equal to old (its tag) made new."""
+    if isinstance(data, dict):
+        return {k: with_tag_values(v, old, new) for k, v in data.items()}
+    if isinstance(data, list):
+        return [with_tag_values(v, old, new) for v in data]
+    return new if data == old else data
+
+
+class TrackedSendersTest(unittest.TestCase):
+    def test_every_sender_moves_a_tracked_service_by_the_tag_it_reports(self):
+        """Each sender's sample, its tag made 1.4.3, queues the update of a service on 1.4.2 of that image
+        tracking minor; made 2.0.0, it is answered ignored."""
+        bearer = {"Authorization": f"Bearer {SECRET}"}
+        cases = [  # (path, sample, parser, headers; a signature header is added for the signed ones)
+            (f"/hooks/{SECRET}", "dockerhub-push.json", gopdater.parse_dockerhub, {}),
+            (f"/hooks/{SECRET}/quay", "quay-repo-push.json", gopdater.parse_quay, {}),
+            ("/hooks/ghcr", "ghcr-package-published.json", gopdater.parse_ghcr, {"X-GitHub-Event": "package"}),
+            ("/hooks/gitea", "gitea-package-created.json", gopdater.parse_gitea, {"X-Gitea-Event": "package"}),
+            ("/hooks/harbor", "harbor-push-artifact.json", gopdater.parse_harbor, bearer),
+            ("/hooks/acr", "acr-push.json", gopdater.parse_acr, bearer),
+            ("/hooks/registry", "distribution-events.json", gopdater.parse_distribution,
+             {**bearer, "Content-Type": "application/vnd.docker.distribution.events.v1+json"}),
+        ]
+        for path, name, parse, hdrs in cases:
+            with self.subTest(sample=name):
+                sample = payload(name)
+                event, = parse(sample, headers(**{k.replace("-", "_"): v for k, v in hdrs.items()}))
+                key = event.image
+                root = tempfile.mkdtemp(prefix="gopdater-track-")
+                self.addCleanup(shutil.rmtree, root, True)
+                raw = f"{key.registry}/{key.repository}:${{SITE_TAG}}"
+                fake = FakeDocker(services={"site": f"{key.registry}/{key.repository}:1.4.2"}, root=root)
+                fake.track("demo", "site", raw, "SITE_TAG=1.4.2\n", "minor", TRACKED_VERSIONS)
+                rig = Rig(self, fake, OWNER=f"{key.registry}/{key.repository.split('/')[0]}")
+                for tag, expected in (("2.0.0", HTTPStatus.OK), ("1.4.3", HTTPStatus.ACCEPTED)):
+                    body = json.dumps(with_tag_values(sample, key.tag, tag)).encode()
+                    message = headers(Content_Length=str(len(body)), Content_Type="application/json")
+                    for header, value in hdrs.items():
+                        message[header] = value
+                    if parse in (gopdater.parse_ghcr, gopdater.parse_gitea):
+                        message["X-Hub-Signature-256"], message["X-Gitea-Signature"] = signed(body), signed(body)[7:]
+                    status, reply, _ = rig.app.handle("POST", path, message, body)
+                    self.assertEqual(status, expected, reply)
+                self.assertEqual(reply["services"], ["demo/site"])
+                self.assertEqual(rig.queue.views()[0]["tag"], "1.4.3")
+
+
 class TrackedRecoveryTest(unittest.TestCase):
     """A crash mid-update of a tracked service leaves the running image and the .env agreeing."""
 
