@@ -2786,7 +2786,19 @@ class ComposeProject(Target):
             return Tracking(channel, variable, problem=f"{variable} is set in gopdater's own environment, which Compose "
                                                        "puts before the env file: take it out of PASS_ENV")
         env_file, problem = self.env_file_for(variable)
-        return Tracking(channel, variable, env_file, problem or self.image_says_track(service))
+        return Tracking(channel, variable, env_file, self.env_files_differ(service) or problem
+                        or self.image_says_track(service))
+
+    def env_files_differ(self, service: str) -> Optional[str]:
+        """Why the env files gopdater would write are not the ones the service was started with, or None."""
+        folder = self.docker.location.working_dir
+        for container in self.containers.get(service, []):
+            named = container.labels.get("com.docker.compose.project.environment_file")
+            started = tuple(os.path.join(folder, f) for f in (named or "").split(",") if f)
+            if started and started != self.docker.env_files():
+                return (f"the project was started with --env-file {named[:200]}, which gopdater does not read "
+                        f"here: set PROJECTS={self.name}, so that Compose runs as the project was started")
+        return None
 
     def env_file_for(self, variable: str) -> Tuple[str, Optional[str]]:
         """The env file to keep variable in (the last that defines it, else the last Compose reads), and why it

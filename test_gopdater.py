@@ -4018,12 +4018,14 @@ class TrackedComposeTest(unittest.TestCase):
     service on acme/site:1.4.2."""
 
     def rig(self, env_text="# tags\nSITE_TAG=1.4.2\n", label="minor", compose=("docker", "compose"),
-            raw=SITE_RAW, **env):
+            raw=SITE_RAW, started_with=None, **env):
         root = tempfile.mkdtemp(prefix="gopdater-track-")
         self.addCleanup(shutil.rmtree, root, True)
         fake = FakeDocker(services={"site": "acme/site:1.4.2", "pinned": "acme/site:1.4.2"}, root=root,
                           compose=compose)
         fake.track("demo", "site", raw, env_text, label, TRACKED_VERSIONS)
+        if started_with:
+            fake.labels[("demo", "site")] = {"com.docker.compose.project.environment_file": started_with}
         return Rig(self, fake, COMPOSE_COMMAND=" ".join(compose), **env)
 
     def check(self, rig, **env):
@@ -4192,6 +4194,8 @@ class TrackedComposeTest(unittest.TestCase):
             ({"label": "newest"}, "gopdater.track must be patch, minor or major, not 'newest'"),
             ({"PASS_ENV": "SITE_TAG", "SITE_TAG": "1.4.2"}, "SITE_TAG is set in gopdater's own environment"),
             ({"env_text": "SITE_TAG=${BASE}\n"}, "SITE_TAG is defined in a form gopdater does not rewrite"),
+            ({"started_with": "prod.env"}, "the project was started with --env-file prod.env, which gopdater does "
+                                           "not read here: set PROJECTS=demo"),
         ]
         for settings, fix in cases:
             with self.subTest(settings=settings):
