@@ -19,6 +19,11 @@ all run: leave it, judge what runs, bring it up on the new image, finish a rollb
 start-first switch, or follow Swarm. RECOVERY is that decision as a table; a stage without a row
 cannot be journalled.
 
+Version channels, plainly: a service labelled gopdater.track (patch, minor, major) whose tag is a
+variable in the project's env file takes a newer semantic version within its channel: the variable
+is rewritten atomically before the switch and written back by a rollback, and the journal holds
+both tags, so the env file always names what runs. YAML is never edited.
+
 Security, plainly: Docker Hub signs nothing, so the long secret in the webhook URL is the
 credential. Every request is size-checked, then authenticated in constant time, and only then is
 its body parsed. The pushed namespace must be one of OWNER. Names from a payload never reach a
@@ -2418,6 +2423,18 @@ def tracking_finding(ref: ServiceRef, tracking: Tracking) -> Finding:
     return True, f"service {ref}: follows {tracking.channel.value} releases{where}"
 
 
+def shared_variable(service: str, tracking: Tracking, tracked: Mapping[str, Tracking], raw: Mapping[str, str]
+                    ) -> Optional[str]:
+    """Why a tracked service's variable must not be rewritten: it is also the tag of a service that does not
+    follow the same channel (rewriting it would move that one at its next `compose up`), or None. Pure."""
+    for other, image in sorted(raw.items()):
+        if other != service and tracking.variable and tag_variable(image, other)[0] == tracking.variable and (
+                other not in tracked or tracked[other].channel != tracking.channel):
+            return (f"{tracking.variable} is also the tag of {other}, which does not follow the same channel: label "
+                    f"it {TRACK_LABEL}: {tracking.channel.value} too, or give it a variable of its own")
+    return None
+
+
 def track_channel(value: str) -> Union[Channel, str]:
     """The channel a gopdater.track label names, or why it names none. Pure."""
     try:
@@ -2772,7 +2789,9 @@ class ComposeProject(Target):
             if value is not None:
                 labelled[service] = value
         raw = self.docker.raw_images() if labelled else {}
-        return {service: self.tracking_of(service, value, raw.get(service)) for service, value in labelled.items()}
+        tracked = {service: self.tracking_of(service, value, raw.get(service)) for service, value in labelled.items()}
+        return {service: tracking._replace(problem=tracking.problem or shared_variable(
+            service, tracking, tracked, raw)) for service, tracking in tracked.items()}
 
     def tracking_of(self, service: str, value: str, raw: Optional[str]) -> Tracking:
         """How one labelled service follows versions: its channel, the variable that is its tag, its env file."""

@@ -4230,6 +4230,23 @@ class TrackedComposeTest(unittest.TestCase):
         self.assertEqual(self.env(rig), "# tags\nSITE_TAG=1.4.2\n")
         self.assertEqual(rig.queue.queued(), 0)
 
+    def test_a_variable_shared_with_a_service_that_does_not_track_is_never_rewritten(self):
+        """SITE_TAG also names the tag of an untracked worker: the tracked service is left alone (rewriting
+        the file would move the worker at its next compose up); both tracking minor, both follow."""
+        for worker_label, problem in ((None, "SITE_TAG is also the tag of worker, which does not follow the same "
+                                             "channel: label it gopdater.track: minor too"), ("minor", None)):
+            with self.subTest(worker_label=worker_label):
+                root = tempfile.mkdtemp(prefix="gopdater-track-")
+                self.addCleanup(shutil.rmtree, root, True)
+                fake = FakeDocker(services={"site": "acme/site:1.4.2", "worker": "acme/site:1.4.2"}, root=root)
+                fake.track("demo", "site", SITE_RAW, "SITE_TAG=1.4.2\n", "minor", TRACKED_VERSIONS)
+                fake.track("demo", "worker", SITE_RAW, "SITE_TAG=1.4.2\n", worker_label, TRACKED_VERSIONS)
+                rig = Rig(self, fake)
+                found = rig.project.tracked["site"].problem
+                self.assertEqual(found if problem is None else found[:len(problem)], problem)
+                refs = rig.project.services_for(ImageKey("docker.io", "acme/site", "1.4.3"))
+                self.assertEqual(refs, [] if problem else [SITE, gopdater.ServiceRef("compose", "demo", "worker")])
+
     def test_check_names_the_channel_and_where_the_tag_is_kept(self):
         """--check: the channel, the variable and the env file it will write."""
         rig = self.rig()
