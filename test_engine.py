@@ -1940,6 +1940,29 @@ class VersionChannelsScenario:
 class VersionChannelsV2Test(VersionChannelsScenario, unittest.TestCase):
     flavour = "v2"
 
+    def test_a_project_started_with_an_env_file_has_that_file_rewritten(self):
+        """`docker compose --env-file prod.env up -d`, gopdater with PROJECTS naming it (Compose v2 records the
+        file in its labels; v1 does not): 1.4.3 is written into prod.env, the .env beside it is untouched."""
+        project, folder, gp_port = f"{self.project}env", self.tmp / f"{self.project}env", free_port()
+        folder.mkdir()
+        self.addCleanup(remove_project, project, [], [])
+        (folder / "compose.yaml").write_text(TRACKED_COMPOSE.format(repo=self.repo, site_port=free_port(),
+                                                                    health=HEALTH))
+        (folder / "prod.env").write_text("SITE_TAG=1.4.2\n")
+        (folder / ".env").write_text("SITE_TAG=1.4.2\n")
+        run([*self.compose, "-p", project, "--env-file", "prod.env", "up", "-d", "site"], cwd=folder, timeout=300,
+            env=clean_env(PWD=str(folder)))
+        gopdater = launch_gopdater(folder, self.tmp / "gopdater-env.log", gp_port, OWNER=f"127.0.0.1:{self.port}/acme",
+                                   PROJECTS=project, STATE_DIR=str(self.tmp / "state-env"))
+        self.addCleanup(stop_process, gopdater)
+        status, reply = bearer_hook(gp_port, self.repo, "1.4.3")
+        self.assertEqual(status, 202, reply)
+        (record,) = ended_deployments(gp_port, [reply["id"]], what="the update to 1.4.3 to end")
+        self.assertEqual(record["state"], "updated", record)
+        self.assertEqual(((folder / "prod.env").read_text(), (folder / ".env").read_text()),
+                         ("SITE_TAG=1.4.3\n", "SITE_TAG=1.4.2\n"))
+        self.assertEqual(service_container(project, "site")["Config"]["Image"], f"{self.repo}:1.4.3")
+
 
 class VersionChannelsV1Test(VersionChannelsScenario, unittest.TestCase):
     flavour = "v1"
