@@ -156,9 +156,6 @@ class Version(NamedTuple):
         pre = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in self.pre)
         return self.major, self.minor, self.patch, not self.pre, pre
 
-    def __str__(self) -> str:
-        return f"{self.major}.{self.minor}.{self.patch}" + (f"-{'.'.join(self.pre)}" if self.pre else "")
-
 
 def parse_version(tag: str) -> Optional[Version]:
     """A tag as a semantic version (1.4.3, v1.4.3, 1.5.0-rc.1; build metadata ignored), or None. Pure."""
@@ -1607,7 +1604,7 @@ RECORD_CHECKS: Tuple[Tuple[str, Callable[[str], object]], ...] = (
     ("new_image", image_value), ("old_container", CONTAINER_RE.fullmatch), ("new_container", CONTAINER_RE.fullmatch),
     ("started", lambda v: True), ("swarm_started", lambda v: True), ("old_tag", TAG_RE.fullmatch),
     ("new_tag", TAG_RE.fullmatch), ("env_file", lambda v: os.path.isabs(v) and not set(v) & {"\0", "\n", "\r"}),
-    ("variable", lambda v: ENV_NAME_RE.fullmatch(v)))
+    ("variable", ENV_NAME_RE.fullmatch))
 
 
 def record_problem(record: Record) -> Optional[str]:
@@ -2435,12 +2432,22 @@ def shared_variable(service: str, tracking: Tracking, tracked: Mapping[str, Trac
     return None
 
 
-def track_channel(value: str) -> Union[Channel, str]:
-    """The channel a gopdater.track label names, or why it names none. Pure."""
+def label_tracking(value: str) -> Tracking:
+    """The channel a gopdater.track label names, or (as its problem) why it names none. Pure."""
     try:
-        return Channel(value.strip().lower())
+        return Tracking(Channel(value.strip().lower()))
     except ValueError:
-        return f"{TRACK_LABEL} must be patch, minor or major, not {value.strip()[:40]!r}"
+        return Tracking(None, problem=f"{TRACK_LABEL} must be patch, minor or major, not {value.strip()[:40]!r}")
+
+
+def move_to(tracking: Optional[Tracking], current: Optional[ImageKey], pushed: str) -> Union[None, TagMove, str]:
+    """None for a service that does not follow versions; else its move from the tag it runs to the pushed one,
+    or (a string) why it does not take that now: the run-time twin of push_verdict, for every target. Pure."""
+    if tracking is None:
+        return None
+    why = tracking.problem or ("no running container of it has a tag" if current is None else
+                               channel_verdict(tracking.channel, current.tag, pushed))
+    return why or TagMove(current.tag, pushed, tracking.env_file, tracking.variable)
 
 
 def tag_variable(raw: Optional[str], service: str) -> Tuple[Optional[str], Optional[str]]:
@@ -2713,7 +2720,7 @@ class ComposeProject(Target):
         try:
             old = steps.step(Stage.INSPECT, lambda: self.docker.containers(service))
             image = old[0].image if old else None
-            move = self.tag_move(service, image, steps.deployment.key.tag)
+            move = move_to(self.tracked.get(service), parse_reference(image or ""), steps.deployment.key.tag)
             if isinstance(move, str):
                 return Outcome(State.SKIPPED, reason=move)
             pulled = self.pull(service, image, move, steps)
@@ -2795,18 +2802,17 @@ class ComposeProject(Target):
 
     def tracking_of(self, service: str, value: str, raw: Optional[str]) -> Tracking:
         """How one labelled service follows versions: its channel, the variable that is its tag, its env file."""
-        channel = track_channel(value)
-        if not isinstance(channel, Channel):
-            return Tracking(None, problem=channel)
+        tracking = label_tracking(value)
         variable, problem = tag_variable(raw, service)
-        if variable is None:
-            return Tracking(channel, problem=problem)
+        if tracking.problem or variable is None:
+            return tracking._replace(problem=tracking.problem or problem)
         if variable in self.docker.env:
-            return Tracking(channel, variable, problem=f"{variable} is set in gopdater's own environment, which Compose "
-                                                       "puts before the env file: take it out of PASS_ENV")
+            return tracking._replace(variable=variable, problem=f"{variable} is set in gopdater's own environment, "
+                                                                "which Compose puts before the env file: take it out "
+                                                                "of PASS_ENV")
         env_file, problem = self.env_file_for(variable)
-        return Tracking(channel, variable, env_file, self.env_files_differ(service) or problem
-                        or self.image_says_track(service))
+        return tracking._replace(variable=variable, env_file=env_file, problem=self.env_files_differ(service) or problem
+                                 or self.image_says_track(service))
 
     def env_files_differ(self, service: str) -> Optional[str]:
         """Why the env files gopdater would write are not the ones the service was started with, or None."""
@@ -2850,17 +2856,6 @@ class ComposeProject(Target):
             return f"the image's labels cannot be read ({error})"
         return (f"{TRACK_LABEL} is set by the image, not the Compose file: a service follows versions only by the "
                 "operator's own label") if TRACK_LABEL in carried else None
-
-    def tag_move(self, service: str, image: Optional[str], pushed: str) -> Union[None, TagMove, str]:
-        """None for a service that does not follow versions; else the move to the pushed tag, or (a string)
-        why it does not take it now (it may have moved on since the push was matched)."""
-        tracking = self.tracked.get(service)
-        if tracking is None:
-            return None
-        key = parse_reference(image or "")
-        why = tracking.problem or ("no running container has a tag" if key is None else
-                                   channel_verdict(tracking.channel, key.tag, pushed))
-        return why or TagMove(key.tag, pushed, tracking.env_file, tracking.variable)
 
     # -- release steps --------------------------------------------------------------------
 
@@ -2999,8 +2994,7 @@ class ComposeProject(Target):
         except DeployFailed as error:
             return outcome._replace(reason=str(error))
         action = plan(record, bool(containers) and all(c.status == "running" for c in containers))
-        if record.env_file and record.env_file not in (*self.docker.env_files(), *(
-                t.env_file for t in self.tracked.values())):  # a journal naming another file must not get it written
+        if record.env_file and record.env_file not in self.docker.env_files():  # never a file a journal names
             return outcome._replace(reason=f"its journal record names {record.env_file[:200]}, not an env file of the "
                                            "project; nothing was run, check the service by hand")
         handler = COMPOSE_RECOVERY.get(action, ComposeProject.refuse)
@@ -3281,10 +3275,7 @@ class SwarmService(NamedTuple):
 def swarm_tracking(labels: Mapping[str, str]) -> Optional[Tracking]:
     """How a Swarm service follows versions (its spec, where its image is kept, is the source of truth). Pure."""
     value = (labels.get(TRACK_LABEL) or "").strip()
-    if not value:
-        return None
-    channel = track_channel(value)
-    return Tracking(channel) if isinstance(channel, Channel) else Tracking(None, problem=channel)
+    return label_tracking(value) if value else None
 
 
 class SwarmServices(Target):
@@ -3330,7 +3321,7 @@ class SwarmServices(Target):
             outcome = Outcome(old_image=before.image)
             if digest and digest == before.digest:
                 return outcome._replace(result=State.UP_TO_DATE, new_image=before.image)
-            move = self.tag_move(before, steps.deployment.key.tag)
+            move = move_to(swarm_tracking(before.labels), before.key, steps.deployment.key.tag)
             if isinstance(move, str):
                 return outcome._replace(result=State.SKIPPED, reason=move)
             reference = before.image.partition("@")[0]
@@ -3352,16 +3343,6 @@ class SwarmServices(Target):
             return self.follow(ref.name, before.update_started, outcome._replace(new_image=after.image), steps)
         except DeployFailed as error:
             return Outcome(reason=str(error))
-
-    @staticmethod
-    def tag_move(service: "SwarmService", pushed: str) -> Union[None, TagMove, str]:
-        """None for a service that does not follow versions; else its move to the pushed tag, or why not now."""
-        tracking = swarm_tracking(service.labels)
-        if tracking is None:
-            return None
-        why = tracking.problem or ("its image has no tag" if service.key is None else
-                                   channel_verdict(tracking.channel, service.key.tag, pushed))
-        return why or TagMove(service.key.tag, pushed)
 
     def follow(self, name: str, previous: str, outcome: Outcome, steps: StepLog) -> Outcome:
         """Follow UpdateStatus until it settles; roll back (`docker service rollback`) a paused or unhealthy one.

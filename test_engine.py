@@ -1551,6 +1551,29 @@ RELEASE_LABELS = """\
 RELEASES = {"v1": ("schema v1", True), "v2": ("schema v2", True), "v3": (None, True), "v4": ("schema v4", False)}
 
 
+def flavour_project(cls, name):
+    """A Compose-flavour scenario's set-up (skipped where that flavour is not installed): its Compose command,
+    project folder, ports, and a registry started on 127.0.0.1 for acme/<name>; all removed after."""
+    if cls.flavour not in COMPOSE:
+        raise unittest.SkipTest(f"Compose {cls.flavour} is not installed")
+    cls.compose = COMPOSE[cls.flavour]
+    project_folder(cls, f"{PREFIX}{name}{cls.flavour}")
+    cls.port, cls.site_port, cls.gp_port = free_port(), free_port(), free_port()
+    cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
+    cls.addClassCleanup(cls.cleanup)
+    cls.registry.start()
+    cls.repo = f"127.0.0.1:{cls.port}/acme/{name}"
+
+
+def import_and_push(tag, files, links, changes):
+    """import_image, then push it and drop the local tag (what runs must come from the registry); its id."""
+    import_image(tag, files, links, changes)
+    image_id = run(["docker", "image", "inspect", "--format", "{{.Id}}", tag]).strip()
+    run(["docker", "push", tag], timeout=300)
+    run(["docker", "rmi", tag])
+    return image_id
+
+
 class ReleaseStepsScenario:
     """The README's release steps on one Compose flavour: a dump before, a migration on the new image into
     the bind-mounted data folder, a smoke test after. v3 has no migration (it fails), v4 no smoke page."""
@@ -1559,15 +1582,7 @@ class ReleaseStepsScenario:
 
     @classmethod
     def setUpClass(cls):
-        if cls.flavour not in COMPOSE:
-            raise unittest.SkipTest(f"Compose {cls.flavour} is not installed")
-        cls.compose = COMPOSE[cls.flavour]
-        project_folder(cls, f"{PREFIX}rel{cls.flavour}")
-        cls.port, cls.site_port, cls.gp_port = free_port(), free_port(), free_port()
-        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
-        cls.addClassCleanup(cls.cleanup)
-        cls.registry.start()
-        cls.repo = f"127.0.0.1:{cls.port}/acme/rel"
+        flavour_project(cls, "rel")
         cls.images = {version: cls.build(version) for version in RELEASES}
         cls.registry.retag("v1", name="rel")
         (cls.folder / "compose.yaml").write_text(f"""services:
@@ -1601,13 +1616,9 @@ class ReleaseStepsScenario:
         if migration:
             (folder / "migrate.sql").write_text(migration + "\n")
             files[str(folder / "migrate.sql")] = "/app/migrate.sql"
-        tag = f"{cls.repo}:{version}"
-        import_image(tag, files, [(f"/bin/{a}", "busybox") for a in ("sh", "cp", "cat", "wget", "httpd")],
-                     ['CMD ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]'])
-        image_id = run(["docker", "image", "inspect", "--format", "{{.Id}}", tag]).strip()
-        run(["docker", "push", tag], timeout=300)
-        run(["docker", "rmi", tag])
-        return image_id
+        return import_and_push(f"{cls.repo}:{version}", files,
+                               [(f"/bin/{a}", "busybox") for a in ("sh", "cp", "cat", "wget", "httpd")],
+                               ['CMD ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]'])
 
     @classmethod
     def up(cls):
@@ -1839,15 +1850,11 @@ def version_image(tmp, repo, version, broken=False):
     folder = tmp / f"build-{version}"
     folder.mkdir()
     (folder / "index.html").write_text(f"acme ver {version}\n")
-    tag = f"{repo}:{version}"
     command = '["/bin/busybox", "sh", "-c", "exit 3"]' if broken else \
         '["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]'
-    import_image(tag, {"/bin/busybox": "/bin/busybox", str(folder / "index.html"): "/www/index.html"},
-                 [("/bin/sh", "busybox")], [f"CMD {command}"])
-    image_id = run(["docker", "image", "inspect", "--format", "{{.Id}}", tag]).strip()
-    run(["docker", "push", tag], timeout=300)
-    run(["docker", "rmi", tag])
-    return image_id
+    return import_and_push(f"{repo}:{version}", {"/bin/busybox": "/bin/busybox",
+                                                 str(folder / "index.html"): "/www/index.html"},
+                           [("/bin/sh", "busybox")], [f"CMD {command}"])
 
 
 class VersionChannelsScenario:
@@ -1858,15 +1865,7 @@ class VersionChannelsScenario:
 
     @classmethod
     def setUpClass(cls):
-        if cls.flavour not in COMPOSE:
-            raise unittest.SkipTest(f"Compose {cls.flavour} is not installed")
-        cls.compose = COMPOSE[cls.flavour]
-        project_folder(cls, f"{PREFIX}ver{cls.flavour}")
-        cls.port, cls.site_port, cls.gp_port = free_port(), free_port(), free_port()
-        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
-        cls.addClassCleanup(cls.cleanup)
-        cls.registry.start()
-        cls.repo = f"127.0.0.1:{cls.port}/acme/ver"
+        flavour_project(cls, "ver")
         cls.images = {v: version_image(cls.tmp, cls.repo, v, broken=v == "1.6.0") for v in CHANNEL_IMAGES}
         for tag in IGNORED_TAGS:
             cls.registry.retag("1.4.2", target=tag, name="ver")
