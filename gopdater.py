@@ -110,7 +110,7 @@ def parse_name(name: str) -> Optional[Tuple[str, str]]:
     registry, repository = split_registry(name)
     if registry == DOCKER_HUB and "/" not in repository:
         repository = "library/" + repository
-    if not DOMAIN_RE.fullmatch(registry) or not REPOSITORY_RE.fullmatch(repository):
+    if (registry != DOCKER_HUB and not DOMAIN_RE.fullmatch(registry)) or not REPOSITORY_RE.fullmatch(repository):
         return None
     return registry, repository
 
@@ -131,8 +131,10 @@ def parse_reference(reference: str) -> Optional[ImageKey]:
 
 def owner_allowed(owners: Sequence[Tuple[str, str]], image: ImageKey) -> bool:
     """True when the image's registry and namespace are one of OWNER."""
-    return any(image.registry == registry and image.repository.startswith(namespace + "/")
-               for registry, namespace in owners)
+    for registry, namespace in owners:
+        if image.registry == registry and image.repository.startswith(namespace + "/"):
+            return True
+    return False
 
 
 # -- version channels: which pushed tag a tracked service takes (gopdater.track) -------------
@@ -615,8 +617,7 @@ def get_field(data: object, path: str, kind: type = str, required: bool = True, 
         if required:
             raise PayloadError(prefix + path)
         return None
-    numbers = kind in ((int, float), float, int)
-    if not isinstance(value, kind) or (numbers and isinstance(value, bool)):
+    if not isinstance(value, kind) or value is True or value is False:  # JSON's true is not the number 1
         raise PayloadError(prefix + path)
     return value
 
@@ -839,8 +840,9 @@ SENDERS = (
     Sender("quay", "/hooks/{secret}/quay", SECRET_IN_PATH, parse_quay),
 )
 FIXED_ROUTES = {s.path: s for s in SENDERS if "{secret}" not in s.path}
-SECRET_ROUTES = [(s.path.split("/")[:s.path.split("/").index("{secret}")],
-                  s.path.split("/")[s.path.split("/").index("{secret}") + 1:], s) for s in SENDERS if "{secret}" in s.path]
+SECRET_ROUTES = {s.path: s for s in SENDERS if "{secret}" in s.path}
+SECRET_AT = 2  # "/hooks/{secret}...": the segment that is the secret, the same in every such path
+assert all(path.split("/")[SECRET_AT] == "{secret}" for path in SECRET_ROUTES)
 
 
 # ==========================================================================================
@@ -871,6 +873,8 @@ def refusal(status: HTTPStatus, reason: str, headers: Tuple[Tuple[str, str], ...
 
 NOT_FOUND = refusal(HTTPStatus.NOT_FOUND, "not found")
 FORBIDDEN = refusal(HTTPStatus.FORBIDDEN, "forbidden")
+FOREIGN_OWNER = refusal(HTTPStatus.FORBIDDEN, "namespace not in OWNER")
+INTERNAL_ERROR = refusal(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
 
 
 class Request(NamedTuple):
@@ -898,37 +902,39 @@ def route(path: str) -> Tuple[Optional[Sender], str, str]:
     if sender is not None:
         return sender, path, ""
     parts = path.split("/")
-    for prefix, suffix, sender in SECRET_ROUTES:
-        if len(parts) == len(prefix) + 1 + len(suffix) and parts[len(prefix)] and \
-                parts[:len(prefix)] == prefix and parts[len(prefix) + 1:] == suffix:
-            return sender, sender.path, parts[len(prefix)]
+    if len(parts) > SECRET_AT and parts[SECRET_AT]:
+        captured, parts[SECRET_AT] = parts[SECRET_AT], "{secret}"
+        sender = SECRET_ROUTES.get("/".join(parts))
+        if sender is not None:
+            return sender, sender.path, captured
     return None, "", ""
 
 
-CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,7}", re.ASCII)  # int() is never given more (nor '²', which isdigit)
+DIGITS_RE = re.compile(r"[0-9]+", re.ASCII)  # not str.isdigit(), which takes '²'
 
 
 def body_length(method: str, headers: Mapping[str, str]) -> Union[int, Response]:
-    """The body's length from Content-Length, or the refusal: 411 (none, or chunked), 400, 413."""
-    values = {v.strip() for v in getattr(headers, "get_all", lambda name: None)("Content-Length") or ()}
+    """The body's length from Content-Length, or the refusal: 411 (none, or chunked), 400, 413. The headers
+    are http.server's (an http.client.HTTPMessage): a name may come more than once."""
+    values = headers.get_all("Content-Length") or ()
     if headers.get("Transfer-Encoding") or (not values and method == "POST"):
         return refusal(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
     if not values:
         return 0
-    length = values.pop()
-    if values or not length.isascii() or not length.isdigit():
+    length = values[0].strip()
+    if not DIGITS_RE.fullmatch(length) or (len(values) > 1 and {value.strip() for value in values} != {length}):
         return refusal(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
-    digits = length.lstrip("0") or "0"
-    if not CONTENT_LENGTH_RE.fullmatch(digits) or int(digits) > MAX_BODY_BYTES:
-        return refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is over 1 MiB")
-    return int(digits)
+    digits = length.lstrip("0")
+    size = int(digits or "0") if len(digits) <= 7 else MAX_BODY_BYTES + 1  # int() never gets over 7 digits
+    return refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is over 1 MiB") if size > MAX_BODY_BYTES else size
 
 
 def decode(body: bytes) -> Union[dict, Response]:
-    """The body as a JSON object, or the 400 that says why not."""
+    """The body as a JSON object in UTF-8 (RFC 8259 allows no other between systems), or the 400 that says
+    why not. Decoding first spares json's guess at UTF-16 and UTF-32 on every request."""
     try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return refusal(HTTPStatus.BAD_REQUEST, "body is not valid JSON")
     if not isinstance(data, dict):
         return refusal(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
@@ -1003,7 +1009,7 @@ class App:
         if not allowed:
             if sender.foreign_owner_ignored:
                 return Response(HTTPStatus.OK, {"status": "ignored", "reason": "namespace not in OWNER"})
-            return refusal(HTTPStatus.FORBIDDEN, "namespace not in OWNER")
+            return FOREIGN_OWNER
         ids, services = [], set()
         for event in allowed:
             submitted = self.queue.submit(event)
@@ -4393,9 +4399,12 @@ class RejectLog:
         self.due = min((started for started, _ in self.windows.values()), default=float("inf")) + self.interval
 
 
+REFUSAL_KEYS = frozenset(("status", "reason"))
+
+
 def encode(response: Response, keep_alive: bool) -> bytes:
     """A complete HTTP/1.1 response: short JSON (or the metrics text) and fixed headers."""
-    if response.status >= 400 and isinstance(response.payload, dict) and response.payload.keys() == {"status", "reason"}:
+    if response.status >= 400 and isinstance(response.payload, dict) and response.payload.keys() == REFUSAL_KEYS:
         return encode_refusal(response.status, response.payload["reason"], response.headers, keep_alive)
     return encode_now(response, keep_alive)
 
@@ -4425,10 +4434,25 @@ def encode_now(response: Response, keep_alive: bool) -> bytes:
 @functools.lru_cache(maxsize=None)
 def head_parser() -> type:
     """http.server's request handler, made to parse a head already read and write nothing."""
+    import http.client
     import http.server  # here, not at the top: the port opens before this import's 15 ms
+
+    class HeadMessage(http.client.HTTPMessage):
+        """A head's headers, parsed by http.client, then only read. While it parses, the email parser asks
+        four times for the content type (each a scan of every header, a tenth of what a refused request
+        costs) to choose how to parse a body, which a head never has. It asks once every header is in,
+        and nothing changes a head after: the first answer is kept."""
+
+        content_type: Optional[str] = None
+
+        def get_content_type(self) -> str:
+            if self.content_type is None:
+                self.content_type = super().get_content_type()
+            return self.content_type
 
     class HeadParser(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        MessageClass = HeadMessage
 
         def __init__(self, head: bytes):  # pylint: disable=super-init-not-called
             self.rfile, self.wfile = io.BytesIO(head), None  # send_error is replaced: nothing is written
@@ -4636,9 +4660,11 @@ class Connection(asyncio.BufferedProtocol):
             (self.transport.pause_reading if paused else self.transport.resume_reading)()
 
     def step(self) -> bool:
-        """One step: drop a refused body, parse a head, or answer a whole request; False when none can be made."""
-        if self.writing_paused or self.phase in (Phase.HELD, Phase.CLOSING) or self.transport.is_closing():
-            return False
+        """One step: drop a refused body, or judge a head and answer its request when its body is whole;
+        False when none can be made."""
+        if (self.phase is Phase.HEAD and not self.buffer) or self.writing_paused or \
+                self.phase in (Phase.HELD, Phase.CLOSING) or self.transport.is_closing():
+            return False  # the first test is the usual end of a turn: everything that came is answered
         if self.phase is Phase.SKIP:
             dropped = min(self.skip, len(self.buffer))
             del self.buffer[:dropped]
@@ -4646,8 +4672,10 @@ class Connection(asyncio.BufferedProtocol):
             if self.skip:
                 return False
             self.phase = Phase.HEAD
-        if self.phase is Phase.HEAD:
-            return self.read_head()
+        if self.phase is Phase.HEAD and not self.read_head():
+            return False
+        if self.phase is not Phase.BODY:  # the head was refused and answered
+            return True
         if len(self.buffer) < self.request.length:
             return False
         body = bytes(self.buffer[:self.request.length])
@@ -4666,7 +4694,7 @@ class Connection(asyncio.BufferedProtocol):
         head = bytes(self.buffer[:end + 4])
         del self.buffer[:end + 4]
         self.head, self.quiet = head, False
-        parsed = head_parser()(head)
+        parsed = self.server.parse_head(head)
         if not parsed.valid:
             status = parsed.error or HTTPStatus.BAD_REQUEST
             self.respond(refusal(status, status.phrase.lower()), close=True)
@@ -4694,7 +4722,7 @@ class Connection(asyncio.BufferedProtocol):
         self.request, self.phase, self.quiet = None, Phase.HEAD, request.endpoint == "/healthz"
         if self.server.ready or not self.server.app.needs_target(request):
             response = self.server.finish(request, body)
-            self.respond(response, close=response.status is HTTPStatus.INTERNAL_SERVER_ERROR)
+            self.respond(response, close=response is INTERNAL_ERROR)
         else:
             self.phase, self.held = Phase.HELD, (request, body)
             self.deadline = time.monotonic() + self.server.startup_wait
@@ -4767,7 +4795,7 @@ class HookServer:
         self.unverified = 0  # body bytes held for requests not yet authenticated
         self.ready, self.stopping = app.queue is not None, False
         self.tls_checked = time.monotonic()  # when the TLS files were last looked at
-        head_parser()
+        self.parse_head = head_parser()
 
     def serve_forever(self) -> None:
         """Accept and answer until shutdown(); then close every connection."""
@@ -4871,24 +4899,24 @@ class HookServer:
             return self.app.finish(request, body)
         except Exception:
             self.rejects.note(500, lambda: f"internal error answering {request.endpoint}", trace=True)
-            return refusal(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
+            return INTERNAL_ERROR
 
     def internal_error(self, connection: Connection) -> None:
         """A bug while handling a connection: log it (once a minute), answer 500 if it can, close it."""
         self.rejects.note(500, lambda: redact(f'{connection.peer} "{connection.first_line}" 500',
                                               self.app.config.secret), trace=True)
         if connection.phase is not Phase.CLOSING and not connection.transport.is_closing():
-            connection.transport.write(encode(refusal(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error"), False))
+            connection.transport.write(encode(INTERNAL_ERROR, False))
         connection.phase = Phase.CLOSING
         connection.transport.close()
 
     def log_request(self, c: Connection, status: HTTPStatus) -> None:
         """The access log: refusals summarised per kind, /healthz at DEBUG, the secret never shown."""
         def line() -> str:
-            return redact(f'{c.peer} "{c.first_line}" {status.value}', self.app.config.secret)
+            return redact(f'{c.peer} "{c.first_line}" {int(status)}', self.app.config.secret)
         if status >= 400:
             self.app.metrics.rejected(status)
-            self.rejects.note(status.value, line)
+            self.rejects.note(int(status), line)  # int() is a C call; HTTPStatus.value is enum's Python property
         else:
             log.log(logging.DEBUG if c.quiet else logging.INFO, "%s", line())
 

@@ -1887,6 +1887,7 @@ class AppTest(unittest.TestCase):
             ("POST", hook, b"{not json", {}, HTTPStatus.BAD_REQUEST, "body is not valid JSON"),
             ("POST", hook, b"[1, 2]", {}, HTTPStatus.BAD_REQUEST, "body must be a JSON object"),
             ("POST", hook, b"\xff\xfe\x00", {}, HTTPStatus.BAD_REQUEST, "body is not valid JSON"),
+            ("POST", hook, json.dumps(hub).encode("utf-16"), {}, HTTPStatus.BAD_REQUEST, "body is not valid JSON"),
             ("POST", hook, b"[" * 100000, {}, HTTPStatus.BAD_REQUEST, "body is not valid JSON"),
             ("POST", hook, json.dumps({**hub, "repository": {}}).encode(), {}, HTTPStatus.BAD_REQUEST,
              "missing or invalid field: repository.repo_name"),
@@ -2107,6 +2108,18 @@ class AppTest(unittest.TestCase):
         status, reply, _ = rig.post("/hooks/registry", {"events": [event, second]},
                                     Authorization=f"Bearer {SECRET}", Content_Type="application/json")
         self.assertEqual((status, reply["services"], len(reply["ids"])), (HTTPStatus.ACCEPTED, ["demo/api", "demo/site"], 2))
+
+    def test_a_parsed_head_reads_as_http_client_reads_it(self):
+        """The head parser's headers (which keep their content type once asked) answer as http.client's."""
+        heads = ["Host: a", "Content-Type: application/json; charset=utf-8", "Content-Type: TEXT/Plain",
+                 "Content-Type: nonsense", "Content-Type: a/b\r\nContent-Type: c/d", "X-A: 1\r\nX-A: 2"]
+        for fields in heads:
+            with self.subTest(fields=fields):
+                raw = f"POST /hooks HTTP/1.1\r\n{fields}\r\n\r\n".encode()
+                parsed = gopdater.head_parser()(raw).headers
+                plain = http.client.parse_headers(io.BytesIO(raw.split(b"\r\n", 1)[1]))
+                self.assertEqual((parsed.items(), parsed.get_content_type(), parsed.get_content_maintype()),
+                                 (plain.items(), plain.get_content_type(), plain.get_content_maintype()))
 
     def test_content_length_is_one_to_seven_ascii_digits_and_never_two_that_differ(self):
         """Content-Length values as a client may send them: what body length each means, or its refusal."""
