@@ -4216,7 +4216,7 @@ class TrackedComposeTest(unittest.TestCase):
                 self.assertIn(fix, rig.project.tracked["site"].problem)
                 code, out = self.check(rig, **{k: v for k, v in settings.items() if k.isupper()})
                 self.assertEqual(code, 1, out)
-                self.assertIn(f"FAIL service demo/site: gopdater.track is ignored, it is left alone: ", out)
+                self.assertIn("FAIL service demo/site: gopdater.track is ignored, it is left alone: ", out)
                 for tag in ("1.4.2", "1.4.3", "2.0.0"):
                     self.assertNotIn(SITE, rig.project.services_for(ImageKey("docker.io", "acme/site", tag)))
 

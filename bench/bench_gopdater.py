@@ -447,7 +447,7 @@ def run(quick):
         results["latency"] = bench.reply_latency(200 if quick else 1000)
         results["downtime"] = bench.downtime()
         results["burst"] = bench.burst(20)
-        results["rejected"] = bench.rejected(1 if quick else 3, 1 if quick else 3)
+        results["rejected"] = bench.rejected(1 if quick else 2, 1 if quick else 7)
         results["fairness"] = bench.fairness(1 if quick else 3)
         results["attacks"] = bench.attacks(2 if quick else 5)
         results["sigterm"] = bench.sigterm()
