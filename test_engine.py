@@ -1553,16 +1553,25 @@ RELEASES = {"v1": ("schema v1", True), "v2": ("schema v2", True), "v3": (None, T
 
 def flavour_project(cls, name):
     """A Compose-flavour scenario's set-up (skipped where that flavour is not installed): its Compose command,
-    project folder, ports, and a registry started on 127.0.0.1 for acme/<name>; all removed after."""
+    project folder, ports, and a registry started on 127.0.0.1 for acme/<name>; all removed after (with the
+    gopdater and images the scenario adds as cls.gopdater and cls.images)."""
     if cls.flavour not in COMPOSE:
         raise unittest.SkipTest(f"Compose {cls.flavour} is not installed")
     cls.compose = COMPOSE[cls.flavour]
     project_folder(cls, f"{PREFIX}{name}{cls.flavour}")
     cls.port, cls.site_port, cls.gp_port = free_port(), free_port(), free_port()
     cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
-    cls.addClassCleanup(cls.cleanup)
+    cls.addClassCleanup(flavour_cleanup, cls)
     cls.registry.start()
     cls.repo = f"127.0.0.1:{cls.port}/acme/{name}"
+
+
+def flavour_cleanup(cls):
+    """Undo flavour_project and what the scenario started on it: its gopdater, project, images, registry."""
+    if getattr(cls, "gopdater", None):
+        stop_process(cls.gopdater)
+    remove_project(cls.project, [f"127.0.0.1:{cls.port}/"], list(getattr(cls, "images", {}).values()))
+    cls.registry.stop()
 
 
 def import_and_push(tag, files, links, changes):
@@ -1626,13 +1635,6 @@ class ReleaseStepsScenario:
         run([*cls.compose, "-p", cls.project, "pull", "site"], cwd=cls.folder, timeout=300, env=env)
         run([*cls.compose, "-p", cls.project, "up", "-d", "site"], cwd=cls.folder, timeout=300, env=env)
         wait_for(lambda: site_text(cls.site_port) == "acme rel v1", 30, "the site to serve v1")
-
-    @classmethod
-    def cleanup(cls):
-        if getattr(cls, "gopdater", None):
-            stop_process(cls.gopdater)
-        remove_project(cls.project, [f"127.0.0.1:{cls.port}/"], list(getattr(cls, "images", {}).values()))
-        cls.registry.stop()
 
     def setUp(self):
         """The known state: latest = v1, the site on v1, the data folder holding the v1 database alone."""
@@ -1882,13 +1884,6 @@ class VersionChannelsScenario:
     def compose_run(cls, *args):
         """Compose in the project folder, as the user runs it."""
         return run([*cls.compose, *args], cwd=cls.folder, timeout=300, env=clean_env(PWD=str(cls.folder)))
-
-    @classmethod
-    def cleanup(cls):
-        if getattr(cls, "gopdater", None):
-            stop_process(cls.gopdater)
-        remove_project(cls.project, [f"127.0.0.1:{cls.port}/"], list(getattr(cls, "images", {}).values()))
-        cls.registry.stop()
 
     def running(self, service="site"):
         container = service_container(self.project, service)

@@ -49,6 +49,15 @@ while True:
 """
 
 
+def flood_script(body, close=False):
+    """wrk's Lua for a flood of POSTs of this body, each with an X-Request header of its own."""
+    extra = ', ["Connection"] = "close"' if close else ""
+    return (f"wrk.method = 'POST'\nwrk.body = [[{body.decode()}]]\nrequests = {{}}\n"
+            f"for i = 1, {DISTINCT_HEADS} do requests[i] = wrk.format(nil, nil, "
+            f'{{["Content-Type"] = "application/json", ["X-Request"] = tostring(i){extra}}}) end\n'
+            f"n = 0\nrequest = function()\n  n = n % {DISTINCT_HEADS} + 1\n  return requests[n]\nend\n")
+
+
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
@@ -221,12 +230,7 @@ class Bench:
         """Requests per second that wrk (2 threads, 32 connections) gets answered, every request with an
         X-Request header of its own."""
         script = self.tmp / "post.lua"
-        extra = ', ["Connection"] = "close"' if close else ""
-        script.write_text(
-            f"wrk.method = 'POST'\nwrk.body = [[{body.decode()}]]\nrequests = {{}}\n"
-            f"for i = 1, {DISTINCT_HEADS} do requests[i] = wrk.format(nil, nil, "
-            f'{{["Content-Type"] = "application/json", ["X-Request"] = tostring(i){extra}}}) end\n'
-            f"n = 0\nrequest = function()\n  n = n % {DISTINCT_HEADS} + 1\n  return requests[n]\nend\n")
+        script.write_text(flood_script(body, close))
         out = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", "-s", str(script), url], capture_output=True,
                              text=True, timeout=60).stdout
         rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))

@@ -20,6 +20,10 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_gopdater import flood_script  # noqa: E402
+from harness import free_port  # noqa: E402
+
 SECRET = "s" * 32
 BODIES = {"wrong_owner": {"repository": {"repo_name": "evil/site"}, "push_data": {"tag": "latest"}},
           "wrong_secret": {"repository": {"repo_name": "acme/site"}, "push_data": {"tag": "latest"}}}
@@ -60,21 +64,11 @@ else:
 """
 
 
-def free_port():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def instructions(kind, case, limit, tmp):
     """Instructions callgrind counts for a server that answers limit requests of the case's flood."""
     port, up = free_port(), tmp / f"up.{kind}.{case}.{limit}"
     script = tmp / f"wrk.{case}.lua"
-    script.write_text(f"wrk.method = 'POST'\nwrk.body = [[{json.dumps(BODIES[case])}]]\nrequests = {{}}\n"
-                      "for i = 1, 4096 do requests[i] = wrk.format(nil, nil, {['Content-Type'] = "
-                      "'application/json', ['X-Request'] = tostring(i)}) end\n"
-                      "n = 0\nrequest = function()\n  n = n % 4096 + 1\n  return requests[n]\nend\n")
+    script.write_text(flood_script(json.dumps(BODIES[case]).encode()))
     server = subprocess.Popen(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                                os.path.realpath(sys.executable), "-c", SERVER, kind, str(port), str(limit), str(up),
                                str(HERE.parent)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
