@@ -4200,9 +4200,19 @@ def status_rows(services: Sequence["Running"], views: Sequence[Mapping[str, obje
         result = f"{badge(view['state'])} <span class=n>{when(view.get('finished') or view.get('created'))}</span>" \
             if view else "none yet"
         rows.append(f"<tr><td>{html.escape(str(service.ref))}</td><td class=wide>{service.ref.kind}</td>"
-                    f"<td><code>{html.escape(str(service.image or '-'))}</code></td>"
+                    f"<td><code>{html.escape(str(service.image or '-'))}</code>{channel_note(service.tracking)}</td>"
                     f"<td><code>{html.escape(short_id(service.image_id))}</code></td><td>{result}</td></tr>")
     return rows
+
+
+def channel_note(tracking: Optional["Tracking"]) -> str:
+    """Under a tracked service's image: the channel it follows (and its variable), or why it follows none."""
+    if tracking is None:
+        return ""
+    if tracking.problem:
+        return f"<div class=err>{TRACK_LABEL} ignored: {html.escape(tracking.problem)}</div>"
+    variable = f" ({html.escape(tracking.variable)})" if tracking.variable else ""
+    return f"<div class=n>follows {tracking.channel.value} releases{variable}</div>"
 
 
 def deployment_rows(views: Sequence[Mapping[str, object]]) -> List[str]:

@@ -4220,6 +4220,19 @@ class TrackedComposeTest(unittest.TestCase):
                 for tag in ("1.4.2", "1.4.3", "2.0.0"):
                     self.assertNotIn(SITE, rig.project.services_for(ImageKey("docker.io", "acme/site", tag)))
 
+    def test_the_status_page_shows_each_channel_and_why_a_service_follows_none(self):
+        """Under a tracked service's image: the channel and its variable; under one that cannot follow, why
+        (escaped); nothing under an untracked one."""
+        for settings, note in [({}, "<div class=n>follows minor releases (SITE_TAG)</div>"),
+                               ({"label": "<b>newest"}, "<div class=err>gopdater.track ignored: gopdater.track must "
+                                                        "be patch, minor or major, not &#x27;&lt;b&gt;newest&#x27;</div>")]:
+            with self.subTest(settings=settings):
+                rig = self.rig(**settings)
+                page = gopdater.status_page(rig.project.running(), [], datetime.datetime(2026, 12, 4))
+                rows = {row.split("</td>")[0]: row for row in page.split("<tr><td>")[1:]}
+                self.assertIn(note, rows["demo/site"])
+                self.assertNotIn("<div", rows["demo/pinned"].split("</table>")[0])
+
     def test_a_start_first_service_takes_the_new_tag_and_a_broken_one_leaves_the_old_tag(self):
         """Start-first: the new container is created from the new tag (written first); when it fails, the old
         one serves on and the .env names the old tag again."""
