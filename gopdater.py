@@ -1637,9 +1637,19 @@ def write_atomically(path: str, data: object) -> None:
     replace_file(path, json.dumps(data).encode())
 
 
-def replace_file(path: str, data: bytes, mode: int = 0o600, owner: Optional[Tuple[int, int]] = None) -> None:
+class FileChanged(OSError):
+    """The file was changed by someone else after it was read, so replacing it would lose their change."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path} {why}")
+        self.filename, self.strerror = path, why
+
+
+def replace_file(path: str, data: bytes, mode: int = 0o600, owner: Optional[Tuple[int, int]] = None,
+                 unchanged: Optional[Callable[[], bool]] = None) -> None:
     """Replace a file's bytes atomically. The temporary file is made exclusively (a fresh name, so never through
-    a link someone left), given the mode and owner, synced, renamed over path, and the folder synced."""
+    a link someone left), given the mode and owner, synced, renamed over path, and the folder synced. With
+    unchanged, it is asked right before the rename; FileChanged (nothing replaced, no temporary file left) if no."""
     descriptor, temp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
                                         dir=os.path.dirname(path) or ".")
     try:
@@ -1651,6 +1661,8 @@ def replace_file(path: str, data: bytes, mode: int = 0o600, owner: Optional[Tupl
                 with contextlib.suppress(OSError):  # only root may give a file away; others keep their own
                     os.fchown(handle.fileno(), *owner)
             os.fsync(handle.fileno())
+        if unchanged is not None and not unchanged():
+            raise FileChanged(path, "was changed while gopdater wrote it")
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -2514,11 +2526,21 @@ def rewrite_env(text: str, variable: str, value: str) -> str:
 
 
 class EnvFile(NamedTuple):
-    """An env file as read for a rewrite: its text (bytes kept as they were), mode and owner; or absent."""
+    """An env file as read for a rewrite: its text (bytes kept as they were), mode, owner and stamp; or absent."""
 
     text: str
     mode: int = 0o644
     owner: Optional[Tuple[int, int]] = None
+    stamp: Optional[Tuple[int, int, int]] = None  # inode, size, mtime: another writer changes one of them
+
+    @staticmethod
+    def stamp_of(path: str) -> Optional[Tuple[int, int, int]]:
+        """The stamp of the file now; None if there is none."""
+        try:
+            status = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        return status.st_ino, status.st_size, status.st_mtime_ns
 
     @classmethod
     def read(cls, path: str) -> "EnvFile":
@@ -2533,21 +2555,29 @@ class EnvFile(NamedTuple):
                 raise OSError(f"{path} is not a regular file of at most {ENV_FILE_MAX} bytes")
             data = handle.read(ENV_FILE_MAX + 1)
         return cls(data.decode("utf-8", "surrogateescape"), stat.S_IMODE(status.st_mode),
-                   (status.st_uid, status.st_gid))
+                   (status.st_uid, status.st_gid), (status.st_ino, status.st_size, status.st_mtime_ns))
 
 
 ENV_FILE_MAX = 1 << 20
 
 
-def write_env(path: str, variable: str, value: str) -> Optional[str]:
+ENV_WRITE_ATTEMPTS = 3
+
+
+def write_env(path: str, variable: str, value: str, read: Callable[[str], EnvFile] = EnvFile.read) -> Optional[str]:
     """Set variable=value in an env file, atomically, keeping its mode and owner; the line written, or None
     if the file already said so. OSError or ValueError if it cannot be done."""
-    current = EnvFile.read(path)
-    text = rewrite_env(current.text, variable, value)
-    if text == current.text:
-        return None
-    replace_file(path, text.encode("utf-8", "surrogateescape"), current.mode, current.owner)
-    return changed_line(current.text, text)
+    for _ in range(ENV_WRITE_ATTEMPTS):
+        current = read(path)
+        text = rewrite_env(current.text, variable, value)
+        if text == current.text:
+            return None
+        # Someone editing the file since it was read (by hand, or a deploy script) keeps their edit: read again.
+        with contextlib.suppress(FileChanged):
+            replace_file(path, text.encode("utf-8", "surrogateescape"), current.mode, current.owner,
+                         lambda: EnvFile.stamp_of(path) == current.stamp)
+            return changed_line(current.text, text)
+    raise FileChanged(path, f"kept changing while gopdater wrote it ({ENV_WRITE_ATTEMPTS} attempts)")
 
 
 def changed_line(before: str, after: str) -> str:

@@ -4003,6 +4003,47 @@ class EnvRewriteTest(unittest.TestCase):
         self.assertIsNone(gopdater.write_env(path, "SITE_TAG", "1.4.3"))
         self.assertEqual(os.stat(path).st_ino, inode)
 
+    def editing_reader(self, edits):
+        """EnvFile.read, after which someone edits the file by hand (the first `edits` reads); records each read."""
+        reads = []
+
+        def read(path):
+            current = gopdater.EnvFile.read(path)
+            reads.append(current.text)
+            if len(reads) <= edits:
+                with open(path, "a") as handle:
+                    handle.write(f"# edited by hand {len(reads)}\n")
+            return current
+        return read, reads
+
+    def test_an_edit_made_while_it_writes_is_kept_and_the_tag_written_on_top(self):
+        """A hand edit between gopdater's read and its rename is not lost: the file is read again and the tag
+        written into the edited text; no temporary file is left."""
+        folder = self.folder()
+        path = os.path.join(folder, ".env")
+        pathlib.Path(path).write_text("SITE_TAG=1.4.2\n")
+        read, reads = self.editing_reader(edits=1)
+        self.assertEqual(gopdater.write_env(path, "SITE_TAG", "1.4.3", read=read), "SITE_TAG=1.4.3")
+        self.assertEqual(pathlib.Path(path).read_text(), "SITE_TAG=1.4.3\n# edited by hand 1\n")
+        self.assertEqual(reads, ["SITE_TAG=1.4.2\n", "SITE_TAG=1.4.2\n# edited by hand 1\n"])
+        self.assertEqual(os.listdir(folder), [".env"])
+
+    def test_a_file_that_keeps_changing_is_left_to_its_editor_with_an_error(self):
+        """Edited after each of three reads: FileChanged (an OSError) naming the file; the file holds every
+        edit and never gopdater's tag; no temporary file is left."""
+        folder = self.folder()
+        path = os.path.join(folder, ".env")
+        pathlib.Path(path).write_text("SITE_TAG=1.4.2\n")
+        read, reads = self.editing_reader(edits=3)
+        with self.assertRaises(OSError) as raised:
+            gopdater.write_env(path, "SITE_TAG", "1.4.3", read=read)
+        self.assertEqual((raised.exception.filename, raised.exception.strerror),
+                         (path, "kept changing while gopdater wrote it (3 attempts)"))
+        self.assertEqual(len(reads), 3)
+        self.assertEqual(pathlib.Path(path).read_text(), "SITE_TAG=1.4.2\n" + "".join(
+            f"# edited by hand {n}\n" for n in (1, 2, 3)))
+        self.assertEqual(os.listdir(folder), [".env"])
+
     def test_a_link_or_a_huge_file_is_never_written_through(self):
         """An env file that is a symbolic link (to a file elsewhere), or not a regular file, is refused and its
         target left as it was."""
