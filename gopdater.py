@@ -2559,14 +2559,12 @@ class EnvFile(NamedTuple):
 
 
 ENV_FILE_MAX = 1 << 20
-
-
-ENV_WRITE_ATTEMPTS = 3
+ENV_WRITE_ATTEMPTS = 3  # reads of a file someone else keeps changing before gopdater gives up
 
 
 def write_env(path: str, variable: str, value: str, read: Callable[[str], EnvFile] = EnvFile.read) -> Optional[str]:
-    """Set variable=value in an env file, atomically, keeping its mode and owner; the line written, or None
-    if the file already said so. OSError or ValueError if it cannot be done."""
+    """Set variable=value in an env file, atomically, keeping its mode, owner and any edit made meanwhile; the
+    line written, or None if the file already said so. OSError (FileChanged) or ValueError if it cannot be done."""
     for _ in range(ENV_WRITE_ATTEMPTS):
         current = read(path)
         text = rewrite_env(current.text, variable, value)
