@@ -1637,6 +1637,11 @@ def write_atomically(path: str, data: object) -> None:
     replace_file(path, json.dumps(data).encode())
 
 
+def file_stamp(status: os.stat_result) -> Tuple[int, int, int]:
+    """Inode, size and mtime: a file replaced or written by someone else has another."""
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
 class FileChanged(OSError):
     """The file was changed by someone else after it was read, so replacing it would lose their change."""
 
@@ -2430,12 +2435,19 @@ class TagMove(NamedTuple):
         return cls(record.old_tag, record.new_tag, record.env_file, record.variable)
 
 
+def tracking_words(tracking: Tracking, where: str = "") -> Finding:
+    """What a tracked service follows (where: its variable, as the caller shows it), or why its label is
+    ignored: the words of --check and the status page. Pure."""
+    if tracking.problem:
+        return False, f"{TRACK_LABEL} is ignored, it is left alone: {tracking.problem}"
+    return True, f"follows {tracking.channel.value} releases{where}"
+
+
 def tracking_finding(ref: ServiceRef, tracking: Tracking) -> Finding:
     """One line for --check and the start-up log: what a tracked service follows, or how to fix it."""
-    if tracking.problem:
-        return False, f"service {ref}: {TRACK_LABEL} is ignored, it is left alone: {tracking.problem}"
-    where = f" ({tracking.variable} in {tracking.env_file})" if tracking.env_file else ""
-    return True, f"service {ref}: follows {tracking.channel.value} releases{where}"
+    follows, words = tracking_words(tracking, f" ({tracking.variable} in {tracking.env_file})"
+                                    if tracking.env_file else "")
+    return follows, f"service {ref}: {words}"
 
 
 def shared_variable(service: str, tracking: Tracking, tracked: Mapping[str, Tracking], raw: Mapping[str, str]
@@ -2531,16 +2543,15 @@ class EnvFile(NamedTuple):
     text: str
     mode: int = 0o644
     owner: Optional[Tuple[int, int]] = None
-    stamp: Optional[Tuple[int, int, int]] = None  # inode, size, mtime: another writer changes one of them
+    stamp: Optional[Tuple[int, int, int]] = None  # file_stamp() as read; None if absent
 
     @staticmethod
     def stamp_of(path: str) -> Optional[Tuple[int, int, int]]:
-        """The stamp of the file now; None if there is none."""
+        """The file's stamp now; None if there is none."""
         try:
-            status = os.lstat(path)
+            return file_stamp(os.lstat(path))
         except FileNotFoundError:
             return None
-        return status.st_ino, status.st_size, status.st_mtime_ns
 
     @classmethod
     def read(cls, path: str) -> "EnvFile":
@@ -2555,7 +2566,7 @@ class EnvFile(NamedTuple):
                 raise OSError(f"{path} is not a regular file of at most {ENV_FILE_MAX} bytes")
             data = handle.read(ENV_FILE_MAX + 1)
         return cls(data.decode("utf-8", "surrogateescape"), stat.S_IMODE(status.st_mode),
-                   (status.st_uid, status.st_gid), (status.st_ino, status.st_size, status.st_mtime_ns))
+                   (status.st_uid, status.st_gid), file_stamp(status))
 
 
 ENV_FILE_MAX = 1 << 20
@@ -4237,10 +4248,8 @@ def channel_note(tracking: Optional["Tracking"]) -> str:
     """Under a tracked service's image: the channel it follows (and its variable), or why it follows none."""
     if tracking is None:
         return ""
-    if tracking.problem:
-        return f"<div class=err>{TRACK_LABEL} ignored: {html.escape(tracking.problem)}</div>"
-    variable = f" ({html.escape(tracking.variable)})" if tracking.variable else ""
-    return f"<div class=n>follows {tracking.channel.value} releases{variable}</div>"
+    follows, words = tracking_words(tracking, f" ({tracking.variable})" if tracking.variable else "")
+    return f"<div class={'n' if follows else 'err'}>{html.escape(words)}</div>"
 
 
 def deployment_rows(views: Sequence[Mapping[str, object]]) -> List[str]:
@@ -4560,8 +4569,7 @@ class TLSFiles:
         connection.context = self.current
 
     def files_stamp(self) -> tuple:
-        stats = [os.stat(path) for path in (self.cert, self.key)]
-        return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+        return tuple(file_stamp(os.stat(path)) for path in (self.cert, self.key))
 
     def expiry(self) -> datetime:
         with open(self.cert, encoding="ascii", errors="replace") as handle:

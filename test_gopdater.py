@@ -4265,8 +4265,9 @@ class TrackedComposeTest(unittest.TestCase):
         """Under a tracked service's image: the channel and its variable; under one that cannot follow, why
         (escaped); nothing under an untracked one."""
         for settings, note in [({}, "<div class=n>follows minor releases (SITE_TAG)</div>"),
-                               ({"label": "<b>newest"}, "<div class=err>gopdater.track ignored: gopdater.track must "
-                                                        "be patch, minor or major, not &#x27;&lt;b&gt;newest&#x27;</div>")]:
+                               ({"label": "<b>newest"}, "<div class=err>gopdater.track is ignored, it is left alone: "
+                                                        "gopdater.track must be patch, minor or major, not "
+                                                        "&#x27;&lt;b&gt;newest&#x27;</div>")]:
             with self.subTest(settings=settings):
                 rig = self.rig(**settings)
                 page = gopdater.status_page(rig.project.running(), [], datetime.datetime(2026, 12, 4))
