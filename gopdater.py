@@ -4394,6 +4394,8 @@ SWEEP_SECONDS = 0.1
 READ_BYTES = 64 * 1024
 WRITE_HIGH_WATER = 64 * 1024
 TURN_STEPS = 4
+LISTEN_BACKLOG = 1024  # connections the kernel queues for accept
+ACCEPT_BURST = 16  # connections accepted in one turn of the loop, before any is read
 UNVERIFIED_BODY_BYTES = 8 * 1024 * 1024
 TLS_RELOAD_SECONDS = 10.0
 TLS_EXPIRY_WARNING_DAYS = 14
@@ -4546,27 +4548,27 @@ def certificate_expiry(pem: str) -> datetime:
     return datetime.strptime(text, "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ").replace(tzinfo=timezone.utc)
 
 
+def refuse_password() -> bytes:
+    """The password callback of TLS_KEY: gopdater takes no encrypted key (there is nobody to type it)."""
+    raise ValueError("the key is encrypted: give gopdater the key without a passphrase (openssl pkey -in KEY)")
+
+
 class TLSFiles:
-    """TLS_CERT and TLS_KEY as server contexts: each handshake gets the newest pair that loaded."""
+    """TLS_CERT and TLS_KEY as server contexts: each connection gets the newest pair that loaded."""
 
     def __init__(self, cert: str, key: str):
         self.cert, self.key = cert, key
         self.stamp, self.current = self.files_stamp(), self.load()  # raises OSError, ValueError, ssl.SSLError
         self.refused: Optional[tuple] = None  # the stamp of files that failed to load, warned about once
-        self.listening = self.load()
-        self.listening.sni_callback = self.choose
 
     def load(self):
-        """A TLS 1.2+ server context with the files as they are now; raises if they do not make a pair."""
+        """A TLS 1.2+ server context with the files as they are now; raises if they do not make a pair, or if
+        the key is encrypted (OpenSSL would otherwise ask for its password on the terminal, from the loop)."""
         import ssl
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert, self.key)
+        context.load_cert_chain(self.cert, self.key, password=refuse_password)
         return context
-
-    def choose(self, connection, server_name: Optional[str], context) -> None:
-        """OpenSSL calls this during every handshake (with or without SNI): use the newest context."""
-        connection.context = self.current
 
     def files_stamp(self) -> tuple:
         return tuple(file_stamp(os.stat(path)) for path in (self.cert, self.key))
@@ -4628,7 +4630,7 @@ class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: "HookServer"):
         self.server, self.transport = server, None
         self.buffer = bytearray()
-        self.phase, self.request, self.skip, self.reserved = Phase.HEAD, None, 0, 0
+        self.phase, self.request, self.skip, self.reserved, self.unsent = Phase.HEAD, None, 0, 0, 0
         self.head, self.keep_alive, self.quiet, self.peer = b"", False, False, "-"
         self.writing_paused = self.turn_pending = self.reading_paused = self.eof = False
         self.held: Optional[Tuple[Request, bytes]] = None
@@ -4670,6 +4672,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.writing_paused, self.deadline = True, time.monotonic() + self.server.request_timeout
+        self.unsent = self.transport.get_write_buffer_size()
         self.update_reading()
 
     def resume_writing(self) -> None:
@@ -4800,7 +4803,8 @@ class Connection(asyncio.BufferedProtocol):
         self.server.release(self)
         self.phase, self.held, self.request = Phase.CLOSING, None, None
         self.buffer.clear()
-        self.deadline = time.monotonic() + DRAIN_SECONDS
+        self.unsent = self.transport.get_write_buffer_size()
+        self.deadline = time.monotonic() + (self.server.request_timeout if self.unsent else DRAIN_SECONDS)
         if not self.transport.can_write_eof():
             self.transport.close()
             return
@@ -4809,16 +4813,165 @@ class Connection(asyncio.BufferedProtocol):
         except OSError:  # the client reset the connection meanwhile
             self.transport.abort()
 
+    def answer_moving(self) -> bool:
+        """Whether bytes of the answers written left since the last look: then it gets REQUEST_TIMEOUT more, so
+        a large answer to a slow reader takes the time its size needs, and one that does not move is cut."""
+        left = self.transport.get_write_buffer_size()
+        if 0 < left < self.unsent:
+            self.unsent, self.deadline = left, time.monotonic() + self.server.request_timeout
+            return True
+        return False
+
     def expire(self) -> None:
         """REQUEST_TIMEOUT (or the start-up wait, or the drain) ran out for this connection."""
         if self.phase is Phase.HELD:
             self.release_held(ready=False)
         elif self.phase is Phase.CLOSING or self.writing_paused:
-            self.transport.abort()
+            if not self.answer_moving():
+                self.transport.abort()
         elif self.buffer or self.phase is Phase.BODY:
             self.respond(refusal(HTTPStatus.REQUEST_TIMEOUT, "request timeout"), close=True)
         else:
             self.transport.close()
+
+
+# -- TLS over the plain transport: every connection counted from accept -----------------------
+
+
+class TLSLayer(asyncio.BufferedProtocol):
+    """One HTTPS connection: the protocol asyncio calls with the encrypted bytes, and the transport its
+    Connection writes to. asyncio's own TLS (create_server(ssl=...)) calls the protocol only once a
+    handshake is done, so connections still in one counted against no limit, and it kept a 256 KiB buffer
+    for each; here a connection is in the table from accept, and an SSLObject with two BIOs is all it adds."""
+
+    def __init__(self, server: "HookServer", context):
+        import ssl
+        self.server, self.raw = server, None
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.app = Connection(server)
+        self.secured = self.paused = self.shut = False  # handshake done; its Connection reads no more; EOF sent
+        self.want_read, self.ended = ssl.SSLWantReadError, ssl.SSLZeroReturnError
+
+    # -- what asyncio calls -------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.raw = transport
+        self.app.connection_made(self)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        """Free OpenSSL's memory now: the Connection and this layer refer to each other, and such a cycle
+        waits for the collector's rare full pass, while a flood leaves thousands of them, tens of KiB each."""
+        self.app.connection_lost(exc)
+        self.tls = self.incoming = self.outgoing = None
+        self.shut = True
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self.shut:
+            self.incoming.write(self.server.scratch[:nbytes])
+            self.pump()
+
+    def eof_received(self) -> bool:
+        return self.app.eof_received()
+
+    def pause_writing(self) -> None:
+        self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.app.resume_writing()
+
+    # -- the handshake, then the plain bytes to the Connection -----------------------------------
+
+    def pump(self) -> None:
+        """Go on with the handshake, then hand what decrypts to the Connection while it reads."""
+        if self.tls is None:  # lost meanwhile
+            return
+        try:
+            if not self.secured:
+                self.tls.do_handshake()
+                self.secured = True
+            while not self.paused and not self.shut and not self.raw.is_closing():
+                self.app.buffer_updated(self.tls.read(READ_BYTES, self.server.scratch))
+        except self.want_read:  # more bytes are needed
+            pass
+        except self.ended:  # the client's close_notify: it sends no more
+            if not self.app.eof_received():
+                self.close()
+        except (OSError, ValueError):  # not TLS, a version or cipher refused, or a broken record: end it
+            self.flush()  # the alert, if OpenSSL wrote one
+            self.raw.close()
+            return
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what OpenSSL wrote; a handshake flight counts as an answer (the client spoke TLS)."""
+        data = self.outgoing.read()
+        if data and not self.raw.is_closing():
+            self.raw.write(data)
+            self.server.touched(self.app)
+
+    # -- what the Connection calls: asyncio's transport interface, the part it uses ---------------
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.raw.get_extra_info(name, default)
+
+    def set_write_buffer_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
+        self.raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self.raw.get_write_buffer_size()
+
+    def is_closing(self) -> bool:
+        return self.raw.is_closing()
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        self.raw.resume_reading()
+        if self.incoming is not None and self.incoming.pending:  # records that came before the pause: decrypt them now, not at the next read
+            self.server.loop.call_soon(self.pump)
+
+    def write(self, data: bytes) -> None:
+        if self.secured and not self.shut and not self.raw.is_closing():
+            try:
+                self.tls.write(data)
+            except (OSError, ValueError):
+                self.raw.abort()
+                return
+            self.flush()
+
+    def can_write_eof(self) -> bool:
+        return self.secured
+
+    def write_eof(self) -> None:
+        """close_notify, then the TCP half-close: the answer is read before the connection goes."""
+        self.shut = True
+        with contextlib.suppress(OSError, ValueError):  # unwrap() waits for the client's: not here
+            self.tls.unwrap()
+        self.flush()
+        self.raw.write_eof()
+
+    def close(self) -> None:
+        """Close after what is written; a connection that never finished its handshake is simply dropped."""
+        if not self.secured:
+            self.raw.abort()
+            return
+        try:
+            if not self.shut and not self.raw.is_closing():
+                self.write_eof()
+        except OSError:  # the client is gone already
+            self.raw.abort()
+            return
+        self.raw.close()
+
+    def abort(self) -> None:
+        self.raw.abort()
 
 
 # -- the server -----------------------------------------------------------------------------
@@ -4833,15 +4986,18 @@ class HookServer:
         self.listener, self.app, self.tls, self.startup_wait = sock, app, tls, startup_wait
         self.server_address = sock.getsockname()[:2]
         self.max_connections, self.request_timeout = max_connections, request_timeout
+        self.max_silent = max(1, max_connections // 4)
         self.rejects = rejects or RejectLog()
         self.loop = asyncio.new_event_loop()
         self.done = self.loop.create_future()
         self.connections: "collections.OrderedDict[Connection, None]" = collections.OrderedDict()
+        self.silent: "collections.OrderedDict[Connection, None]" = collections.OrderedDict()  # not yet answered
         self.scratch = memoryview(bytearray(READ_BYTES))
         self.unverified = 0  # body bytes held for requests not yet authenticated
         self.ready, self.stopping = app.queue is not None, False
         self.tls_checked = time.monotonic()  # when the TLS files were last looked at
         self.parse_head = head_parser()
+        self.trouble: Dict[str, float] = {}  # asyncio's error message: when it may be logged again
 
     def serve_forever(self) -> None:
         """Accept and answer until shutdown(); then close every connection."""
@@ -4851,10 +5007,14 @@ class HookServer:
             self.loop.close()
 
     async def serve(self) -> None:
+        self.loop.set_exception_handler(self.loop_trouble)
+        tls = self.tls
         server = await self.loop.create_server(
-            lambda: Connection(self), sock=self.listener, backlog=1024,
-            ssl=self.tls.listening if self.tls else None,
-            ssl_handshake_timeout=self.request_timeout if self.tls else None)
+            (lambda: TLSLayer(self, tls.current)) if tls else (lambda: Connection(self)),
+            sock=self.listener, backlog=ACCEPT_BURST)
+        # asyncio accepts up to its backlog argument per turn of the loop, and listens with it too: the
+        # kernel's queue is set back to LISTEN_BACKLOG, the turn keeps ACCEPT_BURST (see opened()).
+        self.listener.listen(LISTEN_BACKLOG)
         sweep = self.loop.call_later(SWEEP_SECONDS, self.sweep)
         await self.done
         sweep.cancel()
@@ -4862,6 +5022,14 @@ class HookServer:
         for connection in list(self.connections):
             connection.transport.abort()
         await asyncio.sleep(0)  # let connection_lost run
+
+    def loop_trouble(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's own errors (accept out of file descriptors, which asyncio retries after a second): each
+        kind logged once a minute, never per attempt."""
+        message = str(context.get("message") or "asyncio error")[:200]
+        if time.monotonic() >= self.trouble.get(message, 0.0):
+            self.trouble[message] = time.monotonic() + REJECT_LOG_INTERVAL
+            log.error("%s: %s (logged once a minute)", message, context.get("exception"))
 
     def shutdown(self) -> None:
         """Stop serving soon; safe from any thread, and after the loop is gone."""
@@ -4896,23 +5064,35 @@ class HookServer:
     # -- the table of connections, and what they share -----------------------------------------
 
     def opened(self, connection: Connection) -> None:
-        if len(self.connections) >= self.max_connections:
-            oldest, _ = self.connections.popitem(last=False)
-            if not oldest.writing_paused and oldest.phase is not Phase.CLOSING:
-                oldest.respond(refusal(HTTPStatus.SERVICE_UNAVAILABLE, "service unavailable"), close=True)
-            # Out of the table nothing expires it: a client that does not read must not keep it alive.
-            if oldest.transport.get_write_buffer_size():
-                oldest.transport.abort()
-            oldest.transport.close()
-        self.connections[connection] = None
+        """A connection from accept on (in a TLS handshake too). Beyond MAX_CONNECTIONS, or beyond a quarter of
+        it not yet answered, one goes: the oldest that has not yet said a thing worth answering (a flood's
+        idle or half-sent connects, each up to 45 KiB in OpenSSL), else the least recently active. asyncio
+        accepts ACCEPT_BURST a turn: a client's first flight is read and answered within a turn or two."""
+        if len(self.connections) >= self.max_connections or len(self.silent) >= self.max_silent:
+            self.evict(next(iter(self.silent), None) or next(iter(self.connections)))
+        self.connections[connection] = self.silent[connection] = None
+
+    def evict(self, oldest: Connection) -> None:
+        """Drop a connection to make room: a 503 if it is between requests, aborted if its answers are unread."""
+        self.connections.pop(oldest)
+        self.silent.pop(oldest, None)
+        if not oldest.writing_paused and oldest.phase is not Phase.CLOSING:
+            oldest.respond(refusal(HTTPStatus.SERVICE_UNAVAILABLE, "service unavailable"), close=True)
+        # Out of the table nothing expires it: a client that does not read must not keep it alive.
+        if oldest.transport.get_write_buffer_size():
+            oldest.transport.abort()
+        oldest.transport.close()
 
     def closed(self, connection: Connection) -> None:
         self.release(connection)
         self.connections.pop(connection, None)
+        self.silent.pop(connection, None)
 
     def touched(self, connection: Connection) -> None:
+        """The connection was answered (a request, or a flight of its TLS handshake): it is the newest."""
         if connection in self.connections:
             self.connections.move_to_end(connection)
+            self.silent.pop(connection, None)
 
     def reserve(self, connection: Connection, length: int) -> bool:
         """Hold room for an unauthenticated body, if the shared budget has it."""
@@ -5204,6 +5384,27 @@ def listen(host: str, port: int):
                                 dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
 
 
+FD_SHARE = 2  # client connections take at most 1/FD_SHARE of the file descriptors; deployments need the rest
+
+
+def raise_file_limit() -> int:
+    """Raise the soft limit of open files to the hard one (systemd gives services 1,024 soft); the soft
+    limit now in force."""
+    import resource  # POSIX, as Docker is
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def connection_cap(wanted: int, file_limit: int) -> int:
+    """MAX_CONNECTIONS, kept to a share of the file limit so that a deployment (pipes, the journal, docker
+    children) always has descriptors while every connection is held. Pure."""
+    return max(1, min(wanted, file_limit // FD_SHARE))
+
+
 def scheme(config: Config) -> str:
     return "https" if config.tls_cert else "http"
 
@@ -5212,15 +5413,16 @@ STATE_LOCKS: List[StateLock] = []  # the lock on STATE_DIR, held as long as the 
 
 
 def hold_state_dir(config: Config) -> None:
-    """Take STATE_DIR for this process; ConfigError if another gopdater has it. A folder that cannot be made
-    is not an error here: the log and every deployment then say so (see Journal.problem)."""
+    """Take STATE_DIR for this process; ConfigError if another gopdater has it, or if its lock cannot be
+    taken at all (two gopdaters on one folder would undo each other's recoveries)."""
     directory = state_dir(config)
     try:
         secure_folder(directory)
         lock = StateLock(directory)
         held_by_other = lock.acquire()
-    except OSError:
-        return
+    except OSError as error:
+        raise ConfigError(f"STATE_DIR {directory} cannot be locked ({error.strerror or error}): make it a folder "
+                          "this user can write, or set STATE_DIR to one") from None
     if held_by_other:
         raise ConfigError(held_by_other)
     STATE_LOCKS.append(lock)
@@ -5307,8 +5509,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gopdater: {error}", file=sys.stderr)
         return 2
     app, failed = App(config, None), []
-    server = HookServer(sock, app, max_connections=config.max_connections, request_timeout=config.request_timeout,
-                        tls=tls)
+    file_limit = raise_file_limit()
+    connections = connection_cap(config.max_connections, file_limit)
+    if connections < config.max_connections:
+        log.warning("MAX_CONNECTIONS is %d: at most half of the %d open files this process may have (raise its "
+                    "hard limit, e.g. LimitNOFILE= or --ulimit nofile=)", connections, file_limit)
+    server = HookServer(sock, app, max_connections=connections, request_timeout=config.request_timeout, tls=tls)
     server.stop_on(signal.SIGTERM, signal.SIGINT)
     log.info("gopdater %s listening on %s:%s; Docker Hub webhook URL: %s://<this-host>:%s/hooks/%s******** "
              "(the rest of WEBHOOK_SECRET)", __version__, *server.server_address[:2], scheme(config), config.port,

@@ -2276,13 +2276,29 @@ class HTTPServerTest(unittest.TestCase):
     def test_connections_beyond_the_limit_drop_the_oldest(self):
         """With MAX_CONNECTIONS held, a new connection evicts the oldest idle one."""
         self.start(max_connections=5)
-        idle = [socket.create_connection(("127.0.0.1", self.port), timeout=5) for _ in range(5)]
-        for sock in idle:
-            self.addCleanup(sock.close)
-        body = json.dumps(payload("dockerhub-push.json"))
         with self.assertLogs("gopdater", "WARNING"):
+            idle = [socket.create_connection(("127.0.0.1", self.port), timeout=5) for _ in range(5)]
+            for sock in idle:
+                self.addCleanup(sock.close)
+            body = json.dumps(payload("dockerhub-push.json"))
             self.assertEqual(self.request("POST", f"/hooks/{SECRET}", body)[0], 202)
             self.assertTrue(idle[0].recv(1024).startswith(b"HTTP/1.1 503"))
+
+    def test_silent_connects_go_before_a_client_that_was_answered(self):
+        """Connections that have sent nothing are dropped first, and at most a quarter of MAX_CONNECTIONS of
+        them are held: a keep-alive client already answered outlives a burst of 20 silent connects."""
+        self.start(max_connections=8)
+        client = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        self.addCleanup(client.close)
+        client.request("GET", "/healthz")
+        self.assertEqual(client.getresponse().read(), b'{"status": "ok"}')
+        with self.assertLogs("gopdater", "WARNING"):
+            silent = [socket.create_connection(("127.0.0.1", self.port), timeout=5) for _ in range(20)]
+            for sock in silent:
+                self.addCleanup(sock.close)
+            self.assertTrue(silent[0].recv(1024).startswith(b"HTTP/1.1 503"))
+        client.request("GET", "/healthz")
+        self.assertEqual(client.getresponse().status, 200)
 
     def test_expect_100_continue_gets_its_interim_answer(self):
         """A client that waits for 100 Continue (as curl does over 1 KiB) gets it and then its answer."""
@@ -2500,6 +2516,104 @@ class TLSTest(unittest.TestCase):
         self.assertIn("do not load", stderr.getvalue())
 
 
+    def test_an_encrypted_key_is_refused_without_a_prompt(self):
+        """A key with a passphrase: --check and start-up say it is encrypted, and a renewal to one keeps the
+        previous certificate with a warning saying why (OpenSSL is never left to prompt on a terminal)."""
+        cert, key = self.certificate("site")
+        locked = str(pathlib.Path(key).with_suffix(".locked"))
+        subprocess.run(["openssl", "pkey", "-in", key, "-aes256", "-passout", "pass:hunter2", "-out", locked],
+                       check=True, capture_output=True)
+        ok, text = gopdater.tls_problem(cert, locked)
+        self.assertFalse(ok)
+        self.assertIn("the key is encrypted", text)
+        files = gopdater.TLSFiles(cert, key)
+        before = files.current
+        os.replace(locked, key)
+        with self.assertLogs("gopdater", "WARNING") as logs:
+            self.assertFalse(files.reload())
+        self.assertIs(files.current, before)
+        self.assertIn("the key is encrypted", "\n".join(logs.output))
+
+
+class FrontLimitsTest(unittest.TestCase):
+    """What bounds the front door besides the requests: file descriptors, asyncio's own errors, closing."""
+
+    def test_connections_are_kept_to_half_the_file_limit(self):
+        """connection_cap: MAX_CONNECTIONS, or half the open-file limit if that is lower, never 0."""
+        for wanted, limit, cap in ((512, 1024, 512), (512, 20000, 512), (512, 600, 300), (512, 1, 1), (5, 1024, 5)):
+            with self.subTest(wanted=wanted, limit=limit):
+                self.assertEqual(gopdater.connection_cap(wanted, limit), cap)
+
+    def test_the_soft_file_limit_is_raised_to_the_hard_one(self):
+        """raise_file_limit: a soft limit of 1,024 (systemd's) is raised to the hard limit, and returned."""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        expected = hard if hard != resource.RLIM_INFINITY else min(1024, hard)
+        self.assertEqual(gopdater.raise_file_limit(), expected)
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], expected)
+
+    def server(self):
+        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), Rig(self).app, request_timeout=1.0)
+        self.addCleanup(server.loop.close)
+        self.addCleanup(server.listener.close)
+        return server
+
+    def test_asyncio_errors_are_logged_once_a_minute_not_per_attempt(self):
+        """asyncio's accept out of file descriptors, 1,000 times: one log line."""
+        server = self.server()
+        error = OSError(24, "Too many open files")
+        with self.assertLogs("gopdater", "ERROR") as logs:
+            for _ in range(1000):
+                server.loop_trouble(server.loop, {"message": "socket.accept() out of system resource",
+                                                  "exception": error})
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("socket.accept() out of system resource: [Errno 24] Too many open files", logs.output[0])
+
+    def test_an_answer_being_closed_is_cut_only_when_no_byte_left(self):
+        """A closing answer with bytes still unsent: kept while some leave each REQUEST_TIMEOUT, aborted when
+        none did (asyncio's transport interface, recorded)."""
+        connection = gopdater.Connection(self.server())
+        transport = RecordingTransport()
+        connection.connection_made(transport)
+        transport.buffered = 900_000
+        with self.assertLogs("gopdater", "WARNING"):  # the refusal, in the access log
+            connection.respond(gopdater.refusal(gopdater.HTTPStatus.NOT_FOUND, "not found"), close=True)
+        self.assertEqual(transport.calls, ["write", "write_eof"])
+        for left in (600_000, 1_000):
+            transport.buffered = left
+            connection.expire()
+            self.assertNotIn("abort", transport.calls, f"{left} bytes left: the answer moved")
+        connection.expire()
+        self.assertEqual(transport.calls[-1], "abort")
+
+
+class RecordingTransport:
+    """asyncio's transport interface, recording the calls a Connection makes; buffered: bytes not yet sent."""
+
+    def __init__(self):
+        self.calls, self.buffered = [], 0
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def get_write_buffer_size(self):
+        return self.buffered
+
+    def is_closing(self):
+        return "abort" in self.calls
+
+    def can_write_eof(self):
+        return True
+
+    def __getattr__(self, name):  # write, write_eof, close, abort, pause_reading, resume_reading
+        return lambda *args: self.calls.append(name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Health verdicts, metrics and the house rules
 # ---------------------------------------------------------------------------------------------
@@ -2706,6 +2820,21 @@ class StateFolderTest(unittest.TestCase):
         code, out = check(self, FakeDocker(), STATE_DIR=folder)
         self.assertEqual(code, 1)
         self.assertIn("FAIL STATE_DIR", out)
+
+    def test_a_state_folder_whose_lock_cannot_be_taken_stops_start_up(self):
+        """STATE_DIR/lock a link elsewhere (or anything that cannot be opened as a file): exit 2, one line
+        naming the folder, no docker command run."""
+        folder = state_folder(self)
+        os.symlink(os.path.join(folder, "elsewhere"), os.path.join(folder, "lock"))
+        stderr = io.StringIO()
+        env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "STATE_DIR": folder, "PORT": "0"}
+        with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(stderr), \
+                mock.patch("gopdater.subprocess.run") as run:
+            self.assertEqual(gopdater.main([]), 2)
+        self.assertEqual(stderr.getvalue().count("\n"), 1)
+        self.assertIn(f"STATE_DIR {folder} cannot be locked", stderr.getvalue())
+        run.assert_not_called()
+        self.assertFalse(os.path.exists(os.path.join(folder, "elsewhere")))
 
     def test_each_project_gets_its_own_default_state_folder(self):
         """With PROJECTS unset the default STATE_DIR is one folder per project, below the shared one."""

@@ -4,11 +4,13 @@ the fake `docker` of fake_docker.py, on a free 127.0.0.1 port, and small raw-soc
 Standard library only.
 """
 
+import functools
 import json
 import os
 import pathlib
 import py_compile
 import re
+import resource
 import secrets
 import shutil
 import socket
@@ -109,9 +111,10 @@ class FakeHost:
                 "PASS_ENV": "FAKE_DOCKER_STATE,FAKE_DOCKER_LOG",  # what the fake docker reads
                 "STATE_DIR": str(self.tmp / f"state-{port}"), **settings}  # one gopdater per STATE_DIR
 
-    def launch(self, port, from_source=True, **settings):
+    def launch(self, port, from_source=True, nofile=None, **settings):
         """Start gopdater as `python3 gopdater.py` does, or as the container does (`python3 -m gopdater`
-        from bytecode compiled once); return the process (its output goes to gopdater-<port>.log)."""
+        from bytecode compiled once), with at most nofile file descriptors if given (soft and hard, as
+        `ulimit -n` would set them); return the process (its output goes to gopdater-<port>.log)."""
         app = self.tmp / "app"
         if not from_source and not app.exists():
             app.mkdir()
@@ -122,7 +125,9 @@ class FakeHost:
         if not from_source:
             env["PYTHONPATH"] = str(app)
         with open(self.tmp / f"gopdater-{port}.log", "ab") as output:
-            process = subprocess.Popen(argv, env=env, cwd=self.tmp, stdout=output, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(argv, env=env, cwd=self.tmp, stdout=output, stderr=subprocess.STDOUT,
+                                       preexec_fn=None if nofile is None else functools.partial(
+                                           resource.setrlimit, resource.RLIMIT_NOFILE, (nofile, nofile)))
         self.processes.append(process)
         return process
 
