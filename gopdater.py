@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import re
+import selectors
 import shlex
 import signal
 import stat
@@ -1156,24 +1157,38 @@ class Deployment:
 class Past(dict):
     """A deployment from before the last restart, as its view was stored (only its own fields, flat)."""
 
-    SCALARS = ("image", "tag", "kind", "project", "service", "id", "sender", "digest", "state", "hooks", "created",
-               "started", "finished", "error", "old_tag", "new_tag")
+    TEXTS = ("image", "tag", "kind", "project", "service", "id", "sender", "digest", "state", "created", "started",
+             "finished", "error", "old_tag", "new_tag")  # each a string or null
+    TEXT_MAX = 2000  # characters kept of each (an error names a command and its stderr's tail)
+    STEPS_MAX = 100
 
     @classmethod
     def from_stored(cls, view: object) -> Optional["Past"]:
-        """The view as history.json keeps it, if it has the shape gopdater writes; else None."""
-        flat = (str, int, float, bool, type(None))
-        if not isinstance(view, dict) or not all(isinstance(view.get(k), flat) for k in cls.SCALARS):
+        """The view as history.json keeps it, if it has the shape and the types gopdater writes, each string cut
+        as gopdater cuts it; else None. Pure: a crafted file is refused here, never rendered."""
+        if not isinstance(view, dict) or not all(isinstance(view.get(k), (str, type(None))) for k in cls.TEXTS):
             return None
-        steps = [s for s in view.get("steps") or () if isinstance(s, dict)]
-        if not all(isinstance(s.get(k), flat) for s in steps for k in ("step", "result", "seconds")):
+        steps, logs, hooks = view.get("steps", []), view.get("logs", []), view.get("hooks", 1)
+        if view.get("state") not in STATE_VALUES or type(hooks) is not int or not 0 <= hooks <= 10**9 or not (
+                isinstance(steps, list) and all(map(stored_step, steps)) and isinstance(logs, list)
+                and all(isinstance(line, str) for line in logs)):
             return None
-        logs = [line for line in view.get("logs") or () if isinstance(line, str)]
-        return cls({**{k: view.get(k) for k in cls.SCALARS}, "logs": logs,
-                    "steps": [{k: s.get(k) for k in ("step", "result", "seconds")} for s in steps]})
+        return cls({**{k: view.get(k) and view[k][:cls.TEXT_MAX] for k in cls.TEXTS}, "hooks": hooks,
+                    "logs": [line[:LINE_MAX] for line in logs[-LOG_TAIL_LINES:]],
+                    "steps": [{"step": s["step"][:80], "result": s["result"][:80], "seconds": s["seconds"]}
+                              for s in steps[:cls.STEPS_MAX]]})
 
     def view(self) -> dict:
         return dict(self)
+
+
+STATE_VALUES = frozenset(state.value for state in State)
+
+
+def stored_step(step: object) -> bool:
+    """Whether a stored step has the shape Step gives it: two strings and a finite count of seconds. Pure."""
+    return isinstance(step, dict) and isinstance(step.get("step"), str) and isinstance(step.get("result"), str) \
+        and type(step.get("seconds")) in (int, float) and 0 <= step["seconds"] < float("inf")
 
 
 class DeployFailed(Exception):
@@ -1420,7 +1435,7 @@ class WorkQueue:
             deployment.state, deployment.finished = outcome.result, _now()
             deployment.old_tag, deployment.new_tag = outcome.old_tag, outcome.new_tag
             if outcome.reason and outcome.result in (State.FAILED, State.ROLLED_BACK, State.SKIPPED):
-                deployment.error = outcome.reason
+                deployment.error = outcome.reason[:REASON_MAX]
         seconds = steps.record("done", outcome.result.value, started)
         self.metrics.deployed(str(deployment.ref), outcome.result, seconds, deployment.steps,
                               (outcome.old_tag, outcome.new_tag) if outcome.new_tag else None)
@@ -1799,8 +1814,22 @@ class Journal:
             self.records = records
             self.failed = {k: [i for i in v if isinstance(i, str) and image_value(i)][-FAILED_KEPT:]
                            for k, v in (failed.items() if isinstance(failed, dict) else ()) if isinstance(v, list)}
-        history = [past for past in map(Past.from_stored, read_state(self.history_path, list)) if past is not None]
+        stored = read_state(self.history_path, list)
+        history = [past for past in map(Past.from_stored, stored) if past is not None]
+        if len(history) < len(stored):
+            self.set_history_aside(history, len(stored) - len(history))
         return list(records.values()), history[-HISTORY_SIZE:]
+
+    def set_history_aside(self, kept: List["Past"], dropped: int) -> None:
+        """Move a history file with entries gopdater does not write aside, and keep the others in its place."""
+        aside = f"{self.history_path}.corrupt-{int(time.time())}"
+        try:
+            os.replace(self.history_path, aside)
+            write_atomically(self.history_path, [past.view() for past in kept[-HISTORY_SIZE:]])
+        except OSError as error:
+            aside = f"nowhere ({error.strerror})"
+        log.warning("%d entries of %s are not ones gopdater writes: the file is moved aside to %s; the other %d are "
+                    "kept", dropped, self.history_path, aside, len(kept))
 
     def record(self, key: str) -> Optional[Record]:
         with self.lock:
@@ -1932,15 +1961,16 @@ class StepLog:
         return value
 
     def command_output(self, name: str, lines: Sequence[str]) -> None:
-        """Keep the last lines a release step printed, in the log and in the deployment (never run or parsed)."""
-        for line in lines[-LOG_TAIL_LINES:]:
+        """Keep the last lines a release step printed, each cut, in the log and in the deployment (never run or
+        parsed)."""
+        for line in (line[:LINE_MAX] for line in lines[-LOG_TAIL_LINES:]):
             log.info("%s %s printed: %r", self.label, name, line)
             with self.lock:
                 self.deployment.logs.append(f"{name}: {line}")
 
     def container_log(self, container: str, lines: Sequence[str]) -> None:
-        """Keep a failing container's last lines, in the log and in the deployment."""
-        for line in lines:
+        """Keep a failing container's last lines, each cut, in the log and in the deployment."""
+        for line in (line[:LINE_MAX] for line in lines[-LOG_TAIL_LINES:]):
             log.warning("%s container %s logged: %r", self.label, container, line)
             with self.lock:
                 self.deployment.logs.append(line)
@@ -3520,31 +3550,92 @@ def shown(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
+OUTPUT_TAIL_BYTES = 64 * 1024  # what a step or a container printed, and any stderr: the last 64 KiB are kept
+ANSWER_MAX_BYTES = 64 * 1024 * 1024  # docker's own answers (inspect of a whole host), kept whole up to this
+PIPE_READ_BYTES = 64 * 1024
+LINE_MAX = 500  # characters of one printed line kept, in the log, history, /deployments and notifications
+
+
+class Printed(NamedTuple):
+    """How a command ended: its exit code (None: killed at its timeout, or for answering too much), stdout
+    (with both: stdout and stderr as one stream, its tail) and its stderr's tail."""
+
+    code: Optional[int]
+    stdout: str
+    stderr: str
+
+
+class Kept:
+    """The bytes of one pipe as they stream: all of them up to a limit (over it, `over` is set), or the tail."""
+
+    def __init__(self, limit: int, tail: bool):
+        self.limit, self.tail, self.data, self.over = limit, tail, bytearray(), False
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > self.limit:
+            if not self.tail:
+                self.over = True
+            del self.data[:len(self.data) - self.limit]
+
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+
+def collect(argv: Sequence[str], timeout: float, both: bool, env: Optional[Mapping[str, str]], cwd: Optional[str]
+            ) -> Printed:
+    """Run argv to its end, reading its pipes as they fill so that memory stays bounded whatever it prints:
+    stdout whole (docker's answers) unless both, then its tail (a step's or a container's output)."""
+    with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT if both else subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, env=dict(env) if env is not None else None, cwd=cwd) as proc:
+        kept = {proc.stdout: Kept(OUTPUT_TAIL_BYTES if both else ANSWER_MAX_BYTES, tail=both),
+                **({proc.stderr: Kept(OUTPUT_TAIL_BYTES, tail=True)} if proc.stderr else {})}
+        deadline, code = time.monotonic() + timeout, None
+        with selectors.DefaultSelector() as selector:
+            for pipe in kept:
+                selector.register(pipe, selectors.EVENT_READ)
+            while selector.get_map() and not kept[proc.stdout].over and time.monotonic() < deadline:
+                for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                    chunk = os.read(key.fd, PIPE_READ_BYTES)
+                    if chunk:
+                        kept[key.fileobj].add(chunk)
+                    else:
+                        selector.unregister(key.fileobj)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = None if kept[proc.stdout].over else proc.wait(max(0.0, deadline - time.monotonic()))
+        if code is None:
+            proc.kill()
+    stderr = kept[proc.stderr].text() if proc.stderr else ""
+    return Printed(code, kept[proc.stdout].text(), stderr)
+
+
+def printed_lines(text: str) -> List[str]:
+    """The last LOG_TAIL_LINES lines of what a command printed, each cut to LINE_MAX characters."""
+    return [line[:LINE_MAX] for line in text.splitlines()[-LOG_TAIL_LINES:]]
+
+
 def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
                 cwd: Optional[str] = None, quiet: bool = False, both: bool = False, mutates: bool = False) -> str:
     """Run one command (argv list, no shell, no stdin) with a timeout; log it; return stdout (with both,
     stdout and stderr as one stream, whose last lines a CommandError also keeps) or raise CommandError."""
     started = time.monotonic()
     try:
-        proc = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT if both else subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, text=True, errors="replace", timeout=timeout,
-                              env=dict(env) if env is not None else None, cwd=cwd)
-    except subprocess.TimeoutExpired as expired:
-        log.warning("command %s timed out after %ss", shown(argv), timeout)
-        printed = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else expired.stdout
-        raise CommandError(argv, None, f"no answer within {timeout:g}s",
-                           (printed or "").splitlines()[-LOG_TAIL_LINES:]) from None
+        printed = collect(argv, timeout, both, env, cwd)
     except OSError as error:
         log.warning("command %s could not start: %s", shown(argv), error.strerror)
         raise CommandError(argv, 127, error.strerror or "could not start") from None
     seconds = time.monotonic() - started
-    stderr = proc.stdout if both else proc.stderr
-    if proc.returncode != 0:
-        log.warning("command %s exit=%s seconds=%.2f stderr=%r", shown(argv), proc.returncode, seconds,
-                    stderr_tail(stderr or ""))
-        raise command_failed(argv, proc.returncode, stderr or "", (stderr or "").splitlines()[-LOG_TAIL_LINES:])
+    stderr = printed.stdout if both else printed.stderr
+    if printed.code is None:
+        what = f"no answer within {timeout:g}s" if seconds >= timeout else f"answered over {ANSWER_MAX_BYTES} bytes"
+        log.warning("command %s stopped: %s", shown(argv), what)
+        raise CommandError(argv, None, what, printed_lines(printed.stdout))
+    if printed.code != 0:
+        log.warning("command %s exit=%s seconds=%.2f stderr=%r", shown(argv), printed.code, seconds,
+                    stderr_tail(stderr))
+        raise command_failed(argv, printed.code, stderr, printed_lines(stderr))
     log.log(logging.DEBUG if quiet else logging.INFO, "command %s exit=0 seconds=%.2f", shown(argv), seconds)
-    return proc.stdout
+    return printed.stdout
 
 
 Runner = Callable[..., str]
@@ -3794,7 +3885,7 @@ class Compose:
             text = self.run(["docker", "logs", "--tail", str(LOG_TAIL_LINES), name], quiet=True, both=True)
         except CommandError:
             return []
-        return text.splitlines()[-LOG_TAIL_LINES:]
+        return printed_lines(text)
 
 
 def project_containers(containers: Iterable[Container], service: Optional[str] = None) -> List[Container]:
@@ -3871,6 +3962,8 @@ def compose_flavour(version: str) -> str:
 # ==========================================================================================
 
 NOTIFY_TIMEOUT, NOTIFY_RETRY_DELAY = 5.0, 1.0
+REASON_MAX = 2000  # characters of a deployment's reason kept (it may quote a command's stderr)
+NOTIFY_BODY_MAX = 64 * 1024  # bytes of one notification's body at most: LOG_TAIL_LINES lines of LINE_MAX and more
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OUTAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
@@ -3889,15 +3982,16 @@ SENTENCES = {
 def notification(deployment: Deployment, outcome: Outcome, seconds: float, secret: str = "") -> dict:
     """The JSON summary of one service's outcome, with a one-sentence text chat tools show as it is; the secret
     is taken out of every string (a command's output could hold anything)."""
+    reason = outcome.reason and outcome.reason[:REASON_MAX]
     sentence = SENTENCES[outcome.result].format(service=deployment.ref, image=deployment.key, seconds=seconds,
-                                                reason=outcome.reason)
+                                                reason=reason)
     payload = {"deployment": deployment.id, "kind": deployment.ref.kind, "project": deployment.ref.project or None,
             "service": deployment.ref.name, "image": f"{deployment.key.registry}/{deployment.key.repository}",
             "tag": deployment.key.tag, "digest": deployment.digest, "result": outcome.result.value,
             "old_image": outcome.old_image, "new_image": outcome.new_image, "old_tag": outcome.old_tag,
             "new_tag": outcome.new_tag, "seconds": round(seconds, 3),
-            "durations": {s.step: s.seconds for s in deployment.steps}, "reason": outcome.reason,
-            "logs": deployment.logs[-LOG_TAIL_LINES:], "text": sentence}
+            "durations": {s.step: s.seconds for s in deployment.steps}, "reason": reason,
+            "logs": [line[:LINE_MAX] for line in deployment.logs[-LOG_TAIL_LINES:]], "text": sentence}
     if not secret:
         return payload
     clean = lambda value: value.replace(secret, "***") if isinstance(value, str) else value  # noqa: E731
@@ -3941,26 +4035,47 @@ def as_json(value: object) -> Tuple[str, bytes, Tuple[Tuple[str, str], ...]]:
     return "application/json", json.dumps(value).encode(), ()
 
 
+# What a reason or a printed line carries must stay text in chat: no mention, no link, no markup. Slack
+# and Mattermost read &<> as markup (<!channel>, <url|text>) and Mattermost @channel as a mention; a zero
+# width space after @ keeps the word and breaks the mention.
+SLACK_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "@": "@\u200b"})
+MARKDOWN_SPECIALS = re.compile(r"([\\`*_~|<>\[\](){}#+\-.!:@])")  # Discord's markdown, and Teams' links
+
+
+def slack_text(text: str) -> str:
+    return text.translate(SLACK_ESCAPES)
+
+
+def markdown_text(text: str) -> str:
+    """Text that markdown shows as it is: every character markdown could read, backslash-escaped."""
+    return MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
+def code_block(lines: Sequence[str], limit: int, escape: Callable[[str], str] = lambda text: text) -> str:
+    """The last lines as a fenced code block of at most limit characters; a fence inside cannot close it."""
+    body = escape("\n".join(lines).replace("```", "\'\'\'"))[-limit:]
+    return "```\n" + body + "\n```"
+
+
 def render_slack(payload: dict, parts: urllib.parse.SplitResult):
-    """Slack blocks (Mattermost shows the text)."""
-    fields = [{"type": "mrkdwn", "text": f"*{name}*\n{value}"} for name, value in message_fields(payload)]
+    """Slack blocks (Mattermost shows the text): the facts as plain text, the last lines as code, escaped."""
+    fields = [{"type": "plain_text", "text": f"{name}: {value}"[:2000]} for name, value in message_fields(payload)]
     blocks = [{"type": "section", "text": {"type": "plain_text", "text": payload["text"][:3000]}},
               {"type": "section", "fields": fields[:10]}]
     if payload["logs"]:
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "```" + "\n".join(
-            payload["logs"]).replace("```", "\'\'\'")[-2900:] + "```"}})
-    return as_json({"text": payload["text"], "blocks": blocks})
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": code_block(payload["logs"], 2900,
+                                                                                          slack_text)}})
+    return as_json({"text": slack_text(payload["text"]), "blocks": blocks})
 
 
 def render_discord(payload: dict, parts: urllib.parse.SplitResult):
     """A Discord embed; no mention in it pings anyone."""
-    embed = {"title": title(payload)[:256], "description": payload["text"][:4096],
+    embed = {"title": title(payload)[:256], "description": markdown_text(payload["text"])[:4096],
              "color": RESULT_LOOK.get(payload["result"], (0x607D8B,))[0],
-             "fields": [{"name": name, "value": value[:1024], "inline": len(value) < 40}
+             "fields": [{"name": name, "value": markdown_text(value)[:1024], "inline": len(value) < 40}
                         for name, value in message_fields(payload)]}
     if payload["logs"]:
-        embed["fields"].append({"name": "Last lines", "value": ("```\n" + "\n".join(payload["logs"])[-1000:]
-                                                                 .replace("```", "\'\'\'") + "\n```")})
+        embed["fields"].append({"name": "Last lines", "value": code_block(payload["logs"], 1000)})
     return as_json({"embeds": [embed], "allowed_mentions": {"parse": []}})
 
 
@@ -3991,11 +4106,14 @@ def render_teams(payload: dict, parts: urllib.parse.SplitResult):
     """An Adaptive Card, as Teams workflows take it."""
     card = {"$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard",
             "version": "1.4", "body": [
-                {"type": "TextBlock", "text": title(payload), "weight": "Bolder", "size": "Medium", "wrap": True},
-                {"type": "TextBlock", "text": payload["text"], "wrap": True},
-                {"type": "FactSet", "facts": [{"title": n, "value": v} for n, v in message_fields(payload)]},
-                *([{"type": "TextBlock", "text": "\n".join(payload["logs"]), "fontType": "Monospace", "wrap": True}]
-                  if payload["logs"] else [])]}
+                {"type": "TextBlock", "text": markdown_text(title(payload)), "weight": "Bolder", "size": "Medium",
+                 "wrap": True},
+                # A RichTextBlock's TextRuns are never read as markdown: the sentence, facts and lines stay text.
+                {"type": "RichTextBlock", "inlines": [{"type": "TextRun", "text": payload["text"]}]},
+                {"type": "RichTextBlock", "inlines": [{"type": "TextRun", "text": f"{n}: {v}\n"}
+                                                      for n, v in message_fields(payload)]},
+                *([{"type": "RichTextBlock", "inlines": [{"type": "TextRun", "text": "\n".join(payload["logs"]),
+                                                          "fontType": "Monospace"}]}] if payload["logs"] else [])]}
     return as_json({"type": "message", "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive",
                                                         "content": card}]})
 
@@ -4067,6 +4185,8 @@ def post(endpoint: Endpoint, kind: str, body: bytes, headers: Tuple[Tuple[str, s
     """POST a body and read the status line, all before deadline (time.monotonic()); return the status code.
     Raises OSError (a timeout included) or ValueError. A redirect is a status like any other: never followed.
     One total deadline, as a client sending a byte every few seconds must not hold the sender."""
+    if len(body) > NOTIFY_BODY_MAX:
+        raise ValueError(f"a notification of {len(body)} bytes is over {NOTIFY_BODY_MAX}")
     head = [f"POST {endpoint.target} HTTP/1.1", f"Host: {endpoint.host}", f"Content-Type: {kind}",
             f"Content-Length: {len(body)}", f"User-Agent: gopdater/{__version__}", "Connection: close",
             *(f"{name}: {value}" for name, value in headers)]
@@ -5413,6 +5533,20 @@ def _read_text(path: str) -> str:
 
 # -- the process ----------------------------------------------------------------------------
 
+# Line breaks and other control characters (Unicode's too), as escapes: what a step, a container, a payload
+# or a client sent cannot start a log line of its own.
+CONTROL_ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+                   for code in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029)}
+
+
+class OneLineFormatter(logging.Formatter):
+    """gopdater's log format: one line per message, whatever the message carries; a traceback follows its line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(CONTROL_ESCAPES)
+        return super().formatMessage(record)
+
+
 
 def listen(host: str, port: int):
     """The listening socket (dual-stack for HOST=::)."""
@@ -5537,7 +5671,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         print(f"gopdater: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=config.log_level, handlers=[handler])
     if config.check:
         return run_check(config)
     try:

@@ -19,10 +19,12 @@ import json
 import os
 import pathlib
 import re
+import resource
 import shutil
 import socket
 import socketserver
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -582,7 +584,7 @@ class ConfigTest(unittest.TestCase):
         """A missing required setting exits 2 with one line on stderr, before touching Docker."""
         stderr = io.StringIO()
         with mock.patch.dict(os.environ, {"WEBHOOK_SECRET": SECRET}, clear=True), \
-                mock.patch("gopdater.subprocess.run") as run, contextlib.redirect_stderr(stderr):
+                mock.patch("gopdater.subprocess.Popen") as run, contextlib.redirect_stderr(stderr):
             code = gopdater.main([])
         self.assertEqual(code, 2)
         self.assertEqual(len(stderr.getvalue().strip().splitlines()), 1)
@@ -838,26 +840,25 @@ class PayloadTest(unittest.TestCase):
 # ---------------------------------------------------------------------------------------------
 
 
+def python(code, *args):
+    """The argv of a small Python program, for the command wrapper's tests."""
+    return [sys.executable, "-c", code, *args]
+
+
 class CommandWrapperTest(unittest.TestCase):
-    def test_runs_an_argv_list_with_a_timeout_and_no_shell(self):
-        """The wrapper passes the argv list, pipes for both outputs (with both: one, stderr into stdout), no
-        stdin, text and the timeout; never a shell."""
-        for both, stderr in ((False, subprocess.PIPE), (True, subprocess.STDOUT)):
-            with self.subTest(both=both), mock.patch("gopdater.subprocess.run") as run:
-                run.return_value = subprocess.CompletedProcess([], 0, "out\n", "")
-                self.assertEqual(gopdater.run_command(["docker", "ps"], timeout=7, both=both), "out\n")
-                args, kwargs = run.call_args
-                self.assertEqual(args, (["docker", "ps"],))
-                self.assertEqual((kwargs["stdout"], kwargs["stderr"], kwargs["stdin"], kwargs["text"],
-                                  kwargs["timeout"]), (subprocess.PIPE, stderr, subprocess.DEVNULL, True, 7))
-                self.assertNotIn("shell", kwargs)
+    def test_runs_an_argv_list_with_no_shell_and_no_stdin(self):
+        """Each argument reaches the program as it is (no shell: `;` and `$` mean nothing), stdin is empty, and
+        with both, stderr comes in the same stream as stdout."""
+        code = "import sys; print(sys.argv[1:], repr(sys.stdin.read())); print('err', file=sys.stderr)"
+        for both, expected in ((False, "['a b; echo x', '$HOME'] ''\n"), (True, "['a b; echo x', '$HOME'] ''\nerr\n")):
+            with self.subTest(both=both), self.assertLogs("gopdater", "INFO"):
+                self.assertEqual(gopdater.run_command(python(code, "a b; echo x", "$HOME"), timeout=30, both=both),
+                                 expected)
 
     def test_failure_raises_one_error_with_code_and_stderr_tail(self):
         """A non-zero exit raises CommandError with the code and at most 300 characters of stderr."""
-        with mock.patch("gopdater.subprocess.run") as run, self.assertLogs("gopdater", "WARNING") as logs:
-            run.return_value = subprocess.CompletedProcess([], 3, "", "x" * 1000 + "the end")
-            with self.assertRaises(CommandError) as caught:
-                gopdater.run_command(["docker", "pull", "a"], timeout=5)
+        with self.assertLogs("gopdater", "WARNING") as logs, self.assertRaises(CommandError) as caught:
+            gopdater.run_command(python("import sys; sys.stderr.write('x' * 1000 + 'the end'); sys.exit(3)"), timeout=30)
         self.assertEqual(caught.exception.code, 3)
         self.assertTrue(caught.exception.tail.endswith("the end"))
         self.assertLessEqual(len(caught.exception.tail), 300)
@@ -865,32 +866,51 @@ class CommandWrapperTest(unittest.TestCase):
 
     def test_stderr_tail_keeps_whole_lines(self):
         """A long stderr is cut to its last whole lines, not mid-line."""
-        with mock.patch("gopdater.subprocess.run") as run, self.assertLogs("gopdater", "WARNING"):
-            run.return_value = subprocess.CompletedProcess([], 1, "", "error: first line\n" * 40 + "last line")
-            with self.assertRaises(CommandError) as caught:
-                gopdater.run_command(["docker", "pull", "a"], timeout=5)
+        with self.assertLogs("gopdater", "WARNING"), self.assertRaises(CommandError) as caught:
+            gopdater.run_command(python("import sys; sys.stderr.write('error: first line\\n' * 40 + 'last line');"
+                                        "sys.exit(1)"), timeout=30)
         self.assertTrue(caught.exception.tail.startswith("error: first line\n"), caught.exception.tail)
         self.assertTrue(caught.exception.tail.endswith("last line"))
 
     def test_timeout_and_missing_binary_raise_command_error(self):
-        """A timeout gives code None; a missing program gives 127."""
-        with mock.patch("gopdater.subprocess.run", side_effect=subprocess.TimeoutExpired(["docker"], 5)), \
-                self.assertLogs("gopdater", "WARNING"):
-            with self.assertRaises(CommandError) as caught:
-                gopdater.run_command(["docker", "pull", "a"], timeout=5)
+        """A timeout kills the program and gives code None with what it printed; a missing program gives 127."""
+        started = time.monotonic()
+        with self.assertLogs("gopdater", "WARNING"), self.assertRaises(CommandError) as caught:
+            gopdater.run_command(python("import time; print('begun', flush=True); time.sleep(60)"), timeout=0.5,
+                                 both=True)
         self.assertIsNone(caught.exception.code)
-        with mock.patch("gopdater.subprocess.run", side_effect=FileNotFoundError(2, "No such file")), \
-                self.assertLogs("gopdater", "WARNING"):
-            with self.assertRaises(CommandError) as caught:
-                gopdater.run_command(["docker"], timeout=5)
+        self.assertEqual((caught.exception.tail, caught.exception.output), ("no answer within 0.5s", ["begun"]))
+        self.assertLess(time.monotonic() - started, 10)
+        with self.assertLogs("gopdater", "WARNING"), self.assertRaises(CommandError) as caught:
+            gopdater.run_command(["/nonexistent/docker"], timeout=5)
         self.assertEqual(caught.exception.code, 127)
 
     def test_logs_argv_and_exit_code(self):
         """Each command is logged with its argv and exit code."""
-        with mock.patch("gopdater.subprocess.run") as run, self.assertLogs("gopdater", "INFO") as logs:
-            run.return_value = subprocess.CompletedProcess([], 0, "", "")
-            gopdater.run_command(["docker", "rm", "demo-site-1"], timeout=5)
-        self.assertIn("command docker rm demo-site-1 exit=0", logs.output[0])
+        with self.assertLogs("gopdater", "INFO") as logs:
+            gopdater.run_command(["true", "demo-site-1"], timeout=5)
+        self.assertIn("command true demo-site-1 exit=0", logs.output[0])
+
+    def test_what_a_program_prints_is_read_as_a_bounded_tail(self):
+        """200 MiB printed, then a 50 MB line, then the end (with both, a step's or a container's output): the
+        process grows by far less than that, the answer is the last 64 KiB, and each kept line is cut to 500."""
+        code = ("import sys; out = sys.stdout.buffer; line = b'x' * 1023 + b'\\n'\n"
+                "for _ in range(200 * 1024): out.write(line)\n"
+                "out.write(b'y' * 50_000_000 + b'\\nthe end\\n')")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with self.assertLogs("gopdater", "INFO"):
+            text = gopdater.run_command(python(code), timeout=60, both=True)
+        grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        self.assertLess(grown_mib, 32, f"the peak RSS grew {grown_mib:.0f} MiB")
+        self.assertEqual(len(text.encode()), gopdater.OUTPUT_TAIL_BYTES)
+        self.assertEqual(gopdater.printed_lines(text)[-2:], ["y" * 500, "the end"])
+
+    def test_an_answer_larger_than_any_docker_gives_is_an_error(self):
+        """Without both (docker's own answers, kept whole), an answer over 64 MiB stops the program: an error."""
+        code = "import sys; sys.stdout.buffer.write(b'[' * (65 * 1024 * 1024))"
+        with self.assertLogs("gopdater", "WARNING"), self.assertRaises(CommandError) as caught:
+            gopdater.run_command(python(code), timeout=60)
+        self.assertEqual((caught.exception.code, caught.exception.tail), (None, "answered over 67108864 bytes"))
 
 
 class DiscoveryTest(unittest.TestCase):
@@ -1493,6 +1513,18 @@ class SMTPSink:
         self.port = server.server_address[1]
 
 
+def walk_strings(value):
+    """Every string in a JSON value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from walk_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from walk_strings(item)
+
+
 class NotifyFormatTest(unittest.TestCase):
     """NOTIFY_URL: each service's format, e-mail, NOTIFY_ON, several URLs."""
 
@@ -1524,11 +1556,13 @@ class NotifyFormatTest(unittest.TestCase):
         expected = {
             "slack": ("/hooks/x", "application/json", {"text": text, "blocks": [
                 {"type": "section", "text": {"type": "plain_text", "text": text}},
-                {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{n}*\n{v}"} for n, v in facts]},
-                {"type": "section", "text": {"type": "mrkdwn", "text": "```panic: boom <@everyone>\nexit 1```"}}]}),
+                {"type": "section", "fields": [{"type": "plain_text", "text": f"{n}: {v}"} for n, v in facts]},
+                {"type": "section", "text": {"type": "mrkdwn",
+                                             "text": "```\npanic: boom &lt;@\u200beveryone&gt;\nexit 1\n```"}}]}),
             "discord": ("/api/webhooks/1/abc", "application/json", {"embeds": [{
-                "title": "gopdater: demo/site rolled-back", "description": text, "color": 0xEF6C00,
-                "fields": [{"name": n, "value": v, "inline": len(v) < 40} for n, v in facts] + [
+                "title": "gopdater: demo/site rolled-back", "description": gopdater.markdown_text(text),
+                "color": 0xEF6C00,
+                "fields": [{"name": n, "value": gopdater.markdown_text(v), "inline": len(v) < 40} for n, v in facts] + [
                     {"name": "Last lines", "value": "```\npanic: boom <@everyone>\nexit 1\n```"}]}],
                 "allowed_mentions": {"parse": []}}),
             "gotify": ("/message?token=t0k", "application/json", {"title": "gopdater: demo/site rolled-back",
@@ -1553,7 +1587,44 @@ class NotifyFormatTest(unittest.TestCase):
         self.assertTrue(gopdater.send_notification(f"{sink.url}/workflows/x#teams", payload))
         card = json.loads(sink.requests[-1][3])["attachments"][0]
         self.assertEqual(card["contentType"], "application/vnd.microsoft.card.adaptive")
-        self.assertEqual(card["content"]["body"][2]["facts"], [{"title": n, "value": v} for n, v in facts])
+        self.assertEqual(card["content"]["body"][2]["inlines"], [{"type": "TextRun", "text": f"{n}: {v}\n"}
+                                                                 for n, v in facts])
+
+    def test_what_a_step_prints_stays_text_in_every_chat(self):
+        """A reason and last lines carrying mentions, links and markup: in Slack and Mattermost no &<> or
+        bare @word is left, in Discord every markdown character is escaped, in Teams they are TextRuns (never
+        read as markdown), Telegram has no parse mode; every body stays under 64 KiB with 20 lines of 500."""
+        sink = Sink(self)
+        hostile = "<!channel> @all [click](http://evil.example) **bold** <http://evil.example|x> # h"
+        payload = {**outcome_payload(), "reason": hostile, "logs": [hostile] * 19 + ["x" * gopdater.LINE_MAX]}
+        payload["text"] = f"gopdater rolled demo/site back: it failed ({hostile})."
+        for name, target in (("slack", "/hooks/x"), ("discord", "/api/webhooks/1/abc"), ("teams", "/workflows/x"),
+                             ("telegram", "/bot1:x/sendMessage?chat_id=42")):
+            with self.subTest(format=name):
+                self.assertTrue(gopdater.send_notification(f"{sink.url}{target}#{name}", payload))
+                raw = sink.requests[-1][3]
+                self.assertLess(len(raw), gopdater.NOTIFY_BODY_MAX)
+                body = json.loads(raw)
+                strings = [v for v in walk_strings(body) if "evil" in v or "channel" in v]
+                self.assertTrue(strings)
+                if name == "slack":  # Mattermost shows text; Slack's plain_text objects are never read as markup
+                    texts = [body["text"]] + [o["text"] for b in body["blocks"] for o in [b.get("text")] + b.get(
+                        "fields", []) if o and o["type"] == "mrkdwn"]
+                    self.assertEqual({o["type"] for b in body["blocks"] for o in [b.get("text")] + b.get("fields", [])
+                                      if o and "evil" in o["text"] and o["text"] not in texts}, {"plain_text"})
+                    for value in texts:
+                        self.assertFalse(re.search(r"[<>]|&(?!amp;|lt;|gt;)|@(?!\u200b)", value), value)
+                for value in strings:
+                    if name == "discord" and value.startswith("```"):  # nothing renders in a code block
+                        self.assertNotIn("```", value[3:-3])
+                    elif name == "discord":
+                        self.assertNotRegex(value, r"(?<!\\)[\[\]()*<>#]|(?<!\\)@", value)
+                if name == "teams":
+                    runs = [block for block in body["attachments"][0]["content"]["body"] if "evil" in json.dumps(block)]
+                    self.assertTrue(runs and all(block["type"] == "RichTextBlock" for block in runs))
+                if name == "telegram":
+                    self.assertNotIn("parse_mode", body)
+
 
     def test_bad_notify_urls_stop_start_up_without_showing_their_secrets(self):
         """An entry that is not http(s) or smtp(s), names an unknown #format, or mails no one is a ConfigError
@@ -2856,7 +2927,7 @@ class StateFolderTest(unittest.TestCase):
         stderr = io.StringIO()
         env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "STATE_DIR": folder, "PORT": "0"}
         with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(stderr), \
-                mock.patch("gopdater.subprocess.run") as run:
+                mock.patch("gopdater.subprocess.Popen") as run:
             self.assertEqual(gopdater.main([]), 2)
         self.assertEqual(stderr.getvalue().count("\n"), 1)
         self.assertIn("is in use by another gopdater", stderr.getvalue())
@@ -2873,7 +2944,7 @@ class StateFolderTest(unittest.TestCase):
         stderr = io.StringIO()
         env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "STATE_DIR": folder, "PORT": "0"}
         with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(stderr), \
-                mock.patch("gopdater.subprocess.run") as run:
+                mock.patch("gopdater.subprocess.Popen") as run:
             self.assertEqual(gopdater.main([]), 2)
         self.assertEqual(stderr.getvalue().count("\n"), 1)
         self.assertIn(f"STATE_DIR {folder} cannot be locked", stderr.getvalue())
@@ -2923,9 +2994,40 @@ class StateFolderTest(unittest.TestCase):
         pathlib.Path(rig.state_dir, "history.json").write_text(json.dumps(
             [{"id": "x", "state": {"deep": [1]}}, "nonsense", {"id": "ok", "state": "updated", "steps": [{"step": {"x": 1}}]},
              {"id": "good", "state": "updated"}]))
-        self.assertEqual([p["id"] for p in rig.journal.load()[1]], ["good"])
+        with self.assertLogs("gopdater", "WARNING"):  # the three entries of the wrong shape: the file set aside
+            self.assertEqual([p["id"] for p in rig.journal.load()[1]], ["good"])
         with self.assertLogs("gopdater", "INFO"):
             self.assertEqual(rig.deploy().state, "updated")
+
+    def test_crafted_history_entries_are_set_aside_and_the_status_page_answers(self):
+        """Entries of history.json with a field of the wrong type, an unknown state, steps or logs of the wrong
+        shape: each dropped at load, the file moved aside with the good entries kept, /status 200; a huge
+        line or error is cut."""
+        good = {"id": "0123456789ab", "state": "updated", "image": "docker.io/acme/site", "tag": "latest",
+                "service": "site", "hooks": 1, "steps": [{"step": "pull", "result": "ok", "seconds": 1.5}],
+                "logs": ["x" * 100_000], "error": "e" * 100_000}
+        crafted = [("hooks a string", {"hooks": "1"}), ("hooks a boolean", {"hooks": True}),
+                   ("steps a number", {"steps": 1}), ("seconds a string", {"steps": [{"step": "up", "result": "ok",
+                                                                                      "seconds": "1"}]}),
+                   ("seconds infinite", {"steps": [{"step": "up", "result": "ok", "seconds": 1e999}]}),
+                   ("logs of numbers", {"logs": [1, 2]}), ("logs a string", {"logs": "abc"}),
+                   ("an unknown state", {"state": "pwned"}), ("a tag of a list", {"tag": ["x"]}),
+                   ("an error of an object", {"error": {"x": 1}})]
+        for name, change in crafted:
+            with self.subTest(name):
+                rig = Rig(self)
+                path = pathlib.Path(rig.state_dir, "history.json")
+                path.write_text(json.dumps([good, {**good, "id": "bad", **change}]))
+                with self.assertLogs("gopdater", "WARNING") as logs:
+                    self.assertEqual(rig.queue.restore(), 0)
+                self.assertIn("1 entries of", logs.output[0])
+                self.assertEqual([v["id"] for v in rig.queue.views()], ["0123456789ab"])
+                self.assertEqual(len(list(pathlib.Path(rig.state_dir).glob("history.json.corrupt-*"))), 1)
+                self.assertEqual([v["id"] for v in json.loads(path.read_text())], ["0123456789ab"])
+                response = rig.app.handle("GET", "/status", headers(Authorization=f"Bearer {SECRET}"), b"")
+                self.assertEqual(response.status, 200)
+                view = rig.queue.views()[0]
+                self.assertEqual((len(view["logs"][0]), len(view["error"])), (gopdater.LINE_MAX, 2000))
 
     def test_a_journal_record_with_an_option_for_a_name_runs_nothing(self):
         """A record naming service "--build" is dropped at load with an error line; recovery runs nothing."""
