@@ -331,9 +331,19 @@ def parse_command(name: str, text: str) -> str:
 def parse_notify_urls(name: str, text: str) -> Tuple[str, ...]:
     """NOTIFY_URL: comma-separated http(s) URLs (a #fragment may name the format) and smtp(s) URLs."""
     urls = tuple(filter(None, (part.strip() for part in text.split(","))))
-    for url in urls:
-        parts = urllib.parse.urlsplit(url)
+    for number, url in enumerate(urls, 1):
+        try:  # every part Endpoint.parse and the senders read later, read here: a bad one stops start-up
+            parts = urllib.parse.urlsplit(url)
+            port_ok = parts.port != 0  # the property raises ValueError for a port out of range or not a number
+        except ValueError:
+            port_ok, parts = False, None
+        if parts is None or not port_ok:  # nothing of the entry is shown: any part of it may be a token
+            raise ConfigError(f"{name} entry {number} cannot be read as a URL: write scheme://host[:port]/path, "
+                              "the port a number from 1 to 65535, an IPv6 host in brackets")
         shown = f"{parts.scheme}://{parts.hostname or ''}/..."  # never the path, query or credentials: secrets
+        if parts.scheme == "http" and parts.password is not None:
+            raise ConfigError(f"{name} entry {shown} has a password but is plain http://: it would go in clear; "
+                              "use https://")
         if parts.scheme in ("smtp", "smtps"):
             if not parts.hostname or not urllib.parse.parse_qs(parts.query).get("to"):
                 raise ConfigError(f"{name} entry {shown} needs a host and ?to=ADDRESS, e.g. "
@@ -623,6 +633,21 @@ def get_field(data: object, path: str, kind: type = str, required: bool = True, 
     return value
 
 
+MAX_PUSHED = 100  # tags, resources or events one delivery may list: a hook is one push, not a catalogue
+
+
+class TooMany(PayloadError):
+    """A list of the payload is longer than MAX_PUSHED; the message is its path."""
+
+
+def get_list(data: object, path: str) -> list:
+    """A list field (get_field), refused whole before any item is looked at if it is over MAX_PUSHED."""
+    items = get_field(data, path, list)
+    if len(items) > MAX_PUSHED:
+        raise TooMany(path)
+    return items
+
+
 def checked_name(name: str, field: str) -> Tuple[str, str]:
     """Validate an image name from a payload, naming the field when it is wrong."""
     parsed = parse_name(name)
@@ -661,7 +686,7 @@ def parse_quay(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
     """Quay repo_push: docker_url names the image, updated_tags lists the tags."""
     registry, repository = checked_name(get_field(data, "docker_url"), "docker_url")
     events = [PushEvent("quay", ImageKey(registry, repository, checked_tag(tag, f"updated_tags[{i}]")))
-              for i, tag in enumerate(get_field(data, "updated_tags", list))]
+              for i, tag in enumerate(get_list(data, "updated_tags"))]
     if not events:
         raise Ignored("no updated tags")
     return events
@@ -695,7 +720,7 @@ def parse_harbor(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
     """Harbor PUSH_ARTIFACT: one event per resource pushed with a tag."""
     if get_field(data, "type") not in ("PUSH_ARTIFACT", "pushImage"):
         raise Ignored("event type is not a push")
-    resources = get_field(data, "event_data.resources", list)
+    resources = get_list(data, "event_data.resources")
     full_name = get_field(data, "event_data.repository.repo_full_name")
     events, reasons = [], set()
     for i, resource in enumerate(resources):
@@ -731,7 +756,7 @@ def distribution_event(sender: str, item: dict, field: str) -> PushEvent:
 def parse_distribution(data: dict, headers: Mapping[str, str]) -> List[PushEvent]:
     """Distribution envelope: manifest pushes with a tag; pulls and blob pushes are skipped."""
     events, reasons = [], set()
-    for i, item in enumerate(get_field(data, "events", list)):
+    for i, item in enumerate(get_list(data, "events")):
         try:
             events.append(distribution_event("registry", item, f"events[{i}]."))
         except Ignored as reason:
@@ -998,6 +1023,8 @@ class App:
             return data
         try:
             events = sender.parse(data, request.headers)
+        except TooMany as error:
+            return refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{error} lists over {MAX_PUSHED} items")
         except PayloadError as error:
             return refusal(HTTPStatus.BAD_REQUEST, f"missing or invalid field: {error}")
         except Ignored as reason:
@@ -4250,8 +4277,32 @@ def deliver_mail(url: str, payload: dict, deadline: float) -> int:
     mail.set_content(plain_message(payload))
     left = lambda: max(0.01, deadline - time.monotonic())  # noqa: E731
     tls = parts.scheme == "smtps"
-    server = (smtplib.SMTP_SSL(parts.hostname, parts.port or 465, timeout=left(), context=ssl.create_default_context())
-              if tls else smtplib.SMTP(parts.hostname, parts.port or 587, timeout=left()))
+    server = (smtplib.SMTP_SSL(timeout=left(), context=ssl.create_default_context()) if tls
+              else smtplib.SMTP(timeout=left()))
+    # smtplib bounds each read, not the exchange: a server sending "220-" lines forever would hold this
+    # notifier for good. At the deadline the socket is shut down, which ends any read in progress.
+    cut = threading.Timer(left(), shut_down, args=(server,))
+    cut.daemon = True
+    cut.start()
+    try:
+        server.connect(parts.hostname, parts.port or (465 if tls else 587))
+        return send_mail(server, parts, mail, left)
+    finally:
+        cut.cancel()
+
+
+def shut_down(server) -> None:
+    """End a mail exchange that ran past its deadline (from the timer's thread)."""
+    sock = server.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def send_mail(server, parts: urllib.parse.SplitResult, mail, left: Callable[[], float]) -> int:
+    """deliver_mail's exchange once connected: STARTTLS, login, the message; 250."""
+    import ssl
+    tls = parts.scheme == "smtps"
     with server:
         server.ehlo()
         if not tls and server.has_extn("starttls"):
@@ -4556,9 +4607,11 @@ ACCEPT_BURST = 16  # connections accepted in one turn of the loop, before any is
 UNVERIFIED_BODY_BYTES = 8 * 1024 * 1024
 TLS_RELOAD_SECONDS = 10.0
 TLS_EXPIRY_WARNING_DAYS = 14
+# A hook path's secret, whatever it begins with: a sender's own path (/hooks/ghcr) is left as it is only when
+# the segment is exactly its name (a secret may begin "ghcr." or "acr-").
 SECRET_PATH_RE = re.compile(r"/hooks/(?!(?:" + "|".join(
     re.escape(s.path.split("/")[2]) for s in SENDERS if s.path.count("/") == 2 and "{" not in s.path)
-    + r")\b)[^/\s?\"]+")
+    + r")(?:[/\s?\"]|$))[^/\s?\"]+")
 
 
 def redact(text: str, secret: str) -> str:

@@ -1480,12 +1480,19 @@ class Sink:
 class SMTPSink:
     """A local mail server that speaks just enough SMTP (no STARTTLS) and records every line it was sent."""
 
-    def __init__(self, test):
+    def __init__(self, test, endless=False):
+        """endless: the greeting never ends ("220-" lines, one each 50 ms, for 30 s), as a hostile server's."""
         self.lines, self.messages = [], []
         sink = self
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self):
+                for _ in range(600 if endless else 0):
+                    try:
+                        self.wfile.write(b"220-still greeting\r\n")
+                    except OSError:
+                        return
+                    time.sleep(0.05)
                 self.wfile.write(b"220 sink ESMTP\r\n")
                 while True:
                     line = self.rfile.readline()
@@ -1653,6 +1660,32 @@ class NotifyFormatTest(unittest.TestCase):
             rig.deploy()
         self.assertEqual([(url, body["result"]) for url, body in rig.notices],
                          [("https://ntfy.sh/a", "rolled-back"), ("http://127.0.0.1:9/b", "rolled-back")])
+
+    def test_a_mail_server_that_never_ends_its_greeting_is_cut_at_the_deadline(self):
+        """A server that sends "220-" lines for ever: the attempt ends at its one total deadline with an OSError
+        (which send_notification logs), not when the server stops."""
+        sink = SMTPSink(self, endless=True)
+        started = time.monotonic()
+        with self.assertRaises(OSError):
+            gopdater.deliver_mail(f"smtp://127.0.0.1:{sink.port}/?to=ops@example.org", outcome_payload(),
+                                  time.monotonic() + 1)
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_a_notify_url_that_cannot_be_read_whole_stops_start_up(self):
+        """A port out of range or not a number, an IPv6 host without its bracket, a password over plain http:
+        ConfigError naming no part of the entry but its host; main exits 2 with one line."""
+        for url in ("https://ntfy.example:99999/x", "https://ntfy.example:tok3n/x", "https://ntfy.example:0/x",
+                    "https://[::1/SECRETTOKEN", "http://user:SECRETTOKEN@ntfy.example/x"):
+            with self.subTest(url=url), self.assertRaises(gopdater.ConfigError) as caught:
+                make_config(NOTIFY_URL=url)
+            self.assertNotIn("SECRETTOKEN", str(caught.exception))
+            self.assertNotIn("tok3n", str(caught.exception))
+        self.assertEqual(make_config(NOTIFY_URL="https://[::1]:8443/x").notify_url, ("https://[::1]:8443/x",))
+        stderr = io.StringIO()
+        env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "NOTIFY_URL": "https://[::1/x"}
+        with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(stderr):
+            self.assertEqual(gopdater.main([]), 2)
+        self.assertEqual(len(stderr.getvalue().strip().splitlines()), 1, stderr.getvalue())
 
     def test_mail_goes_by_smtp_with_the_message_in_plain_text(self):
         """smtp://host:port/?to=...&from=...: one mail with the title as subject and the facts and lines in it."""
@@ -2118,6 +2151,31 @@ class AppTest(unittest.TestCase):
                     message[key] = value
                 status, reply, _ = rig.app.handle("POST", path, message, raw)
                 self.assertEqual((status, reply["services"]), (HTTPStatus.ACCEPTED, ["demo/site"]))
+
+    def test_a_delivery_listing_over_a_hundred_tags_is_refused_whole(self):
+        """A Quay hook with 100,000 tags (or Harbor resources, or registry events): 413 naming the list, before
+        any tag is looked at, nothing queued; 100 is still a delivery."""
+        rig = Rig(self, OWNER="quay.io/acme", SERVICES="quay.io/acme/site=site")
+        quay = payload("quay-repo-push.json")
+        status, reply, _ = rig.post(f"/hooks/{SECRET}/quay", {**quay, "updated_tags": ["latest"] * 100_000})
+        self.assertEqual((status, reply["reason"]), (HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                                     "updated_tags lists over 100 items"))
+        status, reply, _ = rig.post(f"/hooks/{SECRET}/quay", {**quay, "updated_tags": ["x y"] * 101})
+        self.assertEqual(status, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "refused before a tag is checked")
+        self.assertEqual(rig.queue.views(), [])
+        status, reply, _ = rig.post(f"/hooks/{SECRET}/quay", {**quay, "updated_tags": ["latest"] * 100})
+        self.assertEqual(status, HTTPStatus.ACCEPTED)
+
+    def test_the_secret_is_redacted_whatever_it_begins_with_and_however_long(self):
+        """A secret that begins like a sender's own path (acr-, ghcr.) and is longer than the 200 characters of
+        the request line the log keeps: no 8 characters of it in a row reach the log line."""
+        for secret in ("acr-" + "k" * 300, "ghcr." + "k" * 190, "harbor" + "k" * 30, "registry-" + "k" * 500):
+            with self.subTest(secret=secret[:12]):
+                line = gopdater.redact(f'127.0.0.1 "POST /hooks/{secret}/x HTTP/1.1"'[:200] + " 403", secret)
+                self.assertNotIn(secret[:8], line)
+                self.assertNotIn("k" * 8, line)
+                self.assertIn("/hooks/***", line)
+        self.assertEqual(gopdater.redact('"POST /hooks/acr HTTP/1.1"', "s3cret-s3cret"), '"POST /hooks/acr HTTP/1.1"')
 
     def test_wrong_owner_per_sender(self):
         """A namespace outside OWNER is 403 for each sender, but only ignored for a Distribution registry."""
