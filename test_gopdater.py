@@ -16,6 +16,7 @@ import http.client
 import http.server
 import io
 import json
+import logging
 import os
 import pathlib
 import re
@@ -2297,6 +2298,24 @@ class AppTest(unittest.TestCase):
                                  ("http://[x?a", ""), ("http://example.org", ""), ("/healthz#x", "/healthz")]:
             with self.subTest(target=target):
                 self.assertEqual(gopdater.route(target)[1], endpoint)
+
+
+class LogFormatTest(unittest.TestCase):
+    def test_nothing_a_message_carries_starts_a_log_line_of_its_own(self):
+        """gopdater's log format escapes line breaks, escape sequences and Unicode's line separators in a
+        message; a traceback still follows its line."""
+        formatter = gopdater.OneLineFormatter("%(levelname)s %(message)s")
+        forged = "ok\n2026-12-07 10:00:00,000 INFO forged\r\x1b[2J\u2028\x85end"
+        record = logging.LogRecord("gopdater", logging.WARNING, __file__, 1, "step printed: %s", (forged,), None)
+        self.assertEqual(formatter.format(record),
+                         "WARNING step printed: ok\\x0a2026-12-07 10:00:00,000 INFO forged\\x0d\\x1b[2J\\u2028\\x85end")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            record = logging.LogRecord("gopdater", logging.ERROR, __file__, 1, "a\nb", (), sys.exc_info())
+        lines = formatter.format(record).splitlines()
+        self.assertEqual((lines[0], lines[1], lines[-1]), ("ERROR a\\x0ab", "Traceback (most recent call last):",
+                                                           "ValueError: boom"))
 
 
 class RejectLogTest(unittest.TestCase):

@@ -300,6 +300,73 @@ class TLSFrontTest(Front):
         self.assert_unharmed()
 
 
+class Sink:
+    """A local HTTP endpoint for NOTIFY_URL that records each body it is sent."""
+
+    def __init__(self, test):
+        import http.server
+        bodies = self.bodies = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        test.addCleanup(server.server_close)
+        test.addCleanup(server.shutdown)
+        self.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+
+
+class StepOutputTest(unittest.TestCase):
+    """A release step (pre-update) that prints 300 MiB, then a 50 MB line, then a line shaped like gopdater's
+    log, and fails: gopdater's memory, its log, history, /deployments and the notification stay small."""
+
+    FORGED = "2026-12-07 00:00:00,000 INFO FORGED by the step"
+
+    def test_a_step_printing_300_mib_costs_bounded_memory_and_every_record_stays_small(self):
+        """RSS stays within 64 MiB of idle while the step prints; the deployment fails with the last lines cut to
+        500 characters; /deployments, history.json and the notification are each under 64 KiB; no log line
+        is the step's."""
+        host = harness.FakeHost()
+        self.addCleanup(host.close)
+        spec = {"mib": 300, "long": 50_000_000, "last": self.FORGED, "code": 1}
+        harness.fake_docker.change_state(str(host.state), lambda state: state.update(
+            labels={"gopdater.pre-update": "dump"}, exec_print=spec))
+        sink, port = Sink(self), harness.free_port()
+        process = host.launch(port, NOTIFY_URL=sink.url)
+        harness.wait_until(lambda: harness.answers(port, harness.deployments_request()), process)
+        idle = harness.rss_mib(process.pid)
+        status, _ = raw_request(port, post(f"/hooks/{SECRET}", HOOK))
+        self.assertEqual(status, 202)
+        peak, answer = idle, b""
+        while b'"failed"' not in answer:
+            peak = max(peak, harness.rss_mib(process.pid))
+            answer = b"".join(self.ask(port))
+        self.assertLess(peak - idle, 64, f"RSS peaked {peak - idle:.0f} MiB above idle")
+        view = json.loads(answer.partition(b"\r\n\r\n")[2])["deployments"][0]
+        self.assertEqual(view["logs"][-2:], ["pre-update: " + "y" * 500, "pre-update: " + self.FORGED])
+        self.assertLess(len(answer), 64 * 1024)
+        harness.wait_until(lambda: sink.bodies, process)
+        self.assertLess(max(map(len, sink.bodies)), 64 * 1024)
+        history = pathlib.Path(host.tmp, f"state-{port}", "history.json")
+        harness.wait_until(history.exists, process)
+        self.assertLess(history.stat().st_size, 64 * 1024)
+        output = host.output(port)
+        self.assertFalse([line for line in output.splitlines() if line.startswith(self.FORGED[:20])])
+        self.assertLess(len(output), 256 * 1024)
+
+    @staticmethod
+    def ask(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(harness.deployments_request())
+            return list(iter(lambda: sock.recv(65536), b""))
+
 class TLSFloodTest(unittest.TestCase):
     """HTTPS under a flood of connections that never finish a handshake, with the 1,024 file descriptors
     systemd gives a service by default and the default REQUEST_TIMEOUT (10 s): every connection counts

@@ -14,6 +14,7 @@ push(state, ref) put in the registry.
 """
 
 import fcntl
+import functools
 import json
 import os
 import sys
@@ -78,7 +79,8 @@ def compose(state, args, project):
     if args == ["config", "--services"]:
         return "site\n", query.get("config", 0), 0
     if args == ["config", "--format", "json"]:
-        return json.dumps({"name": project, "services": {"site": {"image": ref}}}), query.get("config", 0), 0
+        labels = {"labels": state["labels"]} if state.get("labels") else {}  # the service's, in its Compose file
+        return json.dumps({"name": project, "services": {"site": {"image": ref, **labels}}}), query.get("config", 0), 0
     if args[:3] == ["ps", "-a", "-q"]:
         return "".join(cid + "\n" for cid in mine), query.get("ps", 0), 0
     if args[:1] == ["pull"]:
@@ -121,9 +123,21 @@ def docker(state, args):
                 else:
                     del containers[cid]
         return "", slow, 0
+    if args[:1] == ["exec"]:  # a release step: it prints what state["exec_print"] says (see print_lots)
+        spec = state.get("exec_print") or {}
+        return functools.partial(print_lots, spec), 0, spec.get("code", 0)
     if args[:1] in (["rmi"], ["tag"], ["logs"]):
         return "", slow if args[0] == "rmi" else 0, 0
     return "", 0, 125
+
+
+def print_lots(spec, stream):
+    """What a hostile release step prints: spec["mib"] MiB of 1 KiB lines, then one line of spec["long"] bytes,
+    then spec["last"]."""
+    line = b"x" * 1023 + b"\n"
+    for _ in range(spec.get("mib", 0) * 1024):
+        stream.write(line)
+    stream.write(b"y" * spec.get("long", 0) + b"\n" + spec.get("last", "").encode() + b"\n")
 
 
 def answer(state, args, project):
@@ -150,7 +164,10 @@ def main(argv):
     project = os.environ.get("COMPOSE_PROJECT_NAME") or PROJECT
     out, seconds, code = change_state(os.environ["FAKE_DOCKER_STATE"], lambda state: answer(state, argv, project))
     time.sleep(seconds)  # outside the lock: calls run side by side, as on a real engine
-    sys.stdout.write(out)
+    if callable(out):
+        out(sys.stdout.buffer)
+    else:
+        sys.stdout.write(out)
     line = json.dumps({"argv": argv, "start": started, "end": time.monotonic(), "code": code,
                        "project": project}) + "\n"
     with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
