@@ -1970,5 +1970,81 @@ class VersionChannelsV1Test(VersionChannelsScenario, unittest.TestCase):
     flavour = "v1"
 
 
+class ImageLabelsScenario:
+    """An image that carries gopdater's labels and Compose's env-file label, on one Compose flavour: the
+    operator's file says only that the site tracks minor versions (${SITE_TAG} in .env); the image says
+    gopdater.enable=false, start-first, a hook timeout of 1e300 s, a pre-update step writing into the bind
+    mount, and an env file outside the project. gopdater runs with PROJECTS naming the project (locations
+    from the containers' labels)."""
+
+    flavour = None
+    CARRIED = {"gopdater.enable": "false", "gopdater.order": "start-first", "gopdater.hook-timeout": "1e300",
+               "gopdater.pre-update": "sh -c 'echo pwned > /data/pwned'"}
+
+    @classmethod
+    def setUpClass(cls):
+        flavour_project(cls, "lbl")
+        cls.outside = cls.tmp / "outside.env"
+        cls.outside.write_text("SITE_TAG=9.9.9\n")
+        carried = {**cls.CARRIED, "com.docker.compose.project.environment_file": str(cls.outside)}
+        labels = [f"LABEL {json.dumps(key)}={json.dumps(value)}" for key, value in carried.items()]
+        cls.images = {}
+        for version in ("1.4.2", "1.4.3"):
+            folder = cls.tmp / f"build-{version}"
+            folder.mkdir()
+            (folder / "index.html").write_text(f"acme lbl {version}\n")
+            cls.images[version] = import_and_push(
+                f"{cls.repo}:{version}", {"/bin/busybox": "/bin/busybox", str(folder / "index.html"): "/www/index.html"},
+                [("/bin/sh", "busybox")], ['CMD ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]', *labels])
+        (cls.folder / "compose.yaml").write_text(f"""services:
+  site:
+    image: {cls.repo}:${{SITE_TAG}}
+    init: true
+    ports: ["127.0.0.1:{cls.site_port}:80"]
+    volumes: ["./data:/data"]
+    labels:
+      gopdater.track: minor
+{HEALTH}
+""")
+        (cls.folder / ".env").write_text("SITE_TAG=1.4.2\n")
+        run([*cls.compose, "-p", cls.project, "up", "-d"], cwd=cls.folder, timeout=300,
+            env=clean_env(PWD=str(cls.folder)))
+        wait_for(lambda: site_text(cls.site_port) == "acme lbl 1.4.2", 60, "the site to serve 1.4.2")
+        cls.log = cls.tmp / "gopdater.log"
+        cls.gopdater = launch_gopdater(cls.folder, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme",
+                                       COMPOSE_COMMAND=" ".join(cls.compose), PROJECTS=cls.project, LOG_LEVEL="DEBUG")
+
+    def test_labels_the_image_carries_change_nothing_and_the_outside_env_file_is_never_touched(self):
+        """A push of 1.4.3: updated stop-first by the operator's label alone, no pre-update step ran, the
+        project's .env says 1.4.3, the env file outside the project is unchanged and no command named it."""
+        self.assertEqual(service_container(self.project, "site")["Config"]["Labels"][
+            "com.docker.compose.project.environment_file"], str(self.outside), "the image's label is on it")
+        before = self.outside.stat()
+        status, reply = bearer_hook(self.gp_port, self.repo, "1.4.3")
+        self.assertEqual(status, 202, reply)
+        (record,) = ended_deployments(self.gp_port, [reply["id"]], what="the update to 1.4.3 to end")
+        self.assertEqual(record["state"], "updated", record)
+        self.assertEqual((self.folder / ".env").read_text(), "SITE_TAG=1.4.3\n")
+        self.assertEqual(site_text(self.site_port), "acme lbl 1.4.3")
+        steps = [step["step"] for step in record["steps"]]
+        self.assertNotIn("pre-update", steps)
+        self.assertIn("stop", steps, "stop-first: the image's gopdater.order is not the operator's")
+        self.assertFalse((self.folder / "data" / "pwned").exists())
+        after = self.outside.stat()
+        self.assertEqual((self.outside.read_text(), after.st_mtime_ns, after.st_ino),
+                         ("SITE_TAG=9.9.9\n", before.st_mtime_ns, before.st_ino))
+        log = self.log.read_text()
+        self.assertIn("command ", log, "commands are logged at DEBUG")
+        self.assertNotIn("--env-file", log)
+        self.assertNotIn(str(self.outside), log)
+
+
+class ImageLabelsV2Test(ImageLabelsScenario, unittest.TestCase):
+    flavour = "v2"
+
+
+class ImageLabelsV1Test(ImageLabelsScenario, unittest.TestCase):
+    flavour = "v1"
+
 if __name__ == "__main__":
     unittest.main()
