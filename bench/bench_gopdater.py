@@ -20,6 +20,7 @@ import contextlib
 import json
 import pathlib
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -348,6 +349,45 @@ class Bench:
                 "valid_hook_status": status, "valid_hook_ms": round(latency * 1000, 1),
                 "rss_growth_mib": round(peak - idle, 1), "alive": self.process.poll() is None}
 
+    def handshake_flood(self, count):
+        """count connections to the HTTPS port, each held and never finishing a handshake (a third send the
+        start of a ClientHello); a real TLS client asks /healthz all the while. RSS before, at the peak and
+        after they close; the real client's answer times."""
+        idle = harness.rss_mib(self.tls.pid)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 512)), hard))
+        held, done, peak, times = [], threading.Event(), idle, []
+
+        def flood():
+            for n in range(count):
+                with contextlib.suppress(OSError):
+                    sock = socket.create_connection(("127.0.0.1", self.tls_port), timeout=5)
+                    if n % 3 == 0:
+                        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+                    held.append(sock)
+            done.set()
+
+        flooder = threading.Thread(target=flood)
+        started = time.perf_counter()
+        flooder.start()
+        try:
+            while not done.is_set():
+                status, seconds = raw_request(self.tls_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 5,
+                                              self.tls_client)
+                times.append(seconds if status == 200 else float("inf"))
+                peak = max(peak, harness.rss_mib(self.tls.pid))
+        finally:
+            flooder.join()
+            flood_seconds = time.perf_counter() - started
+            for sock in held:
+                sock.close()
+        time.sleep(1)  # the closes are read and the connections freed
+        return {"connections": count, "accepted": len(held), "seconds": round(flood_seconds, 2),
+                "rss_idle_mib": round(idle, 1), "rss_peak_mib": round(peak, 1),
+                "rss_after_mib": round(harness.rss_mib(self.tls.pid), 1), "client_requests": len(times),
+                "client_p50_ms": round(percentile(times, 0.5) * 1000, 1),
+                "client_max_ms": round(max(times) * 1000, 1), "alive": self.tls.poll() is None}
+
     def sigterm(self):
         """Seconds from SIGTERM to exit while a client holds a backlog of pipelined requests."""
         with socket.create_connection(("127.0.0.1", self.port)) as sock:
@@ -454,6 +494,7 @@ def run(quick):
         results["rejected"] = bench.rejected(1 if quick else 2, 1 if quick else 7)
         results["fairness"] = bench.fairness(1 if quick else 3)
         results["attacks"] = bench.attacks(2 if quick else 5)
+        results["handshake_flood"] = bench.handshake_flood(1000 if quick else 3000)
         results["sigterm"] = bench.sigterm()
     finally:
         bench.stop()
@@ -467,7 +508,7 @@ TARGETS = {"wrong_secret_keep_alive": 2.0, "wrong_owner_keep_alive": 1.6}
 def table(r):
     """The results as a short table with each target and whether it was met."""
     start, lat, down, burst, rej = r["startup"], r["latency"], r["downtime"], r["burst"], r["rejected"]
-    fair, attacks, term = r["fairness"], r["attacks"], r["sigterm"]
+    fair, attacks, term, flood = r["fairness"], r["attacks"], r["sigterm"], r["handshake_flood"]
     ok = lambda met: "met" if met else "MISSED"  # noqa: E731
     rows = [
         ("start to port open", f"{start['port_open_ms']} ms", "(printed)", ""),
@@ -504,6 +545,12 @@ def table(r):
          "202 < 100 ms", ok(attacks["valid_hook_status"] == 202 and attacks["valid_hook_ms"] < 100)),
         ("  RSS growth meanwhile", f"{attacks['rss_growth_mib']} MiB", "<= 32 MiB",
          ok(attacks["rss_growth_mib"] <= 32 and attacks["alive"])),
+        (f"HTTPS: {flood['connections']} connects never finishing a handshake ({flood['seconds']} s): RSS idle, "
+         "peak, after", f"{flood['rss_idle_mib']}, {flood['rss_peak_mib']}, {flood['rss_after_mib']} MiB",
+         "+64, +16 MiB", ok(flood["rss_peak_mib"] - flood["rss_idle_mib"] <= 64 and
+                             flood["rss_after_mib"] - flood["rss_idle_mib"] <= 16 and flood["alive"])),
+        (f"  a real TLS client meanwhile (n={flood['client_requests']}): /healthz p50, max",
+         f"{flood['client_p50_ms']}, {flood['client_max_ms']} ms", "max < 1 s", ok(flood["client_max_ms"] < 1000)),
         ("SIGTERM to exit, a pipelined backlog queued", f"{term['seconds']} s (exit {term['exit_code']})", "< 1 s",
          ok(term["seconds"] < 1 and term["exit_code"] == 0)),
     ]
