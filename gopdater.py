@@ -3746,9 +3746,13 @@ OPERATOR_LABEL_PREFIXES = ("gopdater.", "com.docker.compose.project.")
 def creator_labels(labels: Mapping[str, str], carried: Mapping[str, str]) -> Tuple[Dict[str, str], Tuple[str, ...]]:
     """A container's labels less those steering gopdater that its image carries with the same value (an image
     could otherwise name the env file Compose reads, or opt itself in or out), and the gopdater.* ones so
-    left out. A value that differs from the image's was set by Compose or the operator. Pure."""
+    left out. A value that differs from the image's was set by Compose or the operator; a container whose
+    com.docker.compose.* labels are all its image's was not made by Compose, and keeps none of them. Pure."""
+    compose = [key for key in labels if key.startswith("com.docker.compose.")]
+    made_by_compose = any(carried.get(key) != labels[key] for key in compose)  # Compose sets some of its own
     kept = {key: value for key, value in labels.items()
-            if not (key.startswith(OPERATOR_LABEL_PREFIXES) and carried.get(key) == value)}
+            if not (key.startswith(OPERATOR_LABEL_PREFIXES) and carried.get(key) == value)
+            and (made_by_compose or key not in compose)}
     return kept, tuple(sorted(key for key in labels if key not in kept and key.startswith("gopdater.")))
 
 

@@ -2797,8 +2797,13 @@ class OperatorLabelsTest(unittest.TestCase):
              {"gopdater.enable": "true"}, ()),
             ("the env file of the image", {env_file: "/etc/x"}, {env_file: "/etc/x"}, {}, ()),
             ("the env file Compose set", {env_file: "prod.env"}, {env_file: "/etc/x"}, {env_file: "prod.env"}, ()),
-            ("Compose's identity labels", {"com.docker.compose.service": "site"}, {"com.docker.compose.service": "site"},
-             {"com.docker.compose.service": "site"}, ()),
+            ("Compose's identity labels, on a container Compose made",
+             {"com.docker.compose.service": "site", "com.docker.compose.config-hash": "c0ffee"},
+             {"com.docker.compose.service": "site"},
+             {"com.docker.compose.service": "site", "com.docker.compose.config-hash": "c0ffee"}, ()),
+            ("a container Compose did not make (`docker run` of an image carrying Compose's labels)",
+             {"com.docker.compose.project": "blog", "com.docker.compose.service": "site", "x": "1"},
+             {"com.docker.compose.project": "blog", "com.docker.compose.service": "site"}, {"x": "1"}, ()),
             ("any other label", {"org.opencontainers.image.title": "x"}, {"org.opencontainers.image.title": "x"},
              {"org.opencontainers.image.title": "x"}, ()),
         ]
@@ -2991,6 +2996,17 @@ class HouseRulesTest(unittest.TestCase):
 
 
 class StateFolderTest(unittest.TestCase):
+    def refused_start(self, folder):
+        """Start gopdater on STATE_DIR=folder, expecting exit 2 with one line and no command run; that line."""
+        stderr = io.StringIO()
+        env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "STATE_DIR": folder, "PORT": "0"}
+        with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(stderr), \
+                mock.patch("gopdater.subprocess.Popen") as run:
+            self.assertEqual(gopdater.main([]), 2)
+        self.assertEqual(stderr.getvalue().count("\n"), 1)
+        run.assert_not_called()
+        return stderr.getvalue()
+
     def test_one_gopdater_per_state_folder(self):
         """A second gopdater on the same STATE_DIR stops at start with one line naming the folder; --check
         says so too."""
@@ -3001,14 +3017,7 @@ class StateFolderTest(unittest.TestCase):
         message = gopdater.StateLock(folder).acquire()
         self.assertIn(f"STATE_DIR {folder} is in use by another gopdater (pid {os.getpid()})", message)
         self.assertIn("give each gopdater its own STATE_DIR", message)
-        stderr = io.StringIO()
-        env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "STATE_DIR": folder, "PORT": "0"}
-        with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(stderr), \
-                mock.patch("gopdater.subprocess.Popen") as run:
-            self.assertEqual(gopdater.main([]), 2)
-        self.assertEqual(stderr.getvalue().count("\n"), 1)
-        self.assertIn("is in use by another gopdater", stderr.getvalue())
-        run.assert_not_called()
+        self.assertIn("is in use by another gopdater", self.refused_start(folder))
         code, out = check(self, FakeDocker(), STATE_DIR=folder)
         self.assertEqual(code, 1)
         self.assertIn("FAIL STATE_DIR", out)
@@ -3018,14 +3027,7 @@ class StateFolderTest(unittest.TestCase):
         naming the folder, no docker command run."""
         folder = state_folder(self)
         os.symlink(os.path.join(folder, "elsewhere"), os.path.join(folder, "lock"))
-        stderr = io.StringIO()
-        env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "STATE_DIR": folder, "PORT": "0"}
-        with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(stderr), \
-                mock.patch("gopdater.subprocess.Popen") as run:
-            self.assertEqual(gopdater.main([]), 2)
-        self.assertEqual(stderr.getvalue().count("\n"), 1)
-        self.assertIn(f"STATE_DIR {folder} cannot be locked", stderr.getvalue())
-        run.assert_not_called()
+        self.assertIn(f"STATE_DIR {folder} cannot be locked", self.refused_start(folder))
         self.assertFalse(os.path.exists(os.path.join(folder, "elsewhere")))
 
     def test_each_project_gets_its_own_default_state_folder(self):

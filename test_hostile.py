@@ -27,6 +27,7 @@ import warnings
 
 from bench import harness
 from bench.harness import HOOK, SECRET, post, raw_request
+from test_gopdater import Sink
 
 MEMORY_HEADROOM_MIB = 32
 REQUEST_TIMEOUT = 1.0
@@ -300,29 +301,6 @@ class TLSFrontTest(Front):
         self.assert_unharmed()
 
 
-class Sink:
-    """A local HTTP endpoint for NOTIFY_URL that records each body it is sent."""
-
-    def __init__(self, test):
-        import http.server
-        bodies = self.bodies = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        test.addCleanup(server.server_close)
-        test.addCleanup(server.shutdown)
-        self.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-
-
 class StepOutputTest(unittest.TestCase):
     """A release step (pre-update) that prints 300 MiB, then a 50 MB line, then a line shaped like gopdater's
     log, and fails: gopdater's memory, its log, history, /deployments and the notification stay small."""
@@ -339,7 +317,7 @@ class StepOutputTest(unittest.TestCase):
         harness.fake_docker.change_state(str(host.state), lambda state: state.update(
             labels={"gopdater.pre-update": "dump"}, exec_print=spec))
         sink, port = Sink(self), harness.free_port()
-        process = host.launch(port, NOTIFY_URL=sink.url)
+        process = host.launch(port, NOTIFY_URL=sink.url + "/hook")
         harness.wait_until(lambda: harness.answers(port, harness.deployments_request()), process)
         idle = harness.rss_mib(process.pid)
         status, _ = raw_request(port, post(f"/hooks/{SECRET}", HOOK))
@@ -352,8 +330,8 @@ class StepOutputTest(unittest.TestCase):
         view = json.loads(answer.partition(b"\r\n\r\n")[2])["deployments"][0]
         self.assertEqual(view["logs"][-2:], ["pre-update: " + "y" * 500, "pre-update: " + self.FORGED])
         self.assertLess(len(answer), 64 * 1024)
-        harness.wait_until(lambda: sink.bodies, process)
-        self.assertLess(max(map(len, sink.bodies)), 64 * 1024)
+        harness.wait_until(lambda: sink.requests, process)
+        self.assertLess(max(len(body) for *_, body in sink.requests), 64 * 1024)
         history = pathlib.Path(host.tmp, f"state-{port}", "history.json")
         harness.wait_until(history.exists, process)
         self.assertLess(history.stat().st_size, 64 * 1024)
