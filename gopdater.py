@@ -2912,7 +2912,13 @@ class ComposeProject(Target):
             value = self.operator_labels(service).get(TRACK_LABEL)
             if (value or "").strip():
                 labelled[service] = value
-        raw = self.docker.raw_images() if labelled else {}
+        try:
+            raw = self.docker.raw_images() if labelled else {}
+        except (CommandError, ValueError) as error:  # Compose v1 validates the file before filling variables in
+            why = (f"Compose cannot read the Compose file with its variables left in ({error}): on Compose v1 a "
+                   "variable where its schema wants a number (a port) does this; use Compose v2")
+            return {service: label_tracking(value)._replace(problem=label_tracking(value).problem or why)
+                    for service, value in labelled.items()}
         tracked = {service: self.tracking_of(service, value, raw.get(service)) for service, value in labelled.items()}
         return {service: tracking._replace(problem=tracking.problem or shared_variable(
             service, tracking, tracked, raw)) for service, tracking in tracked.items()}

@@ -1969,6 +1969,30 @@ class VersionChannelsV2Test(VersionChannelsScenario, unittest.TestCase):
 class VersionChannelsV1Test(VersionChannelsScenario, unittest.TestCase):
     flavour = "v1"
 
+    def test_a_port_from_a_variable_costs_only_the_tracking_never_the_start(self):
+        """`ports: ["127.0.0.1:${SITE_PORT}:80"]`, which docker-compose 1.29 cannot validate with its variables
+        left in: gopdater starts, the service does not follow versions, and /status and --check say why."""
+        project, folder, gp_port = f"{self.project}port", self.tmp / f"{self.project}port", free_port()
+        folder.mkdir()
+        self.addCleanup(remove_project, project, [], [])
+        (folder / "compose.yaml").write_text(TRACKED_COMPOSE.format(repo=self.repo, site_port="${SITE_PORT}",
+                                                                    health=HEALTH))
+        (folder / ".env").write_text(f"SITE_TAG=1.4.2\nSITE_PORT={free_port()}\n")
+        run([*self.compose, "-p", project, "up", "-d", "site"], cwd=folder, timeout=300,
+            env=clean_env(PWD=str(folder)))
+        settings = {"OWNER": f"127.0.0.1:{self.port}/acme", "COMPOSE_PROJECT_NAME": project,  # run in its folder
+                    "COMPOSE_COMMAND": " ".join(self.compose), "STATE_DIR": str(self.tmp / "state-port")}
+        gopdater = launch_gopdater(folder, self.tmp / "gopdater-port.log", gp_port, **settings)
+        self.addCleanup(stop_process, gopdater)
+        why = "gopdater.track is ignored, it is left alone: Compose cannot read the Compose file with its variables"
+        status, page, _ = http("GET", f"http://127.0.0.1:{gp_port}/status",
+                               headers={"Authorization": f"Bearer {SECRET}"})
+        self.assertEqual(status, 200)
+        self.assertIn(why, page.decode())
+        checked = subprocess.run([sys.executable, str(HERE / "gopdater.py"), "--check"], cwd=folder, capture_output=True,
+                                 text=True, timeout=120, env=clean_env(WEBHOOK_SECRET=SECRET, SWARM="off", **settings))
+        self.assertIn(f"FAIL service {project}/site: {why}", checked.stdout)
+
 
 class ImageLabelsScenario:
     """An image that carries gopdater's labels and Compose's env-file label, on one Compose flavour: the

@@ -4628,6 +4628,23 @@ class TrackedComposeTest(unittest.TestCase):
         view = self.deploy(rig, "1.4.3")
         self.assertEqual((view["state"], self.env(rig)), ("updated", "# tags\nSITE_TAG=1.4.3\n"))
 
+    def test_a_file_compose_v1_cannot_read_uninterpolated_costs_only_the_tracking(self):
+        """`docker-compose config --no-interpolate` fails (v1 validates ports before filling variables in):
+        gopdater starts, the service does not follow versions, and --check says why."""
+        root = tempfile.mkdtemp(prefix="gopdater-track-")
+        self.addCleanup(shutil.rmtree, root, True)
+        fake = FakeDocker(services={"site": "acme/site:1.4.2"}, root=root, compose=("docker-compose",))
+        fake.track("demo", "site", SITE_RAW, "SITE_TAG=1.4.2\n", "minor", TRACKED_VERSIONS)
+        fake.fail[("docker-compose", "config", "--no-interpolate")] = (
+            1, "ERROR: The Compose file is invalid because: services.site.ports is invalid")
+        rig = Rig(self, fake, COMPOSE_COMMAND="docker-compose")
+        problem = rig.project.tracked["site"].problem
+        self.assertIn("Compose cannot read the Compose file with its variables left in", problem)
+        self.assertIn("services.site.ports is invalid", problem)
+        self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/site", "1.4.3")), [])
+        code, out = check(self, fake, COMPOSE_COMMAND="docker-compose")
+        self.assertIn("FAIL service demo/site: gopdater.track is ignored, it is left alone: Compose cannot read", out)
+
     def test_a_label_on_the_image_itself_does_not_make_a_v1_service_follow_versions(self):
         """Compose v1 shows an image's own labels merged in; gopdater.track from the image is ignored, and said."""
         root = tempfile.mkdtemp(prefix="gopdater-track-")
