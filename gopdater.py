@@ -473,6 +473,8 @@ SETTINGS = (
     Setting("ENGINE_WAIT", "300", "seconds an update waits for a Docker engine that stopped answering",
             number(0)),
     Setting("REFRESH_INTERVAL", "60", "seconds between re-reads of the Compose project while idle", number(1)),
+    Setting("RECONCILE_INTERVAL", "3600", "seconds between asking the registry what each tag names now, so that a "
+            "push missed is still applied (also once after start-up); 0: only on POST /reconcile", number(0)),
     Setting("PARALLEL", "4", "deployments run at once, each of a different Compose project or Swarm service "
             "(one project's services update one at a time); 1 runs every deployment in turn",
             number(1, integer=True, maximum=64)),
@@ -514,6 +516,7 @@ class Config(NamedTuple):
     state_dir: Optional[str]
     engine_wait: float
     refresh_interval: float
+    reconcile_interval: float
     parallel: int
     log_level: str
     environ: Mapping[str, str]  # gopdater's own environment, for its own use only
@@ -922,7 +925,7 @@ def route(path: str) -> Tuple[Optional[Sender], str, str]:
     path = path.split("?", 1)[0].split("#", 1)[0]
     if len(path) > 1:
         path = path.rstrip("/")
-    if path in GET_ENDPOINTS:
+    if path in ENDPOINTS:
         return None, path, ""
     sender = FIXED_ROUTES.get(path)
     if sender is not None:
@@ -976,14 +979,15 @@ class App:
     def __init__(self, config: Config, queue: "WorkQueue", metrics: Optional["Metrics"] = None):
         self.config, self.queue = config, queue
         self.metrics = metrics or Metrics()
+        self.reconciler: Optional["Reconciler"] = None  # set once the work queue runs
         self.secret = config.secret.encode()
 
     def begin(self, method: str, path: str, headers: Mapping[str, str]) -> Request:
         """Route, size, method and a credential in the head: what can be judged before the body is read."""
         sender, endpoint, captured = route(path)
         length = body_length(method, headers)
-        verified = sender is not None and sender.authenticate.in_head
-        allowed = "POST" if sender else ("GET" if endpoint else None)
+        verified = (sender is not None and sender.authenticate.in_head) or endpoint in POST_ENDPOINTS
+        allowed = "POST" if sender or endpoint in POST_ENDPOINTS else ("GET" if endpoint else None)
         refused = None
         if allowed is None:
             refused = NOT_FOUND
@@ -991,7 +995,9 @@ class App:
             refused = refusal(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", (("Allow", allowed),))
         elif isinstance(length, Response):
             refused = length
-        elif verified and not sender.authenticate.check(self.secret, captured, headers, b""):
+        elif sender is None and verified and not bearer(self.secret, "", headers, b""):
+            refused = FORBIDDEN  # an action (POST_ENDPOINTS) from the head: its body is never read for a stranger
+        elif sender is not None and verified and not sender.authenticate.check(self.secret, captured, headers, b""):
             self.metrics.hook(sender.name, HTTPStatus.FORBIDDEN)
             refused = FORBIDDEN
         return Request(sender, endpoint, captured, headers, length if isinstance(length, int) else -1, verified,
@@ -1000,7 +1006,7 @@ class App:
     def finish(self, request: Request, body: bytes) -> Response:
         """Answer a request whose body has arrived."""
         if request.sender is None:
-            return GET_ENDPOINTS[request.endpoint](self, request)
+            return ENDPOINTS[request.endpoint](self, request)
         response = self.hook(request.sender, request, body[:request.length])
         self.metrics.hook(request.sender.name, response.status)
         return response
@@ -1074,14 +1080,24 @@ class App:
     def metrics_text(self, request: Request) -> Response:
         if not bearer(self.secret, "", request.headers, b""):
             return FORBIDDEN
-        return Response(HTTPStatus.OK, self.metrics.render(self.queue))
+        return Response(HTTPStatus.OK, self.metrics.render(self.queue, self.reconciler and self.reconciler.report))
+
+    def reconcile(self, request: Request) -> Response:
+        """POST /reconcile (Bearer, checked from the head): a round now; 202 with the tags it will ask."""
+        if self.reconciler is None:
+            return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "gopdater is starting")
+        asks = sorted({str(item.key) for item in self.reconciler.plan() if item.key is not None})
+        self.reconciler.wanted.set()
+        log.info("reconcile asked for by POST /reconcile: %d tags", len(asks))
+        return Response(HTTPStatus.ACCEPTED, {"status": "accepted", "asks": asks})
 
     def status_page(self, request: Request) -> Response:
         """The status page, for a browser: HTTP Basic (the secret as the password) or the Bearer token."""
         if not (basic(self.secret, request.headers) or bearer(self.secret, "", request.headers, b"")):
             return UNAUTHORIZED
+        report = self.reconciler.report if self.reconciler else Report()
         return Response(HTTPStatus.OK, Html(status_page(self.queue.target.running(), self.queue.views(),
-                                                         datetime.now(timezone.utc))), PAGE_HEADERS)
+                                                         datetime.now(timezone.utc), report)), PAGE_HEADERS)
 
 
 UNAUTHORIZED = refusal(HTTPStatus.UNAUTHORIZED, "unauthorized", (("WWW-Authenticate", 'Basic realm="gopdater"'),))
@@ -1090,6 +1106,8 @@ PAGE_HEADERS = (("Content-Security-Policy", "default-src 'none'; style-src 'unsa
 GET_ENDPOINTS: Dict[str, Callable[[App, Request], Response]] = {
     "/healthz": App.healthz, "/deployments": App.deployments, "/metrics": App.metrics_text,
     "/status": App.status_page}
+POST_ENDPOINTS: Dict[str, Callable[[App, Request], Response]] = {"/reconcile": App.reconcile}  # Bearer, from the head
+ENDPOINTS = {**GET_ENDPOINTS, **POST_ENDPOINTS}
 
 
 # ==========================================================================================
@@ -1178,14 +1196,23 @@ class Deployment:
         fields = {name: getattr(self, name) for name in self.FIELDS}
         fields.update(state=self.state.value, logs=list(self.logs), steps=[step._asdict() for step in self.steps])
         return {"image": f"{self.key.registry}/{self.key.repository}", "tag": self.key.tag, "kind": self.ref.kind,
-                "project": self.ref.project or None, "service": self.ref.name, **fields}
+                "project": self.ref.project or None, "service": self.ref.name, "trigger": trigger(self.sender),
+                **fields}
+
+
+TRIGGERS = {"recovery": "recovery", "reconcile": "reconcile"}  # sender: trigger; any other sender is a push
+
+
+def trigger(sender: str) -> str:
+    """What started a deployment: a push (a hook), reconcile (the registry asked), or recovery (at start)."""
+    return TRIGGERS.get(sender, "push")
 
 
 class Past(dict):
     """A deployment from before the last restart, as its view was stored (only its own fields, flat)."""
 
-    TEXTS = ("image", "tag", "kind", "project", "service", "id", "sender", "digest", "state", "created", "started",
-             "finished", "error", "old_tag", "new_tag")  # each a string or null
+    TEXTS = ("image", "tag", "kind", "project", "service", "id", "sender", "trigger", "digest", "state", "created",
+             "started", "finished", "error", "old_tag", "new_tag")  # each a string or null
     TEXT_MAX = 2000  # characters kept of each (an error names a command and its stderr's tail)
     STEPS_MAX = 100
 
@@ -1264,10 +1291,10 @@ class WorkQueue:
 
     # -- the request side: map and enqueue, nothing slower ------------------------------------
 
-    def submit(self, event: PushEvent) -> Optional[List[Submitted]]:
-        """Queue a deployment for each service that runs the image, or join one queued for that service;
-        [] if none runs it, None if the queue is full or stopping."""
-        refs = self.target.services_for(event.image)
+    def submit(self, event: PushEvent, only: Optional[FrozenSet[ServiceRef]] = None) -> Optional[List[Submitted]]:
+        """Queue a deployment for each service that runs the image (of those named in only, if given), or join
+        one queued for that service; [] if none runs it, None if the queue is full or stopping."""
+        refs = [ref for ref in self.target.services_for(event.image) if only is None or ref in only]
         submitted = []
         with self.lock:
             self.refresh_soon(matched=bool(refs))
@@ -1324,6 +1351,11 @@ class WorkQueue:
     def queued(self) -> int:
         with self.lock:
             return len(self.queue) + len(self.in_flight)
+
+    def pending(self) -> FrozenSet[ServiceRef]:
+        """The services with a deployment queued or running."""
+        with self.lock:
+            return frozenset(d.ref for d in (*self.queue, *self.in_flight.values()))
 
     # -- the workers --------------------------------------------------------------------------
 
@@ -3615,12 +3647,18 @@ class Kept:
         return self.data.decode(errors="replace")
 
 
-def collect(argv: Sequence[str], timeout: float, both: bool, env: Optional[Mapping[str, str]], cwd: Optional[str]
-            ) -> Printed:
+def collect(argv: Sequence[str], timeout: float, both: bool, env: Optional[Mapping[str, str]], cwd: Optional[str],
+            given: Optional[bytes] = None) -> Printed:
     """Run argv to its end, reading its pipes as they fill so that memory stays bounded whatever it prints:
-    stdout whole (docker's answers) unless both, then its tail (a step's or a container's output)."""
+    stdout whole (docker's answers) unless both, then its tail (a step's or a container's output). given: a
+    few bytes for its stdin (a credential helper's question), else none."""
     with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT if both else subprocess.PIPE,
-                          stdin=subprocess.DEVNULL, env=dict(env) if env is not None else None, cwd=cwd) as proc:
+                          stdin=subprocess.DEVNULL if given is None else subprocess.PIPE,
+                          env=dict(env) if env is not None else None, cwd=cwd) as proc:
+        if given is not None:  # a line, well under a pipe's buffer: written whole before anything is read
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(given)
+            proc.stdin.close()
         kept = {proc.stdout: Kept(OUTPUT_TAIL_BYTES if both else ANSWER_MAX_BYTES, tail=both),
                 **({proc.stderr: Kept(OUTPUT_TAIL_BYTES, tail=True)} if proc.stderr else {})}
         deadline, code = time.monotonic() + timeout, None
@@ -3648,12 +3686,13 @@ def printed_lines(text: str) -> List[str]:
 
 
 def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
-                cwd: Optional[str] = None, quiet: bool = False, both: bool = False, mutates: bool = False) -> str:
-    """Run one command (argv list, no shell, no stdin) with a timeout; log it; return stdout (with both,
-    stdout and stderr as one stream, whose last lines a CommandError also keeps) or raise CommandError."""
+                cwd: Optional[str] = None, quiet: bool = False, both: bool = False, mutates: bool = False,
+                given: Optional[bytes] = None) -> str:
+    """Run one command (argv list, no shell, no stdin but given) with a timeout; log it; return stdout (with
+    both, stdout and stderr as one stream, whose last lines a CommandError also keeps) or raise CommandError."""
     started = time.monotonic()
     try:
-        printed = collect(argv, timeout, both, env, cwd)
+        printed = collect(argv, timeout, both, env, cwd, given)
     except OSError as error:
         log.warning("command %s could not start: %s", shown(argv), error.strerror)
         raise CommandError(argv, 127, error.strerror or "could not start") from None
@@ -3995,6 +4034,482 @@ def compose_flavour(version: str) -> str:
 
 
 # ==========================================================================================
+# Reconciling: the registry asked what each tag names now, so that no push is missed
+# ==========================================================================================
+#
+# A push made while gopdater was stopped, or whose webhook was lost, is still applied: after start-up
+# recovery, every RECONCILE_INTERVAL and on POST /reconcile, each service the matcher would update is
+# compared with what its tag names in the registry (HEAD of the manifest: no pull, nothing counted
+# against pull limits), and one that is behind is queued exactly as a push would queue it.
+
+RECONCILE_TIMEOUT = 10.0  # seconds one request to a registry may take, whole
+RECONCILE_REGISTRIES = 4  # registries asked at once
+REGISTRY_HEAD_MAX = 16 * 1024
+REGISTRY_BODY_MAX = 1024 * 1024  # a token, or one page of tags
+TAG_PAGES_MAX = 10
+MANIFEST_ACCEPT = ", ".join((
+    "application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"))
+DOCKER_HUB_API = "registry-1.docker.io"
+DOCKER_HUB_LOGIN = "https://index.docker.io/v1/"  # Docker Hub's key in the docker CLI's config
+CHALLENGE_RE = re.compile(r'([A-Za-z_]+)="([^"]*)"')
+LINK_NEXT_RE = re.compile(r'<(/v2/[^>]+)>\s*;\s*rel="?next"?')
+HELPER_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}", re.ASCII)
+
+
+class RegistryError(Exception):
+    """A registry could not say what a tag names (the message says why); never a reason to change anything."""
+
+
+class TooSoon(RegistryError):
+    """A registry answered 429: ask it again no sooner than `seconds` from now."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"429 Too Many Requests: asked again in {seconds:g}s")
+        self.seconds = seconds
+
+
+class Reply(NamedTuple):
+    """A registry's answer: its status, headers and (bounded) body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+# -- one request: a total deadline, a bounded answer, no redirect followed --------------------
+
+
+def registry_call(url: str, headers: Mapping[str, str], deadline: float, method: str = "GET") -> Reply:
+    """One request, all of it before deadline (time.monotonic()); RegistryError for a broken, late or
+    oversized answer. A redirect is answered as it is, never followed: credentials go nowhere else."""
+    parts = urllib.parse.urlsplit(url)
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RegistryError(f"no answer within {RECONCILE_TIMEOUT:g}s")
+        return remaining
+
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    head = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", f"User-Agent: gopdater/{__version__}",
+            "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+    try:
+        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                      timeout=left()) as plain:
+            sock = plain
+            if parts.scheme == "https":
+                import ssl  # loaded by asyncio already; named here for the reader
+                sock = ssl.create_default_context().wrap_socket(plain, server_hostname=parts.hostname)
+            with sock:
+                sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+                return read_reply(sock, left, method == "HEAD")
+    except socket.timeout:
+        raise RegistryError(f"no answer within {RECONCILE_TIMEOUT:g}s") from None
+    except (OSError, ValueError) as error:
+        raise RegistryError(f"cannot be reached ({type(error).__name__})") from None
+
+
+def read_reply(sock: socket.socket, left: Callable[[], float], bodiless: bool) -> Reply:
+    """Read one HTTP/1.1 answer: head up to 16 KiB, body up to 1 MiB (by Content-Length, chunks or close)."""
+    import http.client
+    data = bytearray()
+    while b"\r\n\r\n" not in data:
+        if len(data) > REGISTRY_HEAD_MAX:
+            raise RegistryError("an answer head over 16 KiB")
+        sock.settimeout(left())
+        chunk = sock.recv(READ_BYTES)
+        if not chunk:
+            raise RegistryError("the connection closed mid-answer")
+        data += chunk
+    head, _, rest = bytes(data).partition(b"\r\n\r\n")
+    line, _, fields = head.partition(b"\r\n")
+    match = re.match(rb"HTTP/1\.[01] ([0-9]{3})", line)
+    if match is None:
+        raise RegistryError("not an HTTP answer")
+    parsed = http.client.parse_headers(io.BytesIO(fields + b"\r\n\r\n"))
+    status = int(match.group(1))
+    if bodiless or status in (204, 304):
+        return Reply(status, parsed, b"")
+    body = read_body(sock, left, rest, parsed)
+    return Reply(status, parsed, body)
+
+
+def read_body(sock: socket.socket, left: Callable[[], float], data: bytes, headers) -> bytes:
+    """The body after the head: whole, or RegistryError past REGISTRY_BODY_MAX (an endless answer)."""
+    length = headers.get("Content-Length")
+    chunked = "chunked" in (headers.get("Transfer-Encoding") or "").lower()
+    if length is not None and (not DIGITS_RE.fullmatch(length) or int(length) > REGISTRY_BODY_MAX):
+        raise RegistryError("an answer over 1 MiB")
+    buffer = bytearray(data)
+    while length is None or len(buffer) < int(length):
+        if len(buffer) > REGISTRY_BODY_MAX + 64:
+            raise RegistryError("an answer over 1 MiB")
+        if chunked and buffer.endswith(b"0\r\n\r\n"):
+            break
+        sock.settimeout(left())
+        chunk = sock.recv(READ_BYTES)
+        if not chunk:
+            break
+        buffer += chunk
+    return unchunk(bytes(buffer)) if chunked else bytes(buffer[:int(length)] if length is not None else buffer)
+
+
+def unchunk(data: bytes) -> bytes:
+    """A chunked body, joined; RegistryError if it is not one."""
+    body, at = bytearray(), 0
+    while True:
+        end = data.find(b"\r\n", at)
+        try:
+            size = int(data[at:end].split(b";")[0], 16)
+        except ValueError:
+            raise RegistryError("a broken chunked answer") from None
+        if size == 0:
+            return bytes(body)
+        body += data[end + 2:end + 2 + size]
+        at = end + 4 + size
+
+
+# -- who may ask: the docker CLI's logins, and the token flow ---------------------------------
+
+
+def registry_login(registry: str, config: Config, runner: Runner) -> Optional[Tuple[str, str]]:
+    """The user and password the docker CLI would use for a registry (DOCKER_CONFIG's config.json: auths,
+    credsStore, credHelpers through `docker-credential-<name> get`), or None: ask anonymously."""
+    folder = config.environ.get("DOCKER_CONFIG") or os.path.join(config.environ.get("HOME") or "/root", ".docker")
+    try:
+        with open(os.path.join(folder, "config.json"), "rb") as handle:
+            stored = json.loads(handle.read(REGISTRY_BODY_MAX))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict):
+        return None
+    keys = (DOCKER_HUB_LOGIN, "index.docker.io", DOCKER_HUB) if registry == DOCKER_HUB else (
+        registry, f"https://{registry}", f"http://{registry}")
+    helpers, auths = stored.get("credHelpers"), stored.get("auths")
+    helper = next((helpers[k] for k in keys if isinstance(helpers, dict) and isinstance(helpers.get(k), str)),
+                  stored.get("credsStore"))
+    if isinstance(helper, str) and HELPER_RE.fullmatch(helper):
+        return helper_login(helper, keys[0], config, runner)
+    entry = next((auths[k] for k in keys if isinstance(auths, dict) and isinstance(auths.get(k), dict)), {})
+    try:
+        user, sep, password = base64.b64decode(str(entry.get("auth") or ""), validate=True).decode().partition(":")
+    except ValueError:
+        return None
+    return (user, password) if sep else None
+
+
+def helper_login(helper: str, server: str, config: Config, runner: Runner) -> Optional[Tuple[str, str]]:
+    """Ask a credential helper (`docker-credential-<helper> get`, the server on its stdin); None if it has none."""
+    try:
+        text = runner([f"docker-credential-{helper}", "get"], timeout=config.command_timeout, env=config.command_env,
+                      quiet=True, given=server.encode() + b"\n")
+        answer = json.loads(text)
+    except (CommandError, ValueError):
+        return None
+    if isinstance(answer, dict) and isinstance(answer.get("Username"), str) and isinstance(answer.get("Secret"), str):
+        return answer["Username"], answer["Secret"]
+    return None
+
+
+def basic_authorization(login: Tuple[str, str]) -> str:
+    return "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
+
+
+def bearer_token(challenge: Mapping[str, str], login: Optional[Tuple[str, str]], deadline: float) -> str:
+    """A token from the realm a registry's challenge names (its service and scope asked), with the login only
+    where the realm is HTTPS or on this host."""
+    realm = urllib.parse.urlsplit(challenge.get("realm", ""))
+    if realm.scheme not in ("http", "https") or not realm.hostname:
+        raise RegistryError("its token realm is not an http(s) URL")
+    query = urllib.parse.urlencode({k: v for k, v in challenge.items() if k in ("service", "scope")})
+    url = urllib.parse.urlunsplit((realm.scheme, realm.netloc, realm.path or "/", "&".join(
+        filter(None, (realm.query, query))), ""))
+    safe = realm.scheme == "https" or loopback(realm.hostname)
+    reply = registry_call(url, {"Authorization": basic_authorization(login)} if login and safe else {}, deadline)
+    try:
+        answer = json.loads(reply.body) if reply.status == 200 else None
+    except ValueError:
+        answer = None
+    token = (answer.get("token") or answer.get("access_token")) if isinstance(answer, dict) else None
+    if not isinstance(token, str) or not token or not token.isascii() or any(c in token for c in "\r\n "):
+        raise RegistryError(f"its token service answered {reply.status} without a token")
+    return token
+
+
+def loopback(host: str) -> bool:
+    """Whether a host name or address is this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class RegistryClient(NamedTuple):
+    """How one registry is asked: its base URL (http only where Docker itself would) and the login to use."""
+
+    base: str
+    login: Optional[Tuple[str, str]]
+
+    def call(self, path: str, method: str, deadline: float) -> Reply:
+        """A request with the Accept types of every manifest, authenticated as the registry's 401 asks."""
+        accept = {"Accept": MANIFEST_ACCEPT}
+        reply = registry_call(self.base + path, accept, deadline, method)
+        if reply.status == 401:
+            scheme, _, params = (reply.headers.get("WWW-Authenticate") or "").partition(" ")
+            challenge = dict(CHALLENGE_RE.findall(params))
+            if scheme.lower() == "bearer":
+                authorization = "Bearer " + bearer_token(challenge, self.login, deadline)
+            elif scheme.lower() == "basic" and self.login:
+                authorization = basic_authorization(self.login)
+            else:
+                raise RegistryError("401 Unauthorized: give the docker CLI a login for it (docker login)")
+            reply = registry_call(self.base + path, {**accept, "Authorization": authorization}, deadline, method)
+        if reply.status == 429:
+            retry = reply.headers.get("Retry-After") or ""
+            raise TooSoon(min(float(retry), 86400.0) if DIGITS_RE.fullmatch(retry) else 60.0)
+        if reply.status != 200:
+            raise RegistryError(f"answered {reply.status}" + (" (a redirect is not followed)"
+                                                               if 300 <= reply.status < 400 else ""))
+        return reply
+
+    def digest(self, key: ImageKey) -> str:
+        """What the tag names now: the digest of its manifest (a multi-platform image's index)."""
+        reply = self.call(f"/v2/{key.repository}/manifests/{key.tag}", "HEAD", time.monotonic() + RECONCILE_TIMEOUT)
+        digest = reply.headers.get("Docker-Content-Digest") or ""
+        if not DIGEST_RE.fullmatch(digest):
+            raise RegistryError("its answer names no digest")
+        return digest
+
+    def tags(self, repository: str) -> List[str]:
+        """The repository's tags, page after page (Link: rel="next", on this registry only), at most 10 pages."""
+        found, path = [], f"/v2/{repository}/tags/list?n=1000"
+        for _ in range(TAG_PAGES_MAX):
+            reply = self.call(path, "GET", time.monotonic() + RECONCILE_TIMEOUT)
+            try:
+                page = json.loads(reply.body).get("tags") or []
+            except (ValueError, AttributeError):
+                raise RegistryError("its tag list is not JSON") from None
+            found += [tag for tag in page if isinstance(tag, str) and TAG_RE.fullmatch(tag)]
+            link = LINK_NEXT_RE.search(reply.headers.get("Link") or "")
+            if link is None:
+                return found
+            path = link.group(1)
+        return found
+
+
+def insecure_registries(info: Mapping[str, object]) -> Callable[[str], bool]:
+    """Whether Docker itself talks plain HTTP to a registry: `docker info`'s RegistryConfig (IndexConfigs
+    marked not Secure, InsecureRegistryCIDRs), and this host. Pure."""
+    import ipaddress
+    indexes = info.get("IndexConfigs") if isinstance(info.get("IndexConfigs"), dict) else {}
+    networks = []
+    for cidr in info.get("InsecureRegistryCIDRs") or ():
+        with contextlib.suppress(ValueError, TypeError):
+            networks.append(ipaddress.ip_network(cidr))
+
+    def plain(registry: str) -> bool:
+        host = urllib.parse.urlsplit(f"//{registry}").hostname or ""
+        entry = indexes.get(registry)
+        if isinstance(entry, dict) and entry.get("Secure") is False:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return host == "localhost"
+        return address.is_loopback or any(address in network for network in networks)
+    return plain
+
+
+# -- a round: what is asked, what the answers mean, what is queued ----------------------------
+
+
+class Asked(NamedTuple):
+    """What reconciling asks for one service: the tag (a tracked service: its repository's tags), or why none."""
+
+    service: Running
+    key: Optional[ImageKey]
+    why: str = ""
+
+
+def reconcile_plan(config: Config, services: Sequence[Running], pending: FrozenSet[ServiceRef]) -> List[Asked]:
+    """Each service's question, by the one matcher hooks use (OWNER, SERVICES, gopdater.enable, tracking), or
+    why it is not asked; one with a deployment queued or running is left to it. Pure."""
+    plan = []
+    for service in services:
+        keys, why = triggers(config, service)
+        if keys and service.image is None:
+            why = "no running container with a tagged image"
+        elif keys and service.ref in pending:
+            why = "a deployment of it is queued or running"
+        key = (service.image if service.image in keys else keys[0]) if keys and not why else None
+        plan.append(Asked(service, key, why))
+    return plan
+
+
+def tracks(service: Running) -> bool:
+    return service.tracking is not None and service.tracking.channel is not None
+
+
+def newest_in_channel(tracking: Tracking, current: str, tags: Iterable[str]) -> Optional[str]:
+    """The newest tag a push would move a tracked service to, or None. Pure."""
+    taken = [tag for tag in tags if channel_verdict(tracking.channel, current, tag) is None]
+    return functools.reduce(newer_tag, taken) if taken else None
+
+
+def behind(asked: Asked, answer: Union[str, List[str]], running: FrozenSet[str],
+           failed: FrozenSet[Tuple[ServiceRef, str]]) -> Optional[PushEvent]:
+    """The push a service is behind by, or None: another digest than it runs (unless that digest failed here
+    before), or for a tracked service a newer tag in its channel. Pure."""
+    if tracks(asked.service):
+        newest = newest_in_channel(asked.service.tracking, asked.key.tag, answer)
+        return PushEvent("reconcile", asked.key._replace(tag=newest)) if newest else None
+    if answer in running or (asked.service.ref, answer) in failed:
+        return None
+    return PushEvent("reconcile", asked.key, answer)
+
+
+class Report(NamedTuple):
+    """The last round: when it ended, services asked, those found behind, and each failing registry's reason."""
+
+    finished: str = ""
+    asked: int = 0
+    behind: Tuple[str, ...] = ()
+    errors: Mapping[str, str] = {}
+    rounds: int = 0
+
+
+FAILED_STATES = frozenset({State.FAILED.value, State.ROLLED_BACK.value, State.SKIPPED.value})
+
+
+def failed_digests(views: Iterable[Mapping[str, object]]) -> FrozenSet[Tuple[ServiceRef, str]]:
+    """The (service, digest) pairs a deployment with a digest ended failed, rolled back or skipped. Pure."""
+    return frozenset((ServiceRef(str(v.get("kind")), v.get("project") or "", str(v.get("service"))), v["digest"])
+                     for v in views if v.get("state") in FAILED_STATES and isinstance(v.get("digest"), str))
+
+
+class Reconciler:
+    """Asks the registries what each managed tag names now, in rounds; queues the services found behind."""
+
+    def __init__(self, config: Config, queue: WorkQueue, runner: Runner = run_command,
+                 client: Optional[Callable[[str], RegistryClient]] = None):
+        self.config, self.queue, self.runner = config, queue, runner
+        self.client = client or self.client_for
+        self.wanted = threading.Event()  # POST /reconcile, or the first round after start-up
+        self.report = Report()
+        self.not_before: Dict[str, float] = {}  # registry: when it may be asked again (429)
+        self.plain: Callable[[str], bool] = insecure_registries({})
+
+    def plan(self) -> List[Asked]:
+        return reconcile_plan(self.config, self.queue.target.running(), self.queue.pending())
+
+    def run_forever(self) -> None:
+        """A round after start-up recovery, then every RECONCILE_INTERVAL (0: none but those asked for), and
+        whenever POST /reconcile asks; a round that fails is logged, and the next runs as planned."""
+        interval = self.config.reconcile_interval or None
+        if interval:
+            self.wanted.set()
+        while not self.queue.stopping:
+            self.wanted.wait(interval)
+            self.wanted.clear()
+            try:
+                self.round()
+            except Exception:  # a bug must not end reconciling for good
+                log.exception("a reconcile round failed; the next one runs as planned")
+
+    def round(self) -> Report:
+        """One round: the plan, one question per registry/repository:tag (4 registries at once), the verdicts;
+        its report, kept as the last."""
+        asked = [a for a in self.plan() if a.key is not None]
+        self.plain = insecure_registries(self.registry_config())
+        questions: Dict[str, Dict[Tuple[str, str, Optional[str]], None]] = {}
+        for item in asked:
+            key = item.key
+            questions.setdefault(key.registry, {})[(key.repository, None if tracks(item.service) else key.tag)] = None
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(RECONCILE_REGISTRIES, len(questions)))) as pool:
+            answers = dict(zip(questions, pool.map(self.ask, questions, [list(q) for q in questions.values()])))
+        errors = {registry: str(answer) for registry, answer in answers.items() if isinstance(answer, RegistryError)}
+        found = self.queue_behind(asked, answers)
+        report = self.report = Report(_now(), len(asked), tuple(found), errors, self.report.rounds + 1)
+        log.info("reconcile: asked the registry for %d services: %d behind%s%s", report.asked, len(found),
+                 f" ({', '.join(found)})" if found else "",
+                 "".join(f"; {registry} failed: {why}" for registry, why in sorted(errors.items())))
+        return report
+
+    def ask(self, registry: str, wanted: List[Tuple[str, Optional[str]]]) -> Union[Dict, RegistryError]:
+        """Every question for one registry, in turn; the first error ends its round (logged once, not per service)."""
+        if time.monotonic() < self.not_before.get(registry, 0.0):
+            return RegistryError("answered 429 earlier: not asked again yet")
+        try:
+            client, found = self.client(registry), {}
+            for repository, tag in wanted:
+                found[(repository, tag)] = client.tags(repository) if tag is None else client.digest(
+                    ImageKey(registry, repository, tag))
+            return found
+        except TooSoon as error:
+            self.not_before[registry] = time.monotonic() + error.seconds
+            return error
+        except RegistryError as error:
+            return error
+
+    def queue_behind(self, asked: Sequence[Asked], answers: Mapping[str, object]) -> List[str]:
+        """Submit each service that is behind, as a push of what it is behind by would; their names."""
+        running = self.running_digests([a.service for a in asked if not tracks(a.service)])
+        failed, found = failed_digests(self.queue.views()), []
+        for item in asked:
+            answer = answers.get(item.key.registry)
+            key = (item.key.repository, None if tracks(item.service) else item.key.tag)
+            if not isinstance(answer, dict) or key not in answer:
+                continue
+            event = behind(item, answer[key], running.get(item.service.ref, frozenset()), failed)
+            if event is None:
+                continue
+            for deployment, _ in self.queue.submit(event, only=frozenset({item.service.ref})) or ():
+                log.info("reconcile: service=%s is behind %s%s: deployment=%s trigger=reconcile", item.service.ref,
+                         event.image, f" ({event.digest})" if event.digest else "", deployment.id)
+                found.append(str(item.service.ref))
+        return found
+
+    def running_digests(self, services: Sequence[Running]) -> Dict[ServiceRef, FrozenSet[str]]:
+        """The digests each service runs, for its own repository: a Swarm service's from its spec, a container's
+        from its image's RepoDigests (one `docker image inspect` for all)."""
+        found = {s.ref: frozenset({s.image_id}) for s in services if s.ref.kind == "swarm" and s.image_id}
+        images = sorted({s.image_id for s in services if s.ref not in found and s.image_id})
+        if not images:
+            return found
+        try:
+            text = self.runner(["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", *images],
+                               timeout=self.config.command_timeout, env=self.config.command_env, quiet=True)
+            listed = dict(zip(images, (json.loads(line or "null") or [] for line in text.splitlines())))
+        except (CommandError, ValueError) as error:
+            log.warning("reconcile: the running images' digests cannot be read (%s)", error)
+            return found
+        for service in services:
+            for entry in listed.get(service.image_id, []) if service.ref not in found else ():
+                name, _, digest = str(entry).partition("@")
+                if parse_name(name) == (service.image.registry, service.image.repository):
+                    found[service.ref] = found.get(service.ref, frozenset()) | {digest}
+        return found
+
+    def registry_config(self) -> Mapping[str, object]:
+        """`docker info`'s RegistryConfig (insecure registries), or {} if the engine does not say."""
+        try:
+            info = json.loads(self.runner(["docker", "info", "--format", "{{json .RegistryConfig}}"],
+                                          timeout=self.config.command_timeout, env=self.config.command_env,
+                                          quiet=True) or "null")
+        except (CommandError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def client_for(self, registry: str) -> RegistryClient:
+        """How to ask a registry: HTTPS unless Docker itself would not, with the docker CLI's login for it."""
+        host = DOCKER_HUB_API if registry == DOCKER_HUB else registry
+        return RegistryClient(f"{'http' if self.plain(registry) else 'https'}://{host}",
+                              registry_login(registry, self.config, self.runner))
+
+
+# ==========================================================================================
 # Notifications and metrics: what gopdater tells the outside about deployments
 # ==========================================================================================
 
@@ -4023,7 +4538,8 @@ def notification(deployment: Deployment, outcome: Outcome, seconds: float, secre
     sentence = SENTENCES[outcome.result].format(service=deployment.ref, image=deployment.key, seconds=seconds,
                                                 reason=reason)
     payload = {"deployment": deployment.id, "kind": deployment.ref.kind, "project": deployment.ref.project or None,
-            "service": deployment.ref.name, "image": f"{deployment.key.registry}/{deployment.key.repository}",
+            "service": deployment.ref.name, "trigger": trigger(deployment.sender),
+            "image": f"{deployment.key.registry}/{deployment.key.repository}",
             "tag": deployment.key.tag, "digest": deployment.digest, "result": outcome.result.value,
             "old_image": outcome.old_image, "new_image": outcome.new_image, "old_tag": outcome.old_tag,
             "new_tag": outcome.new_tag, "seconds": round(seconds, 3),
@@ -4484,7 +5000,19 @@ def deployment_rows(views: Sequence[Mapping[str, object]]) -> List[str]:
     return rows
 
 
-def status_page(services: Sequence["Running"], views: Sequence[Mapping[str, object]], now: datetime) -> str:
+def reconcile_line(report: "Report") -> str:
+    """The last round of asking the registry, for the status page, escaped. Pure."""
+    if not report.rounds:
+        return "<p>The registry has not been asked yet.</p>"
+    errors = "".join(f'<br><span class=err>{html.escape(registry)}: {html.escape(why)}</span>'
+                     for registry, why in sorted(report.errors.items()))
+    found = f" ({html.escape(', '.join(report.behind))})" if report.behind else ""
+    return (f"<p>The registry was last asked at {html.escape(report.finished)}: {report.asked} services, "
+            f"{len(report.behind)} behind{found}.{errors}</p>")
+
+
+def status_page(services: Sequence["Running"], views: Sequence[Mapping[str, object]], now: datetime,
+                report: Optional["Report"] = None) -> str:
     """The whole page: what gopdater manages, what runs now, the last deployments. Pure."""
     active = [v for v in views if v.get("state") in ("queued", "running")]
     now_rows = "".join(f"<li>{badge(v['state'])} {html.escape(service_name(v))} <code>{html.escape(str(v.get('tag')))}"
@@ -4494,6 +5022,7 @@ def status_page(services: Sequence["Running"], views: Sequence[Mapping[str, obje
             f"<title>gopdater</title><style>{PAGE_STYLE}</style></head><body>"
             f"<h1>gopdater <small>{__version__} &middot; {len(services)} services &middot; "
             f"{now.strftime('%Y-%m-%d %H:%M:%S')} UTC</small></h1><h2>Now</h2><ul>{now_rows}</ul>"
+            f"{reconcile_line(report or Report())}"
             "<h2>Services</h2><table><tr><th>Service</th><th class=wide>Kind</th><th>Image</th><th>Running</th>"
             f"<th>Last result</th></tr>{''.join(status_rows(services, views))}</table>"
             "<h2>Last deployments</h2><table><tr><th class=wide>Started</th><th>Service</th><th class=wide>Tag</th>"
@@ -4555,10 +5084,17 @@ class Metrics:
                     self.outage.observe(step.seconds)
             self.last[service] = (self.clock(), result)
 
-    def render(self, queue: Optional[WorkQueue]) -> str:
+    def render(self, queue: Optional[WorkQueue], report: Optional["Report"] = None) -> str:
         """The Prometheus text exposition format (0.0.4)."""
+        report = report or Report()
         with self.lock:
             families = [
+                ("gopdater_reconcile_rounds_total", "counter", "Rounds of asking the registries what tags name.",
+                 [f" {report.rounds}"]),
+                ("gopdater_reconcile_services", "gauge", "Services asked in the last round, and found behind.",
+                 [f'{{found="asked"}} {report.asked}', f'{{found="behind"}} {len(report.behind)}']),
+                ("gopdater_reconcile_errors", "gauge", "1 for each registry that failed in the last round.",
+                 [f"{_labels(registry=r)} 1" for r in sorted(report.errors)]),
                 ("gopdater_hooks_total", "counter", "Webhook deliveries answered, by sender and status code.",
                  [f"{_labels(sender=s, code=c)} {n}" for (s, c), n in sorted(self.hooks.items())]),
                 ("gopdater_rejected_requests_total", "counter", "Requests answered with a 4xx or 5xx code.",
@@ -5393,6 +5929,19 @@ def notify_finding(url: str, notify_on: FrozenSet[str]) -> Finding:
                   f"{','.join(sorted(notify_on))}" + (credentials if endpoint.authorization else ""))
 
 
+def reconcile_findings(config: Config, services: Sequence[Running]) -> List[Finding]:
+    """For each service: the tag reconciling asks the registry for, or why it asks none."""
+    every = (f"every {config.reconcile_interval:g}s, after start-up and on POST /reconcile"
+             if config.reconcile_interval else "on POST /reconcile only (RECONCILE_INTERVAL=0)")
+    found = []
+    for item in reconcile_plan(config, services, frozenset()):
+        asks = (f"the tags of {item.key.registry}/{item.key.repository}" if tracks(item.service) else
+                str(item.key)) if item.key else ""
+        found.append((True, f"reconcile: service {item.service.ref}: " + (
+            f"asks the registry for {asks} {every}" if item.key else f"not asked: {item.why}")))
+    return found
+
+
 def run_check(config: Config, runner: Runner = None, out=None) -> int:
     """Diagnose the set-up for --check: one line per finding, a fix for each problem; 0 if all is well."""
     out = out or sys.stdout
@@ -5416,6 +5965,7 @@ def run_check(config: Config, runner: Runner = None, out=None) -> int:
         if config.swarm != "off" and swarm_role(config, runner or run_command) == "worker":
             findings.append((True, "swarm: this engine is a worker; Swarm services are updated only by a "
                                    "gopdater on a manager"))
+        findings += reconcile_findings(config, target.running())
         findings.append(state_finding(config))
     for ok, text in findings:
         print(f"{'ok  ' if ok else 'FAIL'} {text}", file=out)
@@ -5708,6 +6258,8 @@ def start_then_work(config: Config, app: App, server: HookServer, failed: List[s
     for worker in range(2, config.parallel + 1):
         threading.Thread(target=work_until_stopped, args=(app.queue,), name=f"deployer-{worker}",
                          daemon=True).start()
+    app.reconciler = Reconciler(config, app.queue)  # it only reads: DRY_RUN changes nothing of it
+    threading.Thread(target=app.reconciler.run_forever, name="reconciler", daemon=True).start()
     work_until_stopped(app.queue)
     if notifier is not None:
         notifier.close(NOTIFY_TIMEOUT * 2 + NOTIFY_RETRY_DELAY)

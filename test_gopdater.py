@@ -120,6 +120,7 @@ class FakeDocker:
         self.labels = {}  # (project, service): extra labels of its containers
         self.file_labels = {}  # (project, service): labels the Compose file gives it (compose config, v2)
         self.image_labels = {}  # image id: labels the image itself carries
+        self.repo_digests = {}  # image id: its RepoDigests ("acme/site@sha256:..."), as pulls recorded them
         self.printed = ""  # what each release step's command prints
         self.orders = {}  # (project, service): deploy.update_config.order in the Compose file
         self.names, self.host_ports = {}, {}  # (project, service): a fixed container_name; a published host port
@@ -335,6 +336,10 @@ class FakeDocker:
             return "20.10.24\n"
         if args == ["info", "--format", "{{json .Swarm}}"]:
             return json.dumps(self.swarm_info) + "\n"
+        if args == ["info", "--format", "{{json .RegistryConfig}}"]:
+            return json.dumps({"InsecureRegistryCIDRs": ["127.0.0.0/8"], "IndexConfigs": {}}) + "\n"
+        if args[:4] == ["image", "inspect", "--format", "{{json .RepoDigests}}"]:
+            return "".join(json.dumps(self.repo_digests.get(i, [])) + "\n" for i in args[4:])
         if args[:1] == ["service"] or args[:3] == ["inspect", "--type", "task"]:
             return self.swarm(args)
         if args == ["ps", "-a", "-q", "--filter", "label=com.docker.compose.project"]:
@@ -2951,7 +2956,7 @@ class MetricsTest(unittest.TestCase):
         self.assertNotIn('x\\"y', text)
         labels = set(re.findall(r'[a-z_]+="([^"]*)"', text))
         senders = {sender.name for sender in gopdater.SENDERS}
-        self.assertLessEqual(labels, senders | {"200", "400", "403"} | {"+Inf"} |
+        self.assertLessEqual(labels, senders | {"200", "400", "403", "asked", "behind"} | {"+Inf"} |
                              {f"{b:g}" for b in gopdater.DURATION_BUCKETS + gopdater.OUTAGE_BUCKETS})
 
 
@@ -2986,7 +2991,7 @@ class HouseRulesTest(unittest.TestCase):
         """The banner comments come in the order a webhook flows through the file."""
         banners = re.findall(r"^# ={20,}\n# ([^:\n]+)", (HERE / "gopdater.py").read_text(), re.MULTILINE)
         self.assertEqual(banners, ["Image references", "Settings", "Senders", "The request pipeline", "The work queue",
-                                   "The journal", "Update targets", "Docker commands", "Notifications and metrics",
+                                   "The journal", "Update targets", "Docker commands", "Reconciling", "Notifications and metrics",
                                    "The HTTP transport", "--check", "main"])
 
 
@@ -4924,6 +4929,355 @@ class TrackedSwarmTest(unittest.TestCase):
                            "--with-registry-auth", "blog_site"]])
         code, out = check(self, fake, OWNER="127.0.0.1:5000/acme")
         self.assertIn("ok   service blog/blog_site: follows patch releases", out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconciling: the registry asked what a tag names now
+# ---------------------------------------------------------------------------------------------
+
+DIGEST_A, DIGEST_B = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+
+class RegistryStandIn:
+    """A registry on 127.0.0.1 answering by route(method, path, headers) -> (status, headers, body); a body may
+    be a generator (streamed until the client goes). It records every request: (method, path, headers)."""
+
+    def __init__(self, test, route):
+        self.requests = []
+        standin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def answer(self):
+                standin.requests.append((self.command, self.path, dict(self.headers)))
+                status, extra, body = route(self.command, self.path, self.headers)
+                self.send_response(status)
+                for name, value in extra:
+                    self.send_header(name, value)
+                if isinstance(body, bytes):
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(body)
+                    return
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for chunk in body:
+                        self.wfile.write(chunk)
+
+            do_GET = do_HEAD = answer
+
+            def log_message(self, *args):
+                pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        test.addCleanup(server.server_close)
+        test.addCleanup(server.shutdown)
+        self.port = server.server_address[1]
+        self.registry, self.base = f"127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port}"
+
+
+def manifest_route(digest=DIGEST_A, path="/v2/acme/site/manifests/latest"):
+    """A route that names digest for one manifest and answers 404 for anything else."""
+    def route(method, asked, headers):
+        if method == "HEAD" and asked == path:
+            return 200, [("Docker-Content-Digest", digest)], b""
+        return 404, [], b'{"errors": [{"code": "MANIFEST_UNKNOWN"}]}'
+    return route
+
+
+class RegistryClientTest(unittest.TestCase):
+    """RegistryClient and registry_login against a registry stand-in on 127.0.0.1."""
+
+    def key(self, standin, tag="latest"):
+        return ImageKey(standin.registry, "acme/site", tag)
+
+    def test_an_anonymous_registry_names_a_tags_digest_by_a_head(self):
+        """HEAD of the manifest with the Accept types of indexes and manifests; the digest it names."""
+        standin = RegistryStandIn(self, manifest_route())
+        self.assertEqual(gopdater.RegistryClient(standin.base, None).digest(self.key(standin)), DIGEST_A)
+        (method, path, head), = standin.requests
+        self.assertEqual((method, path, head["Accept"]), ("HEAD", "/v2/acme/site/manifests/latest",
+                                                          gopdater.MANIFEST_ACCEPT))
+        self.assertNotIn("Authorization", head)
+
+    def test_a_bearer_challenge_gets_a_token_from_its_realm_with_the_login(self):
+        """A 401 naming a realm, service and scope: the token asked there with the login as Basic, then the HEAD
+        again with the token."""
+        def route(method, path, headers):
+            if path.startswith("/token?"):
+                ok = headers.get("Authorization") == "Basic " + base64.b64encode(b"ci:pw").decode()
+                return (200, [], b'{"token": "t0k"}') if ok else (401, [], b"")
+            if headers.get("Authorization") == "Bearer t0k":
+                return 200, [("Docker-Content-Digest", DIGEST_A)], b""
+            return 401, [("WWW-Authenticate", f'Bearer realm="http://127.0.0.1:{standin.port}/token",'
+                                              'service="reg",scope="repository:acme/site:pull"')], b""
+        standin = RegistryStandIn(self, route)
+        self.assertEqual(gopdater.RegistryClient(standin.base, ("ci", "pw")).digest(self.key(standin)), DIGEST_A)
+        self.assertEqual([path for _, path, _ in standin.requests], [
+            "/v2/acme/site/manifests/latest", "/token?service=reg&scope=repository%3Aacme%2Fsite%3Apull",
+            "/v2/acme/site/manifests/latest"])
+
+    def docker_config(self, stored):
+        folder = state_folder(self)
+        pathlib.Path(folder, "config.json").write_text(json.dumps(stored))
+        return folder
+
+    def test_a_basic_challenge_is_answered_with_the_login_of_the_docker_config(self):
+        """auths in DOCKER_CONFIG's config.json: the login for that registry, sent as Basic after a 401."""
+        def route(method, path, headers):
+            if headers.get("Authorization") == "Basic " + base64.b64encode(b"ci:pw").decode():
+                return 200, [("Docker-Content-Digest", DIGEST_A)], b""
+            return 401, [("WWW-Authenticate", 'Basic realm="registry"')], b""
+        standin = RegistryStandIn(self, route)
+        folder = self.docker_config({"auths": {standin.registry: {"auth": base64.b64encode(b"ci:pw").decode()}}})
+        login = gopdater.registry_login(standin.registry, make_config(DOCKER_CONFIG=folder), gopdater.run_command)
+        self.assertEqual(login, ("ci", "pw"))
+        self.assertEqual(gopdater.RegistryClient(standin.base, login).digest(self.key(standin)), DIGEST_A)
+        self.assertIsNone(gopdater.registry_login("other.example:5000", make_config(DOCKER_CONFIG=folder),
+                                                  gopdater.run_command))
+
+    def test_a_credential_helper_is_asked_for_the_login(self):
+        """credsStore (or credHelpers for the registry): `docker-credential-<name> get` with the server on its
+        stdin; its Username and Secret; a helper that has none means anonymous."""
+        bin_dir = state_folder(self)
+        asked = pathlib.Path(bin_dir, "asked")
+        for name, answer in (("stub", '{"Username": "helper", "Secret": "s3"}'), ("none", None)):
+            script = pathlib.Path(bin_dir, f"docker-credential-{name}")
+            body = (f"print({answer!r})" if answer else "sys.exit('credentials not found in native keychain')")
+            script.write_text(f"#!{sys.executable}\nimport sys\nopen({str(asked)!r}, 'a').write(sys.stdin.read())\n"
+                              f"{body}\n")
+            script.chmod(0o755)
+        path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+        for stored, expected in (({"credsStore": "stub"}, ("helper", "s3")),
+                                 ({"credsStore": "none", "credHelpers": {"127.0.0.1:5000": "stub"}}, ("helper", "s3")),
+                                 ({"credsStore": "none"}, None), ({"credsStore": "../../bin/sh"}, None)):
+            with self.subTest(stored=stored):
+                config = make_config(DOCKER_CONFIG=self.docker_config(stored), PATH=path)
+                with self.assertLogs("gopdater", "DEBUG") if "sh" not in stored["credsStore"] else \
+                        contextlib.nullcontext():  # a helper name that is a path runs nothing, logs nothing
+                    self.assertEqual(gopdater.registry_login("127.0.0.1:5000", config, gopdater.run_command),
+                                     expected)
+        self.assertEqual(asked.read_text(), "127.0.0.1:5000\n" * 3)
+
+    def test_refusals_are_errors_that_change_nothing(self):
+        """401 with no challenge it can answer, 404, 500, a redirect (not followed), 429 (when to ask again)."""
+        cases = [("401 without a login", 401, [("WWW-Authenticate", 'Basic realm="r"')], "401 Unauthorized"),
+                 ("404", 404, [], "answered 404"), ("500", 500, [], "answered 500"),
+                 ("a redirect", 307, [("Location", "http://localhost:1/x")], "a redirect is not followed"),
+                 ("429 with Retry-After", 429, [("Retry-After", "30")], "asked again in 30s"),
+                 ("429 without", 429, [], "asked again in 60s")]
+        for name, status, extra, said in cases:
+            with self.subTest(name):
+                standin = RegistryStandIn(self, lambda method, path, headers: (status, extra, b""))
+                with self.assertRaises(gopdater.RegistryError) as caught:
+                    gopdater.RegistryClient(standin.base, None).digest(self.key(standin))
+                self.assertIn(said, str(caught.exception))
+
+    def test_no_redirect_carries_credentials_to_another_host(self):
+        """The manifest, or the token realm, redirecting to another host (localhost, not 127.0.0.1): an error, and
+        that host is never asked, so the login goes nowhere."""
+        elsewhere = RegistryStandIn(self, manifest_route())
+        away = [("Location", f"http://localhost:{elsewhere.port}/v2/acme/site/manifests/latest")]
+        for name, route in (
+                ("the manifest", lambda method, path, headers: (307, away, b"")),
+                ("the token realm", lambda method, path, headers: (302, away, b"") if path.startswith("/token") else (
+                    401, [("WWW-Authenticate", f'Bearer realm="{standin.base}/token",service="reg"')], b""))):
+            with self.subTest(name):
+                standin = RegistryStandIn(self, route)
+                with self.assertRaises(gopdater.RegistryError):
+                    gopdater.RegistryClient(standin.base, ("ci", "pw")).digest(self.key(standin))
+        self.assertEqual(elsewhere.requests, [])
+
+    def test_a_slow_registry_is_cut_at_its_deadline(self):
+        """A registry that answers in 30 s: the request ends at its deadline with an error."""
+        def route(method, path, headers):
+            time.sleep(30)
+            return 200, [], b""
+        standin = RegistryStandIn(self, route)
+        started = time.monotonic()
+        with self.assertRaises(gopdater.RegistryError) as caught:
+            gopdater.registry_call(f"{standin.base}/v2/", {}, time.monotonic() + 0.5)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertIn("no answer within", str(caught.exception))
+
+    def test_a_huge_or_endless_answer_is_bounded(self):
+        """A tag list said to be 100 MB, or streamed chunk after chunk for ever: an error past 1 MiB, not memory."""
+        def endless():
+            while True:
+                yield b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+        for name, extra, body in (("100 MB", [("Content-Length", str(100_000_000))], iter(())),
+                                  ("endless chunks", [("Transfer-Encoding", "chunked")], endless())):
+            with self.subTest(name):
+                standin = RegistryStandIn(self, lambda method, path, headers: (200, extra, body))
+                with self.assertRaises(gopdater.RegistryError) as caught:
+                    gopdater.RegistryClient(standin.base, None).tags("acme/site")
+                self.assertIn("over 1 MiB", str(caught.exception))
+
+    def test_tags_follow_the_link_pagination(self):
+        """tags/list, then each Link rel="next" on the same registry, until none."""
+        pages = {"/v2/acme/site/tags/list?n=1000": (["1.0.0", "1.0.1"], "/v2/acme/site/tags/list?n=1000&last=1.0.1"),
+                 "/v2/acme/site/tags/list?n=1000&last=1.0.1": (["1.1.0", "bad tag!"], None)}
+
+        def route(method, path, headers):
+            tags, following = pages[path]
+            link = [("Link", f'<{following}>; rel="next"')] if following else []
+            return 200, link, json.dumps({"name": "acme/site", "tags": tags}).encode()
+        standin = RegistryStandIn(self, route)
+        self.assertEqual(gopdater.RegistryClient(standin.base, None).tags("acme/site"), ["1.0.0", "1.0.1", "1.1.0"])
+
+    def test_docker_itself_decides_which_registries_speak_plain_http(self):
+        """insecure_registries: this host, docker info's insecure CIDRs and IndexConfigs; else HTTPS. Pure."""
+        plain = gopdater.insecure_registries({"InsecureRegistryCIDRs": ["127.0.0.0/8", "10.1.0.0/16"],
+                                              "IndexConfigs": {"registry.lan:5000": {"Secure": False},
+                                                               "docker.io": {"Secure": True}}})
+        for registry, expected in (("127.0.0.1:5000", True), ("localhost:5000", True), ("10.1.2.3:5000", True),
+                                   ("registry.lan:5000", True), ("docker.io", False), ("ghcr.io", False),
+                                   ("10.2.0.1", False)):
+            with self.subTest(registry=registry):
+                self.assertEqual(plain(registry), expected)
+
+
+class FakeRegistry:
+    """What a Reconciler's client answers, for the round tests: digests and tags by key; records each question."""
+
+    def __init__(self, digests=None, tags=None, error=None):
+        self.digests, self.tag_lists, self.error, self.asked = digests or {}, tags or {}, error, []
+
+    def __call__(self, registry):
+        return self
+
+    def digest(self, key):
+        self.asked.append(("digest", str(key)))
+        if self.error:
+            raise self.error
+        return self.digests[str(key)]
+
+    def tags(self, repository):
+        self.asked.append(("tags", repository))
+        if self.error:
+            raise self.error
+        return self.tag_lists[repository]
+
+
+class ReconcileRoundTest(unittest.TestCase):
+    """A round over the fake engine: one question per tag, verdicts, what is queued and what is not."""
+
+    def rig(self, registry, **env):
+        fake = FakeDocker(services={"site": "acme/site:latest", "worker": "acme/site:latest"})
+        fake.repo_digests[OLD_ID] = [f"acme/site@{DIGEST_A}", f"127.0.0.1:5000/other/site@{DIGEST_B}"]
+        rig = Rig(self, fake, **env)
+        reconciler = gopdater.Reconciler(rig.config, rig.queue, runner=fake, client=registry)
+        rig.app.reconciler = reconciler
+        return rig, reconciler
+
+    def round(self, reconciler):
+        with self.assertLogs("gopdater", "INFO") as logs:
+            report = reconciler.round()
+        return report, logs.output
+
+    def test_a_service_behind_is_queued_as_a_push_would_queue_it(self):
+        """The registry names another digest: one question for the two services on the tag, both queued with
+        trigger reconcile and the digest, then updated as a push updates them."""
+        registry = FakeRegistry({"docker.io/acme/site:latest": DIGEST_B})
+        rig, reconciler = self.rig(registry)
+        report, _ = self.round(reconciler)
+        self.assertEqual(registry.asked, [("digest", "docker.io/acme/site:latest")])
+        self.assertEqual((report.asked, report.behind, report.rounds), (2, ("demo/site", "demo/worker"), 1))
+        views = rig.queue.views()
+        self.assertEqual({(v["service"], v["sender"], v["trigger"], v["digest"]) for v in views},
+                         {("site", "reconcile", "reconcile", DIGEST_B), ("worker", "reconcile", "reconcile", DIGEST_B)})
+        rig.start_worker()
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertTrue(rig.queue.wait_idle(10))
+        self.assertEqual({v["state"] for v in rig.queue.views()}, {"updated"})
+
+    def test_a_service_on_what_the_registry_names_records_nothing(self):
+        """The registry names the digest the running image was pulled as: nothing queued, over several rounds."""
+        rig, reconciler = self.rig(FakeRegistry({"docker.io/acme/site:latest": DIGEST_A}))
+        for _ in range(3):
+            report, _ = self.round(reconciler)
+        self.assertEqual((report.behind, report.rounds, rig.queue.views()), ((), 3, []))
+
+    def test_a_digest_that_failed_here_before_is_not_tried_again_but_a_new_one_is(self):
+        """A deployment of that digest ended rolled back: not queued again; the registry moving on is."""
+        registry = FakeRegistry({"docker.io/acme/site:latest": DIGEST_B})
+        rig, reconciler = self.rig(registry)
+        rig.fake.registry["acme/site:latest"] = BROKEN_ID
+        self.round(reconciler)
+        rig.start_worker()
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertTrue(rig.queue.wait_idle(10))
+        self.assertEqual({v["state"] for v in rig.queue.views()}, {"rolled-back"})
+        report, _ = self.round(reconciler)
+        self.assertEqual((report.behind, len(rig.queue.views())), ((), 2))
+        registry.digests["docker.io/acme/site:latest"] = "sha256:" + "c" * 64
+        report, _ = self.round(reconciler)
+        self.assertEqual(len(report.behind), 2)
+
+    def test_a_service_with_a_deployment_queued_is_left_to_it(self):
+        """A push queued for the service: the round does not ask for it; --check says what each service asks."""
+        registry = FakeRegistry({"docker.io/acme/site:latest": DIGEST_B})
+        rig, reconciler = self.rig(registry)
+        rig.queue.submit(gopdater.PushEvent("dockerhub", ImageKey("docker.io", "acme/site", "latest")))
+        self.assertEqual({item.why for item in reconciler.plan()}, {"a deployment of it is queued or running"})
+        report, _ = self.round(reconciler)
+        self.assertEqual((registry.asked, report.asked), ([], 0))
+        code, out = check(self, rig.fake)
+        self.assertIn("ok   reconcile: service demo/site: asks the registry for docker.io/acme/site:latest every "
+                      "3600s, after start-up and on POST /reconcile", out)
+
+    def test_a_failing_registry_is_logged_once_a_round_and_a_429_is_honoured(self):
+        """A registry error: one log line for the round (not per service), in the report, nothing queued; a 429:
+        not asked again before its Retry-After."""
+        registry = FakeRegistry(error=gopdater.RegistryError("cannot be reached (ConnectionRefusedError)"))
+        rig, reconciler = self.rig(registry)
+        report, logs = self.round(reconciler)
+        self.assertEqual((report.errors, rig.queue.views()), ({"docker.io": "cannot be reached "
+                                                                             "(ConnectionRefusedError)"}, []))
+        self.assertEqual(sum("docker.io failed" in line for line in logs), 1)
+        registry.error = gopdater.TooSoon(30)
+        self.round(reconciler)
+        asked = len(registry.asked)
+        report, _ = self.round(reconciler)
+        self.assertEqual(len(registry.asked), asked, "not asked again within Retry-After")
+        self.assertIn("429", report.errors["docker.io"])
+
+    def test_post_reconcile_asks_now_and_says_what_it_asks(self):
+        """Bearer, checked from the head: 202 with the tags; a wrong token 403 and no round; GET 405; /status and
+        /metrics show the last round."""
+        rig, reconciler = self.rig(FakeRegistry({"docker.io/acme/site:latest": DIGEST_A}))
+        status, reply, _ = rig.post("/reconcile", b"", Authorization="Bearer wrong")
+        self.assertEqual((status, reconciler.wanted.is_set()), (HTTPStatus.FORBIDDEN, False))
+        self.assertEqual(rig.app.begin("POST", "/reconcile", headers(Authorization="Bearer wrong",
+                                                                     Content_Length="5")).refused.status, 403)
+        status, reply, _ = rig.post("/reconcile", b"", Authorization=f"Bearer {SECRET}")
+        self.assertEqual((status, reply), (HTTPStatus.ACCEPTED, {"status": "accepted",
+                                                                 "asks": ["docker.io/acme/site:latest"]}))
+        self.assertTrue(reconciler.wanted.is_set())
+        self.assertEqual(rig.app.handle("GET", "/reconcile", headers(), b"").status, HTTPStatus.METHOD_NOT_ALLOWED)
+        self.round(reconciler)
+        page = rig.app.handle("GET", "/status", headers(Authorization=f"Bearer {SECRET}"), b"").payload
+        self.assertIn("The registry was last asked at", page)
+        self.assertIn(": 2 services, 0 behind.", page)
+        metrics = rig.app.handle("GET", "/metrics", headers(Authorization=f"Bearer {SECRET}"), b"").payload
+        self.assertIn("gopdater_reconcile_rounds_total 1\n", metrics)
+        self.assertIn('gopdater_reconcile_services{found="asked"} 2\n', metrics)
+
+    def test_a_tracked_service_takes_the_newest_tag_of_its_channel(self):
+        """gopdater.track minor on 1.4.2: the tags listed; 1.5.0 queued (not 2.0.0, 1.3.9 or a pre-release)."""
+        root = tempfile.mkdtemp(prefix="gopdater-track-")
+        self.addCleanup(shutil.rmtree, root, True)
+        fake = FakeDocker(services={"site": "acme/site:1.4.2"}, root=root)
+        fake.track("demo", "site", SITE_RAW, "SITE_TAG=1.4.2\n", "minor", TRACKED_VERSIONS)
+        rig = Rig(self, fake)
+        registry = FakeRegistry(tags={"acme/site": ["1.3.9", "1.4.2", "1.4.3", "1.5.0", "1.6.0-rc.1", "2.0.0"]})
+        reconciler = gopdater.Reconciler(rig.config, rig.queue, runner=fake, client=registry)
+        report, _ = self.round(reconciler)
+        self.assertEqual((registry.asked, report.behind), ([("tags", "acme/site")], ("demo/site",)))
+        self.assertEqual([(v["tag"], v["trigger"]) for v in rig.queue.views()], [("1.5.0", "reconcile")])
 
 
 if __name__ == "__main__":
