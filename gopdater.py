@@ -4341,9 +4341,11 @@ def reconcile_plan(config: Config, services: Sequence[Running], pending: FrozenS
         keys, why = triggers(config, service)
         if keys and service.image is None:
             why = "no running container with a tagged image"
+        elif keys and not any(key[:2] == service.image[:2] for key in keys):
+            why = f"SERVICES maps it to another image than it runs ({service.image}): that one cannot be compared"
         elif keys and service.ref in pending:
             why = "a deployment of it is queued or running"
-        key = (service.image if service.image in keys else keys[0]) if keys and not why else None
+        key = service.image if keys and not why else None
         plan.append(Asked(service, key, why))
     return plan
 

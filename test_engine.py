@@ -134,7 +134,9 @@ def launch_gopdater(cwd, log_path, port, **settings):
     """Start gopdater as a user would (its own process group), on this port with these settings; return it
     once it has read what runs here."""
     # SWARM=off unless a test asks: another lane's swarm test may make this engine a manager meanwhile.
+    # RECONCILE_INTERVAL=0 unless a test asks: a round asks the registries each service names, here only local ones.
     env = clean_env(**{"WEBHOOK_SECRET": SECRET, "HOST": "127.0.0.1", "PORT": str(port), "HEALTH_TIMEOUT": "30",
+                       "RECONCILE_INTERVAL": "0",
                        "STOP_TIMEOUT": "5", "REFRESH_INTERVAL": "3600", "COMPOSE_COMMAND": "docker compose",
                        "SWARM": "off", "STATE_DIR": str(pathlib.Path(log_path).parent / "state"), **settings})
     with open(log_path, "ab") as log:
@@ -847,7 +849,7 @@ class ContainerDropInTest(unittest.TestCase):
         assert set(values) <= {line.split("=")[0] for line in lines if "=" in line and not line.startswith("#")}
         env_lines = [f"{line.split('=')[0]}={values[line.split('=')[0]]}" if line.split("=")[0] in values else line
                      for line in lines]
-        env_lines += [f"GOPDATER_IMAGE={cls.tags[2]}", "SERVICES=acme/site=site", "HEALTH_TIMEOUT=30",
+        env_lines += [f"GOPDATER_IMAGE={cls.tags[2]}", "SERVICES=acme/site=site", "HEALTH_TIMEOUT=30", "RECONCILE_INTERVAL=0",
                       "SWARM=off"]  # another lane's swarm test may make this engine a manager meanwhile
         (cls.folder / ".env").write_text("\n".join(env_lines) + "\n")
         run(["docker", "compose", "up", "-d"], cwd=cls.folder, env=clean_env(PWD=str(cls.folder)), timeout=300)
@@ -1352,10 +1354,15 @@ class SwarmEngineTest(unittest.TestCase):
         cls.proxy = RecordingSocketProxy(cls.tmp / "docker.sock")
         cls.proxy.start()
         cls.log = cls.tmp / "gopdater.log"
-        cls.gopdater = launch_gopdater(
-            folder, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme", HEALTH_TIMEOUT="60", SWARM="on",
-            STATE_DIR=str(cls.tmp / "state"), COMPOSE_PROJECT_NAME=cls.project,
-            DOCKER_HOST=f"unix://{cls.tmp / 'docker.sock'}")
+        cls.gopdater = cls.launch()
+
+    @classmethod
+    def launch(cls, **settings):
+        """gopdater on a manager, through the recording socket proxy, with the project folder as its own."""
+        return launch_gopdater(
+            cls.tmp / cls.project, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme", HEALTH_TIMEOUT="60",
+            SWARM="on", STATE_DIR=str(cls.tmp / "state"), COMPOSE_PROJECT_NAME=cls.project,
+            DOCKER_HOST=f"unix://{cls.tmp / 'docker.sock'}", **settings)
 
     @classmethod
     def cleanup(cls):
@@ -1487,6 +1494,33 @@ class SwarmEngineTest(unittest.TestCase):
         digest = http("GET", f"http://127.0.0.1:{self.port}/v2/acme/site/manifests/1.4.3",
                       headers={"Accept": MANIFEST_TYPES})[2]["Docker-Content-Digest"]
         wait_for(lambda: self.running_images(self.versioned) == ({digest}, 1), 60, "the task on 1.4.3")
+
+    def test_a_push_made_while_gopdater_was_stopped_is_applied_after_its_start(self):
+        """gopdater stopped, v2 pushed with no hook, gopdater started: its first reconcile round updates the
+        Swarm service (by the digest its spec pins) and the Compose service, trigger reconcile."""
+        stop_process(self.gopdater)
+        self.registry.retag("v2")
+        started = time.monotonic()
+        type(self).gopdater = self.launch(RECONCILE_INTERVAL="3600")
+        self.wait_service("v2", timeout=180)
+        wait_for(lambda: site_text(self.site_port) == "acme site v2", 120, "the Compose site on v2")
+        took = time.monotonic() - started
+        views = json.loads(http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
+                                headers={"Authorization": f"Bearer {SECRET}"})[1])["deployments"]
+        ended = ended_deployments(self.gp_port, [v["id"] for v in views if v["trigger"] == "reconcile"], 300)
+        self.assertEqual({(v["service"], v["state"]) for v in ended},
+                         {(self.service, "updated"), (self.versioned, "updated"), ("site", "updated")})
+        # The tracked service took the newest patch the registry lists (1.4.3; not 1.5.0): the next test wants 1.4.2.
+        self.addCleanup(self.wait_versioned, "1.4.2")
+        self.addCleanup(run, ["docker", "service", "update", "--detach", "--image", f"{self.repo}:1.4.2",
+                              "--with-registry-auth", self.versioned])
+        self.wait_versioned("1.4.3")
+        figure(f"[swarm] a push made while gopdater was stopped: both services on it {took:.1f} s after the start")
+
+    def wait_versioned(self, tag):
+        digest = http("GET", f"http://127.0.0.1:{self.port}/v2/acme/site/manifests/{tag}",
+                      headers={"Accept": MANIFEST_TYPES})[2]["Docker-Content-Digest"]
+        wait_for(lambda: self.running_images(self.versioned) == ({digest}, 1), 120, f"the tracked task on {tag}")
 
     def test_the_example_stack_file_runs_gopdater_on_a_manager(self):
         """docs/stack.yml is a valid stack file (docker stack config) that places gopdater on a manager."""
@@ -2068,6 +2102,88 @@ class ImageLabelsV2Test(ImageLabelsScenario, unittest.TestCase):
 
 
 class ImageLabelsV1Test(ImageLabelsScenario, unittest.TestCase):
+    flavour = "v1"
+
+def reconcile_rounds(port):
+    """How many reconcile rounds gopdater has ended (its /metrics), or -1 if it does not answer."""
+    try:
+        status, text, _ = http("GET", f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {SECRET}"})
+    except OSError:
+        return -1
+    match = re.search(rb"^gopdater_reconcile_rounds_total (\d+)$", text, re.MULTILINE)
+    return int(match.group(1)) if status == 200 and match else -1
+
+
+class ReconcileScenario:
+    """Reconciling on one Compose flavour, with Debian's docker-registry on 127.0.0.1 and no webhook at all:
+    an unchanged registry restarts nothing; a push without a hook is applied within a short interval; a push
+    made while gopdater was stopped is applied after its start."""
+
+    flavour = None
+
+    @classmethod
+    def setUpClass(cls):
+        flavour_project(cls, "rec")
+        cls.images = {}
+        for version in ("v1", "v2", "v3"):
+            folder = cls.tmp / f"build-{version}"
+            folder.mkdir()
+            (folder / "index.html").write_text(f"acme rec {version}\n")
+            cls.images[version] = import_and_push(
+                f"{cls.repo}:{version}", {"/bin/busybox": "/bin/busybox", str(folder / "index.html"): "/www/index.html"},
+                [("/bin/sh", "busybox")], ['CMD ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]'])
+        cls.registry.retag("v1", name="rec")
+        (cls.folder / "compose.yaml").write_text(f"""services:
+  site:
+    image: {cls.repo}:latest
+    init: true
+    ports: ["127.0.0.1:{cls.site_port}:80"]
+{HEALTH}
+""")
+        run([*cls.compose, "-p", cls.project, "up", "-d"], cwd=cls.folder, timeout=300,
+            env=clean_env(PWD=str(cls.folder)))
+        wait_for(lambda: site_text(cls.site_port) == "acme rec v1", 60, "the site to serve v1")
+        cls.log = cls.tmp / "gopdater.log"
+
+    @classmethod
+    def start(cls, interval):
+        cls.gopdater = launch_gopdater(cls.folder, cls.log, cls.gp_port, OWNER=f"127.0.0.1:{cls.port}/acme",
+                                       COMPOSE_COMMAND=" ".join(cls.compose), COMPOSE_PROJECT_NAME=cls.project,
+                                       RECONCILE_INTERVAL=interval)
+
+    def deployments(self):
+        return json.loads(http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
+                               headers={"Authorization": f"Bearer {SECRET}"})[1])["deployments"]
+
+    def test_the_registry_is_asked_so_that_no_push_is_missed(self):
+        """RECONCILE_INTERVAL=2: three rounds on an unchanged registry queue nothing; v2 pushed with no hook
+        runs within seconds (trigger reconcile); v3 pushed while gopdater is stopped runs within 60 s of its
+        start."""
+        self.start("2")
+        wait_for(lambda: reconcile_rounds(self.gp_port) >= 3, 60, "three reconcile rounds")
+        self.assertEqual(self.deployments(), [], "an unchanged registry restarts nothing")
+        started = time.monotonic()
+        self.registry.retag("v2", name="rec")
+        wait_for(lambda: site_text(self.site_port) == "acme rec v2", 60, "the site to serve v2 with no hook")
+        took = time.monotonic() - started
+        (record,) = ended_deployments(self.gp_port, [d["id"] for d in self.deployments()])
+        self.assertEqual((record["state"], record["trigger"], record["sender"]), ("updated", "reconcile", "reconcile"))
+        stop_process(self.gopdater)
+        self.registry.retag("v3", name="rec")
+        started_again = time.monotonic()
+        self.start("3600")
+        wait_for(lambda: site_text(self.site_port) == "acme rec v3", 60, "the site to serve v3 after the start")
+        caught_up = time.monotonic() - started_again
+        self.assertEqual(service_container(self.project, "site")["Image"], self.images["v3"])
+        figure(f"[reconcile {self.flavour}] a push with no hook served {took:.1f} s after it (RECONCILE_INTERVAL=2); "
+               f"one made while stopped served {caught_up:.1f} s after the start")
+
+
+class ReconcileV2Test(ReconcileScenario, unittest.TestCase):
+    flavour = "v2"
+
+
+class ReconcileV1Test(ReconcileScenario, unittest.TestCase):
     flavour = "v1"
 
 if __name__ == "__main__":

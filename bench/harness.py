@@ -107,6 +107,7 @@ class FakeHost:
         return {**env, "PATH": f"{self.tmp / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
                 "FAKE_DOCKER_STATE": str(self.state), "FAKE_DOCKER_LOG": str(self.log), "OWNER": "acme",
                 "WEBHOOK_SECRET": SECRET, "HOST": "127.0.0.1", "PORT": str(port),
+                "RECONCILE_INTERVAL": "0",  # the fake's images name Docker Hub: no round may ask it
                 "COMPOSE_COMMAND": "docker compose",  # the fake's, never a real Compose found on PATH
                 "PASS_ENV": "FAKE_DOCKER_STATE,FAKE_DOCKER_LOG",  # what the fake docker reads
                 "STATE_DIR": str(self.tmp / f"state-{port}"), **settings}  # one gopdater per STATE_DIR
