@@ -1495,19 +1495,23 @@ class SwarmEngineTest(unittest.TestCase):
                       headers={"Accept": MANIFEST_TYPES})[2]["Docker-Content-Digest"]
         wait_for(lambda: self.running_images(self.versioned) == ({digest}, 1), 60, "the task on 1.4.3")
 
-    def test_a_push_made_while_gopdater_was_stopped_is_applied_after_its_start(self):
-        """gopdater stopped, v2 pushed with no hook, gopdater started: its first reconcile round updates the
-        Swarm service (by the digest its spec pins) and the Compose service, trigger reconcile."""
+    def test_the_registry_is_asked_so_that_no_push_is_missed(self):
+        """RECONCILE_INTERVAL=2 on a manager. gopdater stopped, v2 pushed with no hook, gopdater started: its first
+        round updates the Swarm service (by the digest its spec pins), the Compose service and the tracked one;
+        then rounds on an unchanged registry queue nothing; then v1 pushed with no hook runs within seconds."""
+        run(["docker", "service", "update", "--detach", "--image", f"{self.repo}:1.4.2", "--with-registry-auth",
+             self.versioned])
+        self.wait_versioned("1.4.2")  # the tracked service's known state: a patch behind what the registry lists
+        known = {v["id"] for v in self.views()}
         stop_process(self.gopdater)
         self.registry.retag("v2")
         started = time.monotonic()
-        type(self).gopdater = self.launch(RECONCILE_INTERVAL="3600")
+        type(self).gopdater = self.launch(RECONCILE_INTERVAL="2")
+        self.addCleanup(self.relaunch)  # the other tests want gopdater as the class started it
         self.wait_service("v2", timeout=180)
         wait_for(lambda: site_text(self.site_port) == "acme site v2", 120, "the Compose site on v2")
         took = time.monotonic() - started
-        views = json.loads(http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
-                                headers={"Authorization": f"Bearer {SECRET}"})[1])["deployments"]
-        ended = ended_deployments(self.gp_port, [v["id"] for v in views if v["trigger"] == "reconcile"], 300)
+        ended = ended_deployments(self.gp_port, [v["id"] for v in self.views() if v["id"] not in known], 300)
         self.assertEqual({(v["service"], v["state"]) for v in ended},
                          {(self.service, "updated"), (self.versioned, "updated"), ("site", "updated")})
         # The tracked service took the newest patch the registry lists (1.4.3; not 1.5.0): the next test wants 1.4.2.
@@ -1515,7 +1519,22 @@ class SwarmEngineTest(unittest.TestCase):
         self.addCleanup(run, ["docker", "service", "update", "--detach", "--image", f"{self.repo}:1.4.2",
                               "--with-registry-auth", self.versioned])
         self.wait_versioned("1.4.3")
-        figure(f"[swarm] a push made while gopdater was stopped: both services on it {took:.1f} s after the start")
+        self.assertEqual({v["trigger"] for v in ended}, {"reconcile"})
+        known |= {v["id"] for v in ended}
+        rounds = reconcile_rounds(self.gp_port)
+        wait_for(lambda: reconcile_rounds(self.gp_port) >= rounds + 3, 60, "three more rounds")
+        self.assertEqual([v for v in self.views() if v["id"] not in known], [], "an unchanged registry queues nothing")
+        self.registry.retag("v1")
+        self.wait_service("v1", timeout=180)
+        figure(f"[swarm] a push made while gopdater was stopped: its services on it {took:.1f} s after the start")
+
+    def views(self):
+        return json.loads(http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
+                               headers={"Authorization": f"Bearer {SECRET}"})[1])["deployments"]
+
+    def relaunch(self):
+        stop_process(self.gopdater)
+        type(self).gopdater = self.launch()
 
     def wait_versioned(self, tag):
         digest = http("GET", f"http://127.0.0.1:{self.port}/v2/acme/site/manifests/{tag}",

@@ -5182,7 +5182,7 @@ class ReconcileRoundTest(unittest.TestCase):
         """The registry names another digest: one question for the two services on the tag, both queued with
         trigger reconcile and the digest, then updated as a push updates them."""
         registry = FakeRegistry({"docker.io/acme/site:latest": DIGEST_B})
-        rig, reconciler = self.rig(registry)
+        rig, reconciler = self.rig(registry, NOTIFY_URL="https://ntfy.sh/ops")
         report, _ = self.round(reconciler)
         self.assertEqual(registry.asked, [("digest", "docker.io/acme/site:latest")])
         self.assertEqual((report.asked, report.behind, report.rounds), (2, ("demo/site", "demo/worker"), 1))
@@ -5193,6 +5193,8 @@ class ReconcileRoundTest(unittest.TestCase):
         with self.assertLogs("gopdater", "INFO"):
             self.assertTrue(rig.queue.wait_idle(10))
         self.assertEqual({v["state"] for v in rig.queue.views()}, {"updated"})
+        self.assertEqual([(body["service"], body["trigger"]) for _, body in rig.notices],
+                         [("site", "reconcile"), ("worker", "reconcile")])
 
     def test_a_service_on_what_the_registry_names_records_nothing(self):
         """The registry names the digest the running image was pulled as: nothing queued, over several rounds."""
