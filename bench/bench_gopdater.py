@@ -482,6 +482,75 @@ def many_projects(quick):
             "fleet": [fleet(fleet_size, pull, command, parallel) for parallel in ((4,) if quick else (4, 1))]}
 
 
+def registry_standin(state_path):
+    """A registry on 127.0.0.1 naming, for HEAD /v2/<name>/manifests/<tag>, what the fake's registry holds
+    (image ids stand for digests) in the state file state_path[0], given once the fake exists; (its address,
+    a function that stops it)."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            name, _, tag = self.path[len("/v2/"):].partition("/manifests/")
+            digest = fake_docker.change_state(state_path[0], lambda state: state["registry"].get(
+                f"{registry}/{name}:{tag}"))  # under the fake's lock: it rewrites the file as it works
+            self.send_response(200 if digest else 404)
+            if digest:
+                self.send_header("Docker-Content-Digest", digest)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    registry = f"127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return registry, lambda: (server.shutdown(), server.server_close())
+
+
+def reconcile_round(services=50, images=20, behind=10):
+    """gopdater started with PROJECTS=* over `services` one-service projects on `images` images of a local
+    registry stand-in, `behind` images pushed while it was stopped: seconds from start to its first round's end
+    and to caught up (every service behind updated); then one more round (POST /reconcile), nothing behind."""
+    port, state = harness.free_port(), []
+    registry, stop = registry_standin(state)
+    host = harness.FakeHost(0.05, 0.02, {f"p{i:03d}": f"{registry}/acme/img{i % images:03d}:latest"
+                                         for i in range(services)}, fake_docker.QUERY_SECONDS)
+    state.append(str(host.state))
+    try:
+        for i in range(behind):
+            host.push(f"{registry}/acme/img{i:03d}:latest")
+        started = time.perf_counter()
+        process = host.launch(port, PROJECTS="*", OWNER=f"{registry}/acme", RECONCILE_INTERVAL="3600",
+                              PARALLEL="4")
+        rounds = lambda: metric(port, "gopdater_reconcile_rounds_total")  # noqa: E731
+        first = harness.wait_until(lambda: rounds() >= 1, process, 120) - started
+        due = sum(i % images < behind for i in range(services))
+        caught_up = harness.wait_until(lambda: sum(v["state"] == "updated" for v in views(port)) >= due, process,
+                                       300) - started
+        asked = time.perf_counter()
+        raw_request(port, post("/reconcile", b"", f"Authorization: Bearer {SECRET}\r\n"))
+        again = harness.wait_until(lambda: rounds() >= 2, process, 120) - asked
+        return {"services": services, "images": images, "behind": due, "first_round_s": round(first, 2),
+                "caught_up_s": round(caught_up, 2), "round_s": round(again, 2),
+                "queued_again": sum(1 for v in views(port)) - due}
+    finally:
+        stop()
+        host.close()
+
+
+def metric(port, name):
+    """One unlabelled figure of /metrics, or -1."""
+    request = f"GET /metrics HTTP/1.0\r\nAuthorization: Bearer {SECRET}\r\n\r\n".encode()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request)
+            text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+    except OSError:  # not listening yet
+        return -1
+    found = re.search(rf"^{name} (\d+)$", text, re.MULTILINE)
+    return int(found.group(1)) if found else -1
+
+
 def run(quick):
     """Run every measurement; return the results as a dict."""
     bench = Bench(quick)
@@ -495,6 +564,7 @@ def run(quick):
         results["fairness"] = bench.fairness(1 if quick else 3)
         results["attacks"] = bench.attacks(2 if quick else 5)
         results["handshake_flood"] = bench.handshake_flood(1000 if quick else 3000)
+        results["reconcile"] = reconcile_round()
         results["sigterm"] = bench.sigterm()
     finally:
         bench.stop()
@@ -553,6 +623,13 @@ def table(r):
          f"{flood['client_p50_ms']}, {flood['client_max_ms']} ms", "max < 1 s", ok(flood["client_max_ms"] < 1000)),
         ("SIGTERM to exit, a pipelined backlog queued", f"{term['seconds']} s (exit {term['exit_code']})", "< 1 s",
          ok(term["seconds"] < 1 and term["exit_code"] == 0)),
+    ]
+    rec = r["reconcile"]
+    rows += [
+        (f"reconcile: {rec['services']} services on {rec['images']} images, {rec['behind']} behind: start to the "
+         "first round's end; to caught up", f"{rec['first_round_s']} s; {rec['caught_up_s']} s", "(printed)", ""),
+        ("  one more round, nothing behind (POST /reconcile); deployments it queued", f"{rec['round_s']} s; "
+         f"{rec['queued_again']}", "0 queued", ok(rec["queued_again"] == 0)),
     ]
     many = r["many_projects"]
     for size in many["sizes"]:

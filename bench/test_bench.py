@@ -13,7 +13,7 @@ BENCH = pathlib.Path(__file__).resolve().parent / "bench_gopdater.py"
 class BenchmarkSmokeTest(unittest.TestCase):
     def test_quick_benchmark_runs_and_reports_every_measurement(self):
         """`bench_gopdater.py --quick --json` reports start-up, memory, latency, downtime, burst, wrk rates,
-        fairness, every attack at once, a TLS handshake flood, SIGTERM, and many projects (one push each, and a fleet push)."""
+        fairness, every attack at once, a TLS handshake flood, a reconcile round, SIGTERM, and many projects (one push each, and a fleet push)."""
         proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json"], capture_output=True, text=True,
                               timeout=240)
         self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
@@ -37,6 +37,8 @@ class BenchmarkSmokeTest(unittest.TestCase):
         self.assertGreater(results["fairness"]["requests"], 0)
         self.assertEqual((results["attacks"]["valid_hook_status"], results["attacks"]["alive"]), (202, True))
         self.assertEqual(results["sigterm"]["exit_code"], 0)
+        reconcile = results["reconcile"]
+        self.assertEqual((reconcile["services"], reconcile["behind"], reconcile["queued_again"]), (50, 30, 0))
         flood = results["handshake_flood"]
         self.assertEqual((flood["connections"], flood["alive"]), (1000, True))
         self.assertGreater(flood["client_requests"], 0)
