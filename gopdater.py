@@ -4429,8 +4429,12 @@ class Reconciler:
         for item in asked:
             key = item.key
             questions.setdefault(key.registry, {})[(key.repository, None if tracks(item.service) else key.tag)] = None
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(RECONCILE_REGISTRIES, len(questions)))) as pool:
-            answers = dict(zip(questions, pool.map(self.ask, questions, [list(q) for q in questions.values()])))
+        wanted = [list(q) for q in questions.values()]
+        if len(questions) > 1:
+            with concurrent.futures.ThreadPoolExecutor(min(RECONCILE_REGISTRIES, len(questions))) as pool:
+                answers = dict(zip(questions, pool.map(self.ask, questions, wanted)))
+        else:  # one registry, the usual case: no thread is started (each costs the C heap an arena)
+            answers = dict(zip(questions, map(self.ask, questions, wanted)))
         errors = {registry: str(answer) for registry, answer in answers.items() if isinstance(answer, RegistryError)}
         found = self.queue_behind(asked, answers)
         report = self.report = Report(_now(), len(asked), tuple(found), errors, self.report.rounds + 1)

@@ -5268,6 +5268,25 @@ class ReconcileRoundTest(unittest.TestCase):
         self.assertIn("gopdater_reconcile_rounds_total 1\n", metrics)
         self.assertIn('gopdater_reconcile_services{found="asked"} 2\n', metrics)
 
+    def test_each_registry_is_asked_its_own_questions_side_by_side(self):
+        """Services on two registries: each registry asked once for its own tag (a thread each, at most 4), one
+        behind, the other's failure reported for it alone."""
+        fake = FakeDocker(services={"site": "acme/site:latest", "api": "ghcr.io/acme/api:1"})
+        fake.repo_digests[OLD_ID] = [f"acme/site@{DIGEST_A}", f"ghcr.io/acme/api@{DIGEST_A}"]
+        rig = Rig(self, fake, OWNER="acme,ghcr.io/acme")
+        asked = collections.defaultdict(list)
+
+        class Client(FakeRegistry):
+            def __init__(self, registry):
+                super().__init__({"docker.io/acme/site:latest": DIGEST_B}, error=gopdater.RegistryError(
+                    "answered 500") if registry == "ghcr.io" else None)
+                self.asked = asked[registry]
+        reconciler = gopdater.Reconciler(rig.config, rig.queue, runner=fake, client=Client)
+        report, _ = self.round(reconciler)
+        self.assertEqual(dict(asked), {"docker.io": [("digest", "docker.io/acme/site:latest")],
+                                       "ghcr.io": [("digest", "ghcr.io/acme/api:1")]})
+        self.assertEqual((report.behind, report.errors), (("demo/site",), {"ghcr.io": "answered 500"}))
+
     def test_a_tracked_service_takes_the_newest_tag_of_its_channel(self):
         """gopdater.track minor on 1.4.2: the tags listed; 1.5.0 queued (not 2.0.0, 1.3.9 or a pre-release)."""
         root = tempfile.mkdtemp(prefix="gopdater-track-")
