@@ -2966,7 +2966,8 @@ class ComposeProject(Target):
                                                                 "which Compose puts before the env file: take it out "
                                                                 "of PASS_ENV")
         env_file, problem = self.env_file_for(variable)
-        return tracking._replace(variable=variable, env_file=env_file, problem=self.env_files_differ(service) or problem)
+        return tracking._replace(variable=variable, env_file=env_file,
+                                 problem=self.env_files_differ(service) or problem)
 
     def env_files_differ(self, service: str) -> Optional[str]:
         """Why the env files gopdater would write are not the ones the service was started with, or None."""
@@ -3930,7 +3931,8 @@ class Compose:
         less their images' unless labelled is False (the ids alone are wanted: the images are not read)."""
         ids = self.container_ids(service)
         run = functools.partial(self.run, quiet=True)
-        found = inspect_containers(run, ids) if labelled else [Container.from_inspect(d) for d in inspect_listed(run, ids)]
+        found = (inspect_containers(run, ids) if labelled else
+                 [Container.from_inspect(data) for data in inspect_listed(run, ids)])
         return project_containers(found, service)
 
     def pull(self, service: str) -> None:
@@ -4083,6 +4085,8 @@ class Reply(NamedTuple):
 def registry_call(url: str, headers: Mapping[str, str], deadline: float, method: str = "GET") -> Reply:
     """One request, all of it before deadline (time.monotonic()); RegistryError for a broken, late or
     oversized answer. A redirect is answered as it is, never followed: credentials go nowhere else."""
+    if not url.isprintable() or " " in url:  # a Link or a realm a registry sent: nothing may split the request line
+        raise RegistryError("it named a URL with spaces or control characters")
     parts = urllib.parse.urlsplit(url)
 
     def left() -> float:
@@ -4092,7 +4096,8 @@ def registry_call(url: str, headers: Mapping[str, str], deadline: float, method:
         return remaining
 
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    head = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", f"User-Agent: gopdater/{__version__}",
+    head = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}",
+            f"User-Agent: gopdater/{__version__}",
             "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
     try:
         with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
@@ -5696,7 +5701,8 @@ class TLSLayer(asyncio.BufferedProtocol):
     def resume_reading(self) -> None:
         self.paused = False
         self.raw.resume_reading()
-        if self.incoming is not None and self.incoming.pending:  # records that came before the pause: decrypt them now, not at the next read
+        # Records that came before the pause are decrypted now, not at the next read (which may never come).
+        if self.incoming is not None and self.incoming.pending:
             self.server.loop.call_soon(self.pump)
 
     def write(self, data: bytes) -> None:

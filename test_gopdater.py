@@ -5116,6 +5116,13 @@ class RegistryClientTest(unittest.TestCase):
                     gopdater.RegistryClient(standin.base, None).tags("acme/site")
                 self.assertIn("over 1 MiB", str(caught.exception))
 
+    def test_a_url_a_registry_names_cannot_split_the_request_line(self):
+        """A next page or a token realm with a space or a line break in it: an error, nothing sent."""
+        for url in ("http://127.0.0.1:1/v2/x?a b", "http://127.0.0.1:1/v2/x\r\nX-Injected: 1", "http://127.0.0.1:1/\x00"):
+            with self.subTest(url=url), self.assertRaises(gopdater.RegistryError) as caught:
+                gopdater.registry_call(url, {}, time.monotonic() + 5)
+            self.assertIn("spaces or control characters", str(caught.exception))
+
     def test_tags_follow_the_link_pagination(self):
         """tags/list, then each Link rel="next" on the same registry, until none."""
         pages = {"/v2/acme/site/tags/list?n=1000": (["1.0.0", "1.0.1"], "/v2/acme/site/tags/list?n=1000&last=1.0.1"),
