@@ -1506,7 +1506,7 @@ class SwarmEngineTest(unittest.TestCase):
         stop_process(self.gopdater)
         self.registry.retag("v2")
         started = time.monotonic()
-        type(self).gopdater = self.launch(RECONCILE_INTERVAL="2")
+        type(self).gopdater = self.launched_by_test = self.launch(RECONCILE_INTERVAL="2")
         self.addCleanup(self.relaunch)  # the other tests want gopdater as the class started it
         self.wait_service("v2", timeout=180)
         wait_for(lambda: site_text(self.site_port) == "acme site v2", 120, "the Compose site on v2")
@@ -1514,10 +1514,12 @@ class SwarmEngineTest(unittest.TestCase):
         ended = ended_deployments(self.gp_port, [v["id"] for v in self.views() if v["id"] not in known], 300)
         self.assertEqual({(v["service"], v["state"]) for v in ended},
                          {(self.service, "updated"), (self.versioned, "updated"), ("site", "updated")})
-        # The tracked service took the newest patch the registry lists (1.4.3; not 1.5.0): the next test wants 1.4.2.
+        # The tracked service took the newest patch the registry lists (1.4.3; not 1.5.0): the next test wants 1.4.2,
+        # put back once no round runs every 2 s (cleanups run last first: the relaunch, then the update).
         self.addCleanup(self.wait_versioned, "1.4.2")
         self.addCleanup(run, ["docker", "service", "update", "--detach", "--image", f"{self.repo}:1.4.2",
                               "--with-registry-auth", self.versioned])
+        self.addCleanup(self.relaunch)
         self.wait_versioned("1.4.3")
         self.assertEqual({v["trigger"] for v in ended}, {"reconcile"})
         known |= {v["id"] for v in ended}
@@ -1533,6 +1535,9 @@ class SwarmEngineTest(unittest.TestCase):
                                headers={"Authorization": f"Bearer {SECRET}"})[1])["deployments"]
 
     def relaunch(self):
+        """gopdater as the class started it (RECONCILE_INTERVAL=0), once: later calls find it so."""
+        if self.gopdater is not self.launched_by_test:
+            return
         stop_process(self.gopdater)
         type(self).gopdater = self.launch()
 
