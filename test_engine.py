@@ -1913,16 +1913,17 @@ CHANNEL_IMAGES = ("1.4.2", "1.4.3", "1.5.0", "1.6.0")  # 1.6.0 is broken: it exi
 IGNORED_TAGS = ("2.0.0", "1.3.9", "1.5.0-rc.1")  # pushed too (as copies of 1.4.2), and ignored
 
 
-def version_image(tmp, repo, version, broken=False):
-    """One version of a tiny site, imported from files (busybox and a page) and pushed; its image id."""
+def version_image(tmp, repo, version, broken=False, name="ver", changes=()):
+    """One version of a tiny site serving "acme <name> <version>", imported from files (busybox and a page)
+    with these Dockerfile changes too, and pushed; its image id."""
     folder = tmp / f"build-{version}"
     folder.mkdir()
-    (folder / "index.html").write_text(f"acme ver {version}\n")
+    (folder / "index.html").write_text(f"acme {name} {version}\n")
     command = '["/bin/busybox", "sh", "-c", "exit 3"]' if broken else \
         '["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]'
     return import_and_push(f"{repo}:{version}", {"/bin/busybox": "/bin/busybox",
                                                  str(folder / "index.html"): "/www/index.html"},
-                           [("/bin/sh", "busybox")], [f"CMD {command}"])
+                           [("/bin/sh", "busybox")], [f"CMD {command}", *changes])
 
 
 class VersionChannelsScenario:
@@ -2070,14 +2071,7 @@ class ImageLabelsScenario:
         cls.outside.write_text("SITE_TAG=9.9.9\n")
         carried = {**cls.CARRIED, "com.docker.compose.project.environment_file": str(cls.outside)}
         labels = [f"LABEL {json.dumps(key)}={json.dumps(value)}" for key, value in carried.items()]
-        cls.images = {}
-        for version in ("1.4.2", "1.4.3"):
-            folder = cls.tmp / f"build-{version}"
-            folder.mkdir()
-            (folder / "index.html").write_text(f"acme lbl {version}\n")
-            cls.images[version] = import_and_push(
-                f"{cls.repo}:{version}", {"/bin/busybox": "/bin/busybox", str(folder / "index.html"): "/www/index.html"},
-                [("/bin/sh", "busybox")], ['CMD ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]', *labels])
+        cls.images = {v: version_image(cls.tmp, cls.repo, v, name="lbl", changes=labels) for v in ("1.4.2", "1.4.3")}
         (cls.folder / "compose.yaml").write_text(f"""services:
   site:
     image: {cls.repo}:${{SITE_TAG}}
@@ -2148,14 +2142,7 @@ class ReconcileScenario:
     @classmethod
     def setUpClass(cls):
         flavour_project(cls, "rec")
-        cls.images = {}
-        for version in ("v1", "v2", "v3"):
-            folder = cls.tmp / f"build-{version}"
-            folder.mkdir()
-            (folder / "index.html").write_text(f"acme rec {version}\n")
-            cls.images[version] = import_and_push(
-                f"{cls.repo}:{version}", {"/bin/busybox": "/bin/busybox", str(folder / "index.html"): "/www/index.html"},
-                [("/bin/sh", "busybox")], ['CMD ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]'])
+        cls.images = {v: version_image(cls.tmp, cls.repo, v, name="rec") for v in ("v1", "v2", "v3")}
         cls.registry.retag("v1", name="rec")
         (cls.folder / "compose.yaml").write_text(f"""services:
   site:

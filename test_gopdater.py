@@ -5137,12 +5137,13 @@ class RegistryClientTest(unittest.TestCase):
 
     def test_docker_itself_decides_which_registries_speak_plain_http(self):
         """insecure_registries: this host, docker info's insecure CIDRs and IndexConfigs; else HTTPS. Pure."""
-        plain = gopdater.insecure_registries({"InsecureRegistryCIDRs": ["127.0.0.0/8", "10.1.0.0/16"],
+        # Documentation addresses (RFC 5737): nothing is asked of them, the function only reads the table.
+        plain = gopdater.insecure_registries({"InsecureRegistryCIDRs": ["127.0.0.0/8", "198.51.100.0/24"],
                                               "IndexConfigs": {"registry.lan:5000": {"Secure": False},
                                                                "docker.io": {"Secure": True}}})
-        for registry, expected in (("127.0.0.1:5000", True), ("localhost:5000", True), ("10.1.2.3:5000", True),
+        for registry, expected in (("127.0.0.1:5000", True), ("localhost:5000", True), ("198.51.100.7:5000", True),
                                    ("registry.lan:5000", True), ("docker.io", False), ("ghcr.io", False),
-                                   ("10.2.0.1", False)):
+                                   ("203.0.113.1", False)):
             with self.subTest(registry=registry):
                 self.assertEqual(plain(registry), expected)
 
