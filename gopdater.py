@@ -206,12 +206,343 @@ def newer_tag(first: str, second: str) -> str:
 
 
 # ==========================================================================================
-# Settings: each one a row with its default, help and parser; read once into a frozen Config
+# Docker's vocabulary: services, results, command errors, the one command runner, containers
 # ==========================================================================================
+#
+# The words every later section speaks: which service (ServiceRef), how an update of it ended (State,
+# Outcome), why a command failed (CommandError; EngineUnreachable is not one: no engine answered), the one
+# subprocess wrapper (run_command: argv lists, a timeout, a given environment, bounded output, never a
+# shell), and a container as `docker inspect` shows it.
 
 PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9_-]*", re.ASCII)
 SERVICE_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*", re.ASCII)
 CONTAINER_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", re.ASCII)
+
+
+class ServiceRef(NamedTuple):
+    """Which service: its kind (compose), its project (a Compose project), its name."""
+
+    kind: str
+    project: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.project}/{self.name}" if self.project else self.name
+
+
+class State(str, enum.Enum):
+    """Where a deployment stands; the last five are also the outcome of one service."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled-back"
+    UPDATED = "updated"
+    RECOVERED = "recovered"
+    DRY_RUN = "dry-run"
+    UP_TO_DATE = "up-to-date"
+    SKIPPED = "skipped"  # the pushed image failed here before (rolled back): a replay does not try it again
+
+
+CHANGED = frozenset({State.UPDATED, State.RECOVERED, State.ROLLED_BACK, State.FAILED})
+STATE_VALUES = frozenset(state.value for state in State)
+
+
+class Outcome(NamedTuple):
+    """How the update of one service ended."""
+
+    result: State = State.FAILED
+    old_image: Optional[str] = None
+    new_image: Optional[str] = None
+    reason: Optional[str] = None
+    resume: bool = False  # cut off for now (the engine stayed away): its journal record stays for the next start
+    old_tag: Optional[str] = None  # a tracked service (gopdater.track): the tag it ran, and the tag it moved to
+    new_tag: Optional[str] = None
+
+
+class Step(NamedTuple):
+    """One timed step of a deployment, as logged and shown in the view."""
+
+    step: str
+    result: str
+    seconds: float
+
+
+class DeployFailed(Exception):
+    """A step of a deployment failed; the message is the reason."""
+
+
+STDERR_TAIL_CHARS = 300
+LOG_TAIL_LINES = 20
+DRY_RUN_IMAGE = "(dry run: the image a pull would fetch)"
+
+
+class CommandError(Exception):
+    """A command failed: its exit code (None on timeout) and a short stderr tail."""
+
+    def __init__(self, argv: Sequence[str], code: Optional[int], tail: str, output: Sequence[str] = ()):
+        self.argv, self.code, self.tail, self.output = list(argv), code, tail, list(output)
+        what = "timed out" if code is None else f"exited {code}"
+        super().__init__(f"{' '.join(argv[:3])} {what}: {tail}" if tail else f"{' '.join(argv[:3])} {what}")
+
+
+class FileWriteError(CommandError):
+    """A file gopdater keeps for a project (its env file) could not be written: what and why."""
+
+    def __init__(self, path: str, why: str):
+        Exception.__init__(self, f"{path} cannot be written: {why}")
+        self.argv, self.code, self.tail, self.output = [], 1, why, []
+
+
+class EngineUnreachable(Exception):
+    """No Docker engine answered a command: not a CommandError, so that no step reads it as its own failure (the
+    work queue waits for the engine, then recovers from the journal)."""
+
+    def __init__(self, argv: Sequence[str], code: Optional[int], tail: str, output: Sequence[str] = ()):
+        self.argv, self.code, self.tail = list(argv), code, tail
+        super().__init__(f"{' '.join(argv[:3])}: no Docker engine answered: {tail}")
+
+
+# What the docker CLI, Compose v2 and Compose v1 say when no engine answers.
+ENGINE_GONE_RE = re.compile(r"Cannot connect to the Docker daemon|Is the docker daemon running|error during connect|"
+                            r"failed to connect to the docker API|Error while fetching server API version|"
+                            r"Couldn't connect to Docker daemon", re.IGNORECASE)
+
+
+def command_failed(argv: Sequence[str], code: Optional[int], stderr: str, output: Sequence[str] = ()
+                   ) -> Exception:
+    """The error for a failed command: EngineUnreachable when its stderr says the engine did not answer."""
+    kind = EngineUnreachable if ENGINE_GONE_RE.search(stderr) else CommandError
+    return kind(argv, code, stderr_tail(stderr), output)
+
+
+def stderr_tail(stderr: str) -> str:
+    """The last STDERR_TAIL_CHARS of stderr, whole lines only."""
+    stderr = stderr.strip()
+    tail = stderr[-STDERR_TAIL_CHARS:]
+    if len(stderr) > STDERR_TAIL_CHARS and "\n" in tail:
+        tail = tail.split("\n", 1)[1]
+    return tail
+
+
+def shown(argv: Sequence[str]) -> str:
+    """An argv as a shell would need it typed, for the log."""
+    return shlex.join(argv)
+
+
+OUTPUT_TAIL_BYTES = 64 * 1024  # what a step or a container printed, and any stderr: the last 64 KiB are kept
+ANSWER_MAX_BYTES = 64 * 1024 * 1024  # docker's own answers (inspect of a whole host), kept whole up to this
+PIPE_READ_BYTES = 64 * 1024
+LINE_MAX = 500  # characters of one printed line kept, in the log, history, /deployments and notifications
+
+
+class Printed(NamedTuple):
+    """How a command ended: its exit code (None: killed at its timeout, or for answering too much), stdout
+    (with both: stdout and stderr as one stream, its tail) and its stderr's tail."""
+
+    code: Optional[int]
+    stdout: str
+    stderr: str
+
+
+class Kept:
+    """The bytes of one pipe as they stream: all of them up to a limit (over it, `over` is set), or the tail."""
+
+    def __init__(self, limit: int, tail: bool):
+        self.limit, self.tail, self.data, self.over = limit, tail, bytearray(), False
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > self.limit:
+            if not self.tail:
+                self.over = True
+            del self.data[:len(self.data) - self.limit]
+
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+
+def collect(argv: Sequence[str], timeout: float, both: bool, env: Optional[Mapping[str, str]], cwd: Optional[str],
+            given: Optional[bytes] = None) -> Printed:
+    """Run argv to its end, reading its pipes as they fill so that memory stays bounded whatever it prints:
+    stdout whole (docker's answers) unless both, then its tail (a step's or a container's output). given: a
+    few bytes for its stdin (a credential helper's question), else none."""
+    with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT if both else subprocess.PIPE,
+                          stdin=subprocess.DEVNULL if given is None else subprocess.PIPE,
+                          env=dict(env) if env is not None else None, cwd=cwd) as proc:
+        if given is not None:  # a line, well under a pipe's buffer: written whole before anything is read
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(given)
+            proc.stdin.close()
+        kept = {proc.stdout: Kept(OUTPUT_TAIL_BYTES if both else ANSWER_MAX_BYTES, tail=both),
+                **({proc.stderr: Kept(OUTPUT_TAIL_BYTES, tail=True)} if proc.stderr else {})}
+        deadline, code = time.monotonic() + timeout, None
+        with selectors.DefaultSelector() as selector:
+            for pipe in kept:
+                selector.register(pipe, selectors.EVENT_READ)
+            while selector.get_map() and not kept[proc.stdout].over and time.monotonic() < deadline:
+                for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                    chunk = os.read(key.fd, PIPE_READ_BYTES)
+                    if chunk:
+                        kept[key.fileobj].add(chunk)
+                    else:
+                        selector.unregister(key.fileobj)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = None if kept[proc.stdout].over else proc.wait(max(0.0, deadline - time.monotonic()))
+        if code is None:
+            proc.kill()
+    stderr = kept[proc.stderr].text() if proc.stderr else ""
+    return Printed(code, kept[proc.stdout].text(), stderr)
+
+
+def printed_lines(text: str) -> List[str]:
+    """The last LOG_TAIL_LINES lines of what a command printed, each cut to LINE_MAX characters."""
+    return [line[:LINE_MAX] for line in text.splitlines()[-LOG_TAIL_LINES:]]
+
+
+def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
+                cwd: Optional[str] = None, quiet: bool = False, both: bool = False, mutates: bool = False,
+                given: Optional[bytes] = None) -> str:
+    """Run one command (argv list, no shell, no stdin but given) with a timeout; log it; return stdout (with
+    both, stdout and stderr as one stream, whose last lines a CommandError also keeps) or raise CommandError."""
+    started = time.monotonic()
+    try:
+        printed = collect(argv, timeout, both, env, cwd, given)
+    except OSError as error:
+        log.warning("command %s could not start: %s", shown(argv), error.strerror)
+        raise CommandError(argv, 127, error.strerror or "could not start") from None
+    seconds = time.monotonic() - started
+    stderr = printed.stdout if both else printed.stderr
+    if printed.code is None:
+        what = f"no answer within {timeout:g}s" if seconds >= timeout else f"answered over {ANSWER_MAX_BYTES} bytes"
+        log.warning("command %s stopped: %s", shown(argv), what)
+        raise CommandError(argv, None, what, printed_lines(printed.stdout))
+    if printed.code != 0:
+        log.warning("command %s exit=%s seconds=%.2f stderr=%r", shown(argv), printed.code, seconds,
+                    stderr_tail(stderr))
+        raise command_failed(argv, printed.code, stderr, printed_lines(stderr))
+    log.log(logging.DEBUG if quiet else logging.INFO, "command %s exit=0 seconds=%.2f", shown(argv), seconds)
+    return printed.stdout
+
+
+Runner = Callable[..., str]
+
+
+class DryRunner:
+    """A runner that runs read-only commands and logs the others instead of running them.
+
+    A dry pull fetches nothing, so the image it would fetch counts as new: the log then shows every
+    command of a real update.
+    """
+
+    dry = True
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def __call__(self, argv: Sequence[str], *, mutates: bool = False, **kwargs) -> str:
+        if mutates:
+            log.info("dry-run would run: %s", shown(argv))
+            return ""
+        if list(argv[:5]) == ["docker", "image", "inspect", "--format", "{{.Id}}"]:
+            return DRY_RUN_IMAGE
+        return self.runner(argv, **kwargs)
+
+
+class Container(NamedTuple):
+    """What `docker inspect` says about one container."""
+
+    id: str
+    name: str
+    service: str
+    project: str
+    image: str
+    image_id: str
+    status: str
+    health: Optional[str]
+    restart_count: int
+    started_at: str
+    exit_code: int
+    has_healthcheck: bool
+    start_period: float
+    oneoff: bool
+    labels: Mapping[str, str] = {}  # as Compose and the operator set them: see creator_labels()
+    host_ports: bool = False  # publishes a port on the host, so two copies cannot run at once
+    networks: Mapping[str, Tuple[str, ...]] = {}  # network: the aliases Compose gave the container there
+    ignored: Tuple[str, ...] = ()  # gopdater.* labels its image carries, left out of labels
+
+    @classmethod
+    def from_inspect(cls, data: dict, carried: Optional[Mapping[str, str]] = None) -> "Container":
+        """Build from one element of `docker inspect` output, less the labels its image carries (if given)."""
+        config = data.get("Config") or {}
+        labels, ignored = creator_labels(config.get("Labels") or {}, carried or {})
+        state = data.get("State") or {}
+        check = config.get("Healthcheck") or {}
+        test = check.get("Test") or []
+        return cls(
+            id=data.get("Id", ""), name=(data.get("Name") or "").lstrip("/"),
+            service=labels.get("com.docker.compose.service", ""),
+            project=labels.get("com.docker.compose.project", ""),
+            image=config.get("Image") or "", image_id=data.get("Image") or "",
+            status="restarting" if state.get("Restarting") else state.get("Status", ""),
+            health=(state.get("Health") or {}).get("Status"),
+            restart_count=int(data.get("RestartCount") or 0), started_at=state.get("StartedAt") or "",
+            exit_code=int(state.get("ExitCode") or 0), has_healthcheck=bool(test) and test[0] != "NONE",
+            start_period=(check.get("StartPeriod") or 0) / 1e9,
+            oneoff=labels.get("com.docker.compose.oneoff", "False") == "True", labels=labels,
+            host_ports=any(b.get("HostPort") for bs in ((data.get("HostConfig") or {}).get("PortBindings") or {})
+                           .values() for b in bs or ()),
+            networks={net: tuple(a for a in (v or {}).get("Aliases") or () if SERVICE_RE.fullmatch(a))
+                      for net, v in ((data.get("NetworkSettings") or {}).get("Networks") or {}).items()},
+            ignored=ignored,
+        )
+
+
+# dockerd copies an image's labels onto each container made from it, where the creator set none of that
+# name: these, which steer gopdater, count only where Compose or the operator set them.
+OPERATOR_LABEL_PREFIXES = ("gopdater.", "com.docker.compose.project.")
+
+
+def creator_labels(labels: Mapping[str, str], carried: Mapping[str, str]) -> Tuple[Dict[str, str], Tuple[str, ...]]:
+    """A container's labels less those steering gopdater that its image carries with the same value (an image
+    could otherwise name the env file Compose reads, or opt itself in or out), and the gopdater.* ones so
+    left out. A value that differs from the image's was set by Compose or the operator; a container whose
+    com.docker.compose.* labels are all its image's was not made by Compose, and keeps none of them. Pure."""
+    compose = [key for key in labels if key.startswith("com.docker.compose.")]
+    made_by_compose = any(carried.get(key) != labels[key] for key in compose)  # Compose sets some of its own
+    kept = {key: value for key, value in labels.items()
+            if not (key.startswith(OPERATOR_LABEL_PREFIXES) and carried.get(key) == value)
+            and (made_by_compose or key not in compose)}
+    return kept, tuple(sorted(key for key in labels if key not in kept and key.startswith("gopdater.")))
+
+
+class Configured(NamedTuple):
+    """What the Compose file says of one service, where Compose reports it (v2)."""
+
+    order: str = ""  # deploy.update_config.order
+    labels: Optional[Mapping[str, str]] = None  # its labels; None where Compose does not say (v1)
+
+    @classmethod
+    def from_config(cls, value: dict) -> "Configured":
+        labels = value.get("labels") or {}
+        if isinstance(labels, list):  # the list form, KEY=VALUE
+            labels = dict(str(item).partition("=")[::2] for item in labels)
+        order = ((value.get("deploy") or {}).get("update_config") or {}).get("order")
+        return cls(str(order or ""), {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {})
+
+
+def project_containers(containers: Iterable[Container], service: Optional[str] = None) -> List[Container]:
+    """The containers a project's `compose ps` shows (of one service if named), less one-off `run` ones."""
+    return [c for c in containers if not c.oneoff and CONTAINER_RE.fullmatch(c.name) and
+            SERVICE_RE.fullmatch(c.service) and (service is None or c.service == service)]
+
+
+
+# ==========================================================================================
+# Settings: each one a row with its default, help and parser; read once into a frozen Config
+# ==========================================================================================
+
 SECRET_RE = re.compile(r"[A-Za-z0-9._~-]{16,}", re.ASCII)
 SECRET_FIX = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
@@ -1119,57 +1450,8 @@ MAX_QUEUED_DEPLOYMENTS = 50
 LOOK_SECONDS = 10.0  # at most one look for new projects per this, and this long after a hook that matched
 
 
-class State(str, enum.Enum):
-    """Where a deployment stands; the last five are also the outcome of one service."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-    ROLLED_BACK = "rolled-back"
-    UPDATED = "updated"
-    RECOVERED = "recovered"
-    DRY_RUN = "dry-run"
-    UP_TO_DATE = "up-to-date"
-    SKIPPED = "skipped"  # the pushed image failed here before (rolled back): a replay does not try it again
-
-
-CHANGED = frozenset({State.UPDATED, State.RECOVERED, State.ROLLED_BACK, State.FAILED})
-
-
-class Outcome(NamedTuple):
-    """How the update of one service ended."""
-
-    result: State = State.FAILED
-    old_image: Optional[str] = None
-    new_image: Optional[str] = None
-    reason: Optional[str] = None
-    resume: bool = False  # cut off for now (the engine stayed away): its journal record stays for the next start
-    old_tag: Optional[str] = None  # a tracked service (gopdater.track): the tag it ran, and the tag it moved to
-    new_tag: Optional[str] = None
-
-
-class Step(NamedTuple):
-    """One timed step of a deployment, as logged and shown in the view."""
-
-    step: str
-    result: str
-    seconds: float
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class ServiceRef(NamedTuple):
-    """Which service: its kind (compose), its project (a Compose project), its name."""
-
-    kind: str
-    project: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.project}/{self.name}" if self.project else self.name
 
 
 class Deployment:
@@ -1236,17 +1518,10 @@ class Past(dict):
         return dict(self)
 
 
-STATE_VALUES = frozenset(state.value for state in State)
-
-
 def stored_step(step: object) -> bool:
     """Whether a stored step has the shape Step gives it: two strings and a finite count of seconds. Pure."""
     return isinstance(step, dict) and isinstance(step.get("step"), str) and isinstance(step.get("result"), str) \
         and type(step.get("seconds")) in (int, float) and 0 <= step["seconds"] < float("inf")
-
-
-class DeployFailed(Exception):
-    """A step of a deployment failed; the message is the reason."""
 
 
 class Submitted(NamedTuple):
@@ -2284,7 +2559,7 @@ class Targets(Target):
         for member in self.members:
             try:
                 member.refresh(busy, full)
-            except (CommandError, ValueError) as error:
+            except (CommandError, EngineUnreachable, ValueError) as error:
                 log.warning("could not re-read %s: %s", type(member).__name__, error)
 
     def describe(self) -> List[Finding]:
@@ -2308,8 +2583,6 @@ class ContainerSteps:
         started = steps.clock()
         try:
             health, containers = self.poll(ids, steps, stopped, started)
-        except EngineUnreachable:
-            raise
         except CommandError as error:
             steps.record("wait", "failed", started)
             raise DeployFailed(f"wait failed: {error}") from None
@@ -2375,8 +2648,6 @@ class ContainerSteps:
         try:
             steps.step(Stage.ROLLBACK_TAG, lambda: self.point(old_ids[0], image, move, new=False))
             replace()
-        except EngineUnreachable:
-            raise
         except (DeployFailed, CommandError) as error:
             by_hand = (f"set {move.variable}={move.old_tag} in {move.env_file} && " if move and move.env_file else "")
             reason = (f"{failed.reason}; rollback failed too ({error}); run by hand: {by_hand}docker tag {old_ids[0]} "
@@ -2391,8 +2662,6 @@ class ContainerSteps:
         try:
             self.docker.image_id(image_id)
             return True
-        except EngineUnreachable:
-            raise
         except CommandError:
             return False
 
@@ -2409,7 +2678,7 @@ class ContainerSteps:
                 continue
             try:
                 self.docker.remove_image(image_id)
-            except CommandError as error:
+            except (CommandError, EngineUnreachable) as error:  # a success stays one; the image is kept
                 steps.record("cleanup", "kept", started)
                 log.info("%s kept old image %s: %s", steps.label, image_id[:19], error.tail)
                 continue
@@ -3057,8 +3326,6 @@ class ComposeProject(Target):
         """The ids of the service's containers now; DeployFailed if Compose cannot say."""
         try:
             return [c.id for c in self.docker.containers(service, labelled=False)]
-        except EngineUnreachable:
-            raise
         except CommandError as error:
             raise DeployFailed(f"wait failed: {error}") from None
 
@@ -3318,7 +3585,7 @@ class ComposeHost(Targets):
         """Re-read one project from the containers listed for it; why it cannot be read, or None."""
         try:
             member.read(listed)
-        except (CommandError, ValueError) as error:
+        except (CommandError, EngineUnreachable, ValueError) as error:
             return f"Compose cannot read it ({error})"
         return None
 
@@ -3563,259 +3830,6 @@ class SwarmServices(Target):
 # Docker commands: one subprocess wrapper, a dry-run runner, and every command gopdater runs
 # ==========================================================================================
 
-STDERR_TAIL_CHARS = 300
-LOG_TAIL_LINES = 20
-DRY_RUN_IMAGE = "(dry run: the image a pull would fetch)"
-
-
-class CommandError(Exception):
-    """A command failed: its exit code (None on timeout) and a short stderr tail."""
-
-    def __init__(self, argv: Sequence[str], code: Optional[int], tail: str, output: Sequence[str] = ()):
-        self.argv, self.code, self.tail, self.output = list(argv), code, tail, list(output)
-        what = "timed out" if code is None else f"exited {code}"
-        super().__init__(f"{' '.join(argv[:3])} {what}: {tail}" if tail else f"{' '.join(argv[:3])} {what}")
-
-
-class FileWriteError(CommandError):
-    """A file gopdater keeps for a project (its env file) could not be written: what and why."""
-
-    def __init__(self, path: str, why: str):
-        Exception.__init__(self, f"{path} cannot be written: {why}")
-        self.argv, self.code, self.tail, self.output = [], 1, why, []
-
-
-class EngineUnreachable(CommandError):
-    """A command failed because the Docker engine did not answer, not because the command failed."""
-
-
-# What the docker CLI, Compose v2 and Compose v1 say when no engine answers.
-ENGINE_GONE_RE = re.compile(r"Cannot connect to the Docker daemon|Is the docker daemon running|error during connect|"
-                            r"failed to connect to the docker API|Error while fetching server API version|"
-                            r"Couldn't connect to Docker daemon", re.IGNORECASE)
-
-
-def command_failed(argv: Sequence[str], code: Optional[int], stderr: str, output: Sequence[str] = ()
-                   ) -> CommandError:
-    """The error for a failed command: EngineUnreachable when its stderr says the engine did not answer."""
-    kind = EngineUnreachable if ENGINE_GONE_RE.search(stderr) else CommandError
-    return kind(argv, code, stderr_tail(stderr), output)
-
-
-def stderr_tail(stderr: str) -> str:
-    """The last STDERR_TAIL_CHARS of stderr, whole lines only."""
-    stderr = stderr.strip()
-    tail = stderr[-STDERR_TAIL_CHARS:]
-    if len(stderr) > STDERR_TAIL_CHARS and "\n" in tail:
-        tail = tail.split("\n", 1)[1]
-    return tail
-
-
-def shown(argv: Sequence[str]) -> str:
-    """An argv as a shell would need it typed, for the log."""
-    return shlex.join(argv)
-
-
-OUTPUT_TAIL_BYTES = 64 * 1024  # what a step or a container printed, and any stderr: the last 64 KiB are kept
-ANSWER_MAX_BYTES = 64 * 1024 * 1024  # docker's own answers (inspect of a whole host), kept whole up to this
-PIPE_READ_BYTES = 64 * 1024
-LINE_MAX = 500  # characters of one printed line kept, in the log, history, /deployments and notifications
-
-
-class Printed(NamedTuple):
-    """How a command ended: its exit code (None: killed at its timeout, or for answering too much), stdout
-    (with both: stdout and stderr as one stream, its tail) and its stderr's tail."""
-
-    code: Optional[int]
-    stdout: str
-    stderr: str
-
-
-class Kept:
-    """The bytes of one pipe as they stream: all of them up to a limit (over it, `over` is set), or the tail."""
-
-    def __init__(self, limit: int, tail: bool):
-        self.limit, self.tail, self.data, self.over = limit, tail, bytearray(), False
-
-    def add(self, chunk: bytes) -> None:
-        self.data += chunk
-        if len(self.data) > self.limit:
-            if not self.tail:
-                self.over = True
-            del self.data[:len(self.data) - self.limit]
-
-    def text(self) -> str:
-        return self.data.decode(errors="replace")
-
-
-def collect(argv: Sequence[str], timeout: float, both: bool, env: Optional[Mapping[str, str]], cwd: Optional[str],
-            given: Optional[bytes] = None) -> Printed:
-    """Run argv to its end, reading its pipes as they fill so that memory stays bounded whatever it prints:
-    stdout whole (docker's answers) unless both, then its tail (a step's or a container's output). given: a
-    few bytes for its stdin (a credential helper's question), else none."""
-    with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT if both else subprocess.PIPE,
-                          stdin=subprocess.DEVNULL if given is None else subprocess.PIPE,
-                          env=dict(env) if env is not None else None, cwd=cwd) as proc:
-        if given is not None:  # a line, well under a pipe's buffer: written whole before anything is read
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.write(given)
-            proc.stdin.close()
-        kept = {proc.stdout: Kept(OUTPUT_TAIL_BYTES if both else ANSWER_MAX_BYTES, tail=both),
-                **({proc.stderr: Kept(OUTPUT_TAIL_BYTES, tail=True)} if proc.stderr else {})}
-        deadline, code = time.monotonic() + timeout, None
-        with selectors.DefaultSelector() as selector:
-            for pipe in kept:
-                selector.register(pipe, selectors.EVENT_READ)
-            while selector.get_map() and not kept[proc.stdout].over and time.monotonic() < deadline:
-                for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
-                    chunk = os.read(key.fd, PIPE_READ_BYTES)
-                    if chunk:
-                        kept[key.fileobj].add(chunk)
-                    else:
-                        selector.unregister(key.fileobj)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            code = None if kept[proc.stdout].over else proc.wait(max(0.0, deadline - time.monotonic()))
-        if code is None:
-            proc.kill()
-    stderr = kept[proc.stderr].text() if proc.stderr else ""
-    return Printed(code, kept[proc.stdout].text(), stderr)
-
-
-def printed_lines(text: str) -> List[str]:
-    """The last LOG_TAIL_LINES lines of what a command printed, each cut to LINE_MAX characters."""
-    return [line[:LINE_MAX] for line in text.splitlines()[-LOG_TAIL_LINES:]]
-
-
-def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
-                cwd: Optional[str] = None, quiet: bool = False, both: bool = False, mutates: bool = False,
-                given: Optional[bytes] = None) -> str:
-    """Run one command (argv list, no shell, no stdin but given) with a timeout; log it; return stdout (with
-    both, stdout and stderr as one stream, whose last lines a CommandError also keeps) or raise CommandError."""
-    started = time.monotonic()
-    try:
-        printed = collect(argv, timeout, both, env, cwd, given)
-    except OSError as error:
-        log.warning("command %s could not start: %s", shown(argv), error.strerror)
-        raise CommandError(argv, 127, error.strerror or "could not start") from None
-    seconds = time.monotonic() - started
-    stderr = printed.stdout if both else printed.stderr
-    if printed.code is None:
-        what = f"no answer within {timeout:g}s" if seconds >= timeout else f"answered over {ANSWER_MAX_BYTES} bytes"
-        log.warning("command %s stopped: %s", shown(argv), what)
-        raise CommandError(argv, None, what, printed_lines(printed.stdout))
-    if printed.code != 0:
-        log.warning("command %s exit=%s seconds=%.2f stderr=%r", shown(argv), printed.code, seconds,
-                    stderr_tail(stderr))
-        raise command_failed(argv, printed.code, stderr, printed_lines(stderr))
-    log.log(logging.DEBUG if quiet else logging.INFO, "command %s exit=0 seconds=%.2f", shown(argv), seconds)
-    return printed.stdout
-
-
-Runner = Callable[..., str]
-
-
-class DryRunner:
-    """A runner that runs read-only commands and logs the others instead of running them.
-
-    A dry pull fetches nothing, so the image it would fetch counts as new: the log then shows every
-    command of a real update.
-    """
-
-    dry = True
-
-    def __init__(self, runner: Runner):
-        self.runner = runner
-
-    def __call__(self, argv: Sequence[str], *, mutates: bool = False, **kwargs) -> str:
-        if mutates:
-            log.info("dry-run would run: %s", shown(argv))
-            return ""
-        if list(argv[:5]) == ["docker", "image", "inspect", "--format", "{{.Id}}"]:
-            return DRY_RUN_IMAGE
-        return self.runner(argv, **kwargs)
-
-
-class Container(NamedTuple):
-    """What `docker inspect` says about one container."""
-
-    id: str
-    name: str
-    service: str
-    project: str
-    image: str
-    image_id: str
-    status: str
-    health: Optional[str]
-    restart_count: int
-    started_at: str
-    exit_code: int
-    has_healthcheck: bool
-    start_period: float
-    oneoff: bool
-    labels: Mapping[str, str] = {}  # as Compose and the operator set them: see creator_labels()
-    host_ports: bool = False  # publishes a port on the host, so two copies cannot run at once
-    networks: Mapping[str, Tuple[str, ...]] = {}  # network: the aliases Compose gave the container there
-    ignored: Tuple[str, ...] = ()  # gopdater.* labels its image carries, left out of labels
-
-    @classmethod
-    def from_inspect(cls, data: dict, carried: Optional[Mapping[str, str]] = None) -> "Container":
-        """Build from one element of `docker inspect` output, less the labels its image carries (if given)."""
-        config = data.get("Config") or {}
-        labels, ignored = creator_labels(config.get("Labels") or {}, carried or {})
-        state = data.get("State") or {}
-        check = config.get("Healthcheck") or {}
-        test = check.get("Test") or []
-        return cls(
-            id=data.get("Id", ""), name=(data.get("Name") or "").lstrip("/"),
-            service=labels.get("com.docker.compose.service", ""),
-            project=labels.get("com.docker.compose.project", ""),
-            image=config.get("Image") or "", image_id=data.get("Image") or "",
-            status="restarting" if state.get("Restarting") else state.get("Status", ""),
-            health=(state.get("Health") or {}).get("Status"),
-            restart_count=int(data.get("RestartCount") or 0), started_at=state.get("StartedAt") or "",
-            exit_code=int(state.get("ExitCode") or 0), has_healthcheck=bool(test) and test[0] != "NONE",
-            start_period=(check.get("StartPeriod") or 0) / 1e9,
-            oneoff=labels.get("com.docker.compose.oneoff", "False") == "True", labels=labels,
-            host_ports=any(b.get("HostPort") for bs in ((data.get("HostConfig") or {}).get("PortBindings") or {})
-                           .values() for b in bs or ()),
-            networks={net: tuple(a for a in (v or {}).get("Aliases") or () if SERVICE_RE.fullmatch(a))
-                      for net, v in ((data.get("NetworkSettings") or {}).get("Networks") or {}).items()},
-            ignored=ignored,
-        )
-
-
-# dockerd copies an image's labels onto each container made from it, where the creator set none of that
-# name: these, which steer gopdater, count only where Compose or the operator set them.
-OPERATOR_LABEL_PREFIXES = ("gopdater.", "com.docker.compose.project.")
-
-
-def creator_labels(labels: Mapping[str, str], carried: Mapping[str, str]) -> Tuple[Dict[str, str], Tuple[str, ...]]:
-    """A container's labels less those steering gopdater that its image carries with the same value (an image
-    could otherwise name the env file Compose reads, or opt itself in or out), and the gopdater.* ones so
-    left out. A value that differs from the image's was set by Compose or the operator; a container whose
-    com.docker.compose.* labels are all its image's was not made by Compose, and keeps none of them. Pure."""
-    compose = [key for key in labels if key.startswith("com.docker.compose.")]
-    made_by_compose = any(carried.get(key) != labels[key] for key in compose)  # Compose sets some of its own
-    kept = {key: value for key, value in labels.items()
-            if not (key.startswith(OPERATOR_LABEL_PREFIXES) and carried.get(key) == value)
-            and (made_by_compose or key not in compose)}
-    return kept, tuple(sorted(key for key in labels if key not in kept and key.startswith("gopdater.")))
-
-
-class Configured(NamedTuple):
-    """What the Compose file says of one service, where Compose reports it (v2)."""
-
-    order: str = ""  # deploy.update_config.order
-    labels: Optional[Mapping[str, str]] = None  # its labels; None where Compose does not say (v1)
-
-    @classmethod
-    def from_config(cls, value: dict) -> "Configured":
-        labels = value.get("labels") or {}
-        if isinstance(labels, list):  # the list form, KEY=VALUE
-            labels = dict(str(item).partition("=")[::2] for item in labels)
-        order = ((value.get("deploy") or {}).get("update_config") or {}).get("order")
-        return cls(str(order or ""), {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {})
-
 
 class Compose:
     """Every docker and Compose command gopdater runs for one project, as argv lists."""
@@ -3961,15 +3975,9 @@ class Compose:
         """The container's last log lines, stdout and stderr together; never raises."""
         try:
             text = self.run(["docker", "logs", "--tail", str(LOG_TAIL_LINES), name], quiet=True, both=True)
-        except CommandError:
+        except (CommandError, EngineUnreachable):
             return []
         return printed_lines(text)
-
-
-def project_containers(containers: Iterable[Container], service: Optional[str] = None) -> List[Container]:
-    """The containers a project's `compose ps` shows (of one service if named), less one-off `run` ones."""
-    return [c for c in containers if not c.oneoff and CONTAINER_RE.fullmatch(c.name) and
-            SERVICE_RE.fullmatch(c.service) and (service is None or c.service == service)]
 
 
 def inspect_containers(run: Callable[[List[str]], str], ids: Sequence[str]) -> List[Container]:
@@ -4210,7 +4218,7 @@ def helper_login(helper: str, server: str, config: Config, runner: Runner) -> Op
         text = runner([f"docker-credential-{helper}", "get"], timeout=config.command_timeout, env=config.command_env,
                       quiet=True, given=server.encode() + b"\n")
         answer = json.loads(text)
-    except (CommandError, ValueError):
+    except (CommandError, EngineUnreachable, ValueError):
         return None
     if isinstance(answer, dict) and isinstance(answer.get("Username"), str) and isinstance(answer.get("Secret"), str):
         return answer["Username"], answer["Secret"]
@@ -4493,7 +4501,7 @@ class Reconciler:
             text = self.runner(["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", *images],
                                timeout=self.config.command_timeout, env=self.config.command_env, quiet=True)
             listed = dict(zip(images, (json.loads(line or "null") or [] for line in text.splitlines())))
-        except (CommandError, ValueError) as error:
+        except (CommandError, EngineUnreachable, ValueError) as error:
             log.warning("reconcile: the running images' digests cannot be read (%s)", error)
             return found
         for service in services:
@@ -4509,7 +4517,7 @@ class Reconciler:
             info = json.loads(self.runner(["docker", "info", "--format", "{{json .RegistryConfig}}"],
                                           timeout=self.config.command_timeout, env=self.config.command_env,
                                           quiet=True) or "null")
-        except (CommandError, ValueError):
+        except (CommandError, EngineUnreachable, ValueError):
             return {}
         return info if isinstance(info, dict) else {}
 
@@ -6057,7 +6065,7 @@ def swarm_target(config: Config, runner: Runner, facts: EngineFacts, cwd: Option
     swarm = SwarmServices(config, runner, facts.version)
     try:
         swarm.refresh()
-    except (CommandError, ValueError) as error:
+    except (CommandError, EngineUnreachable, ValueError) as error:
         raise ConfigError(f"the Swarm services cannot be listed ({error}): check DOCKER_HOST") from None
     return swarm
 
@@ -6073,7 +6081,7 @@ def compose_target(config: Config, runner: Runner, facts: EngineFacts, cwd: Opti
         host = ComposeHost(config, command, version, facts.version, runner, facts.own_labels)
         try:
             host.refresh()
-        except (CommandError, ValueError) as error:
+        except (CommandError, EngineUnreachable, ValueError) as error:
             raise ConfigError(f"the Compose projects on the engine cannot be listed ({error}): check DOCKER_HOST") \
                 from None
         return host
@@ -6082,7 +6090,7 @@ def compose_target(config: Config, runner: Runner, facts: EngineFacts, cwd: Opti
                              version, facts.version)
     try:
         project.refresh()
-    except (CommandError, ValueError) as error:
+    except (CommandError, EngineUnreachable, ValueError) as error:
         raise ConfigError(f"Compose cannot read the project in {location.working_dir} ({error}): set COMPOSE_FILE "
                           "or run gopdater from the project directory") from None
     return project
@@ -6106,7 +6114,7 @@ def swarm_role(config: Config, runner: Runner) -> str:
     try:
         info = json.loads(runner(["docker", "info", "--format", "{{json .Swarm}}"], timeout=config.command_timeout,
                                  env=config.command_env, quiet=True) or "{}")
-    except (CommandError, ValueError):
+    except (CommandError, EngineUnreachable, ValueError):
         return ""
     if not isinstance(info, dict) or info.get("LocalNodeState") != "active":
         return ""
@@ -6116,7 +6124,7 @@ def engine_version(config: Config, runner: Runner) -> str:
     try:
         return runner(["docker", "version", "--format", "{{.Server.Version}}"], timeout=config.command_timeout,
                       env=config.command_env, quiet=True).strip()
-    except CommandError as error:
+    except (CommandError, EngineUnreachable) as error:
         raise ConfigError("the Docker engine does not answer (docker version: "
                           f"{error.tail or error.code}): start Docker, mount /var/run/docker.sock, "
                           "or set DOCKER_HOST") from None
@@ -6140,7 +6148,7 @@ def own_labels(config: Config, runner: Runner, read_file: Callable[[str], str]) 
         found = json.loads(runner(["docker", "inspect", container_id], timeout=config.command_timeout,
                                   env=config.command_env, quiet=True))
         return (found[0].get("Config") or {}).get("Labels") or {}
-    except (CommandError, ValueError, IndexError, AttributeError):
+    except (CommandError, EngineUnreachable, ValueError, IndexError, AttributeError):
         log.info("running in container %s, which Docker does not report; using settings only", container_id[:12])
         return {}
 
@@ -6170,7 +6178,6 @@ class OneLineFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = record.message.translate(CONTROL_ESCAPES)
         return super().formatMessage(record)
-
 
 
 def listen(host: str, port: int):

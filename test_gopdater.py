@@ -2990,7 +2990,7 @@ class HouseRulesTest(unittest.TestCase):
     def test_sections_follow_the_webhook(self):
         """The banner comments come in the order a webhook flows through the file."""
         banners = re.findall(r"^# ={20,}\n# ([^:\n]+)", (HERE / "gopdater.py").read_text(), re.MULTILINE)
-        self.assertEqual(banners, ["Image references", "Settings", "Senders", "The request pipeline", "The work queue",
+        self.assertEqual(banners, ["Image references", "Docker's vocabulary", "Settings", "Senders", "The request pipeline", "The work queue",
                                    "The journal", "Update targets", "Docker commands", "Reconciling", "Notifications and metrics",
                                    "The HTTP transport", "--check", "main"])
 
