@@ -2396,7 +2396,7 @@ class Target:
     runner: Runner  # what runs its commands (a DryRunner for DRY_RUN)
 
     def __init__(self, config: Config, engine: str):
-        self.config, self.engine = config, engine
+        self.config, self.engine_version = config, engine
 
     @property
     def dry(self) -> bool:
@@ -2520,7 +2520,7 @@ class Targets(Target):
     def __init__(self, members: Sequence[Target]):
         self.members = list(members)
         first = self.members[0] if self.members else None
-        super().__init__(first.config if first else None, first.engine if first else "")
+        super().__init__(first.config if first else None, first.engine_version if first else "")
         self.runner = first.runner if first else None
 
     def owner(self, ref: ServiceRef) -> Optional[Target]:
@@ -2576,7 +2576,7 @@ class ContainerSteps:
     """Engine-level steps on containers, written once for every target that replaces containers."""
 
     def __init__(self, config: Config, docker: "Compose"):
-        self.config, self.docker = config, docker
+        self.config, self.docker, self.engine = config, docker, docker.engine
 
     def wait_until_ready(self, ids: Sequence[str], steps: StepLog, stopped: Optional[float]) -> None:
         """Poll the new containers until judged ready; raise DeployFailed with the reason otherwise."""
@@ -2591,7 +2591,7 @@ class ContainerSteps:
             return
         steps.record("wait", "failed", started)
         for c in containers:
-            steps.container_log(c.name, self.docker.logs(c.name))
+            steps.container_log(c.name, self.engine.logs(c.name))
         raise DeployFailed(health.reason)
 
     def poll(self, ids: Sequence[str], steps: StepLog, stopped: Optional[float], started: float
@@ -2602,7 +2602,7 @@ class ContainerSteps:
             return Health(Verdict.FAILED, "wait failed: compose up created no container"), []
         first_seen: Dict[str, Tuple[float, str]] = {}
         for delay in backoff(POLL_FIRST, POLL_FACTOR, POLL_MAX):
-            containers, now = self.docker.inspect(ids), steps.clock()
+            containers, now = self.engine.inspect(ids), steps.clock()
             for c in containers:
                 if c.status == "running" and not first_seen and stopped is not None:
                     steps.note("downtime", "ok", now - stopped)
@@ -2617,15 +2617,15 @@ class ContainerSteps:
 
     def retire(self, container: Container, steps: StepLog, prefix: str = "") -> None:
         """Stop and remove a container."""
-        steps.step(Stage(prefix + "stop"), lambda: self.docker.stop(container.name))
-        steps.step(Stage(prefix + "remove"), lambda: self.docker.remove(container.name))
+        steps.step(Stage(prefix + "stop"), lambda: self.engine.stop(container.name))
+        steps.step(Stage(prefix + "remove"), lambda: self.engine.remove(container.name))
 
     def point(self, image_id: str, image: str, move: Optional[TagMove], new: bool) -> None:
         """Make a later `compose up` run image_id: a tracked service's env file names its tag (the new one, or the
         old), and image (the reference that tag makes) names image_id."""
         if move is not None and move.env_file and move.variable:
             self.docker.write_env(move.env_file, move.variable, move.new_tag if new else move.old_tag)
-        self.docker.tag(image_id, image)
+        self.engine.tag(image_id, image)
 
     def put_back_tag(self, old_id: str, image: str, steps: StepLog, journalled: bool = True,
                      move: Optional[TagMove] = None) -> None:
@@ -2660,7 +2660,7 @@ class ContainerSteps:
 
     def has_image(self, image_id: str) -> bool:
         try:
-            self.docker.image_id(image_id)
+            self.engine.image_id(image_id)
             return True
         except CommandError:
             return False
@@ -2677,7 +2677,7 @@ class ContainerSteps:
                          image_id[:19])
                 continue
             try:
-                self.docker.remove_image(image_id)
+                self.engine.remove_image(image_id)
             except (CommandError, EngineUnreachable) as error:  # a success stays one; the image is kept
                 steps.record("cleanup", "kept", started)
                 log.info("%s kept old image %s: %s", steps.label, image_id[:19], error.tail)
@@ -3048,7 +3048,7 @@ class ComposeProject(Target):
 
     def __init__(self, config: Config, docker: "Compose", version: str, engine: str = ""):
         super().__init__(config, engine)
-        self.docker, self.version = docker, version
+        self.docker, self.engine, self.version = docker, docker.engine, version
         self.steps = ContainerSteps(config, docker)
         self.services: Tuple[str, ...] = ()
         self.containers: Dict[str, List[Container]] = {}
@@ -3144,7 +3144,7 @@ class ComposeProject(Target):
             if isinstance(move, str):
                 return Outcome(State.SKIPPED, reason=move)
             pulled = self.pull(service, image, move, steps)
-            new_id = steps.step(Stage.COMPARE, lambda: self.docker.image_id(pulled)) if pulled else None
+            new_id = steps.step(Stage.COMPARE, lambda: self.engine.image_id(pulled)) if pulled else None
         except DeployFailed as error:
             return Outcome(reason=str(error))
         old_ids = sorted({c.image_id for c in old})
@@ -3179,7 +3179,7 @@ class ComposeProject(Target):
             steps.step(Stage.PULL, lambda: self.docker.pull(service))
             return image
         pulled = with_tag(image or "", move.new_tag)
-        steps.step(Stage.PULL, lambda: self.docker.pull_image(pulled))
+        steps.step(Stage.PULL, lambda: self.engine.pull(pulled))
         return pulled
 
     def clean_up(self, old_ids: Sequence[str], new_id: Optional[str], steps: StepLog, move: Optional[TagMove]) -> None:
@@ -3368,14 +3368,14 @@ class ComposeProject(Target):
         steps.remember(old_container=old.name, new_container=new.name, networks=dict(new.networks))
         try:
             for network in new.networks:
-                steps.step(Stage.ISOLATE, lambda n=network: self.docker.network("disconnect", n, new.name))
-            steps.step(Stage.START, lambda: self.docker.start(new.name))
+                steps.step(Stage.ISOLATE, lambda n=network: self.engine.network("disconnect", n, new.name))
+            steps.step(Stage.START, lambda: self.engine.start(new.name))
             self.steps.wait_until_ready([new.id], steps, None)
             for network, aliases in new.networks.items():
-                steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.docker.network("connect", n, new.name, a))
+                steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.engine.network("connect", n, new.name, a))
             after([new.id])
         except DeployFailed:
-            steps.step(Stage.DISCARD, lambda: self.docker.discard(new.name))
+            steps.step(Stage.DISCARD, lambda: self.engine.discard(new.name))
             raise
         started = steps.clock()
         steps.sleep(self.config.switch_delay)  # the reverse proxy's DNS must see the new one first
@@ -3464,7 +3464,7 @@ class ComposeProject(Target):
         try:
             if old is not None and old.status == "running" or new is None:
                 if new is not None:
-                    steps.step(Stage.DISCARD, lambda: self.docker.discard(new.name))
+                    steps.step(Stage.DISCARD, lambda: self.engine.discard(new.name))
                 if old is not None and old.status == "running":
                     if record.image and record.old_image:
                         self.steps.put_back_tag(record.old_image, record.image, steps, move=TagMove.from_record(record))
@@ -3472,12 +3472,12 @@ class ComposeProject(Target):
                                                                              "container kept serving")
                 raise DeployFailed("the switch was cut off with neither container running")
             if old is not None:
-                steps.step(Stage.REMOVE, lambda: self.docker.remove(old.name))
+                steps.step(Stage.REMOVE, lambda: self.engine.remove(old.name))
             if new.status != "running":
-                steps.step(Stage.START, lambda: self.docker.start(new.name))
+                steps.step(Stage.START, lambda: self.engine.start(new.name))
             for network, aliases in record.networks.items():
                 if network not in new.networks:
-                    steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.docker.network("connect", n, new.name, a))
+                    steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.engine.network("connect", n, new.name, a))
             self.steps.wait_until_ready([new.id], steps, None)
         except DeployFailed as error:
             return self.roll_back_record(service, record, outcome._replace(reason=str(error)), steps)
@@ -3544,7 +3544,7 @@ class ComposeHost(Targets):
     def __init__(self, config: Config, command: Sequence[str], version: str, engine: str, runner: Runner,
                  own: Mapping[str, str]):
         super().__init__([])
-        self.config, self.runner, self.engine = config, runner, engine
+        self.config, self.runner, self.engine_version = config, runner, engine
         self.command, self.version, self.own = list(command), version, own
         self.skipped: Dict[str, str] = {}  # project: why it cannot be updated from here
 
@@ -3566,7 +3566,7 @@ class ComposeHost(Targets):
                 continue
             member = known.get(name) or ComposeProject(self.config, Compose(
                 self.config, location, self.command, self.runner, compose_flavour(self.version) == "v2"),
-                self.version, self.engine)
+                self.version, self.engine_version)
             readable.append((name, member))
             if (self.kind, name) in busy:
                 continue
@@ -3603,12 +3603,11 @@ def projects_on_engine(config: Config, runner: Runner, own: Mapping[str, str]
                        ) -> Dict[str, Tuple[ComposeLocation, List[Container]]]:
     """Each Compose project with a container on the engine: where Compose keeps it, from the labels, and its
     containers, inspected (one `docker ps` and one `docker inspect` for the whole host)."""
-    ids = runner(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"],
-                 timeout=config.command_timeout, env=config.command_env, quiet=True).split()
+    engine = Engine(config, runner)
+    ids = engine.compose_container_ids()
     locations: Dict[str, ComposeLocation] = {}
     containers: Dict[str, List[Container]] = collections.defaultdict(list)
-    run = functools.partial(runner, timeout=config.command_timeout, env=config.command_env, quiet=True)
-    for container in inspect_containers(run, ids):
+    for container in engine.containers(ids):
         name, labels = container.project, container.labels
         if not PROJECT_RE.fullmatch(name):
             continue
@@ -3700,20 +3699,14 @@ class SwarmServices(Target):
 
     def __init__(self, config: Config, runner: Runner, engine: str):
         super().__init__(config, engine)
-        self.runner = runner
+        self.runner, self.engine = runner, Engine(config, runner)
         self.services: Dict[str, SwarmService] = {}
 
-    def run(self, argv: Sequence[str], **kwargs) -> str:
-        return self.runner(list(argv), timeout=self.config.command_timeout, env=self.config.command_env, **kwargs)
-
     def inspect(self, names: Sequence[str]) -> List[SwarmService]:
-        if not names:
-            return []
-        return [SwarmService.from_inspect(d) for d in json.loads(self.run(["docker", "service", "inspect", *names],
-                                                                          quiet=True))]
+        return [SwarmService.from_inspect(d) for d in self.engine.service_inspect(names)]
 
     def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
-        found = self.inspect(self.run(["docker", "service", "ls", "-q"], quiet=True).split())
+        found = self.inspect(self.engine.service_names())
         services = {s.name: s for s in found if SERVICE_RE.fullmatch(s.name)}
         kept = {name: s for name, s in self.services.items() if self.lane(self.ref(s)) in busy}
         self.services = {**services, **kept}
@@ -3748,8 +3741,7 @@ class SwarmServices(Target):
             outcome = outcome._replace(old_tag=move and move.old_tag, new_tag=move and move.new_tag)
             steps.remember(old_image=before.image, swarm_started=before.update_started,
                            **({"old_tag": move.old_tag, "new_tag": move.new_tag} if move else {}))
-            steps.step(Stage.UPDATE, lambda: self.run(["docker", "service", "update", "--detach", "--image", target,
-                                                       "--with-registry-auth", ref.name], mutates=True))
+            steps.step(Stage.UPDATE, lambda: self.engine.service_update(ref.name, target))
             if self.dry:
                 return outcome._replace(result=State.DRY_RUN)
             after = self.inspect([ref.name])[0]
@@ -3780,16 +3772,13 @@ class SwarmServices(Target):
             if not reason and (state == "paused" or steps.clock() - started > limit):
                 reason = service.update_message if state == "paused" else f"not running after {limit:g}s"
                 log.error("%s update failed: %s; rolling back", steps.label, reason)
-                steps.step(Stage.ROLLBACK, lambda: self.run(["docker", "service", "rollback", "--detach", name],
-                                                            mutates=True))
+                steps.step(Stage.ROLLBACK, lambda: self.engine.service_rollback(name))
             steps.sleep(delay)
         raise AssertionError("unreachable: backoff() never ends")
 
     def tasks_run(self, service: SwarmService) -> bool:
         """Whether every task Swarm wants running runs the service's image (and as many as its replicas)."""
-        ids = self.run(["docker", "service", "ps", "-q", "--filter", "desired-state=running", service.name],
-                       quiet=True).split()
-        tasks = json.loads(self.run(["docker", "inspect", "--type", "task", *ids], quiet=True)) if ids else []
+        tasks = self.engine.service_tasks(service.name)
         running = [t for t in tasks if (t.get("Status") or {}).get("State") == "running" and
                    ((t.get("Spec") or {}).get("ContainerSpec") or {}).get("Image") == service.image]
         return bool(running) and len(running) == len(tasks) and service.replicas in (None, len(running))
@@ -3831,12 +3820,168 @@ class SwarmServices(Target):
 # ==========================================================================================
 
 
+class Engine:
+    """Every `docker` command gopdater runs, as argv lists: the runner, its timeout and its environment bound
+    once. Names reach these argv lists only from the engine's own answers, the operator's settings and Compose
+    files, never from a payload (a payload picks among services already read; see Target.services_for)."""
+
+    def __init__(self, config: Config, runner: Runner):
+        self.config, self.runner = config, runner
+
+    @property
+    def dry(self) -> bool:
+        """Whether commands that change something are only logged (DRY_RUN)."""
+        return getattr(self.runner, "dry", False)
+
+    def run(self, argv: Sequence[str], timeout: Optional[float] = None, **kwargs) -> str:
+        return self.runner(list(argv), timeout=timeout or self.config.command_timeout,
+                           env=kwargs.pop("env", self.config.command_env), **kwargs)
+
+    def read(self, argv: Sequence[str]) -> str:
+        """A read-only command, logged at debug level."""
+        return self.run(argv, quiet=True)
+
+    # -- the engine itself --------------------------------------------------------------
+
+    def version(self) -> str:
+        return self.read(["docker", "version", "--format", "{{.Server.Version}}"]).strip()
+
+    def info(self, field: str) -> object:
+        """One field of `docker info` (Swarm, RegistryConfig), as JSON."""
+        return json.loads(self.read(["docker", "info", "--format", f"{{{{json .{field}}}}}"]) or "null")
+
+    # -- containers -----------------------------------------------------------------------
+
+    def container_ids(self, labels: Sequence[str]) -> List[str]:
+        """Every container (stopped ones too) carrying all these labels (key=value, or a key alone)."""
+        return self.read(["docker", "ps", "-a", "-q", "--no-trunc",
+                          *(arg for label in labels for arg in ("--filter", f"label={label}"))]).split()
+
+    def compose_container_ids(self) -> List[str]:
+        """Every container Compose made on the engine (stopped ones too), short ids: the host listing."""
+        return self.read(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"]).split()
+
+    def inspect_raw(self, ids: Sequence[str]) -> List[dict]:
+        """`docker inspect` of containers (or tasks, or one id), as JSON."""
+        return json.loads(self.read(["docker", "inspect", *ids])) if ids else []
+
+    def inspect(self, ids: Sequence[str]) -> List[Container]:
+        """Inspect containers by id, labels as they are (the new containers of an update: judged, not read)."""
+        return [Container.from_inspect(d) for d in self.inspect_raw(ids)]
+
+    def containers(self, ids: Sequence[str]) -> List[Container]:
+        """Containers just listed, inspected, each less the labels its image carries (one `docker inspect` and
+        one `docker image inspect` for all); one removed meanwhile is left out."""
+        listed = self.inspect_listed(ids)
+        images = sorted({data.get("Image") or "" for data in listed} - {""})
+        carried = dict(zip(images, self.image_labels(images))) if images else {}
+        return [Container.from_inspect(data, carried.get(data.get("Image") or "", {})) for data in listed]
+
+    def inspect_listed(self, ids: Sequence[str]) -> List[dict]:
+        """`docker inspect` of containers just listed, leaving out any removed meanwhile (containers come and go
+        on a busy host; one gone must not make the whole listing fail)."""
+        try:
+            return self.inspect_raw(ids)
+        except CommandError as error:
+            if "No such object" not in error.tail:
+                raise
+        return [data for one in ids for data in self.inspect_known(one)]
+
+    def inspect_known(self, container: str) -> List[dict]:
+        """`docker inspect` of one container; [] if Docker no longer knows it."""
+        try:
+            return self.inspect_raw([container])
+        except CommandError as error:
+            if "No such object" not in error.tail:
+                raise
+        return []
+
+    def start(self, name: str) -> None:
+        self.run(["docker", "start", name], mutates=True)
+
+    def stop(self, name: str) -> None:
+        self.run(["docker", "stop", "-t", str(self.config.stop_timeout), name],
+                 timeout=self.config.stop_timeout + self.config.command_timeout, mutates=True)
+
+    def remove(self, name: str) -> None:
+        self.run(["docker", "rm", name], mutates=True)
+
+    def discard(self, name: str) -> None:
+        self.run(["docker", "rm", "-f", name], mutates=True)
+
+    def network(self, verb: str, network: str, name: str, aliases: Sequence[str] = ()) -> None:
+        self.run(["docker", "network", verb, *(a for alias in aliases for a in ("--alias", alias)), network, name],
+                 mutates=True)
+
+    def exec(self, where: str, argv: Sequence[str], env: Mapping[str, str], timeout: float) -> str:
+        """Run a release step in a running container; what it printed (stdout and stderr as one stream)."""
+        given = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+        return self.run(["docker", "exec", *given, where, *argv], timeout=timeout, mutates=True, both=True)
+
+    def logs(self, name: str) -> List[str]:
+        """The container's last log lines, stdout and stderr together; never raises."""
+        try:
+            text = self.run(["docker", "logs", "--tail", str(LOG_TAIL_LINES), name], quiet=True, both=True)
+        except (CommandError, EngineUnreachable):
+            return []
+        return printed_lines(text)
+
+    # -- images ---------------------------------------------------------------------------
+
+    def pull(self, image: str) -> None:
+        self.run(["docker", "pull", image], timeout=self.config.pull_timeout, mutates=True)
+
+    def image_id(self, image: str) -> str:
+        return self.read(["docker", "image", "inspect", "--format", "{{.Id}}", image]).strip()
+
+    def image_labels(self, image_ids: Sequence[str]) -> List[Mapping[str, str]]:
+        """The labels each image carries, in order; CommandError if one cannot be read."""
+        text = self.read(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", *image_ids])
+        found = [json.loads(line or "null") for line in text.splitlines()[:len(image_ids)]]
+        if len(found) != len(image_ids):
+            raise CommandError(["docker", "image", "inspect"], 1, "fewer answers than images asked")
+        return [labels if isinstance(labels, dict) else {} for labels in found]
+
+    def repo_digests(self, image_ids: Sequence[str]) -> Dict[str, List[str]]:
+        """The registry digests each image was pulled by (`RepoDigests`), by image id."""
+        text = self.read(["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", *image_ids])
+        return dict(zip(image_ids, (json.loads(line or "null") or [] for line in text.splitlines())))
+
+    def tag(self, image_id: str, image: str) -> None:
+        self.run(["docker", "tag", image_id, image], mutates=True)
+
+    def remove_image(self, image_id: str) -> None:
+        self.run(["docker", "rmi", image_id], mutates=True)
+
+    # -- Swarm ----------------------------------------------------------------------------
+
+    def service_names(self) -> List[str]:
+        return self.read(["docker", "service", "ls", "-q"]).split()
+
+    def service_inspect(self, names: Sequence[str]) -> List[dict]:
+        return json.loads(self.read(["docker", "service", "inspect", *names])) if names else []
+
+    def service_update(self, name: str, image: str) -> None:
+        """Have Swarm move a service to an image (a tag, resolved by Swarm now), with the registry login."""
+        self.run(["docker", "service", "update", "--detach", "--image", image, "--with-registry-auth", name],
+                 mutates=True)
+
+    def service_rollback(self, name: str) -> None:
+        self.run(["docker", "service", "rollback", "--detach", name], mutates=True)
+
+    def service_tasks(self, name: str) -> List[dict]:
+        """The tasks Swarm wants running for a service, inspected."""
+        ids = self.read(["docker", "service", "ps", "-q", "--filter", "desired-state=running", name]).split()
+        return json.loads(self.read(["docker", "inspect", "--type", "task", *ids])) if ids else []
+
+
 class Compose:
-    """Every docker and Compose command gopdater runs for one project, as argv lists."""
+    """Every Compose command gopdater runs for one project, as argv lists (its docker commands: engine)."""
 
     def __init__(self, config: Config, location: ComposeLocation, command: Sequence[str], runner: Runner,
                  json_config: bool = False):
         self.config, self.location, self.runner, self.json_config = config, location, runner, json_config
+        self.engine = Engine(config, runner)
         self.command = [*command, *(arg for path in location.env_files for arg in ("--env-file", path))]
         env = dict(config.command_env)
         # Compose interpolates ${PWD}; make it the project directory, as on the host.
@@ -3887,46 +4032,26 @@ class Compose:
         if line is not None:
             log.info("wrote %r to %s", line, path)
 
-    def pull_image(self, image: str) -> None:
-        """Pull one reference (a tracked service's new tag, which its Compose file does not name yet)."""
-        self.run(["docker", "pull", image], timeout=self.config.pull_timeout, mutates=True)
-
     def release_step(self, stage: Stage, service: str, where: str, argv: Sequence[str], env: Mapping[str, str],
                      timeout: float) -> str:
         """Run one release step: in the container where (`docker exec`), or for MIGRATE in a one-off container
         of the service named where (`compose run --rm --no-deps -T`), removed if it outlives timeout."""
-        given = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
         if stage is not Stage.MIGRATE:
-            return self.run(["docker", "exec", *given, where, *argv], timeout=timeout, mutates=True, both=True)
+            return self.engine.exec(where, argv, env, timeout)
+        given = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
         try:
             return self.run([*self.command, "run", "--rm", "--no-deps", "-T", "--name", where, *given, service, *argv],
                             timeout=timeout, mutates=True, both=True)
         except CommandError as error:
             if error.code is None:  # killing Compose leaves its one-off container running
-                with contextlib.suppress(CommandError):
-                    self.discard(where)
+                with contextlib.suppress(CommandError, EngineUnreachable):
+                    self.engine.discard(where)
             raise
 
     def create_next(self, service: str, count: int) -> None:
         """One more container of the service, created and not started, the others left as they are."""
         self.run([*self.command, "up", "--no-start", "--no-deps", "--no-recreate", "--scale", f"{service}={count}",
                   service], mutates=True)
-
-    def network(self, verb: str, network: str, name: str, aliases: Sequence[str] = ()) -> None:
-        self.run(["docker", "network", verb, *(a for alias in aliases for a in ("--alias", alias)), network, name],
-                 mutates=True)
-
-    def start(self, name: str) -> None:
-        self.run(["docker", "start", name], mutates=True)
-
-    def discard(self, name: str) -> None:
-        self.run(["docker", "rm", "-f", name], mutates=True)
-
-    def inspect(self, ids: Sequence[str]) -> List[Container]:
-        """Inspect containers by id."""
-        if not ids:
-            return []
-        return [Container.from_inspect(d) for d in json.loads(self.run(["docker", "inspect", *ids], quiet=True))]
 
     def container_ids(self, service: Optional[str] = None) -> List[str]:
         """Ids of the project's containers (of one service): by label when the project's name is known, as one
@@ -3935,87 +4060,23 @@ class Compose:
         name = self.location.project_name
         if not name:
             return self.run([*self.command, "ps", "-a", "-q", *([service] if service else [])], quiet=True).split()
-        labels = [f"com.docker.compose.project={name}", *([f"com.docker.compose.service={service}"] if service else [])]
-        return self.run(["docker", "ps", "-a", "-q", "--no-trunc", *(a for label in labels
-                                                                      for a in ("--filter", f"label={label}"))],
-                        quiet=True).split()
+        return self.engine.container_ids([f"com.docker.compose.project={name}",
+                                          *([f"com.docker.compose.service={service}"] if service else [])])
 
     def containers(self, service: Optional[str] = None, labelled: bool = True) -> List[Container]:
         """The project's containers (one-off `run` containers left out), optionally of one service; their labels
         less their images' unless labelled is False (the ids alone are wanted: the images are not read)."""
         ids = self.container_ids(service)
-        run = functools.partial(self.run, quiet=True)
-        found = (inspect_containers(run, ids) if labelled else
-                 [Container.from_inspect(data) for data in inspect_listed(run, ids)])
+        found = (self.engine.containers(ids) if labelled else
+                 [Container.from_inspect(data) for data in self.engine.inspect_listed(ids)])
         return project_containers(found, service)
 
     def pull(self, service: str) -> None:
         self.run([*self.command, "pull", service], timeout=self.config.pull_timeout, mutates=True)
 
-    def image_id(self, image: str) -> str:
-        return self.run(["docker", "image", "inspect", "--format", "{{.Id}}", image], quiet=True).strip()
-
-    def stop(self, name: str) -> None:
-        self.run(["docker", "stop", "-t", str(self.config.stop_timeout), name],
-                 timeout=self.config.stop_timeout + self.config.command_timeout, mutates=True)
-
-    def remove(self, name: str) -> None:
-        self.run(["docker", "rm", name], mutates=True)
-
     def up(self, service: str) -> None:
         self.run([*self.command, "up", "-d", "--no-deps", service], mutates=True)
 
-    def remove_image(self, image_id: str) -> None:
-        self.run(["docker", "rmi", image_id], mutates=True)
-
-    def tag(self, image_id: str, image: str) -> None:
-        self.run(["docker", "tag", image_id, image], mutates=True)
-
-    def logs(self, name: str) -> List[str]:
-        """The container's last log lines, stdout and stderr together; never raises."""
-        try:
-            text = self.run(["docker", "logs", "--tail", str(LOG_TAIL_LINES), name], quiet=True, both=True)
-        except (CommandError, EngineUnreachable):
-            return []
-        return printed_lines(text)
-
-
-def inspect_containers(run: Callable[[List[str]], str], ids: Sequence[str]) -> List[Container]:
-    """Containers just listed, inspected, each less the labels its image carries (one `docker inspect` and
-    one `docker image inspect` for all)."""
-    listed = inspect_listed(run, ids)
-    images = sorted({data.get("Image") or "" for data in listed} - {""})
-    carried = dict(zip(images, image_labels(run, images))) if images else {}
-    return [Container.from_inspect(data, carried.get(data.get("Image") or "", {})) for data in listed]
-
-
-def image_labels(run: Callable[[List[str]], str], image_ids: Sequence[str]) -> List[Mapping[str, str]]:
-    """The labels each image carries, in order; CommandError if one cannot be read."""
-    text = run(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", *image_ids])
-    found = [json.loads(line or "null") for line in text.splitlines()[:len(image_ids)]]
-    if len(found) != len(image_ids):
-        raise CommandError(["docker", "image", "inspect"], 1, "fewer answers than images asked")
-    return [labels if isinstance(labels, dict) else {} for labels in found]
-
-
-def inspect_listed(run: Callable[[List[str]], str], ids: Sequence[str]) -> List[dict]:
-    """`docker inspect` of containers just listed, leaving out any removed meanwhile (containers come and go
-    on a busy host; one gone must not make the whole listing fail)."""
-    if not ids:
-        return []
-    try:
-        return json.loads(run(["docker", "inspect", *ids]))
-    except CommandError as error:
-        if "No such object" not in error.tail:
-            raise
-    found = []
-    for one in ids:
-        try:
-            found += json.loads(run(["docker", "inspect", one]))
-        except CommandError as error:
-            if "No such object" not in error.tail:
-                raise
-    return found
 
 
 def detect_compose(config: Config, runner: Runner) -> Tuple[List[str], str]:
@@ -4498,9 +4559,7 @@ class Reconciler:
         if not images:
             return found
         try:
-            text = self.runner(["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", *images],
-                               timeout=self.config.command_timeout, env=self.config.command_env, quiet=True)
-            listed = dict(zip(images, (json.loads(line or "null") or [] for line in text.splitlines())))
+            listed = Engine(self.config, self.runner).repo_digests(images)
         except (CommandError, EngineUnreachable, ValueError) as error:
             log.warning("reconcile: the running images' digests cannot be read (%s)", error)
             return found
@@ -4514,9 +4573,7 @@ class Reconciler:
     def registry_config(self) -> Mapping[str, object]:
         """`docker info`'s RegistryConfig (insecure registries), or {} if the engine does not say."""
         try:
-            info = json.loads(self.runner(["docker", "info", "--format", "{{json .RegistryConfig}}"],
-                                          timeout=self.config.command_timeout, env=self.config.command_env,
-                                          quiet=True) or "null")
+            info = Engine(self.config, self.runner).info("RegistryConfig")
         except (CommandError, EngineUnreachable, ValueError):
             return {}
         return info if isinstance(info, dict) else {}
@@ -5971,7 +6028,7 @@ def run_check(config: Config, runner: Runner = None, out=None) -> int:
     except ConfigError as error:
         findings = [(False, f"{error} (DOCKER_HOST {docker_host})")]
     else:
-        findings = [(True, f"docker: engine {target.engine} answers (DOCKER_HOST {docker_host})"),
+        findings = [(True, f"docker: engine {target.engine_version} answers (DOCKER_HOST {docker_host})"),
                     *target.describe(),
                     (True, f"owners allowed: {', '.join(f'{r}/{n}' for r, n in config.owners)}"),
                     (True, f"webhook URL for Docker Hub: {scheme(config)}://<this-host>:{config.port}/hooks/"
@@ -6112,18 +6169,18 @@ def check_services(config: Config, target: Target) -> None:
 def swarm_role(config: Config, runner: Runner) -> str:
     """'manager', 'worker' or '' (not in a swarm), from `docker info`."""
     try:
-        info = json.loads(runner(["docker", "info", "--format", "{{json .Swarm}}"], timeout=config.command_timeout,
-                                 env=config.command_env, quiet=True) or "{}")
+        info = Engine(config, runner).info("Swarm")
     except (CommandError, EngineUnreachable, ValueError):
         return ""
     if not isinstance(info, dict) or info.get("LocalNodeState") != "active":
         return ""
     return "manager" if info.get("ControlAvailable") else "worker"
+
+
 def engine_version(config: Config, runner: Runner) -> str:
     """The Docker engine's version; ConfigError if it does not answer."""
     try:
-        return runner(["docker", "version", "--format", "{{.Server.Version}}"], timeout=config.command_timeout,
-                      env=config.command_env, quiet=True).strip()
+        return Engine(config, runner).version()
     except (CommandError, EngineUnreachable) as error:
         raise ConfigError("the Docker engine does not answer (docker version: "
                           f"{error.tail or error.code}): start Docker, mount /var/run/docker.sock, "
@@ -6145,8 +6202,7 @@ def own_labels(config: Config, runner: Runner, read_file: Callable[[str], str]) 
     if not container_id:
         return {}
     try:
-        found = json.loads(runner(["docker", "inspect", container_id], timeout=config.command_timeout,
-                                  env=config.command_env, quiet=True))
+        found = Engine(config, runner).inspect_raw([container_id])
         return (found[0].get("Config") or {}).get("Labels") or {}
     except (CommandError, EngineUnreachable, ValueError, IndexError, AttributeError):
         log.info("running in container %s, which Docker does not report; using settings only", container_id[:12])

@@ -1000,7 +1000,8 @@ class DiscoveryTest(unittest.TestCase):
         self.assertEqual(target.compose_file, "/srv/site/docker-compose.yml")
 
     def test_self_detection_runs_compose_with_the_host_project(self):
-        """Inside a Compose container, every command gets the detected project, files, PWD and directory."""
+        """Inside a Compose container, every Compose command gets the detected project, files, PWD and directory
+        (docker's own commands need none of them)."""
         fake = FakeDocker()
         own = "b" * 64
         fake.canned[("docker", "inspect", own)] = json.dumps([{"Config": {"Labels": {
@@ -1014,9 +1015,13 @@ class DiscoveryTest(unittest.TestCase):
         mountinfo = f"1 0 0:1 /var/lib/docker/containers/{own}/hostname /etc/hostname rw\n"
         project = gopdater.discover(config, runner, read_file=lambda p: mountinfo if "mount" in p else "",
                                     cwd="/app")
-        env, cwd = seen[-1]["env"], seen[-1]["cwd"]
-        self.assertEqual((env["COMPOSE_PROJECT_NAME"], env["COMPOSE_FILE"], env["PWD"], cwd),
-                         ("demo", "/srv/demo/compose.yaml", "/srv/demo", "/srv/demo"))
+        compose = [seen[i] for i, argv in enumerate(fake.calls)
+                   if argv[:2] == ["docker", "compose"] and argv[2:3] != ["version"]]
+        self.assertTrue(compose)
+        for kwargs in compose:
+            env, cwd = kwargs["env"], kwargs["cwd"]
+            self.assertEqual((env["COMPOSE_PROJECT_NAME"], env["COMPOSE_FILE"], env["PWD"], cwd),
+                             ("demo", "/srv/demo/compose.yaml", "/srv/demo", "/srv/demo"))
         self.assertEqual(project.docker.location.own_service, "gopdater")
 
     def test_own_service_is_never_updated(self):
