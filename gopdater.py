@@ -2638,26 +2638,6 @@ class ContainerSteps:
         except DeployFailed as error:
             log.warning("%s %s", steps.label, error)
 
-    def roll_back(self, image: Optional[str], old_ids: Sequence[str], failed: Outcome, steps: StepLog,
-                  replace: Callable[[], None], hint: str, move: Optional[TagMove] = None) -> Outcome:
-        """Tag the previous image under the service's image name again (a tracked service: its env file names the
-        old tag again; the new tag is never moved), then replace() brings it up."""
-        log.error("%s update failed: %s; rolling back", steps.label, failed.reason)
-        if not image or len(old_ids) != 1:
-            return failed._replace(reason=f"{failed.reason}; no previous image to roll back to, fix the service by hand")
-        try:
-            steps.step(Stage.ROLLBACK_TAG, lambda: self.point(old_ids[0], image, move, new=False))
-            replace()
-        except (DeployFailed, CommandError) as error:
-            by_hand = (f"set {move.variable}={move.old_tag} in {move.env_file} && " if move and move.env_file else "")
-            reason = (f"{failed.reason}; rollback failed too ({error}); run by hand: {by_hand}docker tag {old_ids[0]} "
-                      f"{image} && {hint}")
-            log.error("%s ROLLBACK FAILED: %s", steps.label, reason)
-            return failed._replace(reason=reason)
-        log.warning("%s rolled back to %s; the failed image %s is kept for inspection", steps.label,
-                    old_ids[0][:19], failed.new_image)
-        return failed._replace(result=State.ROLLED_BACK)
-
     def has_image(self, image_id: str) -> bool:
         try:
             self.engine.image_id(image_id)
@@ -2978,7 +2958,26 @@ def with_tag(image: str, tag: str) -> str:
 
 # -- release steps: commands from a service's labels around its update -----------------------
 
-RELEASE_STEPS = (Stage.PRE_UPDATE, Stage.MIGRATE, Stage.POST_UPDATE)
+BEFORE_SWITCH, AFTER_SWITCH = "before the switch", "after the switch"
+IN_OLD, IN_ONE_OFF, IN_NEW = "in the old container", "in a one-off container of the new image", "in each new container"
+
+
+class ReleaseStage(NamedTuple):
+    """One release step as declared data: its stage (and label gopdater.<stage>), when it runs, where, and what its
+    failure does. Parsing, scheduling, running and the Swarm warning all read this table."""
+
+    stage: Stage
+    when: str  # BEFORE_SWITCH or AFTER_SWITCH
+    where: str  # IN_OLD, IN_ONE_OFF or IN_NEW
+    failure: str  # what a failure does, in words
+
+
+RELEASE_STAGES = (
+    ReleaseStage(Stage.PRE_UPDATE, BEFORE_SWITCH, IN_OLD, "nothing is switched"),
+    ReleaseStage(Stage.MIGRATE, BEFORE_SWITCH, IN_ONE_OFF, "nothing is switched"),
+    ReleaseStage(Stage.POST_UPDATE, AFTER_SWITCH, IN_NEW, "the update is rolled back"),
+)
+RELEASE_STEPS = tuple(row.stage for row in RELEASE_STAGES)
 HOOK_TIMEOUT_LABEL = "gopdater.hook-timeout"
 DEFAULT_HOOK_TIMEOUT = 300.0
 HOOK_TIMEOUT_RANGE = (1.0, 86400.0)  # a second to a day
@@ -3029,6 +3028,11 @@ def release_steps(labels: Mapping[str, str]) -> ReleaseSteps:
     return ReleaseSteps(commands, timeout, "; ".join(problems) or None)
 
 
+def release_rows(release: "ReleaseSteps", when: str) -> List[ReleaseStage]:
+    """The release steps a service declares that run at this point of its update, in the table's order. Pure."""
+    return [row for row in RELEASE_STAGES if row.when == when and row.stage in release.commands]
+
+
 def start_first_refusal(containers: Sequence[Container]) -> Optional[str]:
     """Why a service's containers cannot run twice at once for a start-first update, or None."""
     for c in containers:
@@ -3042,7 +3046,8 @@ def start_first_refusal(containers: Sequence[Container]) -> Optional[str]:
 
 
 class ComposeProject(Target):
-    """A Compose project's services, updated through Compose: pull, compare, replace, wait, roll back."""
+    """A Compose project as read: its services, their containers and operator labels, how each follows versions,
+    and what it says of itself. Its update is a ComposeUpdate of one ComposePlan; its recovery a ComposeRecovery."""
 
     kind = "compose"
 
@@ -3069,22 +3074,15 @@ class ComposeProject(Target):
 
     def take(self, listed: Sequence[Container]) -> None:
         """Its containers, as a listing of the whole host found them (the Compose file is not read again)."""
-        by_service: Dict[str, List[Container]] = {}
-        for container in project_containers(listed):
-            if container.service in self.services:
-                by_service.setdefault(container.service, []).append(container)
-        self.containers = by_service
+        self.containers = by_service(project_containers(listed), self.services)
 
     def read(self, listed: Optional[Sequence[Container]] = None) -> None:
         """Read the project (`compose config`, and `compose ps` and `docker inspect` unless its containers,
         inspected, are given)."""
         configured = self.docker.list_services()
         services = tuple(s for s in configured if s != self.docker.location.own_service)
-        by_service: Dict[str, List[Container]] = {}
-        for container in self.docker.containers() if listed is None else project_containers(listed):
-            if container.service in services:
-                by_service.setdefault(container.service, []).append(container)
-        self.services, self.containers, self.orders = services, by_service, configured
+        found = self.docker.containers() if listed is None else project_containers(listed)
+        self.services, self.containers, self.orders = services, by_service(found, services), configured
         self.tracked = self.read_tracking()
 
     def refresh_around(self, ref: ServiceRef) -> None:
@@ -3099,7 +3097,8 @@ class ComposeProject(Target):
 
     def operator_labels(self, service: str, containers: Optional[Sequence[Container]] = None) -> Mapping[str, str]:
         """A service's labels as the operator wrote them: the Compose file's (`compose config`, v2), else (v1,
-        whose config is not read as data) its containers' less those their image carries (creator_labels)."""
+        whose config is not read as data) its containers' less those their image carries (creator_labels).
+        Every gopdater.* label is read through here."""
         configured = self.orders.get(service, Configured()).labels
         if configured is not None:
             return configured
@@ -3111,6 +3110,10 @@ class ComposeProject(Target):
         if self.orders.get(service, Configured()).labels is not None:
             return ()
         return tuple(sorted({label for c in self.containers.get(service, []) for label in c.ignored}))
+
+    def release_steps(self, service: str, old: Sequence[Container]) -> ReleaseSteps:
+        """The service's release steps, from the operator's labels: commands never come from an image."""
+        return release_steps(self.operator_labels(service, old))
 
     @property
     def runner(self) -> Runner:
@@ -3133,75 +3136,10 @@ class ComposeProject(Target):
         return (self.kind, ref.project)
 
     def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
-        """Pull; stop if unchanged; else replace and wait; roll back on failure; clean up on success. A tracked
-        service pulls the pushed tag and has its env file name it before anything is switched."""
-        steps.begin(Procedure.REPLACE)
-        service = ref.name
-        try:
-            old = steps.step(Stage.INSPECT, lambda: self.docker.containers(service))
-            image = old[0].image if old else None
-            move = move_to(self.tracked.get(service), parse_reference(image or ""), steps.deployment.key.tag)
-            if isinstance(move, str):
-                return Outcome(State.SKIPPED, reason=move)
-            pulled = self.pull(service, image, move, steps)
-            new_id = steps.step(Stage.COMPARE, lambda: self.engine.image_id(pulled)) if pulled else None
-        except DeployFailed as error:
-            return Outcome(reason=str(error))
-        old_ids = sorted({c.image_id for c in old})
-        outcome = Outcome(old_image=old_ids[0] if old_ids else None, new_image=new_id,
-                          old_tag=move and move.old_tag, new_tag=move and move.new_tag)
-        steps.remember(old_image=outcome.old_image, new_image=new_id, image=image, **(move._asdict() if move else {}))
-        if old and all(c.image_id == new_id for c in old):
-            return outcome._replace(result=State.UP_TO_DATE)
-        if steps.failed_before(new_id):
-            return outcome._replace(result=State.SKIPPED, reason=f"{pulled} is the image whose new container failed "
-                                                                 "here before; push a new one")
-        release = self.release_steps(service, old)
-        problem = release.problem or self.before_switch(service, old, release, image, old_ids, outcome, steps, move)
-        if problem:
-            return outcome._replace(reason=problem)
-        after = functools.partial(self.after_switch, service, release, outcome, steps)
-        if service in self.start_first:
-            refusal_reason = start_first_refusal(old)
-            if refusal_reason is None:
-                return self.start_first_update(service, old, image, old_ids, outcome, steps, after, move)
-            log.warning("%s start-first falls back to stop-first: %s", steps.label, refusal_reason)
-        try:
-            self.replace(service, old, steps, after=after)
-        except DeployFailed as error:
-            return self.roll_back(service, image, old_ids, outcome._replace(reason=str(error)), steps, move)
-        self.clean_up(old_ids, new_id, steps, move)
-        return outcome._replace(result=State.DRY_RUN if self.dry else State.UPDATED)
+        return ComposeUpdate(self, steps).run(ref.name)
 
-    def pull(self, service: str, image: Optional[str], move: Optional[TagMove], steps: StepLog) -> Optional[str]:
-        """Pull what the update would run (`compose pull`, or a tracked service's new tag); that reference."""
-        if move is None:
-            steps.step(Stage.PULL, lambda: self.docker.pull(service))
-            return image
-        pulled = with_tag(image or "", move.new_tag)
-        steps.step(Stage.PULL, lambda: self.engine.pull(pulled))
-        return pulled
-
-    def clean_up(self, old_ids: Sequence[str], new_id: Optional[str], steps: StepLog, move: Optional[TagMove]) -> None:
-        """Remove the replaced image, unless it is a tracked service's old version: that still has its own tag,
-        and is what a manual rollback (the old tag in the env file) runs."""
-        if move is None:
-            self.steps.clean_up(old_ids, new_id, steps)
-        else:
-            log.info("%s kept the image of %s: it is still tagged", steps.label, move.old_tag)
-
-    def replace(self, service: str, old: Sequence[Container], steps: StepLog, prefix: str = "",
-                after: Optional[Callable[[Sequence[str]], None]] = None) -> None:
-        """Stop and remove the old containers, `compose up` the service, wait until it is ready, then after()
-        (the post-update step) with the new containers' ids."""
-        stopped = steps.clock()
-        for container in old:
-            self.steps.retire(container, steps, prefix)
-        steps.step(Stage(prefix + "up"), lambda: self.docker.up(service))
-        ids = self.container_ids(service)
-        self.steps.wait_until_ready(ids, steps, stopped)
-        if after is not None:
-            after(ids)
+    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
+        return ComposeRecovery(self, steps).run(ref.name, record)
 
     # -- version channels -----------------------------------------------------------------
 
@@ -3234,7 +3172,7 @@ class ComposeProject(Target):
             return tracking._replace(variable=variable, problem=f"{variable} is set in gopdater's own environment, "
                                                                 "which Compose puts before the env file: take it out "
                                                                 "of PASS_ENV")
-        env_file, problem = self.env_file_for(variable)
+        env_file, problem = env_file_for(self.docker, variable)
         return tracking._replace(variable=variable, env_file=env_file,
                                  problem=self.env_files_differ(service) or problem)
 
@@ -3249,246 +3187,6 @@ class ComposeProject(Target):
                         f"here: set PROJECTS={self.name}, so that Compose runs as the project was started")
         return None
 
-    def env_file_for(self, variable: str) -> Tuple[str, Optional[str]]:
-        """The env file to keep variable in (the last that defines it, else the last Compose reads), and why it
-        cannot be rewritten from here, or None."""
-        read = {}
-        for path in self.docker.env_files():
-            if outside_folder(path, self.docker.location.working_dir):  # checked before it is read
-                return path, (f"{path} lies outside the project's folder (links resolved): gopdater reads and "
-                              "writes env files inside it only")
-            try:
-                read[path] = EnvFile.read(path)
-            except OSError as error:
-                return path, f"{path} cannot be read: {error.strerror or error}"
-        path = next((p for p in reversed(list(read)) if env_value(read[p].text, variable) is not None), path)
-        folder = os.path.dirname(path)
-        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-            return path, (f"{path} cannot be written here (gopdater replaces it atomically, in its folder): mount "
-                          f"{folder} read-write")
-        try:
-            rewrite_env(read[path].text, variable, "0.0.0")
-        except ValueError as error:
-            return path, f"{path}: {error}"
-        return path, None
-
-    # -- release steps --------------------------------------------------------------------
-
-    def release_steps(self, service: str, old: Sequence[Container]) -> ReleaseSteps:
-        """The service's release steps, from the operator's labels: commands never come from an image."""
-        return release_steps(self.operator_labels(service, old))
-
-    def release_env(self, outcome: Outcome, steps: StepLog) -> Dict[str, str]:
-        return {"GOPDATER_OLD_IMAGE": outcome.old_image or "", "GOPDATER_NEW_IMAGE": outcome.new_image or "",
-                "GOPDATER_TAG": steps.deployment.key.tag}
-
-    def run_release_step(self, stage: Stage, service: str, where: str, release: ReleaseSteps, outcome: Outcome,
-                         steps: StepLog) -> None:
-        """Run one release step, journalled and timed, keeping its last lines; DeployFailed if it fails."""
-        def run() -> None:
-            try:
-                printed = self.docker.release_step(stage, service, where, release.commands[stage],
-                                                   self.release_env(outcome, steps), release.timeout)
-            except CommandError as error:
-                steps.command_output(stage.value, error.output)
-                raise
-            steps.command_output(stage.value, printed.splitlines())
-        steps.step(stage, run)
-
-    def before_switch(self, service: str, old: Sequence[Container], release: ReleaseSteps, image: Optional[str],
-                      old_ids: Sequence[str], outcome: Outcome, steps: StepLog, move: Optional[TagMove] = None
-                      ) -> Optional[str]:
-        """A tracked service's new tag into its env file, pre-update in the old container, then migrate in a
-        one-off container of the new image; why one failed (nothing was switched, the image name and the env
-        file name the old image again), or None."""
-        where = {Stage.PRE_UPDATE: old[0].name if old else "",
-                 Stage.MIGRATE: f"{self.name}-{service}-migrate-{steps.deployment.id}"}
-        try:
-            if move is not None:
-                steps.step(Stage.SET_TAG, lambda: self.docker.write_env(move.env_file, move.variable, move.new_tag))
-            for stage in (Stage.PRE_UPDATE, Stage.MIGRATE):
-                if stage in release.commands:
-                    self.run_release_step(stage, service, where[stage], release, outcome, steps)
-        except DeployFailed as error:
-            if image and len(old_ids) == 1:
-                self.steps.put_back_tag(old_ids[0], image, steps, journalled=False, move=move)
-            return f"{error}; nothing was switched"
-        return None
-
-    def after_switch(self, service: str, release: ReleaseSteps, outcome: Outcome, steps: StepLog,
-                     ids: Sequence[str]) -> None:
-        """post-update in each new container, once it is ready; DeployFailed rolls the update back."""
-        if Stage.POST_UPDATE in release.commands:
-            for container in ids:
-                self.run_release_step(Stage.POST_UPDATE, service, container, release, outcome, steps)
-
-    def container_ids(self, service: str) -> List[str]:
-        """The ids of the service's containers now; DeployFailed if Compose cannot say."""
-        try:
-            return [c.id for c in self.docker.containers(service, labelled=False)]
-        except CommandError as error:
-            raise DeployFailed(f"wait failed: {error}") from None
-
-    def roll_back(self, service: str, image: Optional[str], old_ids: Sequence[str], failed: Outcome,
-                  steps: StepLog, move: Optional[TagMove] = None) -> Outcome:
-        """Put the previous image back under the service's image name (and its tag in the env file) and recreate
-        the service from it."""
-        hint = f"cd {self.docker.location.working_dir} && {' '.join(self.docker.command)} up -d --no-deps {service}"
-        return self.steps.roll_back(image, old_ids, failed, steps, lambda: self.replace(
-            service, self.docker.containers(service), steps, prefix="rollback-"), hint, move)
-
-    # -- start-first ----------------------------------------------------------------------
-
-    def start_first_update(self, service: str, old: Sequence[Container], image: Optional[str],
-                           old_ids: List[str], outcome: Outcome, steps: StepLog,
-                           after: Callable[[Sequence[str]], None], move: Optional[TagMove] = None) -> Outcome:
-        """Each old container in turn: a new one beside it, off the networks until healthy, then switched in."""
-        steps.remember(procedure=Procedure.START_FIRST)
-        for container in old:
-            try:
-                self.switch(service, container, steps, after)
-            except DeployFailed as error:
-                log.error("%s update failed: %s; the old container kept serving", steps.label, error)
-                if image and len(old_ids) == 1:
-                    self.steps.put_back_tag(old_ids[0], image, steps, move=move)
-                return outcome._replace(result=State.ROLLED_BACK, reason=str(error))
-        self.clean_up(old_ids, outcome.new_image, steps, move)
-        return outcome._replace(result=State.DRY_RUN if self.dry else State.UPDATED)
-
-    def switch(self, service: str, old: Container, steps: StepLog,
-               after: Callable[[Sequence[str]], None] = lambda ids: None) -> None:
-        """Create a new container beside old, start it off the networks, wait, connect it, after() (the
-        post-update step), retire old."""
-        before = self.docker.containers(service)
-        steps.step(Stage.CREATE, lambda: self.docker.create_next(service, len(before) + 1))
-        created = [c for c in self.docker.containers(service) if c.id not in {b.id for b in before}]
-        if len(created) != 1:
-            raise DeployFailed(f"create made {len(created)} containers, not one")
-        new = created[0]
-        steps.remember(old_container=old.name, new_container=new.name, networks=dict(new.networks))
-        try:
-            for network in new.networks:
-                steps.step(Stage.ISOLATE, lambda n=network: self.engine.network("disconnect", n, new.name))
-            steps.step(Stage.START, lambda: self.engine.start(new.name))
-            self.steps.wait_until_ready([new.id], steps, None)
-            for network, aliases in new.networks.items():
-                steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.engine.network("connect", n, new.name, a))
-            after([new.id])
-        except DeployFailed:
-            steps.step(Stage.DISCARD, lambda: self.engine.discard(new.name))
-            raise
-        started = steps.clock()
-        steps.sleep(self.config.switch_delay)  # the reverse proxy's DNS must see the new one first
-        steps.record("switch", "ok", started)
-        self.steps.retire(old, steps)
-
-    # -- recovery, as plan() decides ------------------------------------------------------
-
-    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
-        """Make the service whole from its journal record, doing what plan() says for where it was cut off."""
-        outcome = Outcome(old_image=record.old_image, new_image=record.new_image, old_tag=record.old_tag,
-                          new_tag=record.new_tag)
-        try:
-            containers = steps.look("inspect", lambda: self.docker.containers(ref.name))
-        except DeployFailed as error:
-            return outcome._replace(reason=str(error))
-        action = plan(record, bool(containers) and all(c.status == "running" for c in containers))
-        if record.env_file and record.env_file not in self.docker.env_files():  # never a file a journal names
-            return outcome._replace(reason=f"its journal record names {record.env_file[:200]}, not an env file of the "
-                                           "project; nothing was run, check the service by hand")
-        handler = COMPOSE_RECOVERY.get(action, ComposeProject.refuse)
-        return handler(self, ref.name, record, containers, outcome, steps)
-
-    def leave(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
-              steps: StepLog) -> Outcome:
-        """Cut off before anything changed (a tracked service's env file names the old tag again)."""
-        running = bool(containers) and all(c.status == "running" for c in containers)
-        self.agree(record, False, steps)
-        if record.stage in RELEASE_STEPS:
-            return outcome._replace(result=State.RECOVERED, reason=f"cut off during {record.stage.value}; push again")
-        return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was" if running
-                                else "the update had changed nothing yet; left as it was")
-
-    def judge_running(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
-                      steps: StepLog) -> Outcome:
-        """It runs again: judge it as a new container; roll back if it fails."""
-        try:
-            self.steps.wait_until_ready([c.id for c in containers], steps, steps.clock())
-        except DeployFailed as error:
-            return self.roll_back_record(service, record, outcome._replace(reason=str(error)), steps)
-        back = {c.image_id for c in containers} == {record.old_image}
-        self.agree(record, not back, steps)
-        return outcome._replace(result=State.ROLLED_BACK if back else State.RECOVERED,
-                                reason=f"{'the previous' if back else 'the new'} image was running healthy")
-
-    def bring_up(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
-                 steps: StepLog) -> Outcome:
-        """Bring the service up on the new image; back on the old one if that fails or the image is gone."""
-        try:
-            if not record.image or not record.new_image or not self.steps.has_image(record.new_image):
-                raise DeployFailed("the update was cut off before the new image was running")
-            move = TagMove.from_record(record)  # a tracked service's new image has its own tag: the old one stays
-            image = with_tag(record.image, move.new_tag) if move else record.image
-            steps.step(Stage.RECOVER_TAG, lambda: self.steps.point(record.new_image, image, move, new=True))
-            self.replace(service, containers, steps)
-        except DeployFailed as error:
-            return self.roll_back_record(service, record, outcome._replace(reason=str(error)), steps)
-        return outcome._replace(result=State.RECOVERED, reason="the new image now runs healthy")
-
-    def finish_rollback(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
-                        steps: StepLog) -> Outcome:
-        """The update had failed and was being rolled back: finish that."""
-        return self.roll_back_record(service, record, outcome._replace(
-            reason="the update had failed and was being rolled back"), steps)
-
-    def roll_back_record(self, service: str, record: Record, failed: Outcome, steps: StepLog) -> Outcome:
-        return self.roll_back(service, record.image, [record.old_image] if record.old_image else [], failed, steps,
-                              TagMove.from_record(record))
-
-    def agree(self, record: Record, new: bool, steps: StepLog) -> None:
-        """A tracked service's env file names the tag that now runs (the new one, or the old); best effort."""
-        move = TagMove.from_record(record)
-        if move is None or not move.env_file or not move.variable:
-            return
-        try:
-            steps.look(Stage.SET_TAG.value, lambda: self.docker.write_env(
-                move.env_file, move.variable, move.new_tag if new else move.old_tag))
-        except DeployFailed as error:
-            log.error("%s %s; the env file may not name the tag that runs", steps.label, error)
-
-    def settle(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
-               steps: StepLog) -> Outcome:
-        """A start-first switch was cut off: keep exactly one healthy container, the old one if it still runs."""
-        by_name = {c.name: c for c in containers}
-        old, new = by_name.get(record.old_container or ""), by_name.get(record.new_container or "")
-        try:
-            if old is not None and old.status == "running" or new is None:
-                if new is not None:
-                    steps.step(Stage.DISCARD, lambda: self.engine.discard(new.name))
-                if old is not None and old.status == "running":
-                    if record.image and record.old_image:
-                        self.steps.put_back_tag(record.old_image, record.image, steps, move=TagMove.from_record(record))
-                    return outcome._replace(result=State.ROLLED_BACK, reason="the switch was cut off; the old "
-                                                                             "container kept serving")
-                raise DeployFailed("the switch was cut off with neither container running")
-            if old is not None:
-                steps.step(Stage.REMOVE, lambda: self.engine.remove(old.name))
-            if new.status != "running":
-                steps.step(Stage.START, lambda: self.engine.start(new.name))
-            for network, aliases in record.networks.items():
-                if network not in new.networks:
-                    steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.engine.network("connect", n, new.name, a))
-            self.steps.wait_until_ready([new.id], steps, None)
-        except DeployFailed as error:
-            return self.roll_back_record(service, record, outcome._replace(reason=str(error)), steps)
-        self.agree(record, True, steps)
-        return outcome._replace(result=State.RECOVERED, reason="the new container now serves alone")
-
-    def refuse(self, service: str, record: Record, containers: Sequence[Container], outcome: Outcome,
-               steps: StepLog) -> Outcome:
-        return outcome._replace(reason=f"its journal record ({record.procedure.value} at {record.stage.value}) is "
-                                       "not one Compose recovery knows; nothing was run, check the service by hand")
-
     # -- what it says about itself --------------------------------------------------------
 
     def describe(self) -> List[Finding]:
@@ -3500,27 +3198,30 @@ class ComposeProject(Target):
                  (True, f"working directory: {where.working_dir} (from {where.working_dir_source})")]
         if where.own_service:
             found.append((True, f"own service {where.own_service} is left alone: gopdater does not update itself"))
-        found += self.service_findings("service")
-        for service in self.services:
-            release = self.release_steps(service, self.containers.get(service, []))
-            if release.commands or release.problem:
-                found.append((release.problem is None, f"service {ServiceRef(self.kind, self.name, service)}: "
-                                                       f"{release.describe()}"))
-        for service, tracking in sorted(self.tracked.items()):
-            found.append(tracking_finding(ServiceRef(self.kind, self.name, service), tracking))
-        for service in self.services:
-            if self.ignored_labels(service):
-                found.append((True, f"warning: service {ServiceRef(self.kind, self.name, service)}: "
-                                    f"{', '.join(self.ignored_labels(service))} carried by its image, ignored: on "
-                                    "Compose v1 gopdater takes a label from the Compose file only where its value "
-                                    "differs from the image's"))
-        for service in sorted(self.start_first):
-            refused = start_first_refusal(self.containers.get(service, []))
-            found.append((True, f"service {ServiceRef(self.kind, self.name, service)}: start-first" + (
-                f" falls back to stop-first: {refused}" if refused else "")))
+        found += self.service_findings("service") + self.label_findings()
         if not any(triggers(self.config, s)[0] for s in self.running()):
             found.append((False, "no service would ever be updated: start the services with docker compose up -d, "
                                  "or set SERVICES"))
+        return found
+
+    def label_findings(self) -> List[Finding]:
+        """What each service's labels ask for: release steps, versions followed, image labels ignored, start-first."""
+        found = []
+        for service in self.services:
+            ref = ServiceRef(self.kind, self.name, service)
+            release = self.release_steps(service, self.containers.get(service, []))
+            if release.commands or release.problem:
+                found.append((release.problem is None, f"service {ref}: {release.describe()}"))
+            if service in self.tracked:
+                found.append(tracking_finding(ref, self.tracked[service]))
+            if self.ignored_labels(service):
+                found.append((True, f"warning: service {ref}: {', '.join(self.ignored_labels(service))} carried by "
+                                    "its image, ignored: on Compose v1 gopdater takes a label from the Compose file "
+                                    "only where its value differs from the image's"))
+            if service in self.start_first:
+                refused = start_first_refusal(self.containers.get(service, []))
+                found.append((True, f"service {ref}: start-first" + (
+                    f" falls back to stop-first: {refused}" if refused else "")))
         return found
 
     def summary(self) -> str:
@@ -3530,10 +3231,425 @@ class ComposeProject(Target):
                 f"dir={self.docker.location.working_dir} services={services}")
 
 
-COMPOSE_RECOVERY: Dict[Action, Callable[..., Outcome]] = {
-    Action.LEAVE: ComposeProject.leave, Action.JUDGE: ComposeProject.judge_running,
-    Action.BRING_UP: ComposeProject.bring_up, Action.ROLL_BACK: ComposeProject.finish_rollback,
-    Action.SETTLE: ComposeProject.settle}
+def by_service(containers: Iterable[Container], services: Sequence[str]) -> Dict[str, List[Container]]:
+    """Containers grouped by their service, for the services named."""
+    found: Dict[str, List[Container]] = {}
+    for container in containers:
+        if container.service in services:
+            found.setdefault(container.service, []).append(container)
+    return found
+
+
+def env_file_for(docker: "Compose", variable: str) -> Tuple[str, Optional[str]]:
+    """The env file to keep variable in (the last that defines it, else the last Compose reads), and why it
+    cannot be rewritten from here, or None."""
+    read = {}
+    for path in docker.env_files():
+        if outside_folder(path, docker.location.working_dir):  # checked before it is read
+            return path, (f"{path} lies outside the project's folder (links resolved): gopdater reads and "
+                          "writes env files inside it only")
+        try:
+            read[path] = EnvFile.read(path)
+        except OSError as error:
+            return path, f"{path} cannot be read: {error.strerror or error}"
+    path = next((p for p in reversed(list(read)) if env_value(read[p].text, variable) is not None), path)
+    folder = os.path.dirname(path)
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return path, (f"{path} cannot be written here (gopdater replaces it atomically, in its folder): mount "
+                      f"{folder} read-write")
+    try:
+        rewrite_env(read[path].text, variable, "0.0.0")
+    except ValueError as error:
+        return path, f"{path}: {error}"
+    return path, None
+
+
+# -- the Compose update: one plan, carried out step by step, rolled back as one -------------
+
+
+class ComposePlan(NamedTuple):
+    """One deployment of one Compose service, as a value: what ran, what is pulled, what runs around the switch."""
+
+    service: str
+    old: Tuple[Container, ...]  # its containers when the update began
+    image: Optional[str]  # the reference they run, as the Compose file names it
+    old_ids: Tuple[str, ...]  # the images they run
+    move: Optional[TagMove]  # a tracked service's tag move (gopdater.track)
+    pulled: Optional[str] = None  # the reference pulled (the new tag's, for a tracked service)
+    release: ReleaseSteps = ReleaseSteps()
+    start_first: bool = False
+    outcome: Outcome = Outcome()  # the outcome so far: old and new image, old and new tag
+
+    @property
+    def previous(self) -> Optional[str]:
+        """The one image the service ran, to roll back to; None if it ran none or several."""
+        return self.old_ids[0] if self.image and len(self.old_ids) == 1 else None
+
+
+class ComposeUpdate:
+    """The procedure that carries a ComposePlan out for one deployment, and rolls it back."""
+
+    def __init__(self, project: ComposeProject, steps: StepLog):
+        self.project, self.steps = project, steps
+        self.docker, self.engine, self.containers = project.docker, project.engine, project.steps
+
+    def run(self, service: str) -> Outcome:
+        """The Compose update, one step per line: journal, plan (inspect, pull, compare), release steps before the
+        switch, the switch (health-gated, post-update after it, rolled back if anything fails), clean up."""
+        self.steps.begin(Procedure.REPLACE)
+        plan = self.plan(service)
+        if isinstance(plan, Outcome):
+            return plan
+        problem = plan.release.problem or self.before_switch(plan)
+        if problem:
+            return plan.outcome._replace(reason=problem)
+        outcome = self.start_first(plan) if plan.start_first else self.stop_first(plan)
+        if outcome.result in (State.UPDATED, State.DRY_RUN):
+            self.clean_up(plan)
+        return outcome
+
+    def plan(self, service: str) -> Union[ComposePlan, Outcome]:
+        """Inspect, pull and compare: the plan of this deployment, or how it ends before anything changes."""
+        try:
+            old = tuple(self.steps.step(Stage.INSPECT, lambda: self.docker.containers(service)))
+            image = old[0].image if old else None
+            move = move_to(self.project.tracked.get(service), parse_reference(image or ""),
+                           self.steps.deployment.key.tag)
+            if isinstance(move, str):
+                return Outcome(State.SKIPPED, reason=move)
+            plan = ComposePlan(service, old, image, tuple(sorted({c.image_id for c in old})), move)
+            plan = plan._replace(pulled=self.pull(plan))
+            new_id = self.steps.step(Stage.COMPARE, lambda: self.engine.image_id(plan.pulled)) if plan.pulled else None
+        except DeployFailed as error:
+            return Outcome(reason=str(error))
+        return self.judge_plan(plan, new_id)
+
+    def judge_plan(self, plan: ComposePlan, new_id: Optional[str]) -> Union[ComposePlan, Outcome]:
+        """The plan with its outcome so far journalled, or how it ends: unchanged, or an image that failed before."""
+        move = plan.move
+        outcome = Outcome(old_image=plan.old_ids[0] if plan.old_ids else None, new_image=new_id,
+                          old_tag=move and move.old_tag, new_tag=move and move.new_tag)
+        self.steps.remember(old_image=outcome.old_image, new_image=new_id, image=plan.image,
+                            **(move._asdict() if move else {}))
+        if plan.old and all(c.image_id == new_id for c in plan.old):
+            return outcome._replace(result=State.UP_TO_DATE)
+        if self.steps.failed_before(new_id):
+            return outcome._replace(result=State.SKIPPED, reason=f"{plan.pulled} is the image whose new container "
+                                                                 "failed here before; push a new one")
+        start_first = plan.service in self.project.start_first
+        refusal = start_first_refusal(plan.old) if start_first else None
+        if refusal:
+            log.warning("%s start-first falls back to stop-first: %s", self.steps.label, refusal)
+        return plan._replace(outcome=outcome, release=self.project.release_steps(plan.service, plan.old),
+                             start_first=start_first and refusal is None)
+
+    def pull(self, plan: ComposePlan) -> Optional[str]:
+        """Pull what the update would run (`compose pull`, or a tracked service's new tag); that reference."""
+        if plan.move is None:
+            self.steps.step(Stage.PULL, lambda: self.docker.pull(plan.service))
+            return plan.image
+        pulled = with_tag(plan.image or "", plan.move.new_tag)
+        self.steps.step(Stage.PULL, lambda: self.engine.pull(pulled))
+        return pulled
+
+    def clean_up(self, plan: ComposePlan) -> None:
+        """Remove the replaced image, unless it is a tracked service's old version: that still has its own tag,
+        and is what a manual rollback (the old tag in the env file) runs."""
+        if plan.move is None:
+            self.containers.clean_up(plan.old_ids, plan.outcome.new_image, self.steps)
+        else:
+            log.info("%s kept the image of %s: it is still tagged", self.steps.label, plan.move.old_tag)
+
+    # -- release steps around the switch ------------------------------------------------------
+
+    def before_switch(self, plan: ComposePlan) -> Optional[str]:
+        """A tracked service's new tag into its env file, then each release step that runs before the switch (in
+        RELEASE_STAGES order: pre-update, migrate); why one failed (nothing was switched, the image name and the env file name the
+        old image again), or None."""
+        move = plan.move
+        try:
+            if move is not None:
+                self.steps.step(Stage.SET_TAG, lambda: self.docker.write_env(move.env_file, move.variable,
+                                                                             move.new_tag))
+            for row in release_rows(plan.release, BEFORE_SWITCH):
+                self.release_step(plan, row, self.place(plan, row))
+        except DeployFailed as error:
+            if plan.previous:
+                self.containers.put_back_tag(plan.previous, plan.image, self.steps, journalled=False, move=move)
+            return f"{error}; nothing was switched"
+        return None
+
+    def after_switch(self, plan: ComposePlan, ids: Sequence[str]) -> None:
+        """Each release step that runs after the switch, in each new container once it is ready; DeployFailed
+        rolls the update back."""
+        for row in release_rows(plan.release, AFTER_SWITCH):
+            for container in ids:
+                self.release_step(plan, row, container)
+
+    def place(self, plan: ComposePlan, row: ReleaseStage) -> str:
+        """Where a release step before the switch runs: the old container's name, or the one-off container's."""
+        if row.where == IN_OLD:
+            return plan.old[0].name if plan.old else ""
+        return f"{self.project.name}-{plan.service}-{row.stage.value}-{self.steps.deployment.id}"
+
+    def release_step(self, plan: ComposePlan, row: ReleaseStage, where: str) -> None:
+        """Run one release step, journalled and timed, keeping its last lines; DeployFailed if it fails."""
+        env = {"GOPDATER_OLD_IMAGE": plan.outcome.old_image or "", "GOPDATER_NEW_IMAGE": plan.outcome.new_image or "",
+               "GOPDATER_TAG": self.steps.deployment.key.tag}
+
+        stage = row.stage
+
+        def run() -> None:
+            try:
+                printed = self.docker.release_step(row, plan.service, where, plan.release.commands[stage], env,
+                                                   plan.release.timeout)
+            except CommandError as error:
+                self.steps.command_output(stage.value, error.output)
+                raise
+            self.steps.command_output(stage.value, printed.splitlines())
+        self.steps.step(stage, run)
+
+    # -- the switch: stop-first ---------------------------------------------------------------
+
+    def stop_first(self, plan: ComposePlan) -> Outcome:
+        """Replace the service's containers (post-update after), or roll back to the previous image."""
+        try:
+            self.replace(plan.service, plan.old, after=functools.partial(self.after_switch, plan))
+        except DeployFailed as error:
+            return self.roll_back(plan, plan.outcome._replace(reason=str(error)))
+        return plan.outcome._replace(result=State.DRY_RUN if self.project.dry else State.UPDATED)
+
+    def replace(self, service: str, old: Sequence[Container], prefix: str = "",
+                after: Optional[Callable[[Sequence[str]], None]] = None) -> None:
+        """Stop and remove the old containers, `compose up` the service, wait until it is ready, then after()
+        (the post-update step) with the new containers' ids."""
+        stopped = self.steps.clock()
+        for container in old:
+            self.containers.retire(container, self.steps, prefix)
+        self.steps.step(Stage(prefix + "up"), lambda: self.docker.up(service))
+        ids = self.container_ids(service)
+        self.containers.wait_until_ready(ids, self.steps, stopped)
+        if after is not None:
+            after(ids)
+
+    def container_ids(self, service: str) -> List[str]:
+        """The ids of the service's containers now; DeployFailed if Compose cannot say."""
+        try:
+            return [c.id for c in self.docker.containers(service, labelled=False)]
+        except CommandError as error:
+            raise DeployFailed(f"wait failed: {error}") from None
+
+    def roll_back(self, plan: ComposePlan, failed: Outcome) -> Outcome:
+        """Tag the previous image under the service's image name again (a tracked service: its env file names the
+        old tag again; the new tag is never moved), then recreate the service from it, health-gated."""
+        log.error("%s update failed: %s; rolling back", self.steps.label, failed.reason)
+        if not plan.previous:
+            return failed._replace(reason=f"{failed.reason}; no previous image to roll back to, fix the service by hand")
+        try:
+            self.steps.step(Stage.ROLLBACK_TAG, lambda: self.containers.point(plan.previous, plan.image, plan.move,
+                                                                               new=False))
+            self.replace(plan.service, self.docker.containers(plan.service), prefix="rollback-")
+        except (DeployFailed, CommandError) as error:
+            reason = f"{failed.reason}; rollback failed too ({error}); run by hand: {self.by_hand(plan)}"
+            log.error("%s ROLLBACK FAILED: %s", self.steps.label, reason)
+            return failed._replace(reason=reason)
+        log.warning("%s rolled back to %s; the failed image %s is kept for inspection", self.steps.label,
+                    plan.previous[:19], failed.new_image)
+        return failed._replace(result=State.ROLLED_BACK)
+
+    def by_hand(self, plan: ComposePlan) -> str:
+        """The commands that finish a rollback by hand."""
+        move, where = plan.move, self.docker.location.working_dir
+        env = f"set {move.variable}={move.old_tag} in {move.env_file} && " if move and move.env_file else ""
+        return (f"{env}docker tag {plan.previous} {plan.image} && cd {where} && {' '.join(self.docker.command)} up -d "
+                f"--no-deps {plan.service}")
+
+    # -- the switch: start-first --------------------------------------------------------------
+
+    def start_first(self, plan: ComposePlan) -> Outcome:
+        """Each old container in turn: a new one beside it, off the networks until healthy, then switched in."""
+        self.steps.remember(procedure=Procedure.START_FIRST)
+        for container in plan.old:
+            try:
+                self.switch(plan, container)
+            except DeployFailed as error:
+                log.error("%s update failed: %s; the old container kept serving", self.steps.label, error)
+                if plan.previous:
+                    self.containers.put_back_tag(plan.previous, plan.image, self.steps, move=plan.move)
+                return plan.outcome._replace(result=State.ROLLED_BACK, reason=str(error))
+        return plan.outcome._replace(result=State.DRY_RUN if self.project.dry else State.UPDATED)
+
+    def switch(self, plan: ComposePlan, old: Container) -> None:
+        """Create a new container beside old, start it off the networks, wait, connect it, post-update, retire
+        old."""
+        new = self.create_beside(plan.service)
+        self.steps.remember(old_container=old.name, new_container=new.name, networks=dict(new.networks))
+        try:
+            for network in new.networks:
+                self.steps.step(Stage.ISOLATE, lambda n=network: self.engine.network("disconnect", n, new.name))
+            self.steps.step(Stage.START, lambda: self.engine.start(new.name))
+            self.containers.wait_until_ready([new.id], self.steps, None)
+            for network, aliases in new.networks.items():
+                self.steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.engine.network(
+                    "connect", n, new.name, a))
+            self.after_switch(plan, [new.id])
+        except DeployFailed:
+            self.steps.step(Stage.DISCARD, lambda: self.engine.discard(new.name))
+            raise
+        started = self.steps.clock()
+        self.steps.sleep(self.project.config.switch_delay)  # the reverse proxy's DNS must see the new one first
+        self.steps.record("switch", "ok", started)
+        self.containers.retire(old, self.steps)
+
+    def create_beside(self, service: str) -> Container:
+        """One more container of the service, created and not started; DeployFailed unless exactly one came."""
+        before = self.docker.containers(service)
+        self.steps.step(Stage.CREATE, lambda: self.docker.create_next(service, len(before) + 1))
+        created = [c for c in self.docker.containers(service) if c.id not in {b.id for b in before}]
+        if len(created) != 1:
+            raise DeployFailed(f"create made {len(created)} containers, not one")
+        return created[0]
+
+
+# -- Compose recovery: what a crash left, made whole as the recovery table says ------------
+
+
+class ComposeRecovery:
+    """Recovery of one Compose service from its journal record: one method per Action, chosen by plan()."""
+
+    def __init__(self, project: ComposeProject, steps: StepLog):
+        self.project, self.steps = project, steps
+        self.docker, self.engine, self.containers = project.docker, project.engine, project.steps
+        self.procedure = ComposeUpdate(project, steps)
+
+    def run(self, service: str, record: Record) -> Outcome:
+        """Make the service whole from its journal record, doing what plan() says for where it was cut off."""
+        outcome = Outcome(old_image=record.old_image, new_image=record.new_image, old_tag=record.old_tag,
+                          new_tag=record.new_tag)
+        try:
+            containers = self.steps.look("inspect", lambda: self.docker.containers(service))
+        except DeployFailed as error:
+            return outcome._replace(reason=str(error))
+        action = plan(record, bool(containers) and all(c.status == "running" for c in containers))
+        if record.env_file and record.env_file not in self.docker.env_files():  # never a file a journal names
+            return outcome._replace(reason=f"its journal record names {record.env_file[:200]}, not an env file of the "
+                                           "project; nothing was run, check the service by hand")
+        handler = COMPOSE_RECOVERY.get(action, ComposeRecovery.refuse)
+        return handler(self, Cut(service, record, tuple(containers), outcome))
+
+    def leave(self, cut: "Cut") -> Outcome:
+        """Cut off before anything changed (a tracked service's env file names the old tag again)."""
+        running = bool(cut.containers) and all(c.status == "running" for c in cut.containers)
+        self.agree(cut.record, False)
+        if cut.record.stage in RELEASE_STEPS:
+            return cut.outcome._replace(result=State.RECOVERED, reason=f"cut off during {cut.record.stage.value}; "
+                                                                       "push again")
+        return cut.outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was" if running
+                                    else "the update had changed nothing yet; left as it was")
+
+    def judge_running(self, cut: "Cut") -> Outcome:
+        """It runs again: judge it as a new container; roll back if it fails."""
+        try:
+            self.containers.wait_until_ready([c.id for c in cut.containers], self.steps, self.steps.clock())
+        except DeployFailed as error:
+            return self.roll_back(cut, str(error))
+        back = {c.image_id for c in cut.containers} == {cut.record.old_image}
+        self.agree(cut.record, not back)
+        return cut.outcome._replace(result=State.ROLLED_BACK if back else State.RECOVERED,
+                                    reason=f"{'the previous' if back else 'the new'} image was running healthy")
+
+    def bring_up(self, cut: "Cut") -> Outcome:
+        """Bring the service up on the new image; back on the old one if that fails or the image is gone."""
+        record = cut.record
+        try:
+            if not record.image or not record.new_image or not self.containers.has_image(record.new_image):
+                raise DeployFailed("the update was cut off before the new image was running")
+            move = TagMove.from_record(record)  # a tracked service's new image has its own tag: the old one stays
+            image = with_tag(record.image, move.new_tag) if move else record.image
+            self.steps.step(Stage.RECOVER_TAG, lambda: self.containers.point(record.new_image, image, move, new=True))
+            self.procedure.replace(cut.service, cut.containers)
+        except DeployFailed as error:
+            return self.roll_back(cut, str(error))
+        return cut.outcome._replace(result=State.RECOVERED, reason="the new image now runs healthy")
+
+    def finish_rollback(self, cut: "Cut") -> Outcome:
+        """The update had failed and was being rolled back: finish that."""
+        return self.roll_back(cut, "the update had failed and was being rolled back")
+
+    def roll_back(self, cut: "Cut", reason: str) -> Outcome:
+        """Roll the service back to the image its record names, as the update itself would."""
+        record = cut.record
+        plan = ComposePlan(cut.service, cut.containers, record.image,
+                           (record.old_image,) if record.old_image else (), TagMove.from_record(record))
+        return self.procedure.roll_back(plan, cut.outcome._replace(reason=reason))
+
+    def agree(self, record: Record, new: bool) -> None:
+        """A tracked service's env file names the tag that now runs (the new one, or the old); best effort."""
+        move = TagMove.from_record(record)
+        if move is None or not move.env_file or not move.variable:
+            return
+        try:
+            self.steps.look(Stage.SET_TAG.value, lambda: self.docker.write_env(
+                move.env_file, move.variable, move.new_tag if new else move.old_tag))
+        except DeployFailed as error:
+            log.error("%s %s; the env file may not name the tag that runs", self.steps.label, error)
+
+    def settle(self, cut: "Cut") -> Outcome:
+        """A start-first switch was cut off: keep exactly one healthy container, the old one if it still runs."""
+        by_name = {c.name: c for c in cut.containers}
+        old, new = by_name.get(cut.record.old_container or ""), by_name.get(cut.record.new_container or "")
+        try:
+            if old is not None and old.status == "running" or new is None:
+                return self.keep_old(cut, old, new)
+            if old is not None:
+                self.steps.step(Stage.REMOVE, lambda: self.engine.remove(old.name))
+            self.switch_in(cut.record, new)
+        except DeployFailed as error:
+            return self.roll_back(cut, str(error))
+        self.agree(cut.record, True)
+        return cut.outcome._replace(result=State.RECOVERED, reason="the new container now serves alone")
+
+    def keep_old(self, cut: "Cut", old: Optional[Container], new: Optional[Container]) -> Outcome:
+        """The old container still serves (or neither is there): discard the new one, keep the old image's name."""
+        record = cut.record
+        if new is not None:
+            self.steps.step(Stage.DISCARD, lambda: self.engine.discard(new.name))
+        if old is None or old.status != "running":
+            raise DeployFailed("the switch was cut off with neither container running")
+        if record.image and record.old_image:
+            self.containers.put_back_tag(record.old_image, record.image, self.steps, move=TagMove.from_record(record))
+        return cut.outcome._replace(result=State.ROLLED_BACK, reason="the switch was cut off; the old container "
+                                                                     "kept serving")
+
+    def switch_in(self, record: Record, new: Container) -> None:
+        """Finish switching the new container in: started, on its networks again, healthy."""
+        if new.status != "running":
+            self.steps.step(Stage.START, lambda: self.engine.start(new.name))
+        for network, aliases in record.networks.items():
+            if network not in new.networks:
+                self.steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.engine.network(
+                    "connect", n, new.name, a))
+        self.containers.wait_until_ready([new.id], self.steps, None)
+
+    def refuse(self, cut: "Cut") -> Outcome:
+        return cut.outcome._replace(reason=f"its journal record ({cut.record.procedure.value} at "
+                                           f"{cut.record.stage.value}) is not one Compose recovery knows; nothing "
+                                           "was run, check the service by hand")
+
+
+class Cut(NamedTuple):
+    """Where an update of one Compose service was cut off: its record, its containers now, the outcome so far."""
+
+    service: str
+    record: Record
+    containers: Tuple[Container, ...]
+    outcome: Outcome
+
+
+COMPOSE_RECOVERY: Dict[Action, Callable[[ComposeRecovery, Cut], Outcome]] = {
+    Action.LEAVE: ComposeRecovery.leave, Action.JUDGE: ComposeRecovery.judge_running,
+    Action.BRING_UP: ComposeRecovery.bring_up, Action.ROLL_BACK: ComposeRecovery.finish_rollback,
+    Action.SETTLE: ComposeRecovery.settle}
 
 
 class ComposeHost(Targets):
@@ -4032,11 +4148,11 @@ class Compose:
         if line is not None:
             log.info("wrote %r to %s", line, path)
 
-    def release_step(self, stage: Stage, service: str, where: str, argv: Sequence[str], env: Mapping[str, str],
+    def release_step(self, row: ReleaseStage, service: str, where: str, argv: Sequence[str], env: Mapping[str, str],
                      timeout: float) -> str:
-        """Run one release step: in the container where (`docker exec`), or for MIGRATE in a one-off container
+        """Run one release step: in the container where (`docker exec`), or IN_ONE_OFF in a one-off container
         of the service named where (`compose run --rm --no-deps -T`), removed if it outlives timeout."""
-        if stage is not Stage.MIGRATE:
+        if row.where != IN_ONE_OFF:
             return self.engine.exec(where, argv, env, timeout)
         given = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
         try:
