@@ -138,7 +138,7 @@ def owner_allowed(owners: Sequence[Tuple[str, str]], image: ImageKey) -> bool:
     return False
 
 
-# -- version channels: which pushed tag a tracked service takes (gopdater.track) -------------
+# -- version channels: which pushed tag a tracked service takes, and where its tag is kept ------
 
 # Semantic versioning 2.0.0, with the leading v many tags carry. Docker tags cannot hold +, but a
 # label or an env file can: build metadata is read and ignored, as semver says.
@@ -205,6 +205,105 @@ def newer_tag(first: str, second: str) -> str:
     return second if a and b and b.precedence() > a.precedence() else first
 
 
+TRACK_LABEL = "gopdater.track"
+# The tag of a raw image (`compose config --no-interpolate`) as one variable: ${X}, ${X:-d}, ${X-d}, ${X:?e}, $X.
+TAG_VARIABLE_RE = re.compile(r"(?P<name>.+?):(?:\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}|"
+                             r"\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*))", re.ASCII)
+
+
+class Tracking(NamedTuple):
+    """A service that follows pushed versions (gopdater.track), and where its tag lives."""
+
+    channel: Optional[Channel]  # None where the label names none (problem says so)
+    variable: Optional[str] = None  # Compose: the variable its image's tag is, in env_file
+    env_file: Optional[str] = None
+    problem: Optional[str] = None  # why it cannot follow versions: it is then left alone
+
+
+class TagMove(NamedTuple):
+    """One tracked update: the env file's variable moves from old_tag to new_tag (a Swarm service has no file)."""
+
+    old_tag: str
+    new_tag: str
+    env_file: Optional[str] = None
+    variable: Optional[str] = None
+
+    @classmethod
+    def from_record(cls, record: "Record") -> Optional["TagMove"]:
+        if not (record.old_tag and record.new_tag):
+            return None
+        return cls(record.old_tag, record.new_tag, record.env_file, record.variable)
+
+
+def tracking_words(tracking: Tracking, where: str = "") -> "Finding":
+    """What a tracked service follows (where: its variable, as the caller shows it), or why its label is
+    ignored: the words of --check and the status page. Pure."""
+    if tracking.problem:
+        return False, f"{TRACK_LABEL} is ignored, it is left alone: {tracking.problem}"
+    return True, f"follows {tracking.channel.value} releases{where}"
+
+
+def tracking_finding(ref: "ServiceRef", tracking: Tracking) -> "Finding":
+    """One line for --check and the start-up log: what a tracked service follows, or how to fix it."""
+    follows, words = tracking_words(tracking, f" ({tracking.variable} in {tracking.env_file})"
+                                    if tracking.env_file else "")
+    return follows, f"service {ref}: {words}"
+
+
+def shared_variable(service: str, tracking: Tracking, tracked: Mapping[str, Tracking], raw: Mapping[str, str]
+                    ) -> Optional[str]:
+    """Why a tracked service's variable must not be rewritten: it is also the tag of a service that does not
+    follow the same channel (rewriting it would move that one at its next `compose up`), or None. Pure."""
+    for other, image in sorted(raw.items()):
+        if other != service and tracking.variable and tag_variable(image, other)[0] == tracking.variable and (
+                other not in tracked or tracked[other].channel != tracking.channel):
+            return (f"{tracking.variable} is also the tag of {other}, which does not follow the same channel: label "
+                    f"it {TRACK_LABEL}: {tracking.channel.value} too, or give it a variable of its own")
+    return None
+
+
+def label_tracking(value: str) -> Tracking:
+    """The channel a gopdater.track label names, or (as its problem) why it names none. Pure."""
+    try:
+        return Tracking(Channel(value.strip().lower()))
+    except ValueError:
+        return Tracking(None, problem=f"{TRACK_LABEL} must be patch, minor or major, not {value.strip()[:40]!r}")
+
+
+def move_to(tracking: Optional[Tracking], current: Optional[ImageKey], pushed: str) -> Union[None, TagMove, str]:
+    """None for a service that does not follow versions; else its move from the tag it runs to the pushed one,
+    or (a string) why it does not take that now: the run-time twin of push_verdict, for every target. Pure."""
+    if tracking is None:
+        return None
+    why = tracking.problem or ("no running container of it has a tag" if current is None else
+                               channel_verdict(tracking.channel, current.tag, pushed))
+    return why or TagMove(current.tag, pushed, tracking.env_file, tracking.variable)
+
+
+def tag_variable(raw: Optional[str], service: str) -> Tuple[Optional[str], Optional[str]]:
+    """The variable that is a service's whole tag in its raw image (repo:${SITE_TAG}), or None and how to
+    fix the Compose file. Pure."""
+    if not raw:
+        return None, "its image is not named in the Compose file"
+    if "@" in raw:
+        return None, f"its image {raw[:80]} is pinned by digest"
+    match = TAG_VARIABLE_RE.fullmatch(raw)
+    if match:
+        return match.group("braced") or match.group("bare"), None
+    name, _, tag = raw.rpartition(":") if ":" in raw.rpartition("/")[2] else (raw, "", "latest")
+    variable = re.sub(r"[^A-Z0-9_]", "_", service.upper()) + "_TAG"
+    return None, (f"its tag is written in the Compose file ({raw[:80]}); gopdater never edits YAML: write "
+                  f"image: {name[:80]}:${{{variable}}} and put {variable}={tag[:40]} in the project's .env")
+
+
+def with_tag(image: str, tag: str) -> str:
+    """An image reference, as the service spells it, with another tag."""
+    name = image.partition("@")[0]
+    if ":" in name.rpartition("/")[2]:
+        name = name.rpartition(":")[0]
+    return f"{name}:{tag}"
+
+
 # ==========================================================================================
 # Docker's vocabulary: services, results, command errors, the one command runner, containers
 # ==========================================================================================
@@ -217,6 +316,15 @@ def newer_tag(first: str, second: str) -> str:
 PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9_-]*", re.ASCII)
 SERVICE_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*", re.ASCII)
 CONTAINER_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", re.ASCII)
+
+
+Finding = Tuple[bool, str]  # (ok, one line), for the start-up log and --check
+
+
+def default_project_name(folder: str) -> str:
+    """The name Compose gives a project by default: its folder's, in lower case, letters and digits kept."""
+    name = re.sub(r"[^a-z0-9_-]", "", os.path.basename(folder.rstrip("/")).lower()).lstrip("_-")
+    return name or "default"
 
 
 class ServiceRef(NamedTuple):
@@ -363,31 +471,31 @@ class Kept:
         return self.data.decode(errors="replace")
 
 
-def collect(argv: Sequence[str], timeout: float, both: bool, env: Optional[Mapping[str, str]], cwd: Optional[str],
-            given: Optional[bytes] = None) -> Printed:
+class How(NamedTuple):
+    """How a runner runs one command, beside its argv and timeout: the runner's keywords, as one value."""
+
+    env: Optional[Mapping[str, str]] = None  # its whole environment (gopdater's own is never passed on)
+    cwd: Optional[str] = None
+    quiet: bool = False  # a read: logged at debug level
+    both: bool = False  # stdout and stderr as one stream, its tail kept (a step's or a container's output)
+    mutates: bool = False  # it changes something: DRY_RUN logs it instead
+    given: Optional[bytes] = None  # a few bytes for its stdin (a credential helper's question)
+
+
+def collect(argv: Sequence[str], timeout: float, how: How) -> Printed:
     """Run argv to its end, reading its pipes as they fill so that memory stays bounded whatever it prints:
-    stdout whole (docker's answers) unless both, then its tail (a step's or a container's output). given: a
-    few bytes for its stdin (a credential helper's question), else none."""
-    with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT if both else subprocess.PIPE,
-                          stdin=subprocess.DEVNULL if given is None else subprocess.PIPE,
-                          env=dict(env) if env is not None else None, cwd=cwd) as proc:
-        if given is not None:  # a line, well under a pipe's buffer: written whole before anything is read
+    stdout whole (docker's answers) unless how.both, then its tail (a step's or a container's output)."""
+    with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT if how.both else subprocess.PIPE,
+                          stdin=subprocess.DEVNULL if how.given is None else subprocess.PIPE,
+                          env=dict(how.env) if how.env is not None else None, cwd=how.cwd) as proc:
+        if how.given is not None:  # a line, well under a pipe's buffer: written whole before anything is read
             with contextlib.suppress(BrokenPipeError):
-                proc.stdin.write(given)
+                proc.stdin.write(how.given)
             proc.stdin.close()
-        kept = {proc.stdout: Kept(OUTPUT_TAIL_BYTES if both else ANSWER_MAX_BYTES, tail=both),
+        kept = {proc.stdout: Kept(OUTPUT_TAIL_BYTES if how.both else ANSWER_MAX_BYTES, tail=how.both),
                 **({proc.stderr: Kept(OUTPUT_TAIL_BYTES, tail=True)} if proc.stderr else {})}
         deadline, code = time.monotonic() + timeout, None
-        with selectors.DefaultSelector() as selector:
-            for pipe in kept:
-                selector.register(pipe, selectors.EVENT_READ)
-            while selector.get_map() and not kept[proc.stdout].over and time.monotonic() < deadline:
-                for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
-                    chunk = os.read(key.fd, PIPE_READ_BYTES)
-                    if chunk:
-                        kept[key.fileobj].add(chunk)
-                    else:
-                        selector.unregister(key.fileobj)
+        drain(kept, lambda: kept[proc.stdout].over or time.monotonic() >= deadline, deadline)
         with contextlib.suppress(subprocess.TimeoutExpired):
             code = None if kept[proc.stdout].over else proc.wait(max(0.0, deadline - time.monotonic()))
         if code is None:
@@ -396,24 +504,38 @@ def collect(argv: Sequence[str], timeout: float, both: bool, env: Optional[Mappi
     return Printed(code, kept[proc.stdout].text(), stderr)
 
 
+def drain(kept: Mapping[object, Kept], enough: Callable[[], bool], deadline: float) -> None:
+    """Read each pipe into its Kept as it fills, until all are closed, or enough() (over its limit, or late)."""
+    with selectors.DefaultSelector() as selector:
+        for pipe in kept:
+            selector.register(pipe, selectors.EVENT_READ)
+        while selector.get_map() and not enough():
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                chunk = os.read(key.fd, PIPE_READ_BYTES)
+                if chunk:
+                    kept[key.fileobj].add(chunk)
+                else:
+                    selector.unregister(key.fileobj)
+
+
 def printed_lines(text: str) -> List[str]:
     """The last LOG_TAIL_LINES lines of what a command printed, each cut to LINE_MAX characters."""
     return [line[:LINE_MAX] for line in text.splitlines()[-LOG_TAIL_LINES:]]
 
 
-def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[str, str]] = None,
-                cwd: Optional[str] = None, quiet: bool = False, both: bool = False, mutates: bool = False,
-                given: Optional[bytes] = None) -> str:
-    """Run one command (argv list, no shell, no stdin but given) with a timeout; log it; return stdout (with
-    both, stdout and stderr as one stream, whose last lines a CommandError also keeps) or raise CommandError."""
+def run_command(argv: Sequence[str], *, timeout: float, **keywords: object) -> str:
+    """Run one command (argv list, no shell, no stdin but given) with a timeout and How's keywords (a TypeError
+    names any other); log it; return stdout (with both, stdout and stderr as one stream, whose last lines a
+    CommandError also keeps) or raise CommandError."""
+    how = How(**keywords)
     started = time.monotonic()
     try:
-        printed = collect(argv, timeout, both, env, cwd, given)
+        printed = collect(argv, timeout, how)
     except OSError as error:
         log.warning("command %s could not start: %s", shown(argv), error.strerror)
         raise CommandError(argv, 127, error.strerror or "could not start") from None
     seconds = time.monotonic() - started
-    stderr = printed.stdout if both else printed.stderr
+    stderr = printed.stdout if how.both else printed.stderr
     if printed.code is None:
         what = f"no answer within {timeout:g}s" if seconds >= timeout else f"answered over {ANSWER_MAX_BYTES} bytes"
         log.warning("command %s stopped: %s", shown(argv), what)
@@ -422,7 +544,7 @@ def run_command(argv: Sequence[str], *, timeout: float, env: Optional[Mapping[st
         log.warning("command %s exit=%s seconds=%.2f stderr=%r", shown(argv), printed.code, seconds,
                     stderr_tail(stderr))
         raise command_failed(argv, printed.code, stderr, printed_lines(stderr))
-    log.log(logging.DEBUG if quiet else logging.INFO, "command %s exit=0 seconds=%.2f", shown(argv), seconds)
+    log.log(logging.DEBUG if how.quiet else logging.INFO, "command %s exit=0 seconds=%.2f", shown(argv), seconds)
     return printed.stdout
 
 
@@ -659,6 +781,9 @@ def parse_command(name: str, text: str) -> str:
     return text
 
 
+NOTIFY_FORMAT_NAMES: List[str] = []  # what a NOTIFY_URL's #fragment may name: filled from NOTIFY_FORMATS, its table
+
+
 def parse_notify_urls(name: str, text: str) -> Tuple[str, ...]:
     """NOTIFY_URL: comma-separated http(s) URLs (a #fragment may name the format) and smtp(s) URLs."""
     urls = tuple(filter(None, (part.strip() for part in text.split(","))))
@@ -682,9 +807,9 @@ def parse_notify_urls(name: str, text: str) -> Tuple[str, ...]:
         elif parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{name} entries must be http(s):// or smtp(s):// URLs, e.g. {name}=https://ntfy.sh/"
                               f"mytopic; {shown} is not")
-        elif parts.fragment and parts.fragment not in NOTIFY_FORMATS:
+        elif parts.fragment and parts.fragment not in NOTIFY_FORMAT_NAMES:
             raise ConfigError(f"{name} entry {shown} names the format #{parts.fragment[:20]}; use one of "
-                              + ", ".join(f"#{f}" for f in NOTIFY_FORMATS))
+                              + ", ".join(f"#{f}" for f in NOTIFY_FORMAT_NAMES))
     return urls
 
 
@@ -1206,8 +1331,225 @@ assert all(path.split("/")[SECRET_AT] == "{secret}" for path in SECRET_ROUTES)
 
 
 # ==========================================================================================
-# The request pipeline: route, size, authenticate, decode, parse, owner, map, enqueue
+# The request pipeline: what the pages show, then route, size, authenticate, decode, parse, owner, map, enqueue
 # ==========================================================================================
+
+# -- the status page: one HTML page, no script, no external asset, every value escaped ------
+
+PAGE_STYLE = """body{font:15px/1.4 system-ui,sans-serif;margin:0 auto;max-width:60em;padding:1em;color:#222}
+h1{font-size:1.4em}h1 small{font-weight:normal;color:#666;font-size:.7em}h2{font-size:1.1em;margin-top:1.5em}
+table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.3em .5em;border-bottom:1px solid #ddd;
+vertical-align:top}th{font-size:.85em;color:#555}code{font-size:.9em;word-break:break-all}
+.r{display:inline-block;padding:0 .45em;border-radius:.3em;color:#fff;background:#757575;font-size:.85em}
+.updated{background:#2e7d32}.rolled-back{background:#ef6c00}.failed{background:#c62828}.recovered{background:#1565c0}
+.running,.queued{background:#6a1b9a}.bar{display:flex;height:.7em;width:12em;max-width:40vw;background:#eee}
+.bar span{background:#90a4ae;border-right:1px solid #fff}.bar span.out{background:#e53935}
+.err{color:#b71c1c;font-size:.85em;white-space:normal}.n{white-space:nowrap}
+@media(max-width:40em){.wide{display:none}td,th{padding:.25em}}"""
+RESULT_WORDS = {"updated": "updated", "rolled-back": "rolled back", "failed": "failed", "recovered": "recovered",
+                "up-to-date": "up to date", "skipped": "skipped", "dry-run": "dry run", "queued": "queued",
+                "running": "running", "cancelled": "cancelled"}
+OUTAGE_STEPS = frozenset({"stop", "remove", "up", "rollback-stop", "rollback-remove", "rollback-up"})
+
+
+def short_id(image: Optional[str]) -> str:
+    return (image or "-").replace("sha256:", "")[:12]
+
+
+def badge(state: object) -> str:
+    state = str(state)
+    return f'<span class="r {html.escape(state)}">{html.escape(RESULT_WORDS.get(state, state))}</span>'
+
+
+def step_bar(steps: Sequence[Mapping[str, object]]) -> str:
+    """The steps of a deployment as a bar, each as wide as its share of the time; the outage steps in red."""
+    timed = [(str(s.get("step")), float(s["seconds"])) for s in steps
+             if s.get("step") not in ("done", "downtime") and isinstance(s.get("seconds"), (int, float))]
+    total = sum(seconds for _, seconds in timed) or 1.0
+    spans = "".join(f'<span class="{"out" if step in OUTAGE_STEPS else ""}" style="width:{100 * seconds / total:.1f}%" '
+                    f'title="{html.escape(step)} {seconds:.2f} s"></span>' for step, seconds in timed)
+    return f'<div class="bar" role="img" aria-label="steps">{spans}</div>'
+
+
+def when(stamp: object) -> str:
+    """An ISO time as the page shows it: date and time, UTC."""
+    return html.escape(str(stamp or "")[:19].replace("T", " "))
+
+
+def service_name(view: Mapping[str, object]) -> str:
+    return f"{view.get('project')}/{view.get('service')}" if view.get("project") else str(view.get("service"))
+
+
+def status_rows(services: Sequence["Running"], views: Sequence[Mapping[str, object]]) -> List[str]:
+    """One row per service: kind, name, image and tag, the running image's short id, the last result and when."""
+    last = {}
+    for view in views:  # newest first
+        last.setdefault((view.get("kind"), view.get("project") or "", view.get("service")), view)
+    rows = []
+    for service in services:
+        view = last.get((service.ref.kind, service.ref.project, service.ref.name))
+        result = f"{badge(view['state'])} <span class=n>{when(view.get('finished') or view.get('created'))}</span>" \
+            if view else "none yet"
+        rows.append(f"<tr><td>{html.escape(str(service.ref))}</td><td class=wide>{service.ref.kind}</td>"
+                    f"<td><code>{html.escape(str(service.image or '-'))}</code>{channel_note(service.tracking)}</td>"
+                    f"<td><code>{html.escape(short_id(service.image_id))}</code></td><td>{result}</td></tr>")
+    return rows
+
+
+def channel_note(tracking: Optional["Tracking"]) -> str:
+    """Under a tracked service's image: the channel it follows (and its variable), or why it follows none."""
+    if tracking is None:
+        return ""
+    follows, words = tracking_words(tracking, f" ({tracking.variable})" if tracking.variable else "")
+    return f"<div class={'n' if follows else 'err'}>{html.escape(words)}</div>"
+
+
+def deployment_rows(views: Sequence[Mapping[str, object]]) -> List[str]:
+    """One row per deployment: when, service, image, result (and why), the time it took, its steps drawn."""
+    rows = []
+    for view in views:
+        took = next((s.get("seconds") for s in view.get("steps") or () if s.get("step") == "done"), None)
+        error = f'<div class=err>{html.escape(str(view["error"])[:300])}</div>' if view.get("error") else ""
+        rows.append(f"<tr><td class='wide n'>{when(view.get('started') or view.get('created'))}</td>"
+                    f"<td>{html.escape(service_name(view))}</td><td class='wide n'><code>"
+                    f"{html.escape(str(view.get('tag')))}</code></td><td>{badge(view.get('state'))}{error}</td>"
+                    f"<td class=n>{'' if took is None else f'{float(took):.1f} s'}</td>"
+                    f"<td>{step_bar(view.get('steps') or ())}</td></tr>")
+    return rows
+
+
+def reconcile_line(report: Optional["Report"]) -> str:
+    """The last round of asking the registry, for the status page, escaped. Pure."""
+    if report is None or not report.rounds:
+        return "<p>The registry has not been asked yet.</p>"
+    errors = "".join(f'<br><span class=err>{html.escape(registry)}: {html.escape(why)}</span>'
+                     for registry, why in sorted(report.errors.items()))
+    found = f" ({html.escape(', '.join(report.behind))})" if report.behind else ""
+    return (f"<p>The registry was last asked at {html.escape(report.finished)}: {report.asked} services, "
+            f"{len(report.behind)} behind{found}.{errors}</p>")
+
+
+def status_page(services: Sequence["Running"], views: Sequence[Mapping[str, object]], now: datetime,
+                report: Optional["Report"] = None) -> str:
+    """The whole page: what gopdater manages, what runs now, the last deployments. Pure."""
+    active = [v for v in views if v.get("state") in ("queued", "running")]
+    now_rows = "".join(f"<li>{badge(v['state'])} {html.escape(service_name(v))} <code>{html.escape(str(v.get('tag')))}"
+                       f"</code></li>" for v in active) or "<li>nothing queued or running</li>"
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+            '<meta name=viewport content="width=device-width,initial-scale=1"><meta http-equiv=refresh content=10>'
+            f"<title>gopdater</title><style>{PAGE_STYLE}</style></head><body>"
+            f"<h1>gopdater <small>{__version__} &middot; {len(services)} services &middot; "
+            f"{now.strftime('%Y-%m-%d %H:%M:%S')} UTC</small></h1><h2>Now</h2><ul>{now_rows}</ul>"
+            f"{reconcile_line(report)}"
+            "<h2>Services</h2><table><tr><th>Service</th><th class=wide>Kind</th><th>Image</th><th>Running</th>"
+            f"<th>Last result</th></tr>{''.join(status_rows(services, views))}</table>"
+            "<h2>Last deployments</h2><table><tr><th class=wide>Started</th><th>Service</th><th class=wide>Tag</th>"
+            f"<th>Result</th><th>Took</th><th>Steps (red: out of service)</th></tr>{''.join(deployment_rows(views))}"
+            "</table></body></html>")
+
+
+# -- /metrics: what the pipeline and the work queue count --------------------------------
+
+DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+OUTAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative buckets, a sum and a count."""
+
+    def __init__(self, buckets: Sequence[float]):
+        self.buckets, self.counts, self.sum, self.count = tuple(buckets), [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            self.counts[i] += value <= bound
+        self.sum, self.count = self.sum + value, self.count + 1
+
+    def lines(self, name: str) -> List[str]:
+        rows = [f'{name}_bucket{{le="{bound:g}"}} {n}' for bound, n in zip(self.buckets, self.counts)]
+        return rows + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6g}",
+                       f"{name}_count {self.count}"]
+
+
+def _labels(**labels: object) -> str:
+    escaped = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in labels.values())
+    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, escaped)) + "}"
+
+
+class Metrics:
+    """Counters for /metrics. Label values are gopdater's own names (senders, codes, results, services)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock, self.lock = clock, threading.Lock()
+        self.hooks: collections.Counter = collections.Counter()
+        self.rejected_requests: collections.Counter = collections.Counter()
+        self.results: collections.Counter = collections.Counter()
+        self.duration, self.outage = Histogram(DURATION_BUCKETS), Histogram(OUTAGE_BUCKETS)
+        self.last: Dict[str, Tuple[float, State]] = {}
+        self.tags: Dict[str, Tuple[str, str, State]] = {}  # tracked service: its last move and how it ended
+
+    def hook(self, sender: str, status: HTTPStatus) -> None:
+        with self.lock:
+            self.hooks[(sender, int(status))] += 1
+
+    def rejected(self, status: HTTPStatus) -> None:
+        with self.lock:
+            self.rejected_requests[int(status)] += 1
+
+    def deployed(self, service: str, result: State, seconds: float, steps: Sequence[Step],
+                 tags: Optional[Tuple[Optional[str], str]] = None) -> None:
+        with self.lock:
+            if tags is not None:
+                self.tags[service] = (tags[0] or "", tags[1], result)
+            self.results[result.value] += 1
+            self.duration.observe(seconds)
+            for step in steps:
+                if step.step == "downtime":
+                    self.outage.observe(step.seconds)
+            self.last[service] = (self.clock(), result)
+
+    def render(self, queued: int, report: Optional["Report"] = None) -> str:
+        """The Prometheus text exposition format (0.0.4), with the deployments queued or running and the last
+        reconcile round (None: none yet)."""
+        rounds, asked, behind, errors = (report.rounds, report.asked, len(report.behind), sorted(report.errors)) \
+            if report is not None else (0, 0, 0, [])
+        with self.lock:
+            families = [
+                ("gopdater_reconcile_rounds_total", "counter", "Rounds of asking the registries what tags name.",
+                 [f" {rounds}"]),
+                ("gopdater_reconcile_services", "gauge", "Services asked in the last round, and found behind.",
+                 [f'{{found="asked"}} {asked}', f'{{found="behind"}} {behind}']),
+                ("gopdater_reconcile_errors", "gauge", "1 for each registry that failed in the last round.",
+                 [f"{_labels(registry=r)} 1" for r in errors]),
+                ("gopdater_hooks_total", "counter", "Webhook deliveries answered, by sender and status code.",
+                 [f"{_labels(sender=s, code=c)} {n}" for (s, c), n in sorted(self.hooks.items())]),
+                ("gopdater_rejected_requests_total", "counter", "Requests answered with a 4xx or 5xx code.",
+                 [f"{_labels(code=c)} {n}" for c, n in sorted(self.rejected_requests.items())]),
+                ("gopdater_deployments_total", "counter", "Service updates ended, by result.",
+                 [f"{_labels(result=r)} {n}" for r, n in sorted(self.results.items())]),
+                ("gopdater_last_deployment_timestamp_seconds", "gauge", "When each service's last update ended.",
+                 [f"{_labels(service=s)} {t:.3f}" for s, (t, _) in sorted(self.last.items())]),
+                ("gopdater_last_deployment_result", "gauge", "1 for the result of each service's last update.",
+                 [f"{_labels(service=s, result=r.value)} 1" for s, (_, r) in sorted(self.last.items())]),
+                ("gopdater_last_version_move", "gauge", "1 for each tracked service's last move between tags.",
+                 [f"{_labels(service=s, old_tag=o, new_tag=n, result=r.value)} 1"
+                  for s, (o, n, r) in sorted(self.tags.items())]),
+                ("gopdater_queue_length", "gauge", "Deployments queued or running.",
+                 [f" {queued}"]),
+            ]
+            lines = []
+            for name, kind, help_text, rows in families:
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+                lines += [name + row for row in rows]
+            for name, histogram, help_text in (
+                    ("gopdater_deployment_duration_seconds", self.duration, "Seconds a service update took."),
+                    ("gopdater_outage_seconds", self.outage, "Seconds from stopping the old container to the "
+                                                             "new one running.")):
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *histogram.lines(name)]
+        return "\n".join(lines) + "\n"
+
+
+# -- the pipeline: route, size, authenticate, decode, parse --------------------------------
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024
@@ -1302,6 +1644,9 @@ def decode(body: bytes) -> Union[dict, Response]:
 
 
 REASON_MAX = 1000  # a reason names services and tags; a host with hundreds of them must not make it unbounded
+
+
+# -- the application: every endpoint's answer --------------------------------------------
 
 
 class App:
@@ -1411,7 +1756,8 @@ class App:
     def metrics_text(self, request: Request) -> Response:
         if not bearer(self.secret, "", request.headers, b""):
             return FORBIDDEN
-        return Response(HTTPStatus.OK, self.metrics.render(self.queue, self.reconciler and self.reconciler.report))
+        return Response(HTTPStatus.OK, self.metrics.render(self.queue.queued() if self.queue else 0,
+                                                           self.reconciler.report if self.reconciler else None))
 
     def reconcile(self, request: Request) -> Response:
         """POST /reconcile (Bearer, checked from the head): a round now; 202 with the tags it will ask."""
@@ -1426,7 +1772,7 @@ class App:
         """The status page, for a browser: HTTP Basic (the secret as the password) or the Bearer token."""
         if not (basic(self.secret, request.headers) or bearer(self.secret, "", request.headers, b"")):
             return UNAUTHORIZED
-        report = self.reconciler.report if self.reconciler else Report()
+        report = self.reconciler.report if self.reconciler else None
         return Response(HTTPStatus.OK, Html(status_page(self.queue.target.running(), self.queue.views(),
                                                          datetime.now(timezone.utc), report)), PAGE_HEADERS)
 
@@ -1531,17 +1877,28 @@ class Submitted(NamedTuple):
     coalesced: bool
 
 
+Tell = Callable[[Deployment, Outcome, float], None]  # told of each deployment as it ends, with its seconds
+
+
+class QueueSeams(NamedTuple):
+    """What a work queue reaches the world through: main passes the real ones, tests recording fakes."""
+
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    tell: Tell = lambda deployment, outcome, seconds: None  # notifications: see notifying()
+    metrics: Optional[Metrics] = None  # a new one if None
+    journal: Optional["Journal"] = None  # None: nothing is journalled (a test's, or --check's queue)
+
+
 class WorkQueue:
     """Runs deployments in worker threads (run_forever, one per PARALLEL), at most one per lane: two of one
     Compose project never race. A re-read skips the lanes in flight and holds back new deployments while it
     runs. Knows targets only through Target."""
 
-    def __init__(self, config: Config, target: "Target", clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep, notify: Optional[Callable[[str, dict], bool]] = None,
-                 metrics: Optional["Metrics"] = None, journal: Optional[Journal] = None):
-        self.config, self.target, self.clock, self.sleep = config, target, clock, sleep
-        self.notify = notify or (lambda url, payload: send_notification(url, payload, sleep=sleep))  # in line
-        self.metrics, self.journal = metrics or Metrics(), journal
+    def __init__(self, config: Config, target: "Target", seams: Optional[QueueSeams] = None):
+        seams = seams or QueueSeams()
+        self.config, self.target, self.clock, self.sleep = config, target, seams.clock, seams.sleep
+        self.tell, self.metrics, self.journal = seams.tell, seams.metrics or Metrics(), seams.journal
         self.lock = threading.Condition()
         self.saving = threading.Lock()  # one history.json write at a time, each of the newest views
         self.queue: collections.deque = collections.deque()
@@ -1552,7 +1909,7 @@ class WorkQueue:
         self.workers = 0  # worker threads in run_forever: /healthz says 503 while none runs
         self.stopping = False
         self.refresh_due: Optional[float] = None
-        self.last_refresh = self.last_full_refresh = clock()
+        self.last_refresh = self.last_full_refresh = self.clock()
 
     @property
     def busy(self) -> bool:
@@ -1774,10 +2131,7 @@ class WorkQueue:
         self.metrics.deployed(str(deployment.ref), outcome.result, seconds, deployment.steps,
                               (outcome.old_tag, outcome.new_tag) if outcome.new_tag else None)
         self.keep_history()
-        if outcome.result.value in self.config.notify_on and self.config.notify_url:
-            payload = notification(deployment, outcome, seconds, self.config.secret)
-            for url in self.config.notify_url:
-                self.notify(url, payload)
+        self.tell(deployment, outcome, seconds)
         if outcome.result in CHANGED:
             self.refresh_around(deployment.ref)
         log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
@@ -1819,6 +2173,95 @@ class WorkQueue:
         except EngineUnreachable:
             return Outcome(reason="the Docker engine went away again; the next start recovers the service",
                            resume=True)
+
+
+class StepLog:
+    """What an update target reports through: timed steps, log lines, its clock, and its journal record."""
+
+    def __init__(self, deployment: Deployment, lock: threading.Condition, clock: Callable[[], float],
+                 sleep: Callable[[float], None], journal: Optional[Journal] = None):
+        self.deployment, self.lock = deployment, lock
+        self.clock, self.sleep, self.journal = clock, sleep, journal
+        self.label = f"deployment={deployment.id} service={deployment.ref}"
+        self.key = f"{deployment.ref.kind}:{deployment.ref}"
+
+    def begin(self, procedure: Procedure) -> None:
+        """Open the journal record before any command; OSError if it cannot be written."""
+        if self.journal is not None:
+            ref = self.deployment.ref
+            self.journal.open(self.key, Record(ref.kind, ref.project, ref.name, self.deployment.id,
+                                               str(self.deployment.key), procedure, Stage.START, _now()))
+
+    def failed_before(self, image: Optional[str]) -> bool:
+        """Whether this image was rolled back for this service before: a replay must not try it again."""
+        return self.journal is not None and self.journal.failed_before(self.key, image)
+
+    def needed_by_another(self, image_id: str) -> bool:
+        """Whether an update of another service in flight (PARALLEL) runs or may roll back to this image."""
+        return self.journal is not None and self.journal.needed_by_another(self.key, image_id)
+
+    def record_now(self) -> Optional[Record]:
+        """The journal record as it stands, if there is one."""
+        return self.journal.record(self.key) if self.journal is not None else None
+
+    def remember(self, **fields: object) -> None:
+        """Add what recovery would need (image ids, the image reference, the procedure) to the journal record."""
+        if self.journal is not None:
+            try:
+                self.journal.mark(self.key, **fields)
+            except OSError as error:  # mid-update, going on beats stopping with the service down
+                log.warning("%s could not write the journal: %s", self.label, error.strerror)
+
+    def record(self, step: str, result: str, started: float) -> float:
+        """Log one step that began at started and keep its timing in the deployment; return its seconds."""
+        return self.note(step, result, self.clock() - started)
+
+    def note(self, step: str, result: str, seconds: float) -> float:
+        """Log one step of the given length and keep it in the deployment."""
+        seconds = round(seconds, 3)
+        with self.lock:
+            self.deployment.steps.append(Step(step, result, seconds))
+        quiet = result in ("ok", "kept", State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
+        log.log(logging.INFO if quiet else logging.WARNING, "%s step=%s result=%s seconds=%.2f", self.label,
+                step, result, seconds)
+        return seconds
+
+    def step(self, stage: Stage, action: Callable[[], object]):
+        """Run one stage, journalled first, and timed; a CommandError becomes DeployFailed naming it."""
+        record = self.record_now()
+        if record is not None and (record.procedure, stage) not in RECOVERY:
+            raise ValueError(f"{stage.value} is not a stage of {record.procedure.value}: add its RECOVERY row")
+        self.remember(stage=stage)
+        return self.look(stage.value, action)
+
+    def look(self, name: str, action: Callable[[], object]):
+        """Run one step, timed but not journalled: a read-only look must not overwrite where an update stands."""
+        started = self.clock()
+        try:
+            value = action()
+        except EngineUnreachable:
+            self.record(name, "failed", started)
+            raise
+        except CommandError as error:
+            self.record(name, "failed", started)
+            raise DeployFailed(f"{name} failed: {error}") from None
+        self.record(name, "ok", started)
+        return value
+
+    def command_output(self, name: str, lines: Sequence[str]) -> None:
+        """Keep the last lines a release step printed, each cut, in the log and in the deployment (never run or
+        parsed)."""
+        for line in (line[:LINE_MAX] for line in lines[-LOG_TAIL_LINES:]):
+            log.info("%s %s printed: %r", self.label, name, line)
+            with self.lock:
+                self.deployment.logs.append(f"{name}: {line}")
+
+    def container_log(self, container: str, lines: Sequence[str]) -> None:
+        """Keep a failing container's last lines, each cut, in the log and in the deployment."""
+        for line in (line[:LINE_MAX] for line in lines[-LOG_TAIL_LINES:]):
+            log.warning("%s container %s logged: %r", self.label, container, line)
+            with self.lock:
+                self.deployment.logs.append(line)
 
 
 def backoff(first: float, factor: float, most: float):
@@ -2221,451 +2664,178 @@ class Journal:
             log.warning("could not keep the deployment history in %s: %s", self.directory, error.strerror)
 
 
-class StepLog:
-    """What an update target reports through: timed steps, log lines, its clock, and its journal record."""
-
-    def __init__(self, deployment: Deployment, lock: threading.Condition, clock: Callable[[], float],
-                 sleep: Callable[[float], None], journal: Optional[Journal] = None):
-        self.deployment, self.lock = deployment, lock
-        self.clock, self.sleep, self.journal = clock, sleep, journal
-        self.label = f"deployment={deployment.id} service={deployment.ref}"
-        self.key = f"{deployment.ref.kind}:{deployment.ref}"
-
-    def begin(self, procedure: Procedure) -> None:
-        """Open the journal record before any command; OSError if it cannot be written."""
-        if self.journal is not None:
-            ref = self.deployment.ref
-            self.journal.open(self.key, Record(ref.kind, ref.project, ref.name, self.deployment.id,
-                                               str(self.deployment.key), procedure, Stage.START, _now()))
-
-    def failed_before(self, image: Optional[str]) -> bool:
-        """Whether this image was rolled back for this service before: a replay must not try it again."""
-        return self.journal is not None and self.journal.failed_before(self.key, image)
-
-    def needed_by_another(self, image_id: str) -> bool:
-        """Whether an update of another service in flight (PARALLEL) runs or may roll back to this image."""
-        return self.journal is not None and self.journal.needed_by_another(self.key, image_id)
-
-    def record_now(self) -> Optional[Record]:
-        """The journal record as it stands, if there is one."""
-        return self.journal.record(self.key) if self.journal is not None else None
-
-    def remember(self, **fields: object) -> None:
-        """Add what recovery would need (image ids, the image reference, the procedure) to the journal record."""
-        if self.journal is not None:
-            try:
-                self.journal.mark(self.key, **fields)
-            except OSError as error:  # mid-update, going on beats stopping with the service down
-                log.warning("%s could not write the journal: %s", self.label, error.strerror)
-
-    def record(self, step: str, result: str, started: float) -> float:
-        """Log one step that began at started and keep its timing in the deployment; return its seconds."""
-        return self.note(step, result, self.clock() - started)
-
-    def note(self, step: str, result: str, seconds: float) -> float:
-        """Log one step of the given length and keep it in the deployment."""
-        seconds = round(seconds, 3)
-        with self.lock:
-            self.deployment.steps.append(Step(step, result, seconds))
-        quiet = result in ("ok", "kept", State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
-        log.log(logging.INFO if quiet else logging.WARNING, "%s step=%s result=%s seconds=%.2f", self.label,
-                step, result, seconds)
-        return seconds
-
-    def step(self, stage: Stage, action: Callable[[], object]):
-        """Run one stage, journalled first, and timed; a CommandError becomes DeployFailed naming it."""
-        record = self.record_now()
-        if record is not None and (record.procedure, stage) not in RECOVERY:
-            raise ValueError(f"{stage.value} is not a stage of {record.procedure.value}: add its RECOVERY row")
-        self.remember(stage=stage)
-        return self.look(stage.value, action)
-
-    def look(self, name: str, action: Callable[[], object]):
-        """Run one step, timed but not journalled: a read-only look must not overwrite where an update stands."""
-        started = self.clock()
-        try:
-            value = action()
-        except EngineUnreachable:
-            self.record(name, "failed", started)
-            raise
-        except CommandError as error:
-            self.record(name, "failed", started)
-            raise DeployFailed(f"{name} failed: {error}") from None
-        self.record(name, "ok", started)
-        return value
-
-    def command_output(self, name: str, lines: Sequence[str]) -> None:
-        """Keep the last lines a release step printed, each cut, in the log and in the deployment (never run or
-        parsed)."""
-        for line in (line[:LINE_MAX] for line in lines[-LOG_TAIL_LINES:]):
-            log.info("%s %s printed: %r", self.label, name, line)
-            with self.lock:
-                self.deployment.logs.append(f"{name}: {line}")
-
-    def container_log(self, container: str, lines: Sequence[str]) -> None:
-        """Keep a failing container's last lines, each cut, in the log and in the deployment."""
-        for line in (line[:LINE_MAX] for line in lines[-LOG_TAIL_LINES:]):
-            log.warning("%s container %s logged: %r", self.label, container, line)
-            with self.lock:
-                self.deployment.logs.append(line)
-
-
 # ==========================================================================================
-# Update targets: what gets updated (Compose projects, Swarm services), behind one interface
+# Docker commands: one subprocess wrapper, a dry-run runner, and every command gopdater runs
 # ==========================================================================================
 
-POLL_FIRST, POLL_FACTOR, POLL_MAX = 0.2, 1.5, 2.0
-DISCOVERY_READS = 8  # projects read at once: `compose config` mostly waits on its start-up and the engine
-DEFAULT = "(Compose's default)"
-Finding = Tuple[bool, str]  # (ok, one line), for the start-up log and --check
 
-# -- the interface, the one matcher, and the health verdict ---------------------------------
+# -- the engine: every docker command --------------------------------------------------
 
 
-class Running(NamedTuple):
-    """One service a target could update, as it runs now: what the matcher decides from."""
+class Engine:
+    """Every `docker` command gopdater runs, as argv lists: the runner, its timeout and its environment bound
+    once. Names reach these argv lists only from the engine's own answers, the operator's settings and Compose
+    files, never from a payload (a payload picks among services already read; see Target.services_for)."""
 
-    ref: ServiceRef
-    image: Optional[ImageKey]  # the tagged reference it runs; None if none (not started, or pinned by digest)
-    labels: Tuple[Mapping[str, str], ...] = ()  # the service's labels, or each of its containers'
-    image_id: Optional[str] = None  # the image it runs (an id, or Swarm's digest), for the status page
-    tracking: Optional["Tracking"] = None  # it follows pushed versions (gopdater.track)
-
-
-def names(entry: str, ref: ServiceRef) -> bool:
-    """Whether a SERVICES entry (SERVICE, or PROJECT/SERVICE with a Compose project or Swarm stack) names ref."""
-    project, _, service = entry.rpartition("/")
-    return service == ref.name and project in ("", ref.project)
-
-
-def enable_label_says_no(config: Config, labels: Sequence[Mapping[str, str]]) -> Optional[str]:
-    """Why the label gopdater.enable (on a service or its containers) keeps it out, or None."""
-    values = {(each.get("gopdater.enable") or "").strip().lower() for each in labels}
-    if "false" in values:
-        return "labelled gopdater.enable=false"
-    if config.label_enable and "true" not in values:
-        return "not labelled gopdater.enable=true (LABEL_ENABLE=1)"
-    return None
-
-
-def triggers(config: Config, service: Running) -> Tuple[Tuple[ImageKey, ...], str]:
-    """The pushes that update a service, or () and why none does: the opt-out label, LABEL_ENABLE,
-    SERVICES and OWNER, for the pipeline, --check and the start-up log alike. Pure."""
-    why = enable_label_says_no(config, service.labels) or (service.tracking and service.tracking.problem)
-    if why:
-        return (), why
-    if config.services:
-        keys = tuple(key for key, entry in config.services if names(entry, service.ref))
-        if not keys:
-            return (), "not in SERVICES"
-    elif service.image is None:
-        return (), "no running container with a tagged image"
-    else:
-        keys = (service.image,)
-    allowed = tuple(key for key in keys if owner_allowed(config.owners, key))
-    return allowed, "" if allowed else f"{keys[0]} is not in OWNER"
-
-
-def push_verdict(config: Config, service: Running, pushed: ImageKey) -> Optional[str]:
-    """None if a push of this image and tag updates the service, else why not: the one matcher. A service
-    takes its own tag; a tracked one a newer version of its image within its channel. Pure."""
-    keys, why = triggers(config, service)
-    if not keys:
-        return why
-    if service.tracking is None:
-        return None if pushed in keys else "it runs another image or tag"
-    if not any(key[:2] == pushed[:2] for key in keys):
-        return "it runs another image"
-    if service.image is None or service.image[:2] != pushed[:2]:
-        return "no running container of it has a tag of this image"
-    return channel_verdict(service.tracking.channel, service.image.tag, pushed.tag)
-
-
-def pushes(service: Running, keys: Sequence[ImageKey]) -> str:
-    """The pushes that update a service, in words (for --check and the start-up log)."""
-    if service.tracking is None or service.tracking.channel is None:
-        return ", ".join(map(str, keys))
-    return f"a newer {service.tracking.channel.value} release of " + ", ".join(
-        f"{k.registry}/{k.repository} than {k.tag}" for k in keys)
-
-
-class Target:
-    """What the work queue updates. The queue, the HTTP side and --check know targets only through this."""
-
-    kind = ""
-    runner: Runner  # what runs its commands (a DryRunner for DRY_RUN)
-
-    def __init__(self, config: Config, engine: str):
-        self.config, self.engine_version = config, engine
+    def __init__(self, config: Config, runner: Runner):
+        self.config, self.runner = config, runner
 
     @property
     def dry(self) -> bool:
         """Whether commands that change something are only logged (DRY_RUN)."""
         return getattr(self.runner, "dry", False)
 
-    def running(self) -> List[Running]:
-        """Every service this target could update, as last read."""
-        raise NotImplementedError
+    def run(self, argv: Sequence[str], timeout: Optional[float] = None, **kwargs) -> str:
+        return self.runner(list(argv), timeout=timeout or self.config.command_timeout,
+                           env=kwargs.pop("env", self.config.command_env), **kwargs)
 
-    def services_for(self, image: ImageKey) -> List[ServiceRef]:
-        """The services that a push of this image and tag updates."""
-        return [s.ref for s in self.running() if push_verdict(self.config, s, image) is None]
+    def read(self, argv: Sequence[str]) -> str:
+        """A read-only command, logged at debug level."""
+        return self.run(argv, quiet=True)
 
-    def why_ignored(self, image: ImageKey) -> str:
-        """Why a push updates nothing: what each service tracking that image said, else that none runs it."""
-        said = [f"{s.ref}: {push_verdict(self.config, s, image)}" for s in self.running()
-                if s.tracking is not None and s.image is not None and s.image[:2] == image[:2]]
-        return "; ".join(said) or "no service runs this image and tag"
+    # -- the engine itself --------------------------------------------------------------
 
-    def owns(self, ref: ServiceRef) -> bool:
-        """Whether this target updates that service."""
-        raise NotImplementedError
+    def version(self) -> str:
+        return self.read(["docker", "version", "--format", "{{.Server.Version}}"]).strip()
 
-    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
-        """Update one service to the pushed image, safely; report steps through steps. Raises only
-        EngineUnreachable (the queue waits for the engine), or OSError if the journal cannot be opened."""
-        raise NotImplementedError
-
-    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
-        """Make a service whole after its update was cut off (a crash, the engine gone), as plan() says."""
-        raise NotImplementedError
-
-    def engine_answers(self) -> bool:
-        """Whether the engine behind this target answers."""
-        return engine_answers(self.config, self.runner)
-
-    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
-        """Re-read what runs here, leaving alone what runs in the busy lanes (a deployment in flight); full:
-        everything, else at least what is new. CommandError or ValueError if it cannot be read."""
-        raise NotImplementedError
-
-    def refresh_around(self, ref: ServiceRef) -> None:
-        """Re-read what an update of ref may have changed (by default everything), as refresh() does."""
-        self.refresh()
-
-    def lane(self, ref: ServiceRef) -> Hashable:
-        """What an update of ref must not run beside (by default the service itself)."""
-        return ref
-
-    def describe(self) -> List[Finding]:
-        """What this target is and what would update, one finding per line (for --check)."""
-        raise NotImplementedError
-
-    def summary(self) -> str:
-        """What this target is, in one line (for the start-up log)."""
-        raise NotImplementedError
-
-    def service_findings(self, label: str) -> List[Finding]:
-        """One line per service: the pushes that update it, or why none does."""
-        found = []
-        for service in self.running():
-            keys, why = triggers(self.config, service)
-            found.append((True, f"{label} {service.ref}: " + (
-                f"updates on a push of {pushes(service, keys)}" if keys else f"{why}, never updated")))
-        return found
-
-
-class Verdict(enum.Enum):
-    READY = "ready"
-    WAIT = "wait"
-    FAILED = "failed"
-
-
-class Health(NamedTuple):
-    """A verdict on a service's new containers at one moment, with what it waits for or why it failed."""
-
-    verdict: Verdict
-    reason: str = ""
-
-
-def health_limit(containers: Sequence[Container], health_timeout: float, settle_time: float) -> float:
-    """Seconds the new containers get: HEALTH_TIMEOUT or the longest start_period, plus settling if needed."""
-    limit = max([health_timeout] + [c.start_period for c in containers])
-    return limit + (settle_time if not all(c.has_healthcheck for c in containers) else 0)
-
-
-def judge(containers: Sequence[Container], expected: int, first_seen: Mapping[str, Tuple[float, str]],
-          now: float, waited: float, limit: float, settle_time: float) -> Health:
-    """Judge inspected containers: ready, keep waiting, or failed with a reason. Pure.
-
-    first_seen maps a container id to when it was first seen running and its StartedAt then.
-    """
-    ready, waiting = 0, "not running"
-    for c in containers:
-        if c.status in ("exited", "dead"):
-            return Health(Verdict.FAILED, f"container {c.name} exited with code {c.exit_code}")
-        seen_at, seen_start = first_seen.get(c.id, (now, c.started_at))
-        if c.restart_count > 0 or c.status == "restarting" or seen_start != c.started_at:
-            return Health(Verdict.FAILED, f"container {c.name} restarted")
-        if c.status != "running":
-            waiting = c.status or "not running"
-        elif c.has_healthcheck:
-            if c.health == "unhealthy":
-                return Health(Verdict.FAILED, f"container {c.name} is unhealthy")
-            ready += c.health == "healthy"
-            waiting = f"health {c.health or 'unknown'}"
-        else:
-            ready += now - seen_at >= settle_time
-            waiting = "settling"
-    if ready == expected == len(containers):
-        return Health(Verdict.READY)
-    if waited >= limit:
-        return Health(Verdict.FAILED, f"still {waiting} after {limit:g}s")
-    return Health(Verdict.WAIT, waiting)
-
-
-class Targets(Target):
-    """Several targets as one: each service goes to the target that owns it."""
-
-    def __init__(self, members: Sequence[Target]):
-        self.members = list(members)
-        first = self.members[0] if self.members else None
-        super().__init__(first.config if first else None, first.engine_version if first else "")
-        self.runner = first.runner if first else None
-
-    def owner(self, ref: ServiceRef) -> Optional[Target]:
-        return next((member for member in self.members if member.owns(ref)), None)
-
-    def owns(self, ref: ServiceRef) -> bool:
-        return self.owner(ref) is not None
-
-    def running(self) -> List[Running]:
-        return [service for member in self.members for service in member.running()]
-
-    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
-        owner = self.owner(ref)
-        return owner.update(ref, digest, steps) if owner else Outcome(reason=f"{ref} is no longer found here")
-
-    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
-        owner = self.owner(ref)
-        return owner.recover(ref, record, steps) if owner else Outcome(
-            reason=f"{ref} is no longer found here; nothing was run for its unfinished update")
-
-    def engine_answers(self) -> bool:
-        return all(member.engine_answers() for member in self.members)
-
-    def lane(self, ref: ServiceRef) -> Hashable:
-        owner = self.owner(ref)
-        return owner.lane(ref) if owner else ref
-
-    def refresh_around(self, ref: ServiceRef) -> None:
-        """Re-read only the member that owns ref."""
-        owner = self.owner(ref)
-        if owner is not None:
-            owner.refresh_around(ref)
-
-    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
-        """Re-read each member; one that cannot be read keeps its last view and does not stop the others."""
-        for member in self.members:
-            try:
-                member.refresh(busy, full)
-            except (CommandError, EngineUnreachable, ValueError) as error:
-                log.warning("could not re-read %s: %s", type(member).__name__, error)
-
-    def describe(self) -> List[Finding]:
-        return [finding for member in self.members for finding in member.describe()]
-
-    def summary(self) -> str:
-        return " ".join(member.summary() for member in self.members)
-
-
-# -- the steps any container-based target takes: wait and judge, roll back by tag, clean up ---
-
-
-class ContainerSteps:
-    """Engine-level steps on containers, written once for every target that replaces containers."""
-
-    def __init__(self, config: Config, docker: "Compose"):
-        self.config, self.docker, self.engine = config, docker, docker.engine
-
-    def wait_until_ready(self, ids: Sequence[str], steps: StepLog, stopped: Optional[float]) -> None:
-        """Poll the new containers until judged ready; raise DeployFailed with the reason otherwise."""
-        started = steps.clock()
+    def answers(self) -> bool:
+        """Whether the engine answers `docker version`."""
         try:
-            health, containers = self.poll(ids, steps, stopped, started)
-        except CommandError as error:
-            steps.record("wait", "failed", started)
-            raise DeployFailed(f"wait failed: {error}") from None
-        if health.verdict is Verdict.READY:
-            steps.record("wait", "ok", started)
-            return
-        steps.record("wait", "failed", started)
-        for c in containers:
-            steps.container_log(c.name, self.engine.logs(c.name))
-        raise DeployFailed(health.reason)
-
-    def poll(self, ids: Sequence[str], steps: StepLog, stopped: Optional[float], started: float
-             ) -> Tuple[Health, List[Container]]:
-        """Inspect the containers with a growing pause until the verdict is not WAIT; note the downtime
-        (from stopped, when an old container was stopped, to the first one running)."""
-        if not ids:
-            return Health(Verdict.FAILED, "wait failed: compose up created no container"), []
-        first_seen: Dict[str, Tuple[float, str]] = {}
-        for delay in backoff(POLL_FIRST, POLL_FACTOR, POLL_MAX):
-            containers, now = self.engine.inspect(ids), steps.clock()
-            for c in containers:
-                if c.status == "running" and not first_seen and stopped is not None:
-                    steps.note("downtime", "ok", now - stopped)
-                if c.status == "running":
-                    first_seen.setdefault(c.id, (now, c.started_at))
-            limit = health_limit(containers, self.config.health_timeout, self.config.settle_time)
-            health = judge(containers, len(ids), first_seen, now, now - started, limit, self.config.settle_time)
-            if health.verdict is not Verdict.WAIT:
-                return health, containers
-            steps.sleep(delay)
-        raise AssertionError("unreachable: backoff() never ends")
-
-    def retire(self, container: Container, steps: StepLog, prefix: str = "") -> None:
-        """Stop and remove a container."""
-        steps.step(Stage(prefix + "stop"), lambda: self.engine.stop(container.name))
-        steps.step(Stage(prefix + "remove"), lambda: self.engine.remove(container.name))
-
-    def point(self, image_id: str, image: str, move: Optional[TagMove], new: bool) -> None:
-        """Make a later `compose up` run image_id: a tracked service's env file names its tag (the new one, or the
-        old), and image (the reference that tag makes) names image_id."""
-        if move is not None and move.env_file and move.variable:
-            self.docker.write_env(move.env_file, move.variable, move.new_tag if new else move.old_tag)
-        self.engine.tag(image_id, image)
-
-    def put_back_tag(self, old_id: str, image: str, steps: StepLog, journalled: bool = True,
-                     move: Optional[TagMove] = None) -> None:
-        """Point the image name (and a tracked service's env file) at the old image again, so a later `compose up`
-        keeps it; best effort. Not journalled where nothing has changed yet: a crash there must still leave the
-        service alone."""
-        tag = lambda: self.point(old_id, image, move, new=False)  # noqa: E731
-        try:
-            steps.step(Stage.ROLLBACK_TAG, tag) if journalled else steps.look(Stage.ROLLBACK_TAG.value, tag)
-        except DeployFailed as error:
-            log.warning("%s %s", steps.label, error)
-
-    def has_image(self, image_id: str) -> bool:
-        try:
-            self.engine.image_id(image_id)
-            return True
-        except CommandError:
+            self.version()
+        except (CommandError, EngineUnreachable):
             return False
+        return True
 
-    def clean_up(self, old_ids: Sequence[str], new_id: Optional[str], steps: StepLog) -> None:
-        """Remove the replaced images; keep one, with a log line, if Docker says it is still in use."""
-        for image_id in old_ids:
-            if image_id == new_id:
-                continue
-            started = steps.clock()
-            if steps.needed_by_another(image_id):
-                steps.record("cleanup", "kept", started)
-                log.info("%s kept old image %s: an update in flight elsewhere may roll back to it", steps.label,
-                         image_id[:19])
-                continue
-            try:
-                self.engine.remove_image(image_id)
-            except (CommandError, EngineUnreachable) as error:  # a success stays one; the image is kept
-                steps.record("cleanup", "kept", started)
-                log.info("%s kept old image %s: %s", steps.label, image_id[:19], error.tail)
-                continue
-            steps.record("cleanup", "ok", started)
+    def info(self, field: str) -> object:
+        """One field of `docker info` (Swarm, RegistryConfig), as JSON."""
+        return json.loads(self.read(["docker", "info", "--format", f"{{{{json .{field}}}}}"]) or "null")
+
+    # -- containers -----------------------------------------------------------------------
+
+    def container_ids(self, labels: Sequence[str]) -> List[str]:
+        """Every container (stopped ones too) carrying all these labels (key=value, or a key alone)."""
+        return self.read(["docker", "ps", "-a", "-q", "--no-trunc",
+                          *(arg for label in labels for arg in ("--filter", f"label={label}"))]).split()
+
+    def compose_container_ids(self) -> List[str]:
+        """Every container Compose made on the engine (stopped ones too), short ids: the host listing."""
+        return self.read(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"]).split()
+
+    def inspect_raw(self, ids: Sequence[str]) -> List[dict]:
+        """`docker inspect` of containers (or tasks, or one id), as JSON."""
+        return json.loads(self.read(["docker", "inspect", *ids])) if ids else []
+
+    def inspect(self, ids: Sequence[str]) -> List[Container]:
+        """Inspect containers by id, labels as they are (the new containers of an update: judged, not read)."""
+        return [Container.from_inspect(d) for d in self.inspect_raw(ids)]
+
+    def containers(self, ids: Sequence[str]) -> List[Container]:
+        """Containers just listed, inspected, each less the labels its image carries (one `docker inspect` and
+        one `docker image inspect` for all); one removed meanwhile is left out."""
+        listed = self.inspect_listed(ids)
+        images = sorted({data.get("Image") or "" for data in listed} - {""})
+        carried = dict(zip(images, self.image_labels(images))) if images else {}
+        return [Container.from_inspect(data, carried.get(data.get("Image") or "", {})) for data in listed]
+
+    def inspect_listed(self, ids: Sequence[str]) -> List[dict]:
+        """`docker inspect` of containers just listed, leaving out any removed meanwhile (containers come and go
+        on a busy host; one gone must not make the whole listing fail)."""
+        try:
+            return self.inspect_raw(ids)
+        except CommandError as error:
+            if "No such object" not in error.tail:
+                raise
+        return [data for one in ids for data in self.inspect_known(one)]
+
+    def inspect_known(self, container: str) -> List[dict]:
+        """`docker inspect` of one container; [] if Docker no longer knows it."""
+        try:
+            return self.inspect_raw([container])
+        except CommandError as error:
+            if "No such object" not in error.tail:
+                raise
+        return []
+
+    def start(self, name: str) -> None:
+        self.run(["docker", "start", name], mutates=True)
+
+    def stop(self, name: str) -> None:
+        self.run(["docker", "stop", "-t", str(self.config.stop_timeout), name],
+                 timeout=self.config.stop_timeout + self.config.command_timeout, mutates=True)
+
+    def remove(self, name: str) -> None:
+        self.run(["docker", "rm", name], mutates=True)
+
+    def discard(self, name: str) -> None:
+        self.run(["docker", "rm", "-f", name], mutates=True)
+
+    def network(self, verb: str, network: str, name: str, aliases: Sequence[str] = ()) -> None:
+        self.run(["docker", "network", verb, *(a for alias in aliases for a in ("--alias", alias)), network, name],
+                 mutates=True)
+
+    def exec(self, where: str, argv: Sequence[str], env: Mapping[str, str], timeout: float) -> str:
+        """Run a release step in a running container; what it printed (stdout and stderr as one stream)."""
+        given = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+        return self.run(["docker", "exec", *given, where, *argv], timeout=timeout, mutates=True, both=True)
+
+    def logs(self, name: str) -> List[str]:
+        """The container's last log lines, stdout and stderr together; never raises."""
+        try:
+            text = self.run(["docker", "logs", "--tail", str(LOG_TAIL_LINES), name], quiet=True, both=True)
+        except (CommandError, EngineUnreachable):
+            return []
+        return printed_lines(text)
+
+    # -- images ---------------------------------------------------------------------------
+
+    def pull(self, image: str) -> None:
+        self.run(["docker", "pull", image], timeout=self.config.pull_timeout, mutates=True)
+
+    def image_id(self, image: str) -> str:
+        return self.read(["docker", "image", "inspect", "--format", "{{.Id}}", image]).strip()
+
+    def image_labels(self, image_ids: Sequence[str]) -> List[Mapping[str, str]]:
+        """The labels each image carries, in order; CommandError if one cannot be read."""
+        text = self.read(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", *image_ids])
+        found = [json.loads(line or "null") for line in text.splitlines()[:len(image_ids)]]
+        if len(found) != len(image_ids):
+            raise CommandError(["docker", "image", "inspect"], 1, "fewer answers than images asked")
+        return [labels if isinstance(labels, dict) else {} for labels in found]
+
+    def repo_digests(self, image_ids: Sequence[str]) -> Dict[str, List[str]]:
+        """The registry digests each image was pulled by (`RepoDigests`), by image id."""
+        text = self.read(["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", *image_ids])
+        return dict(zip(image_ids, (json.loads(line or "null") or [] for line in text.splitlines())))
+
+    def tag(self, image_id: str, image: str) -> None:
+        self.run(["docker", "tag", image_id, image], mutates=True)
+
+    def remove_image(self, image_id: str) -> None:
+        self.run(["docker", "rmi", image_id], mutates=True)
+
+    # -- Swarm ----------------------------------------------------------------------------
+
+    def service_names(self) -> List[str]:
+        return self.read(["docker", "service", "ls", "-q"]).split()
+
+    def service_inspect(self, names: Sequence[str]) -> List[dict]:
+        return json.loads(self.read(["docker", "service", "inspect", *names])) if names else []
+
+    def service_update(self, name: str, image: str) -> None:
+        """Have Swarm move a service to an image (a tag, resolved by Swarm now), with the registry login."""
+        self.run(["docker", "service", "update", "--detach", "--image", image, "--with-registry-auth", name],
+                 mutates=True)
+
+    def service_rollback(self, name: str) -> None:
+        self.run(["docker", "service", "rollback", "--detach", name], mutates=True)
+
+    def service_tasks(self, name: str) -> List[dict]:
+        """The tasks Swarm wants running for a service, inspected."""
+        ids = self.read(["docker", "service", "ps", "-q", "--filter", "desired-state=running", name]).split()
+        return json.loads(self.read(["docker", "inspect", "--type", "task", *ids])) if ids else []
 
 
-# -- Compose: where a project lives, and its services updated through Compose ----------------
+# -- Compose's files: where a project lives, its env files read and rewritten in place ------
 
 
 class ComposeLocation(NamedTuple):
@@ -2686,152 +2856,9 @@ def path_separator(config: Config) -> str:
     return config.environ.get("COMPOSE_PATH_SEPARATOR", os.pathsep)
 
 
-def own_container_id(mountinfo: str, cgroup: str) -> Optional[str]:
-    """Find the id of the container this process runs in, from /proc/self/{mountinfo,cgroup} text."""
-    match = re.search(r"/containers/([0-9a-f]{64})/", mountinfo) or re.search(
-        r"(?:docker[-/])([0-9a-f]{64})", cgroup)
-    return match.group(1) if match else None
-
-
-def _project_name(config: Config, labels: Mapping[str, str]) -> Tuple[Optional[str], str]:
-    if config.project_name:
-        return config.project_name, "COMPOSE_PROJECT_NAME"
-    if labels.get("com.docker.compose.project"):
-        return labels["com.docker.compose.project"], "label com.docker.compose.project of this container"
-    return None, "Compose's default, the project folder's name"
-
-
-def locate(config: Config, labels: Mapping[str, str], cwd: str) -> ComposeLocation:
-    """Decide project name, files and working dir: explicit settings win, then our own container's labels."""
-    project = labels.get("com.docker.compose.project")
-    working_dir = labels.get("com.docker.compose.project.working_dir")
-    files = [f for f in labels.get("com.docker.compose.project.config_files", "").split(",") if f]
-    name, name_source = _project_name(config, labels)
-    separator = path_separator(config)
-    if config.compose_file:
-        # Made absolute because Compose then runs in the project directory, not in ours.
-        paths = [os.path.abspath(os.path.join(cwd, f)) for f in config.compose_file.split(separator) if f]
-        compose_file, file_source = separator.join(paths), "COMPOSE_FILE"
-    elif files and working_dir:
-        compose_file = separator.join(os.path.join(working_dir, f) for f in files)
-        file_source = "label com.docker.compose.project.config_files of this container"
-    else:
-        compose_file, file_source = None, "Compose's default, compose.yaml or docker-compose.yml"
-    if working_dir:
-        directory, dir_source = working_dir, "label com.docker.compose.project.working_dir of this container"
-    elif config.compose_file:
-        # Compose's project directory is the first file's; ${PWD} and ./paths then mean what they meant there.
-        directory, dir_source = os.path.dirname(compose_file.split(separator)[0]), "directory of the first COMPOSE_FILE"
-    else:
-        directory, dir_source = cwd, "current directory"
-    # gopdater leaves its own service alone when it works on its own project.
-    own_service = labels.get("com.docker.compose.service") if project and name == project else None
-    return ComposeLocation(name, name_source, compose_file, file_source, directory, dir_source, own_service)
-
-
-def default_project_name(folder: str) -> str:
-    """The name Compose gives a project by default: its folder's, in lower case, letters and digits kept."""
-    name = re.sub(r"[^a-z0-9_-]", "", os.path.basename(folder.rstrip("/")).lower()).lstrip("_-")
-    return name or "default"
-
-
-COMPOSE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*[-_][a-zA-Z0-9][a-zA-Z0-9._-]*[-_][0-9]+", re.ASCII)
-
-
-# -- version channels: a tracked service's tag, kept as a variable in the project's env file ---
-
-TRACK_LABEL = "gopdater.track"
-# The tag of a raw image (`compose config --no-interpolate`) as one variable: ${X}, ${X:-d}, ${X-d}, ${X:?e}, $X.
-TAG_VARIABLE_RE = re.compile(r"(?P<name>.+?):(?:\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}|"
-                             r"\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*))", re.ASCII)
 # One definition in an env file, as Compose reads it: [export ]NAME=value, value bare or quoted, then a comment.
 ENV_LINE_RE = re.compile(r"(?P<lead>[ \t]*(?:export[ \t]+)?)(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)(?P<eq>[ \t]*=[ \t]*)"
                          r"(?P<value>\"[^\"\\$`]*\"|'[^']*'|[^\s#\"'$`\\]*)(?P<rest>(?:[ \t]+#.*|[ \t]*))", re.ASCII)
-
-
-class Tracking(NamedTuple):
-    """A service that follows pushed versions (gopdater.track), and where its tag lives."""
-
-    channel: Optional[Channel]  # None where the label names none (problem says so)
-    variable: Optional[str] = None  # Compose: the variable its image's tag is, in env_file
-    env_file: Optional[str] = None
-    problem: Optional[str] = None  # why it cannot follow versions: it is then left alone
-
-
-class TagMove(NamedTuple):
-    """One tracked update: the env file's variable moves from old_tag to new_tag (a Swarm service has no file)."""
-
-    old_tag: str
-    new_tag: str
-    env_file: Optional[str] = None
-    variable: Optional[str] = None
-
-    @classmethod
-    def from_record(cls, record: "Record") -> Optional["TagMove"]:
-        if not (record.old_tag and record.new_tag):
-            return None
-        return cls(record.old_tag, record.new_tag, record.env_file, record.variable)
-
-
-def tracking_words(tracking: Tracking, where: str = "") -> Finding:
-    """What a tracked service follows (where: its variable, as the caller shows it), or why its label is
-    ignored: the words of --check and the status page. Pure."""
-    if tracking.problem:
-        return False, f"{TRACK_LABEL} is ignored, it is left alone: {tracking.problem}"
-    return True, f"follows {tracking.channel.value} releases{where}"
-
-
-def tracking_finding(ref: ServiceRef, tracking: Tracking) -> Finding:
-    """One line for --check and the start-up log: what a tracked service follows, or how to fix it."""
-    follows, words = tracking_words(tracking, f" ({tracking.variable} in {tracking.env_file})"
-                                    if tracking.env_file else "")
-    return follows, f"service {ref}: {words}"
-
-
-def shared_variable(service: str, tracking: Tracking, tracked: Mapping[str, Tracking], raw: Mapping[str, str]
-                    ) -> Optional[str]:
-    """Why a tracked service's variable must not be rewritten: it is also the tag of a service that does not
-    follow the same channel (rewriting it would move that one at its next `compose up`), or None. Pure."""
-    for other, image in sorted(raw.items()):
-        if other != service and tracking.variable and tag_variable(image, other)[0] == tracking.variable and (
-                other not in tracked or tracked[other].channel != tracking.channel):
-            return (f"{tracking.variable} is also the tag of {other}, which does not follow the same channel: label "
-                    f"it {TRACK_LABEL}: {tracking.channel.value} too, or give it a variable of its own")
-    return None
-
-
-def label_tracking(value: str) -> Tracking:
-    """The channel a gopdater.track label names, or (as its problem) why it names none. Pure."""
-    try:
-        return Tracking(Channel(value.strip().lower()))
-    except ValueError:
-        return Tracking(None, problem=f"{TRACK_LABEL} must be patch, minor or major, not {value.strip()[:40]!r}")
-
-
-def move_to(tracking: Optional[Tracking], current: Optional[ImageKey], pushed: str) -> Union[None, TagMove, str]:
-    """None for a service that does not follow versions; else its move from the tag it runs to the pushed one,
-    or (a string) why it does not take that now: the run-time twin of push_verdict, for every target. Pure."""
-    if tracking is None:
-        return None
-    why = tracking.problem or ("no running container of it has a tag" if current is None else
-                               channel_verdict(tracking.channel, current.tag, pushed))
-    return why or TagMove(current.tag, pushed, tracking.env_file, tracking.variable)
-
-
-def tag_variable(raw: Optional[str], service: str) -> Tuple[Optional[str], Optional[str]]:
-    """The variable that is a service's whole tag in its raw image (repo:${SITE_TAG}), or None and how to
-    fix the Compose file. Pure."""
-    if not raw:
-        return None, "its image is not named in the Compose file"
-    if "@" in raw:
-        return None, f"its image {raw[:80]} is pinned by digest"
-    match = TAG_VARIABLE_RE.fullmatch(raw)
-    if match:
-        return match.group("braced") or match.group("bare"), None
-    name, _, tag = raw.rpartition(":") if ":" in raw.rpartition("/")[2] else (raw, "", "latest")
-    variable = re.sub(r"[^A-Z0-9_]", "_", service.upper()) + "_TAG"
-    return None, (f"its tag is written in the Compose file ({raw[:80]}); gopdater never edits YAML: write "
-                  f"image: {name[:80]}:${{{variable}}} and put {variable}={tag[:40]} in the project's .env")
 
 
 def env_definitions(lines: Sequence[str], variable: str) -> List[Tuple[int, Optional[re.Match]]]:
@@ -2948,12 +2975,562 @@ def raw_images_from_yaml(text: str) -> Dict[str, str]:
     return images
 
 
-def with_tag(image: str, tag: str) -> str:
-    """An image reference, as the service spells it, with another tag."""
-    name = image.partition("@")[0]
-    if ":" in name.rpartition("/")[2]:
-        name = name.rpartition(":")[0]
-    return f"{name}:{tag}"
+def outside_folder(path: str, folder: str) -> bool:
+    """Whether path, its links resolved, lies outside folder (its links resolved too)."""
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, base]) != base
+
+
+# -- Compose: every Compose command of one project ------------------------------------
+
+
+class Compose:
+    """Every Compose command gopdater runs for one project, as argv lists (its docker commands: engine)."""
+
+    def __init__(self, config: Config, location: ComposeLocation, command: Sequence[str], runner: Runner,
+                 json_config: bool = False):
+        self.config, self.location, self.runner, self.json_config = config, location, runner, json_config
+        self.engine = Engine(config, runner)
+        self.command = [*command, *(arg for path in location.env_files for arg in ("--env-file", path))]
+        env = dict(config.command_env)
+        # Compose interpolates ${PWD}; make it the project directory, as on the host.
+        env["PWD"] = location.working_dir
+        if location.project_name:
+            env["COMPOSE_PROJECT_NAME"] = location.project_name
+        if location.compose_file:
+            env["COMPOSE_FILE"], env["COMPOSE_PATH_SEPARATOR"] = location.compose_file, path_separator(config)
+        self.env = types.MappingProxyType(env)
+
+    def run(self, argv: Sequence[str], timeout: Optional[float] = None, **kwargs) -> str:
+        return self.runner(list(argv), timeout=timeout or self.config.command_timeout, env=self.env,
+                           cwd=self.location.working_dir, **kwargs)
+
+    def list_services(self) -> Dict[str, "Configured"]:
+        """Service names of the project, each with its deploy.update_config.order and labels as the Compose
+        file gives them (`compose config --format json`, Compose v2), else names alone (v1)."""
+        if not self.json_config:
+            return {s: Configured() for s in self.run([*self.command, "config", "--services"], quiet=True).split()
+                    if SERVICE_RE.fullmatch(s)}
+        services = json.loads(self.run([*self.command, "config", "--format", "json"], quiet=True)).get("services")
+        return {name: Configured.from_config(value if isinstance(value, dict) else {})
+                for name, value in (services or {}).items() if SERVICE_RE.fullmatch(name)}
+
+    def raw_images(self) -> Dict[str, str]:
+        """Each service's image as the Compose file writes it, variables not filled in (`config --no-interpolate`:
+        JSON from Compose v2, YAML from v1)."""
+        if not self.json_config:
+            return raw_images_from_yaml(self.run([*self.command, "config", "--no-interpolate"], quiet=True))
+        services = json.loads(self.run([*self.command, "config", "--no-interpolate", "--format", "json"],
+                                       quiet=True)).get("services")
+        return {str(name): str(value.get("image") or "") for name, value in (services or {}).items()
+                if isinstance(value, dict)}
+
+    def env_files(self) -> Tuple[str, ...]:
+        """The env files Compose reads for the project, the last winning: as its labels name them, else .env."""
+        return self.location.env_files or (os.path.join(self.location.working_dir, ".env"),)
+
+    def write_env(self, path: str, variable: str, value: str) -> None:
+        """Set variable=value in the project's env file (logged, not done, under DRY_RUN); FileWriteError."""
+        if getattr(self.runner, "dry", False):
+            log.info("dry-run would write %s=%s to %s", variable, value, path)
+            return
+        try:
+            line = write_env(path, variable, value)
+        except (OSError, ValueError) as error:
+            raise FileWriteError(path, getattr(error, "strerror", None) or str(error)) from None
+        if line is not None:
+            log.info("wrote %r to %s", line, path)
+
+    def release_step(self, one_off: bool, service: str, where: str, argv: Sequence[str], env: Mapping[str, str],
+                     timeout: float) -> str:
+        """Run one release step: in the container where (`docker exec`), or one_off in a one-off container of the
+        service named where (`compose run --rm --no-deps -T`), removed if it outlives timeout."""
+        if not one_off:
+            return self.engine.exec(where, argv, env, timeout)
+        given = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+        try:
+            return self.run([*self.command, "run", "--rm", "--no-deps", "-T", "--name", where, *given, service, *argv],
+                            timeout=timeout, mutates=True, both=True)
+        except CommandError as error:
+            if error.code is None:  # killing Compose leaves its one-off container running
+                with contextlib.suppress(CommandError, EngineUnreachable):
+                    self.engine.discard(where)
+            raise
+
+    def create_next(self, service: str, count: int) -> None:
+        """One more container of the service, created and not started, the others left as they are."""
+        self.run([*self.command, "up", "--no-start", "--no-deps", "--no-recreate", "--scale", f"{service}={count}",
+                  service], mutates=True)
+
+    def container_ids(self, service: Optional[str] = None) -> List[str]:
+        """Ids of the project's containers (of one service): by label when the project's name is known, as one
+        `docker ps` costs a fraction of Compose loading the project (under load, 0.1 s against 0.7 s), else
+        from `compose ps`."""
+        name = self.location.project_name
+        if not name:
+            return self.run([*self.command, "ps", "-a", "-q", *([service] if service else [])], quiet=True).split()
+        return self.engine.container_ids([f"com.docker.compose.project={name}",
+                                          *([f"com.docker.compose.service={service}"] if service else [])])
+
+    def containers(self, service: Optional[str] = None, labelled: bool = True) -> List[Container]:
+        """The project's containers (one-off `run` containers left out), optionally of one service; their labels
+        less their images' unless labelled is False (the ids alone are wanted: the images are not read)."""
+        ids = self.container_ids(service)
+        found = (self.engine.containers(ids) if labelled else
+                 [Container.from_inspect(data) for data in self.engine.inspect_listed(ids)])
+        return project_containers(found, service)
+
+    def pull(self, service: str) -> None:
+        self.run([*self.command, "pull", service], timeout=self.config.pull_timeout, mutates=True)
+
+    def up(self, service: str) -> None:
+        self.run([*self.command, "up", "-d", "--no-deps", service], mutates=True)
+
+
+
+def detect_compose(config: Config, runner: Runner) -> Tuple[List[str], str]:
+    """Find the Compose command and its version: COMPOSE_COMMAND, else `docker compose`, else `docker-compose`."""
+    if config.compose_command != "auto":
+        candidates = [shlex.split(config.compose_command)]
+    else:
+        candidates = [["docker", "compose"], ["docker-compose"]]
+    errors = []
+    for command in candidates:
+        try:
+            version = runner([*command, "version", "--short"], timeout=config.command_timeout,
+                             env=config.command_env, quiet=True).strip().lstrip("v")
+        except CommandError as error:
+            errors.append(f"{' '.join(command)}: {error.tail or error.code}")
+            continue
+        if re.match(r"\d+\.", version):
+            return command, version
+        errors.append(f"{' '.join(command)}: unexpected version {version[:40]!r}")
+    raise CommandError(candidates[-1], 127, "; ".join(errors))
+
+
+def compose_flavour(version: str) -> str:
+    """'v1' for the Python docker-compose 1.x, else 'v2' (the Go Compose, v2 and later)."""
+    return "v1" if version.startswith("1.") else "v2"
+
+
+# ==========================================================================================
+# Update targets: what gets updated (Compose projects, Swarm services), behind one interface
+# ==========================================================================================
+
+POLL_FIRST, POLL_FACTOR, POLL_MAX = 0.2, 1.5, 2.0
+DISCOVERY_READS = 8  # projects read at once: `compose config` mostly waits on its start-up and the engine
+DEFAULT = "(Compose's default)"
+
+# -- the interface, the one matcher, and the health verdict ---------------------------------
+
+
+class Running(NamedTuple):
+    """One service a target could update, as it runs now: what the matcher decides from."""
+
+    ref: ServiceRef
+    image: Optional[ImageKey]  # the tagged reference it runs; None if none (not started, or pinned by digest)
+    labels: Tuple[Mapping[str, str], ...] = ()  # the service's labels, or each of its containers'
+    image_id: Optional[str] = None  # the image it runs (an id, or Swarm's digest), for the status page
+    tracking: Optional["Tracking"] = None  # it follows pushed versions (gopdater.track)
+
+
+def names(entry: str, ref: ServiceRef) -> bool:
+    """Whether a SERVICES entry (SERVICE, or PROJECT/SERVICE with a Compose project or Swarm stack) names ref."""
+    project, _, service = entry.rpartition("/")
+    return service == ref.name and project in ("", ref.project)
+
+
+def enable_label_says_no(config: Config, labels: Sequence[Mapping[str, str]]) -> Optional[str]:
+    """Why the label gopdater.enable (on a service or its containers) keeps it out, or None."""
+    values = {(each.get("gopdater.enable") or "").strip().lower() for each in labels}
+    if "false" in values:
+        return "labelled gopdater.enable=false"
+    if config.label_enable and "true" not in values:
+        return "not labelled gopdater.enable=true (LABEL_ENABLE=1)"
+    return None
+
+
+def triggers(config: Config, service: Running) -> Tuple[Tuple[ImageKey, ...], str]:
+    """The pushes that update a service, or () and why none does: the opt-out label, LABEL_ENABLE,
+    SERVICES and OWNER, for the pipeline, --check and the start-up log alike. Pure."""
+    why = enable_label_says_no(config, service.labels) or (service.tracking and service.tracking.problem)
+    if why:
+        return (), why
+    if config.services:
+        keys = tuple(key for key, entry in config.services if names(entry, service.ref))
+        if not keys:
+            return (), "not in SERVICES"
+    elif service.image is None:
+        return (), "no running container with a tagged image"
+    else:
+        keys = (service.image,)
+    allowed = tuple(key for key in keys if owner_allowed(config.owners, key))
+    return allowed, "" if allowed else f"{keys[0]} is not in OWNER"
+
+
+def push_verdict(config: Config, service: Running, pushed: ImageKey) -> Optional[str]:
+    """None if a push of this image and tag updates the service, else why not: the one matcher. A service
+    takes its own tag; a tracked one a newer version of its image within its channel. Pure."""
+    keys, why = triggers(config, service)
+    if not keys:
+        return why
+    if service.tracking is None:
+        return None if pushed in keys else "it runs another image or tag"
+    if not any(key[:2] == pushed[:2] for key in keys):
+        return "it runs another image"
+    if service.image is None or service.image[:2] != pushed[:2]:
+        return "no running container of it has a tag of this image"
+    return channel_verdict(service.tracking.channel, service.image.tag, pushed.tag)
+
+
+def pushes(service: Running, keys: Sequence[ImageKey]) -> str:
+    """The pushes that update a service, in words (for --check and the start-up log)."""
+    if service.tracking is None or service.tracking.channel is None:
+        return ", ".join(map(str, keys))
+    return f"a newer {service.tracking.channel.value} release of " + ", ".join(
+        f"{k.registry}/{k.repository} than {k.tag}" for k in keys)
+
+
+class Target:
+    """What the work queue updates. The queue, the HTTP side and --check know targets only through this."""
+
+    kind = ""
+    runner: Runner  # what runs its commands (a DryRunner for DRY_RUN)
+
+    def __init__(self, config: Config, engine: str):
+        self.config, self.engine_version = config, engine
+
+    @property
+    def dry(self) -> bool:
+        """Whether commands that change something are only logged (DRY_RUN)."""
+        return getattr(self.runner, "dry", False)
+
+    def running(self) -> List[Running]:
+        """Every service this target could update, as last read."""
+        raise NotImplementedError
+
+    def services_for(self, image: ImageKey) -> List[ServiceRef]:
+        """The services that a push of this image and tag updates."""
+        return [s.ref for s in self.running() if push_verdict(self.config, s, image) is None]
+
+    def why_ignored(self, image: ImageKey) -> str:
+        """Why a push updates nothing: what each service tracking that image said, else that none runs it."""
+        said = [f"{s.ref}: {push_verdict(self.config, s, image)}" for s in self.running()
+                if s.tracking is not None and s.image is not None and s.image[:2] == image[:2]]
+        return "; ".join(said) or "no service runs this image and tag"
+
+    def owns(self, ref: ServiceRef) -> bool:
+        """Whether this target updates that service."""
+        raise NotImplementedError
+
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
+        """Update one service to the pushed image, safely; report steps through steps. Raises only
+        EngineUnreachable (the queue waits for the engine), or OSError if the journal cannot be opened."""
+        raise NotImplementedError
+
+    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
+        """Make a service whole after its update was cut off (a crash, the engine gone), as plan() says."""
+        raise NotImplementedError
+
+    def engine_answers(self) -> bool:
+        """Whether the engine behind this target answers."""
+        return Engine(self.config, self.runner).answers()
+
+    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
+        """Re-read what runs here, leaving alone what runs in the busy lanes (a deployment in flight); full:
+        everything, else at least what is new. CommandError or ValueError if it cannot be read."""
+        raise NotImplementedError
+
+    def refresh_around(self, ref: ServiceRef) -> None:
+        """Re-read what an update of ref may have changed (by default everything), as refresh() does."""
+        self.refresh()
+
+    def lane(self, ref: ServiceRef) -> Hashable:
+        """What an update of ref must not run beside (by default the service itself)."""
+        return ref
+
+    def describe(self) -> List[Finding]:
+        """What this target is and what would update, one finding per line (for --check)."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """What this target is, in one line (for the start-up log)."""
+        raise NotImplementedError
+
+    def service_findings(self, label: str) -> List[Finding]:
+        """One line per service: the pushes that update it, or why none does."""
+        found = []
+        for service in self.running():
+            keys, why = triggers(self.config, service)
+            found.append((True, f"{label} {service.ref}: " + (
+                f"updates on a push of {pushes(service, keys)}" if keys else f"{why}, never updated")))
+        return found
+
+
+class Verdict(enum.Enum):
+    READY = "ready"
+    WAIT = "wait"
+    FAILED = "failed"
+
+
+class Health(NamedTuple):
+    """A verdict on a service's new containers at one moment, with what it waits for or why it failed."""
+
+    verdict: Verdict
+    reason: str = ""
+
+
+def health_limit(containers: Sequence[Container], health_timeout: float, settle_time: float) -> float:
+    """Seconds the new containers get: HEALTH_TIMEOUT or the longest start_period, plus settling if needed."""
+    limit = max([health_timeout] + [c.start_period for c in containers])
+    return limit + (settle_time if not all(c.has_healthcheck for c in containers) else 0)
+
+
+class Patience(NamedTuple):
+    """How long the new containers have waited, how long they get, and how long one without a healthcheck must
+    run before it counts as ready (SETTLE_TIME)."""
+
+    waited: float
+    limit: float
+    settle_time: float
+
+
+def judge(containers: Sequence[Container], expected: int, first_seen: Mapping[str, Tuple[float, str]],
+          now: float, patience: Patience) -> Health:
+    """Judge inspected containers: ready, keep waiting, or failed with a reason. Pure.
+
+    first_seen maps a container id to when it was first seen running and its StartedAt then.
+    """
+    ready, waiting = 0, "not running"
+    for c in containers:
+        failed, is_ready, waiting = container_health(c, first_seen.get(c.id, (now, c.started_at)), now,
+                                                     patience.settle_time)
+        if failed:
+            return Health(Verdict.FAILED, failed)
+        ready += is_ready
+    if ready == expected == len(containers):
+        return Health(Verdict.READY)
+    if patience.waited >= patience.limit:
+        return Health(Verdict.FAILED, f"still {waiting} after {patience.limit:g}s")
+    return Health(Verdict.WAIT, waiting)
+
+
+def container_health(c: Container, seen: Tuple[float, str], now: float, settle_time: float
+                     ) -> Tuple[Optional[str], bool, str]:
+    """One container's part of the verdict: why it failed (or None), whether it is ready, what it waits for.
+    seen: when it was first seen running, and its StartedAt then. Pure."""
+    seen_at, seen_start = seen
+    if c.status in ("exited", "dead"):
+        return f"container {c.name} exited with code {c.exit_code}", False, ""
+    if c.restart_count > 0 or c.status == "restarting" or seen_start != c.started_at:
+        return f"container {c.name} restarted", False, ""
+    if c.status != "running":
+        return None, False, c.status or "not running"
+    if not c.has_healthcheck:
+        return None, now - seen_at >= settle_time, "settling"
+    if c.health == "unhealthy":
+        return f"container {c.name} is unhealthy", False, ""
+    return None, c.health == "healthy", f"health {c.health or 'unknown'}"
+
+
+class Targets(Target):
+    """Several targets as one: each service goes to the target that owns it."""
+
+    def __init__(self, members: Sequence[Target]):
+        self.members = list(members)
+        first = self.members[0] if self.members else None
+        super().__init__(first.config if first else None, first.engine_version if first else "")
+        self.runner = first.runner if first else None
+
+    def owner(self, ref: ServiceRef) -> Optional[Target]:
+        return next((member for member in self.members if member.owns(ref)), None)
+
+    def owns(self, ref: ServiceRef) -> bool:
+        return self.owner(ref) is not None
+
+    def running(self) -> List[Running]:
+        return [service for member in self.members for service in member.running()]
+
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
+        owner = self.owner(ref)
+        return owner.update(ref, digest, steps) if owner else Outcome(reason=f"{ref} is no longer found here")
+
+    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
+        owner = self.owner(ref)
+        return owner.recover(ref, record, steps) if owner else Outcome(
+            reason=f"{ref} is no longer found here; nothing was run for its unfinished update")
+
+    def engine_answers(self) -> bool:
+        return all(member.engine_answers() for member in self.members)
+
+    def lane(self, ref: ServiceRef) -> Hashable:
+        owner = self.owner(ref)
+        return owner.lane(ref) if owner else ref
+
+    def refresh_around(self, ref: ServiceRef) -> None:
+        """Re-read only the member that owns ref."""
+        owner = self.owner(ref)
+        if owner is not None:
+            owner.refresh_around(ref)
+
+    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
+        """Re-read each member; one that cannot be read keeps its last view and does not stop the others."""
+        for member in self.members:
+            try:
+                member.refresh(busy, full)
+            except (CommandError, EngineUnreachable, ValueError) as error:
+                log.warning("could not re-read %s: %s", type(member).__name__, error)
+
+    def describe(self) -> List[Finding]:
+        return [finding for member in self.members for finding in member.describe()]
+
+    def summary(self) -> str:
+        return " ".join(member.summary() for member in self.members)
+
+
+# -- the steps any container-based target takes: wait and judge, roll back by tag, clean up ---
+
+
+class ContainerSteps:
+    """Engine-level steps on containers, written once for every target that replaces containers."""
+
+    def __init__(self, config: Config, docker: "Compose"):
+        self.config, self.docker, self.engine = config, docker, docker.engine
+
+    def wait_until_ready(self, ids: Sequence[str], steps: StepLog, stopped: Optional[float]) -> None:
+        """Poll the new containers until judged ready; raise DeployFailed with the reason otherwise."""
+        started = steps.clock()
+        try:
+            health, containers = self.poll(ids, steps, stopped, started)
+        except CommandError as error:
+            steps.record("wait", "failed", started)
+            raise DeployFailed(f"wait failed: {error}") from None
+        if health.verdict is Verdict.READY:
+            steps.record("wait", "ok", started)
+            return
+        steps.record("wait", "failed", started)
+        for c in containers:
+            steps.container_log(c.name, self.engine.logs(c.name))
+        raise DeployFailed(health.reason)
+
+    def poll(self, ids: Sequence[str], steps: StepLog, stopped: Optional[float], started: float
+             ) -> Tuple[Health, List[Container]]:
+        """Inspect the containers with a growing pause until the verdict is not WAIT; note the downtime
+        (from stopped, when an old container was stopped, to the first one running)."""
+        if not ids:
+            return Health(Verdict.FAILED, "wait failed: compose up created no container"), []
+        first_seen: Dict[str, Tuple[float, str]] = {}
+        for delay in backoff(POLL_FIRST, POLL_FACTOR, POLL_MAX):
+            containers, now = self.engine.inspect(ids), steps.clock()
+            for c in containers:
+                if c.status == "running" and not first_seen and stopped is not None:
+                    steps.note("downtime", "ok", now - stopped)
+                if c.status == "running":
+                    first_seen.setdefault(c.id, (now, c.started_at))
+            limit = health_limit(containers, self.config.health_timeout, self.config.settle_time)
+            health = judge(containers, len(ids), first_seen, now, Patience(now - started, limit, self.config.settle_time))
+            if health.verdict is not Verdict.WAIT:
+                return health, containers
+            steps.sleep(delay)
+        raise AssertionError("unreachable: backoff() never ends")
+
+    def retire(self, container: Container, steps: StepLog, prefix: str = "") -> None:
+        """Stop and remove a container."""
+        steps.step(Stage(prefix + "stop"), lambda: self.engine.stop(container.name))
+        steps.step(Stage(prefix + "remove"), lambda: self.engine.remove(container.name))
+
+    def point(self, image_id: str, image: str, move: Optional[TagMove], new: bool) -> None:
+        """Make a later `compose up` run image_id: a tracked service's env file names its tag (the new one, or the
+        old), and image (the reference that tag makes) names image_id."""
+        if move is not None and move.env_file and move.variable:
+            self.docker.write_env(move.env_file, move.variable, move.new_tag if new else move.old_tag)
+        self.engine.tag(image_id, image)
+
+    def put_back_tag(self, old_id: str, image: str, steps: StepLog, journalled: bool = True,
+                     move: Optional[TagMove] = None) -> None:
+        """Point the image name (and a tracked service's env file) at the old image again, so a later `compose up`
+        keeps it; best effort. Not journalled where nothing has changed yet: a crash there must still leave the
+        service alone."""
+        tag = lambda: self.point(old_id, image, move, new=False)  # noqa: E731
+        try:
+            steps.step(Stage.ROLLBACK_TAG, tag) if journalled else steps.look(Stage.ROLLBACK_TAG.value, tag)
+        except DeployFailed as error:
+            log.warning("%s %s", steps.label, error)
+
+    def has_image(self, image_id: str) -> bool:
+        try:
+            self.engine.image_id(image_id)
+            return True
+        except CommandError:
+            return False
+
+    def clean_up(self, old_ids: Sequence[str], new_id: Optional[str], steps: StepLog) -> None:
+        """Remove the replaced images; keep one, with a log line, if Docker says it is still in use."""
+        for image_id in old_ids:
+            if image_id == new_id:
+                continue
+            started = steps.clock()
+            if steps.needed_by_another(image_id):
+                steps.record("cleanup", "kept", started)
+                log.info("%s kept old image %s: an update in flight elsewhere may roll back to it", steps.label,
+                         image_id[:19])
+                continue
+            try:
+                self.engine.remove_image(image_id)
+            except (CommandError, EngineUnreachable) as error:  # a success stays one; the image is kept
+                steps.record("cleanup", "kept", started)
+                log.info("%s kept old image %s: %s", steps.label, image_id[:19], error.tail)
+                continue
+            steps.record("cleanup", "ok", started)
+
+
+# -- Compose: where a project lives, and its services updated through Compose ----------------
+
+
+def own_container_id(mountinfo: str, cgroup: str) -> Optional[str]:
+    """Find the id of the container this process runs in, from /proc/self/{mountinfo,cgroup} text."""
+    match = re.search(r"/containers/([0-9a-f]{64})/", mountinfo) or re.search(
+        r"(?:docker[-/])([0-9a-f]{64})", cgroup)
+    return match.group(1) if match else None
+
+
+def _project_name(config: Config, labels: Mapping[str, str]) -> Tuple[Optional[str], str]:
+    if config.project_name:
+        return config.project_name, "COMPOSE_PROJECT_NAME"
+    if labels.get("com.docker.compose.project"):
+        return labels["com.docker.compose.project"], "label com.docker.compose.project of this container"
+    return None, "Compose's default, the project folder's name"
+
+
+def locate(config: Config, labels: Mapping[str, str], cwd: str) -> ComposeLocation:
+    """Decide project name, files and working dir: explicit settings win, then our own container's labels."""
+    project = labels.get("com.docker.compose.project")
+    working_dir = labels.get("com.docker.compose.project.working_dir")
+    files = [f for f in labels.get("com.docker.compose.project.config_files", "").split(",") if f]
+    name, name_source = _project_name(config, labels)
+    separator = path_separator(config)
+    if config.compose_file:
+        # Made absolute because Compose then runs in the project directory, not in ours.
+        paths = [os.path.abspath(os.path.join(cwd, f)) for f in config.compose_file.split(separator) if f]
+        compose_file, file_source = separator.join(paths), "COMPOSE_FILE"
+    elif files and working_dir:
+        compose_file = separator.join(os.path.join(working_dir, f) for f in files)
+        file_source = "label com.docker.compose.project.config_files of this container"
+    else:
+        compose_file, file_source = None, "Compose's default, compose.yaml or docker-compose.yml"
+    if working_dir:
+        directory, dir_source = working_dir, "label com.docker.compose.project.working_dir of this container"
+    elif config.compose_file:
+        # Compose's project directory is the first file's; ${PWD} and ./paths then mean what they meant there.
+        directory, dir_source = os.path.dirname(compose_file.split(separator)[0]), "directory of the first COMPOSE_FILE"
+    else:
+        directory, dir_source = cwd, "current directory"
+    # gopdater leaves its own service alone when it works on its own project.
+    own_service = labels.get("com.docker.compose.service") if project and name == project else None
+    return ComposeLocation(name, name_source, compose_file, file_source, directory, dir_source, own_service)
+
+
+COMPOSE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*[-_][a-zA-Z0-9][a-zA-Z0-9._-]*[-_][0-9]+", re.ASCII)
 
 
 # -- release steps: commands from a service's labels around its update -----------------------
@@ -3043,6 +3620,39 @@ def start_first_refusal(containers: Sequence[Container]) -> Optional[str]:
         if not c.has_healthcheck:
             return f"{c.name} has no healthcheck, which start-first needs"
     return None
+
+
+def by_service(containers: Iterable[Container], services: Sequence[str]) -> Dict[str, List[Container]]:
+    """Containers grouped by their service, for the services named."""
+    found: Dict[str, List[Container]] = {}
+    for container in containers:
+        if container.service in services:
+            found.setdefault(container.service, []).append(container)
+    return found
+
+
+def env_file_for(docker: "Compose", variable: str) -> Tuple[str, Optional[str]]:
+    """The env file to keep variable in (the last that defines it, else the last Compose reads), and why it
+    cannot be rewritten from here, or None."""
+    read = {}
+    for path in docker.env_files():
+        if outside_folder(path, docker.location.working_dir):  # checked before it is read
+            return path, (f"{path} lies outside the project's folder (links resolved): gopdater reads and "
+                          "writes env files inside it only")
+        try:
+            read[path] = EnvFile.read(path)
+        except OSError as error:
+            return path, f"{path} cannot be read: {error.strerror or error}"
+    path = next((p for p in reversed(list(read)) if env_value(read[p].text, variable) is not None), path)
+    folder = os.path.dirname(path)
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return path, (f"{path} cannot be written here (gopdater replaces it atomically, in its folder): mount "
+                      f"{folder} read-write")
+    try:
+        rewrite_env(read[path].text, variable, "0.0.0")
+    except ValueError as error:
+        return path, f"{path}: {error}"
+    return path, None
 
 
 class ComposeProject(Target):
@@ -3135,12 +3745,6 @@ class ComposeProject(Target):
         """The whole project: two `compose up` of one project never run at once."""
         return (self.kind, ref.project)
 
-    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
-        return ComposeUpdate(self, steps).run(ref.name)
-
-    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
-        return ComposeRecovery(self, steps).run(ref.name, record)
-
     # -- version channels -----------------------------------------------------------------
 
     def read_tracking(self) -> Dict[str, Tracking]:
@@ -3230,38 +3834,15 @@ class ComposeProject(Target):
         return (f"compose={' '.join(self.docker.command)} {self.version} project={self.name} "
                 f"dir={self.docker.location.working_dir} services={services}")
 
+    # -- its update and its recovery ----------------------------------------------------
 
-def by_service(containers: Iterable[Container], services: Sequence[str]) -> Dict[str, List[Container]]:
-    """Containers grouped by their service, for the services named."""
-    found: Dict[str, List[Container]] = {}
-    for container in containers:
-        if container.service in services:
-            found.setdefault(container.service, []).append(container)
-    return found
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
+        """The Compose update of one service: a ComposeUpdate."""
+        return ComposeUpdate(self, steps).run(ref.name)
 
-
-def env_file_for(docker: "Compose", variable: str) -> Tuple[str, Optional[str]]:
-    """The env file to keep variable in (the last that defines it, else the last Compose reads), and why it
-    cannot be rewritten from here, or None."""
-    read = {}
-    for path in docker.env_files():
-        if outside_folder(path, docker.location.working_dir):  # checked before it is read
-            return path, (f"{path} lies outside the project's folder (links resolved): gopdater reads and "
-                          "writes env files inside it only")
-        try:
-            read[path] = EnvFile.read(path)
-        except OSError as error:
-            return path, f"{path} cannot be read: {error.strerror or error}"
-    path = next((p for p in reversed(list(read)) if env_value(read[p].text, variable) is not None), path)
-    folder = os.path.dirname(path)
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        return path, (f"{path} cannot be written here (gopdater replaces it atomically, in its folder): mount "
-                      f"{folder} read-write")
-    try:
-        rewrite_env(read[path].text, variable, "0.0.0")
-    except ValueError as error:
-        return path, f"{path}: {error}"
-    return path, None
+    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
+        """Recovery of one service from its journal record: a ComposeRecovery."""
+        return ComposeRecovery(self, steps).run(ref.name, record)
 
 
 # -- the Compose update: one plan, carried out step by step, rolled back as one -------------
@@ -3401,7 +3982,7 @@ class ComposeUpdate:
 
         def run() -> None:
             try:
-                printed = self.docker.release_step(row, plan.service, where, plan.release.commands[stage], env,
+                printed = self.docker.release_step(row.where == IN_ONE_OFF, plan.service, where, plan.release.commands[stage], env,
                                                    plan.release.timeout)
             except CommandError as error:
                 self.steps.command_output(stage.value, error.output)
@@ -3763,12 +4344,6 @@ def unreadable(config: Config, location: ComposeLocation) -> Optional[str]:
     return f"{', '.join(missing)} cannot be read here: mount or fix it" if missing else None
 
 
-def outside_folder(path: str, folder: str) -> bool:
-    """Whether path, its links resolved, lies outside folder (its links resolved too)."""
-    real, base = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([real, base]) != base
-
-
 # -- Swarm: services updated by Swarm itself -------------------------------------------------
 
 
@@ -3932,295 +4507,6 @@ class SwarmServices(Target):
 
 
 # ==========================================================================================
-# Docker commands: one subprocess wrapper, a dry-run runner, and every command gopdater runs
-# ==========================================================================================
-
-
-class Engine:
-    """Every `docker` command gopdater runs, as argv lists: the runner, its timeout and its environment bound
-    once. Names reach these argv lists only from the engine's own answers, the operator's settings and Compose
-    files, never from a payload (a payload picks among services already read; see Target.services_for)."""
-
-    def __init__(self, config: Config, runner: Runner):
-        self.config, self.runner = config, runner
-
-    @property
-    def dry(self) -> bool:
-        """Whether commands that change something are only logged (DRY_RUN)."""
-        return getattr(self.runner, "dry", False)
-
-    def run(self, argv: Sequence[str], timeout: Optional[float] = None, **kwargs) -> str:
-        return self.runner(list(argv), timeout=timeout or self.config.command_timeout,
-                           env=kwargs.pop("env", self.config.command_env), **kwargs)
-
-    def read(self, argv: Sequence[str]) -> str:
-        """A read-only command, logged at debug level."""
-        return self.run(argv, quiet=True)
-
-    # -- the engine itself --------------------------------------------------------------
-
-    def version(self) -> str:
-        return self.read(["docker", "version", "--format", "{{.Server.Version}}"]).strip()
-
-    def info(self, field: str) -> object:
-        """One field of `docker info` (Swarm, RegistryConfig), as JSON."""
-        return json.loads(self.read(["docker", "info", "--format", f"{{{{json .{field}}}}}"]) or "null")
-
-    # -- containers -----------------------------------------------------------------------
-
-    def container_ids(self, labels: Sequence[str]) -> List[str]:
-        """Every container (stopped ones too) carrying all these labels (key=value, or a key alone)."""
-        return self.read(["docker", "ps", "-a", "-q", "--no-trunc",
-                          *(arg for label in labels for arg in ("--filter", f"label={label}"))]).split()
-
-    def compose_container_ids(self) -> List[str]:
-        """Every container Compose made on the engine (stopped ones too), short ids: the host listing."""
-        return self.read(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"]).split()
-
-    def inspect_raw(self, ids: Sequence[str]) -> List[dict]:
-        """`docker inspect` of containers (or tasks, or one id), as JSON."""
-        return json.loads(self.read(["docker", "inspect", *ids])) if ids else []
-
-    def inspect(self, ids: Sequence[str]) -> List[Container]:
-        """Inspect containers by id, labels as they are (the new containers of an update: judged, not read)."""
-        return [Container.from_inspect(d) for d in self.inspect_raw(ids)]
-
-    def containers(self, ids: Sequence[str]) -> List[Container]:
-        """Containers just listed, inspected, each less the labels its image carries (one `docker inspect` and
-        one `docker image inspect` for all); one removed meanwhile is left out."""
-        listed = self.inspect_listed(ids)
-        images = sorted({data.get("Image") or "" for data in listed} - {""})
-        carried = dict(zip(images, self.image_labels(images))) if images else {}
-        return [Container.from_inspect(data, carried.get(data.get("Image") or "", {})) for data in listed]
-
-    def inspect_listed(self, ids: Sequence[str]) -> List[dict]:
-        """`docker inspect` of containers just listed, leaving out any removed meanwhile (containers come and go
-        on a busy host; one gone must not make the whole listing fail)."""
-        try:
-            return self.inspect_raw(ids)
-        except CommandError as error:
-            if "No such object" not in error.tail:
-                raise
-        return [data for one in ids for data in self.inspect_known(one)]
-
-    def inspect_known(self, container: str) -> List[dict]:
-        """`docker inspect` of one container; [] if Docker no longer knows it."""
-        try:
-            return self.inspect_raw([container])
-        except CommandError as error:
-            if "No such object" not in error.tail:
-                raise
-        return []
-
-    def start(self, name: str) -> None:
-        self.run(["docker", "start", name], mutates=True)
-
-    def stop(self, name: str) -> None:
-        self.run(["docker", "stop", "-t", str(self.config.stop_timeout), name],
-                 timeout=self.config.stop_timeout + self.config.command_timeout, mutates=True)
-
-    def remove(self, name: str) -> None:
-        self.run(["docker", "rm", name], mutates=True)
-
-    def discard(self, name: str) -> None:
-        self.run(["docker", "rm", "-f", name], mutates=True)
-
-    def network(self, verb: str, network: str, name: str, aliases: Sequence[str] = ()) -> None:
-        self.run(["docker", "network", verb, *(a for alias in aliases for a in ("--alias", alias)), network, name],
-                 mutates=True)
-
-    def exec(self, where: str, argv: Sequence[str], env: Mapping[str, str], timeout: float) -> str:
-        """Run a release step in a running container; what it printed (stdout and stderr as one stream)."""
-        given = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
-        return self.run(["docker", "exec", *given, where, *argv], timeout=timeout, mutates=True, both=True)
-
-    def logs(self, name: str) -> List[str]:
-        """The container's last log lines, stdout and stderr together; never raises."""
-        try:
-            text = self.run(["docker", "logs", "--tail", str(LOG_TAIL_LINES), name], quiet=True, both=True)
-        except (CommandError, EngineUnreachable):
-            return []
-        return printed_lines(text)
-
-    # -- images ---------------------------------------------------------------------------
-
-    def pull(self, image: str) -> None:
-        self.run(["docker", "pull", image], timeout=self.config.pull_timeout, mutates=True)
-
-    def image_id(self, image: str) -> str:
-        return self.read(["docker", "image", "inspect", "--format", "{{.Id}}", image]).strip()
-
-    def image_labels(self, image_ids: Sequence[str]) -> List[Mapping[str, str]]:
-        """The labels each image carries, in order; CommandError if one cannot be read."""
-        text = self.read(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", *image_ids])
-        found = [json.loads(line or "null") for line in text.splitlines()[:len(image_ids)]]
-        if len(found) != len(image_ids):
-            raise CommandError(["docker", "image", "inspect"], 1, "fewer answers than images asked")
-        return [labels if isinstance(labels, dict) else {} for labels in found]
-
-    def repo_digests(self, image_ids: Sequence[str]) -> Dict[str, List[str]]:
-        """The registry digests each image was pulled by (`RepoDigests`), by image id."""
-        text = self.read(["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", *image_ids])
-        return dict(zip(image_ids, (json.loads(line or "null") or [] for line in text.splitlines())))
-
-    def tag(self, image_id: str, image: str) -> None:
-        self.run(["docker", "tag", image_id, image], mutates=True)
-
-    def remove_image(self, image_id: str) -> None:
-        self.run(["docker", "rmi", image_id], mutates=True)
-
-    # -- Swarm ----------------------------------------------------------------------------
-
-    def service_names(self) -> List[str]:
-        return self.read(["docker", "service", "ls", "-q"]).split()
-
-    def service_inspect(self, names: Sequence[str]) -> List[dict]:
-        return json.loads(self.read(["docker", "service", "inspect", *names])) if names else []
-
-    def service_update(self, name: str, image: str) -> None:
-        """Have Swarm move a service to an image (a tag, resolved by Swarm now), with the registry login."""
-        self.run(["docker", "service", "update", "--detach", "--image", image, "--with-registry-auth", name],
-                 mutates=True)
-
-    def service_rollback(self, name: str) -> None:
-        self.run(["docker", "service", "rollback", "--detach", name], mutates=True)
-
-    def service_tasks(self, name: str) -> List[dict]:
-        """The tasks Swarm wants running for a service, inspected."""
-        ids = self.read(["docker", "service", "ps", "-q", "--filter", "desired-state=running", name]).split()
-        return json.loads(self.read(["docker", "inspect", "--type", "task", *ids])) if ids else []
-
-
-class Compose:
-    """Every Compose command gopdater runs for one project, as argv lists (its docker commands: engine)."""
-
-    def __init__(self, config: Config, location: ComposeLocation, command: Sequence[str], runner: Runner,
-                 json_config: bool = False):
-        self.config, self.location, self.runner, self.json_config = config, location, runner, json_config
-        self.engine = Engine(config, runner)
-        self.command = [*command, *(arg for path in location.env_files for arg in ("--env-file", path))]
-        env = dict(config.command_env)
-        # Compose interpolates ${PWD}; make it the project directory, as on the host.
-        env["PWD"] = location.working_dir
-        if location.project_name:
-            env["COMPOSE_PROJECT_NAME"] = location.project_name
-        if location.compose_file:
-            env["COMPOSE_FILE"], env["COMPOSE_PATH_SEPARATOR"] = location.compose_file, path_separator(config)
-        self.env = types.MappingProxyType(env)
-
-    def run(self, argv: Sequence[str], timeout: Optional[float] = None, **kwargs) -> str:
-        return self.runner(list(argv), timeout=timeout or self.config.command_timeout, env=self.env,
-                           cwd=self.location.working_dir, **kwargs)
-
-    def list_services(self) -> Dict[str, "Configured"]:
-        """Service names of the project, each with its deploy.update_config.order and labels as the Compose
-        file gives them (`compose config --format json`, Compose v2), else names alone (v1)."""
-        if not self.json_config:
-            return {s: Configured() for s in self.run([*self.command, "config", "--services"], quiet=True).split()
-                    if SERVICE_RE.fullmatch(s)}
-        services = json.loads(self.run([*self.command, "config", "--format", "json"], quiet=True)).get("services")
-        return {name: Configured.from_config(value if isinstance(value, dict) else {})
-                for name, value in (services or {}).items() if SERVICE_RE.fullmatch(name)}
-
-    def raw_images(self) -> Dict[str, str]:
-        """Each service's image as the Compose file writes it, variables not filled in (`config --no-interpolate`:
-        JSON from Compose v2, YAML from v1)."""
-        if not self.json_config:
-            return raw_images_from_yaml(self.run([*self.command, "config", "--no-interpolate"], quiet=True))
-        services = json.loads(self.run([*self.command, "config", "--no-interpolate", "--format", "json"],
-                                       quiet=True)).get("services")
-        return {str(name): str(value.get("image") or "") for name, value in (services or {}).items()
-                if isinstance(value, dict)}
-
-    def env_files(self) -> Tuple[str, ...]:
-        """The env files Compose reads for the project, the last winning: as its labels name them, else .env."""
-        return self.location.env_files or (os.path.join(self.location.working_dir, ".env"),)
-
-    def write_env(self, path: str, variable: str, value: str) -> None:
-        """Set variable=value in the project's env file (logged, not done, under DRY_RUN); FileWriteError."""
-        if getattr(self.runner, "dry", False):
-            log.info("dry-run would write %s=%s to %s", variable, value, path)
-            return
-        try:
-            line = write_env(path, variable, value)
-        except (OSError, ValueError) as error:
-            raise FileWriteError(path, getattr(error, "strerror", None) or str(error)) from None
-        if line is not None:
-            log.info("wrote %r to %s", line, path)
-
-    def release_step(self, row: ReleaseStage, service: str, where: str, argv: Sequence[str], env: Mapping[str, str],
-                     timeout: float) -> str:
-        """Run one release step: in the container where (`docker exec`), or IN_ONE_OFF in a one-off container
-        of the service named where (`compose run --rm --no-deps -T`), removed if it outlives timeout."""
-        if row.where != IN_ONE_OFF:
-            return self.engine.exec(where, argv, env, timeout)
-        given = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
-        try:
-            return self.run([*self.command, "run", "--rm", "--no-deps", "-T", "--name", where, *given, service, *argv],
-                            timeout=timeout, mutates=True, both=True)
-        except CommandError as error:
-            if error.code is None:  # killing Compose leaves its one-off container running
-                with contextlib.suppress(CommandError, EngineUnreachable):
-                    self.engine.discard(where)
-            raise
-
-    def create_next(self, service: str, count: int) -> None:
-        """One more container of the service, created and not started, the others left as they are."""
-        self.run([*self.command, "up", "--no-start", "--no-deps", "--no-recreate", "--scale", f"{service}={count}",
-                  service], mutates=True)
-
-    def container_ids(self, service: Optional[str] = None) -> List[str]:
-        """Ids of the project's containers (of one service): by label when the project's name is known, as one
-        `docker ps` costs a fraction of Compose loading the project (under load, 0.1 s against 0.7 s), else
-        from `compose ps`."""
-        name = self.location.project_name
-        if not name:
-            return self.run([*self.command, "ps", "-a", "-q", *([service] if service else [])], quiet=True).split()
-        return self.engine.container_ids([f"com.docker.compose.project={name}",
-                                          *([f"com.docker.compose.service={service}"] if service else [])])
-
-    def containers(self, service: Optional[str] = None, labelled: bool = True) -> List[Container]:
-        """The project's containers (one-off `run` containers left out), optionally of one service; their labels
-        less their images' unless labelled is False (the ids alone are wanted: the images are not read)."""
-        ids = self.container_ids(service)
-        found = (self.engine.containers(ids) if labelled else
-                 [Container.from_inspect(data) for data in self.engine.inspect_listed(ids)])
-        return project_containers(found, service)
-
-    def pull(self, service: str) -> None:
-        self.run([*self.command, "pull", service], timeout=self.config.pull_timeout, mutates=True)
-
-    def up(self, service: str) -> None:
-        self.run([*self.command, "up", "-d", "--no-deps", service], mutates=True)
-
-
-
-def detect_compose(config: Config, runner: Runner) -> Tuple[List[str], str]:
-    """Find the Compose command and its version: COMPOSE_COMMAND, else `docker compose`, else `docker-compose`."""
-    if config.compose_command != "auto":
-        candidates = [shlex.split(config.compose_command)]
-    else:
-        candidates = [["docker", "compose"], ["docker-compose"]]
-    errors = []
-    for command in candidates:
-        try:
-            version = runner([*command, "version", "--short"], timeout=config.command_timeout,
-                             env=config.command_env, quiet=True).strip().lstrip("v")
-        except CommandError as error:
-            errors.append(f"{' '.join(command)}: {error.tail or error.code}")
-            continue
-        if re.match(r"\d+\.", version):
-            return command, version
-        errors.append(f"{' '.join(command)}: unexpected version {version[:40]!r}")
-    raise CommandError(candidates[-1], 127, "; ".join(errors))
-
-
-def compose_flavour(version: str) -> str:
-    """'v1' for the Python docker-compose 1.x, else 'v2' (the Go Compose, v2 and later)."""
-    return "v1" if version.startswith("1.") else "v2"
-
-
-# ==========================================================================================
 # Reconciling: the registry asked what each tag names now, so that no push is missed
 # ==========================================================================================
 #
@@ -4232,6 +4518,7 @@ def compose_flavour(version: str) -> str:
 RECONCILE_TIMEOUT = 10.0  # seconds one request to a registry may take, whole
 RECONCILE_REGISTRIES = 4  # registries asked at once
 REGISTRY_HEAD_MAX = 16 * 1024
+REGISTRY_READ_BYTES = 64 * 1024
 REGISTRY_BODY_MAX = 1024 * 1024  # a token, or one page of tags
 TAG_PAGES_MAX = 10
 MANIFEST_ACCEPT = ", ".join((
@@ -4308,7 +4595,7 @@ def read_reply(sock: socket.socket, left: Callable[[], float], bodiless: bool) -
         if len(data) > REGISTRY_HEAD_MAX:
             raise RegistryError("an answer head over 16 KiB")
         sock.settimeout(left())
-        chunk = sock.recv(READ_BYTES)
+        chunk = sock.recv(REGISTRY_READ_BYTES)
         if not chunk:
             raise RegistryError("the connection closed mid-answer")
         data += chunk
@@ -4338,7 +4625,7 @@ def read_body(sock: socket.socket, left: Callable[[], float], data: bytes, heade
         if chunked and buffer.endswith(b"0\r\n\r\n"):
             break
         sock.settimeout(left())
-        chunk = sock.recv(READ_BYTES)
+        chunk = sock.recv(REGISTRY_READ_BYTES)
         if not chunk:
             break
         buffer += chunk
@@ -4702,14 +4989,12 @@ class Reconciler:
 
 
 # ==========================================================================================
-# Notifications and metrics: what gopdater tells the outside about deployments
+# Notifications: what gopdater tells the outside about each deployment
 # ==========================================================================================
 
 NOTIFY_TIMEOUT, NOTIFY_RETRY_DELAY = 5.0, 1.0
 REASON_MAX = 2000  # characters of a deployment's reason kept (it may quote a command's stderr)
 NOTIFY_BODY_MAX = 64 * 1024  # bytes of one notification's body at most: LOG_TAIL_LINES lines of LINE_MAX and more
-DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-OUTAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
 
 SENTENCES = {
@@ -4743,6 +5028,17 @@ def notification(deployment: Deployment, outcome: Outcome, seconds: float, secre
     return {k: [clean(v) for v in value] if isinstance(value, list) else clean(value) for k, value in payload.items()}
 
 
+def notifying(config: Config, send: Callable[[str, dict], bool]) -> Tell:
+    """What the work queue tells as each deployment ends: its notification, sent to each NOTIFY_URL when
+    NOTIFY_ON names its result."""
+    def tell(deployment: Deployment, outcome: Outcome, seconds: float) -> None:
+        if outcome.result.value in config.notify_on and config.notify_url:
+            payload = notification(deployment, outcome, seconds, config.secret)
+            for url in config.notify_url:
+                send(url, payload)
+    return tell
+
+
 # -- what each service renders: the format follows from the URL, or its #fragment ------------
 
 RESULT_LOOK = {  # result: (Discord colour, ntfy tag, ntfy and Gotify priority)
@@ -4759,10 +5055,6 @@ def message_fields(payload: dict) -> List[Tuple[str, str]]:
     if payload.get("new_tag"):
         fields.insert(2, ("Version", f"{payload['old_tag']} -> {payload['new_tag']}"))
     return fields + ([("Reason", payload["reason"])] if payload["reason"] else [])
-
-
-def short_id(image: Optional[str]) -> str:
-    return (image or "-").replace("sha256:", "")[:12]
 
 
 def plain_message(payload: dict) -> str:
@@ -4889,6 +5181,7 @@ NOTIFY_FORMATS: Dict[str, NotifyFormat] = {
                           render_teams),
     "json": NotifyFormat(lambda p: True, lambda payload, parts: as_json(payload)),
 }
+NOTIFY_FORMAT_NAMES.extend(NOTIFY_FORMATS)
 
 
 def notify_format(url: str) -> str:
@@ -5110,209 +5403,6 @@ class Notifier:
                 pending.put(None, timeout=max(0.0, end - time.monotonic()))
         for _, thread in lanes:
             thread.join(max(0.0, end - time.monotonic()))
-
-
-# -- the status page: one HTML page, no script, no external asset, every value escaped ------
-
-PAGE_STYLE = """body{font:15px/1.4 system-ui,sans-serif;margin:0 auto;max-width:60em;padding:1em;color:#222}
-h1{font-size:1.4em}h1 small{font-weight:normal;color:#666;font-size:.7em}h2{font-size:1.1em;margin-top:1.5em}
-table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.3em .5em;border-bottom:1px solid #ddd;
-vertical-align:top}th{font-size:.85em;color:#555}code{font-size:.9em;word-break:break-all}
-.r{display:inline-block;padding:0 .45em;border-radius:.3em;color:#fff;background:#757575;font-size:.85em}
-.updated{background:#2e7d32}.rolled-back{background:#ef6c00}.failed{background:#c62828}.recovered{background:#1565c0}
-.running,.queued{background:#6a1b9a}.bar{display:flex;height:.7em;width:12em;max-width:40vw;background:#eee}
-.bar span{background:#90a4ae;border-right:1px solid #fff}.bar span.out{background:#e53935}
-.err{color:#b71c1c;font-size:.85em;white-space:normal}.n{white-space:nowrap}
-@media(max-width:40em){.wide{display:none}td,th{padding:.25em}}"""
-RESULT_WORDS = {"updated": "updated", "rolled-back": "rolled back", "failed": "failed", "recovered": "recovered",
-                "up-to-date": "up to date", "skipped": "skipped", "dry-run": "dry run", "queued": "queued",
-                "running": "running", "cancelled": "cancelled"}
-OUTAGE_STEPS = frozenset({"stop", "remove", "up", "rollback-stop", "rollback-remove", "rollback-up"})
-
-
-def badge(state: object) -> str:
-    state = str(state)
-    return f'<span class="r {html.escape(state)}">{html.escape(RESULT_WORDS.get(state, state))}</span>'
-
-
-def step_bar(steps: Sequence[Mapping[str, object]]) -> str:
-    """The steps of a deployment as a bar, each as wide as its share of the time; the outage steps in red."""
-    timed = [(str(s.get("step")), float(s["seconds"])) for s in steps
-             if s.get("step") not in ("done", "downtime") and isinstance(s.get("seconds"), (int, float))]
-    total = sum(seconds for _, seconds in timed) or 1.0
-    spans = "".join(f'<span class="{"out" if step in OUTAGE_STEPS else ""}" style="width:{100 * seconds / total:.1f}%" '
-                    f'title="{html.escape(step)} {seconds:.2f} s"></span>' for step, seconds in timed)
-    return f'<div class="bar" role="img" aria-label="steps">{spans}</div>'
-
-
-def when(stamp: object) -> str:
-    """An ISO time as the page shows it: date and time, UTC."""
-    return html.escape(str(stamp or "")[:19].replace("T", " "))
-
-
-def service_name(view: Mapping[str, object]) -> str:
-    return f"{view.get('project')}/{view.get('service')}" if view.get("project") else str(view.get("service"))
-
-
-def status_rows(services: Sequence["Running"], views: Sequence[Mapping[str, object]]) -> List[str]:
-    """One row per service: kind, name, image and tag, the running image's short id, the last result and when."""
-    last = {}
-    for view in views:  # newest first
-        last.setdefault((view.get("kind"), view.get("project") or "", view.get("service")), view)
-    rows = []
-    for service in services:
-        view = last.get((service.ref.kind, service.ref.project, service.ref.name))
-        result = f"{badge(view['state'])} <span class=n>{when(view.get('finished') or view.get('created'))}</span>" \
-            if view else "none yet"
-        rows.append(f"<tr><td>{html.escape(str(service.ref))}</td><td class=wide>{service.ref.kind}</td>"
-                    f"<td><code>{html.escape(str(service.image or '-'))}</code>{channel_note(service.tracking)}</td>"
-                    f"<td><code>{html.escape(short_id(service.image_id))}</code></td><td>{result}</td></tr>")
-    return rows
-
-
-def channel_note(tracking: Optional["Tracking"]) -> str:
-    """Under a tracked service's image: the channel it follows (and its variable), or why it follows none."""
-    if tracking is None:
-        return ""
-    follows, words = tracking_words(tracking, f" ({tracking.variable})" if tracking.variable else "")
-    return f"<div class={'n' if follows else 'err'}>{html.escape(words)}</div>"
-
-
-def deployment_rows(views: Sequence[Mapping[str, object]]) -> List[str]:
-    """One row per deployment: when, service, image, result (and why), the time it took, its steps drawn."""
-    rows = []
-    for view in views:
-        took = next((s.get("seconds") for s in view.get("steps") or () if s.get("step") == "done"), None)
-        error = f'<div class=err>{html.escape(str(view["error"])[:300])}</div>' if view.get("error") else ""
-        rows.append(f"<tr><td class='wide n'>{when(view.get('started') or view.get('created'))}</td>"
-                    f"<td>{html.escape(service_name(view))}</td><td class='wide n'><code>"
-                    f"{html.escape(str(view.get('tag')))}</code></td><td>{badge(view.get('state'))}{error}</td>"
-                    f"<td class=n>{'' if took is None else f'{float(took):.1f} s'}</td>"
-                    f"<td>{step_bar(view.get('steps') or ())}</td></tr>")
-    return rows
-
-
-def reconcile_line(report: "Report") -> str:
-    """The last round of asking the registry, for the status page, escaped. Pure."""
-    if not report.rounds:
-        return "<p>The registry has not been asked yet.</p>"
-    errors = "".join(f'<br><span class=err>{html.escape(registry)}: {html.escape(why)}</span>'
-                     for registry, why in sorted(report.errors.items()))
-    found = f" ({html.escape(', '.join(report.behind))})" if report.behind else ""
-    return (f"<p>The registry was last asked at {html.escape(report.finished)}: {report.asked} services, "
-            f"{len(report.behind)} behind{found}.{errors}</p>")
-
-
-def status_page(services: Sequence["Running"], views: Sequence[Mapping[str, object]], now: datetime,
-                report: Optional["Report"] = None) -> str:
-    """The whole page: what gopdater manages, what runs now, the last deployments. Pure."""
-    active = [v for v in views if v.get("state") in ("queued", "running")]
-    now_rows = "".join(f"<li>{badge(v['state'])} {html.escape(service_name(v))} <code>{html.escape(str(v.get('tag')))}"
-                       f"</code></li>" for v in active) or "<li>nothing queued or running</li>"
-    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
-            '<meta name=viewport content="width=device-width,initial-scale=1"><meta http-equiv=refresh content=10>'
-            f"<title>gopdater</title><style>{PAGE_STYLE}</style></head><body>"
-            f"<h1>gopdater <small>{__version__} &middot; {len(services)} services &middot; "
-            f"{now.strftime('%Y-%m-%d %H:%M:%S')} UTC</small></h1><h2>Now</h2><ul>{now_rows}</ul>"
-            f"{reconcile_line(report or Report())}"
-            "<h2>Services</h2><table><tr><th>Service</th><th class=wide>Kind</th><th>Image</th><th>Running</th>"
-            f"<th>Last result</th></tr>{''.join(status_rows(services, views))}</table>"
-            "<h2>Last deployments</h2><table><tr><th class=wide>Started</th><th>Service</th><th class=wide>Tag</th>"
-            f"<th>Result</th><th>Took</th><th>Steps (red: out of service)</th></tr>{''.join(deployment_rows(views))}"
-            "</table></body></html>")
-
-
-class Histogram:
-    """A Prometheus histogram: cumulative buckets, a sum and a count."""
-
-    def __init__(self, buckets: Sequence[float]):
-        self.buckets, self.counts, self.sum, self.count = tuple(buckets), [0] * len(buckets), 0.0, 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            self.counts[i] += value <= bound
-        self.sum, self.count = self.sum + value, self.count + 1
-
-    def lines(self, name: str) -> List[str]:
-        rows = [f'{name}_bucket{{le="{bound:g}"}} {n}' for bound, n in zip(self.buckets, self.counts)]
-        return rows + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6g}",
-                       f"{name}_count {self.count}"]
-
-
-def _labels(**labels: object) -> str:
-    escaped = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in labels.values())
-    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, escaped)) + "}"
-
-
-class Metrics:
-    """Counters for /metrics. Label values are gopdater's own names (senders, codes, results, services)."""
-
-    def __init__(self, clock: Callable[[], float] = time.time):
-        self.clock, self.lock = clock, threading.Lock()
-        self.hooks: collections.Counter = collections.Counter()
-        self.rejected_requests: collections.Counter = collections.Counter()
-        self.results: collections.Counter = collections.Counter()
-        self.duration, self.outage = Histogram(DURATION_BUCKETS), Histogram(OUTAGE_BUCKETS)
-        self.last: Dict[str, Tuple[float, State]] = {}
-        self.tags: Dict[str, Tuple[str, str, State]] = {}  # tracked service: its last move and how it ended
-
-    def hook(self, sender: str, status: HTTPStatus) -> None:
-        with self.lock:
-            self.hooks[(sender, int(status))] += 1
-
-    def rejected(self, status: HTTPStatus) -> None:
-        with self.lock:
-            self.rejected_requests[int(status)] += 1
-
-    def deployed(self, service: str, result: State, seconds: float, steps: Sequence[Step],
-                 tags: Optional[Tuple[Optional[str], str]] = None) -> None:
-        with self.lock:
-            if tags is not None:
-                self.tags[service] = (tags[0] or "", tags[1], result)
-            self.results[result.value] += 1
-            self.duration.observe(seconds)
-            for step in steps:
-                if step.step == "downtime":
-                    self.outage.observe(step.seconds)
-            self.last[service] = (self.clock(), result)
-
-    def render(self, queue: Optional[WorkQueue], report: Optional["Report"] = None) -> str:
-        """The Prometheus text exposition format (0.0.4)."""
-        report = report or Report()
-        with self.lock:
-            families = [
-                ("gopdater_reconcile_rounds_total", "counter", "Rounds of asking the registries what tags name.",
-                 [f" {report.rounds}"]),
-                ("gopdater_reconcile_services", "gauge", "Services asked in the last round, and found behind.",
-                 [f'{{found="asked"}} {report.asked}', f'{{found="behind"}} {len(report.behind)}']),
-                ("gopdater_reconcile_errors", "gauge", "1 for each registry that failed in the last round.",
-                 [f"{_labels(registry=r)} 1" for r in sorted(report.errors)]),
-                ("gopdater_hooks_total", "counter", "Webhook deliveries answered, by sender and status code.",
-                 [f"{_labels(sender=s, code=c)} {n}" for (s, c), n in sorted(self.hooks.items())]),
-                ("gopdater_rejected_requests_total", "counter", "Requests answered with a 4xx or 5xx code.",
-                 [f"{_labels(code=c)} {n}" for c, n in sorted(self.rejected_requests.items())]),
-                ("gopdater_deployments_total", "counter", "Service updates ended, by result.",
-                 [f"{_labels(result=r)} {n}" for r, n in sorted(self.results.items())]),
-                ("gopdater_last_deployment_timestamp_seconds", "gauge", "When each service's last update ended.",
-                 [f"{_labels(service=s)} {t:.3f}" for s, (t, _) in sorted(self.last.items())]),
-                ("gopdater_last_deployment_result", "gauge", "1 for the result of each service's last update.",
-                 [f"{_labels(service=s, result=r.value)} 1" for s, (_, r) in sorted(self.last.items())]),
-                ("gopdater_last_version_move", "gauge", "1 for each tracked service's last move between tags.",
-                 [f"{_labels(service=s, old_tag=o, new_tag=n, result=r.value)} 1"
-                  for s, (o, n, r) in sorted(self.tags.items())]),
-                ("gopdater_queue_length", "gauge", "Deployments queued or running.",
-                 [f" {queue.queued() if queue else 0}"]),
-            ]
-            lines = []
-            for name, kind, help_text, rows in families:
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-                lines += [name + row for row in rows]
-            for name, histogram, help_text in (
-                    ("gopdater_deployment_duration_seconds", self.duration, "Seconds a service update took."),
-                    ("gopdater_outage_seconds", self.outage, "Seconds from stopping the old container to the "
-                                                             "new one running.")):
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *histogram.lines(name)]
-        return "\n".join(lines) + "\n"
 
 
 # ==========================================================================================
@@ -6303,15 +6393,6 @@ def engine_version(config: Config, runner: Runner) -> str:
                           "or set DOCKER_HOST") from None
 
 
-def engine_answers(config: Config, runner: Runner) -> bool:
-    """Whether the Docker engine answers `docker version`."""
-    try:
-        engine_version(config, runner)
-        return True
-    except ConfigError:
-        return False
-
-
 def own_labels(config: Config, runner: Runner, read_file: Callable[[str], str]) -> Mapping[str, str]:
     """The Compose labels of the container gopdater runs in, if it runs in one."""
     container_id = own_container_id(read_file("/proc/self/mountinfo"), read_file("/proc/self/cgroup"))
@@ -6436,8 +6517,8 @@ def start_then_work(config: Config, app: App, server: HookServer, failed: List[s
     if problem:
         log.error("%s; until then every deployment fails before it starts", problem)
     notifier = Notifier() if config.notify_url else None
-    app.queue = WorkQueue(config, target, metrics=app.metrics, journal=journal,
-                          notify=notifier.submit if notifier else None)
+    app.queue = WorkQueue(config, target, QueueSeams(tell=notifying(config, notifier.submit if notifier else (
+        lambda url, payload: send_notification(url, payload))), metrics=app.metrics, journal=journal))
     if app.queue.restore():
         log.warning("updates cut off by the last stop are recovered first")
     for ok, line in target.describe():

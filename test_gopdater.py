@@ -492,9 +492,9 @@ class Rig:
 
     def new_queue(self, journal=None, notify=None):
         """A work queue on this rig's fake engine and STATE_DIR, as a fresh start of gopdater makes it."""
-        return gopdater.WorkQueue(self.config, self.project, clock=self.clock, sleep=self.clock.sleep,
-                                  notify=notify or (lambda url, body: self.notices.append((url, body)) or True),
-                                  metrics=self.metrics, journal=journal or self.journal)
+        send = notify or (lambda url, body: self.notices.append((url, body)) or True)
+        return gopdater.WorkQueue(self.config, self.project, gopdater.QueueSeams(
+            self.clock, self.clock.sleep, gopdater.notifying(self.config, send), self.metrics, journal or self.journal))
 
     def post(self, path, body, **hdrs):
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -1834,8 +1834,8 @@ class WorkerTest(unittest.TestCase):
                 raised.append(payload["deployment"])
                 raise RuntimeError("a bug in the notifier")
             return True
-        queue = gopdater.WorkQueue(rig.config, rig.project, clock=rig.clock, sleep=rig.clock.sleep, notify=notify,
-                                   metrics=rig.metrics, journal=rig.journal)
+        queue = gopdater.WorkQueue(rig.config, rig.project, gopdater.QueueSeams(
+            rig.clock, rig.clock.sleep, gopdater.notifying(rig.config, notify), rig.metrics, rig.journal))
         app = gopdater.App(rig.config, queue, rig.metrics)
         worker = threading.Thread(target=gopdater.work_until_stopped, args=(queue,), daemon=True)
         with self.assertLogs("gopdater", "INFO") as logs:
@@ -2884,7 +2884,7 @@ class HealthVerdictTest(unittest.TestCase):
         for name, containers, first_seen, now, waited, expected in cases:
             with self.subTest(case=name):
                 expected_count = 2 if name == "one of two missing" else 1
-                verdict = gopdater.judge(containers, expected_count, first_seen, now, waited, 60, 10)
+                verdict = gopdater.judge(containers, expected_count, first_seen, now, gopdater.Patience(waited, 60, 10))
                 self.assertEqual((verdict.verdict, verdict.reason), expected)
 
     def test_limit_is_the_longest_start_period_plus_settling_without_healthcheck(self):
@@ -2995,9 +2995,10 @@ class HouseRulesTest(unittest.TestCase):
     def test_sections_follow_the_webhook(self):
         """The banner comments come in the order a webhook flows through the file."""
         banners = re.findall(r"^# ={20,}\n# ([^:\n]+)", (HERE / "gopdater.py").read_text(), re.MULTILINE)
-        self.assertEqual(banners, ["Image references", "Docker's vocabulary", "Settings", "Senders", "The request pipeline", "The work queue",
-                                   "The journal", "Update targets", "Docker commands", "Reconciling", "Notifications and metrics",
-                                   "The HTTP transport", "--check", "main"])
+        self.assertEqual(banners, ["Image references", "Docker's vocabulary", "Settings", "Senders",
+                                   "The request pipeline", "The work queue", "The journal", "Docker commands",
+                                   "Update targets", "Reconciling", "Notifications", "The HTTP transport", "--check",
+                                   "main"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3136,8 +3137,8 @@ class StateFolderTest(unittest.TestCase):
         deployment = gopdater.Deployment("0123456789ab", "dockerhub", gopdater.parse_reference("acme/site"), None,
                                          gopdater.ServiceRef("compose", "gone", "site"))
         host = gopdater.Targets([rig.project])
-        queue = gopdater.WorkQueue(rig.config, host, clock=rig.clock, sleep=rig.clock.sleep, journal=rig.journal,
-                                   notify=lambda url, body: True)
+        queue = gopdater.WorkQueue(rig.config, host, gopdater.QueueSeams(rig.clock, rig.clock.sleep,
+                                                                   journal=rig.journal))
         outcome = queue.run_target(deployment, gopdater.StepLog(deployment, queue.lock, rig.clock, rig.clock.sleep,
                                                                 rig.journal))
         self.assertEqual((outcome.result, outcome.reason), (gopdater.State.FAILED, "gone/site is no longer found here"))
@@ -4772,7 +4773,7 @@ class TrackedComposeTest(unittest.TestCase):
         self.assertEqual((body["old_tag"], body["new_tag"]), ("1.4.2", "1.4.3"))
         self.assertIn(("Version", "1.4.2 -> 1.4.3"), gopdater.message_fields(body))
         self.assertIn('gopdater_last_version_move{service="demo/site",old_tag="1.4.2",new_tag="1.4.3",'
-                      'result="updated"} 1', rig.metrics.render(rig.queue))
+                      'result="updated"} 1', rig.metrics.render(rig.queue.queued()))
 
 
 def with_tag_values(data, old, new):
