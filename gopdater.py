@@ -228,11 +228,6 @@ class TagMove(NamedTuple):
     env_file: Optional[str] = None
     variable: Optional[str] = None
 
-    @classmethod
-    def from_record(cls, record: "Record") -> Optional["TagMove"]:
-        if not (record.old_tag and record.new_tag):
-            return None
-        return cls(record.old_tag, record.new_tag, record.env_file, record.variable)
 
 
 def tracking_words(tracking: Tracking, where: str = "") -> "Finding":
@@ -375,6 +370,33 @@ class Step(NamedTuple):
     step: str
     result: str
     seconds: float
+
+
+class Stage(str, enum.Enum):
+    """The steps an update journals; each is also the name of its timed step in the view and the log."""
+
+    START = "start"  # the record is open; nothing has run yet (for START_FIRST: the new container starts)
+    INSPECT = "inspect"
+    PULL = "pull"
+    COMPARE = "compare"
+    STOP = "stop"
+    REMOVE = "remove"
+    UP = "up"
+    RECOVER_TAG = "recover-tag"
+    ROLLBACK_TAG = "rollback-tag"
+    ROLLBACK_STOP = "rollback-stop"
+    ROLLBACK_REMOVE = "rollback-remove"
+    ROLLBACK_UP = "rollback-up"
+    CREATE = "create"
+    ISOLATE = "isolate"
+    CONNECT = "connect"
+    DISCARD = "discard"
+    UPDATE = "update"
+    ROLLBACK = "rollback"
+    PRE_UPDATE = "pre-update"  # release steps: commands from the service's labels (gopdater.<stage>)
+    MIGRATE = "migrate"
+    POST_UPDATE = "post-update"
+    SET_TAG = "set-tag"  # version channels: the new tag written into the project's env file
 
 
 class DeployFailed(Exception):
@@ -2185,12 +2207,13 @@ class StepLog:
         self.label = f"deployment={deployment.id} service={deployment.ref}"
         self.key = f"{deployment.ref.kind}:{deployment.ref}"
 
-    def begin(self, procedure: Procedure) -> None:
+    def begin(self, procedure: enum.Enum) -> None:
         """Open the journal record before any command; OSError if it cannot be written."""
         if self.journal is not None:
             ref = self.deployment.ref
             self.journal.open(self.key, Record(ref.kind, ref.project, ref.name, self.deployment.id,
-                                               str(self.deployment.key), procedure, Stage.START, _now()))
+                                               str(self.deployment.key), procedure.value, Stage.START, _now(),
+                                               part=RECORD_KINDS[ref.kind].part()))
 
     def failed_before(self, image: Optional[str]) -> bool:
         """Whether this image was rolled back for this service before: a replay must not try it again."""
@@ -2229,8 +2252,8 @@ class StepLog:
     def step(self, stage: Stage, action: Callable[[], object]):
         """Run one stage, journalled first, and timed; a CommandError becomes DeployFailed naming it."""
         record = self.record_now()
-        if record is not None and (record.procedure, stage) not in RECOVERY:
-            raise ValueError(f"{stage.value} is not a stage of {record.procedure.value}: add its RECOVERY row")
+        if record is not None and (record.procedure, stage) not in RECORD_KINDS[record.kind].recovery:
+            raise ValueError(f"{stage.value} is not a stage of {record.procedure}: add its recovery row")
         self.remember(stage=stage)
         return self.look(stage.value, action)
 
@@ -2283,110 +2306,58 @@ def backoff(first: float, factor: float, most: float):
 # RECOVERY is that decision as a table, with a row for every stage a procedure journals.
 
 
-class Procedure(str, enum.Enum):
-    """How an update changes a service; what its journalled stages mean depends on it."""
-
-    REPLACE = "replace"  # stop and remove the old containers, compose up, wait (also any recovery of it)
-    START_FIRST = "start-first"  # a new container beside the old one, switched in once healthy
-    SWARM = "swarm"  # docker service update, then Swarm's own UpdateStatus
+RecoveryRows = Mapping[Tuple[str, Stage], Tuple[enum.Enum, enum.Enum]]
 
 
-class Stage(str, enum.Enum):
-    """The steps an update journals; each is also the name of its timed step in the view and the log."""
+class RecordKind(NamedTuple):
+    """What the journal knows of one kind of target, all declared by the target itself (RECORD_KINDS)."""
 
-    START = "start"  # the record is open; nothing has run yet (for START_FIRST: the new container starts)
-    INSPECT = "inspect"
-    PULL = "pull"
-    COMPARE = "compare"
-    STOP = "stop"
-    REMOVE = "remove"
-    UP = "up"
-    RECOVER_TAG = "recover-tag"
-    ROLLBACK_TAG = "rollback-tag"
-    ROLLBACK_STOP = "rollback-stop"
-    ROLLBACK_REMOVE = "rollback-remove"
-    ROLLBACK_UP = "rollback-up"
-    CREATE = "create"
-    ISOLATE = "isolate"
-    CONNECT = "connect"
-    DISCARD = "discard"
-    UPDATE = "update"
-    ROLLBACK = "rollback"
-    PRE_UPDATE = "pre-update"  # release steps: commands from the service's labels (gopdater.<stage>)
-    MIGRATE = "migrate"
-    POST_UPDATE = "post-update"
-    SET_TAG = "set-tag"  # version channels: the new tag written into the project's env file
+    part: type  # a NamedTuple of the fields only this kind journals, every one optional, with CHECKS and from_stored
+    recovery: RecoveryRows  # (procedure, stage) -> (what recovery does if every container runs, if not)
+    legacy: Callable[[Mapping[str, object]], str]  # the procedure of a record gopdater 1.1 wrote (it named none)
 
 
-class Action(enum.Enum):
-    """What recovery does with a service an update left unfinished."""
-
-    LEAVE = "leave"  # nothing had changed: record it as it was
-    JUDGE = "judge"  # what runs now is judged as a new container would be; rolled back if it fails
-    BRING_UP = "bring-up"  # bring the service up on the new image, or back on the old one if that is gone
-    ROLL_BACK = "roll-back"  # the update had failed: finish putting the old image back
-    SETTLE = "settle"  # a start-first switch: keep exactly one container, the old one if it still serves
-    FOLLOW = "follow"  # Swarm went on alone: follow its update to the end
-    REFUSE = "refuse"  # the record is not one gopdater wrote: run nothing, say so
-
-
-_ROLLBACK = (Stage.ROLLBACK_TAG, Stage.ROLLBACK_STOP, Stage.ROLLBACK_REMOVE, Stage.ROLLBACK_UP)
-# (procedure, stage) -> (the action if every container of the service runs, the action if not)
-RECOVERY: Dict[Tuple[Procedure, Stage], Tuple[Action, Action]] = {
-    **{(Procedure.REPLACE, s): (Action.LEAVE, Action.LEAVE)
-       for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE, Stage.SET_TAG, Stage.PRE_UPDATE,
-                 Stage.MIGRATE)},
-    **{(Procedure.REPLACE, s): (Action.JUDGE, Action.BRING_UP)
-       for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG, Stage.POST_UPDATE)},
-    **{(Procedure.REPLACE, s): (Action.ROLL_BACK, Action.ROLL_BACK) for s in _ROLLBACK},
-    **{(Procedure.START_FIRST, s): (Action.SETTLE, Action.SETTLE)
-       for s in (Stage.INSPECT, Stage.CREATE, Stage.ISOLATE, Stage.START, Stage.CONNECT, Stage.POST_UPDATE,
-                 Stage.DISCARD, Stage.STOP, Stage.REMOVE, *_ROLLBACK)},
-    **{(Procedure.SWARM, s): (Action.LEAVE, Action.LEAVE) for s in (Stage.START, Stage.INSPECT)},
-    **{(Procedure.SWARM, s): (Action.FOLLOW, Action.FOLLOW) for s in (Stage.UPDATE, Stage.ROLLBACK)},
-}
+RECORD_KINDS: Dict[str, RecordKind] = {}  # kind: its row, added where each target is defined
 
 
 class Record(NamedTuple):
-    """One update in progress, as journal.json keeps it."""
+    """One update in progress, as journal.json keeps it: the fields every target journals, and its own part."""
 
     kind: str
     project: str
     service: str
     deployment: str
     reference: str  # the pushed image and tag
-    procedure: Procedure
+    procedure: str  # how the update changes the service, one of its kind's (the first half of a recovery key)
     stage: Stage
     started: str
-    old_image: Optional[str] = None  # image ids, from docker inspect
+    old_image: Optional[str] = None  # image ids (or Swarm's reference@digest)
     new_image: Optional[str] = None
     image: Optional[str] = None  # the reference the service runs, as its containers name it
-    old_container: Optional[str] = None  # start-first: the two containers and the new one's networks
-    new_container: Optional[str] = None
-    networks: Mapping[str, Tuple[str, ...]] = {}
-    swarm_started: Optional[str] = None  # Swarm's UpdateStatus.StartedAt before the update
     old_tag: Optional[str] = None  # version channels: the tag it ran and the tag it moves to
     new_tag: Optional[str] = None
-    env_file: Optional[str] = None  # Compose: where the tag is kept, as variable=tag
-    variable: Optional[str] = None
+    part: Optional[tuple] = None  # its kind's own fields (RecordKind.part), None until begun
 
     @classmethod
     def from_json(cls, data: object) -> Optional["Record"]:
         """A record read back from disk, if every field is what gopdater writes; else None."""
-        if not isinstance(data, dict):
+        kind = RECORD_KINDS.get(str(data.get("kind"))) if isinstance(data, dict) else None
+        if kind is None:
             return None
-        fields = {k: v for k, v in data.items() if k in cls._fields}
+        fields = {k: v for k, v in data.items() if k in cls._fields and k != "part"}
         if "step" in data and "stage" not in data:  # written by gopdater 1.1
-            fields["stage"] = data["step"]
-            fields["procedure"] = (Procedure.SWARM if data.get("kind") == "swarm" else Procedure.START_FIRST
-                                   if data.get("new_container") else Procedure.REPLACE).value
+            fields.update(stage=data["step"], procedure=kind.legacy(data))
         try:
-            record = cls(**{**fields, "procedure": Procedure(fields.get("procedure")),
-                            "stage": Stage(fields.get("stage")), "networks": {
-                                str(k): tuple(v) for k, v in (fields.get("networks") or {}).items()}})
+            record = cls(**{**fields, "stage": Stage(fields.get("stage")), "part": kind.part.from_stored(
+                {k: v for k, v in data.items() if k in kind.part._fields})})
         except (TypeError, ValueError, AttributeError):
             return None
         return record if record_problem(record) is None else None
+
+    def stored(self) -> dict:
+        """The record as journal.json keeps it: one flat object, its part's fields beside the shared ones."""
+        shared = {k: v for k, v in self._asdict().items() if k != "part"}
+        return {**shared, **(self.part._asdict() if self.part is not None else {}), "stage": self.stage.value}
 
 
 def image_value(text: str) -> bool:
@@ -2395,33 +2366,41 @@ def image_value(text: str) -> bool:
     return bool(DIGEST_RE.fullmatch(text) or (parse_reference(reference) and (not at or DIGEST_RE.fullmatch(digest))))
 
 
-RECORD_CHECKS: Tuple[Tuple[str, Callable[[str], object]], ...] = (
-    ("kind", re.compile(r"compose|swarm").fullmatch), ("project", lambda v: v == "" or PROJECT_RE.fullmatch(v)),
-    ("service", SERVICE_RE.fullmatch), ("deployment", re.compile(r"[0-9a-f]{12}|recovery").fullmatch),
-    ("reference", parse_reference), ("image", parse_reference), ("old_image", image_value),
-    ("new_image", image_value), ("old_container", CONTAINER_RE.fullmatch), ("new_container", CONTAINER_RE.fullmatch),
-    ("started", lambda v: True), ("swarm_started", lambda v: True), ("old_tag", TAG_RE.fullmatch),
-    ("new_tag", TAG_RE.fullmatch), ("env_file", lambda v: os.path.isabs(v) and not set(v) & {"\0", "\n", "\r"}),
-    ("variable", ENV_NAME_RE.fullmatch))
+def written(valid: Callable[[str], object]) -> Callable[[object], bool]:
+    """A field check: a string gopdater could have written (valid, and never like an option)."""
+    return lambda value: isinstance(value, str) and not value.startswith("-") and bool(valid(value))
+
+
+RECORD_CHECKS: Tuple[Tuple[str, Callable[[object], bool]], ...] = (
+    ("kind", lambda v: isinstance(v, str) and v in RECORD_KINDS), ("project", written(lambda v: v == "" or PROJECT_RE.fullmatch(v))),
+    ("service", written(SERVICE_RE.fullmatch)), ("deployment", written(re.compile(r"[0-9a-f]{12}|recovery").fullmatch)),
+    ("reference", written(parse_reference)), ("procedure", written(re.compile(r"[a-z][a-z-]*").fullmatch)),
+    ("image", written(parse_reference)), ("old_image", written(image_value)), ("new_image", written(image_value)),
+    ("started", written(lambda v: True)), ("old_tag", written(TAG_RE.fullmatch)), ("new_tag", written(TAG_RE.fullmatch)))
 
 
 def record_problem(record: Record) -> Optional[str]:
     """Why a record cannot be acted on (a field gopdater would never write, e.g. one like an option), or None."""
-    for field, valid in RECORD_CHECKS:
-        value = getattr(record, field)
-        optional = field in Record._field_defaults
-        if (value is not None or not optional) and (not isinstance(value, str) or not valid(value)
-                                                    or value.startswith("-")):
+    kind = RECORD_KINDS.get(record.kind)
+    part = record.part if record.part is not None else kind.part() if kind else None
+    if kind is not None and record.procedure not in {procedure for procedure, _ in kind.recovery}:
+        return "its procedure is not one of its kind's"
+    checks = [(record, field, valid) for field, valid in RECORD_CHECKS]
+    checks += [(part, field, valid) for field, valid in (getattr(part, "CHECKS", ()) if kind else ())]
+    for holder, field, valid in checks:
+        value = getattr(holder, field)
+        optional = field in type(holder)._field_defaults
+        if (value is not None or not optional) and not valid(value):
             return f"its {field} is not one gopdater writes"
-    if not all(SERVICE_RE.fullmatch(n) and all(SERVICE_RE.fullmatch(a) for a in v) for n, v in record.networks.items()):
-        return "its networks are not valid names"
     return None
 
 
-def plan(record: Record, running: bool) -> Action:
-    """What recovery does, from the record and whether every container of its service runs. Pure."""
-    row = RECOVERY.get((record.procedure, record.stage))
-    return Action.REFUSE if row is None else row[0 if running else 1]
+def plan(record: Record, running: bool) -> Optional[enum.Enum]:
+    """What recovery does, from the record and whether every container of its service runs: its kind's recovery
+    row for where the update was cut off; None (run nothing, say so) where its kind has no row. Pure."""
+    kind = RECORD_KINDS.get(record.kind)
+    row = kind.recovery.get((record.procedure, record.stage)) if kind else None
+    return None if row is None else row[0 if running else 1]
 
 
 def write_atomically(path: str, data: object) -> None:
@@ -2619,9 +2598,13 @@ class Journal:
             self.write_locked()
 
     def mark(self, key: str, **fields: object) -> None:
-        """Record where an update stands (fields of Record); raises OSError if that cannot be written."""
+        """Record where an update stands (fields of Record, or of its kind's part); raises OSError if that cannot be
+        written."""
         with self.lock:
-            self.records[key] = self.records[key]._replace(**fields)
+            record = self.records[key]
+            shared = {k: v for k, v in fields.items() if k in Record._fields}
+            own = {k: v for k, v in fields.items() if k not in shared}
+            self.records[key] = record._replace(**shared, part=record.part._replace(**own) if own else record.part)
             self.write_locked()
 
     def close(self, key: str) -> None:
@@ -2653,8 +2636,7 @@ class Journal:
                 log.warning("could not keep the failed image of %s: %s", key, error.strerror)
 
     def write_locked(self) -> None:
-        updates = {key: {**r._asdict(), "procedure": r.procedure.value, "stage": r.stage.value}
-                   for key, r in self.records.items()}
+        updates = {key: record.stored() for key, record in self.records.items()}
         write_atomically(self.journal_path, {"version": JOURNAL_VERSION, "updates": updates, "failed": self.failed})
 
     def save_history(self, views: List[dict]) -> None:
@@ -3622,6 +3604,73 @@ def start_first_refusal(containers: Sequence[Container]) -> Optional[str]:
     return None
 
 
+# -- what a Compose update journals, and what recovery does at each stage -------------------
+
+
+class ComposeProcedure(str, enum.Enum):
+    """How a Compose update changes a service; what its journalled stages mean depends on it."""
+
+    REPLACE = "replace"  # stop and remove the old containers, compose up, wait (also any recovery of it)
+    START_FIRST = "start-first"  # a new container beside the old one, switched in once healthy
+
+
+class ComposeAction(enum.Enum):
+    """What Compose recovery does with a service an update left unfinished."""
+
+    LEAVE = "leave"  # nothing had changed: record it as it was
+    JUDGE = "judge"  # what runs now is judged as a new container would be; rolled back if it fails
+    BRING_UP = "bring-up"  # bring the service up on the new image, or back on the old one if that is gone
+    ROLL_BACK = "roll-back"  # the update had failed: finish putting the old image back
+    SETTLE = "settle"  # a start-first switch: keep exactly one container, the old one if it still serves
+
+
+class ComposePart(NamedTuple):
+    """What only a Compose update journals: a start-first switch's two containers and the new one's networks, and
+    a tracked service's env file and variable."""
+
+    old_container: Optional[str] = None
+    new_container: Optional[str] = None
+    networks: Mapping[str, Tuple[str, ...]] = {}
+    env_file: Optional[str] = None  # where the tag is kept, as variable=tag
+    variable: Optional[str] = None
+
+    CHECKS = (  # a class attribute (no annotation), not a field
+        ("old_container", written(CONTAINER_RE.fullmatch)), ("new_container", written(CONTAINER_RE.fullmatch)),
+        ("env_file", written(lambda v: os.path.isabs(v) and not set(v) & {"\0", "\n", "\r"})),
+        ("variable", written(ENV_NAME_RE.fullmatch)),
+        ("networks", lambda v: all(written(SERVICE_RE.fullmatch)(n) and all(map(written(SERVICE_RE.fullmatch), a))
+                                   for n, a in v.items())))
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, object]) -> "ComposePart":
+        networks = data.get("networks") or {}
+        return cls(**{**data, "networks": {str(k): tuple(v) for k, v in networks.items()}})
+
+
+_ROLLBACK = (Stage.ROLLBACK_TAG, Stage.ROLLBACK_STOP, Stage.ROLLBACK_REMOVE, Stage.ROLLBACK_UP)
+_P, _A = ComposeProcedure, ComposeAction
+COMPOSE_ROWS: RecoveryRows = {
+    **{(_P.REPLACE, s): (_A.LEAVE, _A.LEAVE)
+       for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE, Stage.SET_TAG, Stage.PRE_UPDATE,
+                 Stage.MIGRATE)},
+    **{(_P.REPLACE, s): (_A.JUDGE, _A.BRING_UP)
+       for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG, Stage.POST_UPDATE)},
+    **{(_P.REPLACE, s): (_A.ROLL_BACK, _A.ROLL_BACK) for s in _ROLLBACK},
+    **{(_P.START_FIRST, s): (_A.SETTLE, _A.SETTLE)
+       for s in (Stage.INSPECT, Stage.CREATE, Stage.ISOLATE, Stage.START, Stage.CONNECT, Stage.POST_UPDATE,
+                 Stage.DISCARD, Stage.STOP, Stage.REMOVE, *_ROLLBACK)},
+}
+RECORD_KINDS["compose"] = RecordKind(ComposePart, COMPOSE_ROWS, lambda data: (
+    ComposeProcedure.START_FIRST if data.get("new_container") else ComposeProcedure.REPLACE).value)
+
+
+def recorded_move(record: Record) -> Optional[TagMove]:
+    """A tracked service's tag move, as its record keeps it."""
+    if not (record.old_tag and record.new_tag):
+        return None
+    return TagMove(record.old_tag, record.new_tag, record.part.env_file, record.part.variable)
+
+
 def by_service(containers: Iterable[Container], services: Sequence[str]) -> Dict[str, List[Container]]:
     """Containers grouped by their service, for the services named."""
     found: Dict[str, List[Container]] = {}
@@ -3877,7 +3926,7 @@ class ComposeUpdate:
     def run(self, service: str) -> Outcome:
         """The Compose update, one step per line: journal, plan (inspect, pull, compare), release steps before the
         switch, the switch (health-gated, post-update after it, rolled back if anything fails), clean up."""
-        self.steps.begin(Procedure.REPLACE)
+        self.steps.begin(ComposeProcedure.REPLACE)
         plan = self.plan(service)
         if isinstance(plan, Outcome):
             return plan
@@ -4049,7 +4098,7 @@ class ComposeUpdate:
 
     def start_first(self, plan: ComposePlan) -> Outcome:
         """Each old container in turn: a new one beside it, off the networks until healthy, then switched in."""
-        self.steps.remember(procedure=Procedure.START_FIRST)
+        self.steps.remember(procedure=ComposeProcedure.START_FIRST.value)
         for container in plan.old:
             try:
                 self.switch(plan, container)
@@ -4112,8 +4161,9 @@ class ComposeRecovery:
         except DeployFailed as error:
             return outcome._replace(reason=str(error))
         action = plan(record, bool(containers) and all(c.status == "running" for c in containers))
-        if record.env_file and record.env_file not in self.docker.env_files():  # never a file a journal names
-            return outcome._replace(reason=f"its journal record names {record.env_file[:200]}, not an env file of the "
+        env_file = record.part.env_file
+        if env_file and env_file not in self.docker.env_files():  # never a file a journal names
+            return outcome._replace(reason=f"its journal record names {env_file[:200]}, not an env file of the "
                                            "project; nothing was run, check the service by hand")
         handler = COMPOSE_RECOVERY.get(action, ComposeRecovery.refuse)
         return handler(self, Cut(service, record, tuple(containers), outcome))
@@ -4145,7 +4195,7 @@ class ComposeRecovery:
         try:
             if not record.image or not record.new_image or not self.containers.has_image(record.new_image):
                 raise DeployFailed("the update was cut off before the new image was running")
-            move = TagMove.from_record(record)  # a tracked service's new image has its own tag: the old one stays
+            move = recorded_move(record)  # a tracked service's new image has its own tag: the old one stays
             image = with_tag(record.image, move.new_tag) if move else record.image
             self.steps.step(Stage.RECOVER_TAG, lambda: self.containers.point(record.new_image, image, move, new=True))
             self.procedure.replace(cut.service, cut.containers)
@@ -4161,12 +4211,12 @@ class ComposeRecovery:
         """Roll the service back to the image its record names, as the update itself would."""
         record = cut.record
         plan = ComposePlan(cut.service, cut.containers, record.image,
-                           (record.old_image,) if record.old_image else (), TagMove.from_record(record))
+                           (record.old_image,) if record.old_image else (), recorded_move(record))
         return self.procedure.roll_back(plan, cut.outcome._replace(reason=reason))
 
     def agree(self, record: Record, new: bool) -> None:
         """A tracked service's env file names the tag that now runs (the new one, or the old); best effort."""
-        move = TagMove.from_record(record)
+        move = recorded_move(record)
         if move is None or not move.env_file or not move.variable:
             return
         try:
@@ -4178,7 +4228,7 @@ class ComposeRecovery:
     def settle(self, cut: "Cut") -> Outcome:
         """A start-first switch was cut off: keep exactly one healthy container, the old one if it still runs."""
         by_name = {c.name: c for c in cut.containers}
-        old, new = by_name.get(cut.record.old_container or ""), by_name.get(cut.record.new_container or "")
+        old, new = by_name.get(cut.record.part.old_container or ""), by_name.get(cut.record.part.new_container or "")
         try:
             if old is not None and old.status == "running" or new is None:
                 return self.keep_old(cut, old, new)
@@ -4198,7 +4248,7 @@ class ComposeRecovery:
         if old is None or old.status != "running":
             raise DeployFailed("the switch was cut off with neither container running")
         if record.image and record.old_image:
-            self.containers.put_back_tag(record.old_image, record.image, self.steps, move=TagMove.from_record(record))
+            self.containers.put_back_tag(record.old_image, record.image, self.steps, move=recorded_move(record))
         return cut.outcome._replace(result=State.ROLLED_BACK, reason="the switch was cut off; the old container "
                                                                      "kept serving")
 
@@ -4206,14 +4256,14 @@ class ComposeRecovery:
         """Finish switching the new container in: started, on its networks again, healthy."""
         if new.status != "running":
             self.steps.step(Stage.START, lambda: self.engine.start(new.name))
-        for network, aliases in record.networks.items():
+        for network, aliases in record.part.networks.items():
             if network not in new.networks:
                 self.steps.step(Stage.CONNECT, lambda n=network, a=aliases: self.engine.network(
                     "connect", n, new.name, a))
         self.containers.wait_until_ready([new.id], self.steps, None)
 
     def refuse(self, cut: "Cut") -> Outcome:
-        return cut.outcome._replace(reason=f"its journal record ({cut.record.procedure.value} at "
+        return cut.outcome._replace(reason=f"its journal record ({cut.record.procedure} at "
                                            f"{cut.record.stage.value}) is not one Compose recovery knows; nothing "
                                            "was run, check the service by hand")
 
@@ -4227,10 +4277,10 @@ class Cut(NamedTuple):
     outcome: Outcome
 
 
-COMPOSE_RECOVERY: Dict[Action, Callable[[ComposeRecovery, Cut], Outcome]] = {
-    Action.LEAVE: ComposeRecovery.leave, Action.JUDGE: ComposeRecovery.judge_running,
-    Action.BRING_UP: ComposeRecovery.bring_up, Action.ROLL_BACK: ComposeRecovery.finish_rollback,
-    Action.SETTLE: ComposeRecovery.settle}
+COMPOSE_RECOVERY: Dict[ComposeAction, Callable[[ComposeRecovery, Cut], Outcome]] = {
+    ComposeAction.LEAVE: ComposeRecovery.leave, ComposeAction.JUDGE: ComposeRecovery.judge_running,
+    ComposeAction.BRING_UP: ComposeRecovery.bring_up, ComposeAction.ROLL_BACK: ComposeRecovery.finish_rollback,
+    ComposeAction.SETTLE: ComposeRecovery.settle}
 
 
 class ComposeHost(Targets):
@@ -4347,6 +4397,41 @@ def unreadable(config: Config, location: ComposeLocation) -> Optional[str]:
 # -- Swarm: services updated by Swarm itself -------------------------------------------------
 
 
+# -- what a Swarm update journals, and what recovery does at each stage ---------------------
+
+
+class SwarmProcedure(str, enum.Enum):
+    """How a Swarm update changes a service."""
+
+    SWARM = "swarm"  # docker service update, then Swarm's own UpdateStatus
+
+
+class SwarmAction(enum.Enum):
+    """What Swarm recovery does with a service an update left unfinished."""
+
+    LEAVE = "leave"  # nothing had been asked of Swarm: record it as it was
+    FOLLOW = "follow"  # Swarm went on alone: follow its update to the end
+
+
+class SwarmPart(NamedTuple):
+    """What only a Swarm update journals: Swarm's UpdateStatus.StartedAt before it, to tell its own update."""
+
+    swarm_started: Optional[str] = None
+
+    CHECKS = (("swarm_started", written(lambda v: True)),)
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, object]) -> "SwarmPart":
+        return cls(**data)
+
+
+SWARM_ROWS: RecoveryRows = {
+    **{(SwarmProcedure.SWARM, s): (SwarmAction.LEAVE, SwarmAction.LEAVE) for s in (Stage.START, Stage.INSPECT)},
+    **{(SwarmProcedure.SWARM, s): (SwarmAction.FOLLOW, SwarmAction.FOLLOW) for s in (Stage.UPDATE, Stage.ROLLBACK)},
+}
+RECORD_KINDS["swarm"] = RecordKind(SwarmPart, SWARM_ROWS, lambda data: SwarmProcedure.SWARM.value)
+
+
 class SwarmService(NamedTuple):
     """What `docker service inspect` says about one Swarm service."""
 
@@ -4414,7 +4499,7 @@ class SwarmServices(Target):
 
     def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
         """`docker service update --image <ref:tag> --with-registry-auth`, then follow Swarm's state."""
-        steps.begin(Procedure.SWARM)
+        steps.begin(SwarmProcedure.SWARM)
         try:
             before = steps.step(Stage.INSPECT, lambda: self.inspect([ref.name]))[0]
             outcome = Outcome(old_image=before.image)
@@ -4475,19 +4560,26 @@ class SwarmServices(Target):
         return bool(running) and len(running) == len(tasks) and service.replicas in (None, len(running))
 
     def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
-        """Swarm kept going without us: follow the update from where the journal says it was."""
+        """Swarm kept going without us: do what plan() says for where the journal says it was."""
         outcome = Outcome(old_image=record.old_image, old_tag=record.old_tag, new_tag=record.new_tag)
-        action = plan(record, True)
-        if action is Action.LEAVE:
-            return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was")
-        if action is not Action.FOLLOW:
-            return outcome._replace(reason=f"its journal record ({record.procedure.value} at {record.stage.value}) "
-                                           "is not one Swarm recovery knows; nothing was run")
+        handler = SWARM_RECOVERY.get(plan(record, True), SwarmServices.refuse)
+        return handler(self, ref.name, record, outcome, steps)
+
+    def leave(self, name: str, record: Record, outcome: Outcome, steps: StepLog) -> Outcome:
+        """Cut off before Swarm was asked for anything."""
+        return outcome._replace(result=State.RECOVERED, reason="it was still running; left as it was")
+
+    def follow_on(self, name: str, record: Record, outcome: Outcome, steps: StepLog) -> Outcome:
+        """Swarm went on alone: follow its update (or its rollback) to the end."""
         try:
-            followed = self.follow(ref.name, record.swarm_started or "", outcome, steps)
+            followed = self.follow(name, record.part.swarm_started or "", outcome, steps)
         except DeployFailed as error:
             return outcome._replace(reason=str(error))
         return followed._replace(result=State.RECOVERED) if followed.result is State.UPDATED else followed
+
+    def refuse(self, name: str, record: Record, outcome: Outcome, steps: StepLog) -> Outcome:
+        return outcome._replace(reason=f"its journal record ({record.procedure} at {record.stage.value}) is not one "
+                                       "Swarm recovery knows; nothing was run")
 
     def describe(self) -> List[Finding]:
         found = [(True, f"swarm: this engine is a manager; {len(self.services)} Swarm services")]
@@ -4504,6 +4596,10 @@ class SwarmServices(Target):
 
     def summary(self) -> str:
         return f"swarm={','.join(sorted(self.services)) or 'no services'}"
+
+
+SWARM_RECOVERY: Dict[SwarmAction, Callable[..., Outcome]] = {
+    SwarmAction.LEAVE: SwarmServices.leave, SwarmAction.FOLLOW: SwarmServices.follow_on}
 
 
 # ==========================================================================================

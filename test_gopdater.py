@@ -3145,26 +3145,31 @@ class StateFolderTest(unittest.TestCase):
 
 
 class JournalProtocolTest(unittest.TestCase):
-    def record(self, procedure="replace", stage="stop", **fields):
-        return gopdater.Record("compose", "demo", "site", "0123456789ab", "docker.io/acme/site:latest",
-                               gopdater.Procedure(procedure), gopdater.Stage(stage), "t", **fields)
+    def record(self, procedure="replace", stage="stop", kind="compose", **fields):
+        return gopdater.Record(kind, "demo", "site", "0123456789ab", "docker.io/acme/site:latest", procedure,
+                               gopdater.Stage(stage), "t", **fields)
 
     def test_recovery_plans_from_the_procedure_the_stage_and_what_runs(self):
-        """plan() is a table: what recovery does for each place an update can be cut off."""
-        A = gopdater.Action
-        cases = [("replace", "start", True, A.LEAVE), ("replace", "pull", False, A.LEAVE),
-                 ("replace", "compare", True, A.LEAVE), ("replace", "stop", True, A.JUDGE),
-                 ("replace", "stop", False, A.BRING_UP), ("replace", "remove", False, A.BRING_UP),
-                 ("replace", "up", True, A.JUDGE), ("replace", "up", False, A.BRING_UP),
-                 ("replace", "recover-tag", False, A.BRING_UP), ("replace", "rollback-tag", True, A.ROLL_BACK),
-                 ("replace", "rollback-up", False, A.ROLL_BACK), ("start-first", "create", True, A.SETTLE),
-                 ("start-first", "start", False, A.SETTLE), ("start-first", "connect", True, A.SETTLE),
-                 ("start-first", "stop", True, A.SETTLE), ("swarm", "start", True, A.LEAVE),
-                 ("swarm", "update", True, A.FOLLOW), ("swarm", "rollback", False, A.FOLLOW),
-                 ("swarm", "up", True, A.REFUSE), ("start-first", "update", True, A.REFUSE)]
-        for procedure, stage, running, action in cases:
-            with self.subTest(procedure=procedure, stage=stage, running=running):
-                self.assertIs(gopdater.plan(self.record(procedure, stage), running), action)
+        """plan() is each kind's table: what recovery does for each place an update can be cut off; None (run
+        nothing) where a kind has no row, also for another kind's procedure."""
+        A, S = gopdater.ComposeAction, gopdater.SwarmAction
+        cases = [("compose", "replace", "start", True, A.LEAVE), ("compose", "replace", "pull", False, A.LEAVE),
+                 ("compose", "replace", "compare", True, A.LEAVE), ("compose", "replace", "stop", True, A.JUDGE),
+                 ("compose", "replace", "stop", False, A.BRING_UP), ("compose", "replace", "remove", False, A.BRING_UP),
+                 ("compose", "replace", "up", True, A.JUDGE), ("compose", "replace", "up", False, A.BRING_UP),
+                 ("compose", "replace", "recover-tag", False, A.BRING_UP),
+                 ("compose", "replace", "rollback-tag", True, A.ROLL_BACK),
+                 ("compose", "replace", "rollback-up", False, A.ROLL_BACK),
+                 ("compose", "start-first", "create", True, A.SETTLE),
+                 ("compose", "start-first", "start", False, A.SETTLE),
+                 ("compose", "start-first", "connect", True, A.SETTLE),
+                 ("compose", "start-first", "stop", True, A.SETTLE), ("swarm", "swarm", "start", True, S.LEAVE),
+                 ("swarm", "swarm", "update", True, S.FOLLOW), ("swarm", "swarm", "rollback", False, S.FOLLOW),
+                 ("swarm", "swarm", "up", True, None), ("compose", "start-first", "update", True, None),
+                 ("compose", "swarm", "update", True, None), ("swarm", "replace", "stop", True, None)]
+        for kind, procedure, stage, running, action in cases:
+            with self.subTest(kind=kind, procedure=procedure, stage=stage, running=running):
+                self.assertIs(gopdater.plan(self.record(procedure, stage, kind), running), action)
 
     def test_a_stage_with_no_recovery_row_cannot_be_journalled(self):
         """StepLog refuses to journal a stage its procedure has no RECOVERY row for: renaming or adding a step
@@ -3172,16 +3177,26 @@ class JournalProtocolTest(unittest.TestCase):
         rig = Rig(self)
         deployment = gopdater.Deployment("0123456789ab", "dockerhub", gopdater.parse_reference("acme/site"), None, SITE)
         steps = gopdater.StepLog(deployment, threading.Condition(), rig.clock, rig.clock.sleep, rig.journal)
-        steps.begin(gopdater.Procedure.REPLACE)
+        steps.begin(gopdater.ComposeProcedure.REPLACE)
         with self.assertRaisesRegex(ValueError, "update is not a stage of replace"):
             steps.step(gopdater.Stage.UPDATE, lambda: None)
         self.assertEqual(steps.step(gopdater.Stage.PULL, lambda: "pulled"), "pulled")
         self.assertIs(rig.journal.record(steps.key).stage, gopdater.Stage.PULL)
+        swarm = gopdater.Deployment("0123456789ab", "dockerhub", gopdater.parse_reference("acme/site"), None,
+                                    gopdater.ServiceRef("swarm", "", "site"))
+        steps = gopdater.StepLog(swarm, threading.Condition(), rig.clock, rig.clock.sleep, rig.journal)
+        steps.begin(gopdater.SwarmProcedure.SWARM)
+        with self.assertRaisesRegex(ValueError, "stop is not a stage of swarm"):
+            steps.step(gopdater.Stage.STOP, lambda: None)
 
-    def test_every_action_a_compose_row_asks_for_has_a_handler(self):
-        """Each Action the Compose procedures' rows name is one ComposeProject can carry out."""
-        asked = {a for (p, _), row in gopdater.RECOVERY.items() if p is not gopdater.Procedure.SWARM for a in row}
-        self.assertLessEqual(asked, set(gopdater.COMPOSE_RECOVERY))
+    def test_every_kind_has_a_handler_for_each_action_its_rows_ask_for(self):
+        """Each action a kind's recovery rows name is one its target carries out, for every kind of record."""
+        handlers = {"compose": gopdater.COMPOSE_RECOVERY, "swarm": gopdater.SWARM_RECOVERY}
+        self.assertEqual(set(gopdater.RECORD_KINDS), set(handlers))
+        for kind, row in gopdater.RECORD_KINDS.items():
+            with self.subTest(kind=kind):
+                asked = {action for actions in row.recovery.values() for action in actions}
+                self.assertLessEqual(asked, set(handlers[kind]))
 
     def test_records_gopdater_would_never_write_are_refused(self):
         """A record from disk is acted on only if each field is what gopdater writes; options, bad names and
@@ -3191,10 +3206,10 @@ class JournalProtocolTest(unittest.TestCase):
                 "old_image": OLD_ID, "new_image": NEW_ID, "image": "acme/site:latest"}
         self.assertEqual(gopdater.Record.from_json(good).stage, gopdater.Stage.STOP)
         old_shape = {k: v for k, v in good.items() if k not in ("procedure", "stage")}
-        self.assertEqual(gopdater.Record.from_json({**old_shape, "step": "up"}).procedure, gopdater.Procedure.REPLACE)
+        self.assertEqual(gopdater.Record.from_json({**old_shape, "step": "up"}).procedure, "replace")
         bad = [("service", "--build"), ("service", "site;rm"), ("project", "-p"), ("old_image", "--rm"),
                ("image", "--privileged"), ("new_container", "-d"), ("stage", "format-disk"), ("procedure", "x"),
-               ("kind", "shell"), ("networks", {"--net": []}), ("networks", {"n": ["--alias"]}), ("networks", "x"),
+               ("kind", "shell"), ("kind", ["compose"]), ("networks", {"--net": []}), ("networks", {"n": ["--alias"]}), ("networks", "x"),
                ("reference", ""), ("deployment", 7), ("service", None)]
         for field, value in bad:
             with self.subTest(field=field, value=value):
@@ -4890,14 +4905,17 @@ class TrackedRecoveryTest(unittest.TestCase):
 
     def test_record_fields_of_version_channels_are_validated(self):
         """A record whose tags, variable or env file are not what gopdater writes is not acted on."""
-        base = gopdater.Record("compose", "demo", "site", "0" * 12, "docker.io/acme/site:1.4.3",
-                               gopdater.Procedure.REPLACE, gopdater.Stage.STOP, "t")
-        self.assertIsNone(gopdater.record_problem(base._replace(old_tag="1.4.2", new_tag="1.4.3", variable="SITE_TAG",
-                                                                env_file="/srv/demo/.env")))
-        for field, value in [("old_tag", "-x"), ("new_tag", "1.4.3;id"), ("variable", "SITE TAG"),
-                             ("env_file", "relative/.env"), ("env_file", "/srv/.env\nX=1"), ("variable", "--x")]:
+        base = gopdater.Record("compose", "demo", "site", "0" * 12, "docker.io/acme/site:1.4.3", "replace",
+                               gopdater.Stage.STOP, "t", part=gopdater.ComposePart())
+        self.assertIsNone(gopdater.record_problem(base._replace(old_tag="1.4.2", new_tag="1.4.3", part=gopdater.ComposePart(
+            variable="SITE_TAG", env_file="/srv/demo/.env"))))
+        for field, value in [("old_tag", "-x"), ("new_tag", "1.4.3;id")]:
             with self.subTest(field=field, value=value):
                 self.assertIsNotNone(gopdater.record_problem(base._replace(**{field: value})))
+        for field, value in [("variable", "SITE TAG"), ("env_file", "relative/.env"), ("env_file", "/srv/.env\nX=1"),
+                             ("variable", "--x")]:
+            with self.subTest(field=field, value=value):
+                self.assertIsNotNone(gopdater.record_problem(base._replace(part=gopdater.ComposePart(**{field: value}))))
 
 
 REGISTRY_HEADERS = {"Authorization": f"Bearer {SECRET}",
