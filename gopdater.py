@@ -63,8 +63,8 @@ import types
 import urllib.parse
 from datetime import datetime, timezone
 from http import HTTPStatus
-from typing import (Callable, Dict, FrozenSet, Hashable, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
-                    Union)
+from typing import (Callable, Dict, FrozenSet, Hashable, Iterable, List, Mapping, NamedTuple, Optional, Protocol,
+                    Sequence, Tuple, Union)
 
 __version__ = "1.4.0"
 
@@ -331,6 +331,16 @@ class ServiceRef(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.project}/{self.name}" if self.project else self.name
+
+
+class Running(NamedTuple):
+    """One service a target could update, as it runs now: what the matcher decides from."""
+
+    ref: ServiceRef
+    image: Optional[ImageKey]  # the tagged reference it runs; None if none (not started, or pinned by digest)
+    labels: Tuple[Mapping[str, str], ...] = ()  # the service's labels, or each of its containers'
+    image_id: Optional[str] = None  # the image it runs (an id, or Swarm's digest), for the status page
+    tracking: Optional[Tracking] = None  # it follows pushed versions (gopdater.track)
 
 
 class State(str, enum.Enum):
@@ -1353,8 +1363,410 @@ assert all(path.split("/")[SECRET_AT] == "{secret}" for path in SECRET_ROUTES)
 
 
 # ==========================================================================================
+# The journal: each update in progress, on disk before every step, and what recovery does then
+# ==========================================================================================
+#
+# journal.json in STATE_DIR holds one Record per update in progress, rewritten atomically (temp
+# file, fsync, rename) before every step and dropped when the update ends. An update follows one
+# Procedure, which journals its own Stages in order. After a crash, or an engine that stopped
+# answering, plan() decides from the record alone and whether the service's containers all run:
+# RECOVERY is that decision as a table, with a row for every stage a procedure journals.
+
+
+RecoveryRows = Mapping[Tuple[str, Stage], Tuple[enum.Enum, enum.Enum]]
+
+
+class RecordKind(NamedTuple):
+    """What the journal knows of one kind of target, all declared by the target itself (RECORD_KINDS)."""
+
+    part: type  # a NamedTuple of the fields only this kind journals, every one optional, with CHECKS and from_stored
+    recovery: RecoveryRows  # (procedure, stage) -> (what recovery does if every container runs, if not)
+    legacy: Callable[[Mapping[str, object]], str]  # the procedure of a record gopdater 1.1 wrote (it named none)
+
+
+RECORD_KINDS: Dict[str, RecordKind] = {}  # kind: its row, added where each target is defined
+
+
+class Record(NamedTuple):
+    """One update in progress, as journal.json keeps it: the fields every target journals, and its own part."""
+
+    kind: str
+    project: str
+    service: str
+    deployment: str
+    reference: str  # the pushed image and tag
+    procedure: str  # how the update changes the service, one of its kind's (the first half of a recovery key)
+    stage: Stage
+    started: str
+    old_image: Optional[str] = None  # image ids (or Swarm's reference@digest)
+    new_image: Optional[str] = None
+    image: Optional[str] = None  # the reference the service runs, as its containers name it
+    old_tag: Optional[str] = None  # version channels: the tag it ran and the tag it moves to
+    new_tag: Optional[str] = None
+    part: Optional[tuple] = None  # its kind's own fields (RecordKind.part), None until begun
+
+    @classmethod
+    def from_json(cls, data: object) -> Optional["Record"]:
+        """A record read back from disk, if every field is what gopdater writes; else None."""
+        kind = RECORD_KINDS.get(str(data.get("kind"))) if isinstance(data, dict) else None
+        if kind is None:
+            return None
+        fields = {k: v for k, v in data.items() if k in cls._fields and k != "part"}
+        if "step" in data and "stage" not in data:  # written by gopdater 1.1
+            fields.update(stage=data["step"], procedure=kind.legacy(data))
+        try:
+            record = cls(**{**fields, "stage": Stage(fields.get("stage")), "part": kind.part.from_stored(
+                {k: v for k, v in data.items() if k in kind.part._fields})})
+        except (TypeError, ValueError, AttributeError):
+            return None
+        return record if record_problem(record) is None else None
+
+    def stored(self) -> dict:
+        """The record as journal.json keeps it: one flat object, its part's fields beside the shared ones."""
+        shared = {k: v for k, v in self._asdict().items() if k != "part"}
+        return {**shared, **(self.part._asdict() if self.part is not None else {}), "stage": self.stage.value}
+
+
+def image_value(text: str) -> bool:
+    """An image as a record names it: an id (sha256:...), or a reference, optionally @digest (Swarm's)."""
+    reference, at, digest = text.partition("@")
+    return bool(DIGEST_RE.fullmatch(text) or (parse_reference(reference) and (not at or DIGEST_RE.fullmatch(digest))))
+
+
+def written(valid: Callable[[str], object]) -> Callable[[object], bool]:
+    """A field check: a string gopdater could have written (valid, and never like an option)."""
+    return lambda value: isinstance(value, str) and not value.startswith("-") and bool(valid(value))
+
+
+RECORD_CHECKS: Tuple[Tuple[str, Callable[[object], bool]], ...] = (
+    ("kind", lambda v: isinstance(v, str) and v in RECORD_KINDS), ("project", written(lambda v: v == "" or PROJECT_RE.fullmatch(v))),
+    ("service", written(SERVICE_RE.fullmatch)), ("deployment", written(re.compile(r"[0-9a-f]{12}|recovery").fullmatch)),
+    ("reference", written(parse_reference)), ("procedure", written(re.compile(r"[a-z][a-z-]*").fullmatch)),
+    ("image", written(parse_reference)), ("old_image", written(image_value)), ("new_image", written(image_value)),
+    ("started", written(lambda v: True)), ("old_tag", written(TAG_RE.fullmatch)), ("new_tag", written(TAG_RE.fullmatch)))
+
+
+def record_problem(record: Record) -> Optional[str]:
+    """Why a record cannot be acted on (a field gopdater would never write, e.g. one like an option), or None."""
+    kind = RECORD_KINDS.get(record.kind)
+    part = record.part if record.part is not None else kind.part() if kind else None
+    if kind is not None and record.procedure not in {procedure for procedure, _ in kind.recovery}:
+        return "its procedure is not one of its kind's"
+    checks = [(record, field, valid) for field, valid in RECORD_CHECKS]
+    checks += [(part, field, valid) for field, valid in (getattr(part, "CHECKS", ()) if kind else ())]
+    for holder, field, valid in checks:
+        value = getattr(holder, field)
+        optional = field in type(holder)._field_defaults
+        if (value is not None or not optional) and not valid(value):
+            return f"its {field} is not one gopdater writes"
+    return None
+
+
+def plan(record: Record, running: bool) -> Optional[enum.Enum]:
+    """What recovery does, from the record and whether every container of its service runs: its kind's recovery
+    row for where the update was cut off; None (run nothing, say so) where its kind has no row. Pure."""
+    kind = RECORD_KINDS.get(record.kind)
+    row = kind.recovery.get((record.procedure, record.stage)) if kind else None
+    return None if row is None else row[0 if running else 1]
+
+
+HISTORY_SIZE = 50  # past deployments kept (history.json, /deployments, the status page)
+JOURNAL_VERSION = 2
+FAILED_KEPT = 10
+
+
+class Past(dict):
+    """A deployment from before the last restart, as its view was stored (only its own fields, flat)."""
+
+    TEXTS = ("image", "tag", "kind", "project", "service", "id", "sender", "trigger", "digest", "state", "created",
+             "started", "finished", "error", "old_tag", "new_tag")  # each a string or null
+    TEXT_MAX = 2000  # characters kept of each (an error names a command and its stderr's tail)
+    STEPS_MAX = 100
+
+    @classmethod
+    def from_stored(cls, view: object) -> Optional["Past"]:
+        """The view as history.json keeps it, if it has the shape and the types gopdater writes, each string cut
+        as gopdater cuts it; else None. Pure: a crafted file is refused here, never rendered."""
+        if not isinstance(view, dict) or not all(isinstance(view.get(k), (str, type(None))) for k in cls.TEXTS):
+            return None
+        steps, logs, hooks = view.get("steps", []), view.get("logs", []), view.get("hooks", 1)
+        if view.get("state") not in STATE_VALUES or type(hooks) is not int or not 0 <= hooks <= 10**9 or not (
+                isinstance(steps, list) and all(map(stored_step, steps)) and isinstance(logs, list)
+                and all(isinstance(line, str) for line in logs)):
+            return None
+        return cls({**{k: view.get(k) and view[k][:cls.TEXT_MAX] for k in cls.TEXTS}, "hooks": hooks,
+                    "logs": [line[:LINE_MAX] for line in logs[-LOG_TAIL_LINES:]],
+                    "steps": [{"step": s["step"][:80], "result": s["result"][:80], "seconds": s["seconds"]}
+                              for s in steps[:cls.STEPS_MAX]]})
+
+    def view(self) -> dict:
+        return dict(self)
+
+
+def stored_step(step: object) -> bool:
+    """Whether a stored step has the shape Step gives it: two strings and a finite count of seconds. Pure."""
+    return isinstance(step, dict) and isinstance(step.get("step"), str) and isinstance(step.get("result"), str) \
+        and type(step.get("seconds")) in (int, float) and 0 <= step["seconds"] < float("inf")
+
+
+class Journal:
+    """Updates in progress and the deployment history, kept in STATE_DIR across restarts and crashes."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.journal_path = os.path.join(directory, "journal.json")
+        self.history_path = os.path.join(directory, "history.json")
+        self.records: Dict[str, Record] = {}
+        self.failed: Dict[str, List[str]] = {}  # service key: images whose new containers failed, newest last
+        self.lock = threading.Lock()
+
+    def problem(self) -> Optional[str]:
+        """None if STATE_DIR can be written, else one line saying what is wrong and how to fix it."""
+        try:
+            secure_folder(self.directory)
+            write_atomically(os.path.join(self.directory, "probe.json"), {})
+            os.remove(os.path.join(self.directory, "probe.json"))
+        except OSError as error:
+            return (f"STATE_DIR {self.directory} cannot be written ({error.strerror or error}): make it a "
+                    "writable folder for this user with free space, or set STATE_DIR to one")
+        return None
+
+    def load(self) -> Tuple[List[Record], List[dict]]:
+        """The updates a crash left unfinished, and the stored history, newest last."""
+        stored = read_state(self.journal_path, dict)
+        updates = stored.get("updates")
+        records = {}
+        for key, data in (updates.items() if isinstance(updates, dict) else ()):
+            record = Record.from_json(data)
+            if record is None:
+                log.error("journal record %r is not one gopdater writes; it is dropped and nothing is run for it",
+                          str(key)[:80])
+                continue
+            records[key] = record
+        failed = stored.get("failed")
+        with self.lock:
+            self.records = records
+            self.failed = {k: [i for i in v if isinstance(i, str) and image_value(i)][-FAILED_KEPT:]
+                           for k, v in (failed.items() if isinstance(failed, dict) else ()) if isinstance(v, list)}
+        stored = read_state(self.history_path, list)
+        history = [past for past in map(Past.from_stored, stored) if past is not None]
+        if len(history) < len(stored):
+            self.set_history_aside(history, len(stored) - len(history))
+        return list(records.values()), history[-HISTORY_SIZE:]
+
+    def set_history_aside(self, kept: List["Past"], dropped: int) -> None:
+        """Move a history file with entries gopdater does not write aside, and keep the others in its place."""
+        aside = f"{self.history_path}.corrupt-{int(time.time())}"
+        try:
+            os.replace(self.history_path, aside)
+            write_atomically(self.history_path, [past.view() for past in kept[-HISTORY_SIZE:]])
+        except OSError as error:
+            aside = f"nowhere ({error.strerror})"
+        log.warning("%d entries of %s are not ones gopdater writes: the file is moved aside to %s; the other %d are "
+                    "kept", dropped, self.history_path, aside, len(kept))
+
+    def record(self, key: str) -> Optional[Record]:
+        with self.lock:
+            return self.records.get(key)
+
+    def open(self, key: str, record: Record) -> None:
+        """Journal a new update; raises OSError if that cannot be written."""
+        with self.lock:
+            self.records[key] = record
+            self.write_locked()
+
+    def mark(self, key: str, **fields: object) -> None:
+        """Record where an update stands (fields of Record, or of its kind's part); raises OSError if that cannot be
+        written."""
+        with self.lock:
+            record = self.records[key]
+            shared = {k: v for k, v in fields.items() if k in Record._fields}
+            own = {k: v for k, v in fields.items() if k not in shared}
+            self.records[key] = record._replace(**shared, part=record.part._replace(**own) if own else record.part)
+            self.write_locked()
+
+    def close(self, key: str) -> None:
+        """The update ended (whatever its result): forget it."""
+        with self.lock:
+            if self.records.pop(key, None) is not None:
+                try:
+                    self.write_locked()
+                except OSError as error:
+                    log.warning("could not close the journal entry of %s: %s", key, error.strerror)
+
+    def needed_by_another(self, key: str, image_id: str) -> bool:
+        """Whether an update of another service in flight runs or may roll back to this image."""
+        with self.lock:
+            return any(image_id in (r.old_image, r.new_image) for k, r in self.records.items() if k != key)
+
+    def failed_before(self, key: str, image: Optional[str]) -> bool:
+        """Whether this image's new container failed for this service before (so a replay skips it)."""
+        with self.lock:
+            return image is not None and image in self.failed.get(key, ())
+
+    def remember_failure(self, key: str, image: str) -> None:
+        """An image whose new container failed and was rolled back; kept for the last FAILED_KEPT per service."""
+        with self.lock:
+            self.failed[key] = [i for i in self.failed.get(key, []) if i != image][-FAILED_KEPT + 1:] + [image]
+            try:
+                self.write_locked()
+            except OSError as error:
+                log.warning("could not keep the failed image of %s: %s", key, error.strerror)
+
+    def write_locked(self) -> None:
+        updates = {key: record.stored() for key, record in self.records.items()}
+        write_atomically(self.journal_path, {"version": JOURNAL_VERSION, "updates": updates, "failed": self.failed})
+
+    def save_history(self, views: List[dict]) -> None:
+        try:
+            write_atomically(self.history_path, views)
+        except OSError as error:
+            log.warning("could not keep the deployment history in %s: %s", self.directory, error.strerror)
+
+
+def write_atomically(path: str, data: object) -> None:
+    """Write JSON so that a crash leaves the old file or the new one, never a torn one."""
+    replace_file(path, json.dumps(data).encode())
+
+
+def file_stamp(status: os.stat_result) -> Tuple[int, int, int]:
+    """Inode, size and mtime: a file replaced or written by someone else has another."""
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+class FileChanged(OSError):
+    """The file was changed by someone else after it was read, so replacing it would lose their change."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path} {why}")
+        self.filename, self.strerror = path, why
+
+
+def replace_file(path: str, data: bytes, mode: int = 0o600, owner: Optional[Tuple[int, int]] = None,
+                 unchanged: Optional[Callable[[], bool]] = None) -> None:
+    """Replace a file's bytes atomically. The temporary file is made exclusively (a fresh name, so never through
+    a link someone left), given the mode and owner, synced, renamed over path, and the folder synced. With
+    unchanged, it is asked right before the rename; FileChanged (nothing replaced, no temporary file left) if no."""
+    descriptor, temp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                        dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            if owner is not None and owner != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(OSError):  # only root may give a file away; others keep their own
+                    os.fchown(handle.fileno(), *owner)
+            os.fsync(handle.fileno())
+        if unchanged is not None and not unchanged():
+            raise FileChanged(path, "was changed while gopdater wrote it")
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def read_state(path: str, kind: type):
+    """A state file's JSON if it is of this kind; a corrupt one is moved aside with a warning."""
+    try:
+        # O_NOFOLLOW: a state file that is a link (to /etc/shadow, say) is not read but moved aside.
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), encoding="utf-8") as handle:
+            data = json.load(handle)
+        if isinstance(data, kind):
+            return data
+        error: Exception = ValueError("not a JSON " + kind.__name__)
+    except FileNotFoundError:
+        return kind()
+    except (OSError, ValueError, RecursionError) as caught:
+        error = caught
+    aside = f"{path}.corrupt-{int(time.time())}"
+    try:
+        os.replace(path, aside)
+    except OSError:
+        aside = "nowhere (it could not be moved)"
+    log.warning("state file %s is unreadable (%s); moved aside to %s; starting without it", path,
+                type(error).__name__, aside)
+    return kind()
+
+
+def default_state_dir(config: Config, cwd: Optional[str] = None) -> str:
+    """$XDG_STATE_HOME/gopdater (else ~/.local/state/gopdater); with one project (PROJECTS unset), a folder
+    of its own below it, named for the project, so that one gopdater per project (the quick start) each
+    has its own journal."""
+    base = config.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    if config.projects is not None:
+        return os.path.join(base, "gopdater")
+    return os.path.join(base, "gopdater", "projects", config.project_name or default_project_name(cwd or os.getcwd()))
+
+
+def state_dir(config: Config) -> str:
+    return config.state_dir or default_state_dir(config)
+
+
+class StateLock:
+    """One gopdater per STATE_DIR: an exclusive lock on STATE_DIR/lock, held while the process lives."""
+
+    def __init__(self, directory: str):
+        self.path, self.handle = os.path.join(directory, "lock"), None
+
+    def acquire(self) -> Optional[str]:
+        """None once held; else one line saying who holds it and what to do."""
+        import fcntl  # POSIX only, as Docker is; the lock goes with the process, even when it is killed
+        handle = open(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = handle.read(20).strip() or "unknown"
+            handle.close()
+            return (f"STATE_DIR {os.path.dirname(self.path)} is in use by another gopdater (pid {holder}): give "
+                    "each gopdater its own STATE_DIR")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return None
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def secure_folder(directory: str) -> None:
+    """Make STATE_DIR (0700), or tighten one that others could read or write, with a warning."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    mode = os.stat(directory).st_mode & 0o777
+    if mode & 0o077:
+        os.chmod(directory, 0o700)
+        log.warning("STATE_DIR %s was open to others (mode %o); it is now 0700", directory, mode)
+
+
+# ==========================================================================================
 # The request pipeline: what the pages show, then route, size, authenticate, decode, parse, owner, map, enqueue
 # ==========================================================================================
+
+# -- what the last reconcile round found: the record the reconciling thread hands to the pages --
+
+
+class Report(NamedTuple):
+    """The last round: when it ended, services asked, those found behind, and each failing registry's reason."""
+
+    finished: str = ""
+    asked: int = 0
+    behind: Tuple[str, ...] = ()
+    errors: Mapping[str, str] = {}
+    rounds: int = 0
+
+
+FAILED_STATES = frozenset({State.FAILED.value, State.ROLLED_BACK.value, State.SKIPPED.value})
+
 
 # -- the status page: one HTML page, no script, no external asset, every value escaped ------
 
@@ -1671,13 +2083,26 @@ REASON_MAX = 1000  # a reason names services and tags; a host with hundreds of t
 # -- the application: every endpoint's answer --------------------------------------------
 
 
+class Reconciling(Protocol):
+    """What the pipeline asks of reconciling (the Reconciler): the tags a round would ask, a round now, and what the
+    last round found."""
+
+    report: Report
+
+    def asks(self) -> List[str]:
+        ...
+
+    def ask_now(self) -> None:
+        ...
+
+
 class App:
     """Answers requests; never runs a command on the request path (deployments are queued)."""
 
     def __init__(self, config: Config, queue: "WorkQueue", metrics: Optional["Metrics"] = None):
         self.config, self.queue = config, queue
         self.metrics = metrics or Metrics()
-        self.reconciler: Optional["Reconciler"] = None  # set once the work queue runs
+        self.reconciler: Optional[Reconciling] = None  # set once the work queue runs
         self.secret = config.secret.encode()
 
     def begin(self, method: str, path: str, headers: Mapping[str, str]) -> Request:
@@ -1785,8 +2210,8 @@ class App:
         """POST /reconcile (Bearer, checked from the head): a round now; 202 with the tags it will ask."""
         if self.reconciler is None:
             return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "gopdater is starting")
-        asks = sorted({str(item.key) for item in self.reconciler.plan() if item.key is not None})
-        self.reconciler.wanted.set()
+        asks = self.reconciler.asks()
+        self.reconciler.ask_now()
         log.info("reconcile asked for by POST /reconcile: %d tags", len(asks))
         return Response(HTTPStatus.ACCEPTED, {"status": "accepted", "asks": asks})
 
@@ -1813,7 +2238,6 @@ ENDPOINTS = {**GET_ENDPOINTS, **POST_ENDPOINTS}
 # The work queue: PARALLEL deployments at once, one per lane, bursts coalesced, the last 50 kept
 # ==========================================================================================
 
-HISTORY_SIZE = 50
 MAX_QUEUED_DEPLOYMENTS = 50
 LOOK_SECONDS = 10.0  # at most one look for new projects per this, and this long after a hook that matched
 
@@ -1856,40 +2280,6 @@ TRIGGERS = {"recovery": "recovery", "reconcile": "reconcile"}  # sender: trigger
 def trigger(sender: str) -> str:
     """What started a deployment: a push (a hook), reconcile (the registry asked), or recovery (at start)."""
     return TRIGGERS.get(sender, "push")
-
-
-class Past(dict):
-    """A deployment from before the last restart, as its view was stored (only its own fields, flat)."""
-
-    TEXTS = ("image", "tag", "kind", "project", "service", "id", "sender", "trigger", "digest", "state", "created",
-             "started", "finished", "error", "old_tag", "new_tag")  # each a string or null
-    TEXT_MAX = 2000  # characters kept of each (an error names a command and its stderr's tail)
-    STEPS_MAX = 100
-
-    @classmethod
-    def from_stored(cls, view: object) -> Optional["Past"]:
-        """The view as history.json keeps it, if it has the shape and the types gopdater writes, each string cut
-        as gopdater cuts it; else None. Pure: a crafted file is refused here, never rendered."""
-        if not isinstance(view, dict) or not all(isinstance(view.get(k), (str, type(None))) for k in cls.TEXTS):
-            return None
-        steps, logs, hooks = view.get("steps", []), view.get("logs", []), view.get("hooks", 1)
-        if view.get("state") not in STATE_VALUES or type(hooks) is not int or not 0 <= hooks <= 10**9 or not (
-                isinstance(steps, list) and all(map(stored_step, steps)) and isinstance(logs, list)
-                and all(isinstance(line, str) for line in logs)):
-            return None
-        return cls({**{k: view.get(k) and view[k][:cls.TEXT_MAX] for k in cls.TEXTS}, "hooks": hooks,
-                    "logs": [line[:LINE_MAX] for line in logs[-LOG_TAIL_LINES:]],
-                    "steps": [{"step": s["step"][:80], "result": s["result"][:80], "seconds": s["seconds"]}
-                              for s in steps[:cls.STEPS_MAX]]})
-
-    def view(self) -> dict:
-        return dict(self)
-
-
-def stored_step(step: object) -> bool:
-    """Whether a stored step has the shape Step gives it: two strings and a finite count of seconds. Pure."""
-    return isinstance(step, dict) and isinstance(step.get("step"), str) and isinstance(step.get("result"), str) \
-        and type(step.get("seconds")) in (int, float) and 0 <= step["seconds"] < float("inf")
 
 
 class Submitted(NamedTuple):
@@ -2197,6 +2587,85 @@ class WorkQueue:
                            resume=True)
 
 
+# -- what the queue updates: the Target interface, and the one matcher --------------------
+
+
+class Target:
+    """What the work queue updates. The queue, the HTTP side and --check know targets only through this."""
+
+    kind = ""
+    runner: Runner  # what runs its commands (a DryRunner for DRY_RUN)
+
+    def __init__(self, config: Config, engine: str):
+        self.config, self.engine_version = config, engine
+
+    @property
+    def dry(self) -> bool:
+        """Whether commands that change something are only logged (DRY_RUN)."""
+        return getattr(self.runner, "dry", False)
+
+    def running(self) -> List[Running]:
+        """Every service this target could update, as last read."""
+        raise NotImplementedError
+
+    def services_for(self, image: ImageKey) -> List[ServiceRef]:
+        """The services that a push of this image and tag updates."""
+        return [s.ref for s in self.running() if push_verdict(self.config, s, image) is None]
+
+    def why_ignored(self, image: ImageKey) -> str:
+        """Why a push updates nothing: what each service tracking that image said, else that none runs it."""
+        said = [f"{s.ref}: {push_verdict(self.config, s, image)}" for s in self.running()
+                if s.tracking is not None and s.image is not None and s.image[:2] == image[:2]]
+        return "; ".join(said) or "no service runs this image and tag"
+
+    def owns(self, ref: ServiceRef) -> bool:
+        """Whether this target updates that service."""
+        raise NotImplementedError
+
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
+        """Update one service to the pushed image, safely; report steps through steps. Raises only
+        EngineUnreachable (the queue waits for the engine), or OSError if the journal cannot be opened."""
+        raise NotImplementedError
+
+    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
+        """Make a service whole after its update was cut off (a crash, the engine gone), as plan() says."""
+        raise NotImplementedError
+
+    def engine_answers(self) -> bool:
+        """Whether the engine behind this target answers."""
+        raise NotImplementedError
+
+    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
+        """Re-read what runs here, leaving alone what runs in the busy lanes (a deployment in flight); full:
+        everything, else at least what is new. CommandError or ValueError if it cannot be read."""
+        raise NotImplementedError
+
+    def refresh_around(self, ref: ServiceRef) -> None:
+        """Re-read what an update of ref may have changed (by default everything), as refresh() does."""
+        self.refresh()
+
+    def lane(self, ref: ServiceRef) -> Hashable:
+        """What an update of ref must not run beside (by default the service itself)."""
+        return ref
+
+    def describe(self) -> List[Finding]:
+        """What this target is and what would update, one finding per line (for --check)."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """What this target is, in one line (for the start-up log)."""
+        raise NotImplementedError
+
+    def service_findings(self, label: str) -> List[Finding]:
+        """One line per service: the pushes that update it, or why none does."""
+        found = []
+        for service in self.running():
+            keys, why = triggers(self.config, service)
+            found.append((True, f"{label} {service.ref}: " + (
+                f"updates on a push of {pushes(service, keys)}" if keys else f"{why}, never updated")))
+        return found
+
+
 class StepLog:
     """What an update target reports through: timed steps, log lines, its clock, and its journal record."""
 
@@ -2287,363 +2756,69 @@ class StepLog:
                 self.deployment.logs.append(line)
 
 
+def names(entry: str, ref: ServiceRef) -> bool:
+    """Whether a SERVICES entry (SERVICE, or PROJECT/SERVICE with a Compose project or Swarm stack) names ref."""
+    project, _, service = entry.rpartition("/")
+    return service == ref.name and project in ("", ref.project)
+
+
+def enable_label_says_no(config: Config, labels: Sequence[Mapping[str, str]]) -> Optional[str]:
+    """Why the label gopdater.enable (on a service or its containers) keeps it out, or None."""
+    values = {(each.get("gopdater.enable") or "").strip().lower() for each in labels}
+    if "false" in values:
+        return "labelled gopdater.enable=false"
+    if config.label_enable and "true" not in values:
+        return "not labelled gopdater.enable=true (LABEL_ENABLE=1)"
+    return None
+
+
+def triggers(config: Config, service: Running) -> Tuple[Tuple[ImageKey, ...], str]:
+    """The pushes that update a service, or () and why none does: the opt-out label, LABEL_ENABLE,
+    SERVICES and OWNER, for the pipeline, --check and the start-up log alike. Pure."""
+    why = enable_label_says_no(config, service.labels) or (service.tracking and service.tracking.problem)
+    if why:
+        return (), why
+    if config.services:
+        keys = tuple(key for key, entry in config.services if names(entry, service.ref))
+        if not keys:
+            return (), "not in SERVICES"
+    elif service.image is None:
+        return (), "no running container with a tagged image"
+    else:
+        keys = (service.image,)
+    allowed = tuple(key for key in keys if owner_allowed(config.owners, key))
+    return allowed, "" if allowed else f"{keys[0]} is not in OWNER"
+
+
+def push_verdict(config: Config, service: Running, pushed: ImageKey) -> Optional[str]:
+    """None if a push of this image and tag updates the service, else why not: the one matcher. A service
+    takes its own tag; a tracked one a newer version of its image within its channel. Pure."""
+    keys, why = triggers(config, service)
+    if not keys:
+        return why
+    if service.tracking is None:
+        return None if pushed in keys else "it runs another image or tag"
+    if not any(key[:2] == pushed[:2] for key in keys):
+        return "it runs another image"
+    if service.image is None or service.image[:2] != pushed[:2]:
+        return "no running container of it has a tag of this image"
+    return channel_verdict(service.tracking.channel, service.image.tag, pushed.tag)
+
+
+def pushes(service: Running, keys: Sequence[ImageKey]) -> str:
+    """The pushes that update a service, in words (for --check and the start-up log)."""
+    if service.tracking is None or service.tracking.channel is None:
+        return ", ".join(map(str, keys))
+    return f"a newer {service.tracking.channel.value} release of " + ", ".join(
+        f"{k.registry}/{k.repository} than {k.tag}" for k in keys)
+
+
 def backoff(first: float, factor: float, most: float):
     """Pauses that grow by factor from first up to most, for every poll and wait that repeats."""
     delay = first
     while True:
         yield delay
         delay = min(delay * factor, most)
-
-
-# ==========================================================================================
-# The journal: each update in progress, on disk before every step, and what recovery does then
-# ==========================================================================================
-#
-# journal.json in STATE_DIR holds one Record per update in progress, rewritten atomically (temp
-# file, fsync, rename) before every step and dropped when the update ends. An update follows one
-# Procedure, which journals its own Stages in order. After a crash, or an engine that stopped
-# answering, plan() decides from the record alone and whether the service's containers all run:
-# RECOVERY is that decision as a table, with a row for every stage a procedure journals.
-
-
-RecoveryRows = Mapping[Tuple[str, Stage], Tuple[enum.Enum, enum.Enum]]
-
-
-class RecordKind(NamedTuple):
-    """What the journal knows of one kind of target, all declared by the target itself (RECORD_KINDS)."""
-
-    part: type  # a NamedTuple of the fields only this kind journals, every one optional, with CHECKS and from_stored
-    recovery: RecoveryRows  # (procedure, stage) -> (what recovery does if every container runs, if not)
-    legacy: Callable[[Mapping[str, object]], str]  # the procedure of a record gopdater 1.1 wrote (it named none)
-
-
-RECORD_KINDS: Dict[str, RecordKind] = {}  # kind: its row, added where each target is defined
-
-
-class Record(NamedTuple):
-    """One update in progress, as journal.json keeps it: the fields every target journals, and its own part."""
-
-    kind: str
-    project: str
-    service: str
-    deployment: str
-    reference: str  # the pushed image and tag
-    procedure: str  # how the update changes the service, one of its kind's (the first half of a recovery key)
-    stage: Stage
-    started: str
-    old_image: Optional[str] = None  # image ids (or Swarm's reference@digest)
-    new_image: Optional[str] = None
-    image: Optional[str] = None  # the reference the service runs, as its containers name it
-    old_tag: Optional[str] = None  # version channels: the tag it ran and the tag it moves to
-    new_tag: Optional[str] = None
-    part: Optional[tuple] = None  # its kind's own fields (RecordKind.part), None until begun
-
-    @classmethod
-    def from_json(cls, data: object) -> Optional["Record"]:
-        """A record read back from disk, if every field is what gopdater writes; else None."""
-        kind = RECORD_KINDS.get(str(data.get("kind"))) if isinstance(data, dict) else None
-        if kind is None:
-            return None
-        fields = {k: v for k, v in data.items() if k in cls._fields and k != "part"}
-        if "step" in data and "stage" not in data:  # written by gopdater 1.1
-            fields.update(stage=data["step"], procedure=kind.legacy(data))
-        try:
-            record = cls(**{**fields, "stage": Stage(fields.get("stage")), "part": kind.part.from_stored(
-                {k: v for k, v in data.items() if k in kind.part._fields})})
-        except (TypeError, ValueError, AttributeError):
-            return None
-        return record if record_problem(record) is None else None
-
-    def stored(self) -> dict:
-        """The record as journal.json keeps it: one flat object, its part's fields beside the shared ones."""
-        shared = {k: v for k, v in self._asdict().items() if k != "part"}
-        return {**shared, **(self.part._asdict() if self.part is not None else {}), "stage": self.stage.value}
-
-
-def image_value(text: str) -> bool:
-    """An image as a record names it: an id (sha256:...), or a reference, optionally @digest (Swarm's)."""
-    reference, at, digest = text.partition("@")
-    return bool(DIGEST_RE.fullmatch(text) or (parse_reference(reference) and (not at or DIGEST_RE.fullmatch(digest))))
-
-
-def written(valid: Callable[[str], object]) -> Callable[[object], bool]:
-    """A field check: a string gopdater could have written (valid, and never like an option)."""
-    return lambda value: isinstance(value, str) and not value.startswith("-") and bool(valid(value))
-
-
-RECORD_CHECKS: Tuple[Tuple[str, Callable[[object], bool]], ...] = (
-    ("kind", lambda v: isinstance(v, str) and v in RECORD_KINDS), ("project", written(lambda v: v == "" or PROJECT_RE.fullmatch(v))),
-    ("service", written(SERVICE_RE.fullmatch)), ("deployment", written(re.compile(r"[0-9a-f]{12}|recovery").fullmatch)),
-    ("reference", written(parse_reference)), ("procedure", written(re.compile(r"[a-z][a-z-]*").fullmatch)),
-    ("image", written(parse_reference)), ("old_image", written(image_value)), ("new_image", written(image_value)),
-    ("started", written(lambda v: True)), ("old_tag", written(TAG_RE.fullmatch)), ("new_tag", written(TAG_RE.fullmatch)))
-
-
-def record_problem(record: Record) -> Optional[str]:
-    """Why a record cannot be acted on (a field gopdater would never write, e.g. one like an option), or None."""
-    kind = RECORD_KINDS.get(record.kind)
-    part = record.part if record.part is not None else kind.part() if kind else None
-    if kind is not None and record.procedure not in {procedure for procedure, _ in kind.recovery}:
-        return "its procedure is not one of its kind's"
-    checks = [(record, field, valid) for field, valid in RECORD_CHECKS]
-    checks += [(part, field, valid) for field, valid in (getattr(part, "CHECKS", ()) if kind else ())]
-    for holder, field, valid in checks:
-        value = getattr(holder, field)
-        optional = field in type(holder)._field_defaults
-        if (value is not None or not optional) and not valid(value):
-            return f"its {field} is not one gopdater writes"
-    return None
-
-
-def plan(record: Record, running: bool) -> Optional[enum.Enum]:
-    """What recovery does, from the record and whether every container of its service runs: its kind's recovery
-    row for where the update was cut off; None (run nothing, say so) where its kind has no row. Pure."""
-    kind = RECORD_KINDS.get(record.kind)
-    row = kind.recovery.get((record.procedure, record.stage)) if kind else None
-    return None if row is None else row[0 if running else 1]
-
-
-def write_atomically(path: str, data: object) -> None:
-    """Write JSON so that a crash leaves the old file or the new one, never a torn one."""
-    replace_file(path, json.dumps(data).encode())
-
-
-def file_stamp(status: os.stat_result) -> Tuple[int, int, int]:
-    """Inode, size and mtime: a file replaced or written by someone else has another."""
-    return status.st_ino, status.st_size, status.st_mtime_ns
-
-
-class FileChanged(OSError):
-    """The file was changed by someone else after it was read, so replacing it would lose their change."""
-
-    def __init__(self, path: str, why: str):
-        super().__init__(f"{path} {why}")
-        self.filename, self.strerror = path, why
-
-
-def replace_file(path: str, data: bytes, mode: int = 0o600, owner: Optional[Tuple[int, int]] = None,
-                 unchanged: Optional[Callable[[], bool]] = None) -> None:
-    """Replace a file's bytes atomically. The temporary file is made exclusively (a fresh name, so never through
-    a link someone left), given the mode and owner, synced, renamed over path, and the folder synced. With
-    unchanged, it is asked right before the rename; FileChanged (nothing replaced, no temporary file left) if no."""
-    descriptor, temp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                                        dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            if owner is not None and owner != (os.geteuid(), os.getegid()):
-                with contextlib.suppress(OSError):  # only root may give a file away; others keep their own
-                    os.fchown(handle.fileno(), *owner)
-            os.fsync(handle.fileno())
-        if unchanged is not None and not unchanged():
-            raise FileChanged(path, "was changed while gopdater wrote it")
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temp)
-        raise
-    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def read_state(path: str, kind: type):
-    """A state file's JSON if it is of this kind; a corrupt one is moved aside with a warning."""
-    try:
-        # O_NOFOLLOW: a state file that is a link (to /etc/shadow, say) is not read but moved aside.
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), encoding="utf-8") as handle:
-            data = json.load(handle)
-        if isinstance(data, kind):
-            return data
-        error: Exception = ValueError("not a JSON " + kind.__name__)
-    except FileNotFoundError:
-        return kind()
-    except (OSError, ValueError, RecursionError) as caught:
-        error = caught
-    aside = f"{path}.corrupt-{int(time.time())}"
-    try:
-        os.replace(path, aside)
-    except OSError:
-        aside = "nowhere (it could not be moved)"
-    log.warning("state file %s is unreadable (%s); moved aside to %s; starting without it", path,
-                type(error).__name__, aside)
-    return kind()
-
-
-def default_state_dir(config: Config, cwd: Optional[str] = None) -> str:
-    """$XDG_STATE_HOME/gopdater (else ~/.local/state/gopdater); with one project (PROJECTS unset), a folder
-    of its own below it, named for the project, so that one gopdater per project (the quick start) each
-    has its own journal."""
-    base = config.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    if config.projects is not None:
-        return os.path.join(base, "gopdater")
-    return os.path.join(base, "gopdater", "projects", config.project_name or default_project_name(cwd or os.getcwd()))
-
-
-def state_dir(config: Config) -> str:
-    return config.state_dir or default_state_dir(config)
-
-
-class StateLock:
-    """One gopdater per STATE_DIR: an exclusive lock on STATE_DIR/lock, held while the process lives."""
-
-    def __init__(self, directory: str):
-        self.path, self.handle = os.path.join(directory, "lock"), None
-
-    def acquire(self) -> Optional[str]:
-        """None once held; else one line saying who holds it and what to do."""
-        import fcntl  # POSIX only, as Docker is; the lock goes with the process, even when it is killed
-        handle = open(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = handle.read(20).strip() or "unknown"
-            handle.close()
-            return (f"STATE_DIR {os.path.dirname(self.path)} is in use by another gopdater (pid {holder}): give "
-                    "each gopdater its own STATE_DIR")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self.handle = handle
-        return None
-
-    def release(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
-
-
-def secure_folder(directory: str) -> None:
-    """Make STATE_DIR (0700), or tighten one that others could read or write, with a warning."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    mode = os.stat(directory).st_mode & 0o777
-    if mode & 0o077:
-        os.chmod(directory, 0o700)
-        log.warning("STATE_DIR %s was open to others (mode %o); it is now 0700", directory, mode)
-
-
-JOURNAL_VERSION = 2
-FAILED_KEPT = 10
-
-
-class Journal:
-    """Updates in progress and the deployment history, kept in STATE_DIR across restarts and crashes."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.journal_path = os.path.join(directory, "journal.json")
-        self.history_path = os.path.join(directory, "history.json")
-        self.records: Dict[str, Record] = {}
-        self.failed: Dict[str, List[str]] = {}  # service key: images whose new containers failed, newest last
-        self.lock = threading.Lock()
-
-    def problem(self) -> Optional[str]:
-        """None if STATE_DIR can be written, else one line saying what is wrong and how to fix it."""
-        try:
-            secure_folder(self.directory)
-            write_atomically(os.path.join(self.directory, "probe.json"), {})
-            os.remove(os.path.join(self.directory, "probe.json"))
-        except OSError as error:
-            return (f"STATE_DIR {self.directory} cannot be written ({error.strerror or error}): make it a "
-                    "writable folder for this user with free space, or set STATE_DIR to one")
-        return None
-
-    def load(self) -> Tuple[List[Record], List[dict]]:
-        """The updates a crash left unfinished, and the stored history, newest last."""
-        stored = read_state(self.journal_path, dict)
-        updates = stored.get("updates")
-        records = {}
-        for key, data in (updates.items() if isinstance(updates, dict) else ()):
-            record = Record.from_json(data)
-            if record is None:
-                log.error("journal record %r is not one gopdater writes; it is dropped and nothing is run for it",
-                          str(key)[:80])
-                continue
-            records[key] = record
-        failed = stored.get("failed")
-        with self.lock:
-            self.records = records
-            self.failed = {k: [i for i in v if isinstance(i, str) and image_value(i)][-FAILED_KEPT:]
-                           for k, v in (failed.items() if isinstance(failed, dict) else ()) if isinstance(v, list)}
-        stored = read_state(self.history_path, list)
-        history = [past for past in map(Past.from_stored, stored) if past is not None]
-        if len(history) < len(stored):
-            self.set_history_aside(history, len(stored) - len(history))
-        return list(records.values()), history[-HISTORY_SIZE:]
-
-    def set_history_aside(self, kept: List["Past"], dropped: int) -> None:
-        """Move a history file with entries gopdater does not write aside, and keep the others in its place."""
-        aside = f"{self.history_path}.corrupt-{int(time.time())}"
-        try:
-            os.replace(self.history_path, aside)
-            write_atomically(self.history_path, [past.view() for past in kept[-HISTORY_SIZE:]])
-        except OSError as error:
-            aside = f"nowhere ({error.strerror})"
-        log.warning("%d entries of %s are not ones gopdater writes: the file is moved aside to %s; the other %d are "
-                    "kept", dropped, self.history_path, aside, len(kept))
-
-    def record(self, key: str) -> Optional[Record]:
-        with self.lock:
-            return self.records.get(key)
-
-    def open(self, key: str, record: Record) -> None:
-        """Journal a new update; raises OSError if that cannot be written."""
-        with self.lock:
-            self.records[key] = record
-            self.write_locked()
-
-    def mark(self, key: str, **fields: object) -> None:
-        """Record where an update stands (fields of Record, or of its kind's part); raises OSError if that cannot be
-        written."""
-        with self.lock:
-            record = self.records[key]
-            shared = {k: v for k, v in fields.items() if k in Record._fields}
-            own = {k: v for k, v in fields.items() if k not in shared}
-            self.records[key] = record._replace(**shared, part=record.part._replace(**own) if own else record.part)
-            self.write_locked()
-
-    def close(self, key: str) -> None:
-        """The update ended (whatever its result): forget it."""
-        with self.lock:
-            if self.records.pop(key, None) is not None:
-                try:
-                    self.write_locked()
-                except OSError as error:
-                    log.warning("could not close the journal entry of %s: %s", key, error.strerror)
-
-    def needed_by_another(self, key: str, image_id: str) -> bool:
-        """Whether an update of another service in flight runs or may roll back to this image."""
-        with self.lock:
-            return any(image_id in (r.old_image, r.new_image) for k, r in self.records.items() if k != key)
-
-    def failed_before(self, key: str, image: Optional[str]) -> bool:
-        """Whether this image's new container failed for this service before (so a replay skips it)."""
-        with self.lock:
-            return image is not None and image in self.failed.get(key, ())
-
-    def remember_failure(self, key: str, image: str) -> None:
-        """An image whose new container failed and was rolled back; kept for the last FAILED_KEPT per service."""
-        with self.lock:
-            self.failed[key] = [i for i in self.failed.get(key, []) if i != image][-FAILED_KEPT + 1:] + [image]
-            try:
-                self.write_locked()
-            except OSError as error:
-                log.warning("could not keep the failed image of %s: %s", key, error.strerror)
-
-    def write_locked(self) -> None:
-        updates = {key: record.stored() for key, record in self.records.items()}
-        write_atomically(self.journal_path, {"version": JOURNAL_VERSION, "updates": updates, "failed": self.failed})
-
-    def save_history(self, views: List[dict]) -> None:
-        try:
-            write_atomically(self.history_path, views)
-        except OSError as error:
-            log.warning("could not keep the deployment history in %s: %s", self.directory, error.strerror)
 
 
 # ==========================================================================================
@@ -3103,150 +3278,7 @@ POLL_FIRST, POLL_FACTOR, POLL_MAX = 0.2, 1.5, 2.0
 DISCOVERY_READS = 8  # projects read at once: `compose config` mostly waits on its start-up and the engine
 DEFAULT = "(Compose's default)"
 
-# -- the interface, the one matcher, and the health verdict ---------------------------------
-
-
-class Running(NamedTuple):
-    """One service a target could update, as it runs now: what the matcher decides from."""
-
-    ref: ServiceRef
-    image: Optional[ImageKey]  # the tagged reference it runs; None if none (not started, or pinned by digest)
-    labels: Tuple[Mapping[str, str], ...] = ()  # the service's labels, or each of its containers'
-    image_id: Optional[str] = None  # the image it runs (an id, or Swarm's digest), for the status page
-    tracking: Optional["Tracking"] = None  # it follows pushed versions (gopdater.track)
-
-
-def names(entry: str, ref: ServiceRef) -> bool:
-    """Whether a SERVICES entry (SERVICE, or PROJECT/SERVICE with a Compose project or Swarm stack) names ref."""
-    project, _, service = entry.rpartition("/")
-    return service == ref.name and project in ("", ref.project)
-
-
-def enable_label_says_no(config: Config, labels: Sequence[Mapping[str, str]]) -> Optional[str]:
-    """Why the label gopdater.enable (on a service or its containers) keeps it out, or None."""
-    values = {(each.get("gopdater.enable") or "").strip().lower() for each in labels}
-    if "false" in values:
-        return "labelled gopdater.enable=false"
-    if config.label_enable and "true" not in values:
-        return "not labelled gopdater.enable=true (LABEL_ENABLE=1)"
-    return None
-
-
-def triggers(config: Config, service: Running) -> Tuple[Tuple[ImageKey, ...], str]:
-    """The pushes that update a service, or () and why none does: the opt-out label, LABEL_ENABLE,
-    SERVICES and OWNER, for the pipeline, --check and the start-up log alike. Pure."""
-    why = enable_label_says_no(config, service.labels) or (service.tracking and service.tracking.problem)
-    if why:
-        return (), why
-    if config.services:
-        keys = tuple(key for key, entry in config.services if names(entry, service.ref))
-        if not keys:
-            return (), "not in SERVICES"
-    elif service.image is None:
-        return (), "no running container with a tagged image"
-    else:
-        keys = (service.image,)
-    allowed = tuple(key for key in keys if owner_allowed(config.owners, key))
-    return allowed, "" if allowed else f"{keys[0]} is not in OWNER"
-
-
-def push_verdict(config: Config, service: Running, pushed: ImageKey) -> Optional[str]:
-    """None if a push of this image and tag updates the service, else why not: the one matcher. A service
-    takes its own tag; a tracked one a newer version of its image within its channel. Pure."""
-    keys, why = triggers(config, service)
-    if not keys:
-        return why
-    if service.tracking is None:
-        return None if pushed in keys else "it runs another image or tag"
-    if not any(key[:2] == pushed[:2] for key in keys):
-        return "it runs another image"
-    if service.image is None or service.image[:2] != pushed[:2]:
-        return "no running container of it has a tag of this image"
-    return channel_verdict(service.tracking.channel, service.image.tag, pushed.tag)
-
-
-def pushes(service: Running, keys: Sequence[ImageKey]) -> str:
-    """The pushes that update a service, in words (for --check and the start-up log)."""
-    if service.tracking is None or service.tracking.channel is None:
-        return ", ".join(map(str, keys))
-    return f"a newer {service.tracking.channel.value} release of " + ", ".join(
-        f"{k.registry}/{k.repository} than {k.tag}" for k in keys)
-
-
-class Target:
-    """What the work queue updates. The queue, the HTTP side and --check know targets only through this."""
-
-    kind = ""
-    runner: Runner  # what runs its commands (a DryRunner for DRY_RUN)
-
-    def __init__(self, config: Config, engine: str):
-        self.config, self.engine_version = config, engine
-
-    @property
-    def dry(self) -> bool:
-        """Whether commands that change something are only logged (DRY_RUN)."""
-        return getattr(self.runner, "dry", False)
-
-    def running(self) -> List[Running]:
-        """Every service this target could update, as last read."""
-        raise NotImplementedError
-
-    def services_for(self, image: ImageKey) -> List[ServiceRef]:
-        """The services that a push of this image and tag updates."""
-        return [s.ref for s in self.running() if push_verdict(self.config, s, image) is None]
-
-    def why_ignored(self, image: ImageKey) -> str:
-        """Why a push updates nothing: what each service tracking that image said, else that none runs it."""
-        said = [f"{s.ref}: {push_verdict(self.config, s, image)}" for s in self.running()
-                if s.tracking is not None and s.image is not None and s.image[:2] == image[:2]]
-        return "; ".join(said) or "no service runs this image and tag"
-
-    def owns(self, ref: ServiceRef) -> bool:
-        """Whether this target updates that service."""
-        raise NotImplementedError
-
-    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
-        """Update one service to the pushed image, safely; report steps through steps. Raises only
-        EngineUnreachable (the queue waits for the engine), or OSError if the journal cannot be opened."""
-        raise NotImplementedError
-
-    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
-        """Make a service whole after its update was cut off (a crash, the engine gone), as plan() says."""
-        raise NotImplementedError
-
-    def engine_answers(self) -> bool:
-        """Whether the engine behind this target answers."""
-        return Engine(self.config, self.runner).answers()
-
-    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
-        """Re-read what runs here, leaving alone what runs in the busy lanes (a deployment in flight); full:
-        everything, else at least what is new. CommandError or ValueError if it cannot be read."""
-        raise NotImplementedError
-
-    def refresh_around(self, ref: ServiceRef) -> None:
-        """Re-read what an update of ref may have changed (by default everything), as refresh() does."""
-        self.refresh()
-
-    def lane(self, ref: ServiceRef) -> Hashable:
-        """What an update of ref must not run beside (by default the service itself)."""
-        return ref
-
-    def describe(self) -> List[Finding]:
-        """What this target is and what would update, one finding per line (for --check)."""
-        raise NotImplementedError
-
-    def summary(self) -> str:
-        """What this target is, in one line (for the start-up log)."""
-        raise NotImplementedError
-
-    def service_findings(self, label: str) -> List[Finding]:
-        """One line per service: the pushes that update it, or why none does."""
-        found = []
-        for service in self.running():
-            keys, why = triggers(self.config, service)
-            found.append((True, f"{label} {service.ref}: " + (
-                f"updates on a push of {pushes(service, keys)}" if keys else f"{why}, never updated")))
-        return found
+# -- the health verdict, and several targets as one -----------------------------------------
 
 
 class Verdict(enum.Enum):
@@ -3793,6 +3825,9 @@ class ComposeProject(Target):
     def lane(self, ref: ServiceRef) -> Hashable:
         """The whole project: two `compose up` of one project never run at once."""
         return (self.kind, ref.project)
+
+    def engine_answers(self) -> bool:
+        return self.engine.answers()
 
     # -- version channels -----------------------------------------------------------------
 
@@ -4497,6 +4532,9 @@ class SwarmServices(Target):
     def owns(self, ref: ServiceRef) -> bool:
         return ref.kind == self.kind
 
+    def engine_answers(self) -> bool:
+        return self.engine.answers()
+
     def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
         """`docker service update --image <ref:tag> --with-registry-auth`, then follow Swarm's state."""
         steps.begin(SwarmProcedure.SWARM)
@@ -4945,19 +4983,6 @@ def behind(asked: Asked, answer: Union[str, List[str]], running: FrozenSet[str],
     return PushEvent("reconcile", asked.key, answer)
 
 
-class Report(NamedTuple):
-    """The last round: when it ended, services asked, those found behind, and each failing registry's reason."""
-
-    finished: str = ""
-    asked: int = 0
-    behind: Tuple[str, ...] = ()
-    errors: Mapping[str, str] = {}
-    rounds: int = 0
-
-
-FAILED_STATES = frozenset({State.FAILED.value, State.ROLLED_BACK.value, State.SKIPPED.value})
-
-
 def failed_digests(views: Iterable[Mapping[str, object]]) -> FrozenSet[Tuple[ServiceRef, str]]:
     """The (service, digest) pairs a deployment with a digest ended failed, rolled back or skipped. Pure."""
     return frozenset((ServiceRef(str(v.get("kind")), v.get("project") or "", str(v.get("service"))), v["digest"])
@@ -4975,6 +5000,14 @@ class Reconciler:
         self.report = Report()
         self.not_before: Dict[str, float] = {}  # registry: when it may be asked again (429)
         self.plain: Callable[[str], bool] = insecure_registries({})
+
+    def asks(self) -> List[str]:
+        """The tags a round would ask the registries about, each once."""
+        return sorted({str(item.key) for item in self.plan() if item.key is not None})
+
+    def ask_now(self) -> None:
+        """A round as soon as the reconciling thread can (POST /reconcile)."""
+        self.wanted.set()
 
     def plan(self) -> List[Asked]:
         return reconcile_plan(self.config, self.queue.target.running(), self.queue.pending())
@@ -5969,146 +6002,6 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-# -- TLS over the plain transport: every connection counted from accept -----------------------
-
-
-class TLSLayer(asyncio.BufferedProtocol):
-    """One HTTPS connection: the protocol asyncio calls with the encrypted bytes, and the transport its
-    Connection writes to. asyncio's own TLS (create_server(ssl=...)) calls the protocol only once a
-    handshake is done, so connections still in one counted against no limit, and it kept a 256 KiB buffer
-    for each; here a connection is in the table from accept, and an SSLObject with two BIOs is all it adds."""
-
-    def __init__(self, server: "HookServer", context):
-        import ssl
-        self.server, self.raw = server, None
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
-        self.app = Connection(server)
-        self.secured = self.paused = self.shut = False  # handshake done; its Connection reads no more; EOF sent
-        self.want_read, self.ended = ssl.SSLWantReadError, ssl.SSLZeroReturnError
-
-    # -- what asyncio calls -------------------------------------------------------------------
-
-    def connection_made(self, transport) -> None:
-        self.raw = transport
-        self.app.connection_made(self)
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        """Free OpenSSL's memory now: the Connection and this layer refer to each other, and such a cycle
-        waits for the collector's rare full pass, while a flood leaves thousands of them, tens of KiB each."""
-        self.app.connection_lost(exc)
-        self.tls = self.incoming = self.outgoing = None
-        self.shut = True
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.server.scratch
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if not self.shut:
-            self.incoming.write(self.server.scratch[:nbytes])
-            self.pump()
-
-    def eof_received(self) -> bool:
-        return self.app.eof_received()
-
-    def pause_writing(self) -> None:
-        self.app.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.app.resume_writing()
-
-    # -- the handshake, then the plain bytes to the Connection -----------------------------------
-
-    def pump(self) -> None:
-        """Go on with the handshake, then hand what decrypts to the Connection while it reads."""
-        if self.tls is None:  # lost meanwhile
-            return
-        try:
-            if not self.secured:
-                self.tls.do_handshake()
-                self.secured = True
-            while not self.paused and not self.shut and not self.raw.is_closing():
-                self.app.buffer_updated(self.tls.read(READ_BYTES, self.server.scratch))
-        except self.want_read:  # more bytes are needed
-            pass
-        except self.ended:  # the client's close_notify: it sends no more
-            if not self.app.eof_received():
-                self.close()
-        except (OSError, ValueError):  # not TLS, a version or cipher refused, or a broken record: end it
-            self.flush()  # the alert, if OpenSSL wrote one
-            self.raw.close()
-            return
-        self.flush()
-
-    def flush(self) -> None:
-        """Send what OpenSSL wrote; a handshake flight counts as an answer (the client spoke TLS)."""
-        data = self.outgoing.read()
-        if data and not self.raw.is_closing():
-            self.raw.write(data)
-            self.server.touched(self.app)
-
-    # -- what the Connection calls: asyncio's transport interface, the part it uses ---------------
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return self.raw.get_extra_info(name, default)
-
-    def set_write_buffer_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
-        self.raw.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        return self.raw.get_write_buffer_size()
-
-    def is_closing(self) -> bool:
-        return self.raw.is_closing()
-
-    def pause_reading(self) -> None:
-        self.paused = True
-        self.raw.pause_reading()
-
-    def resume_reading(self) -> None:
-        self.paused = False
-        self.raw.resume_reading()
-        # Records that came before the pause are decrypted now, not at the next read (which may never come).
-        if self.incoming is not None and self.incoming.pending:
-            self.server.loop.call_soon(self.pump)
-
-    def write(self, data: bytes) -> None:
-        if self.secured and not self.shut and not self.raw.is_closing():
-            try:
-                self.tls.write(data)
-            except (OSError, ValueError):
-                self.raw.abort()
-                return
-            self.flush()
-
-    def can_write_eof(self) -> bool:
-        return self.secured
-
-    def write_eof(self) -> None:
-        """close_notify, then the TCP half-close: the answer is read before the connection goes."""
-        self.shut = True
-        with contextlib.suppress(OSError, ValueError):  # unwrap() waits for the client's: not here
-            self.tls.unwrap()
-        self.flush()
-        self.raw.write_eof()
-
-    def close(self) -> None:
-        """Close after what is written; a connection that never finished its handshake is simply dropped."""
-        if not self.secured:
-            self.raw.abort()
-            return
-        try:
-            if not self.shut and not self.raw.is_closing():
-                self.write_eof()
-        except OSError:  # the client is gone already
-            self.raw.abort()
-            return
-        self.raw.close()
-
-    def abort(self) -> None:
-        self.raw.abort()
-
-
 # -- the server -----------------------------------------------------------------------------
 
 
@@ -6280,6 +6173,146 @@ class HookServer:
             self.rejects.note(int(status), line)  # int() is a C call; HTTPStatus.value is enum's Python property
         else:
             log.log(logging.DEBUG if c.quiet else logging.INFO, "%s", line())
+
+
+# -- TLS over the plain transport: every connection counted from accept -----------------------
+
+
+class TLSLayer(asyncio.BufferedProtocol):
+    """One HTTPS connection: the protocol asyncio calls with the encrypted bytes, and the transport its
+    Connection writes to. asyncio's own TLS (create_server(ssl=...)) calls the protocol only once a
+    handshake is done, so connections still in one counted against no limit, and it kept a 256 KiB buffer
+    for each; here a connection is in the table from accept, and an SSLObject with two BIOs is all it adds."""
+
+    def __init__(self, server: "HookServer", context):
+        import ssl
+        self.server, self.raw = server, None
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.app = Connection(server)
+        self.secured = self.paused = self.shut = False  # handshake done; its Connection reads no more; EOF sent
+        self.want_read, self.ended = ssl.SSLWantReadError, ssl.SSLZeroReturnError
+
+    # -- what asyncio calls -------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.raw = transport
+        self.app.connection_made(self)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        """Free OpenSSL's memory now: the Connection and this layer refer to each other, and such a cycle
+        waits for the collector's rare full pass, while a flood leaves thousands of them, tens of KiB each."""
+        self.app.connection_lost(exc)
+        self.tls = self.incoming = self.outgoing = None
+        self.shut = True
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self.shut:
+            self.incoming.write(self.server.scratch[:nbytes])
+            self.pump()
+
+    def eof_received(self) -> bool:
+        return self.app.eof_received()
+
+    def pause_writing(self) -> None:
+        self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.app.resume_writing()
+
+    # -- the handshake, then the plain bytes to the Connection -----------------------------------
+
+    def pump(self) -> None:
+        """Go on with the handshake, then hand what decrypts to the Connection while it reads."""
+        if self.tls is None:  # lost meanwhile
+            return
+        try:
+            if not self.secured:
+                self.tls.do_handshake()
+                self.secured = True
+            while not self.paused and not self.shut and not self.raw.is_closing():
+                self.app.buffer_updated(self.tls.read(READ_BYTES, self.server.scratch))
+        except self.want_read:  # more bytes are needed
+            pass
+        except self.ended:  # the client's close_notify: it sends no more
+            if not self.app.eof_received():
+                self.close()
+        except (OSError, ValueError):  # not TLS, a version or cipher refused, or a broken record: end it
+            self.flush()  # the alert, if OpenSSL wrote one
+            self.raw.close()
+            return
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what OpenSSL wrote; a handshake flight counts as an answer (the client spoke TLS)."""
+        data = self.outgoing.read()
+        if data and not self.raw.is_closing():
+            self.raw.write(data)
+            self.server.touched(self.app)
+
+    # -- what the Connection calls: asyncio's transport interface, the part it uses ---------------
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.raw.get_extra_info(name, default)
+
+    def set_write_buffer_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
+        self.raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self.raw.get_write_buffer_size()
+
+    def is_closing(self) -> bool:
+        return self.raw.is_closing()
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        self.raw.resume_reading()
+        # Records that came before the pause are decrypted now, not at the next read (which may never come).
+        if self.incoming is not None and self.incoming.pending:
+            self.server.loop.call_soon(self.pump)
+
+    def write(self, data: bytes) -> None:
+        if self.secured and not self.shut and not self.raw.is_closing():
+            try:
+                self.tls.write(data)
+            except (OSError, ValueError):
+                self.raw.abort()
+                return
+            self.flush()
+
+    def can_write_eof(self) -> bool:
+        return self.secured
+
+    def write_eof(self) -> None:
+        """close_notify, then the TCP half-close: the answer is read before the connection goes."""
+        self.shut = True
+        with contextlib.suppress(OSError, ValueError):  # unwrap() waits for the client's: not here
+            self.tls.unwrap()
+        self.flush()
+        self.raw.write_eof()
+
+    def close(self) -> None:
+        """Close after what is written; a connection that never finished its handshake is simply dropped."""
+        if not self.secured:
+            self.raw.abort()
+            return
+        try:
+            if not self.shut and not self.raw.is_closing():
+                self.write_eof()
+        except OSError:  # the client is gone already
+            self.raw.abort()
+            return
+        self.raw.close()
+
+    def abort(self) -> None:
+        self.raw.abort()
 
 
 # ==========================================================================================

@@ -2995,10 +2995,9 @@ class HouseRulesTest(unittest.TestCase):
     def test_sections_follow_the_webhook(self):
         """The banner comments come in the order a webhook flows through the file."""
         banners = re.findall(r"^# ={20,}\n# ([^:\n]+)", (HERE / "gopdater.py").read_text(), re.MULTILINE)
-        self.assertEqual(banners, ["Image references", "Docker's vocabulary", "Settings", "Senders",
-                                   "The request pipeline", "The work queue", "The journal", "Docker commands",
-                                   "Update targets", "Reconciling", "Notifications", "The HTTP transport", "--check",
-                                   "main"])
+        self.assertEqual(banners, ["Image references", "Docker's vocabulary", "Settings", "Senders", "The journal",
+                                   "The request pipeline", "The work queue", "Docker commands", "Update targets",
+                                   "Reconciling", "Notifications", "The HTTP transport", "--check", "main"])
 
 
 # ---------------------------------------------------------------------------------------------
