@@ -629,28 +629,43 @@ class Container(NamedTuple):
     @classmethod
     def from_inspect(cls, data: dict, carried: Optional[Mapping[str, str]] = None) -> "Container":
         """Build from one element of `docker inspect` output, less the labels its image carries (if given)."""
-        config = data.get("Config") or {}
-        labels, ignored = creator_labels(config.get("Labels") or {}, carried or {})
-        state = data.get("State") or {}
-        check = config.get("Healthcheck") or {}
-        test = check.get("Test") or []
+        labels, ignored = creator_labels(dig(data, "Config", "Labels") or {}, carried or {})
         return cls(
-            id=data.get("Id", ""), name=(data.get("Name") or "").lstrip("/"),
-            service=labels.get("com.docker.compose.service", ""),
-            project=labels.get("com.docker.compose.project", ""),
-            image=config.get("Image") or "", image_id=data.get("Image") or "",
-            status="restarting" if state.get("Restarting") else state.get("Status", ""),
-            health=(state.get("Health") or {}).get("Status"),
-            restart_count=int(data.get("RestartCount") or 0), started_at=state.get("StartedAt") or "",
-            exit_code=int(state.get("ExitCode") or 0), has_healthcheck=bool(test) and test[0] != "NONE",
-            start_period=(check.get("StartPeriod") or 0) / 1e9,
-            oneoff=labels.get("com.docker.compose.oneoff", "False") == "True", labels=labels,
-            host_ports=any(b.get("HostPort") for bs in ((data.get("HostConfig") or {}).get("PortBindings") or {})
-                           .values() for b in bs or ()),
-            networks={net: tuple(a for a in (v or {}).get("Aliases") or () if SERVICE_RE.fullmatch(a))
-                      for net, v in ((data.get("NetworkSettings") or {}).get("Networks") or {}).items()},
-            ignored=ignored,
-        )
+            id=data.get("Id", ""), name=str(data.get("Name") or "").lstrip("/"),
+            service=labels.get("com.docker.compose.service", ""), project=labels.get("com.docker.compose.project", ""),
+            image=dig(data, "Config", "Image") or "", image_id=data.get("Image") or "", **container_state(data),
+            **container_check(data), oneoff=labels.get("com.docker.compose.oneoff", "False") == "True",
+            labels=labels, **container_network(data), ignored=ignored)
+
+
+def dig(data: object, *path: str) -> object:
+    """data[path[0]][path[1]]..., or None where a step is missing or not an object: docker's JSON, read safely."""
+    for key in path:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def container_check(data: dict) -> Dict[str, object]:
+    """Whether one `docker inspect` element has a healthcheck, and its start period in seconds."""
+    test = dig(data, "Config", "Healthcheck", "Test") or []
+    return {"has_healthcheck": bool(test) and test[0] != "NONE",
+            "start_period": (dig(data, "Config", "Healthcheck", "StartPeriod") or 0) / 1e9}
+
+
+def container_network(data: dict) -> Dict[str, object]:
+    """Whether one `docker inspect` element publishes a host port, and its networks with Compose's aliases."""
+    bindings = (dig(data, "HostConfig", "PortBindings") or {}).values()
+    return {"host_ports": any(b.get("HostPort") for bs in bindings for b in bs or ()),
+            "networks": {net: tuple(a for a in dig(v, "Aliases") or () if SERVICE_RE.fullmatch(a))
+                         for net, v in (dig(data, "NetworkSettings", "Networks") or {}).items()}}
+
+
+def container_state(data: dict) -> Dict[str, object]:
+    """The State fields of one `docker inspect` element, as Container keeps them."""
+    state = dig(data, "State") or {}
+    return {"status": "restarting" if state.get("Restarting") else state.get("Status", ""),
+            "health": dig(state, "Health", "Status"), "restart_count": int(data.get("RestartCount") or 0),
+            "started_at": state.get("StartedAt") or "", "exit_code": int(state.get("ExitCode") or 0)}
 
 
 # dockerd copies an image's labels onto each container made from it, where the creator set none of that
@@ -4485,22 +4500,55 @@ class SwarmService(NamedTuple):
 
     @classmethod
     def from_inspect(cls, data: dict) -> "SwarmService":
-        spec = data.get("Spec") or {}
-        image = ((spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image") or ""
+        image = str(dig(data, "Spec", "TaskTemplate", "ContainerSpec", "Image") or "")
         reference, _, digest = image.partition("@")
-        replicas = ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas")
-        parallelism = (spec.get("UpdateConfig") or {}).get("Parallelism") or 0
-        status = data.get("UpdateStatus") or {}
-        return cls(data.get("ID", ""), spec.get("Name", ""), (spec.get("Labels") or {}).get(
-            "com.docker.stack.namespace", ""), image, parse_reference(reference), digest or None,
-                   spec.get("Labels") or {}, replicas, -(-(replicas or 1) // parallelism) if parallelism else 1,
-                   status.get("State", ""), status.get("StartedAt", ""), status.get("Message", ""))
+        replicas = dig(data, "Spec", "Mode", "Replicated", "Replicas")
+        parallelism = dig(data, "Spec", "UpdateConfig", "Parallelism") or 0
+        labels = dig(data, "Spec", "Labels") or {}
+        status = [str(dig(data, "UpdateStatus", field) or "") for field in ("State", "StartedAt", "Message")]
+        return cls(data.get("ID", ""), str(dig(data, "Spec", "Name") or ""), labels.get("com.docker.stack.namespace", ""),
+                   image, parse_reference(reference), digest or None, labels, replicas,
+                   -(-(replicas or 1) // parallelism) if parallelism else 1, *status)
 
 
 def swarm_tracking(labels: Mapping[str, str]) -> Optional[Tracking]:
     """How a Swarm service follows versions (its spec, where its image is kept, is the source of truth). Pure."""
     value = (labels.get(TRACK_LABEL) or "").strip()
     return label_tracking(value) if value else None
+
+
+class SwarmMove(enum.Enum):
+    """What following a Swarm update does next."""
+
+    WAIT = "wait"
+    UPDATED = "updated"  # completed, every task on the image
+    ROLLED_BACK = "rolled-back"  # Swarm's rollback completed
+    STUCK = "stuck"  # the rollback paused, or outlived its time
+    ROLL_BACK = "roll-back"  # paused or late: ask Swarm to roll back
+
+
+def swarm_move(state: str, tasks_run: bool, rolling_back: bool, limits: float) -> SwarmMove:
+    """The next move, from Swarm's UpdateStatus.State, whether every task runs the image, whether gopdater asked
+    for a rollback, and how many HEALTH_TIMEOUT limits have passed. Pure."""
+    if state == "completed" and tasks_run:
+        return SwarmMove.UPDATED
+    if state == "rollback_completed":
+        return SwarmMove.ROLLED_BACK
+    if state == "rollback_paused" or (rolling_back and limits > 2):
+        return SwarmMove.STUCK
+    if not rolling_back and (state == "paused" or limits > 1):
+        return SwarmMove.ROLL_BACK
+    return SwarmMove.WAIT
+
+
+def swarm_outcome(move: SwarmMove, service: "SwarmService", reason: Optional[str], outcome: Outcome) -> Outcome:
+    """How a followed Swarm update ended. Pure."""
+    if move is SwarmMove.UPDATED:
+        return outcome._replace(result=State.UPDATED, new_image=service.image)
+    if move is SwarmMove.ROLLED_BACK:
+        return outcome._replace(result=State.ROLLED_BACK, reason=reason or service.update_message)
+    return outcome._replace(reason=f"{reason or 'the rollback'}; Swarm's rollback did not finish: "
+                                   f"{service.update_message}; see docker service ps {service.name}")
 
 
 class SwarmServices(Target):
@@ -4540,22 +4588,11 @@ class SwarmServices(Target):
         steps.begin(SwarmProcedure.SWARM)
         try:
             before = steps.step(Stage.INSPECT, lambda: self.inspect([ref.name]))[0]
-            outcome = Outcome(old_image=before.image)
-            if digest and digest == before.digest:
-                return outcome._replace(result=State.UP_TO_DATE, new_image=before.image)
-            move = move_to(swarm_tracking(before.labels), before.key, steps.deployment.key.tag)
-            if isinstance(move, str):
-                return outcome._replace(result=State.SKIPPED, reason=move)
-            reference = before.image.partition("@")[0]
-            if digest and steps.failed_before(f"{reference}@{digest}"):
-                return outcome._replace(result=State.SKIPPED, reason=f"{reference}@{digest} failed here before; "
-                                                                     "push a new one")
-            # The tag, never the payload's digest: Swarm resolves it now, so a replay cannot move it backwards.
-            target = with_tag(reference, move.new_tag) if move else reference
-            outcome = outcome._replace(old_tag=move and move.old_tag, new_tag=move and move.new_tag)
-            steps.remember(old_image=before.image, swarm_started=before.update_started,
-                           **({"old_tag": move.old_tag, "new_tag": move.new_tag} if move else {}))
-            steps.step(Stage.UPDATE, lambda: self.engine.service_update(ref.name, target))
+            target = self.target_of(before, digest, steps)
+            if isinstance(target, Outcome):
+                return target
+            image, outcome = target
+            steps.step(Stage.UPDATE, lambda: self.engine.service_update(ref.name, image))
             if self.dry:
                 return outcome._replace(result=State.DRY_RUN)
             after = self.inspect([ref.name])[0]
@@ -4565,6 +4602,24 @@ class SwarmServices(Target):
         except DeployFailed as error:
             return Outcome(reason=str(error))
 
+    def target_of(self, before: SwarmService, digest: Optional[str], steps: StepLog
+                  ) -> Union[Tuple[str, Outcome], Outcome]:
+        """The image to ask Swarm for (a tag, never the payload's digest: Swarm resolves it now, so a replay cannot
+        move it backwards) and the outcome so far, journalled; or how the update ends before Swarm is asked."""
+        outcome = Outcome(old_image=before.image)
+        if digest and digest == before.digest:
+            return outcome._replace(result=State.UP_TO_DATE, new_image=before.image)
+        move = move_to(swarm_tracking(before.labels), before.key, steps.deployment.key.tag)
+        if isinstance(move, str):
+            return outcome._replace(result=State.SKIPPED, reason=move)
+        reference = before.image.partition("@")[0]
+        if digest and steps.failed_before(f"{reference}@{digest}"):
+            return outcome._replace(result=State.SKIPPED, reason=f"{reference}@{digest} failed here before; "
+                                                                 "push a new one")
+        tags = {"old_tag": move.old_tag, "new_tag": move.new_tag} if move else {}
+        steps.remember(old_image=before.image, swarm_started=before.update_started, **tags)
+        return with_tag(reference, move.new_tag) if move else reference, outcome._replace(**tags)
+
     def follow(self, name: str, previous: str, outcome: Outcome, steps: StepLog) -> Outcome:
         """Follow UpdateStatus until it settles; roll back (`docker service rollback`) a paused or unhealthy one.
         Each batch of tasks gets HEALTH_TIMEOUT; a rollback gets as long again."""
@@ -4573,20 +4628,15 @@ class SwarmServices(Target):
             service = self.inspect([name])[0]
             state = service.update_state if service.update_started != previous else "pending"
             limit = self.config.health_timeout * max(1, service.batches)
-            if state == "completed" and self.tasks_run(service):
-                steps.record("wait", "ok", started)
-                return outcome._replace(result=State.UPDATED, new_image=service.image)
-            if state == "rollback_completed":
-                steps.record("wait", "failed", started)
-                return outcome._replace(result=State.ROLLED_BACK, reason=reason or service.update_message)
-            if state == "rollback_paused" or (reason and steps.clock() - started > 2 * limit):
-                steps.record("wait", "failed", started)
-                return outcome._replace(reason=f"{reason or 'the rollback'}; Swarm's rollback did not finish: "
-                                               f"{service.update_message}; see docker service ps {name}")
-            if not reason and (state == "paused" or steps.clock() - started > limit):
+            move = swarm_move(state, state == "completed" and self.tasks_run(service), bool(reason),
+                              (steps.clock() - started) / limit)
+            if move is SwarmMove.ROLL_BACK:
                 reason = service.update_message if state == "paused" else f"not running after {limit:g}s"
                 log.error("%s update failed: %s; rolling back", steps.label, reason)
                 steps.step(Stage.ROLLBACK, lambda: self.engine.service_rollback(name))
+            elif move is not SwarmMove.WAIT:
+                steps.record("wait", "ok" if move is SwarmMove.UPDATED else "failed", started)
+                return swarm_outcome(move, service, reason, outcome)
             steps.sleep(delay)
         raise AssertionError("unreachable: backoff() never ends")
 
