@@ -831,6 +831,20 @@ def parse_command(name: str, text: str) -> str:
 NOTIFY_FORMAT_NAMES: List[str] = []  # what a NOTIFY_URL's #fragment may name: filled from NOTIFY_FORMATS, its table
 
 
+WEB, MAIL = ("http", "https"), ("smtp", "smtps")
+# What a NOTIFY_URL entry must not be, each with its one line: the first that matches stops start-up.
+NOTIFY_URL_RULES: Tuple[Tuple[Callable[[urllib.parse.SplitResult], bool], str], ...] = (
+    (lambda p: p.scheme == "http" and p.password is not None,
+     "{name} entry {shown} has a password but is plain http://: it would go in clear; use https://"),
+    (lambda p: p.scheme in MAIL and not (p.hostname and urllib.parse.parse_qs(p.query).get("to")),
+     "{name} entry {shown} needs a host and ?to=ADDRESS, e.g. smtp://user:pass@mail.example.org:587/?to=ops@example.org"),
+    (lambda p: p.scheme not in WEB + MAIL or not p.hostname,
+     "{name} entries must be http(s):// or smtp(s):// URLs, e.g. {name}=https://ntfy.sh/mytopic; {shown} is not"),
+    (lambda p: p.scheme in WEB and bool(p.fragment) and p.fragment not in NOTIFY_FORMAT_NAMES,
+     "{name} entry {shown} names the format #{fragment}; use one of {formats}"),
+)
+
+
 def parse_notify_urls(name: str, text: str) -> Tuple[str, ...]:
     """NOTIFY_URL: comma-separated http(s) URLs (a #fragment may name the format) and smtp(s) URLs."""
     urls = tuple(filter(None, (part.strip() for part in text.split(","))))
@@ -844,19 +858,10 @@ def parse_notify_urls(name: str, text: str) -> Tuple[str, ...]:
             raise ConfigError(f"{name} entry {number} cannot be read as a URL: write scheme://host[:port]/path, "
                               "the port a number from 1 to 65535, an IPv6 host in brackets")
         shown = f"{parts.scheme}://{parts.hostname or ''}/..."  # never the path, query or credentials: secrets
-        if parts.scheme == "http" and parts.password is not None:
-            raise ConfigError(f"{name} entry {shown} has a password but is plain http://: it would go in clear; "
-                              "use https://")
-        if parts.scheme in ("smtp", "smtps"):
-            if not parts.hostname or not urllib.parse.parse_qs(parts.query).get("to"):
-                raise ConfigError(f"{name} entry {shown} needs a host and ?to=ADDRESS, e.g. "
-                                  f"smtp://user:pass@mail.example.org:587/?to=ops@example.org")
-        elif parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{name} entries must be http(s):// or smtp(s):// URLs, e.g. {name}=https://ntfy.sh/"
-                              f"mytopic; {shown} is not")
-        elif parts.fragment and parts.fragment not in NOTIFY_FORMAT_NAMES:
-            raise ConfigError(f"{name} entry {shown} names the format #{parts.fragment[:20]}; use one of "
-                              + ", ".join(f"#{f}" for f in NOTIFY_FORMAT_NAMES))
+        for wrong, message in NOTIFY_URL_RULES:
+            if wrong(parts):
+                raise ConfigError(message.format(name=name, shown=shown, fragment=parts.fragment[:20],
+                                                 formats=", ".join(f"#{f}" for f in NOTIFY_FORMAT_NAMES)))
     return urls
 
 
@@ -4333,6 +4338,14 @@ COMPOSE_RECOVERY: Dict[ComposeAction, Callable[[ComposeRecovery, Cut], Outcome]]
     ComposeAction.SETTLE: ComposeRecovery.settle}
 
 
+class HostListing(NamedTuple):
+    """One listing of the host's Compose projects, beside what was known before it."""
+
+    found: Mapping[str, Tuple[ComposeLocation, List[Container]]]  # project: where it lives, its containers
+    known: Mapping[str, "ComposeProject"]  # project: as read before
+    in_flight: FrozenSet[str]  # projects a deployment runs in: left as they are
+
+
 class ComposeHost(Targets):
     """Every Compose project on the engine (PROJECTS=*), or those named, each run as in its own folder."""
 
@@ -4351,31 +4364,57 @@ class ComposeHost(Targets):
         containers from the listing); one a deployment is in flight in is left as it is."""
         found = projects_on_engine(self.config, self.runner, self.own)
         known = {member.name: member for member in self.members}
-        in_flight = {name for name in known if (self.kind, name) in busy}  # mid-update it may have no container
-        wanted = sorted(set(found) | in_flight) if self.config.projects == ("*",) else list(self.config.projects or ())
-        readable, skipped, to_read = [], {}, []
-        for name in wanted:
-            location = found[name][0] if name in found else None
-            problem = "no container of it is on this engine" if location is None else unreadable(self.config,
-                                                                                                 location)
-            if problem and name not in in_flight:
-                skipped[name] = problem
-                continue
-            member = known.get(name) or ComposeProject(self.config, Compose(
-                self.config, location, self.command, self.runner, compose_flavour(self.version) == "v2"),
-                self.version, self.engine_version)
-            readable.append((name, member))
-            if (self.kind, name) in busy:
-                continue
-            if full or name not in known:
-                to_read.append((name, member))
-            else:
-                member.take(found[name][1])
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(DISCOVERY_READS, len(to_read)))) as pool:
-            problems = list(pool.map(lambda pair: self.read(pair[1], found[pair[0]][1]), to_read))
-        skipped.update((name, problem) for (name, _), problem in zip(to_read, problems) if problem)
+        listing = HostListing(found, known, frozenset(n for n in {*found, *known} if (self.kind, n) in busy))
+        skipped = self.skipped_in(listing)
+        readable = [(name, known.get(name) or self.project_at(found[name][0]))
+                    for name in self.wanted(listing) if name not in skipped]
+        to_read = self.take_listed(listing, readable, full)
+        skipped.update(self.read_all(to_read, found))
         self.members = [member for (name, member) in readable if name not in skipped]
         self.skipped = dict(sorted(skipped.items()))
+
+    def wanted(self, listing: "HostListing") -> List[str]:
+        """The projects to update: every one listed (and those in flight) for PROJECTS=*, else those named."""
+        if self.config.projects == ("*",):
+            return sorted(set(listing.found) | listing.in_flight)
+        return list(self.config.projects or ())
+
+    def skipped_in(self, listing: "HostListing") -> Dict[str, str]:
+        """Each wanted project that cannot be updated from here, and why (one in flight is kept as it is)."""
+        found = {name: self.problem(listing.found, name) for name in self.wanted(listing)}
+        return {name: why for name, why in found.items() if why and name not in listing.in_flight}
+
+    @staticmethod
+    def take_listed(listing: "HostListing", readable: Sequence[Tuple[str, "ComposeProject"]], full: bool
+                    ) -> List[Tuple[str, "ComposeProject"]]:
+        """The projects to read again (every one if full, else the new ones); the others take their containers
+        from the listing; one in flight is left as it is."""
+        to_read = []
+        for name, member in readable:
+            if name in listing.in_flight:
+                continue
+            if full or name not in listing.known:
+                to_read.append((name, member))
+            else:
+                member.take(listing.found[name][1])
+        return to_read
+
+    def read_all(self, to_read: Sequence[Tuple[str, "ComposeProject"]],
+                 found: Mapping[str, Tuple[ComposeLocation, List[Container]]]) -> Dict[str, str]:
+        """Read these projects, DISCOVERY_READS at a time; why each that cannot be read cannot."""
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(DISCOVERY_READS, len(to_read)))) as pool:
+            problems = list(pool.map(lambda pair: self.read(pair[1], found[pair[0]][1]), to_read))
+        return {name: problem for (name, _), problem in zip(to_read, problems) if problem}
+
+    def problem(self, found: Mapping[str, Tuple[ComposeLocation, List[Container]]], name: str) -> Optional[str]:
+        """Why a project cannot be updated from here, or None."""
+        return unreadable(self.config, found[name][0]) if name in found else "no container of it is on this engine"
+
+    def project_at(self, location: ComposeLocation) -> "ComposeProject":
+        """A project not read yet, as Compose runs it in its own folder."""
+        return ComposeProject(self.config, Compose(self.config, location, self.command, self.runner,
+                                                   compose_flavour(self.version) == "v2"),
+                              self.version, self.engine_version)
 
     @staticmethod
     def read(member: "ComposeProject", listed: Sequence[Container]) -> Optional[str]:
@@ -4837,27 +4876,35 @@ def unchunk(data: bytes) -> bytes:
 def registry_login(registry: str, config: Config, runner: Runner) -> Optional[Tuple[str, str]]:
     """The user and password the docker CLI would use for a registry (DOCKER_CONFIG's config.json: auths,
     credsStore, credHelpers through `docker-credential-<name> get`), or None: ask anonymously."""
-    folder = config.environ.get("DOCKER_CONFIG") or os.path.join(config.environ.get("HOME") or "/root", ".docker")
-    try:
-        with open(os.path.join(folder, "config.json"), "rb") as handle:
-            stored = json.loads(handle.read(REGISTRY_BODY_MAX))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(stored, dict):
-        return None
+    stored = docker_config(config)
     keys = (DOCKER_HUB_LOGIN, "index.docker.io", DOCKER_HUB) if registry == DOCKER_HUB else (
         registry, f"https://{registry}", f"http://{registry}")
-    helpers, auths = stored.get("credHelpers"), stored.get("auths")
-    helper = next((helpers[k] for k in keys if isinstance(helpers, dict) and isinstance(helpers.get(k), str)),
-                  stored.get("credsStore"))
+    helper = next(filter(None, (text_at(stored, "credHelpers", k) for k in keys)), stored.get("credsStore"))
     if isinstance(helper, str) and HELPER_RE.fullmatch(helper):
         return helper_login(helper, keys[0], config, runner)
-    entry = next((auths[k] for k in keys if isinstance(auths, dict) and isinstance(auths.get(k), dict)), {})
+    entry = next((dig(stored, "auths", k) for k in keys if isinstance(dig(stored, "auths", k), dict)), {})
     try:
         user, sep, password = base64.b64decode(str(entry.get("auth") or ""), validate=True).decode().partition(":")
     except ValueError:
         return None
     return (user, password) if sep else None
+
+
+def text_at(data: object, *path: str) -> Optional[str]:
+    """dig(), where only a string is wanted."""
+    found = dig(data, *path)
+    return found if isinstance(found, str) else None
+
+
+def docker_config(config: Config) -> dict:
+    """The docker CLI's config.json (DOCKER_CONFIG, else ~/.docker), or {} if there is none to read."""
+    folder = config.environ.get("DOCKER_CONFIG") or os.path.join(config.environ.get("HOME") or "/root", ".docker")
+    try:
+        with open(os.path.join(folder, "config.json"), "rb") as handle:
+            stored = json.loads(handle.read(REGISTRY_BODY_MAX))
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def helper_login(helper: str, server: str, config: Config, runner: Runner) -> Optional[Tuple[str, str]]:
@@ -4888,14 +4935,21 @@ def bearer_token(challenge: Mapping[str, str], login: Optional[Tuple[str, str]],
         filter(None, (realm.query, query))), ""))
     safe = realm.scheme == "https" or loopback(realm.hostname)
     reply = registry_call(url, {"Authorization": basic_authorization(login)} if login and safe else {}, deadline)
+    token = token_in(reply)
+    if token is None:
+        raise RegistryError(f"its token service answered {reply.status} without a token")
+    return token
+
+
+def token_in(reply: "Reply") -> Optional[str]:
+    """The token a token service's answer carries (token, or OAuth's access_token), if it is one to send on."""
     try:
         answer = json.loads(reply.body) if reply.status == 200 else None
     except ValueError:
-        answer = None
+        return None
     token = (answer.get("token") or answer.get("access_token")) if isinstance(answer, dict) else None
-    if not isinstance(token, str) or not token or not token.isascii() or any(c in token for c in "\r\n "):
-        raise RegistryError(f"its token service answered {reply.status} without a token")
-    return token
+    ok = isinstance(token, str) and token and token.isascii() and not any(c in token for c in "\r\n ")
+    return token if ok else None
 
 
 def loopback(host: str) -> bool:
@@ -6406,32 +6460,34 @@ def reconcile_findings(config: Config, services: Sequence[Running]) -> List[Find
 
 def run_check(config: Config, runner: Runner = None, out=None) -> int:
     """Diagnose the set-up for --check: one line per finding, a fix for each problem; 0 if all is well."""
-    out = out or sys.stdout
+    runner = runner or run_command
     docker_host = config.environ.get("DOCKER_HOST") or "unset, so /var/run/docker.sock"
     try:
-        target = discover(config, runner or run_command)
+        target = discover(config, runner)
     except ConfigError as error:
         findings = [(False, f"{error} (DOCKER_HOST {docker_host})")]
     else:
         findings = [(True, f"docker: engine {target.engine_version} answers (DOCKER_HOST {docker_host})"),
-                    *target.describe(),
-                    (True, f"owners allowed: {', '.join(f'{r}/{n}' for r, n in config.owners)}"),
-                    (True, f"webhook URL for Docker Hub: {scheme(config)}://<this-host>:{config.port}/hooks/"
-                           f"{config.secret[:4]}{'*' * 8} (the full secret is WEBHOOK_SECRET)")]
-        if config.tls_cert:
-            findings.append(tls_problem(config.tls_cert, config.tls_key))
-        for url in config.notify_url:
-            findings.append(notify_finding(url, config.notify_on))
-        if config.dry_run:
-            findings.append((True, "DRY_RUN is on: deployments log their commands and run none"))
-        if config.swarm != "off" and swarm_role(config, runner or run_command) == "worker":
-            findings.append((True, "swarm: this engine is a worker; Swarm services are updated only by a "
-                                   "gopdater on a manager"))
-        findings += reconcile_findings(config, target.running())
-        findings.append(state_finding(config))
-    for ok, text in findings:
-        print(f"{'ok  ' if ok else 'FAIL'} {text}", file=out)
+                    *setup_findings(config, runner, target)]
+    print("".join(f"{'ok  ' if ok else 'FAIL'} {text}\n" for ok, text in findings), end="", file=out or sys.stdout)
     return 0 if all(ok for ok, _ in findings) else 1
+
+
+def setup_findings(config: Config, runner: Runner, target: Target) -> List[Finding]:
+    """What --check says once the engine answers: the targets, owners, the webhook URL, TLS, notifications,
+    DRY_RUN, Swarm, reconciling and STATE_DIR."""
+    findings = [*target.describe(), (True, f"owners allowed: {', '.join(f'{r}/{n}' for r, n in config.owners)}"),
+                (True, f"webhook URL for Docker Hub: {scheme(config)}://<this-host>:{config.port}/hooks/"
+                       f"{config.secret[:4]}{'*' * 8} (the full secret is WEBHOOK_SECRET)")]
+    if config.tls_cert:
+        findings.append(tls_problem(config.tls_cert, config.tls_key))
+    findings += [notify_finding(url, config.notify_on) for url in config.notify_url]
+    if config.dry_run:
+        findings.append((True, "DRY_RUN is on: deployments log their commands and run none"))
+    if config.swarm != "off" and swarm_role(config, runner) == "worker":
+        findings.append((True, "swarm: this engine is a worker; Swarm services are updated only by a gopdater on a "
+                               "manager"))
+    return findings + reconcile_findings(config, target.running()) + [state_finding(config)]
 
 
 # ==========================================================================================
