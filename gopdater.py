@@ -1507,13 +1507,9 @@ class Past(dict):
     def from_stored(cls, view: object) -> Optional["Past"]:
         """The view as history.json keeps it, if it has the shape and the types gopdater writes, each string cut
         as gopdater cuts it; else None. Pure: a crafted file is refused here, never rendered."""
-        if not isinstance(view, dict) or not all(isinstance(view.get(k), (str, type(None))) for k in cls.TEXTS):
+        if not stored_view(view, cls.TEXTS):
             return None
         steps, logs, hooks = view.get("steps", []), view.get("logs", []), view.get("hooks", 1)
-        if view.get("state") not in STATE_VALUES or type(hooks) is not int or not 0 <= hooks <= 10**9 or not (
-                isinstance(steps, list) and all(map(stored_step, steps)) and isinstance(logs, list)
-                and all(isinstance(line, str) for line in logs)):
-            return None
         return cls({**{k: view.get(k) and view[k][:cls.TEXT_MAX] for k in cls.TEXTS}, "hooks": hooks,
                     "logs": [line[:LINE_MAX] for line in logs[-LOG_TAIL_LINES:]],
                     "steps": [{"step": s["step"][:80], "result": s["result"][:80], "seconds": s["seconds"]}
@@ -1521,6 +1517,22 @@ class Past(dict):
 
     def view(self) -> dict:
         return dict(self)
+
+
+def stored_view(view: object, texts: Sequence[str]) -> bool:
+    """Whether a stored view has the shape Deployment.view() gives it: its texts strings or null, a known state,
+    a count of hooks, steps as stored_step() says, log lines as strings. Pure."""
+    if not isinstance(view, dict) or not all(isinstance(view.get(k), (str, type(None))) for k in texts):
+        return False
+    hooks = view.get("hooks", 1)
+    return (view.get("state") in STATE_VALUES and type(hooks) is int and 0 <= hooks <= 10**9
+            and list_of(view.get("steps", []), stored_step) and list_of(view.get("logs", []), str))
+
+
+def list_of(items: object, valid: Callable[[object], bool]) -> bool:
+    """Whether items is a list whose every item valid() accepts (a type is a check too)."""
+    check = (lambda item: isinstance(item, valid)) if isinstance(valid, type) else valid
+    return isinstance(items, list) and all(map(check, items))
 
 
 def stored_step(step: object) -> bool:
@@ -2130,21 +2142,32 @@ class App:
         sender, endpoint, captured = route(path)
         length = body_length(method, headers)
         verified = (sender is not None and sender.authenticate.in_head) or endpoint in POST_ENDPOINTS
-        allowed = "POST" if sender or endpoint in POST_ENDPOINTS else ("GET" if endpoint else None)
-        refused = None
-        if allowed is None:
-            refused = NOT_FOUND
-        elif method != allowed:
-            refused = refusal(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", (("Allow", allowed),))
-        elif isinstance(length, Response):
-            refused = length
-        elif sender is None and verified and not bearer(self.secret, "", headers, b""):
-            refused = FORBIDDEN  # an action (POST_ENDPOINTS) from the head: its body is never read for a stranger
-        elif sender is not None and verified and not sender.authenticate.check(self.secret, captured, headers, b""):
-            self.metrics.hook(sender.name, HTTPStatus.FORBIDDEN)
-            refused = FORBIDDEN
+        refused = self.refused_by_head(Request(sender, endpoint, captured, headers, -1, verified), method, length)
         return Request(sender, endpoint, captured, headers, length if isinstance(length, int) else -1, verified,
                        refused)
+
+    def refused_by_head(self, request: Request, method: str, length: Union[int, Response]) -> Optional[Response]:
+        """Why a request is refused before its body is read: no such path, another method, its size, or a
+        credential in its head that fails (an action's from a stranger: its body is never read); else None."""
+        sender = request.sender
+        allowed = "POST" if sender or request.endpoint in POST_ENDPOINTS else ("GET" if request.endpoint else None)
+        if allowed is None:
+            return NOT_FOUND
+        if method != allowed:
+            return refusal(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", (("Allow", allowed),))
+        if isinstance(length, Response):
+            return length
+        if not request.verified or self.head_credential_holds(request):
+            return None
+        if sender is not None:
+            self.metrics.hook(sender.name, HTTPStatus.FORBIDDEN)
+        return FORBIDDEN
+
+    def head_credential_holds(self, request: Request) -> bool:
+        """Whether the credential a head carries holds: a sender's own, else the Bearer token (an action)."""
+        if request.sender is None:
+            return bearer(self.secret, "", request.headers, b"")
+        return request.sender.authenticate.check(self.secret, request.captured, request.headers, b"")
 
     def finish(self, request: Request, body: bytes) -> Response:
         """Answer a request whose body has arrived."""
