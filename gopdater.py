@@ -1048,29 +1048,47 @@ def usage() -> str:
 
 def parse_flags(argv: Sequence[str]) -> Tuple[Dict[str, str], bool]:
     """The flags given: {setting name: text}, and whether --check was; --help and --version exit here."""
-    by_flag = {setting.flag: setting for setting in SETTINGS}
-    values, check, args = {}, False, list(argv)
+    values: Dict[str, str] = {}
+    args = list(argv)
     while args:
         flag, has_value, value = args.pop(0).partition("=")
-        if flag in ("-h", "--help", "--version"):
-            print(usage() if flag != "--version" else f"gopdater {__version__}")
-            raise SystemExit(0)
-        setting = by_flag.get(flag)
-        if flag == "--check" or (setting is not None and setting.switch):
-            if has_value:
-                raise ConfigError(f"{flag} takes no value: give it alone, e.g. gopdater {flag}")
-            check = check or flag == "--check"
-            if setting is not None:
-                values[setting.name] = "1"
-            continue
-        if setting is None:
-            raise ConfigError(f"{flag} is not a flag of gopdater: see gopdater --help")
-        if not has_value:
-            if not args:
-                raise ConfigError(f"{flag} needs a value, e.g. {flag} {setting.default or setting.name}")
-            value = args.pop(0)
-        values[setting.name] = value
+        values.update(one_flag(flag, (has_value, value), args))
+    check = values.pop("--check", None) is not None
     return values, check
+
+
+ANSWERING_FLAGS: Dict[str, Callable[[], str]] = {  # flags answered at once, then gopdater exits 0
+    "-h": lambda: usage(), "--help": lambda: usage(), "--version": lambda: f"gopdater {__version__}"}
+
+
+def one_flag(flag: str, given: Tuple[str, str], args: List[str]) -> Dict[str, str]:
+    """One flag read: {its setting's name (or --check): its text}; given: ("=", value) when written flag=value;
+    a value written apart is taken from args."""
+    if flag in ANSWERING_FLAGS:
+        print(ANSWERING_FLAGS[flag]())
+        raise SystemExit(0)
+    setting = next((setting for setting in SETTINGS if setting.flag == flag), None)
+    if flag == "--check":
+        return {flag: switched(flag, given[0])}
+    if getattr(setting, "switch", False):
+        return {setting.name: switched(flag, given[0])}
+    if setting is None:
+        raise ConfigError(f"{flag} is not a flag of gopdater: see gopdater --help")
+    return {setting.name: given[1] if given[0] else next_value(flag, setting, args)}
+
+
+def switched(flag: str, has_value: str) -> str:
+    """A switch's value ("1"); ConfigError if it was given one."""
+    if has_value:
+        raise ConfigError(f"{flag} takes no value: give it alone, e.g. gopdater {flag}")
+    return "1"
+
+
+def next_value(flag: str, setting: Setting, args: List[str]) -> str:
+    """A flag's value given as the next argument (taken from args); ConfigError if there is none."""
+    if not args:
+        raise ConfigError(f"{flag} needs a value, e.g. {flag} {setting.default or setting.name}")
+    return args.pop(0)
 
 
 def load_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> Config:
