@@ -1559,6 +1559,19 @@ def stored_step(step: object) -> bool:
         and type(step.get("seconds")) in (int, float) and 0 <= step["seconds"] < float("inf")
 
 
+def stored_records(updates: object) -> Dict[str, Record]:
+    """The records journal.json keeps, each one gopdater would write; any other is dropped, with a log line."""
+    records = {}
+    for key, data in (updates.items() if isinstance(updates, dict) else ()):
+        record = Record.from_json(data)
+        if record is None:
+            log.error("journal record %r is not one gopdater writes; it is dropped and nothing is run for it",
+                      str(key)[:80])
+            continue
+        records[key] = record
+    return records
+
+
 class Journal:
     """Updates in progress and the deployment history, kept in STATE_DIR across restarts and crashes."""
 
@@ -1584,15 +1597,7 @@ class Journal:
     def load(self) -> Tuple[List[Record], List[dict]]:
         """The updates a crash left unfinished, and the stored history, newest last."""
         stored = read_state(self.journal_path, dict)
-        updates = stored.get("updates")
-        records = {}
-        for key, data in (updates.items() if isinstance(updates, dict) else ()):
-            record = Record.from_json(data)
-            if record is None:
-                log.error("journal record %r is not one gopdater writes; it is dropped and nothing is run for it",
-                          str(key)[:80])
-                continue
-            records[key] = record
+        records = stored_records(stored.get("updates"))
         failed = stored.get("failed")
         with self.lock:
             self.records = records
@@ -2133,6 +2138,13 @@ REASON_MAX = 1000  # a reason names services and tags; a host with hundreds of t
 # -- the application: every endpoint's answer --------------------------------------------
 
 
+def accepted(submitted: Sequence["Submitted"]) -> dict:
+    """The 202 answer's body: the first deployment's id, every service, and every id when there are several."""
+    ids = list(dict.fromkeys(deployment.id for deployment, _ in submitted))
+    reply = {"status": "accepted", "id": ids[0], "services": sorted({str(d.ref) for d, _ in submitted})}
+    return {**reply, "ids": ids} if len(ids) > 1 else reply
+
+
 class Reconciling(Protocol):
     """What the pipeline asks of reconciling (the Reconciler): the tags a round would ask, a round now, and what the
     last round found."""
@@ -2228,24 +2240,26 @@ class App:
             if sender.foreign_owner_ignored:
                 return Response(HTTPStatus.OK, {"status": "ignored", "reason": "namespace not in OWNER"})
             return FOREIGN_OWNER
-        ids, services = [], set()
-        for event in allowed:
-            submitted = self.queue.submit(event)
-            if submitted is None:
-                return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "deployment queue is full or gopdater is stopping")
-            for deployment, coalesced in submitted:
-                log.info("hook accepted sender=%s image=%s deployment=%s service=%s coalesced=%s", sender.name,
-                         event.image, deployment.id, deployment.ref, "yes" if coalesced else "no")
-                if deployment.id not in ids:
-                    ids.append(deployment.id)
-                services.add(str(deployment.ref))
-        if not ids:
+        submitted = self.submit_all(sender, allowed)
+        if submitted is None:
+            return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "deployment queue is full or gopdater is stopping")
+        if not submitted:
             reason = "; ".join(dict.fromkeys(self.queue.target.why_ignored(e.image) for e in allowed))
             return Response(HTTPStatus.OK, {"status": "ignored", "reason": reason[:REASON_MAX]})
-        reply = {"status": "accepted", "id": ids[0], "services": sorted(services)}
-        if len(ids) > 1:
-            reply["ids"] = ids
-        return Response(HTTPStatus.ACCEPTED, reply)
+        return Response(HTTPStatus.ACCEPTED, accepted(submitted))
+
+    def submit_all(self, sender: Sender, events: Sequence[PushEvent]) -> Optional[List["Submitted"]]:
+        """Queue each event's deployments, logging each; None if the queue takes no more."""
+        submitted = []
+        for event in events:
+            taken = self.queue.submit(event)
+            if taken is None:
+                return None
+            for deployment, coalesced in taken:
+                log.info("hook accepted sender=%s image=%s deployment=%s service=%s coalesced=%s", sender.name,
+                         event.image, deployment.id, deployment.ref, "yes" if coalesced else "no")
+            submitted += taken
+        return submitted
 
     def needs_target(self, request: Request) -> bool:
         """Only /healthz is answered before start-up discovery is done."""
