@@ -2113,8 +2113,13 @@ def body_length(method: str, headers: Mapping[str, str]) -> Union[int, Response]
     if not values:
         return 0
     length = values[0].strip()
-    if not DIGITS_RE.fullmatch(length) or (len(values) > 1 and {value.strip() for value in values} != {length}):
+    if not DIGITS_RE.fullmatch(length) or {value.strip() for value in values} != {length}:
         return refusal(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
+    return body_size(length)
+
+
+def body_size(length: str) -> Union[int, Response]:
+    """A Content-Length of digits as a size, or 413 when it is over MAX_BODY_BYTES."""
     digits = length.lstrip("0")
     size = int(digits or "0") if len(digits) <= 7 else MAX_BODY_BYTES + 1  # int() never gets over 7 digits
     return refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is over 1 MiB") if size > MAX_BODY_BYTES else size
@@ -5142,6 +5147,21 @@ def behind(asked: Asked, answer: Union[str, List[str]], running: FrozenSet[str],
     return PushEvent("reconcile", asked.key, answer)
 
 
+def spec_digests(services: Sequence[Running]) -> Dict[ServiceRef, FrozenSet[str]]:
+    """The digest each Swarm service's spec pins (what it runs). Pure."""
+    return {s.ref: frozenset({s.image_id}) for s in services if s.ref.kind == "swarm" and s.image_id}
+
+
+def own_digests(service: Running, repo_digests: Sequence[object]) -> FrozenSet[str]:
+    """The digests of a service's image in its own repository, from the image's RepoDigests. Pure."""
+    found = set()
+    for entry in repo_digests:
+        name, _, digest = str(entry).partition("@")
+        if parse_name(name) == (service.image.registry, service.image.repository):
+            found.add(digest)
+    return frozenset(found)
+
+
 def failed_digests(views: Iterable[Mapping[str, object]]) -> FrozenSet[Tuple[ServiceRef, str]]:
     """The (service, digest) pairs a deployment with a digest ended failed, rolled back or skipped. Pure."""
     return frozenset((ServiceRef(str(v.get("kind")), v.get("project") or "", str(v.get("service"))), v["digest"])
@@ -5245,21 +5265,21 @@ class Reconciler:
     def running_digests(self, services: Sequence[Running]) -> Dict[ServiceRef, FrozenSet[str]]:
         """The digests each service runs, for its own repository: a Swarm service's from its spec, a container's
         from its image's RepoDigests (one `docker image inspect` for all)."""
-        found = {s.ref: frozenset({s.image_id}) for s in services if s.ref.kind == "swarm" and s.image_id}
-        images = sorted({s.image_id for s in services if s.ref not in found and s.image_id})
+        found = spec_digests(services)
+        rest = [s for s in services if s.ref not in found and s.image_id]
+        listed = self.repo_digests(sorted({s.image_id for s in rest}))
+        found.update((s.ref, own_digests(s, listed.get(s.image_id, []))) for s in rest)
+        return {ref: digests for ref, digests in found.items() if digests}
+
+    def repo_digests(self, images: Sequence[str]) -> Mapping[str, List[str]]:
+        """The RepoDigests of these images (one `docker image inspect` for all); {} if they cannot be read."""
         if not images:
-            return found
+            return {}
         try:
-            listed = Engine(self.config, self.runner).repo_digests(images)
+            return Engine(self.config, self.runner).repo_digests(images)
         except (CommandError, EngineUnreachable, ValueError) as error:
             log.warning("reconcile: the running images' digests cannot be read (%s)", error)
-            return found
-        for service in services:
-            for entry in listed.get(service.image_id, []) if service.ref not in found else ():
-                name, _, digest = str(entry).partition("@")
-                if parse_name(name) == (service.image.registry, service.image.repository):
-                    found[service.ref] = found.get(service.ref, frozenset()) | {digest}
-        return found
+            return {}
 
     def registry_config(self) -> Mapping[str, object]:
         """`docker info`'s RegistryConfig (insecure registries), or {} if the engine does not say."""
