@@ -1486,16 +1486,20 @@ RECORD_CHECKS: Tuple[Tuple[str, Callable[[object], bool]], ...] = (
 
 def record_problem(record: Record) -> Optional[str]:
     """Why a record cannot be acted on (a field gopdater would never write, e.g. one like an option), or None."""
-    kind = RECORD_KINDS.get(record.kind)
-    part = record.part if record.part is not None else kind.part() if kind else None
-    if kind is not None and record.procedure not in {procedure for procedure, _ in kind.recovery}:
+    kind = RECORD_KINDS.get(record.kind) if isinstance(record.kind, str) else None
+    if kind is None:
+        return "its kind is not one gopdater writes"
+    if record.procedure not in {procedure for procedure, _ in kind.recovery}:
         return "its procedure is not one of its kind's"
-    checks = [(record, field, valid) for field, valid in RECORD_CHECKS]
-    checks += [(part, field, valid) for field, valid in (getattr(part, "CHECKS", ()) if kind else ())]
-    for holder, field, valid in checks:
+    part = record.part if record.part is not None else kind.part()
+    return fields_problem(record, RECORD_CHECKS) or fields_problem(part, part.CHECKS)
+
+
+def fields_problem(holder: tuple, checks: Sequence[Tuple[str, Callable[[object], bool]]]) -> Optional[str]:
+    """The first field of a record (or its part) that its check refuses; an optional one may be None. Pure."""
+    for field, valid in checks:
         value = getattr(holder, field)
-        optional = field in type(holder)._field_defaults
-        if (value is not None or not optional) and not valid(value):
+        if (value is not None or field not in type(holder)._field_defaults) and not valid(value):
             return f"its {field} is not one gopdater writes"
     return None
 
@@ -6610,20 +6614,16 @@ def discover(config: Config, runner: Runner = None, read_file: Optional[Callable
     """Check Docker, then make each kind of target wanted here (TARGET_KINDS) and validate SERVICES across
     them; ConfigError saying the fix when nothing can be updated."""
     runner = runner or run_command
-    facts = EngineFacts(engine_version(config, runner), swarm_role(config, runner) if config.swarm != "off" else "",
-                        own_labels(config, runner, read_file or _read_text))
-    if config.dry_run:
-        runner = DryRunner(runner)
-    members, errors = [], []
-    for kind in TARGET_KINDS:
-        if not kind.wanted(config, facts):
-            continue
-        try:
-            members.append(kind.make(config, runner, facts, cwd))
-        except ConfigError as error:
-            if kind.required(config, facts):
-                raise
-            errors.append(error)
+    facts = engine_facts(config, runner, read_file or _read_text)
+    runner = DryRunner(runner) if config.dry_run else runner
+    wanted = [kind for kind in TARGET_KINDS if kind.wanted(config, facts)]
+    return one_target(config, [make_target(kind, config, runner, facts, cwd) for kind in wanted])
+
+
+def one_target(config: Config, made: Sequence[Union[Target, ConfigError]]) -> Target:
+    """The targets made, as one, with SERVICES checked across them; the first error if none could be made."""
+    members = [target for target in made if not isinstance(target, ConfigError)]
+    errors = [error for error in made if isinstance(error, ConfigError)]
     if not members:
         raise errors[0] if errors else ConfigError("nothing here can be updated: start a Compose project or a swarm")
     for error in errors:
@@ -6631,6 +6631,24 @@ def discover(config: Config, runner: Runner = None, read_file: Optional[Callable
     target = members[0] if len(members) == 1 else Targets(members)
     check_services(config, target)
     return target
+
+
+def engine_facts(config: Config, runner: Runner, read_file: Callable[[str], str]) -> EngineFacts:
+    """What start-up learns of the engine: its version (ConfigError if it does not answer), its Swarm role, and the
+    labels of the container gopdater runs in."""
+    return EngineFacts(engine_version(config, runner), swarm_role(config, runner) if config.swarm != "off" else "",
+                       own_labels(config, runner, read_file))
+
+
+def make_target(kind: "TargetKind", config: Config, runner: Runner, facts: EngineFacts, cwd: Optional[str]
+                ) -> Union[Target, ConfigError]:
+    """One kind of target made, or why it cannot be (raised where that kind is required here)."""
+    try:
+        return kind.make(config, runner, facts, cwd)
+    except ConfigError as error:
+        if kind.required(config, facts):
+            raise
+        return error
 
 
 def swarm_target(config: Config, runner: Runner, facts: EngineFacts, cwd: Optional[str]) -> SwarmServices:
