@@ -2862,16 +2862,21 @@ def triggers(config: Config, service: Running) -> Tuple[Tuple[ImageKey, ...], st
     why = enable_label_says_no(config, service.labels) or (service.tracking and service.tracking.problem)
     if why:
         return (), why
-    if config.services:
-        keys = tuple(key for key, entry in config.services if names(entry, service.ref))
-        if not keys:
-            return (), "not in SERVICES"
-    elif service.image is None:
-        return (), "no running container with a tagged image"
-    else:
-        keys = (service.image,)
+    keys, why = wanted_keys(config, service)
+    if not keys:
+        return (), why
     allowed = tuple(key for key in keys if owner_allowed(config.owners, key))
     return allowed, "" if allowed else f"{keys[0]} is not in OWNER"
+
+
+def wanted_keys(config: Config, service: Running) -> Tuple[Tuple[ImageKey, ...], str]:
+    """The images and tags a service takes pushes of (SERVICES', else its own), or () and why none. Pure."""
+    if config.services:
+        keys = tuple(key for key, entry in config.services if names(entry, service.ref))
+        return keys, "" if keys else "not in SERVICES"
+    if service.image is None:
+        return (), "no running container with a tagged image"
+    return (service.image,), ""
 
 
 def push_verdict(config: Config, service: Running, pushed: ImageKey) -> Optional[str]:
@@ -4085,12 +4090,17 @@ class ComposeUpdate:
         if self.steps.failed_before(new_id):
             return outcome._replace(result=State.SKIPPED, reason=f"{plan.pulled} is the image whose new container "
                                                                  "failed here before; push a new one")
-        start_first = plan.service in self.project.start_first
-        refusal = start_first_refusal(plan.old) if start_first else None
+        return plan._replace(outcome=outcome, release=self.project.release_steps(plan.service, plan.old),
+                             start_first=self.starts_first(plan))
+
+    def starts_first(self, plan: ComposePlan) -> bool:
+        """Whether the service asked for start-first and its containers allow it (else stop-first, logged)."""
+        if plan.service not in self.project.start_first:
+            return False
+        refusal = start_first_refusal(plan.old)
         if refusal:
             log.warning("%s start-first falls back to stop-first: %s", self.steps.label, refusal)
-        return plan._replace(outcome=outcome, release=self.project.release_steps(plan.service, plan.old),
-                             start_first=start_first and refusal is None)
+        return refusal is None
 
     def pull(self, plan: ComposePlan) -> Optional[str]:
         """Pull what the update would run (`compose pull`, or a tracked service's new tag); that reference."""
@@ -4534,7 +4544,6 @@ def project_location(config: Config, labels: Mapping[str, str], own: Mapping[str
 def unreadable(config: Config, location: ComposeLocation) -> Optional[str]:
     """Why Compose could not read a project from here (its folder or files not visible, an env file outside
     its folder), or None."""
-    paths = [p for p in (location.compose_file or "").split(path_separator(config)) if p] + list(location.env_files)
     if not os.path.isdir(location.working_dir):
         parent = os.path.dirname(location.working_dir.rstrip("/")) or "/"
         return (f"its folder {location.working_dir} is not visible here: mount it at the same path, "
@@ -4543,6 +4552,12 @@ def unreadable(config: Config, location: ComposeLocation) -> Optional[str]:
     if outside is not None:
         return (f"its env file {outside[:300]} lies outside its folder {location.working_dir} (links resolved): "
                 "gopdater runs Compose with env files of the project's own folder only")
+    return missing_files(config, location)
+
+
+def missing_files(config: Config, location: ComposeLocation) -> Optional[str]:
+    """Which of a project's Compose and env files cannot be read here, or None."""
+    paths = [p for p in (location.compose_file or "").split(path_separator(config)) if p] + list(location.env_files)
     missing = [p for p in paths if not os.access(p, os.R_OK)]
     return f"{', '.join(missing)} cannot be read here: mount or fix it" if missing else None
 
@@ -4905,18 +4920,22 @@ def read_body(sock: socket.socket, left: Callable[[], float], data: bytes, heade
     chunked = "chunked" in (headers.get("Transfer-Encoding") or "").lower()
     if length is not None and (not DIGITS_RE.fullmatch(length) or int(length) > REGISTRY_BODY_MAX):
         raise RegistryError("an answer over 1 MiB")
+    size = int(length) if length is not None else None
     buffer = bytearray(data)
-    while length is None or len(buffer) < int(length):
-        if len(buffer) > REGISTRY_BODY_MAX + 64:
-            raise RegistryError("an answer over 1 MiB")
-        if chunked and buffer.endswith(b"0\r\n\r\n"):
-            break
+    while not body_ends(buffer, size, chunked):
         sock.settimeout(left())
         chunk = sock.recv(REGISTRY_READ_BYTES)
         if not chunk:
             break
         buffer += chunk
-    return unchunk(bytes(buffer)) if chunked else bytes(buffer[:int(length)] if length is not None else buffer)
+    return unchunk(bytes(buffer)) if chunked else bytes(buffer[:size])
+
+
+def body_ends(buffer: bytes, size: Optional[int], chunked: bool) -> bool:
+    """Whether an answer's body has all come (its size, or the last chunk); RegistryError past the limit."""
+    if len(buffer) > REGISTRY_BODY_MAX + 64:
+        raise RegistryError("an answer over 1 MiB")
+    return (size is not None and len(buffer) >= size) or (chunked and buffer.endswith(b"0\r\n\r\n"))
 
 
 def unchunk(data: bytes) -> bytes:
