@@ -1449,9 +1449,7 @@ class Record(NamedTuple):
         kind = RECORD_KINDS.get(str(data.get("kind"))) if isinstance(data, dict) else None
         if kind is None:
             return None
-        fields = {k: v for k, v in data.items() if k in cls._fields and k != "part"}
-        if "step" in data and "stage" not in data:  # written by gopdater 1.1
-            fields.update(stage=data["step"], procedure=kind.legacy(data))
+        fields = shared_fields(data, kind)
         try:
             record = cls(**{**fields, "stage": Stage(fields.get("stage")), "part": kind.part.from_stored(
                 {k: v for k, v in data.items() if k in kind.part._fields})})
@@ -1463,6 +1461,15 @@ class Record(NamedTuple):
         """The record as journal.json keeps it: one flat object, its part's fields beside the shared ones."""
         shared = {k: v for k, v in self._asdict().items() if k != "part"}
         return {**shared, **(self.part._asdict() if self.part is not None else {}), "stage": self.stage.value}
+
+
+def shared_fields(data: Mapping[str, object], kind: RecordKind) -> Dict[str, object]:
+    """The fields of a stored record that every kind journals (a record gopdater 1.1 wrote: its step is its
+    stage, and its kind tells its procedure)."""
+    fields = {k: v for k, v in data.items() if k in Record._fields and k != "part"}
+    if "step" in data and "stage" not in data:
+        fields.update(stage=data["step"], procedure=kind.legacy(data))
+    return fields
 
 
 def image_value(text: str) -> bool:
@@ -1969,6 +1976,18 @@ def _labels(**labels: object) -> str:
     return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, escaped)) + "}"
 
 
+def reconcile_families(report: Optional["Report"]) -> List[Tuple[str, str, str, List[str]]]:
+    """The gauges and counters of reconciling, from the last round (None: none yet). Pure."""
+    rounds, asked, behind, errors = (report.rounds, report.asked, len(report.behind), sorted(report.errors)) \
+        if report is not None else (0, 0, 0, [])
+    return [("gopdater_reconcile_rounds_total", "counter", "Rounds of asking the registries what tags name.",
+             [f" {rounds}"]),
+            ("gopdater_reconcile_services", "gauge", "Services asked in the last round, and found behind.",
+             [f'{{found="asked"}} {asked}', f'{{found="behind"}} {behind}']),
+            ("gopdater_reconcile_errors", "gauge", "1 for each registry that failed in the last round.",
+             [f"{_labels(registry=r)} 1" for r in errors])]
+
+
 class Metrics:
     """Counters for /metrics. Label values are gopdater's own names (senders, codes, results, services)."""
 
@@ -2004,32 +2023,9 @@ class Metrics:
     def render(self, queued: int, report: Optional["Report"] = None) -> str:
         """The Prometheus text exposition format (0.0.4), with the deployments queued or running and the last
         reconcile round (None: none yet)."""
-        rounds, asked, behind, errors = (report.rounds, report.asked, len(report.behind), sorted(report.errors)) \
-            if report is not None else (0, 0, 0, [])
         with self.lock:
-            families = [
-                ("gopdater_reconcile_rounds_total", "counter", "Rounds of asking the registries what tags name.",
-                 [f" {rounds}"]),
-                ("gopdater_reconcile_services", "gauge", "Services asked in the last round, and found behind.",
-                 [f'{{found="asked"}} {asked}', f'{{found="behind"}} {behind}']),
-                ("gopdater_reconcile_errors", "gauge", "1 for each registry that failed in the last round.",
-                 [f"{_labels(registry=r)} 1" for r in errors]),
-                ("gopdater_hooks_total", "counter", "Webhook deliveries answered, by sender and status code.",
-                 [f"{_labels(sender=s, code=c)} {n}" for (s, c), n in sorted(self.hooks.items())]),
-                ("gopdater_rejected_requests_total", "counter", "Requests answered with a 4xx or 5xx code.",
-                 [f"{_labels(code=c)} {n}" for c, n in sorted(self.rejected_requests.items())]),
-                ("gopdater_deployments_total", "counter", "Service updates ended, by result.",
-                 [f"{_labels(result=r)} {n}" for r, n in sorted(self.results.items())]),
-                ("gopdater_last_deployment_timestamp_seconds", "gauge", "When each service's last update ended.",
-                 [f"{_labels(service=s)} {t:.3f}" for s, (t, _) in sorted(self.last.items())]),
-                ("gopdater_last_deployment_result", "gauge", "1 for the result of each service's last update.",
-                 [f"{_labels(service=s, result=r.value)} 1" for s, (_, r) in sorted(self.last.items())]),
-                ("gopdater_last_version_move", "gauge", "1 for each tracked service's last move between tags.",
-                 [f"{_labels(service=s, old_tag=o, new_tag=n, result=r.value)} 1"
-                  for s, (o, n, r) in sorted(self.tags.items())]),
-                ("gopdater_queue_length", "gauge", "Deployments queued or running.",
-                 [f" {queued}"]),
-            ]
+            families = [*reconcile_families(report), *self.families(),
+                        ("gopdater_queue_length", "gauge", "Deployments queued or running.", [f" {queued}"])]
             lines = []
             for name, kind, help_text, rows in families:
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
@@ -2040,6 +2036,24 @@ class Metrics:
                                                              "new one running.")):
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *histogram.lines(name)]
         return "\n".join(lines) + "\n"
+
+    def families(self) -> List[Tuple[str, str, str, List[str]]]:
+        """The counters and gauges of hooks and deployments: (name, type, help, rows); the lock held."""
+        return [
+            ("gopdater_hooks_total", "counter", "Webhook deliveries answered, by sender and status code.",
+             [f"{_labels(sender=s, code=c)} {n}" for (s, c), n in sorted(self.hooks.items())]),
+            ("gopdater_rejected_requests_total", "counter", "Requests answered with a 4xx or 5xx code.",
+             [f"{_labels(code=c)} {n}" for c, n in sorted(self.rejected_requests.items())]),
+            ("gopdater_deployments_total", "counter", "Service updates ended, by result.",
+             [f"{_labels(result=r)} {n}" for r, n in sorted(self.results.items())]),
+            ("gopdater_last_deployment_timestamp_seconds", "gauge", "When each service's last update ended.",
+             [f"{_labels(service=s)} {t:.3f}" for s, (t, _) in sorted(self.last.items())]),
+            ("gopdater_last_deployment_result", "gauge", "1 for the result of each service's last update.",
+             [f"{_labels(service=s, result=r.value)} 1" for s, (_, r) in sorted(self.last.items())]),
+            ("gopdater_last_version_move", "gauge", "1 for each tracked service's last move between tags.",
+             [f"{_labels(service=s, old_tag=o, new_tag=n, result=r.value)} 1"
+              for s, (o, n, r) in sorted(self.tags.items())]),
+        ]
 
 
 # -- the pipeline: route, size, authenticate, decode, parse --------------------------------
@@ -3605,22 +3619,28 @@ def _project_name(config: Config, labels: Mapping[str, str]) -> Tuple[Optional[s
     return None, "Compose's default, the project folder's name"
 
 
+def _compose_file(config: Config, labels: Mapping[str, str], cwd: str) -> Tuple[Optional[str], str]:
+    """The Compose files (COMPOSE_FILE, else our own container's labels, else Compose's default), and whence."""
+    separator = path_separator(config)
+    working_dir = labels.get("com.docker.compose.project.working_dir")
+    files = [f for f in labels.get("com.docker.compose.project.config_files", "").split(",") if f]
+    if config.compose_file:
+        # Made absolute because Compose then runs in the project directory, not in ours.
+        paths = [os.path.abspath(os.path.join(cwd, f)) for f in config.compose_file.split(separator) if f]
+        return separator.join(paths), "COMPOSE_FILE"
+    if files and working_dir:
+        return (separator.join(os.path.join(working_dir, f) for f in files),
+                "label com.docker.compose.project.config_files of this container")
+    return None, "Compose's default, compose.yaml or docker-compose.yml"
+
+
 def locate(config: Config, labels: Mapping[str, str], cwd: str) -> ComposeLocation:
     """Decide project name, files and working dir: explicit settings win, then our own container's labels."""
     project = labels.get("com.docker.compose.project")
     working_dir = labels.get("com.docker.compose.project.working_dir")
-    files = [f for f in labels.get("com.docker.compose.project.config_files", "").split(",") if f]
     name, name_source = _project_name(config, labels)
     separator = path_separator(config)
-    if config.compose_file:
-        # Made absolute because Compose then runs in the project directory, not in ours.
-        paths = [os.path.abspath(os.path.join(cwd, f)) for f in config.compose_file.split(separator) if f]
-        compose_file, file_source = separator.join(paths), "COMPOSE_FILE"
-    elif files and working_dir:
-        compose_file = separator.join(os.path.join(working_dir, f) for f in files)
-        file_source = "label com.docker.compose.project.config_files of this container"
-    else:
-        compose_file, file_source = None, "Compose's default, compose.yaml or docker-compose.yml"
+    compose_file, file_source = _compose_file(config, labels, cwd)
     if working_dir:
         directory, dir_source = working_dir, "label com.docker.compose.project.working_dir of this container"
     elif config.compose_file:
