@@ -6227,17 +6227,25 @@ class Connection(asyncio.BufferedProtocol):
 # -- the server -----------------------------------------------------------------------------
 
 
+class Front(NamedTuple):
+    """How the server holds its front door: how many connections, how long a request may take, TLS (None: plain
+    HTTP), and how long a request waits for start-up before 503."""
+
+    max_connections: int = 512
+    request_timeout: float = 10.0
+    tls: Optional[TLSFiles] = None
+    startup_wait: float = STARTUP_WAIT
+
+
 class HookServer:
     """Serves the App on an asyncio loop in the thread that calls serve_forever(); stop it from anywhere."""
 
-    def __init__(self, sock: socket.socket, app: App, *, max_connections: int = 512, request_timeout: float = 10.0,
-                 rejects: Optional[RejectLog] = None, tls: Optional[TLSFiles] = None,
-                 startup_wait: float = STARTUP_WAIT):
-        self.listener, self.app, self.tls, self.startup_wait = sock, app, tls, startup_wait
+    def __init__(self, sock: socket.socket, app: App, front: Front = Front()):
+        self.listener, self.app, self.tls, self.startup_wait = sock, app, front.tls, front.startup_wait
         self.server_address = sock.getsockname()[:2]
-        self.max_connections, self.request_timeout = max_connections, request_timeout
-        self.max_silent = max(1, max_connections // 4)
-        self.rejects = rejects or RejectLog()
+        self.max_connections, self.request_timeout = front.max_connections, front.request_timeout
+        self.max_silent = max(1, front.max_connections // 4)
+        self.rejects = RejectLog()
         self.loop = asyncio.new_event_loop()
         self.done = self.loop.create_future()
         self.connections: "collections.OrderedDict[Connection, None]" = collections.OrderedDict()
@@ -6941,7 +6949,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if connections < config.max_connections:
         log.warning("MAX_CONNECTIONS is %d: at most half of the %d open files this process may have (raise its "
                     "hard limit, e.g. LimitNOFILE= or --ulimit nofile=)", connections, file_limit)
-    server = HookServer(sock, app, max_connections=connections, request_timeout=config.request_timeout, tls=tls)
+    server = HookServer(sock, app, Front(connections, config.request_timeout, tls))
     server.stop_on(signal.SIGTERM, signal.SIGINT)
     log.info("gopdater %s listening on %s:%s; Docker Hub webhook URL: %s://<this-host>:%s/hooks/%s******** "
              "(the rest of WEBHOOK_SECRET)", __version__, *server.server_address[:2], scheme(config), config.port,

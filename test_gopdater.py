@@ -2359,7 +2359,7 @@ class HTTPServerTest(unittest.TestCase):
     def start(self, **server_args):
         self.rig = Rig(self)
         self.rig.start_worker()
-        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), self.rig.app, **server_args)
+        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), self.rig.app, gopdater.Front(**server_args))
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         self.addCleanup(thread.join, 10)
@@ -2606,7 +2606,7 @@ class HTTPServerTest(unittest.TestCase):
         """A hook waits at most the start-up wait (5 s; 0.2 s here) for start-up, then gets 503."""
         self.rig = Rig(self)
         server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), gopdater.App(self.rig.config, None),
-                                     startup_wait=0.2)
+                                     gopdater.Front(startup_wait=0.2))
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         self.addCleanup(thread.join, 10)
@@ -2725,7 +2725,7 @@ class FrontLimitsTest(unittest.TestCase):
         self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], expected)
 
     def server(self):
-        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), Rig(self).app, request_timeout=1.0)
+        server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), Rig(self).app, gopdater.Front(request_timeout=1.0))
         self.addCleanup(server.loop.close)
         self.addCleanup(server.listener.close)
         return server
