@@ -138,7 +138,7 @@ def owner_allowed(owners: Sequence[Tuple[str, str]], image: ImageKey) -> bool:
     return False
 
 
-# -- version channels: which pushed tag a tracked service takes, and where its tag is kept ------
+# -- version channels: which pushed tag a tracked service takes, and where its tag is kept -----
 
 # Semantic versioning 2.0.0, with the leading v many tags carry. Docker tags cannot hold +, but a
 # label or an env file can: build metadata is read and ignored, as semver says.
@@ -229,7 +229,6 @@ class TagMove(NamedTuple):
     variable: Optional[str] = None
 
 
-
 def tracking_words(tracking: Tracking, where: str = "") -> "Finding":
     """What a tracked service follows (where: its variable, as the caller shows it), or why its label is
     ignored: the words of --check and the status page. Pure."""
@@ -307,6 +306,8 @@ def with_tag(image: str, tag: str) -> str:
 # Outcome), why a command failed (CommandError; EngineUnreachable is not one: no engine answered), the one
 # subprocess wrapper (run_command: argv lists, a timeout, a given environment, bounded output, never a
 # shell), and a container as `docker inspect` shows it.
+
+# -- services and what became of their updates -------------------------------------------------
 
 PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9_-]*", re.ASCII)
 SERVICE_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*", re.ASCII)
@@ -412,6 +413,8 @@ class Stage(str, enum.Enum):
 class DeployFailed(Exception):
     """A step of a deployment failed; the message is the reason."""
 
+
+# -- command errors, and the one command runner ------------------------------------------------
 
 STDERR_TAIL_CHARS = 300
 LOG_TAIL_LINES = 20
@@ -604,6 +607,9 @@ class DryRunner:
         return self.runner(argv, **kwargs)
 
 
+# -- a container, as docker inspect shows it ---------------------------------------------------
+
+
 class Container(NamedTuple):
     """What `docker inspect` says about one container."""
 
@@ -705,7 +711,6 @@ def project_containers(containers: Iterable[Container], service: Optional[str] =
     """The containers a project's `compose ps` shows (of one service if named), less one-off `run` ones."""
     return [c for c in containers if not c.oneoff and CONTAINER_RE.fullmatch(c.name) and
             SERVICE_RE.fullmatch(c.service) and (service is None or c.service == service)]
-
 
 
 # ==========================================================================================
@@ -837,7 +842,8 @@ NOTIFY_URL_RULES: Tuple[Tuple[Callable[[urllib.parse.SplitResult], bool], str], 
     (lambda p: p.scheme == "http" and p.password is not None,
      "{name} entry {shown} has a password but is plain http://: it would go in clear; use https://"),
     (lambda p: p.scheme in MAIL and not (p.hostname and urllib.parse.parse_qs(p.query).get("to")),
-     "{name} entry {shown} needs a host and ?to=ADDRESS, e.g. smtp://user:pass@mail.example.org:587/?to=ops@example.org"),
+     "{name} entry {shown} needs a host and ?to=ADDRESS, e.g. "
+     "smtp://user:pass@mail.example.org:587/?to=ops@example.org"),
     (lambda p: p.scheme not in WEB + MAIL or not p.hostname,
      "{name} entries must be http(s):// or smtp(s):// URLs, e.g. {name}=https://ntfy.sh/mytopic; {shown} is not"),
     (lambda p: p.scheme in WEB and bool(p.fragment) and p.fragment not in NOTIFY_FORMAT_NAMES,
@@ -1411,6 +1417,8 @@ assert all(path.split("/")[SECRET_AT] == "{secret}" for path in SECRET_ROUTES)
 # RECOVERY is that decision as a table, with a row for every stage a procedure journals.
 
 
+# -- the record: what every kind journals, and what its kind declares --------------------------
+
 RecoveryRows = Mapping[Tuple[str, Stage], Tuple[enum.Enum, enum.Enum]]
 
 
@@ -1484,11 +1492,12 @@ def written(valid: Callable[[str], object]) -> Callable[[object], bool]:
 
 
 RECORD_CHECKS: Tuple[Tuple[str, Callable[[object], bool]], ...] = (
-    ("kind", lambda v: isinstance(v, str) and v in RECORD_KINDS), ("project", written(lambda v: v == "" or PROJECT_RE.fullmatch(v))),
-    ("service", written(SERVICE_RE.fullmatch)), ("deployment", written(re.compile(r"[0-9a-f]{12}|recovery").fullmatch)),
-    ("reference", written(parse_reference)), ("procedure", written(re.compile(r"[a-z][a-z-]*").fullmatch)),
-    ("image", written(parse_reference)), ("old_image", written(image_value)), ("new_image", written(image_value)),
-    ("started", written(lambda v: True)), ("old_tag", written(TAG_RE.fullmatch)), ("new_tag", written(TAG_RE.fullmatch)))
+    ("kind", lambda v: isinstance(v, str) and v in RECORD_KINDS),
+    ("project", written(lambda v: v == "" or PROJECT_RE.fullmatch(v))), ("service", written(SERVICE_RE.fullmatch)),
+    ("deployment", written(re.compile(r"[0-9a-f]{12}|recovery").fullmatch)), ("reference", written(parse_reference)),
+    ("procedure", written(re.compile(r"[a-z][a-z-]*").fullmatch)), ("image", written(parse_reference)),
+    ("old_image", written(image_value)), ("new_image", written(image_value)), ("started", written(lambda v: True)),
+    ("old_tag", written(TAG_RE.fullmatch)), ("new_tag", written(TAG_RE.fullmatch)))
 
 
 def record_problem(record: Record) -> Optional[str]:
@@ -1518,6 +1527,8 @@ def plan(record: Record, running: bool) -> Optional[enum.Enum]:
     row = kind.recovery.get((record.procedure, record.stage)) if kind else None
     return None if row is None else row[0 if running else 1]
 
+
+# -- the journal, and the deployment history ---------------------------------------------------
 
 HISTORY_SIZE = 50  # past deployments kept (history.json, /deployments, the status page)
 JOURNAL_VERSION = 2
@@ -1690,6 +1701,9 @@ class Journal:
             log.warning("could not keep the deployment history in %s: %s", self.directory, error.strerror)
 
 
+# -- files in STATE_DIR: written whole or not at all, and one gopdater each --------------------
+
+
 def write_atomically(path: str, data: object) -> None:
     """Write JSON so that a crash leaves the old file or the new one, never a torn one."""
     replace_file(path, json.dumps(data).encode())
@@ -1834,7 +1848,7 @@ class Report(NamedTuple):
 FAILED_STATES = frozenset({State.FAILED.value, State.ROLLED_BACK.value, State.SKIPPED.value})
 
 
-# -- the status page: one HTML page, no script, no external asset, every value escaped ------
+# -- the status page: one HTML page, no script, no external asset, every value escaped ---------
 
 PAGE_STYLE = """body{font:15px/1.4 system-ui,sans-serif;margin:0 auto;max-width:60em;padding:1em;color:#222}
 h1{font-size:1.4em}h1 small{font-weight:normal;color:#666;font-size:.7em}h2{font-size:1.1em;margin-top:1.5em}
@@ -1948,7 +1962,7 @@ def status_page(services: Sequence["Running"], views: Sequence[Mapping[str, obje
             "</table></body></html>")
 
 
-# -- /metrics: what the pipeline and the work queue count --------------------------------
+# -- /metrics: what the pipeline and the work queue count --------------------------------------
 
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OUTAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
@@ -2056,7 +2070,7 @@ class Metrics:
         ]
 
 
-# -- the pipeline: route, size, authenticate, decode, parse --------------------------------
+# -- the pipeline: route, size, authenticate, decode, parse ------------------------------------
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024
@@ -2158,7 +2172,7 @@ def decode(body: bytes) -> Union[dict, Response]:
 REASON_MAX = 1000  # a reason names services and tags; a host with hundreds of them must not make it unbounded
 
 
-# -- the application: every endpoint's answer --------------------------------------------
+# -- the application: every endpoint's answer --------------------------------------------------
 
 
 def accepted(submitted: Sequence["Submitted"]) -> dict:
@@ -2344,6 +2358,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# -- deployments, as /deployments shows them ---------------------------------------------------
+
+
 class Deployment:
     """One requested update of one service, as shown in the deployments view."""
 
@@ -2386,6 +2403,8 @@ class Submitted(NamedTuple):
     deployment: Deployment
     coalesced: bool
 
+
+# -- the queue: lanes, bursts coalesced, the engine waited for ---------------------------------
 
 Tell = Callable[[Deployment, Outcome, float], None]  # told of each deployment as it ends, with its seconds
 
@@ -2685,7 +2704,7 @@ class WorkQueue:
                            resume=True)
 
 
-# -- what the queue updates: the Target interface, and the one matcher --------------------
+# -- what the queue updates: the Target interface, and the one matcher -------------------------
 
 
 class Target:
@@ -2929,7 +2948,7 @@ def backoff(first: float, factor: float, most: float):
 # ==========================================================================================
 
 
-# -- the engine: every docker command --------------------------------------------------
+# -- the engine: every docker command ----------------------------------------------------------
 
 
 class Engine:
@@ -3095,7 +3114,7 @@ class Engine:
         return json.loads(self.read(["docker", "inspect", "--type", "task", *ids])) if ids else []
 
 
-# -- Compose's files: where a project lives, its env files read and rewritten in place ------
+# -- Compose's files: where a project lives, its env files read and rewritten in place ---------
 
 
 class ComposeLocation(NamedTuple):
@@ -3241,7 +3260,7 @@ def outside_folder(path: str, folder: str) -> bool:
     return os.path.commonpath([real, base]) != base
 
 
-# -- Compose: every Compose command of one project ------------------------------------
+# -- Compose: every Compose command of one project ---------------------------------------------
 
 
 class Compose:
@@ -3347,7 +3366,6 @@ class Compose:
         self.run([*self.command, "up", "-d", "--no-deps", service], mutates=True)
 
 
-
 def detect_compose(config: Config, runner: Runner) -> Tuple[List[str], str]:
     """Find the Compose command and its version: COMPOSE_COMMAND, else `docker compose`, else `docker-compose`."""
     if config.compose_command != "auto":
@@ -3381,7 +3399,7 @@ POLL_FIRST, POLL_FACTOR, POLL_MAX = 0.2, 1.5, 2.0
 DISCOVERY_READS = 8  # projects read at once: `compose config` mostly waits on its start-up and the engine
 DEFAULT = "(Compose's default)"
 
-# -- the health verdict, and several targets as one -----------------------------------------
+# -- the health verdict, and several targets as one --------------------------------------------
 
 
 class Verdict(enum.Enum):
@@ -3505,7 +3523,7 @@ class Targets(Target):
         return " ".join(member.summary() for member in self.members)
 
 
-# -- the steps any container-based target takes: wait and judge, roll back by tag, clean up ---
+# -- the steps any container-based target takes: wait and judge, roll back by tag, clean up ----
 
 
 class ContainerSteps:
@@ -3545,7 +3563,8 @@ class ContainerSteps:
                 if c.status == "running":
                     first_seen.setdefault(c.id, (now, c.started_at))
             limit = health_limit(containers, self.config.health_timeout, self.config.settle_time)
-            health = judge(containers, len(ids), first_seen, now, Patience(now - started, limit, self.config.settle_time))
+            patience = Patience(now - started, limit, self.config.settle_time)
+            health = judge(containers, len(ids), first_seen, now, patience)
             if health.verdict is not Verdict.WAIT:
                 return health, containers
             steps.sleep(delay)
@@ -3601,7 +3620,7 @@ class ContainerSteps:
             steps.record("cleanup", "ok", started)
 
 
-# -- Compose: where a project lives, and its services updated through Compose ----------------
+# -- Compose: which project gopdater runs in (its own container's labels, or its settings) -----
 
 
 def own_container_id(mountinfo: str, cgroup: str) -> Optional[str]:
@@ -3656,7 +3675,7 @@ def locate(config: Config, labels: Mapping[str, str], cwd: str) -> ComposeLocati
 COMPOSE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*[-_][a-zA-Z0-9][a-zA-Z0-9._-]*[-_][0-9]+", re.ASCII)
 
 
-# -- release steps: commands from a service's labels around its update -----------------------
+# -- release steps: commands from a service's labels around its update -------------------------
 
 BEFORE_SWITCH, AFTER_SWITCH = "before the switch", "after the switch"
 IN_OLD, IN_ONE_OFF, IN_NEW = "in the old container", "in a one-off container of the new image", "in each new container"
@@ -3745,7 +3764,7 @@ def start_first_refusal(containers: Sequence[Container]) -> Optional[str]:
     return None
 
 
-# -- what a Compose update journals, and what recovery does at each stage -------------------
+# -- Compose: what an update journals, and what recovery does at each stage --------------------
 
 
 class ComposeProcedure(str, enum.Enum):
@@ -3810,6 +3829,9 @@ def recorded_move(record: Record) -> Optional[TagMove]:
     if not (record.old_tag and record.new_tag):
         return None
     return TagMove(record.old_tag, record.new_tag, record.part.env_file, record.part.variable)
+
+
+# -- the Compose project as read: services, containers, operator labels, tracking --------------
 
 
 def by_service(containers: Iterable[Container], services: Sequence[str]) -> Dict[str, List[Container]]:
@@ -4038,7 +4060,7 @@ class ComposeProject(Target):
         return ComposeRecovery(self, steps).run(ref.name, record)
 
 
-# -- the Compose update: one plan, carried out step by step, rolled back as one -------------
+# -- the Compose update: one plan, carried out step by step, rolled back as one ----------------
 
 
 class ComposePlan(NamedTuple):
@@ -4143,8 +4165,8 @@ class ComposeUpdate:
 
     def before_switch(self, plan: ComposePlan) -> Optional[str]:
         """A tracked service's new tag into its env file, then each release step that runs before the switch (in
-        RELEASE_STAGES order: pre-update, migrate); why one failed (nothing was switched, the image name and the env file name the
-        old image again), or None."""
+        RELEASE_STAGES order: pre-update, migrate); why one failed (nothing was switched, the image name and the
+        env file name the old image again), or None."""
         move = plan.move
         try:
             if move is not None:
@@ -4180,8 +4202,8 @@ class ComposeUpdate:
 
         def run() -> None:
             try:
-                printed = self.docker.release_step(row.where == IN_ONE_OFF, plan.service, where, plan.release.commands[stage], env,
-                                                   plan.release.timeout)
+                printed = self.docker.release_step(row.where == IN_ONE_OFF, plan.service, where,
+                                                   plan.release.commands[stage], env, plan.release.timeout)
             except CommandError as error:
                 self.steps.command_output(stage.value, error.output)
                 raise
@@ -4223,7 +4245,8 @@ class ComposeUpdate:
         old tag again; the new tag is never moved), then recreate the service from it, health-gated."""
         log.error("%s update failed: %s; rolling back", self.steps.label, failed.reason)
         if not plan.previous:
-            return failed._replace(reason=f"{failed.reason}; no previous image to roll back to, fix the service by hand")
+            return failed._replace(reason=f"{failed.reason}; no previous image to roll back to, fix the service by "
+                                          "hand")
         try:
             self.steps.step(Stage.ROLLBACK_TAG, lambda: self.containers.point(plan.previous, plan.image, plan.move,
                                                                                new=False))
@@ -4290,7 +4313,7 @@ class ComposeUpdate:
         return created[0]
 
 
-# -- Compose recovery: what a crash left, made whole as the recovery table says ------------
+# -- Compose recovery: what a crash left, made whole as the recovery table says ----------------
 
 
 class ComposeRecovery:
@@ -4430,6 +4453,9 @@ COMPOSE_RECOVERY: Dict[ComposeAction, Callable[[ComposeRecovery, Cut], Outcome]]
     ComposeAction.LEAVE: ComposeRecovery.leave, ComposeAction.JUDGE: ComposeRecovery.judge_running,
     ComposeAction.BRING_UP: ComposeRecovery.bring_up, ComposeAction.ROLL_BACK: ComposeRecovery.finish_rollback,
     ComposeAction.SETTLE: ComposeRecovery.settle}
+
+
+# -- every Compose project on the engine (PROJECTS), each run as in its own folder -------------
 
 
 class HostListing(NamedTuple):
@@ -4582,10 +4608,7 @@ def missing_files(config: Config, location: ComposeLocation) -> Optional[str]:
     return f"{', '.join(missing)} cannot be read here: mount or fix it" if missing else None
 
 
-# -- Swarm: services updated by Swarm itself -------------------------------------------------
-
-
-# -- what a Swarm update journals, and what recovery does at each stage ---------------------
+# -- Swarm: what a Swarm update journals, and what recovery does at each stage -----------------
 
 
 class SwarmProcedure(str, enum.Enum):
@@ -4620,6 +4643,9 @@ SWARM_ROWS: RecoveryRows = {
 RECORD_KINDS["swarm"] = RecordKind(SwarmPart, SWARM_ROWS, lambda data: SwarmProcedure.SWARM.value)
 
 
+# -- Swarm: services updated by Swarm itself ---------------------------------------------------
+
+
 class SwarmService(NamedTuple):
     """What `docker service inspect` says about one Swarm service."""
 
@@ -4644,8 +4670,9 @@ class SwarmService(NamedTuple):
         parallelism = dig(data, "Spec", "UpdateConfig", "Parallelism") or 0
         labels = dig(data, "Spec", "Labels") or {}
         status = [str(dig(data, "UpdateStatus", field) or "") for field in ("State", "StartedAt", "Message")]
-        return cls(data.get("ID", ""), str(dig(data, "Spec", "Name") or ""), labels.get("com.docker.stack.namespace", ""),
-                   image, parse_reference(reference), digest or None, labels, replicas,
+        return cls(data.get("ID", ""), str(dig(data, "Spec", "Name") or ""),
+                   labels.get("com.docker.stack.namespace", ""), image, parse_reference(reference), digest or None,
+                   labels, replicas,
                    -(-(replicas or 1) // parallelism) if parallelism else 1, *status)
 
 
@@ -4873,7 +4900,7 @@ class Reply(NamedTuple):
     body: bytes
 
 
-# -- one request: a total deadline, a bounded answer, no redirect followed --------------------
+# -- one request: a total deadline, a bounded answer, no redirect followed ---------------------
 
 
 def registry_call(url: str, headers: Mapping[str, str], deadline: float, method: str = "GET") -> Reply:
@@ -4973,7 +5000,7 @@ def unchunk(data: bytes) -> bytes:
         at = end + 4 + size
 
 
-# -- who may ask: the docker CLI's logins, and the token flow ---------------------------------
+# -- who may ask: the docker CLI's logins, and the token flow ----------------------------------
 
 
 def registry_login(registry: str, config: Config, runner: Runner) -> Optional[Tuple[str, str]]:
@@ -5140,7 +5167,7 @@ def insecure_registries(info: Mapping[str, object]) -> Callable[[str], bool]:
     return plain
 
 
-# -- a round: what is asked, what the answers mean, what is queued ----------------------------
+# -- a round: what is asked, what the answers mean, what is queued -----------------------------
 
 
 class Asked(NamedTuple):
@@ -5390,7 +5417,7 @@ def notifying(config: Config, send: Callable[[str, dict], bool]) -> Tell:
     return tell
 
 
-# -- what each service renders: the format follows from the URL, or its #fragment ------------
+# -- what each service renders: the format follows from the URL, or its #fragment --------------
 
 RESULT_LOOK = {  # result: (Discord colour, ntfy tag, ntfy and Gotify priority)
     "updated": (0x2E7D32, "white_check_mark", 3), "recovered": (0x1565C0, "wrench", 3),
@@ -5908,7 +5935,7 @@ def head_parser() -> type:
     return HeadParser
 
 
-# -- TLS: a context that follows its files when certbot or a proxy's ACME client replaces them ----
+# -- TLS: a context that follows its files when certbot or a proxy's ACME client replaces them --
 
 
 def certificate_expiry(pem: str) -> datetime:
@@ -6000,7 +6027,7 @@ def tls_problem(cert: str, key: str, now: Optional[datetime] = None) -> Finding:
     return True, f"tls: {warning}{cert} with its key, expires {expires:%Y-%m-%d}; PORT serves HTTPS only"
 
 
-# -- one connection -------------------------------------------------------------------------
+# -- one connection ----------------------------------------------------------------------------
 
 
 class Phase(enum.Enum):
@@ -6224,7 +6251,7 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-# -- the server -----------------------------------------------------------------------------
+# -- the server --------------------------------------------------------------------------------
 
 
 class Front(NamedTuple):
@@ -6405,7 +6432,7 @@ class HookServer:
             log.log(logging.DEBUG if c.quiet else logging.INFO, "%s", line())
 
 
-# -- TLS over the plain transport: every connection counted from accept -----------------------
+# -- TLS over the plain transport: every connection counted from accept ------------------------
 
 
 class TLSLayer(asyncio.BufferedProtocol):
@@ -6621,7 +6648,7 @@ def setup_findings(config: Config, runner: Runner, target: Target) -> List[Findi
 # ==========================================================================================
 
 
-# -- start-up: the engine, then each kind of target from a table ----------------------------
+# -- start-up: the engine, then each kind of target from a table -------------------------------
 
 
 class EngineFacts(NamedTuple):
@@ -6789,10 +6816,7 @@ def _read_text(path: str) -> str:
         return ""
 
 
-# ==========================================================================================
-
-
-# -- the process ----------------------------------------------------------------------------
+# -- the process -------------------------------------------------------------------------------
 
 # Line breaks and other control characters (Unicode's too), as escapes: what a step, a container, a payload
 # or a client sent cannot start a log line of its own.
