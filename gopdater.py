@@ -70,6 +70,22 @@ __version__ = "1.4.0"
 
 log = logging.getLogger("gopdater")
 
+# The seams: what main, --check and the tests may touch of an object besides its methods, properties and NamedTuple
+# fields. Every other attribute is the object's own; test_gopdater's house rules keep the tests to these.
+PUBLIC_SEAMS: Mapping[str, Tuple[str, ...]] = {
+    "App": ("config", "queue", "reconciler", "metrics"),  # main hands it the queue and the reconciler once they run
+    "CommandError": ("argv", "code", "tail", "output"),
+    "EngineUnreachable": ("argv", "code", "tail"),
+    "Deployment": ("id", "sender", "key", "digest", "ref", "state", "hooks", "created", "started", "finished", "steps",
+                   "error", "logs", "old_tag", "new_tag", "recovery", "lane"),  # what /deployments shows, and its lane
+    "HookServer": ("server_address", "rejects"),
+    "Journal": ("directory", "journal_path", "history_path"),
+    "Reconciler": ("report",),
+    "StepLog": ("deployment", "key", "label", "clock", "sleep"),
+    "TLSFiles": ("current",),  # the context in force: a reload that fails keeps it
+    "WorkQueue": ("config", "target"),
+}
+
 # ==========================================================================================
 # Image references: Docker's names, normalised so a push and a running service compare equal
 # ==========================================================================================
@@ -2708,7 +2724,16 @@ class WorkQueue:
 
 
 class Target:
-    """What the work queue updates. The queue, the HTTP side and --check know targets only through this."""
+    """What the work queue updates. The queue, the HTTP side and --check know targets only through this.
+
+    A new kind of target (plain `docker run` containers, say) is one subclass and one row, with no edit of the
+    queue or the journal. The subclass: a `kind` name; running(), owns(), update(), recover(), engine_answers(),
+    refresh(), describe() and summary() (lane() and refresh_around() where the defaults do not fit); update()
+    opens the journal with steps.begin(<one of its procedures>) and journals each stage with steps.step(), and
+    recover() does what plan() returns. The row: RECORD_KINDS[kind] = RecordKind(its part of a journal record,
+    a NamedTuple with CHECKS and from_stored; its recovery rows, (procedure, stage) -> (action if running, if
+    not); the procedure of a record without one). Start-up makes it from a TARGET_KINDS row (main section).
+    """
 
     kind = ""
     runner: Runner  # what runs its commands (a DryRunner for DRY_RUN)
@@ -3523,7 +3548,7 @@ class Targets(Target):
         return " ".join(member.summary() for member in self.members)
 
 
-# -- the steps any container-based target takes: wait and judge, roll back by tag, clean up ----
+# -- the steps any container-based target takes: wait and judge, put a tag back, clean up ----
 
 
 class ContainerSteps:
@@ -6315,6 +6340,11 @@ class HookServer:
         if time.monotonic() >= self.trouble.get(message, 0.0):
             self.trouble[message] = time.monotonic() + REJECT_LOG_INTERVAL
             log.error("%s: %s (logged once a minute)", message, context.get("exception"))
+
+    def close(self) -> None:
+        """Free the socket and the loop of a server that was never served (serve_forever frees its own)."""
+        self.listener.close()
+        self.loop.close()
 
     def shutdown(self) -> None:
         """Stop serving soon; safe from any thread, and after the loop is gone."""

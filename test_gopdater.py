@@ -68,6 +68,21 @@ class Crash(BaseException):
     """gopdater and the commands it ran were killed (a reboot, an OOM kill, docker kill)."""
 
 
+def tracking_of(target, service):
+    """How a service of the target follows versions, as its running() says (None: it does not)."""
+    return next(s.tracking for s in target.running() if s.ref.name == service)
+
+
+def project_names(host):
+    """The projects a ComposeHost updates, as its running() services say."""
+    return sorted({s.ref.project for s in host.running()})
+
+
+def findings(target):
+    """What --check says of a target, one line each."""
+    return [line for _, line in target.describe()]
+
+
 class FakeClock:
     """Monotonic time that only moves when the code under test sleeps."""
 
@@ -936,7 +951,7 @@ class DiscoveryTest(unittest.TestCase):
         fake = FakeDocker(compose=("docker-compose",))
         fake.fail[("docker", "compose")] = (1, "docker: 'compose' is not a docker command.")
         rig = Rig(self, fake)
-        self.assertEqual(rig.project.docker.command, ["docker-compose"])
+        self.assertTrue(any(line.startswith("compose: docker-compose 1.29.2 (v1)") for line in findings(rig.project)))
         self.assertEqual(gopdater.compose_flavour("1.29.2"), "v1")
         self.assertEqual(gopdater.compose_flavour("5.6.1"), "v2")
         self.assertEqual([s.image for s in rig.project.running()], [ImageKey("docker.io", "acme/site", "latest")])
@@ -1022,7 +1037,7 @@ class DiscoveryTest(unittest.TestCase):
             env, cwd = kwargs["env"], kwargs["cwd"]
             self.assertEqual((env["COMPOSE_PROJECT_NAME"], env["COMPOSE_FILE"], env["PWD"], cwd),
                              ("demo", "/srv/demo/compose.yaml", "/srv/demo", "/srv/demo"))
-        self.assertEqual(project.docker.location.own_service, "gopdater")
+        self.assertIn("own service gopdater is left alone: gopdater does not update itself", findings(project))
 
     def test_own_service_is_never_updated(self):
         """gopdater's own service is left out of the project it updates."""
@@ -2726,8 +2741,7 @@ class FrontLimitsTest(unittest.TestCase):
 
     def server(self):
         server = gopdater.HookServer(gopdater.listen("127.0.0.1", 0), Rig(self).app, gopdater.Front(request_timeout=1.0))
-        self.addCleanup(server.loop.close)
-        self.addCleanup(server.listener.close)
+        self.addCleanup(server.close)
         return server
 
     def test_asyncio_errors_are_logged_once_a_minute_not_per_attempt(self):
@@ -2736,7 +2750,7 @@ class FrontLimitsTest(unittest.TestCase):
         error = OSError(24, "Too many open files")
         with self.assertLogs("gopdater", "ERROR") as logs:
             for _ in range(1000):
-                server.loop_trouble(server.loop, {"message": "socket.accept() out of system resource",
+                server.loop_trouble(None, {"message": "socket.accept() out of system resource",
                                                   "exception": error})
         self.assertEqual(len(logs.output), 1)
         self.assertIn("socket.accept() out of system resource: [Errno 24] Too many open files", logs.output[0])
@@ -2965,6 +2979,179 @@ class MetricsTest(unittest.TestCase):
                              {f"{b:g}" for b in gopdater.DURATION_BUCKETS + gopdater.OUTAGE_BUCKETS})
 
 
+# The house's map: gopdater.py's banners in the order a webhook flows, each with its sub-banners.
+SECTIONS = [  # each banner of gopdater.py, in order, with its sub-banners
+    ('Image references', [
+        'version channels: which pushed tag a tracked service takes, and where its tag is kept',
+    ]),
+    ("Docker's vocabulary", [
+        'services and what became of their updates',
+        'command errors, and the one command runner',
+        'a container, as docker inspect shows it',
+    ]),
+    ('Settings', [
+    ]),
+    ('Senders', [
+    ]),
+    ('The journal', [
+        'the record: what every kind journals, and what its kind declares',
+        'the journal, and the deployment history',
+        'files in STATE_DIR: written whole or not at all, and one gopdater each',
+    ]),
+    ('The request pipeline', [
+        'what the last reconcile round found: the record the reconciling thread hands to the pages',
+        'the status page: one HTML page, no script, no external asset, every value escaped',
+        '/metrics: what the pipeline and the work queue count',
+        'the pipeline: route, size, authenticate, decode, parse',
+        "the application: every endpoint's answer",
+    ]),
+    ('The work queue', [
+        'deployments, as /deployments shows them',
+        'the queue: lanes, bursts coalesced, the engine waited for',
+        'what the queue updates: the Target interface, and the one matcher',
+    ]),
+    ('Docker commands', [
+        'the engine: every docker command',
+        "Compose's files: where a project lives, its env files read and rewritten in place",
+        'Compose: every Compose command of one project',
+    ]),
+    ('Update targets', [
+        'the health verdict, and several targets as one',
+        'the steps any container-based target takes: wait and judge, put a tag back, clean up',
+        "Compose: which project gopdater runs in (its own container's labels, or its settings)",
+        "release steps: commands from a service's labels around its update",
+        'Compose: what an update journals, and what recovery does at each stage',
+        'the Compose project as read: services, containers, operator labels, tracking',
+        'the Compose update: one plan, carried out step by step, rolled back as one',
+        'Compose recovery: what a crash left, made whole as the recovery table says',
+        'every Compose project on the engine (PROJECTS), each run as in its own folder',
+        'Swarm: what a Swarm update journals, and what recovery does at each stage',
+        'Swarm: services updated by Swarm itself',
+    ]),
+    ('Reconciling', [
+        'one request: a total deadline, a bounded answer, no redirect followed',
+        "who may ask: the docker CLI's logins, and the token flow",
+        'a round: what is asked, what the answers mean, what is queued',
+    ]),
+    ('Notifications', [
+        'what each service renders: the format follows from the URL, or its #fragment',
+    ]),
+    ('The HTTP transport', [
+        "TLS: a context that follows its files when certbot or a proxy's ACME client replaces them",
+        'one connection',
+        'the server',
+        'TLS over the plain transport: every connection counted from accept',
+    ]),
+    ('--check', [
+    ]),
+    ('main', [
+        'start-up: the engine, then each kind of target from a table',
+        'the process',
+    ]),
+]
+
+
+def source_tree():
+    import ast
+    return ast.parse((HERE / "gopdater.py").read_text())
+
+
+def definitions(tree):
+    """Each top-level name of a module and the line it is first defined on."""
+    import ast
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            found.setdefault(node.name, node.lineno)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        found.setdefault(name.id, node.lineno)
+    return found
+
+
+def early_uses(tree):
+    """Each module-level name used (in code or in a type hint, quoted or not) more than 300 lines before its
+    definition: (name, first use, definition). A name bound in the function using it is that function's own."""
+    import ast
+    defined, first = definitions(tree), {}
+
+    def use(name, line):
+        if name in defined:
+            first[name] = min(first.get(name, line), line)
+
+    def hint(node, local):
+        for part in ast.walk(node):
+            if isinstance(part, ast.Name) and part.id not in local:
+                use(part.id, part.lineno)
+            elif isinstance(part, ast.Constant) and isinstance(part.value, str):
+                for word in re.findall(r"[A-Za-z_]\w*", part.value):
+                    if word not in local:
+                        use(word, part.lineno)
+
+    def visit(node, local):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for default in [*node.args.defaults, *filter(None, node.args.kw_defaults)]:
+                visit(default, local)
+            if not isinstance(node, ast.Lambda):
+                for decorator in node.decorator_list:
+                    visit(decorator, local)
+                for annotation in [node.returns] + [a.annotation for a in ast.walk(node.args)
+                                                    if isinstance(a, ast.arg)]:
+                    if annotation is not None:
+                        hint(annotation, local)
+            own = {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)}
+            own |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            own |= {n.name for n in ast.walk(node) if isinstance(n, ast.ExceptHandler) and n.name}
+            for child in (node.body if isinstance(node.body, list) else [node.body]):
+                visit(child, local | own)
+            return
+        if isinstance(node, ast.AnnAssign):
+            hint(node.annotation, local)
+            for child in (node.value, None if isinstance(node.target, ast.Name) else node.target):
+                if child is not None:
+                    visit(child, local)
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in local:
+            use(node.id, node.lineno)
+        for child in ast.iter_child_nodes(node):
+            visit(child, local)
+
+    visit(tree, frozenset())
+    return sorted((name, line, defined[name]) for name, line in first.items() if defined[name] - line > 300)
+
+
+def implementation_attributes(tree):
+    """The attributes gopdater's objects keep for themselves: set on self, and neither a method, a property, a
+    class attribute, a NamedTuple field, nor one of PUBLIC_SEAMS."""
+    import ast
+    kept, public = set(), {name for names in gopdater.PUBLIC_SEAMS.values() for name in names}
+    for cls in (node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)):
+        for node in cls.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                public.add(node.name)
+            for target in (node.targets if isinstance(node, ast.Assign) else
+                           [node.target] if isinstance(node, ast.AnnAssign) else []):
+                if isinstance(target, ast.Name):
+                    public.add(target.id)
+        kept |= {node.attr for node in ast.walk(cls) if isinstance(node, ast.Attribute) and
+                 isinstance(node.value, ast.Name) and node.value.id == "self" and isinstance(node.ctx, ast.Store)}
+    return kept - public
+
+
+def stdlib_attributes():
+    """Attribute names of the standard library's objects the tests use (sockets, errors, logs, HTTP clients)."""
+    import http.client
+    kinds = (list, dict, str, bytes, io.TextIOWrapper, socket.socket, OSError, logging.LogRecord, http.client.HTTPConnection,
+             http.client.HTTPResponse, threading.Thread, subprocess.Popen, subprocess.CompletedProcess, pathlib.Path)
+    return {name for kind in kinds for name in dir(kind)} | {"records", "cert", "client", "output"}
+
+
+TEST_FILES = ("test_gopdater.py", "test_hostile.py", "test_engine.py", "bench/harness.py", "bench/bench_gopdater.py",
+              "bench/fake_docker.py", "bench/instructions.py", "bench/bare_server.py", "bench/test_bench.py")
+
+
 class HouseRulesTest(unittest.TestCase):
     def test_no_function_is_over_fifty_lines(self):
         """Every function and method in gopdater.py fits in 50 lines."""
@@ -2992,12 +3179,70 @@ class HouseRulesTest(unittest.TestCase):
         self.assertGreater(len(classes), 5)
         self.assertEqual([c for c in classes if f"test_engine.{c}" not in lanes], [])
 
-    def test_sections_follow_the_webhook(self):
-        """The banner comments come in the order a webhook flows through the file."""
-        banners = re.findall(r"^# ={20,}\n# ([^:\n]+)", (HERE / "gopdater.py").read_text(), re.MULTILINE)
-        self.assertEqual(banners, ["Image references", "Docker's vocabulary", "Settings", "Senders", "The journal",
-                                   "The request pipeline", "The work queue", "Docker commands", "Update targets",
-                                   "Reconciling", "Notifications", "The HTTP transport", "--check", "main"])
+    def test_sections_and_their_sub_banners_follow_the_map(self):
+        """The banners come in the order a webhook flows through the file, each titled, each with the sub-banners
+        SECTIONS names, in order: a new part, or a part moved, changes the map here too."""
+        found, closing = [], False
+        lines = (HERE / "gopdater.py").read_text().splitlines()
+        for number, line in enumerate(lines):
+            if line.startswith("# ====="):
+                closing = not closing  # a banner opens, its title follows, then the same line closes it
+                if closing:
+                    title = lines[number + 1] if number + 1 < len(lines) else ""
+                    self.assertRegex(title, r"^# \S.*: \S", f"the banner at line {number + 1} has no title")
+                    self.assertTrue(lines[number + 2].startswith("# ====="), f"line {number + 3} closes no banner")
+                    found.append((title[2:].split(":")[0], []))
+            elif line.startswith("# -- "):
+                self.assertRegex(line, r"^# -- \S.* -{2,}$", f"line {number + 1} is not a sub-banner's shape")
+                found[-1][1].append(re.sub(r" -{2,}$", "", line[5:]))
+        self.assertEqual(found, SECTIONS)
+
+    def test_no_function_takes_over_six_parameters_and_no_class_is_over_300_lines(self):
+        """Short signatures (pass one value) and small classes, in all of gopdater.py."""
+        import ast
+        wide, long = [], []
+        for node in ast.walk(source_tree()):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = [a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)]
+                if len([n for n in names if n not in ("self", "cls")]) > 6:
+                    wide.append((node.name, node.lineno))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
+                long.append((node.name, node.end_lineno - node.lineno + 1))
+        self.assertEqual((wide, long), ([], []))
+
+    def test_no_name_is_used_more_than_300_lines_before_its_definition(self):
+        """Vocabulary first: a reader meets each name at most 300 lines before it is defined, in code or hint."""
+        self.assertEqual(early_uses(source_tree()), [])
+
+    def test_the_measure_of_early_uses_finds_one(self):
+        """The measure above is not blind: a hint or a call 301 lines early is found, one 300 early is not."""
+        import ast
+        gap = "\n" * 299
+        source = f"def f(x: 'Late') -> int:\n    return later()\n{gap}\n\nclass Late: pass\ndef later(): pass\n"
+        self.assertEqual([name for name, _, _ in early_uses(ast.parse(source))], ["Late", "later"])
+        self.assertEqual(early_uses(ast.parse("def f():\n    return g()\n" + "\n" * 290 + "def g(): pass\n")), [])
+
+    def test_the_tests_keep_to_the_public_seams(self):
+        """No test reads or writes an attribute a gopdater object keeps for itself: the tests reach objects
+        through methods, NamedTuple fields and PUBLIC_SEAMS, so that the implementation can change under them.
+        Each PUBLIC_SEAMS entry names attributes its class really keeps."""
+        import ast
+        tree = source_tree()
+        kept = implementation_attributes(tree)
+        for name, attributes in gopdater.PUBLIC_SEAMS.items():
+            cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
+            assigned = {node.attr for node in ast.walk(cls) if isinstance(node, ast.Attribute) and
+                        isinstance(node.ctx, ast.Store)} | set(getattr(gopdater, name).__dict__)
+            self.assertLessEqual(set(attributes), assigned, name)
+        own, reached = stdlib_attributes(), []
+        for path in TEST_FILES:
+            source = ast.parse((HERE / path).read_text())
+            own |= {node.attr for node in ast.walk(source) if isinstance(node, ast.Attribute) and
+                    isinstance(node.value, ast.Name) and node.value.id == "self" and isinstance(node.ctx, ast.Store)}
+            reached += [(node.attr, f"{path}:{node.lineno}") for node in ast.walk(source)
+                        if isinstance(node, ast.Attribute) and node.attr in kept and
+                        not (isinstance(node.value, ast.Name) and node.value.id == "self")]
+        self.assertEqual([(name, where) for name, where in reached if name not in own], [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3138,8 +3383,8 @@ class StateFolderTest(unittest.TestCase):
         host = gopdater.Targets([rig.project])
         queue = gopdater.WorkQueue(rig.config, host, gopdater.QueueSeams(rig.clock, rig.clock.sleep,
                                                                    journal=rig.journal))
-        outcome = queue.run_target(deployment, gopdater.StepLog(deployment, queue.lock, rig.clock, rig.clock.sleep,
-                                                                rig.journal))
+        outcome = queue.run_target(deployment, gopdater.StepLog(deployment, threading.Condition(), rig.clock,
+                                                                rig.clock.sleep, rig.journal))
         self.assertEqual((outcome.result, outcome.reason), (gopdater.State.FAILED, "gone/site is no longer found here"))
 
 
@@ -3387,12 +3632,15 @@ class ProjectsTest(unittest.TestCase):
     def test_every_project_is_found_and_run_in_its_own_folder_with_its_own_name(self):
         """PROJECTS=* finds each project from its labels; Compose runs with its name, files and folder."""
         rig, root = self.host()
-        self.assertEqual([m.name for m in rig.project.members], ["blog", "shop"])
+        self.assertEqual(project_names(rig.project), ["blog", "shop"])
+        rig.fake.calls.clear()
         rig.fake.call_kwargs.clear()
-        rig.project.members[1].refresh()
-        env, cwd = rig.fake.call_kwargs[0]["env"], rig.fake.call_kwargs[0]["cwd"]
-        self.assertEqual((env["COMPOSE_PROJECT_NAME"], env["COMPOSE_FILE"], env["PWD"], cwd),
-                         ("shop", f"{root}/shop/compose.yaml", f"{root}/shop", f"{root}/shop"))
+        rig.project.refresh()
+        compose = [kwargs for argv, kwargs in zip(rig.fake.calls, rig.fake.call_kwargs) if argv[:2] == ["docker", "compose"]]
+        seen = {kwargs["env"]["COMPOSE_PROJECT_NAME"]: (kwargs["env"]["COMPOSE_FILE"], kwargs["env"]["PWD"], kwargs["cwd"])
+                for kwargs in compose}
+        self.assertEqual(seen, {name: (f"{root}/{name}/compose.yaml", f"{root}/{name}", f"{root}/{name}")
+                                for name in ("blog", "shop")})
 
     def test_a_container_removed_between_listing_and_inspecting_is_left_out(self):
         """On a busy host a container listed by ps may be gone by the inspect: the others are still read."""
@@ -3400,7 +3648,7 @@ class ProjectsTest(unittest.TestCase):
         gone = next(cid for cid, c in rig.fake.containers.items() if c["project"] == "blog")
         rig.fake.then[("docker", "ps")] = lambda fake: fake.containers.pop(gone)
         rig.project.refresh()
-        self.assertEqual([m.name for m in rig.project.members], ["shop"])
+        self.assertEqual(project_names(rig.project), ["shop"])
 
     def test_a_push_updates_the_service_in_every_project_that_runs_it(self):
         """acme/site updates blog/site and shop/site, one deployment each; acme/api only shop/api."""
@@ -3456,10 +3704,9 @@ class ProjectsTest(unittest.TestCase):
                 rig.fake.image_labels[OLD_ID] = carried
                 rig.fake.labels[("blog", "site")] = {"gopdater.pre-update": "true"}
                 rig.project.refresh()
-                blog = rig.project.members[0]
-                self.assertEqual(blog.docker.location.env_files, ())
-                self.assertEqual(blog.start_first, frozenset())
-                self.assertEqual(blog.release_steps("site", blog.containers["site"]).timeout, 300)
+                self.assertIn("service blog/site: release steps: pre-update 'true' (each within 300s)",
+                              findings(rig.project))
+                self.assertFalse([line for line in findings(rig.project) if "start-first" in line])
                 with self.assertLogs("gopdater", "INFO"):
                     self.assertEqual(rig.deploy().state, "updated")
                 self.assertFalse([c for c in rig.fake.calls if "--env-file" in c or "/etc/cron.d/evil" in c])
@@ -3476,9 +3723,9 @@ class ProjectsTest(unittest.TestCase):
                 rig.fake.labels[("blog", "site")] = {"com.docker.compose.project.environment_file": started_with}
                 rig.fake.calls.clear()
                 rig.project.refresh()
-                self.assertEqual(rig.project.members, [])
-                self.assertIn(f"its env file {root}/blog/{started_with} lies outside its folder {root}/blog",
-                              rig.project.skipped["blog"])
+                self.assertEqual(project_names(rig.project), [])
+                self.assertIn(f"project blog is skipped: its env file {root}/blog/{started_with} lies outside its "
+                              f"folder {root}/blog", "\n".join(findings(rig.project)))
                 self.assertFalse([c for c in rig.fake.calls if "--env-file" in c])
         pathlib.Path(root, "blog", "prod.env").write_text("")
         inside = gopdater.ComposeLocation("blog", "", None, "", f"{root}/blog", "", None, (f"{root}/blog/prod.env",))
@@ -3487,7 +3734,7 @@ class ProjectsTest(unittest.TestCase):
     def test_a_project_whose_folder_is_not_visible_is_reported_and_skipped(self):
         """A project whose folder this process cannot see is skipped, and --check says which mount is missing."""
         rig, root = self.host(folders=("shop",))
-        self.assertEqual([m.name for m in rig.project.members], ["shop"])
+        self.assertEqual(project_names(rig.project), ["shop"])
         code, out = check(self, rig.fake, PROJECTS="*")
         self.assertEqual(code, 1)
         self.assertIn(f"FAIL project blog is skipped: its folder {root}/blog is not visible here: mount it at the "
@@ -3706,7 +3953,7 @@ class ParallelTest(unittest.TestCase):
         rig = self.host(REFRESH_INTERVAL=3600)
         rig.fake.containers = {k: c for k, c in rig.fake.containers.items() if c["project"] != "wiki"}
         rig.project.refresh()
-        self.assertEqual([m.name for m in rig.project.members], ["blog", "shop"])
+        self.assertEqual(project_names(rig.project), ["blog", "shop"])
         rig.fake.create("wiki", "site")
         with self.assertLogs("gopdater", "INFO"):
             (first, _), *_ = rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
@@ -3715,7 +3962,7 @@ class ParallelTest(unittest.TestCase):
             rig.fake.calls.clear()
             rig.clock.sleep(10)
             deadline = time.monotonic() + 10
-            while "wiki" not in [m.name for m in rig.project.members]:
+            while "wiki" not in project_names(rig.project):
                 self.assertLess(time.monotonic(), deadline, "wiki was found")
                 time.sleep(0.01)
             self.assertTrue(rig.queue.wait_idle(10))
@@ -3737,7 +3984,7 @@ class ParallelTest(unittest.TestCase):
             read = sorted(kw["env"]["COMPOSE_PROJECT_NAME"] for call, kw in zip(rig.fake.calls, rig.fake.call_kwargs)
                           if "config" in call)
             self.assertEqual(read, ["shop", "wiki"])
-            self.assertEqual([m.name for m in rig.project.members], ["blog", "shop", "wiki"])
+            self.assertEqual(project_names(rig.project), ["blog", "shop", "wiki"])
             gate.let_go()
             held.join(10)
 
@@ -3750,7 +3997,7 @@ class ParallelTest(unittest.TestCase):
         with self.assertLogs("gopdater", "INFO"):
             held = self.in_thread(rig, gate)
             rig.queue.refresh(frozenset({("compose", "blog")}), full=False)
-            self.assertEqual([m.name for m in rig.project.members], ["blog", "shop", "wiki"])
+            self.assertEqual(project_names(rig.project), ["blog", "shop", "wiki"])
             gate.let_go()
             held.join(10)
 
@@ -3770,7 +4017,7 @@ class ParallelTest(unittest.TestCase):
         for gate in gates:
             gate.let_go()
         thread.join(10)
-        self.assertEqual([m.name for m in found[0].members], ["blog", "shop", "wiki"])
+        self.assertEqual(project_names(found[0]), ["blog", "shop", "wiki"])
 
 
 ENV_ARGS = ["-e", f"GOPDATER_OLD_IMAGE={OLD_ID}", "-e", f"GOPDATER_NEW_IMAGE={NEW_ID}", "-e", "GOPDATER_TAG=latest"]
@@ -4149,6 +4396,23 @@ class FakeSwarm(FakeDocker):
         self.starts += 1
         self.service["UpdateStatus"] = {"State": states[0], "StartedAt": f"t{self.starts}", "Message": ""}
         self.pending = list(states)
+
+
+class SwarmMoveTest(unittest.TestCase):
+    def test_the_next_move_of_a_followed_swarm_update_is_a_table(self):
+        """swarm_move(): Swarm's state, whether every task runs the image, whether gopdater asked for a rollback,
+        and how many HEALTH_TIMEOUT limits have passed decide the next move. Pure."""
+        M = gopdater.SwarmMove
+        cases = [("completed", True, False, 0.5, M.UPDATED), ("completed", False, False, 0.5, M.WAIT),
+                 ("updating", False, False, 0.9, M.WAIT), ("updating", False, False, 1.1, M.ROLL_BACK),
+                 ("paused", False, False, 0.1, M.ROLL_BACK), ("paused", False, True, 0.1, M.WAIT),
+                 ("rollback_started", False, True, 1.5, M.WAIT), ("rollback_started", False, True, 2.1, M.STUCK),
+                 ("rollback_paused", False, True, 0.1, M.STUCK), ("rollback_completed", False, True, 0.1,
+                                                                  M.ROLLED_BACK),
+                 ("pending", False, False, 0.5, M.WAIT)]
+        for state, tasks_run, rolling_back, limits, move in cases:
+            with self.subTest(state=state, tasks_run=tasks_run, rolling_back=rolling_back, limits=limits):
+                self.assertIs(gopdater.swarm_move(state, tasks_run, rolling_back, limits), move)
 
 
 class SwarmTest(unittest.TestCase):
@@ -4546,7 +4810,7 @@ class TrackedComposeTest(unittest.TestCase):
         self.assertEqual(self.running(rig), ["acme/site:1.4.3"])
         self.assertEqual(self.running(rig, "pinned"), ["acme/site:1.4.2"], "the untracked service never moves")
         self.assertEqual(rig.fake.images["acme/site:1.4.2"], OLD_ID)
-        self.assertEqual([s.step for s in rig.queue.history[-1].steps][:5],
+        self.assertEqual([s["step"] for s in rig.queue.views()[0]["steps"]][:5],
                          ["inspect", "pull", "compare", "set-tag", "stop"])
 
     def test_pushes_outside_the_channel_are_ignored_with_the_reason(self):
@@ -4628,7 +4892,7 @@ class TrackedComposeTest(unittest.TestCase):
         skipped, and the .env keeps 1.5.0."""
         rig = self.rig()
         rig.queue.submit(gopdater.PushEvent("dockerhub", ImageKey("docker.io", "acme/site", "1.4.3")))
-        rig.project.tracked["site"]  # tracked, as read at start
+        self.assertIsNotNone(tracking_of(rig.project, "site"))  # tracked, as read at start
         with open(os.path.join(rig.fake.root, "demo", ".env"), "w") as handle:
             handle.write("SITE_TAG=1.5.0\n")
         for c in list(rig.fake.containers.values()):
@@ -4649,7 +4913,7 @@ class TrackedComposeTest(unittest.TestCase):
         fake = FakeDocker(services={"site": "acme/site:1.4.2"}, root=root, compose=("docker-compose",))
         fake.track("demo", "site", SITE_RAW, "# tags\nSITE_TAG=1.4.2\n", "minor", TRACKED_VERSIONS)
         rig = Rig(self, fake, COMPOSE_COMMAND="docker-compose")  # the fake answers v1 with YAML alone
-        self.assertEqual(rig.project.tracked["site"].variable, "SITE_TAG")
+        self.assertEqual(tracking_of(rig.project, "site").variable, "SITE_TAG")
         view = self.deploy(rig, "1.4.3")
         self.assertEqual((view["state"], self.env(rig)), ("updated", "# tags\nSITE_TAG=1.4.3\n"))
 
@@ -4663,7 +4927,7 @@ class TrackedComposeTest(unittest.TestCase):
         fake.fail[("docker-compose", "config", "--no-interpolate")] = (
             1, "ERROR: The Compose file is invalid because: services.site.ports is invalid")
         rig = Rig(self, fake, COMPOSE_COMMAND="docker-compose")
-        problem = rig.project.tracked["site"].problem
+        problem = tracking_of(rig.project, "site").problem
         self.assertIn("Compose cannot read the Compose file with its variables left in", problem)
         self.assertIn("services.site.ports is invalid", problem)
         self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/site", "1.4.3")), [])
@@ -4679,7 +4943,7 @@ class TrackedComposeTest(unittest.TestCase):
         fake.file_labels.clear()  # the operator's file does not say it: the image does
         fake.image_labels[OLD_ID] = {"gopdater.track": "major"}
         rig = Rig(self, fake, COMPOSE_COMMAND="docker-compose")
-        self.assertNotIn("site", rig.project.tracked)
+        self.assertIsNone(tracking_of(rig.project, "site"))
         self.assertEqual(rig.project.services_for(ImageKey("docker.io", "acme/site", "2.0.0")), [])
         code, out = check(self, fake, COMPOSE_COMMAND="docker-compose")
         self.assertIn("warning: service demo/site: gopdater.track carried by its image, ignored", out)
@@ -4698,7 +4962,7 @@ class TrackedComposeTest(unittest.TestCase):
         for settings, fix in cases:
             with self.subTest(settings=settings):
                 rig = self.rig(**settings)
-                self.assertIn(fix, rig.project.tracked["site"].problem)
+                self.assertIn(fix, tracking_of(rig.project, "site").problem)
                 code, out = self.check(rig, **{k: v for k, v in settings.items() if k.isupper()})
                 self.assertEqual(code, 1, out)
                 self.assertIn("FAIL service demo/site: gopdater.track is ignored, it is left alone: ", out)
@@ -4754,7 +5018,7 @@ class TrackedComposeTest(unittest.TestCase):
                 fake.track("demo", "site", SITE_RAW, "SITE_TAG=1.4.2\n", "minor", TRACKED_VERSIONS)
                 fake.track("demo", "worker", SITE_RAW, "SITE_TAG=1.4.2\n", worker_label, TRACKED_VERSIONS)
                 rig = Rig(self, fake)
-                found = rig.project.tracked["site"].problem
+                found = tracking_of(rig.project, "site").problem
                 self.assertEqual(found if problem is None else found[:len(problem)], problem)
                 refs = rig.project.services_for(ImageKey("docker.io", "acme/site", "1.4.3"))
                 self.assertEqual(refs, [] if problem else [SITE, gopdater.ServiceRef("compose", "demo", "worker")])
