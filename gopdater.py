@@ -399,31 +399,39 @@ class Step(NamedTuple):
     seconds: float
 
 
-class Stage(str, enum.Enum):
-    """The steps an update journals; each is also the name of its timed step in the view and the log."""
+BEFORE_SWITCH, AFTER_SWITCH = "before the switch", "after the switch"
+IN_OLD, IN_ONE_OFF, IN_NEW = "in the old container", "in a one-off container of the new image", "in each new container"
 
-    START = "start"  # the record is open; nothing has run yet (for START_FIRST: the new container starts)
-    INSPECT = "inspect"
-    PULL = "pull"
-    COMPARE = "compare"
-    STOP = "stop"
-    REMOVE = "remove"
-    UP = "up"
-    RECOVER_TAG = "recover-tag"
-    ROLLBACK_TAG = "rollback-tag"
-    ROLLBACK_STOP = "rollback-stop"
-    ROLLBACK_REMOVE = "rollback-remove"
-    ROLLBACK_UP = "rollback-up"
-    CREATE = "create"
-    ISOLATE = "isolate"
-    CONNECT = "connect"
-    DISCARD = "discard"
-    UPDATE = "update"
-    ROLLBACK = "rollback"
-    PRE_UPDATE = "pre-update"  # release steps: commands from the service's labels (gopdater.<stage>)
-    MIGRATE = "migrate"
-    POST_UPDATE = "post-update"
-    SET_TAG = "set-tag"  # version channels: the new tag written into the project's env file
+
+class ReleaseStage(NamedTuple):
+    """One release step as declared data: its stage's name (and its label's, gopdater.<name>), when it runs,
+    where, and what its failure does. Parsing, scheduling, running, recovery and the Swarm warning all read this
+    table: a new release step is one row."""
+
+    name: str
+    when: str  # BEFORE_SWITCH or AFTER_SWITCH
+    where: str  # IN_OLD, IN_ONE_OFF or IN_NEW
+    failure: str  # what a failure does, in words
+
+    @property
+    def stage(self) -> "Stage":
+        return Stage(self.name)
+
+
+RELEASE_STAGES = (
+    ReleaseStage("pre-update", BEFORE_SWITCH, IN_OLD, "nothing is switched"),
+    ReleaseStage("migrate", BEFORE_SWITCH, IN_ONE_OFF, "nothing is switched"),
+    ReleaseStage("post-update", AFTER_SWITCH, IN_NEW, "the update is rolled back"),
+)
+# The steps an update journals, each also the name of its timed step in the view and the log: start (the record
+# is open; nothing has run yet; for start-first: the new container starts), those of the procedures, set-tag (a
+# version channel's new tag written into the project's env file), and one per release step. Stage.PRE_UPDATE is
+# "pre-update": built from both lists, so that RELEASE_STAGES alone declares a release step.
+UPDATE_STAGES = ("start", "inspect", "pull", "compare", "stop", "remove", "up", "recover-tag", "rollback-tag",
+                 "rollback-stop", "rollback-remove", "rollback-up", "create", "isolate", "connect", "discard", "update",
+                 "rollback", "set-tag")
+Stage = enum.Enum("Stage", [(name.upper().replace("-", "_"), name)
+                            for name in (*UPDATE_STAGES, *(row.name for row in RELEASE_STAGES))], type=str)
 
 
 class DeployFailed(Exception):
@@ -3702,25 +3710,6 @@ COMPOSE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*[-_][a-zA-Z0-9][a-zA-Z0-9._-]*
 
 # -- release steps: commands from a service's labels around its update -------------------------
 
-BEFORE_SWITCH, AFTER_SWITCH = "before the switch", "after the switch"
-IN_OLD, IN_ONE_OFF, IN_NEW = "in the old container", "in a one-off container of the new image", "in each new container"
-
-
-class ReleaseStage(NamedTuple):
-    """One release step as declared data: its stage (and label gopdater.<stage>), when it runs, where, and what its
-    failure does. Parsing, scheduling, running and the Swarm warning all read this table."""
-
-    stage: Stage
-    when: str  # BEFORE_SWITCH or AFTER_SWITCH
-    where: str  # IN_OLD, IN_ONE_OFF or IN_NEW
-    failure: str  # what a failure does, in words
-
-
-RELEASE_STAGES = (
-    ReleaseStage(Stage.PRE_UPDATE, BEFORE_SWITCH, IN_OLD, "nothing is switched"),
-    ReleaseStage(Stage.MIGRATE, BEFORE_SWITCH, IN_ONE_OFF, "nothing is switched"),
-    ReleaseStage(Stage.POST_UPDATE, AFTER_SWITCH, IN_NEW, "the update is rolled back"),
-)
 RELEASE_STEPS = tuple(row.stage for row in RELEASE_STAGES)
 HOOK_TIMEOUT_LABEL = "gopdater.hook-timeout"
 DEFAULT_HOOK_TIMEOUT = 300.0
@@ -3834,16 +3823,16 @@ class ComposePart(NamedTuple):
 
 _ROLLBACK = (Stage.ROLLBACK_TAG, Stage.ROLLBACK_STOP, Stage.ROLLBACK_REMOVE, Stage.ROLLBACK_UP)
 _P, _A = ComposeProcedure, ComposeAction
+_BEFORE = tuple(row.stage for row in RELEASE_STAGES if row.when == BEFORE_SWITCH)  # nothing switched yet
+_AFTER = tuple(row.stage for row in RELEASE_STAGES if row.when == AFTER_SWITCH)  # the new container runs
 COMPOSE_ROWS: RecoveryRows = {
     **{(_P.REPLACE, s): (_A.LEAVE, _A.LEAVE)
-       for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE, Stage.SET_TAG, Stage.PRE_UPDATE,
-                 Stage.MIGRATE)},
-    **{(_P.REPLACE, s): (_A.JUDGE, _A.BRING_UP)
-       for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG, Stage.POST_UPDATE)},
+       for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE, Stage.SET_TAG, *_BEFORE)},
+    **{(_P.REPLACE, s): (_A.JUDGE, _A.BRING_UP) for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG, *_AFTER)},
     **{(_P.REPLACE, s): (_A.ROLL_BACK, _A.ROLL_BACK) for s in _ROLLBACK},
     **{(_P.START_FIRST, s): (_A.SETTLE, _A.SETTLE)
-       for s in (Stage.INSPECT, Stage.CREATE, Stage.ISOLATE, Stage.START, Stage.CONNECT, Stage.POST_UPDATE,
-                 Stage.DISCARD, Stage.STOP, Stage.REMOVE, *_ROLLBACK)},
+       for s in (Stage.INSPECT, Stage.CREATE, Stage.ISOLATE, Stage.START, Stage.CONNECT, Stage.DISCARD, Stage.STOP,
+                 Stage.REMOVE, *_ROLLBACK, *_AFTER)},
 }
 RECORD_KINDS["compose"] = RecordKind(ComposePart, COMPOSE_ROWS, lambda data: (
     ComposeProcedure.START_FIRST if data.get("new_container") else ComposeProcedure.REPLACE).value)
@@ -4216,7 +4205,7 @@ class ComposeUpdate:
         """Where a release step before the switch runs: the old container's name, or the one-off container's."""
         if row.where == IN_OLD:
             return plan.old[0].name if plan.old else ""
-        return f"{self.project.name}-{plan.service}-{row.stage.value}-{self.steps.deployment.id}"
+        return f"{self.project.name}-{plan.service}-{row.name}-{self.steps.deployment.id}"
 
     def release_step(self, plan: ComposePlan, row: ReleaseStage, where: str) -> None:
         """Run one release step, journalled and timed, keeping its last lines; DeployFailed if it fails."""
