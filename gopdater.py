@@ -434,6 +434,11 @@ Stage = enum.Enum("Stage", [(name.upper().replace("-", "_"), name)
                             for name in (*UPDATE_STAGES, *(row.name for row in RELEASE_STAGES))], type=str)
 
 
+# Timed steps a deployment shows that are not journalled stages, and how a timed step ended.
+WAIT, DOWNTIME, SWITCH, CLEANUP, DONE = "wait", "downtime", "switch", "cleanup", "done"
+STEP_OK, STEP_FAILED, STEP_KEPT = "ok", "failed", "kept"  # kept: cleanup left an image in place
+
+
 class DeployFailed(Exception):
     """A step of a deployment failed; the message is the reason."""
 
@@ -898,7 +903,8 @@ def parse_notify_urls(name: str, text: str) -> Tuple[str, ...]:
 def parse_notify_on(name: str, text: str) -> FrozenSet[str]:
     """NOTIFY_ON: the results that are notified."""
     results = frozenset(filter(None, (part.strip().lower() for part in text.split(","))))
-    known = ("updated", "rolled-back", "failed", "recovered", "skipped", "up-to-date", "dry-run")
+    known = tuple(state.value for state in (State.UPDATED, State.ROLLED_BACK, State.FAILED, State.RECOVERED,
+                                            State.SKIPPED, State.UP_TO_DATE, State.DRY_RUN))
     if not results or not results <= set(known):
         raise ConfigError(f"{name} must be results, comma-separated, of {', '.join(known)}")
     return results
@@ -1884,9 +1890,10 @@ vertical-align:top}th{font-size:.85em;color:#555}code{font-size:.9em;word-break:
 .bar span{background:#90a4ae;border-right:1px solid #fff}.bar span.out{background:#e53935}
 .err{color:#b71c1c;font-size:.85em;white-space:normal}.n{white-space:nowrap}
 @media(max-width:40em){.wide{display:none}td,th{padding:.25em}}"""
-RESULT_WORDS = {"updated": "updated", "rolled-back": "rolled back", "failed": "failed", "recovered": "recovered",
-                "up-to-date": "up to date", "skipped": "skipped", "dry-run": "dry run", "queued": "queued",
-                "running": "running", "cancelled": "cancelled"}
+RESULT_WORDS = {State.UPDATED: "updated", State.ROLLED_BACK: "rolled back", State.FAILED: "failed",
+                State.RECOVERED: "recovered", State.UP_TO_DATE: "up to date", State.SKIPPED: "skipped",
+                State.DRY_RUN: "dry run", State.QUEUED: "queued", State.RUNNING: "running",
+                State.CANCELLED: "cancelled"}
 OUTAGE_STEPS = frozenset({"stop", "remove", "up", "rollback-stop", "rollback-remove", "rollback-up"})
 
 
@@ -1902,7 +1909,7 @@ def badge(state: object) -> str:
 def step_bar(steps: Sequence[Mapping[str, object]]) -> str:
     """The steps of a deployment as a bar, each as wide as its share of the time; the outage steps in red."""
     timed = [(str(s.get("step")), float(s["seconds"])) for s in steps
-             if s.get("step") not in ("done", "downtime") and isinstance(s.get("seconds"), (int, float))]
+             if s.get("step") not in (DONE, DOWNTIME) and isinstance(s.get("seconds"), (int, float))]
     total = sum(seconds for _, seconds in timed) or 1.0
     spans = "".join(f'<span class="{"out" if step in OUTAGE_STEPS else ""}" style="width:{100 * seconds / total:.1f}%" '
                     f'title="{html.escape(step)} {seconds:.2f} s"></span>' for step, seconds in timed)
@@ -1946,7 +1953,7 @@ def deployment_rows(views: Sequence[Mapping[str, object]]) -> List[str]:
     """One row per deployment: when, service, image, result (and why), the time it took, its steps drawn."""
     rows = []
     for view in views:
-        took = next((s.get("seconds") for s in view.get("steps") or () if s.get("step") == "done"), None)
+        took = next((s.get("seconds") for s in view.get("steps") or () if s.get("step") == DONE), None)
         error = f'<div class=err>{html.escape(str(view["error"])[:300])}</div>' if view.get("error") else ""
         rows.append(f"<tr><td class='wide n'>{when(view.get('started') or view.get('created'))}</td>"
                     f"<td>{html.escape(service_name(view))}</td><td class='wide n'><code>"
@@ -2054,7 +2061,7 @@ class Metrics:
             self.results[result.value] += 1
             self.duration.observe(seconds)
             for step in steps:
-                if step.step == "downtime":
+                if step.step == DOWNTIME:
                     self.outage.observe(step.seconds)
             self.last[service] = (self.clock(), result)
 
@@ -2680,7 +2687,7 @@ class WorkQueue:
             deployment.old_tag, deployment.new_tag = outcome.old_tag, outcome.new_tag
             if outcome.reason and outcome.result in (State.FAILED, State.ROLLED_BACK, State.SKIPPED):
                 deployment.error = outcome.reason[:REASON_MAX]
-        seconds = steps.record("done", outcome.result.value, started)
+        seconds = steps.record(DONE, outcome.result.value, started)
         self.metrics.deployed(str(deployment.ref), outcome.result, seconds, deployment.steps,
                               (outcome.old_tag, outcome.new_tag) if outcome.new_tag else None)
         self.keep_history()
@@ -2863,7 +2870,7 @@ class StepLog:
         seconds = round(seconds, 3)
         with self.lock:
             self.deployment.steps.append(Step(step, result, seconds))
-        quiet = result in ("ok", "kept", State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
+        quiet = result in (STEP_OK, STEP_KEPT, State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
         log.log(logging.INFO if quiet else logging.WARNING, "%s step=%s result=%s seconds=%.2f", self.label,
                 step, result, seconds)
         return seconds
@@ -2882,12 +2889,12 @@ class StepLog:
         try:
             value = action()
         except EngineUnreachable:
-            self.record(name, "failed", started)
+            self.record(name, STEP_FAILED, started)
             raise
         except CommandError as error:
-            self.record(name, "failed", started)
+            self.record(name, STEP_FAILED, started)
             raise DeployFailed(f"{name} failed: {error}") from None
-        self.record(name, "ok", started)
+        self.record(name, STEP_OK, started)
         return value
 
     def command_output(self, name: str, lines: Sequence[str]) -> None:
@@ -2977,7 +2984,7 @@ def backoff(first: float, factor: float, most: float):
 
 
 # ==========================================================================================
-# Docker commands: one subprocess wrapper, a dry-run runner, and every command gopdater runs
+# Docker commands: every command gopdater runs (docker, Compose, a credential helper), as argv lists
 # ==========================================================================================
 
 
@@ -3017,6 +3024,10 @@ class Engine:
         except (CommandError, EngineUnreachable):
             return False
         return True
+
+    def credentials(self, helper: str, server: str) -> str:
+        """What the docker CLI's credential helper (HELPER_RE: a name, never a path) says of a registry: JSON."""
+        return self.run([f"docker-credential-{helper}", "get"], quiet=True, given=server.encode() + b"\n")
 
     def info(self, field: str) -> object:
         """One field of `docker info` (Swarm, RegistryConfig), as JSON."""
@@ -3571,12 +3582,12 @@ class ContainerSteps:
         try:
             health, containers = self.poll(ids, steps, stopped, started)
         except CommandError as error:
-            steps.record("wait", "failed", started)
+            steps.record(WAIT, STEP_FAILED, started)
             raise DeployFailed(f"wait failed: {error}") from None
         if health.verdict is Verdict.READY:
-            steps.record("wait", "ok", started)
+            steps.record(WAIT, STEP_OK, started)
             return
-        steps.record("wait", "failed", started)
+        steps.record(WAIT, STEP_FAILED, started)
         for c in containers:
             steps.container_log(c.name, self.engine.logs(c.name))
         raise DeployFailed(health.reason)
@@ -3592,7 +3603,7 @@ class ContainerSteps:
             containers, now = self.engine.inspect(ids), steps.clock()
             for c in containers:
                 if c.status == "running" and not first_seen and stopped is not None:
-                    steps.note("downtime", "ok", now - stopped)
+                    steps.note(DOWNTIME, STEP_OK, now - stopped)
                 if c.status == "running":
                     first_seen.setdefault(c.id, (now, c.started_at))
             limit = health_limit(containers, self.config.health_timeout, self.config.settle_time)
@@ -3640,17 +3651,17 @@ class ContainerSteps:
                 continue
             started = steps.clock()
             if steps.needed_by_another(image_id):
-                steps.record("cleanup", "kept", started)
+                steps.record(CLEANUP, STEP_KEPT, started)
                 log.info("%s kept old image %s: an update in flight elsewhere may roll back to it", steps.label,
                          image_id[:19])
                 continue
             try:
                 self.engine.remove_image(image_id)
             except (CommandError, EngineUnreachable) as error:  # a success stays one; the image is kept
-                steps.record("cleanup", "kept", started)
+                steps.record(CLEANUP, STEP_KEPT, started)
                 log.info("%s kept old image %s: %s", steps.label, image_id[:19], error.tail)
                 continue
-            steps.record("cleanup", "ok", started)
+            steps.record(CLEANUP, STEP_OK, started)
 
 
 # -- Compose: which project gopdater runs in (its own container's labels, or its settings) -----
@@ -4314,7 +4325,7 @@ class ComposeUpdate:
             raise
         started = self.steps.clock()
         self.steps.sleep(self.project.config.switch_delay)  # the reverse proxy's DNS must see the new one first
-        self.steps.record("switch", "ok", started)
+        self.steps.record(SWITCH, STEP_OK, started)
         self.containers.retire(old, self.steps)
 
     def create_beside(self, service: str) -> Container:
@@ -4814,7 +4825,7 @@ class SwarmServices(Target):
                 log.error("%s update failed: %s; rolling back", steps.label, reason)
                 steps.step(Stage.ROLLBACK, lambda: self.engine.service_rollback(name))
             elif move is not SwarmMove.WAIT:
-                steps.record("wait", "ok" if move is SwarmMove.UPDATED else "failed", started)
+                steps.record(WAIT, STEP_OK if move is SwarmMove.UPDATED else STEP_FAILED, started)
                 return swarm_outcome(move, service, reason, outcome)
             steps.sleep(delay)
         raise AssertionError("unreachable: backoff() never ends")
@@ -5054,9 +5065,7 @@ def docker_config(config: Config) -> dict:
 def helper_login(helper: str, server: str, config: Config, runner: Runner) -> Optional[Tuple[str, str]]:
     """Ask a credential helper (`docker-credential-<helper> get`, the server on its stdin); None if it has none."""
     try:
-        text = runner([f"docker-credential-{helper}", "get"], timeout=config.command_timeout, env=config.command_env,
-                      quiet=True, given=server.encode() + b"\n")
-        answer = json.loads(text)
+        answer = json.loads(Engine(config, runner).credentials(helper, server))
     except (CommandError, EngineUnreachable, ValueError):
         return None
     if isinstance(answer, dict) and isinstance(answer.get("Username"), str) and isinstance(answer.get("Secret"), str):
@@ -5434,8 +5443,8 @@ def notifying(config: Config, send: Callable[[str, dict], bool]) -> Tell:
 # -- what each service renders: the format follows from the URL, or its #fragment --------------
 
 RESULT_LOOK = {  # result: (Discord colour, ntfy tag, ntfy and Gotify priority)
-    "updated": (0x2E7D32, "white_check_mark", 3), "recovered": (0x1565C0, "wrench", 3),
-    "rolled-back": (0xEF6C00, "rewind", 4), "failed": (0xC62828, "x", 5)}
+    State.UPDATED: (0x2E7D32, "white_check_mark", 3), State.RECOVERED: (0x1565C0, "wrench", 3),
+    State.ROLLED_BACK: (0xEF6C00, "rewind", 4), State.FAILED: (0xC62828, "x", 5)}
 
 
 def message_fields(payload: dict) -> List[Tuple[str, str]]:
