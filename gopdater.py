@@ -3839,7 +3839,8 @@ _AFTER = tuple(row.stage for row in RELEASE_STAGES if row.when == AFTER_SWITCH) 
 COMPOSE_ROWS: RecoveryRows = {
     **{(_P.REPLACE, s): (_A.LEAVE, _A.LEAVE)
        for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE, Stage.SET_TAG, *_BEFORE)},
-    **{(_P.REPLACE, s): (_A.JUDGE, _A.BRING_UP) for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG, *_AFTER)},
+    **{(_P.REPLACE, s): (_A.JUDGE, _A.BRING_UP)
+       for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG, *_AFTER)},
     **{(_P.REPLACE, s): (_A.ROLL_BACK, _A.ROLL_BACK) for s in _ROLLBACK},
     **{(_P.START_FIRST, s): (_A.SETTLE, _A.SETTLE)
        for s in (Stage.INSPECT, Stage.CREATE, Stage.ISOLATE, Stage.START, Stage.CONNECT, Stage.DISCARD, Stage.STOP,
