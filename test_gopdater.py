@@ -3442,6 +3442,30 @@ class JournalProtocolTest(unittest.TestCase):
                 asked = {action for actions in row.recovery.values() for action in actions}
                 self.assertLessEqual(asked, set(handlers[kind]))
 
+    def test_a_journal_written_by_1_4_is_read_with_each_kinds_own_part(self):
+        """journal.json as gopdater 1.4.0 wrote it (one flat object per update) is read back whole: the shared
+        fields on the record, a start-first switch's containers and networks and a tracked service's env file in
+        Compose's part, Swarm's StartedAt in Swarm's; and written back in the same shape."""
+        compose = {"kind": "compose", "project": "demo", "service": "site", "deployment": "0123456789ab",
+                   "reference": "docker.io/acme/site:1.4.3", "procedure": "start-first", "stage": "connect",
+                   "started": "t", "old_image": OLD_ID, "new_image": NEW_ID, "image": "acme/site:1.4.2",
+                   "old_container": "demo-site-1", "new_container": "demo-site-2",
+                   "networks": {"demo_default": ["site"]}, "swarm_started": None, "old_tag": "1.4.2",
+                   "new_tag": "1.4.3", "env_file": "/srv/demo/.env", "variable": "SITE_TAG"}
+        swarm = {**{k: None for k in compose}, "kind": "swarm", "project": "shop", "service": "shop_web",
+                 "deployment": "ba9876543210", "reference": "docker.io/acme/web:latest", "procedure": "swarm",
+                 "stage": "update", "started": "t", "old_image": "acme/web:latest@sha256:" + "a" * 64,
+                 "swarm_started": "2026-12-07T10:00:00Z", "networks": {}}
+        record = gopdater.Record.from_json(compose)
+        self.assertEqual((record.procedure, record.stage, record.old_tag), ("start-first", gopdater.Stage.CONNECT,
+                                                                            "1.4.2"))
+        self.assertEqual(record.part, gopdater.ComposePart("demo-site-1", "demo-site-2", {"demo_default": ("site",)},
+                                                           "/srv/demo/.env", "SITE_TAG"))
+        self.assertEqual(json.loads(json.dumps(record.stored())), {k: v for k, v in compose.items()
+                                                                   if k != "swarm_started"})
+        self.assertEqual(gopdater.Record.from_json(swarm).part, gopdater.SwarmPart("2026-12-07T10:00:00Z"))
+        self.assertIs(gopdater.plan(gopdater.Record.from_json(swarm), True), gopdater.SwarmAction.FOLLOW)
+
     def test_records_gopdater_would_never_write_are_refused(self):
         """A record from disk is acted on only if each field is what gopdater writes; options, bad names and
         unknown stages are refused, and 1.1's shape is read back."""
