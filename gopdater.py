@@ -425,11 +425,12 @@ RELEASE_STAGES = (
 )
 # The steps an update journals, each also the name of its timed step in the view and the log: start (the record
 # is open; nothing has run yet; for start-first: the new container starts), those of the procedures, set-tag (a
-# version channel's new tag written into the project's env file), and one per release step. Stage.PRE_UPDATE is
+# version channel's new tag written into the project's env file), dependents (those following a service are
+# recreated or restarted), and one per release step. Stage.PRE_UPDATE is
 # "pre-update": built from both lists, so that RELEASE_STAGES alone declares a release step.
 UPDATE_STAGES = ("start", "inspect", "pull", "compare", "stop", "remove", "up", "recover-tag", "rollback-tag",
                  "rollback-stop", "rollback-remove", "rollback-up", "create", "isolate", "connect", "discard", "update",
-                 "rollback", "set-tag")
+                 "rollback", "set-tag", "dependents")
 Stage = enum.Enum("Stage", [(name.upper().replace("-", "_"), name)
                             for name in (*UPDATE_STAGES, *(row.name for row in RELEASE_STAGES))], type=str)
 
@@ -437,6 +438,7 @@ Stage = enum.Enum("Stage", [(name.upper().replace("-", "_"), name)
 # Timed steps a deployment shows that are not journalled stages, and how a timed step ended.
 WAIT, DOWNTIME, SWITCH, CLEANUP, DONE = "wait", "downtime", "switch", "cleanup", "done"
 STEP_OK, STEP_FAILED, STEP_KEPT = "ok", "failed", "kept"  # kept: cleanup left an image in place
+RECREATED, RESTARTED = "recreated", "restarted"  # how a dependent (`dependent <name>`) followed its service
 
 
 class DeployFailed(Exception):
@@ -660,6 +662,7 @@ class Container(NamedTuple):
     host_ports: bool = False  # publishes a port on the host, so two copies cannot run at once
     networks: Mapping[str, Tuple[str, ...]] = {}  # network: the aliases Compose gave the container there
     ignored: Tuple[str, ...] = ()  # gopdater.* labels its image carries, left out of labels
+    network_of: Optional[str] = None  # the container whose network namespace it joined (network_mode: container:)
 
     @classmethod
     def from_inspect(cls, data: dict, carried: Optional[Mapping[str, str]] = None) -> "Container":
@@ -690,7 +693,8 @@ def container_check(data: dict) -> Dict[str, object]:
 def container_network(data: dict) -> Dict[str, object]:
     """Whether one `docker inspect` element publishes a host port, and its networks with Compose's aliases."""
     bindings = (dig(data, "HostConfig", "PortBindings") or {}).values()
-    return {"host_ports": any(b.get("HostPort") for bs in bindings for b in bs or ()),
+    joined = str(dig(data, "HostConfig", "NetworkMode") or "").partition("container:")[2]
+    return {"host_ports": any(b.get("HostPort") for bs in bindings for b in bs or ()), "network_of": joined or None,
             "networks": {net: tuple(a for a in dig(v, "Aliases") or () if SERVICE_RE.fullmatch(a))
                          for net, v in (dig(data, "NetworkSettings", "Networks") or {}).items()}}
 
@@ -726,14 +730,19 @@ class Configured(NamedTuple):
 
     order: str = ""  # deploy.update_config.order
     labels: Optional[Mapping[str, str]] = None  # its labels; None where Compose does not say (v1)
+    network_service: Optional[str] = None  # network_mode: service:<this>
+    restarts_with: Tuple[str, ...] = ()  # depends_on: {<each>: {restart: true}}
 
     @classmethod
     def from_config(cls, value: dict) -> "Configured":
         labels = value.get("labels") or {}
         if isinstance(labels, list):  # the list form, KEY=VALUE
             labels = dict(str(item).partition("=")[::2] for item in labels)
-        order = ((value.get("deploy") or {}).get("update_config") or {}).get("order")
-        return cls(str(order or ""), {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {})
+        order = dig(value, "deploy", "update_config", "order")
+        depends = value.get("depends_on") if isinstance(value.get("depends_on"), dict) else {}
+        return cls(str(order or ""), {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
+                   str(value.get("network_mode") or "").partition("service:")[2] or None,
+                   tuple(sorted(str(name) for name, how in depends.items() if dig(how, "restart") is True)))
 
 
 def project_containers(containers: Iterable[Container], service: Optional[str] = None) -> List[Container]:
@@ -2870,7 +2879,7 @@ class StepLog:
         seconds = round(seconds, 3)
         with self.lock:
             self.deployment.steps.append(Step(step, result, seconds))
-        quiet = result in (STEP_OK, STEP_KEPT, State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
+        quiet = result in (STEP_OK, STEP_KEPT, RECREATED, RESTARTED, State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
         log.log(logging.INFO if quiet else logging.WARNING, "%s step=%s result=%s seconds=%.2f", self.label,
                 step, result, seconds)
         return seconds
@@ -3380,6 +3389,13 @@ class Compose:
                     self.engine.discard(where)
             raise
 
+    def recreate(self, service: str) -> None:
+        """A service's containers made anew on their own image (a dependent in another's network namespace)."""
+        self.run([*self.command, "up", "-d", "--no-deps", "--force-recreate", service], mutates=True)
+
+    def restart(self, service: str) -> None:
+        self.run([*self.command, "restart", service], mutates=True)
+
     def create_next(self, service: str, count: int) -> None:
         """One more container of the service, created and not started, the others left as they are."""
         self.run([*self.command, "up", "--no-start", "--no-deps", "--no-recreate", "--scale", f"{service}={count}",
@@ -3818,18 +3834,23 @@ class ComposePart(NamedTuple):
     networks: Mapping[str, Tuple[str, ...]] = {}
     env_file: Optional[str] = None  # where the tag is kept, as variable=tag
     variable: Optional[str] = None
+    network_dependents: Tuple[str, ...] = ()  # the services that follow it (Dependents), as the update found them
+    restart_dependents: Tuple[str, ...] = ()
 
     CHECKS = (  # a class attribute (no annotation), not a field
         ("old_container", written(CONTAINER_RE.fullmatch)), ("new_container", written(CONTAINER_RE.fullmatch)),
         ("env_file", written(lambda v: os.path.isabs(v) and not set(v) & {"\0", "\n", "\r"})),
         ("variable", written(ENV_NAME_RE.fullmatch)),
         ("networks", lambda v: all(written(SERVICE_RE.fullmatch)(n) and all(map(written(SERVICE_RE.fullmatch), a))
-                                   for n, a in v.items())))
+                                   for n, a in v.items())),
+        ("network_dependents", lambda v: all(map(written(SERVICE_RE.fullmatch), v))),
+        ("restart_dependents", lambda v: all(map(written(SERVICE_RE.fullmatch), v))))
 
     @classmethod
     def from_stored(cls, data: Mapping[str, object]) -> "ComposePart":
         networks = data.get("networks") or {}
-        return cls(**{**data, "networks": {str(k): tuple(v) for k, v in networks.items()}})
+        return cls(**{**data, "networks": {str(k): tuple(v) for k, v in networks.items()},
+                      **{k: tuple(data.get(k) or ()) for k in ("network_dependents", "restart_dependents")}})
 
 
 _ROLLBACK = (Stage.ROLLBACK_TAG, Stage.ROLLBACK_STOP, Stage.ROLLBACK_REMOVE, Stage.ROLLBACK_UP)
@@ -3840,7 +3861,7 @@ COMPOSE_ROWS: RecoveryRows = {
     **{(_P.REPLACE, s): (_A.LEAVE, _A.LEAVE)
        for s in (Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE, Stage.SET_TAG, *_BEFORE)},
     **{(_P.REPLACE, s): (_A.JUDGE, _A.BRING_UP)
-       for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG, *_AFTER)},
+       for s in (Stage.STOP, Stage.REMOVE, Stage.UP, Stage.RECOVER_TAG, Stage.DEPENDENTS, *_AFTER)},
     **{(_P.REPLACE, s): (_A.ROLL_BACK, _A.ROLL_BACK) for s in _ROLLBACK},
     **{(_P.START_FIRST, s): (_A.SETTLE, _A.SETTLE)
        for s in (Stage.INSPECT, Stage.CREATE, Stage.ISOLATE, Stage.START, Stage.CONNECT, Stage.DISCARD, Stage.STOP,
@@ -3858,6 +3879,22 @@ def recorded_move(record: Record) -> Optional[TagMove]:
 
 
 # -- the Compose project as read: services, containers, operator labels, tracking --------------
+
+
+class Dependents(NamedTuple):
+    """The services that follow one: those in its network namespace (network_mode: service:X, or container: naming
+    X's container), recreated after it changes; and those that asked to restart with it (depends_on: {X: {restart:
+    true}}, Compose v2), restarted. Each keeps its own image."""
+
+    network: Tuple[str, ...] = ()
+    restart: Tuple[str, ...] = ()
+
+    def each(self) -> List[Tuple[str, str]]:
+        """(service, how it follows), in the order they are followed."""
+        return [(name, RECREATED) for name in self.network] + [(name, RESTARTED) for name in self.restart]
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} ({how} after its update)" for name, how in self.each())
 
 
 def by_service(containers: Iterable[Container], services: Sequence[str]) -> Dict[str, List[Container]]:
@@ -3958,6 +3995,21 @@ class ComposeProject(Target):
         if self.orders.get(service, Configured()).labels is not None:
             return ()
         return tuple(sorted({label for c in self.containers.get(service, []) for label in c.ignored}))
+
+    def dependents(self, service: str) -> Dependents:
+        """The services that follow this one: in its network namespace (by the Compose file, v2, or by their
+        containers' network mode naming one of its containers, v1 too), or restarting with it (v2)."""
+        mine = {ref for c in self.containers.get(service, []) for ref in (c.id, c.name)}
+        others = [s for s in self.services if s != service]
+        network = [s for s in others if self.joins(s, service, frozenset(mine))]
+        restart = [s for s in others if s not in network and service in self.orders.get(s, Configured()).restarts_with]
+        return Dependents(tuple(network), tuple(restart))
+
+    def joins(self, dependent: str, service: str, containers: FrozenSet[str]) -> bool:
+        """Whether a service runs in another's network namespace: its Compose file says so (v2), or one of its
+        containers joined one of the other's (these ids and names)."""
+        return (self.orders.get(dependent, Configured()).network_service == service or
+                any(c.network_of in containers for c in self.containers.get(dependent, [])))
 
     def release_steps(self, service: str, old: Sequence[Container]) -> ReleaseSteps:
         """The service's release steps, from the operator's labels: commands never come from an image."""
@@ -4063,6 +4115,8 @@ class ComposeProject(Target):
                 found.append((True, f"warning: service {ref}: {', '.join(self.ignored_labels(service))} carried by "
                                     "its image, ignored: on Compose v1 gopdater takes a label from the Compose file "
                                     "only where its value differs from the image's"))
+            if self.dependents(service).each():
+                found.append((True, f"service {ref}: {self.dependents(service).describe()}"))
             if service in self.start_first:
                 refused = start_first_refusal(self.containers.get(service, []))
                 found.append((True, f"service {ref}: start-first" + (
@@ -4101,6 +4155,7 @@ class ComposePlan(NamedTuple):
     release: ReleaseSteps = ReleaseSteps()
     start_first: bool = False
     outcome: Outcome = Outcome()  # the outcome so far: old and new image, old and new tag
+    dependents: Dependents = Dependents()
 
     @property
     def previous(self) -> Optional[str]:
@@ -4158,17 +4213,21 @@ class ComposeUpdate:
         if self.steps.failed_before(new_id):
             return outcome._replace(result=State.SKIPPED, reason=f"{plan.pulled} is the image whose new container "
                                                                  "failed here before; push a new one")
-        return plan._replace(outcome=outcome, release=self.project.release_steps(plan.service, plan.old),
-                             start_first=self.starts_first(plan))
+        dependents = self.project.dependents(plan.service)
+        self.steps.remember(network_dependents=dependents.network, restart_dependents=dependents.restart)
+        plan = plan._replace(outcome=outcome, release=self.project.release_steps(plan.service, plan.old),
+                             dependents=dependents)
+        return plan._replace(start_first=self.starts_first(plan))
 
     def starts_first(self, plan: ComposePlan) -> bool:
         """Whether the service asked for start-first and its containers allow it (else stop-first, logged)."""
         if plan.service not in self.project.start_first:
             return False
-        refusal = start_first_refusal(plan.old)
+        refusal = start_first_refusal(plan.old) or (plan.dependents.each() and "services follow it: "
+                                                    + plan.dependents.describe())
         if refusal:
             log.warning("%s start-first falls back to stop-first: %s", self.steps.label, refusal)
-        return refusal is None
+        return not refusal
 
     def pull(self, plan: ComposePlan) -> Optional[str]:
         """Pull what the update would run (`compose pull`, or a tracked service's new tag); that reference."""
@@ -4207,8 +4266,9 @@ class ComposeUpdate:
         return None
 
     def after_switch(self, plan: ComposePlan, ids: Sequence[str]) -> None:
-        """Each release step that runs after the switch, in each new container once it is ready; DeployFailed
-        rolls the update back."""
+        """Once the new containers are ready: the services that follow this one (its dependents), then each release
+        step that runs after the switch, in each new container; DeployFailed rolls the update back."""
+        self.follow(plan.dependents)
         for row in release_rows(plan.release, AFTER_SWITCH):
             for container in ids:
                 self.release_step(plan, row, container)
@@ -4283,7 +4343,31 @@ class ComposeUpdate:
             return failed._replace(reason=reason)
         log.warning("%s rolled back to %s; the failed image %s is kept for inspection", self.steps.label,
                     plan.previous[:19], failed.new_image)
-        return failed._replace(result=State.ROLLED_BACK)
+        return self.follow_after(plan.dependents, failed._replace(result=State.ROLLED_BACK))
+
+    def follow_after(self, dependents: Dependents, outcome: Outcome) -> Outcome:
+        """The dependents follow a service that was rolled back or recovered; if one cannot, the outcome says so."""
+        try:
+            self.follow(dependents)
+        except DeployFailed as error:
+            log.error("%s %s", self.steps.label, error)
+            return outcome._replace(reason=f"{outcome.reason + '; ' if outcome.reason else ''}{error}")
+        return outcome
+
+    def follow(self, dependents: Dependents) -> None:
+        """Recreate the services in this one's network namespace and restart those that asked to, each health-gated
+        and timed as `dependent <name>`; DeployFailed naming the first that fails."""
+        if dependents.each():
+            self.steps.remember(stage=Stage.DEPENDENTS)
+        for name, how in dependents.each():
+            started = self.steps.clock()
+            try:
+                (self.docker.recreate if how == RECREATED else self.docker.restart)(name)
+                self.containers.wait_until_ready(self.container_ids(name), self.steps, None)
+            except (DeployFailed, CommandError) as error:
+                self.steps.record(f"dependent {name}", STEP_FAILED, started)
+                raise DeployFailed(f"dependent {name} failed: {error}") from None
+            self.steps.record(f"dependent {name}", how, started)
 
     def by_hand(self, plan: ComposePlan) -> str:
         """The commands that finish a rollback by hand."""
@@ -4364,7 +4448,11 @@ class ComposeRecovery:
             return outcome._replace(reason=f"its journal record names {env_file[:200]}, not an env file of the "
                                            "project; nothing was run, check the service by hand")
         handler = COMPOSE_RECOVERY.get(action, ComposeRecovery.refuse)
-        return handler(self, Cut(service, record, tuple(containers), outcome))
+        recovered = handler(self, Cut(service, record, tuple(containers), outcome))
+        if action is ComposeAction.LEAVE or recovered.result not in (State.RECOVERED, State.ROLLED_BACK):
+            return recovered
+        dependents = Dependents(record.part.network_dependents, record.part.restart_dependents)
+        return self.procedure.follow_after(dependents, recovered)  # they joined, or restarted with, what runs now
 
     def leave(self, cut: "Cut") -> Outcome:
         """Cut off before anything changed (a tracked service's env file names the old tag again)."""

@@ -139,6 +139,8 @@ class FakeDocker:
         self.printed = ""  # what each release step's command prints
         self.orders = {}  # (project, service): deploy.update_config.order in the Compose file
         self.names, self.host_ports = {}, {}  # (project, service): a fixed container_name; a published host port
+        self.network_modes = {}  # (project, service): the service whose network namespace it joins (service:X)
+        self.restarts_with = {}  # (project, service): the services it restarts with (depends_on restart: true, v2)
         self.events = []  # (what, container, networks it was on then), for start and connect
         self.swarm_info = {"LocalNodeState": "inactive"}
         self.calls, self.fail, self.lock = [], {}, threading.Lock()
@@ -206,10 +208,13 @@ class FakeDocker:
         cid = f"{self.serial:064x}"
         taken = {c["name"] for c in self.containers.values()}
         name = next(f"{project}-{service}-{n}" for n in range(1, 99) if f"{project}-{service}-{n}" not in taken)
+        joins = self.network_modes.get((project, service))
         self.containers[cid] = {"id": cid, "name": self.names.get((project, service), name), "service": service,
                                 "ref": ref, "image_id": self.images[ref], "started": self.clock(), "stopped": False,
                                 "project": project, "created": not started,
-                                "networks": {f"{project}_default": [service]}}
+                                "networks": {} if joins else {f"{project}_default": [service]},
+                                "network_of": next((c["id"] for c in self.containers.values() if
+                                                    (c["project"], c["service"]) == (project, joins)), None)}
 
     def inspect(self, c):
         behaviour = self.behaviour[c["image_id"]]
@@ -233,7 +238,8 @@ class FakeDocker:
         check = {"Test": ["CMD", "true"], "StartPeriod": 90 * 10**9 if behaviour == "slow" else 0} if hc else None
         ports = self.host_ports.get((c["project"], c["service"]))
         return {"Id": c["id"], "Name": "/" + c["name"], "Image": c["image_id"], "RestartCount": restarts,
-                "HostConfig": {"PortBindings": {"80/tcp": [{"HostIp": "", "HostPort": ports}]} if ports else {}},
+                "HostConfig": {"PortBindings": {"80/tcp": [{"HostIp": "", "HostPort": ports}]} if ports else {},
+                               "NetworkMode": f"container:{c['network_of']}" if c.get("network_of") else "default"},
                 "NetworkSettings": {"Networks": {n: {"Aliases": a} for n, a in c["networks"].items()}},
                 "State": {"Status": status, "Restarting": False, "ExitCode": code, "StartedAt": started_at,
                           **({"Health": {"Status": health}} if hc else {})},
@@ -243,6 +249,13 @@ class FakeDocker:
                     "com.docker.compose.project.working_dir": f"{self.root}/{c['project']}",
                     "com.docker.compose.project.config_files": "compose.yaml",
                     "com.docker.compose.oneoff": "False", **self.service_labels(c["project"], c["service"])}}}
+
+    def dependency(self, project, service):
+        """What the Compose file says a service depends on, as `compose config --format json` shows it."""
+        joins, restarts = self.network_modes.get((project, service)), self.restarts_with.get((project, service), ())
+        return {**({"network_mode": f"service:{joins}"} if joins else {}),
+                **({"depends_on": {name: {"condition": "service_started", "restart": True, "required": True}
+                                   for name in restarts}} if restarts else {})}
 
     def service_labels(self, project, service):
         """The labels the Compose file gives a service: in `compose config` (v2) and on its containers."""
@@ -316,7 +329,8 @@ class FakeDocker:
             return json.dumps({"name": project, "services": {s: {"image": ref, **(
                 {"deploy": {"update_config": {"order": self.orders[(project, s)]}}}
                 if (project, s) in self.orders else {}), **({"labels": self.service_labels(project, s)}
-                if self.service_labels(project, s) else {})} for s, ref in services.items()}})
+                if self.service_labels(project, s) else {}), **self.dependency(project, s)}
+                for s, ref in services.items()}})
         if args[:2] == ["config", "--no-interpolate"]:
             raw = {s: self.raw.get((project, s), ref) for s, ref in services.items()}
             if args[2:] == ["--format", "json"]:
@@ -334,9 +348,19 @@ class FakeDocker:
             ref = services[args[1]]
             self.images[ref] = self.registry[ref]
             return ""
+        if args[:4] == ["up", "-d", "--no-deps", "--force-recreate"]:
+            for c in [c for c in mine if c["service"] == args[4]]:
+                del self.containers[c["id"]]
+            self.create(project, args[4])
+            return ""
         if args[:3] == ["up", "-d", "--no-deps"]:
             if not any(c["service"] == args[3] for c in mine):
                 self.create(project, args[3])
+            return ""
+        if args[0] == "restart":
+            for c in mine:
+                if c["service"] == args[1]:
+                    c["started"], c["stopped"] = self.clock(), False
             return ""
         if args[:4] == ["up", "--no-start", "--no-deps", "--no-recreate"] and args[4] == "--scale":
             service, count = args[5].split("=")
@@ -425,7 +449,7 @@ class FakeDocker:
 
     def mutating_calls(self):
         """The calls that change something, in order."""
-        changes = ("pull", "stop", "rm", "up", "rmi", "tag", "start", "network")
+        changes = ("pull", "stop", "rm", "up", "rmi", "tag", "start", "network", "restart")
         return [c for c in self.calls if any(word in c[:3] for word in changes)]
 
 
@@ -3445,7 +3469,7 @@ class JournalProtocolTest(unittest.TestCase):
     def test_a_journal_written_by_1_4_is_read_with_each_kinds_own_part(self):
         """journal.json as gopdater 1.4.0 wrote it (one flat object per update) is read back whole: the shared
         fields on the record, a start-first switch's containers and networks and a tracked service's env file in
-        Compose's part, Swarm's StartedAt in Swarm's; and written back in the same shape."""
+        Compose's part, Swarm's StartedAt in Swarm's; and written back in the same shape, with the dependents."""
         compose = {"kind": "compose", "project": "demo", "service": "site", "deployment": "0123456789ab",
                    "reference": "docker.io/acme/site:1.4.3", "procedure": "start-first", "stage": "connect",
                    "started": "t", "old_image": OLD_ID, "new_image": NEW_ID, "image": "acme/site:1.4.2",
@@ -3461,8 +3485,9 @@ class JournalProtocolTest(unittest.TestCase):
                                                                             "1.4.2"))
         self.assertEqual(record.part, gopdater.ComposePart("demo-site-1", "demo-site-2", {"demo_default": ("site",)},
                                                            "/srv/demo/.env", "SITE_TAG"))
-        self.assertEqual(json.loads(json.dumps(record.stored())), {k: v for k, v in compose.items()
-                                                                   if k != "swarm_started"})
+        self.assertEqual(json.loads(json.dumps(record.stored())), {
+            **{k: v for k, v in compose.items() if k != "swarm_started"},
+            "network_dependents": [], "restart_dependents": []})  # what this version adds
         self.assertEqual(gopdater.Record.from_json(swarm).part, gopdater.SwarmPart("2026-12-07T10:00:00Z"))
         self.assertIs(gopdater.plan(gopdater.Record.from_json(swarm), True), gopdater.SwarmAction.FOLLOW)
 
@@ -3483,6 +3508,107 @@ class JournalProtocolTest(unittest.TestCase):
             with self.subTest(field=field, value=value):
                 self.assertIsNone(gopdater.Record.from_json({**good, field: value}))
         self.assertIsNone(gopdater.Record.from_json(["not", "a", "record"]))
+
+
+VPN_SERVICES = {"vpn": "acme/vpn:latest", "app": "acme/app:latest", "worker": "acme/app:latest"}
+RECREATE_APP = ["docker", "compose", "up", "-d", "--no-deps", "--force-recreate", "app"]
+RESTART_WORKER = ["docker", "compose", "restart", "worker"]
+
+
+class DependentsTest(unittest.TestCase):
+    """A VPN service, an app in its network namespace (network_mode: service:vpn) and, on Compose v2, a worker
+    that restarts with it (depends_on: {vpn: {restart: true}}); a push of the VPN's image."""
+
+    def rig(self, compose=("docker", "compose"), **env):
+        fake = FakeDocker(services=dict(VPN_SERVICES), compose=compose)
+        fake.network_modes[("demo", "app")] = "vpn"
+        if compose == ("docker", "compose"):
+            fake.restarts_with[("demo", "worker")] = ("vpn",)
+        for c in [c for c in fake.containers.values() if c["service"] == "app"]:
+            del fake.containers[c["id"]]
+        fake.create("demo", "app")  # it joins the VPN's container
+        return Rig(self, fake, COMPOSE_COMMAND=" ".join(compose), **env)
+
+    def containers(self, rig, service):
+        return [c for c in rig.fake.containers.values() if c["service"] == service and not c["stopped"]]
+
+    def deploy_vpn(self, rig):
+        with self.assertLogs("gopdater", "INFO"):
+            return rig.deploy("docker.io/acme/vpn:latest")
+
+    def test_after_an_update_the_app_joins_the_new_vpn_and_the_worker_restarts(self):
+        """On both Compose flavours the app is recreated into the new VPN container's namespace, on its own
+        image, after the VPN is healthy; on v2 the worker (restart: true) is restarted too; both are steps."""
+        for compose in (("docker", "compose"), ("docker-compose",)):
+            with self.subTest(compose=compose):
+                rig = self.rig(compose)
+                worker_started = self.containers(rig, "worker")[0]["started"]
+                rig.fake.clock.sleep(5)
+                deployment = self.deploy_vpn(rig)
+                self.assertEqual(deployment.state, "updated")
+                (vpn,), (app,) = self.containers(rig, "vpn"), self.containers(rig, "app")
+                self.assertEqual((vpn["image_id"], app["image_id"], app["network_of"]), (NEW_ID, OLD_ID, vpn["id"]))
+                calls = rig.fake.mutating_calls()
+                recreate = [*compose, "up", "-d", "--no-deps", "--force-recreate", "app"]
+                self.assertLess(calls.index([*compose, "up", "-d", "--no-deps", "vpn"]), calls.index(recreate))
+                steps = {s.step: s.result for s in deployment.steps}
+                self.assertEqual(steps["dependent app"], "recreated")
+                v2 = compose == ("docker", "compose")
+                self.assertEqual(RESTART_WORKER in calls, v2)
+                self.assertEqual(steps.get("dependent worker"), "restarted" if v2 else None)
+                self.assertEqual(self.containers(rig, "worker")[0]["started"] != worker_started, v2)
+
+    def test_a_broken_push_rolls_the_vpn_back_and_the_app_follows_the_rollback(self):
+        """The new VPN exits: it is rolled back, and the app (whose namespace went with the removed container)
+        is recreated into the old VPN's, then the worker restarted."""
+        rig = self.rig()
+        rig.fake.registry["acme/vpn:latest"] = BROKEN_ID
+        deployment = self.deploy_vpn(rig)
+        self.assertEqual(deployment.state, "rolled-back")
+        (vpn,), (app,) = self.containers(rig, "vpn"), self.containers(rig, "app")
+        self.assertEqual((vpn["image_id"], app["network_of"]), (OLD_ID, vpn["id"]))
+        self.assertEqual(rig.fake.mutating_calls()[-2:], [RECREATE_APP, RESTART_WORKER])
+
+    def test_a_dependent_that_cannot_follow_rolls_the_update_back(self):
+        """The app cannot be recreated after a good push: the VPN goes back to its old image, the deployment
+        ends rolled-back naming the app, and the app is tried again after the rollback."""
+        rig = self.rig()
+        rig.fake.fail_if.append((tuple(RECREATE_APP), lambda fake: fake.images["acme/vpn:latest"] == NEW_ID and
+                                 any(c["image_id"] == NEW_ID for c in fake.containers.values()), 1, "no such network"))
+        deployment = self.deploy_vpn(rig)
+        self.assertEqual(deployment.state, "rolled-back")
+        self.assertIn("dependent app failed", deployment.error)
+        (vpn,), (app,) = self.containers(rig, "vpn"), self.containers(rig, "app")
+        self.assertEqual((vpn["image_id"], app["network_of"]), (OLD_ID, vpn["id"]))
+
+    def test_check_lists_each_services_dependents_and_start_first_falls_back(self):
+        """--check names who follows the VPN and how; a VPN that asked for start-first is updated stop-first,
+        since two VPN containers cannot both hold the app."""
+        rig = self.rig(GOPDATER_ORDER="")
+        self.assertIn("service demo/vpn: app (recreated after its update), worker (restarted after its update)",
+                      findings(rig.project))
+        rig = self.rig()
+        rig.fake.orders[("demo", "vpn")] = "start-first"
+        rig.project.refresh()
+        with self.assertLogs("gopdater", "INFO") as logs:
+            deployment = rig.deploy("docker.io/acme/vpn:latest")
+        self.assertEqual(deployment.state, "updated")
+        self.assertIn("start-first falls back to stop-first: services follow it: app", "\n".join(logs.output))
+        self.assertIn("stop", [s.step for s in deployment.steps])
+
+    def test_a_crash_while_the_dependents_follow_is_repaired_at_the_next_start(self):
+        """Killed right after the app's recreate began: the next start judges the VPN, keeps the new image, and
+        the app and the worker follow it again, from the journal's record of them."""
+        rig = self.rig()
+        rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/vpn")))
+        cut(self, rig, tuple(RECREATE_APP))
+        queue = restart(self, rig)
+        view = queue.views()[0]
+        self.assertEqual(view["state"], "recovered", view)
+        self.assertEqual([s["step"] for s in view["steps"] if s["step"].startswith("dependent")],
+                         ["dependent app", "dependent worker"])
+        (vpn,), (app,) = self.containers(rig, "vpn"), self.containers(rig, "app")
+        self.assertEqual((vpn["image_id"], app["network_of"]), (NEW_ID, vpn["id"]))
 
 
 class CrashRecoveryTest(unittest.TestCase):
