@@ -3971,8 +3971,10 @@ class ComposeProject(Target):
         self.tracked = self.read_tracking()
 
     def refresh_around(self, ref: ServiceRef) -> None:
-        """An update of one service changed only its containers: re-read just those."""
-        self.containers = {**self.containers, ref.name: self.docker.containers(ref.name)}
+        """An update of one service changed only containers, its own and its dependents': re-read those (the
+        Compose file is not read again); its dependents as the listing before the update found them."""
+        touched = (ref.name, *(name for name, _ in self.dependents(ref.name).each()))
+        self.containers = {**self.containers, **{name: self.docker.containers(name) for name in touched}}
 
     @property
     def start_first(self) -> FrozenSet[str]:

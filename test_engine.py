@@ -2122,6 +2122,93 @@ class ImageLabelsV2Test(ImageLabelsScenario, unittest.TestCase):
 class ImageLabelsV1Test(ImageLabelsScenario, unittest.TestCase):
     flavour = "v1"
 
+APP_CMD = 'CMD ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]'  # the app listens in the VPN's namespace
+
+
+class DependentsScenario:
+    """A VPN service publishing the port of an app that runs in its network namespace (network_mode:
+    service:vpn) and, on Compose v2, a worker that restarts with it (depends_on: {vpn: {restart: true}}). The
+    VPN's image is pushed: a good version, then one that exits at start."""
+
+    flavour = None
+
+    @classmethod
+    def setUpClass(cls):
+        flavour_project(cls, "dep")
+        cls.images = {"app": version_image(cls.tmp, cls.repo, "app", name="app", changes=[APP_CMD])}
+        cls.images.update((v, version_image(cls.tmp, cls.repo, v, broken=v == "v3", name="vpn"))
+                          for v in ("v1", "v2", "v3"))
+        cls.registry.retag("v1", name="dep")
+        worker = """  worker:
+    image: {repo}:app
+    init: true
+    command: ["/bin/busybox", "sleep", "3600"]
+    depends_on:
+      vpn: {{condition: service_started, restart: true}}
+""" if cls.flavour == "v2" else ""
+        (cls.folder / "compose.yaml").write_text(f"""services:
+  vpn:
+    image: {cls.repo}:latest
+    init: true
+    ports: ["127.0.0.1:{cls.site_port}:8080"]
+{HEALTH}
+  app:
+    image: {cls.repo}:app
+    init: true
+    network_mode: "service:vpn"
+    depends_on: [vpn]
+    healthcheck:
+      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8080/"]
+      interval: 1s
+      timeout: 1s
+      retries: 3
+{worker.format(repo=cls.repo)}""")
+        run([*cls.compose, "-p", cls.project, "up", "-d"], cwd=cls.folder, timeout=300,
+            env=clean_env(PWD=str(cls.folder)))
+        wait_for(lambda: site_text(cls.site_port) == "acme app app", 60, "the app to answer through the VPN")
+        cls.gopdater = launch_gopdater(cls.folder, cls.tmp / "gopdater.log", cls.gp_port,
+                                       OWNER=f"127.0.0.1:{cls.port}/acme", COMPOSE_COMMAND=" ".join(cls.compose))
+
+    def push(self, version):
+        """Move the VPN's latest to version, send the hook, wait for the end; the deployment."""
+        self.registry.retag(version, name="dep")
+        status, reply = bearer_hook(self.gp_port, self.repo)
+        self.assertEqual(status, 202, reply)
+        (record,) = ended_deployments(self.gp_port, [reply["id"]], what="the VPN's update to end")
+        return record
+
+    def worker_started(self):
+        return service_container(self.project, "worker")["State"]["StartedAt"] if self.flavour == "v2" else None
+
+    def test_the_app_behind_the_vpn_answers_after_a_good_push_and_after_a_broken_one(self):
+        """v2, then the broken v3: each time the app answers through the VPN's port within 60 s, on its own
+        image; the update ends updated, then rolled-back; on v2 the worker restarted each time."""
+        for version, state, vpn in (("v2", "updated", "v2"), ("v3", "rolled-back", "v2")):
+            with self.subTest(version=version):
+                worker = self.worker_started()
+                started = time.monotonic()
+                record = self.push(version)
+                self.assertEqual(record["state"], state, record)
+                steps = {step["step"]: step["result"] for step in record["steps"]}
+                self.assertEqual(steps.get("dependent app"), "recreated", record)
+                wait_for(lambda: site_text(self.site_port) == "acme app app", 60, "the app to answer again")
+                figure(f"[dependents {self.flavour}] {version}: {state}; the app behind the VPN answered "
+                       f"{time.monotonic() - started:.1f} s after the hook")
+                self.assertEqual(service_container(self.project, "app")["Image"], self.images["app"])
+                self.assertEqual(service_container(self.project, "vpn")["Image"], self.images[vpn])
+                if self.flavour == "v2":
+                    self.assertEqual(steps.get("dependent worker"), "restarted", record)
+                    self.assertNotEqual(self.worker_started(), worker, "the worker restarted")
+
+
+class DependentsV2Test(DependentsScenario, unittest.TestCase):
+    flavour = "v2"
+
+
+class DependentsV1Test(DependentsScenario, unittest.TestCase):
+    flavour = "v1"
+
+
 def reconcile_rounds(port):
     """How many reconcile rounds gopdater has ended (its /metrics), or -1 if it does not answer."""
     try:

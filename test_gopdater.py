@@ -3558,6 +3558,16 @@ class DependentsTest(unittest.TestCase):
                 self.assertEqual(steps.get("dependent worker"), "restarted" if v2 else None)
                 self.assertEqual(self.containers(rig, "worker")[0]["started"] != worker_started, v2)
 
+    def test_the_dependents_are_known_again_for_the_next_push(self):
+        """On Compose v1 (dependents known from the containers alone) a second push finds the app again: the
+        re-read after an update takes in the dependents' new containers too."""
+        rig = self.rig(("docker-compose",))
+        self.assertEqual(self.deploy_vpn(rig).state, "updated")
+        rig.fake.registry["acme/vpn:latest"] = BROKEN_ID
+        rig.fake.calls.clear()
+        self.assertEqual(self.deploy_vpn(rig).state, "rolled-back")
+        self.assertIn(["docker-compose", "up", "-d", "--no-deps", "--force-recreate", "app"], rig.fake.mutating_calls())
+
     def test_a_broken_push_rolls_the_vpn_back_and_the_app_follows_the_rollback(self):
         """The new VPN exits: it is rolled back, and the app (whose namespace went with the removed container)
         is recreated into the old VPN's, then the worker restarted."""
