@@ -693,10 +693,14 @@ def container_check(data: dict) -> Dict[str, object]:
 def container_network(data: dict) -> Dict[str, object]:
     """Whether one `docker inspect` element publishes a host port, and its networks with Compose's aliases."""
     bindings = (dig(data, "HostConfig", "PortBindings") or {}).values()
-    joined = str(dig(data, "HostConfig", "NetworkMode") or "").partition("container:")[2]
-    return {"host_ports": any(b.get("HostPort") for bs in bindings for b in bs or ()), "network_of": joined or None,
+    return {"host_ports": any(b.get("HostPort") for bs in bindings for b in bs or ()), "network_of": joined(data),
             "networks": {net: tuple(a for a in dig(v, "Aliases") or () if SERVICE_RE.fullmatch(a))
                          for net, v in (dig(data, "NetworkSettings", "Networks") or {}).items()}}
+
+
+def joined(data: dict) -> Optional[str]:
+    """The container whose network namespace one `docker inspect` element joined (NetworkMode container:<id>)."""
+    return str(dig(data, "HostConfig", "NetworkMode") or "").partition("container:")[2] or None
 
 
 def container_state(data: dict) -> Dict[str, object]:
@@ -739,10 +743,16 @@ class Configured(NamedTuple):
         if isinstance(labels, list):  # the list form, KEY=VALUE
             labels = dict(str(item).partition("=")[::2] for item in labels)
         order = dig(value, "deploy", "update_config", "order")
-        depends = value.get("depends_on") if isinstance(value.get("depends_on"), dict) else {}
         return cls(str(order or ""), {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
-                   str(value.get("network_mode") or "").partition("service:")[2] or None,
-                   tuple(sorted(str(name) for name, how in depends.items() if dig(how, "restart") is True)))
+                   *configured_dependency(value))
+
+
+def configured_dependency(value: dict) -> Tuple[Optional[str], Tuple[str, ...]]:
+    """The service whose network namespace a service joins (network_mode: service:X), and those it restarts with
+    (depends_on: {X: {restart: true}}), as `compose config --format json` gives them. Pure."""
+    depends = value.get("depends_on") if isinstance(value.get("depends_on"), dict) else {}
+    return (str(value.get("network_mode") or "").partition("service:")[2] or None,
+            tuple(sorted(str(name) for name, how in depends.items() if dig(how, "restart") is True)))
 
 
 def project_containers(containers: Iterable[Container], service: Optional[str] = None) -> List[Container]:
@@ -2449,6 +2459,16 @@ class Submitted(NamedTuple):
 Tell = Callable[[Deployment, Outcome, float], None]  # told of each deployment as it ends, with its seconds
 
 
+def joined_by(queued: Deployment, event: PushEvent) -> Deployment:
+    """A queued deployment another push of its service joins (the lock held): one more hook, the newest digest,
+    and for a tracked service's burst of versions, the newest tag."""
+    queued.hooks += 1
+    queued.digest = event.digest or queued.digest
+    if queued.key[:2] == event.image[:2]:
+        queued.key = queued.key._replace(tag=newer_tag(queued.key.tag, event.image.tag))
+    return queued
+
+
 class QueueSeams(NamedTuple):
     """What a work queue reaches the world through: main passes the real ones, tests recording fakes."""
 
@@ -2502,11 +2522,7 @@ class WorkQueue:
             for ref in refs:
                 queued = next((d for d in self.queue if d.ref == ref), None)
                 if queued is not None:
-                    queued.hooks += 1
-                    queued.digest = event.digest or queued.digest
-                    if queued.key[:2] == event.image[:2]:  # a tracked service's burst of versions: the newest
-                        queued.key = queued.key._replace(tag=newer_tag(queued.key.tag, event.image.tag))
-                    submitted.append(Submitted(queued, True))
+                    submitted.append(Submitted(joined_by(queued, event), True))
                     continue
                 if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
                     return None
