@@ -31,6 +31,8 @@ import unittest
 import urllib.error
 import urllib.request
 
+from bench.harness import figure
+
 HERE = pathlib.Path(__file__).resolve().parent
 PREFIX = "gopdtest" + secrets.token_hex(3)
 SECRET = secrets.token_urlsafe(24)
@@ -50,15 +52,6 @@ def run(argv, check=True, timeout=120, **kwargs):
 def clean_env(**extra):
     """This process's environment without the user's own COMPOSE_* settings, plus extra."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}, **extra}
-
-
-def figure(text):
-    """Keep one figure the real engine gave (latency, failed requests) for the end of the run, not the test
-    output: test.sh prints them all together from the file GOPDATER_FIGURES names."""
-    path = os.environ.get("GOPDATER_FIGURES")
-    if path:
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(text.replace("\n", " ") + "\n")
 
 
 def closed_port():
