@@ -77,7 +77,7 @@ PUBLIC_SEAMS: Mapping[str, Tuple[str, ...]] = {
     "CommandError": ("argv", "code", "tail", "output"),
     "EngineUnreachable": ("argv", "code", "tail"),
     "Deployment": ("id", "sender", "key", "digest", "ref", "state", "hooks", "created", "started", "finished", "steps",
-                   "error", "logs", "old_tag", "new_tag", "recovery", "lane"),  # what /deployments shows, and its lane
+                   "error", "logs", "old_tag", "new_tag", "recovery", "lane", "refs", "members"),  # as /deployments
     "HookServer": ("server_address", "rejects"),
     "Journal": ("directory", "journal_path", "history_path"),
     "Reconciler": ("report",),
@@ -397,6 +397,7 @@ class Step(NamedTuple):
     step: str
     result: str
     seconds: float
+    service: str = ""  # in a deployment of several services, the one it belongs to
 
 
 BEFORE_SWITCH, AFTER_SWITCH = "before the switch", "after the switch"
@@ -736,6 +737,7 @@ class Configured(NamedTuple):
     labels: Optional[Mapping[str, str]] = None  # its labels; None where Compose does not say (v1)
     network_service: Optional[str] = None  # network_mode: service:<this>
     restarts_with: Tuple[str, ...] = ()  # depends_on: {<each>: {restart: true}}
+    depends: Tuple[str, ...] = ()  # every service it depends on (depends_on), Compose's start order
 
     @classmethod
     def from_config(cls, value: dict) -> "Configured":
@@ -747,12 +749,14 @@ class Configured(NamedTuple):
                    *configured_dependency(value))
 
 
-def configured_dependency(value: dict) -> Tuple[Optional[str], Tuple[str, ...]]:
-    """The service whose network namespace a service joins (network_mode: service:X), and those it restarts with
-    (depends_on: {X: {restart: true}}), as `compose config --format json` gives them. Pure."""
+def configured_dependency(value: dict) -> Tuple[Optional[str], Tuple[str, ...], Tuple[str, ...]]:
+    """The service whose network namespace a service joins (network_mode: service:X), those it restarts with
+    (depends_on: {X: {restart: true}}), and all it depends on, as `compose config --format json` gives them
+    (Compose v2 writes depends_on as a mapping). Pure."""
     depends = value.get("depends_on") if isinstance(value.get("depends_on"), dict) else {}
     return (str(value.get("network_mode") or "").partition("service:")[2] or None,
-            tuple(sorted(str(name) for name, how in depends.items() if dig(how, "restart") is True)))
+            tuple(sorted(str(name) for name, how in depends.items() if dig(how, "restart") is True)),
+            tuple(sorted(map(str, depends))))
 
 
 def project_containers(containers: Iterable[Container], service: Optional[str] = None) -> List[Container]:
@@ -1517,7 +1521,9 @@ class Record(NamedTuple):
     def stored(self) -> dict:
         """The record as journal.json keeps it: one flat object, its part's fields beside the shared ones."""
         shared = {k: v for k, v in self._asdict().items() if k != "part"}
-        return {**shared, **(self.part._asdict() if self.part is not None else {}), "stage": self.stage.value}
+        own = {k: [m._asdict() for m in v] if isinstance(v, tuple) and v and hasattr(v[0], "_asdict") else v
+               for k, v in (self.part._asdict() if self.part is not None else {}).items()}  # nested records as objects
+        return {**shared, **own, "stage": self.stage.value}
 
 
 def shared_fields(data: Mapping[str, object], kind: RecordKind) -> Dict[str, object]:
@@ -1596,16 +1602,34 @@ class Past(dict):
     def from_stored(cls, view: object) -> Optional["Past"]:
         """The view as history.json keeps it, if it has the shape and the types gopdater writes, each string cut
         as gopdater cuts it; else None. Pure: a crafted file is refused here, never rendered."""
-        if not stored_view(view, cls.TEXTS):
+        if not stored_view(view, cls.TEXTS) or not list_of(view.get("services", []), stored_member):
             return None
-        steps, logs, hooks = view.get("steps", []), view.get("logs", []), view.get("hooks", 1)
+        logs, hooks = view.get("logs", []), view.get("hooks", 1)
         return cls({**{k: view.get(k) and view[k][:cls.TEXT_MAX] for k in cls.TEXTS}, "hooks": hooks,
                     "logs": [line[:LINE_MAX] for line in logs[-LOG_TAIL_LINES:]],
-                    "steps": [{"step": s["step"][:80], "result": s["result"][:80], "seconds": s["seconds"]}
-                              for s in steps[:cls.STEPS_MAX]]})
+                    "steps": stored_steps(view.get("steps", []), cls.STEPS_MAX),
+                    "services": [{**{k: m.get(k) and m[k][:cls.TEXT_MAX] for k in MEMBER_TEXTS},
+                                  "steps": stored_steps(m.get("steps", []), cls.STEPS_MAX)}
+                                 for m in view.get("services", [])[:MAX_SERVICES]]})
 
     def view(self) -> dict:
         return dict(self)
+
+
+MEMBER_TEXTS = ("service", "result", "old_image", "new_image", "old_tag", "new_tag")  # each a string or null
+MAX_SERVICES = 100  # services of one deployment kept in the history
+
+
+def stored_member(member: object) -> bool:
+    """Whether one service of a stored deployment has the shape Deployment.member_view() gives it. Pure."""
+    return (isinstance(member, dict) and all(isinstance(member.get(k), (str, type(None))) for k in MEMBER_TEXTS)
+            and list_of(member.get("steps", []), stored_step))
+
+
+def stored_steps(steps: Sequence[dict], most: int) -> List[dict]:
+    """Stored steps (stored_step() said so) as the history keeps them, each string cut."""
+    return [{"step": s["step"][:80], "result": s["result"][:80], "seconds": s["seconds"],
+             **({"service": s["service"][:80]} if isinstance(s.get("service"), str) else {})} for s in steps[:most]]
 
 
 def stored_view(view: object, texts: Sequence[str]) -> bool:
@@ -2412,7 +2436,8 @@ def _now() -> str:
 
 
 class Deployment:
-    """One requested update of one service, as shown in the deployments view."""
+    """One requested update of one service, or of several of one Compose project (refs, in the order they are
+    switched), as shown in the deployments view."""
 
     FIELDS = ("id", "sender", "digest", "state", "hooks", "created", "started", "finished", "steps", "error", "logs",
               "old_tag", "new_tag")
@@ -2422,6 +2447,8 @@ class Deployment:
         self.state, self.hooks, self.created = State.QUEUED, 1, _now()
         self.recovery: Optional["Record"] = None  # the journal record of an update a crash cut off
         self.lane: Hashable = ref  # what it must not run beside (its Compose project): Target.lane()
+        self.refs: Tuple[ServiceRef, ...] = (ref,)  # every service it updates, ref first
+        self.members: Dict[str, Outcome] = {}  # service: how its part ended (a deployment of several)
         self.started: Optional[str] = None
         self.finished: Optional[str] = None
         self.steps: List[Step] = []
@@ -2433,10 +2460,25 @@ class Deployment:
     def view(self) -> dict:
         """The JSON shape of /deployments."""
         fields = {name: getattr(self, name) for name in self.FIELDS}
-        fields.update(state=self.state.value, logs=list(self.logs), steps=[step._asdict() for step in self.steps])
+        fields.update(state=self.state.value, logs=list(self.logs), steps=[step_view(step) for step in self.steps])
         return {"image": f"{self.key.registry}/{self.key.repository}", "tag": self.key.tag, "kind": self.ref.kind,
                 "project": self.ref.project or None, "service": self.ref.name, "trigger": trigger(self.sender),
-                **fields}
+                **fields, "services": [self.member_view(ref.name) for ref in self.refs]}
+
+    def member_view(self, service: str) -> dict:
+        """One service of the deployment: its result and images once its part ended, and its own steps."""
+        outcome = self.members.get(service)
+        mine = [step_view(step) for step in self.steps if step.service in ("", service)] if len(self.refs) > 1 \
+            else [step_view(step) for step in self.steps]
+        return {"service": service, "result": outcome.result.value if outcome else None,
+                "old_image": outcome and outcome.old_image, "new_image": outcome and outcome.new_image,
+                "old_tag": outcome and outcome.old_tag, "new_tag": outcome and outcome.new_tag, "steps": mine}
+
+
+def step_view(step: Step) -> dict:
+    """A step as /deployments shows it (its service only in a deployment of several)."""
+    return {"step": step.step, "result": step.result, "seconds": step.seconds,
+            **({"service": step.service} if step.service else {})}
 
 
 TRIGGERS = {"recovery": "recovery", "reconcile": "reconcile"}  # sender: trigger; any other sender is a push
@@ -2513,26 +2555,36 @@ class WorkQueue:
     # -- the request side: map and enqueue, nothing slower ------------------------------------
 
     def submit(self, event: PushEvent, only: Optional[FrozenSet[ServiceRef]] = None) -> Optional[List[Submitted]]:
-        """Queue a deployment for each service that runs the image (of those named in only, if given), or join
-        one queued for that service; [] if none runs it, None if the queue is full or stopping."""
+        """Queue one deployment per lane (a Compose project, a Swarm service) for the services that run the image
+        (of those named in only, if given), or join one queued there for that image; [] if none runs it, None if
+        the queue is full or stopping."""
         refs = [ref for ref in self.target.services_for(event.image) if only is None or ref in only]
+        lanes: Dict[Hashable, List[ServiceRef]] = {}
+        for ref in refs:
+            lanes.setdefault(self.target.lane(ref), []).append(ref)
         submitted = []
         with self.lock:
             self.refresh_soon(matched=bool(refs))
-            for ref in refs:
-                queued = next((d for d in self.queue if d.ref == ref), None)
+            for lane, group in lanes.items():
+                queued = next((d for d in self.queue if d.lane == lane and d.key[:2] == event.image[:2]), None)
                 if queued is not None:
+                    queued.refs = tuple(self.target.order({*queued.refs, *group}))
+                    queued.ref = queued.refs[0]
                     submitted.append(Submitted(joined_by(queued, event), True))
                     continue
                 if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
                     return None
-                deployment = Deployment(os.urandom(6).hex(), event.sender, event.image, event.digest, ref)
-                deployment.lane = self.target.lane(ref)
-                self.queue.append(deployment)
-                self.history.append(deployment)
-                submitted.append(Submitted(deployment, False))
+                submitted.append(Submitted(self.queued_new(event, lane, self.target.order(group)), False))
             self.lock.notify_all()
         return submitted
+
+    def queued_new(self, event: PushEvent, lane: Hashable, refs: Sequence[ServiceRef]) -> Deployment:
+        """A new deployment of these services (one lane), queued and in the history (the lock held)."""
+        deployment = Deployment(os.urandom(6).hex(), event.sender, event.image, event.digest, refs[0])
+        deployment.lane, deployment.refs = lane, tuple(refs)
+        self.queue.append(deployment)
+        self.history.append(deployment)
+        return deployment
 
     def refresh_soon(self, matched: bool = False) -> None:
         """An authentic hook came: look for what changed within 10 s (at most one extra look per 10 s), at once
@@ -2572,7 +2624,7 @@ class WorkQueue:
     def pending(self) -> FrozenSet[ServiceRef]:
         """The services with a deployment queued or running."""
         with self.lock:
-            return frozenset(d.ref for d in (*self.queue, *self.in_flight.values()))
+            return frozenset(ref for d in (*self.queue, *self.in_flight.values()) for ref in d.refs)
 
     # -- the workers --------------------------------------------------------------------------
 
@@ -2718,7 +2770,8 @@ class WorkQueue:
         self.keep_history()
         self.tell(deployment, outcome, seconds)
         if outcome.result in CHANGED:
-            self.refresh_around(deployment.ref)
+            for ref in deployment.refs:
+                self.refresh_around(ref)
         log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
 
     def run_target(self, deployment: Deployment, steps: StepLog) -> Outcome:
@@ -2830,6 +2883,10 @@ class Target:
         """What an update of ref must not run beside (by default the service itself)."""
         return ref
 
+    def order(self, refs: Iterable[ServiceRef]) -> List[ServiceRef]:
+        """Services of one lane in the order one deployment switches them (by default by name)."""
+        return sorted(refs)
+
     def describe(self) -> List[Finding]:
         """What this target is and what would update, one finding per line (for --check)."""
         raise NotImplementedError
@@ -2856,6 +2913,7 @@ class StepLog:
         self.deployment, self.lock = deployment, lock
         self.clock, self.sleep, self.journal = clock, sleep, journal
         self.label = f"deployment={deployment.id} service={deployment.ref}"
+        self.service = ""  # in a deployment of several services, the one its steps are about now
         self.key = f"{deployment.ref.kind}:{deployment.ref}"
 
     def begin(self, procedure: enum.Enum) -> None:
@@ -2894,11 +2952,16 @@ class StepLog:
         """Log one step of the given length and keep it in the deployment."""
         seconds = round(seconds, 3)
         with self.lock:
-            self.deployment.steps.append(Step(step, result, seconds))
+            self.deployment.steps.append(Step(step, result, seconds, self.service))
         quiet = result in (STEP_OK, STEP_KEPT, RECREATED, RESTARTED, State.UPDATED, State.UP_TO_DATE, State.DRY_RUN)
         log.log(logging.INFO if quiet else logging.WARNING, "%s step=%s result=%s seconds=%.2f", self.label,
                 step, result, seconds)
         return seconds
+
+    def member(self, service: str, outcome: Outcome) -> None:
+        """How one service of a deployment of several ended, for the view."""
+        with self.lock:
+            self.deployment.members[service] = outcome
 
     def step(self, stage: Stage, action: Callable[[], object]):
         """Run one stage, journalled first, and timed; a CommandError becomes DeployFailed naming it."""
@@ -3578,6 +3641,11 @@ class Targets(Target):
         owner = self.owner(ref)
         return owner.lane(ref) if owner else ref
 
+    def order(self, refs: Iterable[ServiceRef]) -> List[ServiceRef]:
+        refs = list(refs)
+        owner = self.owner(refs[0]) if refs else None
+        return owner.order(refs) if owner else sorted(refs)
+
     def refresh_around(self, ref: ServiceRef) -> None:
         """Re-read only the member that owns ref."""
         owner = self.owner(ref)
@@ -3599,7 +3667,7 @@ class Targets(Target):
         return " ".join(member.summary() for member in self.members)
 
 
-# -- the steps any container-based target takes: wait and judge, put a tag back, clean up ----
+# -- the steps any container-based target takes: wait and judge, put a tag back, clean up ------
 
 
 class ContainerSteps:
@@ -3829,6 +3897,7 @@ class ComposeProcedure(str, enum.Enum):
 
     REPLACE = "replace"  # stop and remove the old containers, compose up, wait (also any recovery of it)
     START_FIRST = "start-first"  # a new container beside the old one, switched in once healthy
+    GROUP = "group"  # several services of the project on one push, switched in turn, rolled back as one
 
 
 class ComposeAction(enum.Enum):
@@ -3839,6 +3908,31 @@ class ComposeAction(enum.Enum):
     BRING_UP = "bring-up"  # bring the service up on the new image, or back on the old one if that is gone
     ROLL_BACK = "roll-back"  # the update had failed: finish putting the old image back
     SETTLE = "settle"  # a start-first switch: keep exactly one container, the old one if it still serves
+    ROLL_BACK_GROUP = "roll-back-group"  # a group: every service switched so far back on its old image
+
+
+class Member(NamedTuple):
+    """One service of a group deployment, as its journal record keeps it: what recovery needs to put it back."""
+
+    service: str
+    image: Optional[str] = None  # the reference it runs
+    old_image: Optional[str] = None  # image ids
+    new_image: Optional[str] = None
+    old_tag: Optional[str] = None  # a tracked service's tag move
+    new_tag: Optional[str] = None
+    env_file: Optional[str] = None
+    variable: Optional[str] = None
+
+    CHECKS = (("service", written(SERVICE_RE.fullmatch)), ("image", written(parse_reference)),
+              ("old_image", written(image_value)), ("new_image", written(image_value)),
+              ("old_tag", written(TAG_RE.fullmatch)), ("new_tag", written(TAG_RE.fullmatch)),
+              ("env_file", written(lambda v: os.path.isabs(v) and not set(v) & {"\0", "\n", "\r"})),
+              ("variable", written(ENV_NAME_RE.fullmatch)))
+
+    @property
+    def move(self) -> Optional[TagMove]:
+        return TagMove(self.old_tag, self.new_tag, self.env_file, self.variable) if self.old_tag and self.new_tag \
+            else None
 
 
 class ComposePart(NamedTuple):
@@ -3852,6 +3946,8 @@ class ComposePart(NamedTuple):
     variable: Optional[str] = None
     network_dependents: Tuple[str, ...] = ()  # the services that follow it (Dependents), as the update found them
     restart_dependents: Tuple[str, ...] = ()
+    members: Tuple[Member, ...] = ()  # a group: each service, in the order they are switched
+    switched: Tuple[str, ...] = ()  # a group: the services switched so far (and the one being switched)
 
     CHECKS = (  # a class attribute (no annotation), not a field
         ("old_container", written(CONTAINER_RE.fullmatch)), ("new_container", written(CONTAINER_RE.fullmatch)),
@@ -3860,13 +3956,16 @@ class ComposePart(NamedTuple):
         ("networks", lambda v: all(written(SERVICE_RE.fullmatch)(n) and all(map(written(SERVICE_RE.fullmatch), a))
                                    for n, a in v.items())),
         ("network_dependents", lambda v: all(map(written(SERVICE_RE.fullmatch), v))),
-        ("restart_dependents", lambda v: all(map(written(SERVICE_RE.fullmatch), v))))
+        ("restart_dependents", lambda v: all(map(written(SERVICE_RE.fullmatch), v))),
+        ("members", lambda v: all(fields_problem(m, Member.CHECKS) is None for m in v)),
+        ("switched", lambda v: all(map(written(SERVICE_RE.fullmatch), v))))
 
     @classmethod
     def from_stored(cls, data: Mapping[str, object]) -> "ComposePart":
         networks = data.get("networks") or {}
         return cls(**{**data, "networks": {str(k): tuple(v) for k, v in networks.items()},
-                      **{k: tuple(data.get(k) or ()) for k in ("network_dependents", "restart_dependents")}})
+                      **{k: tuple(data.get(k) or ()) for k in ("network_dependents", "restart_dependents", "switched")},
+                      "members": tuple(Member(**m) for m in data.get("members") or ())})
 
 
 _ROLLBACK = (Stage.ROLLBACK_TAG, Stage.ROLLBACK_STOP, Stage.ROLLBACK_REMOVE, Stage.ROLLBACK_UP)
@@ -3883,6 +3982,11 @@ COMPOSE_ROWS: RecoveryRows = {
        for s in (Stage.INSPECT, Stage.CREATE, Stage.ISOLATE, Stage.START, Stage.CONNECT, Stage.DISCARD, Stage.STOP,
                  Stage.REMOVE, *_ROLLBACK, *_AFTER)},
 }
+# A group cut off anywhere: the services it had begun to switch go back, the others' env files name their old
+# tags again (before the first switch that is all). No mixed versions, whatever the stage.
+COMPOSE_ROWS.update({(ComposeProcedure.GROUP, s): (_A.ROLL_BACK_GROUP, _A.ROLL_BACK_GROUP) for s in (
+    Stage.START, Stage.INSPECT, Stage.PULL, Stage.COMPARE, Stage.SET_TAG, *_BEFORE, Stage.STOP, Stage.REMOVE,
+    Stage.UP, Stage.DEPENDENTS, *_ROLLBACK, *_AFTER, Stage.CREATE, Stage.ISOLATE, Stage.CONNECT, Stage.DISCARD)})
 RECORD_KINDS["compose"] = RecordKind(ComposePart, COMPOSE_ROWS, lambda data: (
     ComposeProcedure.START_FIRST if data.get("new_container") else ComposeProcedure.REPLACE).value)
 
@@ -3894,7 +3998,7 @@ def recorded_move(record: Record) -> Optional[TagMove]:
     return TagMove(record.old_tag, record.new_tag, record.part.env_file, record.part.variable)
 
 
-# -- the Compose project as read: services, containers, operator labels, tracking --------------
+# -- what a Compose update works on: the project as read (its protocol), one deployment's plan --
 
 
 class Dependents(NamedTuple):
@@ -3911,6 +4015,16 @@ class Dependents(NamedTuple):
 
     def describe(self) -> str:
         return ", ".join(f"{name} ({how} after its update)" for name, how in self.each())
+
+
+def dependency_order(after: Mapping[str, FrozenSet[str]]) -> List[str]:
+    """Names, each after those it comes after (by name among those free to go; a cycle is broken by name). Pure."""
+    placed: List[str] = []
+    while len(placed) < len(after):
+        free = sorted(n for n in after if n not in placed and after[n] <= set(placed)) or \
+            sorted(n for n in after if n not in placed)
+        placed.append(free[0])
+    return placed
 
 
 def by_service(containers: Iterable[Container], services: Sequence[str]) -> Dict[str, List[Container]]:
@@ -3946,219 +4060,32 @@ def env_file_for(docker: "Compose", variable: str) -> Tuple[str, Optional[str]]:
     return path, None
 
 
-class ComposeProject(Target):
-    """A Compose project as read: its services, their containers and operator labels, how each follows versions,
-    and what it says of itself. Its update is a ComposeUpdate of one ComposePlan; its recovery a ComposeRecovery."""
+class ProjectAsRead(Protocol):
+    """What a Compose update, its group and its recovery ask of the project (ComposeProject is the one)."""
 
-    kind = "compose"
-
-    def __init__(self, config: Config, docker: "Compose", version: str, engine: str = ""):
-        super().__init__(config, engine)
-        self.docker, self.engine, self.version = docker, docker.engine, version
-        self.steps = ContainerSteps(config, docker)
-        self.services: Tuple[str, ...] = ()
-        self.containers: Dict[str, List[Container]] = {}
-        self.orders: Mapping[str, Configured] = {}  # service: what the Compose file says of it (v2)
-        self.tracked: Mapping[str, Tracking] = {}  # service: how it follows versions (gopdater.track)
+    config: Config
+    docker: Compose
+    engine: Engine
+    steps: ContainerSteps
+    tracked: Mapping[str, Tracking]
 
     @property
     def name(self) -> str:
-        """The project's name: as set, else as its containers' labels say, else as Compose names it by default."""
-        labels = sorted({c.project for cs in self.containers.values() for c in cs})
-        return self.docker.location.project_name or ", ".join(labels) or default_project_name(
-            self.docker.location.working_dir)
-
-    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
-        """Re-read the project, unless a deployment of it is in flight."""
-        if self.lane(ServiceRef(self.kind, self.name, "")) not in busy:
-            self.read()
-
-    def take(self, listed: Sequence[Container]) -> None:
-        """Its containers, as a listing of the whole host found them (the Compose file is not read again)."""
-        self.containers = by_service(project_containers(listed), self.services)
-
-    def read(self, listed: Optional[Sequence[Container]] = None) -> None:
-        """Read the project (`compose config`, and `compose ps` and `docker inspect` unless its containers,
-        inspected, are given)."""
-        configured = self.docker.list_services()
-        services = tuple(s for s in configured if s != self.docker.location.own_service)
-        found = self.docker.containers() if listed is None else project_containers(listed)
-        self.services, self.containers, self.orders = services, by_service(found, services), configured
-        self.tracked = self.read_tracking()
-
-    def refresh_around(self, ref: ServiceRef) -> None:
-        """An update of one service changed only containers, its own and its dependents': re-read those (the
-        Compose file is not read again); its dependents as the listing before the update found them."""
-        touched = (ref.name, *(name for name, _ in self.dependents(ref.name).each()))
-        self.containers = {**self.containers, **{name: self.docker.containers(name) for name in touched}}
+        ...
 
     @property
     def start_first(self) -> FrozenSet[str]:
-        """The services that asked for start-first updates, in the Compose file or by label."""
-        return frozenset(s for s in self.services if self.orders.get(s, Configured()).order == "start-first" or
-                         self.operator_labels(s).get("gopdater.order", "").strip() == "start-first")
-
-    def operator_labels(self, service: str, containers: Optional[Sequence[Container]] = None) -> Mapping[str, str]:
-        """A service's labels as the operator wrote them: the Compose file's (`compose config`, v2), else (v1,
-        whose config is not read as data) its containers' less those their image carries (creator_labels).
-        Every gopdater.* label is read through here."""
-        configured = self.orders.get(service, Configured()).labels
-        if configured is not None:
-            return configured
-        containers = self.containers.get(service, []) if containers is None else containers
-        return containers[0].labels if containers else {}
-
-    def ignored_labels(self, service: str) -> Tuple[str, ...]:
-        """The gopdater.* labels a service's image carries, ignored (v1: they cannot be told from the operator's)."""
-        if self.orders.get(service, Configured()).labels is not None:
-            return ()
-        return tuple(sorted({label for c in self.containers.get(service, []) for label in c.ignored}))
-
-    def dependents(self, service: str) -> Dependents:
-        """The services that follow this one: in its network namespace (by the Compose file, v2, or by their
-        containers' network mode naming one of its containers, v1 too), or restarting with it (v2)."""
-        mine = {ref for c in self.containers.get(service, []) for ref in (c.id, c.name)}
-        others = [s for s in self.services if s != service]
-        network = [s for s in others if self.joins(s, service, frozenset(mine))]
-        restart = [s for s in others if s not in network and service in self.orders.get(s, Configured()).restarts_with]
-        return Dependents(tuple(network), tuple(restart))
-
-    def joins(self, dependent: str, service: str, containers: FrozenSet[str]) -> bool:
-        """Whether a service runs in another's network namespace: its Compose file says so (v2), or one of its
-        containers joined one of the other's (these ids and names)."""
-        return (self.orders.get(dependent, Configured()).network_service == service or
-                any(c.network_of in containers for c in self.containers.get(dependent, [])))
-
-    def release_steps(self, service: str, old: Sequence[Container]) -> ReleaseSteps:
-        """The service's release steps, from the operator's labels: commands never come from an image."""
-        return release_steps(self.operator_labels(service, old))
+        ...
 
     @property
-    def runner(self) -> Runner:
-        return self.docker.runner
+    def dry(self) -> bool:
+        ...
 
-    def running(self) -> List[Running]:
-        found = []
-        for service in self.services:
-            containers = self.containers.get(service, [])
-            image = parse_reference(containers[0].image) if containers else None
-            found.append(Running(ServiceRef(self.kind, self.name, service), image, (self.operator_labels(service),),
-                                 containers[0].image_id if containers else None, self.tracked.get(service)))
-        return found
+    def release_steps(self, service: str, old: Sequence[Container]) -> ReleaseSteps:
+        ...
 
-    def owns(self, ref: ServiceRef) -> bool:
-        return ref.kind == self.kind and ref.project == self.name
-
-    def lane(self, ref: ServiceRef) -> Hashable:
-        """The whole project: two `compose up` of one project never run at once."""
-        return (self.kind, ref.project)
-
-    def engine_answers(self) -> bool:
-        return self.engine.answers()
-
-    # -- version channels -----------------------------------------------------------------
-
-    def read_tracking(self) -> Dict[str, Tracking]:
-        """The services labelled gopdater.track, each with where its tag lives, or why it cannot follow versions
-        (the raw Compose file is read only when one is labelled)."""
-        labelled = {}
-        for service in self.services:
-            value = self.operator_labels(service).get(TRACK_LABEL)
-            if (value or "").strip():
-                labelled[service] = value
-        try:
-            raw = self.docker.raw_images() if labelled else {}
-        except (CommandError, ValueError) as error:  # Compose v1 validates the file before filling variables in
-            why = (f"Compose cannot read the Compose file with its variables left in ({error}): on Compose v1 a "
-                   "variable where its schema wants a number (a port) does this; use Compose v2")
-            return {service: label_tracking(value)._replace(problem=label_tracking(value).problem or why)
-                    for service, value in labelled.items()}
-        tracked = {service: self.tracking_of(service, value, raw.get(service)) for service, value in labelled.items()}
-        return {service: tracking._replace(problem=tracking.problem or shared_variable(
-            service, tracking, tracked, raw)) for service, tracking in tracked.items()}
-
-    def tracking_of(self, service: str, value: str, raw: Optional[str]) -> Tracking:
-        """How one labelled service follows versions: its channel, the variable that is its tag, its env file."""
-        tracking = label_tracking(value)
-        variable, problem = tag_variable(raw, service)
-        if tracking.problem or variable is None:
-            return tracking._replace(problem=tracking.problem or problem)
-        if variable in self.docker.env:
-            return tracking._replace(variable=variable, problem=f"{variable} is set in gopdater's own environment, "
-                                                                "which Compose puts before the env file: take it out "
-                                                                "of PASS_ENV")
-        env_file, problem = env_file_for(self.docker, variable)
-        return tracking._replace(variable=variable, env_file=env_file,
-                                 problem=self.env_files_differ(service) or problem)
-
-    def env_files_differ(self, service: str) -> Optional[str]:
-        """Why the env files gopdater would write are not the ones the service was started with, or None."""
-        folder = self.docker.location.working_dir
-        for container in self.containers.get(service, []):
-            named = container.labels.get("com.docker.compose.project.environment_file")
-            started = tuple(os.path.join(folder, f) for f in (named or "").split(",") if f)
-            if started and started != self.docker.env_files():
-                return (f"the project was started with --env-file {named[:200]}, which gopdater does not read "
-                        f"here: set PROJECTS={self.name}, so that Compose runs as the project was started")
-        return None
-
-    # -- what it says about itself --------------------------------------------------------
-
-    def describe(self) -> List[Finding]:
-        """Compose, the project and where it came from, and what would update each service."""
-        where = self.docker.location
-        found = [(True, f"compose: {' '.join(self.docker.command)} {self.version} ({compose_flavour(self.version)})"),
-                 (True, f"project: {self.name} (from {where.project_name_source})"),
-                 (True, f"compose file: {where.compose_file or DEFAULT} (from {where.compose_file_source})"),
-                 (True, f"working directory: {where.working_dir} (from {where.working_dir_source})")]
-        if where.own_service:
-            found.append((True, f"own service {where.own_service} is left alone: gopdater does not update itself"))
-        found += self.service_findings("service") + self.label_findings()
-        if not any(triggers(self.config, s)[0] for s in self.running()):
-            found.append((False, "no service would ever be updated: start the services with docker compose up -d, "
-                                 "or set SERVICES"))
-        return found
-
-    def label_findings(self) -> List[Finding]:
-        """What each service's labels ask for: release steps, versions followed, image labels ignored, start-first."""
-        found = []
-        for service in self.services:
-            ref = ServiceRef(self.kind, self.name, service)
-            release = self.release_steps(service, self.containers.get(service, []))
-            if release.commands or release.problem:
-                found.append((release.problem is None, f"service {ref}: {release.describe()}"))
-            if service in self.tracked:
-                found.append(tracking_finding(ref, self.tracked[service]))
-            if self.ignored_labels(service):
-                found.append((True, f"warning: service {ref}: {', '.join(self.ignored_labels(service))} carried by "
-                                    "its image, ignored: on Compose v1 gopdater takes a label from the Compose file "
-                                    "only where its value differs from the image's"))
-            if self.dependents(service).each():
-                found.append((True, f"service {ref}: {self.dependents(service).describe()}"))
-            if service in self.start_first:
-                refused = start_first_refusal(self.containers.get(service, []))
-                found.append((True, f"service {ref}: start-first" + (
-                    f" falls back to stop-first: {refused}" if refused else "")))
-        return found
-
-    def summary(self) -> str:
-        """One line for the start-up log."""
-        services = ",".join(f"{s.ref.name}={s.image}" if s.image else s.ref.name for s in self.running())
-        return (f"compose={' '.join(self.docker.command)} {self.version} project={self.name} "
-                f"dir={self.docker.location.working_dir} services={services}")
-
-    # -- its update and its recovery ----------------------------------------------------
-
-    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
-        """The Compose update of one service: a ComposeUpdate."""
-        return ComposeUpdate(self, steps).run(ref.name)
-
-    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
-        """Recovery of one service from its journal record: a ComposeRecovery."""
-        return ComposeRecovery(self, steps).run(ref.name, record)
-
-
-# -- the Compose update: one plan, carried out step by step, rolled back as one ----------------
+    def dependents(self, service: str) -> Dependents:
+        ...
 
 
 class ComposePlan(NamedTuple):
@@ -4184,9 +4111,10 @@ class ComposePlan(NamedTuple):
 class ComposeUpdate:
     """The procedure that carries a ComposePlan out for one deployment, and rolls it back."""
 
-    def __init__(self, project: ComposeProject, steps: StepLog):
+    def __init__(self, project: ProjectAsRead, steps: StepLog):
         self.project, self.steps = project, steps
         self.docker, self.engine, self.containers = project.docker, project.engine, project.steps
+        self.pulled: set = set()  # references pulled in this deployment: each once
 
     def run(self, service: str) -> Outcome:
         """The Compose update, one step per line: journal, plan (inspect, pull, compare), release steps before the
@@ -4249,11 +4177,14 @@ class ComposeUpdate:
 
     def pull(self, plan: ComposePlan) -> Optional[str]:
         """Pull what the update would run (`compose pull`, or a tracked service's new tag); that reference."""
+        pulled = with_tag(plan.image or "", plan.move.new_tag) if plan.move else plan.image
+        if pulled in self.pulled:  # another service of this deployment runs it: pulled already
+            return pulled
         if plan.move is None:
             self.steps.step(Stage.PULL, lambda: self.docker.pull(plan.service))
-            return plan.image
-        pulled = with_tag(plan.image or "", plan.move.new_tag)
-        self.steps.step(Stage.PULL, lambda: self.engine.pull(pulled))
+        else:
+            self.steps.step(Stage.PULL, lambda: self.engine.pull(pulled))
+        self.pulled.add(pulled)
         return pulled
 
     def clean_up(self, plan: ComposePlan) -> None:
@@ -4399,6 +4330,11 @@ class ComposeUpdate:
     def start_first(self, plan: ComposePlan) -> Outcome:
         """Each old container in turn: a new one beside it, off the networks until healthy, then switched in."""
         self.steps.remember(procedure=ComposeProcedure.START_FIRST.value)
+        return self.switch_in_turn(plan)
+
+    def switch_in_turn(self, plan: ComposePlan) -> Outcome:
+        """start_first's switches (journalled under the procedure already open); the old container kept serving
+        where one fails."""
         for container in plan.old:
             try:
                 self.switch(plan, container)
@@ -4441,13 +4377,168 @@ class ComposeUpdate:
         return created[0]
 
 
+# -- a group: several services of one project on one push, switched in turn, rolled back as one --
+
+
+Failure = Tuple[ComposePlan, str]  # the service whose step failed, and why
+
+
+class ComposeGroupUpdate:
+    """The procedure for several services of one project that one push updates: planned together (each image
+    pulled once), every pre-update and migrate before any switch, switched in Compose's order with their
+    dependents, post-update once all are switched, and on any failure every switched service rolled back in
+    reverse order: no mixed versions."""
+
+    def __init__(self, project: ProjectAsRead, steps: StepLog):
+        self.project, self.steps, self.one = project, steps, ComposeUpdate(project, steps)
+
+    def run(self, services: Sequence[str]) -> Outcome:
+        """The group update, one step per line."""
+        self.steps.begin(ComposeProcedure.GROUP)
+        plans = self.plan_all(services)
+        if isinstance(plans, Outcome) or not plans:
+            return plans or self.unchanged(services)
+        self.steps.remember(members=tuple(member_of(plan) for plan in plans))
+        problem = next(filter(None, (plan.release.problem for plan in plans)), None) or self.before_switch(plans)
+        if problem:
+            return self.ended(plans, Outcome(reason=problem))
+        switched: List[ComposePlan] = []
+        failure = self.switch_all(plans, switched) or self.post_update(plans)
+        if failure:
+            return self.roll_back(plans, switched, failure)
+        for plan in plans:
+            self.steps.service = plan.service
+            self.one.clean_up(plan)
+        return self.ended(plans, Outcome(State.DRY_RUN if self.project.dry else State.UPDATED))
+
+    def plan_all(self, services: Sequence[str]) -> Union[List[ComposePlan], Outcome]:
+        """Each service's plan (inspect, pull, compare); those unchanged or skipped end here; a failure ends
+        the deployment before anything changed."""
+        plans = []
+        for service in services:
+            self.steps.service = service
+            plan = self.one.plan(service)
+            if isinstance(plan, ComposePlan):
+                plans.append(plan)
+            elif plan.result is State.FAILED:
+                return plan._replace(reason=f"{service}: {plan.reason}; nothing was switched")
+            else:
+                self.steps.member(service, plan)
+        self.steps.service = ""
+        return plans
+
+    def unchanged(self, services: Sequence[str]) -> Outcome:
+        """No service needs the push: up to date (or skipped, when every one was)."""
+        outcomes = [self.steps.deployment.members.get(service) for service in services]
+        skipped = all(outcome and outcome.result is State.SKIPPED for outcome in outcomes)
+        first = outcomes[0] or Outcome()
+        return first._replace(result=State.SKIPPED if skipped else State.UP_TO_DATE)
+
+    def before_switch(self, plans: Sequence[ComposePlan]) -> Optional[str]:
+        """Each tracked service's new tag into its env file, every pre-update, then each migrate; why one failed
+        (nothing was switched; the image names and env files name the old images again), or None."""
+        try:
+            for plan in plans:
+                self.steps.service = plan.service
+                if plan.move is not None:
+                    self.steps.step(Stage.SET_TAG, lambda p=plan: self.one.docker.write_env(
+                        p.move.env_file, p.move.variable, p.move.new_tag))
+            for row in (row for row in RELEASE_STAGES if row.when == BEFORE_SWITCH):
+                for plan in (plan for plan in plans if row.stage in plan.release.commands):
+                    self.steps.service = plan.service
+                    self.one.release_step(plan, row, self.one.place(plan, row))
+        except DeployFailed as error:
+            self.put_back(plans)
+            return f"{self.steps.service}: {error}; nothing was switched"
+        return None
+
+    def switch_all(self, plans: Sequence[ComposePlan], switched: List[ComposePlan]) -> Optional[Failure]:
+        """Switch each service in turn, health-gated, its dependents (those outside the group) after it; the
+        first failure, or None. A service is in switched from the moment its switch begins."""
+        members = {plan.service for plan in plans}
+        for plan in plans:
+            self.steps.service = plan.service
+            dependents = Dependents(*(tuple(n for n in names if n not in members) for names in plan.dependents))
+            alone = plan._replace(release=without_after(plan.release), dependents=dependents)
+            switched.append(plan)
+            self.steps.remember(switched=tuple(p.service for p in switched))
+            failure = self.switch(alone)
+            if failure:
+                return plan, failure
+        return None
+
+    def switch(self, plan: ComposePlan) -> Optional[str]:
+        """One service switched (start-first where it asked, else stop-first); why it failed, or None."""
+        if plan.start_first:
+            outcome = self.one.switch_in_turn(plan)
+            return None if outcome.result in (State.UPDATED, State.DRY_RUN) else outcome.reason or "it failed"
+        try:
+            self.one.replace(plan.service, plan.old, after=functools.partial(self.one.after_switch, plan))
+        except DeployFailed as error:
+            return str(error)
+        return None
+
+    def post_update(self, plans: Sequence[ComposePlan]) -> Optional[Failure]:
+        """Every post-update, once all are switched, in each new container; the first failure, or None."""
+        for plan in (plan for plan in plans if release_rows(plan.release, AFTER_SWITCH)):
+            self.steps.service = plan.service
+            try:
+                self.one.after_switch(plan._replace(dependents=Dependents()), self.one.container_ids(plan.service))
+            except DeployFailed as error:
+                return plan, str(error)
+        return None
+
+    def roll_back(self, plans: Sequence[ComposePlan], switched: Sequence[ComposePlan], failure: Failure) -> Outcome:
+        """Every switched service back on its previous image, in reverse order (each health-gated, its dependents
+        after it), the others' env files as they were: the deployment rolled-back, naming the service that failed."""
+        failed, why = failure
+        reason = f"{failed.service}: {why}"
+        back = []
+        for plan in reversed(switched):
+            self.steps.service = plan.service
+            if plan.start_first and plan is failed:  # its old container kept serving: nothing to undo
+                continue
+            back.append(self.one.roll_back(plan, plan.outcome._replace(reason=reason)))
+        self.put_back([plan for plan in plans if plan not in switched])
+        result = State.ROLLED_BACK if all(o.result is State.ROLLED_BACK for o in back) else State.FAILED
+        extra = "; ".join(o.reason for o in back if o.result is not State.ROLLED_BACK and o.reason != reason)
+        return self.ended(plans, Outcome(result, reason=f"{reason}; {extra}" if extra else reason))
+
+    def put_back(self, plans: Sequence[ComposePlan]) -> None:
+        """The image names and env files of services never switched name their old images again."""
+        for plan in plans:
+            if plan.previous:
+                self.one.containers.put_back_tag(plan.previous, plan.image, self.steps, journalled=False,
+                                                 move=plan.move)
+
+    def ended(self, plans: Sequence[ComposePlan], outcome: Outcome) -> Outcome:
+        """Each service's part ends with the deployment; the deployment's outcome carries the first's images."""
+        self.steps.service = ""
+        for plan in plans:
+            self.steps.member(plan.service, plan.outcome._replace(result=outcome.result, reason=outcome.reason))
+        return plans[0].outcome._replace(result=outcome.result, reason=outcome.reason)
+
+
+def member_of(plan: ComposePlan) -> Member:
+    """What a group's journal record keeps of one service."""
+    move = plan.move
+    return Member(plan.service, plan.image, plan.previous, plan.outcome.new_image, move and move.old_tag,
+                  move and move.new_tag, move and move.env_file, move and move.variable)
+
+
+def without_after(release: ReleaseSteps) -> ReleaseSteps:
+    """Release steps less those after the switch (a group runs them once every service is switched)."""
+    after = {row.stage for row in RELEASE_STAGES if row.when == AFTER_SWITCH}
+    return release._replace(commands={stage: argv for stage, argv in release.commands.items() if stage not in after})
+
+
 # -- Compose recovery: what a crash left, made whole as the recovery table says ----------------
 
 
 class ComposeRecovery:
     """Recovery of one Compose service from its journal record: one method per Action, chosen by plan()."""
 
-    def __init__(self, project: ComposeProject, steps: StepLog):
+    def __init__(self, project: ProjectAsRead, steps: StepLog):
         self.project, self.steps = project, steps
         self.docker, self.engine, self.containers = project.docker, project.engine, project.steps
         self.procedure = ComposeUpdate(project, steps)
@@ -4467,7 +4558,8 @@ class ComposeRecovery:
                                            "project; nothing was run, check the service by hand")
         handler = COMPOSE_RECOVERY.get(action, ComposeRecovery.refuse)
         recovered = handler(self, Cut(service, record, tuple(containers), outcome))
-        if action is ComposeAction.LEAVE or recovered.result not in (State.RECOVERED, State.ROLLED_BACK):
+        if action in (ComposeAction.LEAVE, ComposeAction.ROLL_BACK_GROUP) or recovered.result not in (
+                State.RECOVERED, State.ROLLED_BACK):
             return recovered
         dependents = Dependents(record.part.network_dependents, record.part.restart_dependents)
         return self.procedure.follow_after(dependents, recovered)  # they joined, or restarted with, what runs now
@@ -4520,7 +4612,10 @@ class ComposeRecovery:
 
     def agree(self, record: Record, new: bool) -> None:
         """A tracked service's env file names the tag that now runs (the new one, or the old); best effort."""
-        move = recorded_move(record)
+        self.agree_move(recorded_move(record), new)
+
+    def agree_move(self, move: Optional[TagMove], new: bool) -> None:
+        """A tag move's env file names its new tag, or its old one; best effort."""
         if move is None or not move.env_file or not move.variable:
             return
         try:
@@ -4566,6 +4661,26 @@ class ComposeRecovery:
                     "connect", n, new.name, a))
         self.containers.wait_until_ready([new.id], self.steps, None)
 
+    def roll_back_group(self, cut: "Cut") -> Outcome:
+        """A deployment of several services cut off: each it had begun to switch back on its old image (in reverse
+        order, health-gated, its dependents after it); the others' env files name their old tags again."""
+        part, back = cut.record.part, []
+        for member in reversed(part.members):
+            self.steps.service = member.service
+            if member.service not in part.switched:
+                self.agree_move(member.move, False)
+                continue
+            plan = ComposePlan(member.service, (), member.image, (member.old_image,) if member.old_image else (),
+                               member.move, dependents=self.project.dependents(member.service))
+            back.append(self.procedure.roll_back(plan, cut.outcome._replace(reason="the update was cut off")))
+        self.steps.service = ""
+        if not back:
+            return cut.outcome._replace(result=State.RECOVERED, reason="cut off before any service was switched; "
+                                                                       "left as it was")
+        failed = [o.reason for o in back if o.result is not State.ROLLED_BACK]
+        return cut.outcome._replace(result=State.FAILED if failed else State.ROLLED_BACK, reason="; ".join(
+            failed) or "the update of several services was cut off; each switched one is back on its previous image")
+
     def refuse(self, cut: "Cut") -> Outcome:
         return cut.outcome._replace(reason=f"its journal record ({cut.record.procedure} at "
                                            f"{cut.record.stage.value}) is not one Compose recovery knows; nothing "
@@ -4584,7 +4699,237 @@ class Cut(NamedTuple):
 COMPOSE_RECOVERY: Dict[ComposeAction, Callable[[ComposeRecovery, Cut], Outcome]] = {
     ComposeAction.LEAVE: ComposeRecovery.leave, ComposeAction.JUDGE: ComposeRecovery.judge_running,
     ComposeAction.BRING_UP: ComposeRecovery.bring_up, ComposeAction.ROLL_BACK: ComposeRecovery.finish_rollback,
-    ComposeAction.SETTLE: ComposeRecovery.settle}
+    ComposeAction.SETTLE: ComposeRecovery.settle, ComposeAction.ROLL_BACK_GROUP: ComposeRecovery.roll_back_group}
+
+
+# -- the Compose project as read: services, containers, operator labels, tracking --------------
+
+
+class ComposeProject(Target):
+    """A Compose project as read: its services, their containers and operator labels, how each follows versions,
+    and what it says of itself. Its update is a ComposeUpdate of one ComposePlan; its recovery a ComposeRecovery."""
+
+    kind = "compose"
+
+    def __init__(self, config: Config, docker: "Compose", version: str, engine: str = ""):
+        super().__init__(config, engine)
+        self.docker, self.engine, self.version = docker, docker.engine, version
+        self.steps = ContainerSteps(config, docker)
+        self.services: Tuple[str, ...] = ()
+        self.containers: Dict[str, List[Container]] = {}
+        self.orders: Mapping[str, Configured] = {}  # service: what the Compose file says of it (v2)
+        self.tracked: Mapping[str, Tracking] = {}  # service: how it follows versions (gopdater.track)
+
+    @property
+    def name(self) -> str:
+        """The project's name: as set, else as its containers' labels say, else as Compose names it by default."""
+        labels = sorted({c.project for cs in self.containers.values() for c in cs})
+        return self.docker.location.project_name or ", ".join(labels) or default_project_name(
+            self.docker.location.working_dir)
+
+    def refresh(self, busy: FrozenSet[Hashable] = frozenset(), full: bool = True) -> None:
+        """Re-read the project, unless a deployment of it is in flight."""
+        if self.lane(ServiceRef(self.kind, self.name, "")) not in busy:
+            self.read()
+
+    def take(self, listed: Sequence[Container]) -> None:
+        """Its containers, as a listing of the whole host found them (the Compose file is not read again)."""
+        self.containers = by_service(project_containers(listed), self.services)
+
+    def read(self, listed: Optional[Sequence[Container]] = None) -> None:
+        """Read the project (`compose config`, and `compose ps` and `docker inspect` unless its containers,
+        inspected, are given)."""
+        configured = self.docker.list_services()
+        services = tuple(s for s in configured if s != self.docker.location.own_service)
+        found = self.docker.containers() if listed is None else project_containers(listed)
+        self.services, self.containers, self.orders = services, by_service(found, services), configured
+        self.tracked = self.read_tracking()
+
+    def refresh_around(self, ref: ServiceRef) -> None:
+        """An update of one service changed only containers, its own and its dependents': re-read those (the
+        Compose file is not read again); its dependents as the listing before the update found them."""
+        touched = (ref.name, *(name for name, _ in self.dependents(ref.name).each()))
+        self.containers = {**self.containers, **{name: self.docker.containers(name) for name in touched}}
+
+    @property
+    def start_first(self) -> FrozenSet[str]:
+        """The services that asked for start-first updates, in the Compose file or by label."""
+        return frozenset(s for s in self.services if self.orders.get(s, Configured()).order == "start-first" or
+                         self.operator_labels(s).get("gopdater.order", "").strip() == "start-first")
+
+    def operator_labels(self, service: str, containers: Optional[Sequence[Container]] = None) -> Mapping[str, str]:
+        """A service's labels as the operator wrote them: the Compose file's (`compose config`, v2), else (v1,
+        whose config is not read as data) its containers' less those their image carries (creator_labels).
+        Every gopdater.* label is read through here."""
+        configured = self.orders.get(service, Configured()).labels
+        if configured is not None:
+            return configured
+        containers = self.containers.get(service, []) if containers is None else containers
+        return containers[0].labels if containers else {}
+
+    def ignored_labels(self, service: str) -> Tuple[str, ...]:
+        """The gopdater.* labels a service's image carries, ignored (v1: they cannot be told from the operator's)."""
+        if self.orders.get(service, Configured()).labels is not None:
+            return ()
+        return tuple(sorted({label for c in self.containers.get(service, []) for label in c.ignored}))
+
+    def dependents(self, service: str) -> Dependents:
+        """The services that follow this one: in its network namespace (by the Compose file, v2, or by their
+        containers' network mode naming one of its containers, v1 too), or restarting with it (v2)."""
+        mine = {ref for c in self.containers.get(service, []) for ref in (c.id, c.name)}
+        others = [s for s in self.services if s != service]
+        network = [s for s in others if self.joins(s, service, frozenset(mine))]
+        restart = [s for s in others if s not in network and service in self.orders.get(s, Configured()).restarts_with]
+        return Dependents(tuple(network), tuple(restart))
+
+    def joins(self, dependent: str, service: str, containers: FrozenSet[str]) -> bool:
+        """Whether a service runs in another's network namespace: its Compose file says so (v2), or one of its
+        containers joined one of the other's (these ids and names)."""
+        return (self.orders.get(dependent, Configured()).network_service == service or
+                any(c.network_of in containers for c in self.containers.get(dependent, [])))
+
+    def release_steps(self, service: str, old: Sequence[Container]) -> ReleaseSteps:
+        """The service's release steps, from the operator's labels: commands never come from an image."""
+        return release_steps(self.operator_labels(service, old))
+
+    @property
+    def runner(self) -> Runner:
+        return self.docker.runner
+
+    def running(self) -> List[Running]:
+        found = []
+        for service in self.services:
+            containers = self.containers.get(service, [])
+            image = parse_reference(containers[0].image) if containers else None
+            found.append(Running(ServiceRef(self.kind, self.name, service), image, (self.operator_labels(service),),
+                                 containers[0].image_id if containers else None, self.tracked.get(service)))
+        return found
+
+    def owns(self, ref: ServiceRef) -> bool:
+        return ref.kind == self.kind and ref.project == self.name
+
+    def lane(self, ref: ServiceRef) -> Hashable:
+        """The whole project: two `compose up` of one project never run at once."""
+        return (self.kind, ref.project)
+
+    def order(self, refs: Iterable[ServiceRef]) -> List[ServiceRef]:
+        """Compose's dependency order (depends_on, and a dependent after the service whose network it joins),
+        then the name."""
+        by_name = {ref.name: ref for ref in refs}
+        after = {name: {*self.orders.get(name, Configured()).depends,
+                        *(s for s in self.services if name in self.dependents(s).network)} & set(by_name)
+                 for name in by_name}
+        return [by_name[name] for name in dependency_order(after)]
+
+    def engine_answers(self) -> bool:
+        return self.engine.answers()
+
+    # -- version channels -----------------------------------------------------------------
+
+    def read_tracking(self) -> Dict[str, Tracking]:
+        """The services labelled gopdater.track, each with where its tag lives, or why it cannot follow versions
+        (the raw Compose file is read only when one is labelled)."""
+        labelled = {}
+        for service in self.services:
+            value = self.operator_labels(service).get(TRACK_LABEL)
+            if (value or "").strip():
+                labelled[service] = value
+        try:
+            raw = self.docker.raw_images() if labelled else {}
+        except (CommandError, ValueError) as error:  # Compose v1 validates the file before filling variables in
+            why = (f"Compose cannot read the Compose file with its variables left in ({error}): on Compose v1 a "
+                   "variable where its schema wants a number (a port) does this; use Compose v2")
+            return {service: label_tracking(value)._replace(problem=label_tracking(value).problem or why)
+                    for service, value in labelled.items()}
+        tracked = {service: self.tracking_of(service, value, raw.get(service)) for service, value in labelled.items()}
+        return {service: tracking._replace(problem=tracking.problem or shared_variable(
+            service, tracking, tracked, raw)) for service, tracking in tracked.items()}
+
+    def tracking_of(self, service: str, value: str, raw: Optional[str]) -> Tracking:
+        """How one labelled service follows versions: its channel, the variable that is its tag, its env file."""
+        tracking = label_tracking(value)
+        variable, problem = tag_variable(raw, service)
+        if tracking.problem or variable is None:
+            return tracking._replace(problem=tracking.problem or problem)
+        if variable in self.docker.env:
+            return tracking._replace(variable=variable, problem=f"{variable} is set in gopdater's own environment, "
+                                                                "which Compose puts before the env file: take it out "
+                                                                "of PASS_ENV")
+        env_file, problem = env_file_for(self.docker, variable)
+        return tracking._replace(variable=variable, env_file=env_file,
+                                 problem=self.env_files_differ(service) or problem)
+
+    def env_files_differ(self, service: str) -> Optional[str]:
+        """Why the env files gopdater would write are not the ones the service was started with, or None."""
+        folder = self.docker.location.working_dir
+        for container in self.containers.get(service, []):
+            named = container.labels.get("com.docker.compose.project.environment_file")
+            started = tuple(os.path.join(folder, f) for f in (named or "").split(",") if f)
+            if started and started != self.docker.env_files():
+                return (f"the project was started with --env-file {named[:200]}, which gopdater does not read "
+                        f"here: set PROJECTS={self.name}, so that Compose runs as the project was started")
+        return None
+
+    # -- what it says about itself --------------------------------------------------------
+
+    def describe(self) -> List[Finding]:
+        """Compose, the project and where it came from, and what would update each service."""
+        where = self.docker.location
+        found = [(True, f"compose: {' '.join(self.docker.command)} {self.version} ({compose_flavour(self.version)})"),
+                 (True, f"project: {self.name} (from {where.project_name_source})"),
+                 (True, f"compose file: {where.compose_file or DEFAULT} (from {where.compose_file_source})"),
+                 (True, f"working directory: {where.working_dir} (from {where.working_dir_source})")]
+        if where.own_service:
+            found.append((True, f"own service {where.own_service} is left alone: gopdater does not update itself"))
+        found += self.service_findings("service") + self.label_findings()
+        if not any(triggers(self.config, s)[0] for s in self.running()):
+            found.append((False, "no service would ever be updated: start the services with docker compose up -d, "
+                                 "or set SERVICES"))
+        return found
+
+    def label_findings(self) -> List[Finding]:
+        """What each service's labels ask for: release steps, versions followed, image labels ignored, start-first."""
+        found = []
+        for service in self.services:
+            ref = ServiceRef(self.kind, self.name, service)
+            release = self.release_steps(service, self.containers.get(service, []))
+            if release.commands or release.problem:
+                found.append((release.problem is None, f"service {ref}: {release.describe()}"))
+            if service in self.tracked:
+                found.append(tracking_finding(ref, self.tracked[service]))
+            if self.ignored_labels(service):
+                found.append((True, f"warning: service {ref}: {', '.join(self.ignored_labels(service))} carried by "
+                                    "its image, ignored: on Compose v1 gopdater takes a label from the Compose file "
+                                    "only where its value differs from the image's"))
+            if self.dependents(service).each():
+                found.append((True, f"service {ref}: {self.dependents(service).describe()}"))
+            if service in self.start_first:
+                refused = start_first_refusal(self.containers.get(service, []))
+                found.append((True, f"service {ref}: start-first" + (
+                    f" falls back to stop-first: {refused}" if refused else "")))
+        return found
+
+    def summary(self) -> str:
+        """One line for the start-up log."""
+        services = ",".join(f"{s.ref.name}={s.image}" if s.image else s.ref.name for s in self.running())
+        return (f"compose={' '.join(self.docker.command)} {self.version} project={self.name} "
+                f"dir={self.docker.location.working_dir} services={services}")
+
+    # -- its update and its recovery ----------------------------------------------------
+
+    def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
+        """The Compose update of one service (a ComposeUpdate), or of several of this project (a ComposeGroupUpdate)."""
+        names = [member.name for member in steps.deployment.refs]
+        if len(names) > 1:
+            return ComposeGroupUpdate(self, steps).run(names)
+        return ComposeUpdate(self, steps).run(ref.name)
+
+    def recover(self, ref: ServiceRef, record: Record, steps: StepLog) -> Outcome:
+        """Recovery of one service from its journal record: a ComposeRecovery."""
+        return ComposeRecovery(self, steps).run(ref.name, record)
+
+
+# -- the Compose update: one plan, carried out step by step, rolled back as one ----------------
 
 
 # -- every Compose project on the engine (PROJECTS), each run as in its own folder -------------
@@ -5363,9 +5708,18 @@ def own_digests(service: Running, repo_digests: Sequence[object]) -> FrozenSet[s
 
 
 def failed_digests(views: Iterable[Mapping[str, object]]) -> FrozenSet[Tuple[ServiceRef, str]]:
-    """The (service, digest) pairs a deployment with a digest ended failed, rolled back or skipped. Pure."""
-    return frozenset((ServiceRef(str(v.get("kind")), v.get("project") or "", str(v.get("service"))), v["digest"])
-                     for v in views if v.get("state") in FAILED_STATES and isinstance(v.get("digest"), str))
+    """The (service, digest) pairs a deployment with a digest ended failed, rolled back or skipped (each service of
+    a deployment of several). Pure."""
+    return frozenset((ServiceRef(str(v.get("kind")), v.get("project") or "", str(name)), v["digest"])
+                     for v in views if v.get("state") in FAILED_STATES and isinstance(v.get("digest"), str)
+                     for name in view_services(v))
+
+
+def view_services(view: Mapping[str, object]) -> List[str]:
+    """The services a stored or live deployment view names (its "services", else its "service")."""
+    listed = view.get("services")
+    names = [m.get("service") for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
+    return [n for n in names if isinstance(n, str)] or [str(view.get("service"))]
 
 
 class Reconciler:
@@ -5520,10 +5874,12 @@ def notification(deployment: Deployment, outcome: Outcome, seconds: float, secre
     """The JSON summary of one service's outcome, with a one-sentence text chat tools show as it is; the secret
     is taken out of every string (a command's output could hold anything)."""
     reason = outcome.reason and outcome.reason[:REASON_MAX]
-    sentence = SENTENCES[outcome.result].format(service=deployment.ref, image=deployment.key, seconds=seconds,
+    sentence = SENTENCES[outcome.result].format(service=", ".join(map(str, deployment.refs)), image=deployment.key,
+                                                seconds=seconds,
                                                 reason=reason)
     payload = {"deployment": deployment.id, "kind": deployment.ref.kind, "project": deployment.ref.project or None,
-            "service": deployment.ref.name, "trigger": trigger(deployment.sender),
+            "service": deployment.ref.name, "services": [ref.name for ref in deployment.refs],
+            "trigger": trigger(deployment.sender),
             "image": f"{deployment.key.registry}/{deployment.key.repository}",
             "tag": deployment.key.tag, "digest": deployment.digest, "result": outcome.result.value,
             "old_image": outcome.old_image, "new_image": outcome.new_image, "old_tag": outcome.old_tag,

@@ -141,6 +141,7 @@ class FakeDocker:
         self.names, self.host_ports = {}, {}  # (project, service): a fixed container_name; a published host port
         self.network_modes = {}  # (project, service): the service whose network namespace it joins (service:X)
         self.restarts_with = {}  # (project, service): the services it restarts with (depends_on restart: true, v2)
+        self.cannot_run = set()  # (service, image id): a container of that service on that image exits at once
         self.events = []  # (what, container, networks it was on then), for start and connect
         self.swarm_info = {"LocalNodeState": "inactive"}
         self.calls, self.fail, self.lock = [], {}, threading.Lock()
@@ -217,7 +218,7 @@ class FakeDocker:
                                                     (c["project"], c["service"]) == (project, joins)), None)}
 
     def inspect(self, c):
-        behaviour = self.behaviour[c["image_id"]]
+        behaviour = "crash" if (c["service"], c["image_id"]) in self.cannot_run else self.behaviour[c["image_id"]]
         age = self.clock() - c["started"]
         hc = behaviour in ("healthy", "unhealthy", "starting", "crash", "restart", "slow")
         status, health, restarts, started_at, code = "running", None, 0, f"t{c['started']}", 0
@@ -3045,9 +3046,11 @@ SECTIONS = [  # each banner of gopdater.py, in order, with its sub-banners
         "Compose: which project gopdater runs in (its own container's labels, or its settings)",
         "release steps: commands from a service's labels around its update",
         'Compose: what an update journals, and what recovery does at each stage',
+        "what a Compose update works on: the project as read (its protocol), one deployment's plan",
+        'a group: several services of one project on one push, switched in turn, rolled back as one',
+        'Compose recovery: what a crash left, made whole as the recovery table says',
         'the Compose project as read: services, containers, operator labels, tracking',
         'the Compose update: one plan, carried out step by step, rolled back as one',
-        'Compose recovery: what a crash left, made whole as the recovery table says',
         'every Compose project on the engine (PROJECTS), each run as in its own folder',
         'Swarm: what a Swarm update journals, and what recovery does at each stage',
         'Swarm: services updated by Swarm itself',
@@ -3486,8 +3489,8 @@ class JournalProtocolTest(unittest.TestCase):
         self.assertEqual(record.part, gopdater.ComposePart("demo-site-1", "demo-site-2", {"demo_default": ("site",)},
                                                            "/srv/demo/.env", "SITE_TAG"))
         self.assertEqual(json.loads(json.dumps(record.stored())), {
-            **{k: v for k, v in compose.items() if k != "swarm_started"},
-            "network_dependents": [], "restart_dependents": []})  # what this version adds
+            **{k: v for k, v in compose.items() if k != "swarm_started"}, "network_dependents": [],
+            "restart_dependents": [], "members": [], "switched": []})  # what this version adds
         self.assertEqual(gopdater.Record.from_json(swarm).part, gopdater.SwarmPart("2026-12-07T10:00:00Z"))
         self.assertIs(gopdater.plan(gopdater.Record.from_json(swarm), True), gopdater.SwarmAction.FOLLOW)
 
@@ -3619,6 +3622,103 @@ class DependentsTest(unittest.TestCase):
                          ["dependent app", "dependent worker"])
         (vpn,), (app,) = self.containers(rig, "vpn"), self.containers(rig, "app")
         self.assertEqual((vpn["image_id"], app["network_of"]), (NEW_ID, vpn["id"]))
+
+
+GROUP = {"web": "acme/site:latest", "worker": "acme/site:latest"}
+
+
+class GroupTest(unittest.TestCase):
+    """web and worker run acme/site:latest in one project: a push of it is one deployment of both."""
+
+    def rig(self, **env):
+        fake = FakeDocker(services=dict(GROUP))
+        return Rig(self, fake, **env)
+
+    def images(self, rig):
+        return {c["service"]: c["image_id"] for c in rig.fake.containers.values() if not c["stopped"]}
+
+    def deploy(self, rig):
+        with self.assertLogs("gopdater", "INFO"):
+            return rig.deploy()
+
+    def test_a_push_of_their_image_is_one_deployment_of_both_pulled_once(self):
+        """One deployment (one id, one view, one notification) lists web and worker, each updated with its own
+        images and steps; the image is pulled once; both run the new image."""
+        rig = self.rig(NOTIFY_URL="http://127.0.0.1:9/hook")
+        deployment = self.deploy(rig)
+        self.assertEqual(([str(r) for r in deployment.refs], deployment.state), (["demo/web", "demo/worker"], "updated"))
+        (view,) = rig.queue.views()
+        self.assertEqual([(m["service"], m["result"], m["old_image"], m["new_image"]) for m in view["services"]],
+                         [("web", "updated", OLD_ID, NEW_ID), ("worker", "updated", OLD_ID, NEW_ID)])
+        self.assertEqual([s["step"] for s in view["services"][1]["steps"] if s.get("service") == "worker"],
+                         ["inspect", "compare", "stop", "remove", "up", "downtime", "wait", "cleanup"])
+        self.assertEqual([c for c in rig.fake.calls if c[2:3] == ["pull"]], [["docker", "compose", "pull", "web"]])
+        self.assertEqual(self.images(rig), {"web": NEW_ID, "worker": NEW_ID})
+        self.assertEqual([body["services"] for _, body in rig.notices], [["web", "worker"]])
+
+    def test_a_failure_at_any_point_leaves_both_on_the_previous_image(self):
+        """A pull, a pre-update, a migrate, the first switch, the second, a post-update or a dependent that fails:
+        both services end on the old image, the deployment names the service that failed, and what ran before
+        the first switch changed nothing."""
+        steps = {"gopdater.pre-update": "dump", "gopdater.migrate": "migrate", "gopdater.post-update": "smoke"}
+        cases = [
+            ("pull", lambda f: f.fail.update({("docker", "compose", "pull"): (1, "manifest unknown")}), "failed",
+             "web: pull failed"),
+            ("pre-update", lambda f: f.fail.update({("docker", "exec"): (1, "dump failed")}), "failed",
+             "web: pre-update failed"),
+            ("migrate", lambda f: f.fail.update({("docker", "compose", "run"): (1, "no schema")}), "failed",
+             "web: migrate failed"),
+            ("first switch", lambda f: f.cannot_run.add(("web", NEW_ID)), "rolled-back", "web: container demo-web-"),
+            ("second switch", lambda f: f.cannot_run.add(("worker", NEW_ID)), "rolled-back",
+             "worker: container demo-worker-"),
+            ("post-update", lambda f: f.fail_if.append((("docker", "exec"), lambda fake: any(
+                c["image_id"] == NEW_ID and c["service"] == "worker" for c in fake.containers.values()), 1, "smoke")),
+             "rolled-back", "web: post-update failed"),
+        ]
+        for name, breaks, state, reason in cases:
+            with self.subTest(failing=name):
+                fake = FakeDocker(services=dict(GROUP))
+                for service in GROUP:
+                    fake.file_labels[("demo", service)] = dict(steps)
+                breaks(fake)
+                rig = Rig(self, fake)
+                deployment = self.deploy(rig)
+                self.assertEqual(deployment.state, state, deployment.error)
+                self.assertIn(reason, deployment.error)
+                self.assertEqual(self.images(rig), {"web": OLD_ID, "worker": OLD_ID})
+                self.assertEqual(fake.images["acme/site:latest"], OLD_ID, "the image name points back")
+
+    def test_a_dependent_that_fails_rolls_both_back(self):
+        """An app in web's network namespace cannot be recreated: web and worker both go back."""
+        fake = FakeDocker(services={**GROUP, "app": "acme/app:latest"})
+        fake.network_modes[("demo", "app")] = "web"
+        for c in [c for c in fake.containers.values() if c["service"] == "app"]:
+            del fake.containers[c["id"]]
+        fake.create("demo", "app")
+        fake.fail_if.append((tuple(RECREATE_APP), lambda f: any(c["image_id"] == NEW_ID for c in f.containers.values()
+                                                                 if c["service"] == "web"), 1, "no such container"))
+        rig = Rig(self, fake)
+        deployment = self.deploy(rig)
+        self.assertEqual(deployment.state, "rolled-back")
+        self.assertIn("web: dependent app failed", deployment.error)
+        self.assertEqual({k: v for k, v in self.images(rig).items() if k != "app"}, {"web": OLD_ID, "worker": OLD_ID})
+
+    def test_a_crash_at_any_journalled_step_is_repaired_to_one_version(self):
+        """Killed right after each journalled command of the group: the next start leaves both services on one
+        version (the previous one), their journal record closed."""
+        cuts = [(("docker", "compose", "pull"), 1), (("docker", "stop"), 1), (("docker", "rm"), 1),
+                (("docker", "compose", "up"), 1), (("docker", "stop"), 2), (("docker", "rm"), 2),
+                (("docker", "compose", "up"), 2)]
+        for prefix, nth in cuts:
+            with self.subTest(cut_after=prefix, nth=nth):
+                rig = self.rig()
+                rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+                cut(self, rig, prefix, nth)
+                queue = restart(self, rig)
+                view = queue.views()[0]
+                self.assertIn(view["state"], ("recovered", "rolled-back"), view)
+                self.assertEqual(self.images(rig), {"web": OLD_ID, "worker": OLD_ID})
+                self.assertEqual(gopdater.Journal(rig.state_dir).load()[0], [], "the journal is closed")
 
 
 class CrashRecoveryTest(unittest.TestCase):
@@ -3958,9 +4058,11 @@ class ParallelTest(unittest.TestCase):
                    PROJECTS="*", **env)
 
     def push(self, rig):
-        """A push of acme/site: one deployment per service, queued in the order blog, shop/site, shop/web, wiki."""
+        """A push of acme/site: one deployment per project, queued in the order blog, shop (site and web, as one),
+        wiki."""
         submitted = rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
-        self.assertEqual([str(d.ref) for d, _ in submitted], ["blog/site", "shop/site", "shop/web", "wiki/site"])
+        self.assertEqual([[str(ref) for ref in d.refs] for d, _ in submitted],
+                         [["blog/site"], ["shop/site", "shop/web"], ["wiki/site"]])
         return {str(d.ref): d for d, _ in submitted}
 
     def in_thread(self, rig, gate, crash=False):
@@ -3992,21 +4094,24 @@ class ParallelTest(unittest.TestCase):
         self.assertEqual(deployments["blog/site"].state, gopdater.State.UPDATED)
 
     def test_one_project_never_runs_two_deployments_at_once(self):
-        """While shop/site is held, shop/web waits; wiki, another project, goes ahead of it."""
+        """While shop's deployment is held, a later push's deployment of shop waits; wiki, another project,
+        goes ahead of it."""
         rig = self.host()
-        deployments = self.push(rig)
+        self.push(rig)
         rig.queue.run_next()  # blog
         gate = rig.fake.hold(project_call("shop", "docker", "compose", "pull"))
         with self.assertLogs("gopdater", "INFO"):
             held = self.in_thread(rig, gate)
+            later = {str(d.ref): d for d, _ in rig.queue.submit(
+                gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))}
             self.assertEqual(str(rig.queue.run_next().ref), "wiki/site")
-            self.assertIsNone(rig.queue.run_next(), "shop/web waits for shop/site")
-            self.assertEqual(deployments["shop/web"].state, gopdater.State.QUEUED)
+            while rig.queue.run_next():  # the later push's blog and wiki
+                pass
+            self.assertEqual(later["shop/site"].state, gopdater.State.QUEUED, "it waits for shop's first")
             gate.let_go()
             held.join(10)
-            self.assertEqual(str(rig.queue.run_next().ref), "shop/web")
-        self.assertEqual({str(d.ref): d.state.value for d in deployments.values()},
-                         dict.fromkeys(deployments, "updated"))
+            self.assertEqual(rig.queue.run_next(), later["shop/site"])
+        self.assertEqual(later["shop/site"].state.value, "up-to-date")
 
     def test_no_more_than_parallel_run_at_once(self):
         """PARALLEL=2: with blog and shop held, wiki waits; PARALLEL=1: with blog held, shop waits (the old
@@ -4030,7 +4135,7 @@ class ParallelTest(unittest.TestCase):
                 if parallel == 1:
                     pulls = [kw["env"]["COMPOSE_PROJECT_NAME"] for call, kw in zip(rig.fake.calls,
                              rig.fake.call_kwargs) if call[2:3] == ["pull"]]
-                    self.assertEqual(pulls, ["blog", "shop", "shop", "wiki"], started)
+                    self.assertEqual(pulls, ["blog", "shop", "wiki"], started)  # shop's image pulled once
 
     def test_a_worker_pool_updates_the_fleet_and_rereads_only_what_each_touched(self):
         """With PARALLEL workers every service updates; after each deployment only its service's containers
@@ -4042,7 +4147,7 @@ class ParallelTest(unittest.TestCase):
         with self.assertLogs("gopdater", "INFO"):
             rig.start_worker()
             self.assertTrue(rig.queue.wait_idle(10))
-        self.assertEqual([v["state"] for v in rig.queue.views()], ["updated"] * 4)
+        self.assertEqual([v["state"] for v in rig.queue.views()], ["updated"] * 3)
         self.assertNotIn(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"],
                          rig.fake.calls)
         self.assertEqual([call for call in rig.fake.calls if "config" in call], [])
@@ -4059,7 +4164,7 @@ class ParallelTest(unittest.TestCase):
         with self.assertLogs("gopdater", "INFO"):
             held = self.in_thread(rig, gate)
             shop = rig.queue.run_next()
-            self.assertEqual([s.result for s in shop.steps if s.step == "cleanup"], ["kept"])
+            self.assertEqual([s.result for s in shop.steps if s.step == "cleanup"], ["kept", "kept"])
             self.assertNotIn(["docker", "rmi", OLD_ID], rig.fake.calls)
             gate.let_go()
             held.join(10)
@@ -4083,12 +4188,12 @@ class ParallelTest(unittest.TestCase):
             while queue.run_next():
                 pass
         recovered = {f"{v['project']}/{v['service']}": v["state"] for v in queue.views() if v["sender"] == "recovery"}
-        self.assertEqual(recovered, dict.fromkeys(["blog/site", "shop/site", "wiki/site"], "recovered"))
+        self.assertEqual(recovered, {"blog/site": "recovered", "shop/site": "rolled-back", "wiki/site": "recovered"})
         self.assertEqual(gopdater.Journal(rig.state_dir).load()[0], [], "the journal is closed")
         running = sorted((c["project"], c["service"], c["image_id"]) for c in rig.fake.containers.values()
                          if not c["stopped"])
-        self.assertEqual(running, [("blog", "site", NEW_ID), ("shop", "site", NEW_ID), ("shop", "web", OLD_ID),
-                                   ("wiki", "site", NEW_ID)])
+        self.assertEqual(running, [("blog", "site", NEW_ID), ("shop", "site", OLD_ID), ("shop", "web", OLD_ID),
+                                   ("wiki", "site", NEW_ID)], "shop's two services on one version")
 
     def test_sigterm_lets_every_running_deployment_finish_and_cancels_the_rest(self):
         """stop() with blog and shop in flight waits for both (bounded) and cancels what had not started."""
@@ -4104,8 +4209,7 @@ class ParallelTest(unittest.TestCase):
             for thread in threads:
                 thread.join(10)
         self.assertEqual({k: d.state.value for k, d in deployments.items()},
-                         {"blog/site": "updated", "shop/site": "updated", "shop/web": "cancelled",
-                          "wiki/site": "cancelled"})
+                         {"blog/site": "updated", "shop/site": "updated", "wiki/site": "cancelled"})
 
     def test_a_project_started_later_is_found_within_seconds_of_any_hook(self):
         """wiki, started after gopdater, is found by the look a hook schedules (10 s on), which reads only the
@@ -5634,22 +5738,22 @@ class ReconcileRoundTest(unittest.TestCase):
         return report, logs.output
 
     def test_a_service_behind_is_queued_as_a_push_would_queue_it(self):
-        """The registry names another digest: one question for the two services on the tag, both queued with
-        trigger reconcile and the digest, then updated as a push updates them."""
+        """The registry names another digest: one question for the two services on the tag, both queued (one
+        deployment of the project) with trigger reconcile and the digest, then updated as a push updates them."""
         registry = FakeRegistry({"docker.io/acme/site:latest": DIGEST_B})
         rig, reconciler = self.rig(registry, NOTIFY_URL="https://ntfy.sh/ops")
         report, _ = self.round(reconciler)
         self.assertEqual(registry.asked, [("digest", "docker.io/acme/site:latest")])
         self.assertEqual((report.asked, report.behind, report.rounds), (2, ("demo/site", "demo/worker"), 1))
-        views = rig.queue.views()
-        self.assertEqual({(v["service"], v["sender"], v["trigger"], v["digest"]) for v in views},
-                         {("site", "reconcile", "reconcile", DIGEST_B), ("worker", "reconcile", "reconcile", DIGEST_B)})
+        (view,) = rig.queue.views()
+        self.assertEqual((view["sender"], view["trigger"], view["digest"], [m["service"] for m in view["services"]]),
+                         ("reconcile", "reconcile", DIGEST_B, ["site", "worker"]))
         rig.start_worker()
         with self.assertLogs("gopdater", "INFO"):
             self.assertTrue(rig.queue.wait_idle(10))
         self.assertEqual({v["state"] for v in rig.queue.views()}, {"updated"})
-        self.assertEqual([(body["service"], body["trigger"]) for _, body in rig.notices],
-                         [("site", "reconcile"), ("worker", "reconcile")])
+        self.assertEqual([(body["services"], body["trigger"]) for _, body in rig.notices],
+                         [(["site", "worker"], "reconcile")], "one notification for the deployment of both")
 
     def test_a_service_on_what_the_registry_names_records_nothing(self):
         """The registry names the digest the running image was pulled as: nothing queued, over several rounds."""
@@ -5669,7 +5773,7 @@ class ReconcileRoundTest(unittest.TestCase):
             self.assertTrue(rig.queue.wait_idle(10))
         self.assertEqual({v["state"] for v in rig.queue.views()}, {"rolled-back"})
         report, _ = self.round(reconciler)
-        self.assertEqual((report.behind, len(rig.queue.views())), ((), 2))
+        self.assertEqual((report.behind, len(rig.queue.views())), ((), 1))
         registry.digests["docker.io/acme/site:latest"] = "sha256:" + "c" * 64
         report, _ = self.round(reconciler)
         self.assertEqual(len(report.behind), 2)
