@@ -2559,9 +2559,7 @@ class WorkQueue:
         (of those named in only, if given), or join one queued there for that image; [] if none runs it, None if
         the queue is full or stopping."""
         refs = [ref for ref in self.target.services_for(event.image) if only is None or ref in only]
-        lanes: Dict[Hashable, List[ServiceRef]] = {}
-        for ref in refs:
-            lanes.setdefault(self.target.lane(ref), []).append(ref)
+        lanes = self.by_lane(refs)
         submitted = []
         with self.lock:
             self.refresh_soon(matched=bool(refs))
@@ -2577,6 +2575,13 @@ class WorkQueue:
                 submitted.append(Submitted(self.queued_new(event, lane, self.target.order(group)), False))
             self.lock.notify_all()
         return submitted
+
+    def by_lane(self, refs: Sequence[ServiceRef]) -> Dict[Hashable, List[ServiceRef]]:
+        """The services grouped by lane: one deployment each."""
+        lanes: Dict[Hashable, List[ServiceRef]] = {}
+        for ref in refs:
+            lanes.setdefault(self.target.lane(ref), []).append(ref)
+        return lanes
 
     def queued_new(self, event: PushEvent, lane: Hashable, refs: Sequence[ServiceRef]) -> Deployment:
         """A new deployment of these services (one lane), queued and in the history (the lock held)."""
@@ -4402,6 +4407,11 @@ class ComposeGroupUpdate:
         problem = next(filter(None, (plan.release.problem for plan in plans)), None) or self.before_switch(plans)
         if problem:
             return self.ended(plans, Outcome(reason=problem))
+        return self.switch_then_post_update(plans)
+
+    def switch_then_post_update(self, plans: Sequence[ComposePlan]) -> Outcome:
+        """Switch each in turn, then every post-update; on a failure every switched service goes back; else the
+        replaced images are cleaned up."""
         switched: List[ComposePlan] = []
         failure = self.switch_all(plans, switched) or self.post_update(plans)
         if failure:
@@ -4500,9 +4510,7 @@ class ComposeGroupUpdate:
                 continue
             back.append(self.one.roll_back(plan, plan.outcome._replace(reason=reason)))
         self.put_back([plan for plan in plans if plan not in switched])
-        result = State.ROLLED_BACK if all(o.result is State.ROLLED_BACK for o in back) else State.FAILED
-        extra = "; ".join(o.reason for o in back if o.result is not State.ROLLED_BACK and o.reason != reason)
-        return self.ended(plans, Outcome(result, reason=f"{reason}; {extra}" if extra else reason))
+        return self.ended(plans, rolled_back(back, reason))
 
     def put_back(self, plans: Sequence[ComposePlan]) -> None:
         """The image names and env files of services never switched name their old images again."""
@@ -4517,6 +4525,12 @@ class ComposeGroupUpdate:
         for plan in plans:
             self.steps.member(plan.service, plan.outcome._replace(result=outcome.result, reason=outcome.reason))
         return plans[0].outcome._replace(result=outcome.result, reason=outcome.reason)
+
+
+def rolled_back(back: Sequence[Outcome], reason: str) -> Outcome:
+    """A group's outcome from its services' rollbacks: rolled-back if each was, else failed with their reasons."""
+    failed = [o.reason for o in back if o.result is not State.ROLLED_BACK and o.reason != reason]
+    return Outcome(State.FAILED if failed else State.ROLLED_BACK, reason="; ".join([reason, *failed]))
 
 
 def member_of(plan: ComposePlan) -> Member:
@@ -5875,8 +5889,7 @@ def notification(deployment: Deployment, outcome: Outcome, seconds: float, secre
     is taken out of every string (a command's output could hold anything)."""
     reason = outcome.reason and outcome.reason[:REASON_MAX]
     sentence = SENTENCES[outcome.result].format(service=", ".join(map(str, deployment.refs)), image=deployment.key,
-                                                seconds=seconds,
-                                                reason=reason)
+                                                seconds=seconds, reason=reason)
     payload = {"deployment": deployment.id, "kind": deployment.ref.kind, "project": deployment.ref.project or None,
             "service": deployment.ref.name, "services": [ref.name for ref in deployment.refs],
             "trigger": trigger(deployment.sender),
@@ -5886,6 +5899,11 @@ def notification(deployment: Deployment, outcome: Outcome, seconds: float, secre
             "new_tag": outcome.new_tag, "seconds": round(seconds, 3),
             "durations": {s.step: s.seconds for s in deployment.steps}, "reason": reason,
             "logs": [line[:LINE_MAX] for line in deployment.logs[-LOG_TAIL_LINES:]], "text": sentence}
+    return without_secret(payload, secret)
+
+
+def without_secret(payload: dict, secret: str) -> dict:
+    """The payload with the secret taken out of every string, and of every string in a list."""
     if not secret:
         return payload
     clean = lambda value: value.replace(secret, "***") if isinstance(value, str) else value  # noqa: E731
