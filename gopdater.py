@@ -2252,7 +2252,7 @@ REASON_MAX = 1000  # a reason names services and tags; a host with hundreds of t
 def accepted(submitted: Sequence["Submitted"]) -> dict:
     """The 202 answer's body: the first deployment's id, every service, and every id when there are several."""
     ids = list(dict.fromkeys(deployment.id for deployment, _ in submitted))
-    reply = {"status": "accepted", "id": ids[0], "services": sorted({str(d.ref) for d, _ in submitted})}
+    reply = {"status": "accepted", "id": ids[0], "services": sorted({str(r) for d, _ in submitted for r in d.refs})}
     return {**reply, "ids": ids} if len(ids) > 1 else reply
 
 

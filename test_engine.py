@@ -2202,6 +2202,83 @@ class DependentsV1Test(DependentsScenario, unittest.TestCase):
     flavour = "v1"
 
 
+class GroupScenario:
+    """web and worker run one image in one project; the worker needs a file (/worker.ok) the broken version
+    lacks, where web still serves it. A good push, then the broken one."""
+
+    flavour = None
+
+    @classmethod
+    def setUpClass(cls):
+        flavour_project(cls, "grp")
+        cls.images = {v: cls.build(v, worker_ok=v != "v3") for v in ("v1", "v2", "v3")}
+        cls.registry.retag("v1", name="grp")
+        (cls.folder / "compose.yaml").write_text(f"""services:
+  web:
+    image: {cls.repo}:latest
+    init: true
+    ports: ["127.0.0.1:{cls.site_port}:80"]
+{HEALTH}
+  worker:
+    image: {cls.repo}:latest
+    init: true
+    command: ["/bin/busybox", "sh", "-c", "test -f /worker.ok && exec /bin/busybox sleep 3600"]
+""")
+        run([*cls.compose, "-p", cls.project, "up", "-d"], cwd=cls.folder, timeout=300,
+            env=clean_env(PWD=str(cls.folder)))
+        wait_for(lambda: site_text(cls.site_port) == "acme grp v1", 60, "the site to serve v1")
+        cls.gopdater = launch_gopdater(cls.folder, cls.tmp / "gopdater.log", cls.gp_port,
+                                       OWNER=f"127.0.0.1:{cls.port}/acme", COMPOSE_COMMAND=" ".join(cls.compose),
+                                       SETTLE_TIME="3")
+
+    @classmethod
+    def build(cls, version, worker_ok):
+        """One version: busybox, its page, and the file the worker needs (unless worker_ok is False)."""
+        folder = cls.tmp / f"build-{version}"
+        folder.mkdir()
+        (folder / "index.html").write_text(f"acme grp {version}\n")
+        (folder / "worker.ok").write_text("ok\n")
+        files = {"/bin/busybox": "/bin/busybox", str(folder / "index.html"): "/www/index.html",
+                 **({str(folder / "worker.ok"): "/worker.ok"} if worker_ok else {})}
+        return import_and_push(f"{cls.repo}:{version}", files, [("/bin/sh", "busybox")],
+                               ['CMD ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"]'])
+
+    def push(self, version):
+        self.registry.retag(version, name="grp")
+        status, reply = bearer_hook(self.gp_port, self.repo)
+        self.assertEqual(status, 202, reply)
+        self.assertEqual(reply["services"], [f"{self.project}/web", f"{self.project}/worker"])
+        self.assertNotIn("ids", reply, "one deployment of both")
+        (record,) = ended_deployments(self.gp_port, [reply["id"]], what="the deployment of web and worker to end")
+        return record
+
+    def running(self):
+        return {service: service_container(self.project, service)["Image"] for service in ("web", "worker")}
+
+    def test_web_and_worker_switch_together_and_go_back_together(self):
+        """v2: one deployment updates both; v3, which the worker cannot run: both back on v2 (no mixed
+        versions), the deployment rolled-back naming the worker, the site serving v2."""
+        record = self.push("v2")
+        self.assertEqual((record["state"], [m["result"] for m in record["services"]]),
+                         ("updated", ["updated", "updated"]), record)
+        self.assertEqual(self.running(), {"web": self.images["v2"], "worker": self.images["v2"]})
+        record = self.push("v3")
+        self.assertEqual(record["state"], "rolled-back", record)
+        self.assertIn("worker:", record["error"])
+        self.assertEqual(self.running(), {"web": self.images["v2"], "worker": self.images["v2"]})
+        wait_for(lambda: site_text(self.site_port) == "acme grp v2", 30, "the site to serve v2 again")
+        figure(f"[group {self.flavour}] web and worker on one image: v2 updated both in one deployment; v3 (the "
+               f"worker cannot run it) rolled both back, the site serving v2")
+
+
+class GroupV2Test(GroupScenario, unittest.TestCase):
+    flavour = "v2"
+
+
+class GroupV1Test(GroupScenario, unittest.TestCase):
+    flavour = "v1"
+
+
 def reconcile_rounds(port):
     """How many reconcile rounds gopdater has ended (its /metrics), or -1 if it does not answer."""
     try:

@@ -3656,6 +3656,12 @@ class GroupTest(unittest.TestCase):
         self.assertEqual(self.images(rig), {"web": NEW_ID, "worker": NEW_ID})
         self.assertEqual([body["services"] for _, body in rig.notices], [["web", "worker"]])
 
+    def test_the_hook_is_answered_with_the_one_deployment_and_both_services(self):
+        """202 names one deployment (no ids list) and both services."""
+        rig = self.rig()
+        status, reply, _ = rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+        self.assertEqual((status, reply["services"], "ids" in reply), (202, ["demo/web", "demo/worker"], False))
+
     def test_a_failure_at_any_point_leaves_both_on_the_previous_image(self):
         """A pull, a pre-update, a migrate, the first switch, the second, a post-update or a dependent that fails:
         both services end on the old image, the deployment names the service that failed, and what ran before
