@@ -1965,7 +1965,16 @@ def when(stamp: object) -> str:
 
 
 def service_name(view: Mapping[str, object]) -> str:
-    return f"{view.get('project')}/{view.get('service')}" if view.get("project") else str(view.get("service"))
+    """The services of a deployment view, as the status page names them (project/a, b)."""
+    names = ", ".join(view_services(view))
+    return f"{view.get('project')}/{names}" if view.get("project") else names
+
+
+def view_services(view: Mapping[str, object]) -> List[str]:
+    """The services a stored or live deployment view names (its "services", else its "service")."""
+    listed = view.get("services")
+    names = [m.get("service") for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
+    return [n for n in names if isinstance(n, str)] or [str(view.get("service"))]
 
 
 def status_rows(services: Sequence["Running"], views: Sequence[Mapping[str, object]]) -> List[str]:
@@ -5727,13 +5736,6 @@ def failed_digests(views: Iterable[Mapping[str, object]]) -> FrozenSet[Tuple[Ser
     return frozenset((ServiceRef(str(v.get("kind")), v.get("project") or "", str(name)), v["digest"])
                      for v in views if v.get("state") in FAILED_STATES and isinstance(v.get("digest"), str)
                      for name in view_services(v))
-
-
-def view_services(view: Mapping[str, object]) -> List[str]:
-    """The services a stored or live deployment view names (its "services", else its "service")."""
-    listed = view.get("services")
-    names = [m.get("service") for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
-    return [n for n in names if isinstance(n, str)] or [str(view.get("service"))]
 
 
 class Reconciler:
