@@ -3656,6 +3656,62 @@ class GroupTest(unittest.TestCase):
         self.assertEqual(self.images(rig), {"web": NEW_ID, "worker": NEW_ID})
         self.assertEqual([body["services"] for _, body in rig.notices], [["web", "worker"]])
 
+    def test_the_order_is_composes_dependency_order_then_the_name(self):
+        """dependency_order(): each service after those it depends on, then by name; a cycle is broken by name.
+        A project orders a group by depends_on (v2) and by whose network a service joins."""
+        cases = [({"web": set(), "worker": set()}, ["web", "worker"]),
+                 ({"web": {"worker"}, "worker": set()}, ["worker", "web"]),
+                 ({"a": {"c"}, "b": set(), "c": {"b"}}, ["b", "c", "a"]),
+                 ({"a": {"b"}, "b": {"a"}}, ["a", "b"])]
+        for after, order in cases:
+            with self.subTest(after=after):
+                self.assertEqual(gopdater.dependency_order({k: frozenset(v) for k, v in after.items()}), order)
+        fake = FakeDocker(services={"web": "acme/site:latest", "api": "acme/site:latest", "db": "acme/site:latest"})
+        fake.restarts_with[("demo", "api")] = ("db",)  # depends_on db (with restart: true)
+        fake.restarts_with[("demo", "web")] = ("api",)
+        rig = Rig(self, fake)
+        deployment = self.deploy(rig)
+        self.assertEqual([r.name for r in deployment.refs], ["db", "api", "web"])
+        ups = [c[-1] for c in fake.mutating_calls() if c[2:5] == ["up", "-d", "--no-deps"]]
+        self.assertEqual(ups[:3], ["db", "api", "web"])
+
+    def test_release_steps_run_all_before_then_all_after_and_an_unchanged_service_restarts_nothing(self):
+        """Every pre-update, then each migrate, then the switches, then every post-update; a service already on
+        the new image is up-to-date within the deployment and not switched."""
+        fake = FakeDocker(services={**GROUP, "cron": "acme/site:latest"})
+        for service in ("web", "worker"):
+            fake.file_labels[("demo", service)] = {"gopdater.pre-update": "dump", "gopdater.migrate": "migrate",
+                                                   "gopdater.post-update": "smoke"}
+        for c in fake.containers.values():
+            if c["service"] == "cron":
+                c["image_id"] = NEW_ID
+        rig = Rig(self, fake)
+        deployment = self.deploy(rig)
+        self.assertEqual(deployment.state, "updated")
+        order = [(c[1] if c[1] != "compose" else c[2], next((a for a in c if a in ("dump", "migrate", "smoke")), c[-1]))
+                 for c in fake.calls if c[1] == "exec" or c[2:4] in (["run", "--rm"], ["up", "-d"])]
+        self.assertEqual([step for _, step in order], ["dump", "dump", "migrate", "migrate", "web", "worker", "smoke",
+                                                       "smoke"])
+        view = rig.queue.views()[0]
+        self.assertEqual({m["service"]: m["result"] for m in view["services"]},
+                         {"cron": "up-to-date", "web": "updated", "worker": "updated"})
+        self.assertNotIn(["docker", "compose", "up", "-d", "--no-deps", "cron"], fake.mutating_calls())
+
+    def test_a_tracked_pair_goes_back_tag_and_env_file_together(self):
+        """web and worker both follow ${SITE_TAG} (minor) in one .env: a push of 1.4.3 the worker cannot run
+        puts both back on 1.4.2, and the .env says 1.4.2 again."""
+        root = tempfile.mkdtemp(prefix="gopdater-group-")
+        self.addCleanup(shutil.rmtree, root, True)
+        fake = FakeDocker(services={"web": "acme/site:1.4.2", "worker": "acme/site:1.4.2"}, root=root)
+        for service in GROUP:
+            fake.track("demo", service, SITE_RAW, "SITE_TAG=1.4.2\n", "minor", TRACKED_VERSIONS)
+        fake.cannot_run.add(("worker", fake.registry["acme/site:1.4.3"]))
+        rig = Rig(self, fake, COMPOSE_FILE=os.path.join(root, "demo", "compose.yaml"))
+        with self.assertLogs("gopdater", "INFO"):
+            deployment = rig.deploy("docker.io/acme/site:1.4.3")
+        self.assertEqual((deployment.state, fake.env_text("demo")), ("rolled-back", "SITE_TAG=1.4.2\n"))
+        self.assertEqual(self.images(rig), {"web": OLD_ID, "worker": OLD_ID})
+
     def test_the_hook_is_answered_with_the_one_deployment_and_both_services(self):
         """202 names one deployment (no ids list) and both services."""
         rig = self.rig()
@@ -3712,12 +3768,17 @@ class GroupTest(unittest.TestCase):
     def test_a_crash_at_any_journalled_step_is_repaired_to_one_version(self):
         """Killed right after each journalled command of the group: the next start leaves both services on one
         version (the previous one), their journal record closed."""
-        cuts = [(("docker", "compose", "pull"), 1), (("docker", "stop"), 1), (("docker", "rm"), 1),
-                (("docker", "compose", "up"), 1), (("docker", "stop"), 2), (("docker", "rm"), 2),
-                (("docker", "compose", "up"), 2)]
+        cuts = [(("docker", "compose", "pull"), 1), (("docker", "exec"), 1), (("docker", "compose", "run"), 2),
+                (("docker", "stop"), 1), (("docker", "rm"), 1), (("docker", "compose", "up"), 1),
+                (("docker", "stop"), 2), (("docker", "rm"), 2), (("docker", "compose", "up"), 2),
+                (("docker", "exec"), 3), (("docker", "rmi"), 1)]
         for prefix, nth in cuts:
             with self.subTest(cut_after=prefix, nth=nth):
-                rig = self.rig()
+                fake = FakeDocker(services=dict(GROUP))
+                for service in GROUP:
+                    fake.file_labels[("demo", service)] = {"gopdater.pre-update": "dump",
+                                                           "gopdater.migrate": "migrate", "gopdater.post-update": "smoke"}
+                rig = Rig(self, fake)
                 rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
                 cut(self, rig, prefix, nth)
                 queue = restart(self, rig)
