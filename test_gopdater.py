@@ -3712,6 +3712,22 @@ class GroupTest(unittest.TestCase):
         self.assertEqual((deployment.state, fake.env_text("demo")), ("rolled-back", "SITE_TAG=1.4.2\n"))
         self.assertEqual(self.images(rig), {"web": OLD_ID, "worker": OLD_ID})
 
+    def test_a_start_first_member_switches_start_first_and_goes_back_with_the_group(self):
+        """web asked for start-first: in the group it gets a new container beside the old one; when the worker
+        then cannot run the image, web goes back too."""
+        for worker_runs, state, web in ((True, "updated", NEW_ID), (False, "rolled-back", OLD_ID)):
+            with self.subTest(worker_runs=worker_runs):
+                fake = FakeDocker(services=dict(GROUP))
+                fake.orders[("demo", "web")] = "start-first"
+                if not worker_runs:
+                    fake.cannot_run.add(("worker", NEW_ID))
+                rig = Rig(self, fake)
+                deployment = self.deploy(rig)
+                self.assertEqual(deployment.state, state, deployment.error)
+                web_steps = [s.step for s in deployment.steps if s.service == "web"]
+                self.assertIn("create", web_steps)
+                self.assertEqual(self.images(rig), {"web": web, "worker": web})
+
     def test_the_hook_is_answered_with_the_one_deployment_and_both_services(self):
         """202 names one deployment (no ids list) and both services."""
         rig = self.rig()
