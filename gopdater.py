@@ -2624,6 +2624,8 @@ class WorkQueue:
                 ref = ServiceRef(record.kind, record.project, record.service)
                 deployment = Deployment(os.urandom(6).hex(), "recovery", parse_reference(record.reference), None, ref)
                 deployment.recovery, deployment.lane = record, self.target.lane(ref)
+                deployment.refs = tuple(ServiceRef(record.kind, record.project, name)
+                                        for name in getattr(record.part, "services", ()) or (record.service,))
                 self.queue.appendleft(deployment)
                 self.history.append(deployment)
                 log.warning("deployment=%s recovery of service=%s, cut off at step=%s by deployment=%s",
@@ -2839,7 +2841,8 @@ class Target:
     opens the journal with steps.begin(<one of its procedures>) and journals each stage with steps.step(), and
     recover() does what plan() returns. The row: RECORD_KINDS[kind] = RecordKind(its part of a journal record,
     a NamedTuple with CHECKS and from_stored; its recovery rows, (procedure, stage) -> (action if running, if
-    not); the procedure of a record without one). Start-up makes it from a TARGET_KINDS row (main section).
+    not); the procedure of a record without one). A part may name the services of its record (`services`), for
+    the view of their recovery. Start-up makes it from a TARGET_KINDS row (main section).
     """
 
     kind = ""
@@ -3962,6 +3965,11 @@ class ComposePart(NamedTuple):
     restart_dependents: Tuple[str, ...] = ()
     members: Tuple[Member, ...] = ()  # a group: each service, in the order they are switched
     switched: Tuple[str, ...] = ()  # a group: the services switched so far (and the one being switched)
+
+    @property
+    def services(self) -> Tuple[str, ...]:
+        """The services of a group's record (a record's part may name them: the queue shows each)."""
+        return tuple(member.service for member in self.members)
 
     CHECKS = (  # a class attribute (no annotation), not a field
         ("old_container", written(CONTAINER_RE.fullmatch)), ("new_container", written(CONTAINER_RE.fullmatch)),
