@@ -30,6 +30,7 @@ import types
 import unittest
 import urllib.error
 import urllib.request
+from http.client import HTTPException
 
 from bench.harness import figure
 
@@ -392,7 +393,7 @@ class Poller(threading.Thread):
         while self.running:
             try:
                 status = http("GET", self.url, timeout=2)[0]
-            except OSError:
+            except (OSError, HTTPException):  # a reset, or a broken answer mid-switch: a failed poll
                 status = 0
             if status == 200:
                 self.ok.append(time.monotonic())
