@@ -2520,6 +2520,23 @@ def joined_by(queued: Deployment, event: PushEvent) -> Deployment:
     return queued
 
 
+def by_lane(lane: Callable[[ServiceRef], Hashable], refs: Sequence[ServiceRef]) -> Dict[Hashable, List[ServiceRef]]:
+    """The services grouped by their lane (Target.lane): one deployment each."""
+    lanes: Dict[Hashable, List[ServiceRef]] = {}
+    for ref in refs:
+        lanes.setdefault(lane(ref), []).append(ref)
+    return lanes
+
+
+def count_deployment(metrics: Metrics, deployment: Deployment, outcome: Outcome, seconds: float) -> None:
+    """/metrics: each service of a deployment with how its part ended, its own steps and tag move."""
+    for ref in deployment.refs:
+        ended = deployment.members.get(ref.name, outcome) if len(deployment.refs) > 1 else outcome
+        own = [step for step in deployment.steps if step.service in ("", ref.name)]
+        tags = (ended.old_tag, ended.new_tag) if ended.new_tag else None
+        metrics.deployed(str(ref), ended.result, seconds, own, tags)
+
+
 class QueueSeams(NamedTuple):
     """What a work queue reaches the world through: main passes the real ones, tests recording fakes."""
 
@@ -2568,7 +2585,7 @@ class WorkQueue:
         (of those named in only, if given), or join one queued there for that image; [] if none runs it, None if
         the queue is full or stopping."""
         refs = [ref for ref in self.target.services_for(event.image) if only is None or ref in only]
-        lanes = self.by_lane(refs)
+        lanes = by_lane(self.target.lane, refs)
         submitted = []
         with self.lock:
             self.refresh_soon(matched=bool(refs))
@@ -2584,13 +2601,6 @@ class WorkQueue:
                 submitted.append(Submitted(self.queued_new(event, lane, self.target.order(group)), False))
             self.lock.notify_all()
         return submitted
-
-    def by_lane(self, refs: Sequence[ServiceRef]) -> Dict[Hashable, List[ServiceRef]]:
-        """The services grouped by lane: one deployment each."""
-        lanes: Dict[Hashable, List[ServiceRef]] = {}
-        for ref in refs:
-            lanes.setdefault(self.target.lane(ref), []).append(ref)
-        return lanes
 
     def queued_new(self, event: PushEvent, lane: Hashable, refs: Sequence[ServiceRef]) -> Deployment:
         """A new deployment of these services (one lane), queued and in the history (the lock held)."""
@@ -2781,8 +2791,7 @@ class WorkQueue:
             if outcome.reason and outcome.result in (State.FAILED, State.ROLLED_BACK, State.SKIPPED):
                 deployment.error = outcome.reason[:REASON_MAX]
         seconds = steps.record(DONE, outcome.result.value, started)
-        self.metrics.deployed(str(deployment.ref), outcome.result, seconds, deployment.steps,
-                              (outcome.old_tag, outcome.new_tag) if outcome.new_tag else None)
+        count_deployment(self.metrics, deployment, outcome, seconds)
         self.keep_history()
         self.tell(deployment, outcome, seconds)
         if outcome.result in CHANGED:

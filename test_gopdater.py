@@ -3655,6 +3655,9 @@ class GroupTest(unittest.TestCase):
         self.assertEqual([c for c in rig.fake.calls if c[2:3] == ["pull"]], [["docker", "compose", "pull", "web"]])
         self.assertEqual(self.images(rig), {"web": NEW_ID, "worker": NEW_ID})
         self.assertEqual([body["services"] for _, body in rig.notices], [["web", "worker"]])
+        metrics = rig.metrics.render(0)
+        for service in ("demo/web", "demo/worker"):
+            self.assertIn(f'gopdater_last_deployment_result{{service="{service}",result="updated"}} 1', metrics)
 
     def test_the_order_is_composes_dependency_order_then_the_name(self):
         """dependency_order(): each service after those it depends on, then by name; a cycle is broken by name.
