@@ -1245,12 +1245,14 @@ class StartFirstEngineTest(unittest.TestCase):
             wait_for(lambda: site_text(self.proxy_port) == "acme site v1", 60, "v1 through caddy")
 
     def push(self, version):
-        """Retag, send the hook, wait for the site's deployment; return its record."""
+        """Retag, send the hook, wait for the deployment of site and hostport (one, as both run the image);
+        return its record."""
         self.registry.retag(version)
         status, reply = bearer_hook(self.gp_port, f"127.0.0.1:{self.port}/acme/site")
         self.assertEqual(status, 202, reply)
-        views = ended_deployments(self.gp_port, reply.get("ids") or [reply["id"]])
-        return next(v for v in views if v["service"] == "site")
+        (view,) = ended_deployments(self.gp_port, [reply["id"]])
+        self.assertEqual([m["service"] for m in view["services"]], ["hostport", "site"])
+        return view
 
     def test_five_pushes_give_zero_failed_requests_through_the_proxy(self):
         """Pushes of v2, v1, v2, v1, v2: each updated start-first; a client polling the proxy sees no failure."""
