@@ -59,6 +59,15 @@ def flood_without_reading(sock, limit=32 * 1024 * 1024):
     return sent
 
 
+def answer_status(sock):
+    """The status code of the answer waiting on sock, or b"reset" when the server dropped the connection first
+    (a stalled attacker cut off at REQUEST_TIMEOUT may be reset before its 408 is read: a busy machine)."""
+    try:
+        return sock.recv(100)[9:12]
+    except ConnectionResetError:
+        return b"reset"
+
+
 class Front(unittest.TestCase):
     """One gopdater process for the class; each test attacks it, then checks it is unharmed."""
 
@@ -178,8 +187,8 @@ class PlainFrontTest(Front):
             with contextlib.suppress(OSError):
                 sock.sendall(head + b"x" * (512 * 1024))
         self.assert_unharmed()
-        statuses = [sock.recv(100)[9:12] for sock in attackers]  # 503 at once; 408 for those read
-        self.assertLessEqual(set(statuses), {b"503", b"408"})
+        statuses = [answer_status(sock) for sock in attackers]  # 503 at once; 408 (or a reset) for those read
+        self.assertLessEqual(set(statuses), {b"503", b"408", b"reset"})
         self.assertGreater(statuses.count(b"503"), 128)
 
     def test_a_request_sent_a_byte_at_a_time_is_cut_off_at_request_timeout(self):
