@@ -41,6 +41,7 @@ import concurrent.futures
 import contextlib
 import enum
 import functools
+import hashlib
 import html
 import hmac
 import io
@@ -61,7 +62,7 @@ import threading
 import time
 import types
 import urllib.parse
-from datetime import datetime, timezone
+from datetime import datetime, time as dtime, timedelta, timezone
 from http import HTTPStatus
 from typing import (Callable, Dict, FrozenSet, Hashable, Iterable, List, Mapping, NamedTuple, Optional, Protocol,
                     Sequence, Tuple, Union)
@@ -73,7 +74,8 @@ log = logging.getLogger("gopdater")
 # The seams: what main, --check and the tests may touch of an object besides its methods, properties and NamedTuple
 # fields. Every other attribute is the object's own; test_gopdater's house rules keep the tests to these.
 PUBLIC_SEAMS: Mapping[str, Tuple[str, ...]] = {
-    "App": ("config", "queue", "reconciler", "metrics"),  # main hands it the queue and the reconciler once they run
+    "App": ("config", "queue", "reconciler", "metrics", "desk", "clock"),  # main hands it the queue, the desk and
+    # the reconciler once they run; clock is wall time, for the forms' tokens
     "CommandError": ("argv", "code", "tail", "output"),
     "EngineUnreachable": ("argv", "code", "tail"),
     "Deployment": ("id", "sender", "key", "digest", "ref", "state", "hooks", "created", "started", "finished", "steps",
@@ -361,11 +363,16 @@ class Running(NamedTuple):
 
 
 class State(str, enum.Enum):
-    """Where a deployment stands; the last five are also the outcome of one service."""
+    """Where a deployment stands; from FAILED on, also the outcome of one service."""
 
     QUEUED = "queued"
+    WAITING = "waiting"  # for its update window, or for an operator's approval
     RUNNING = "running"
     CANCELLED = "cancelled"
+    REJECTED = "rejected"  # an operator rejected it while it waited
+    EXPIRED = "expired"  # it waited APPROVE_TIMEOUT for approval
+    HELD = "held"  # an operator held the service (its entry in the history)
+    RESUMED = "resumed"  # an operator resumed it
     FAILED = "failed"
     ROLLED_BACK = "rolled-back"
     UPDATED = "updated"
@@ -376,6 +383,39 @@ class State(str, enum.Enum):
 
 
 CHANGED = frozenset({State.UPDATED, State.RECOVERED, State.ROLLED_BACK, State.FAILED})
+PENDING = frozenset({State.QUEUED, State.WAITING, State.RUNNING})  # not ended yet
+
+
+class Action(str, enum.Enum):
+    """What an operator asks for (POST /services/<project>/<service>/<action>, /deployments/<id>/<action>); a
+    deployment's own is UPDATE, or ROLLBACK when an operator asked for one."""
+
+    HOLD = "hold"
+    RESUME = "resume"
+    UPDATE = "update"
+    ROLLBACK = "rollback"
+    APPROVE = "approve"
+    REJECT = "reject"
+
+
+SERVICE_ACTIONS = (Action.HOLD, Action.RESUME, Action.UPDATE, Action.ROLLBACK)
+DEPLOYMENT_ACTIONS = (Action.APPROVE, Action.REJECT)
+
+
+class Acted(NamedTuple):
+    """How an operator's action was taken: its HTTP status, a short reason, the deployment it queued or changed."""
+
+    status: HTTPStatus
+    reason: str
+    deployment: Optional[str] = None
+
+
+class Previous(NamedTuple):
+    """The image a service ran before its last update, kept for an operator's rollback (with its tag, for a service
+    that follows versions)."""
+
+    image: str
+    tag: Optional[str] = None
 STATE_VALUES = frozenset(state.value for state in State)
 
 
@@ -780,6 +820,84 @@ class ConfigError(Exception):
 Parser = Callable[[str, Optional[str]], object]
 
 
+# -- update windows: when a deployment may run (UPDATE_WINDOW, the label gopdater.window) -------
+
+DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+SPAN_RE = re.compile(r"(?:([a-z]{3})(?:-([a-z]{3}))?\s+)?([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})", re.ASCII)
+WINDOW_EXAMPLE = "Mon-Fri 02:00-05:00,Sat-Sun 00:00-24:00"
+
+
+class Span(NamedTuple):
+    """One part of an update window: the days it opens on (0 is Monday), and its start and end in minutes since
+    midnight; an end at or before the start runs into the next day (22:00-02:00)."""
+
+    days: FrozenSet[int]
+    start: int
+    end: int
+
+    def open_at(self, at: datetime) -> bool:
+        minute, day = at.hour * 60 + at.minute, at.weekday()
+        if self.start < self.end:
+            return day in self.days and self.start <= minute < self.end
+        return (day in self.days and minute >= self.start) or ((day - 1) % 7 in self.days and minute < self.end)
+
+
+Window = Tuple[Span, ...]
+
+
+def parse_span(text: str) -> Span:
+    """One span, e.g. `Mon-Fri 02:00-05:00`, `Sat 22:00-02:00` or `03:00-04:00` (every day); ValueError why not."""
+    match = SPAN_RE.fullmatch(" ".join(text.lower().split()))
+    if match is None:
+        raise ValueError(f"{text.strip()[:40]!r} is not DAYS HH:MM-HH:MM")
+    first, last, *clock = match.groups()
+    if not {first or "mon", last or first or "mon"} <= set(DAY_NAMES):
+        raise ValueError(f"{text.strip()[:40]!r} names no day: Mon, Tue, Wed, Thu, Fri, Sat or Sun")
+    start, end = int(clock[0]) * 60 + int(clock[1]), int(clock[2]) * 60 + int(clock[3])
+    if int(clock[0]) > 23 or int(clock[1]) > 59 or int(clock[3]) > 59 or end > 24 * 60 or start == end:
+        raise ValueError(f"{text.strip()[:40]!r} is not a time span of one day (00:00 to 24:00)")
+    if first is None:
+        return Span(frozenset(range(7)), start, end)
+    a, b = DAY_NAMES.index(first), DAY_NAMES.index(last or first)
+    return Span(frozenset((a + i) % 7 for i in range((b - a) % 7 + 1)), start, end)  # Fri-Mon wraps the week
+
+
+def parse_window(text: str) -> Window:
+    """An update window: spans, comma-separated; ValueError saying what is wrong."""
+    return tuple(parse_span(part) for part in text.split(","))
+
+
+def window_setting(name: str, text: str) -> Window:
+    try:
+        return parse_window(text)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}; write spans, comma-separated, e.g. {name}='{WINDOW_EXAMPLE}'") from None
+
+
+def window_open(window: Window, at: datetime) -> bool:
+    """Whether a deployment may run at this local time. Pure."""
+    return any(span.open_at(at) for span in window)
+
+
+def next_opening(window: Window, at: datetime) -> datetime:
+    """When the window next opens (at itself if it is open): the earliest start after at. Pure."""
+    if window_open(window, at):
+        return at
+    starts = [datetime.combine(at.date() + timedelta(days=d), dtime(span.start // 60, span.start % 60), at.tzinfo)
+              for d in range(8) for span in window if (at.weekday() + d) % 7 in span.days]
+    return min(start for start in starts if start > at)
+
+
+def parse_public_url(name: str, text: str) -> str:
+    """PUBLIC_URL: where operators reach gopdater, http(s) with a host and nothing secret in it."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password or \
+            parts.query or parts.fragment or set(text) & {"\0", "\r", "\n", " ", "<", ">", '"'}:
+        raise ConfigError(f"{name} must be the http(s) address gopdater is reached at, without credentials, e.g. "
+                          f"{name}=https://deploy.example.com")
+    return text.rstrip("/")
+
+
 class Setting(NamedTuple):
     """One setting: its variable, default, help text, parser and Config field."""
 
@@ -927,7 +1045,8 @@ def parse_notify_on(name: str, text: str) -> FrozenSet[str]:
     """NOTIFY_ON: the results that are notified."""
     results = frozenset(filter(None, (part.strip().lower() for part in text.split(","))))
     known = tuple(state.value for state in (State.UPDATED, State.ROLLED_BACK, State.FAILED, State.RECOVERED,
-                                            State.SKIPPED, State.UP_TO_DATE, State.DRY_RUN))
+                                            State.SKIPPED, State.UP_TO_DATE, State.DRY_RUN, State.WAITING,
+                                            State.EXPIRED, State.REJECTED, State.HELD, State.RESUMED))
     if not results or not results <= set(known):
         raise ConfigError(f"{name} must be results, comma-separated, of {', '.join(known)}")
     return results
@@ -1025,8 +1144,8 @@ SETTINGS = (
             "ntfy, Gotify, Telegram and Teams URLs as the service gives them, smtp(s)://user:pass@host:port/?to=ADDRESS"
             ", or any http(s) URL for JSON (#slack, #discord, #ntfy, #gotify, #telegram, #teams or #json names the "
             "format)", lambda name, text: parse_notify_urls(name, text) if text is not None else ()),
-    Setting("NOTIFY_ON", "updated,rolled-back,failed", "the results that are notified, comma-separated "
-            "(also recovered, skipped, up-to-date, dry-run)", parse_notify_on),
+    Setting("NOTIFY_ON", "updated,rolled-back,failed,waiting,expired", "the results that are notified, "
+            "comma-separated (also recovered, skipped, up-to-date, dry-run, rejected, held, resumed)", parse_notify_on),
     Setting("DRY_RUN", "0", "1 to log the commands a deployment would run and run none of them", boolean,
             switch=True),
     Setting("REQUEST_TIMEOUT", "10", "seconds a client has to send a whole request", number(0.1)),
@@ -1045,6 +1164,14 @@ SETTINGS = (
     Setting("PARALLEL", "4", "deployments run at once, each of a different Compose project or Swarm service "
             "(one project's services update one at a time); 1 runs every deployment in turn",
             number(1, integer=True, maximum=64)),
+    Setting("UPDATE_WINDOW", None, "when deployments may run, in local time (or TZ's), e.g. "
+            f"'{WINDOW_EXAMPLE}'; a push outside it waits until it opens (the label gopdater.window sets a service's "
+            "own)", _optional(window_setting)),
+    Setting("APPROVE", "0", "1: every deployment waits for an operator's approval (the label gopdater.approve=true "
+            "asks it for one service)", boolean),
+    Setting("APPROVE_TIMEOUT", "86400", "seconds a deployment waits for approval before it ends expired", number(1)),
+    Setting("PUBLIC_URL", None, "the address operators reach gopdater at, e.g. https://deploy.example.com: the "
+            "notification of a waiting deployment links to its /status", _optional(parse_public_url)),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", choice("INFO", "DEBUG", "WARNING", "ERROR",
                                                                          upper=True)),
 )
@@ -1086,6 +1213,10 @@ class Config(NamedTuple):
     reconcile_interval: float
     parallel: int
     log_level: str
+    update_window: Optional[Window]
+    approve: bool
+    approve_timeout: float
+    public_url: Optional[str]
     environ: Mapping[str, str]  # gopdater's own environment, for its own use only
     command_env: Mapping[str, str] = types.MappingProxyType({})  # what docker and Compose get (command_env())
     check: bool = False
@@ -1594,7 +1725,7 @@ class Past(dict):
     """A deployment from before the last restart, as its view was stored (only its own fields, flat)."""
 
     TEXTS = ("image", "tag", "kind", "project", "service", "id", "sender", "trigger", "digest", "state", "created",
-             "started", "finished", "error", "old_tag", "new_tag")  # each a string or null
+             "started", "finished", "error", "old_tag", "new_tag", "action", "approved")  # each a string or null
     TEXT_MAX = 2000  # characters kept of each (an error names a command and its stderr's tail)
     STEPS_MAX = 100
 
@@ -1654,6 +1785,17 @@ def stored_step(step: object) -> bool:
         and type(step.get("seconds")) in (int, float) and 0 <= step["seconds"] < float("inf")
 
 
+def stored_previous(kept: object) -> Dict[str, Previous]:
+    """The previous images journal.json keeps, those of the shape gopdater writes: an image id (never a reference a
+    crafted file could name), a tag or null."""
+    found = {}
+    for key, value in (kept.items() if isinstance(kept, dict) else ()):
+        if isinstance(value, dict) and isinstance(value.get("image"), str) and DIGEST_RE.fullmatch(value["image"]) and (
+                value.get("tag") is None or isinstance(value["tag"], str) and TAG_RE.fullmatch(value["tag"])):
+            found[key] = Previous(value["image"], value.get("tag"))
+    return found
+
+
 def stored_records(updates: object) -> Dict[str, Record]:
     """The records journal.json keeps, each one gopdater would write; any other is dropped, with a log line."""
     records = {}
@@ -1676,6 +1818,7 @@ class Journal:
         self.history_path = os.path.join(directory, "history.json")
         self.records: Dict[str, Record] = {}
         self.failed: Dict[str, List[str]] = {}  # service key: images whose new containers failed, newest last
+        self.kept: Dict[str, Previous] = {}  # service key: the image it ran before its last update (for a rollback)
         self.lock = threading.Lock()
 
     def problem(self) -> Optional[str]:
@@ -1698,6 +1841,7 @@ class Journal:
             self.records = records
             self.failed = {k: [i for i in v if isinstance(i, str) and image_value(i)][-FAILED_KEPT:]
                            for k, v in (failed.items() if isinstance(failed, dict) else ()) if isinstance(v, list)}
+            self.kept = stored_previous(stored.get("previous"))
         stored = read_state(self.history_path, list)
         history = [past for past in map(Past.from_stored, stored) if past is not None]
         if len(history) < len(stored):
@@ -1749,6 +1893,11 @@ class Journal:
         with self.lock:
             return any(image_id in (r.old_image, r.new_image) for k, r in self.records.items() if k != key)
 
+    def kept_elsewhere(self, key: str, image_id: str) -> bool:
+        """Whether another service keeps this image for an operator's rollback."""
+        with self.lock:
+            return any(previous.image == image_id for k, previous in self.kept.items() if k != key)
+
     def failed_before(self, key: str, image: Optional[str]) -> bool:
         """Whether this image's new container failed for this service before (so a replay skips it)."""
         with self.lock:
@@ -1763,9 +1912,28 @@ class Journal:
             except OSError as error:
                 log.warning("could not keep the failed image of %s: %s", key, error.strerror)
 
+    def previous(self, key: str) -> Optional[Previous]:
+        """The image a service ran before its last update, if one is kept."""
+        with self.lock:
+            return self.kept.get(key)
+
+    def keep(self, key: str, previous: Optional[Previous]) -> Optional[Previous]:
+        """Keep the image a service ran before the update that just ended (None: none to keep); the one kept before,
+        which may now go."""
+        with self.lock:
+            before = self.kept.pop(key, None)
+            if previous is not None:
+                self.kept[key] = previous
+            try:
+                self.write_locked()
+            except OSError as error:
+                log.warning("could not keep the previous image of %s: %s", key, error.strerror)
+        return before
+
     def write_locked(self) -> None:
         updates = {key: record.stored() for key, record in self.records.items()}
-        write_atomically(self.journal_path, {"version": JOURNAL_VERSION, "updates": updates, "failed": self.failed})
+        write_atomically(self.journal_path, {"version": JOURNAL_VERSION, "updates": updates, "failed": self.failed,
+                                             "previous": {k: p._asdict() for k, p in self.kept.items()}})
 
     def save_history(self, views: List[dict]) -> None:
         try:
@@ -1901,6 +2069,144 @@ def secure_folder(directory: str) -> None:
         log.warning("STATE_DIR %s was open to others (mode %o); it is now 0700", directory, mode)
 
 
+# -- the operator's gates: what a deployment waits for, the holds, kept in STATE_DIR --------
+
+
+class Gate(NamedTuple):
+    """What a deployment waits for before it may run (State.WAITING while it does). Decisions over it are pure."""
+
+    applies: bool = True  # False for an operator's update now: no window, no approval
+    window: Optional[Window] = None  # the window it runs in; () if its label is invalid (it never opens)
+    approval: Optional[datetime] = None  # waiting for approval: when that ends it (expired)
+    runs_at: Optional[datetime] = None  # when the window opens next, as last judged
+    problem: Optional[str] = None  # why its window never opens (an invalid gopdater.window label)
+
+    def ready(self, now: datetime) -> bool:
+        """Whether it may run now: approved (or not asked), and inside its window."""
+        return self.approval is None and (self.window is None or window_open(self.window, now))
+
+    def judged(self, now: datetime) -> "Gate":
+        """The gate with when its window opens next, for the page and /deployments."""
+        return self._replace(runs_at=next_opening(self.window, now) if self.window else None)
+
+    def view(self) -> dict:
+        what = "approval" if self.approval is not None else "update window"
+        return {"for": what, "expires": self.approval and self.approval.isoformat(timespec="seconds"),
+                "runs_at": self.runs_at and self.runs_at.isoformat(timespec="seconds"), "problem": self.problem}
+
+
+
+APPROVE_LABEL, WINDOW_LABEL = "gopdater.approve", "gopdater.window"
+OPERATOR_FILE = "operator.json"
+ID_RE = re.compile(r"[0-9a-f]{12}", re.ASCII)
+SENDER_RE = re.compile(r"[a-z][a-z0-9-]{0,30}", re.ASCII)
+
+
+def stamp_value(text: str) -> bool:
+    """An ISO time as gopdater writes it."""
+    try:
+        return len(text) <= 40 and datetime.fromisoformat(text) is not None
+    except ValueError:
+        return False
+
+
+class Waiting(NamedTuple):
+    """A deployment that waited when gopdater stopped, as operator.json keeps it; its gate is judged again at start."""
+
+    id: str
+    sender: str
+    reference: str
+    digest: Optional[str]
+    kind: str
+    project: str
+    services: Tuple[str, ...]
+    created: str
+    approved: Optional[str] = None  # when an operator approved it; else it waits for approval again if asked
+    expires: Optional[str] = None  # when waiting for approval ends it
+
+    CHECKS = (("id", ID_RE.fullmatch), ("sender", SENDER_RE.fullmatch), ("reference", parse_reference),
+              ("digest", lambda v: v is None or written(DIGEST_RE.fullmatch)(v)), ("kind", lambda v: v in RECORD_KINDS),
+              ("project", lambda v: v == "" or PROJECT_RE.fullmatch(v)), ("created", written(stamp_value)),
+              ("services", lambda v: 0 < len(v) <= MAX_SERVICES and all(map(written(SERVICE_RE.fullmatch), v))),
+              ("approved", written(stamp_value)), ("expires", written(stamp_value)))
+
+    @classmethod
+    def from_stored(cls, data: object) -> Optional["Waiting"]:
+        """An entry as gopdater writes it, else None: a crafted file can only name a push of what runs here."""
+        if not isinstance(data, dict) or set(data) != set(cls._fields) or not isinstance(data["services"], list):
+            return None
+        try:
+            entry = cls(**{**data, "services": tuple(data["services"])})
+            return entry if fields_problem(entry, cls.CHECKS) is None else None
+        except TypeError:
+            return None
+
+
+def label_true(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("true", "1", "yes")
+
+
+def waiting_words(gate: Gate, config: Config) -> str:
+    """Why a deployment waits, for its notification: until when, and where it is approved. Pure."""
+    if gate.approval is not None:
+        where = f"; approve or reject it at {config.public_url}/status" if config.public_url else ""
+        return f"it waits for an operator's approval until {gate.approval:%Y-%m-%d %H:%M}{where}"
+    if gate.runs_at is None:
+        return gate.problem or "it waits for its update window"
+    return f"it waits for its update window, which opens {gate.runs_at:%a %Y-%m-%d %H:%M}"
+
+
+class Gates:
+    """The services an operator holds and the gate each new deployment gets (UPDATE_WINDOW, APPROVE and its
+    services' labels); holds and the deployments waiting are kept in STATE_DIR/operator.json across restarts."""
+
+    def __init__(self, config: Config, now: Callable[[], datetime], directory: Optional[str]):
+        self.config, self.now = config, now
+        self.path = os.path.join(directory, OPERATOR_FILE) if directory else None
+        self.holds: Dict[ServiceRef, str] = {}  # service: since when
+
+    def gate_for(self, services: Sequence[Running], approved: bool = False, expires: Optional[datetime] = None
+                 ) -> Gate:
+        """The gate of a deployment of these services: its window (a service's label, else UPDATE_WINDOW), and
+        approval when APPROVE or a service's label asks for it (and it was not approved before)."""
+        labels = [mapping for service in services for mapping in service.labels]
+        asks = self.config.approve or any(label_true(mapping.get(APPROVE_LABEL)) for mapping in labels)
+        window, problem = self.config.update_window, None
+        text = next((m[WINDOW_LABEL] for m in labels if (m.get(WINDOW_LABEL) or "").strip()), None)
+        if text is not None:
+            try:
+                window = parse_window(text)
+            except ValueError as error:
+                window, problem = (), f"its {WINDOW_LABEL} label is invalid ({error}): it never opens"
+        now = self.now()
+        approval = expires or now + timedelta(seconds=self.config.approve_timeout) if asks and not approved else None
+        return Gate(True, window, approval, problem=problem).judged(now)
+
+    def load(self) -> List[Waiting]:
+        """Read the holds (each kept) and the deployments that waited (returned); a crafted entry is dropped."""
+        if self.path is None:
+            return []
+        stored = read_state(self.path, dict)
+        for entry in stored.get("holds") if isinstance(stored.get("holds"), list) else ():
+            if isinstance(entry, list) and len(entry) == 4 and all(isinstance(v, str) for v in entry) and \
+                    entry[0] in RECORD_KINDS and SERVICE_RE.fullmatch(entry[2]) and stamp_value(entry[3]) and \
+                    (entry[1] == "" or PROJECT_RE.fullmatch(entry[1])):
+                self.holds[ServiceRef(*entry[:3])] = entry[3]
+        waiting = stored.get("waiting") if isinstance(stored.get("waiting"), list) else []
+        return [entry for entry in map(Waiting.from_stored, waiting[:HISTORY_SIZE]) if entry is not None]
+
+    def save(self, waiting: Iterable[Waiting]) -> None:
+        """Keep the holds and the deployments waiting; best effort (a warning if STATE_DIR cannot be written)."""
+        if self.path is None:
+            return
+        data = {"version": 1, "holds": [[*ref, since] for ref, since in self.holds.items()],
+                "waiting": [entry._asdict() for entry in waiting]}
+        try:
+            write_atomically(self.path, data)
+        except OSError as error:
+            log.warning("could not keep the holds and waiting deployments in %s: %s", self.path, error.strerror)
+
+
 # ==========================================================================================
 # The request pipeline: what the pages show, then route, size, authenticate, decode, parse, owner, map, enqueue
 # ==========================================================================================
@@ -1931,12 +2237,14 @@ vertical-align:top}th{font-size:.85em;color:#555}code{font-size:.9em;word-break:
 .updated{background:#2e7d32}.rolled-back{background:#ef6c00}.failed{background:#c62828}.recovered{background:#1565c0}
 .running,.queued{background:#6a1b9a}.bar{display:flex;height:.7em;width:12em;max-width:40vw;background:#eee}
 .bar span{background:#90a4ae;border-right:1px solid #fff}.bar span.out{background:#e53935}
-.err{color:#b71c1c;font-size:.85em;white-space:normal}.n{white-space:nowrap}
+.err{color:#b71c1c;font-size:.85em;white-space:normal}.n{white-space:nowrap}.waiting,.held{background:#f9a825}
+form.b{display:inline;margin:0 .3em .2em 0}form.b button{font:inherit;font-size:.85em;padding:.1em .5em}
 @media(max-width:40em){.wide{display:none}td,th{padding:.25em}}"""
 RESULT_WORDS = {State.UPDATED: "updated", State.ROLLED_BACK: "rolled back", State.FAILED: "failed",
                 State.RECOVERED: "recovered", State.UP_TO_DATE: "up to date", State.SKIPPED: "skipped",
                 State.DRY_RUN: "dry run", State.QUEUED: "queued", State.RUNNING: "running",
-                State.CANCELLED: "cancelled"}
+                State.CANCELLED: "cancelled", State.WAITING: "waiting", State.REJECTED: "rejected",
+                State.EXPIRED: "expired", State.HELD: "held", State.RESUMED: "resumed"}
 OUTAGE_STEPS = frozenset({"stop", "remove", "up", "rollback-stop", "rollback-remove", "rollback-up"})
 
 
@@ -1977,8 +2285,62 @@ def view_services(view: Mapping[str, object]) -> List[str]:
     return [n for n in names if isinstance(n, str)] or [str(view.get("service"))]
 
 
-def status_rows(services: Sequence["Running"], views: Sequence[Mapping[str, object]]) -> List[str]:
-    """One row per service: kind, name, image and tag, the running image's short id, the last result and when."""
+def action_path(action: str, target: str) -> str:
+    """Where a form posts an action: /deployments/<id>/<action>, or /services/<project>/<service>/<action>."""
+    kind = "deployments" if action in (Action.APPROVE.value, Action.REJECT.value) else "services"
+    return f"/{kind}/{target}/{action}"
+
+
+class Controls(NamedTuple):
+    """What the page's buttons need: a form's token for an action on a target, the holds, the services whose
+    previous image is kept (those that can be rolled back)."""
+
+    token: Callable[[str, str], str]
+    held: Mapping[ServiceRef, str] = {}
+    kept: FrozenSet[ServiceRef] = frozenset()
+
+
+def button(controls: Controls, action: Action, target: str, label: str) -> str:
+    """One action as a plain form (no script): its path, its token, its button."""
+    return (f'<form class=b method=post action="{html.escape(action_path(action.value, target))}"><input type=hidden '
+            f'name=token value="{html.escape(controls.token(action.value, target))}"><button>{label}</button></form>')
+
+
+def service_buttons(controls: Optional[Controls], ref: ServiceRef) -> str:
+    """A service's buttons: Hold or Resume (and since when it is held), Update now, Roll back (if it can)."""
+    if controls is None:
+        return ""
+    target = f"{ref.project}/{ref.name}" if ref.project else ref.name
+    since = controls.held.get(ref)
+    hold = (f"{badge(State.HELD.value)} <span class=n>since {when(since)}</span> "
+            f"{button(controls, Action.RESUME, target, 'Resume')}" if since else
+            button(controls, Action.HOLD, target, "Hold"))
+    back = button(controls, Action.ROLLBACK, target, "Roll back") if ref in controls.kept else ""
+    return f"<td>{hold}{button(controls, Action.UPDATE, target, 'Update now')}{back}</td>"
+
+
+def waiting_note(view: Mapping[str, object], controls: Optional[Controls]) -> str:
+    """What a waiting deployment waits for (and until when), with Approve and Reject where it waits for approval."""
+    waits = view.get("waiting") if isinstance(view.get("waiting"), dict) else {}
+    if not waits:
+        return ""
+    until = f" until {when(waits.get('expires'))}" if waits.get("expires") else (
+        f", runs {when(waits.get('runs_at'))}" if waits.get("runs_at") else "")
+    note = f" <span class=n>for {html.escape(str(waits.get('for')))}{until}</span>"
+    if waits.get("problem"):
+        note += f'<div class=err>{html.escape(str(waits["problem"]))}</div>'
+    if controls is not None:
+        target = str(view.get("id"))
+        if waits.get("for") == "approval":
+            note += " " + button(controls, Action.APPROVE, target, "Approve")
+        note += button(controls, Action.REJECT, target, "Reject")
+    return note
+
+
+def status_rows(services: Sequence["Running"], views: Sequence[Mapping[str, object]],
+                controls: Optional[Controls] = None) -> List[str]:
+    """One row per service: kind, name, image and tag, the running image's short id, the last result and when, and
+    (with controls) its buttons."""
     last = {}
     for view in views:  # newest first
         last.setdefault((view.get("kind"), view.get("project") or "", view.get("service")), view)
@@ -1989,7 +2351,8 @@ def status_rows(services: Sequence["Running"], views: Sequence[Mapping[str, obje
             if view else "none yet"
         rows.append(f"<tr><td>{html.escape(str(service.ref))}</td><td class=wide>{service.ref.kind}</td>"
                     f"<td><code>{html.escape(str(service.image or '-'))}</code>{channel_note(service.tracking)}</td>"
-                    f"<td><code>{html.escape(short_id(service.image_id))}</code></td><td>{result}</td></tr>")
+                    f"<td><code>{html.escape(short_id(service.image_id))}</code></td><td>{result}</td>"
+                    f"{service_buttons(controls, service.ref)}</tr>")
     return rows
 
 
@@ -2027,11 +2390,12 @@ def reconcile_line(report: Optional["Report"]) -> str:
 
 
 def status_page(services: Sequence["Running"], views: Sequence[Mapping[str, object]], now: datetime,
-                report: Optional["Report"] = None) -> str:
-    """The whole page: what gopdater manages, what runs now, the last deployments. Pure."""
-    active = [v for v in views if v.get("state") in ("queued", "running")]
+                report: Optional["Report"] = None, controls: Optional[Controls] = None) -> str:
+    """The whole page: what gopdater manages, what runs and waits now, the last deployments; with controls, the
+    operator's buttons. Pure."""
+    active = [v for v in views if v.get("state") in ("queued", "waiting", "running")]
     now_rows = "".join(f"<li>{badge(v['state'])} {html.escape(service_name(v))} <code>{html.escape(str(v.get('tag')))}"
-                       f"</code></li>" for v in active) or "<li>nothing queued or running</li>"
+                       f"</code>{waiting_note(v, controls)}</li>" for v in active) or "<li>nothing queued or running</li>"
     return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
             '<meta name=viewport content="width=device-width,initial-scale=1"><meta http-equiv=refresh content=10>'
             f"<title>gopdater</title><style>{PAGE_STYLE}</style></head><body>"
@@ -2039,7 +2403,8 @@ def status_page(services: Sequence["Running"], views: Sequence[Mapping[str, obje
             f"{now.strftime('%Y-%m-%d %H:%M:%S')} UTC</small></h1><h2>Now</h2><ul>{now_rows}</ul>"
             f"{reconcile_line(report)}"
             "<h2>Services</h2><table><tr><th>Service</th><th class=wide>Kind</th><th>Image</th><th>Running</th>"
-            f"<th>Last result</th></tr>{''.join(status_rows(services, views))}</table>"
+            f"<th>Last result</th>{'<th>Actions</th>' if controls else ''}</tr>"
+            f"{''.join(status_rows(services, views, controls))}</table>"
             "<h2>Last deployments</h2><table><tr><th class=wide>Started</th><th>Service</th><th class=wide>Tag</th>"
             f"<th>Result</th><th>Took</th><th>Steps (red: out of service)</th></tr>{''.join(deployment_rows(views))}"
             "</table></body></html>")
@@ -2153,6 +2518,141 @@ class Metrics:
         ]
 
 
+# -- the operator's forms: an action by POST, each form with a token, never from another site ---
+
+FORM_MAX_BYTES = 4096  # an action's body: a token and a confirmation, nothing more
+TOKEN_SECONDS = 600  # a form's token is good for 10 minutes (the page renews its own every 10 s)
+SERVICE_ACTION, DEPLOYMENT_ACTION = "/services/{service}/{action}", "/deployments/{id}/{action}"
+ACTION_PATH_RE = re.compile(r"/(services|deployments)/([A-Za-z0-9._/-]{1,300})", re.ASCII)
+
+
+def action_route(path: str) -> Optional[Tuple[str, str]]:
+    """(endpoint, what follows its prefix) for an operator's action path, else None."""
+    match = ACTION_PATH_RE.fullmatch(path)
+    if match is None or "/" not in match.group(2):
+        return None
+    return (SERVICE_ACTION if match.group(1) == "services" else DEPLOYMENT_ACTION), match.group(2)
+
+
+def parse_action(endpoint: str, captured: str) -> Optional[Tuple[Action, Tuple[str, ...]]]:
+    """The action and its target (project and service; or a deployment's id) a path names, if valid. Pure."""
+    *target, word = captured.split("/")
+    action = next((a for a in Action if a.value == word), None)
+    if endpoint == DEPLOYMENT_ACTION:
+        return (action, tuple(target)) if action in DEPLOYMENT_ACTIONS and len(target) == 1 and ID_RE.fullmatch(
+            target[0]) else None
+    target = [""] * (2 - len(target)) + target  # a Swarm service has no project
+    valid = len(target) == 2 and (not target[0] or PROJECT_RE.fullmatch(target[0])) and SERVICE_RE.fullmatch(
+        target[1] or "")
+    return (action, tuple(target)) if action in SERVICE_ACTIONS and valid else None
+
+
+def form_token(secret: bytes, action: str, target: str, issued: int) -> str:
+    """The token a form carries: when it was issued, and an HMAC over the action, its target and that time, keyed
+    by the secret (another site can neither read one nor make one)."""
+    mac = hmac.new(secret, f"gopdater form\n{action}\n{target}\n{issued}".encode(), hashlib.sha256).hexdigest()
+    return f"{issued}.{mac}"
+
+
+def token_holds(secret: bytes, token: str, action: str, target: str, now: float) -> bool:
+    """Whether a form's token was made here for this action on this target within TOKEN_SECONDS. Pure."""
+    issued = token.partition(".")[0]
+    if not DIGITS_RE.fullmatch(issued) or len(issued) > 12 or not now - TOKEN_SECONDS <= int(issued) <= now + 5:
+        return False
+    return hmac.compare_digest(form_token(secret, action, target, int(issued)).encode(), token.encode())
+
+
+def foreign_origin(headers: Mapping[str, str], public_url: Optional[str]) -> Optional[str]:
+    """Why a POST comes from another site (Sec-Fetch-Site says so, or its Origin is neither this Host nor
+    PUBLIC_URL's), or None. Pure."""
+    if (headers.get("Sec-Fetch-Site") or "").strip().lower() == "cross-site":
+        return "a cross-site request"
+    origin = headers.get("Origin")
+    if origin is None:
+        return None
+    allowed = {(headers.get("Host") or "").strip().lower(), urllib.parse.urlsplit(public_url or "").netloc.lower()}
+    host = urllib.parse.urlsplit(origin.strip()).netloc.lower()
+    return None if host and host in allowed else "a request from another origin"
+
+
+def form_fields(headers: Mapping[str, str], body: bytes) -> Optional[Dict[str, str]]:
+    """An urlencoded form's fields (the first of each name; at most 8), or None if the body is not one."""
+    if (headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+        return None
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("ascii"), keep_blank_values=True, max_num_fields=8)
+    except ValueError:  # not ASCII (UnicodeDecodeError), or too many fields
+        return None
+    fields: Dict[str, str] = {}
+    for name, value in pairs:
+        fields.setdefault(name, value)
+    return fields
+
+
+def confirm_page(target: str, token: str) -> str:
+    """The page that asks before a rollback: one form, with its own token and the confirmation. Pure."""
+    form = (f'<form method=post action="{html.escape(action_path(Action.ROLLBACK.value, target))}">'
+            f'<input type=hidden name=token value="{html.escape(token)}"><input type=hidden name=confirm value=yes>'
+            "<button>Roll back</button></form>")
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8><title>gopdater: roll back?</title>"
+            f"<style>{PAGE_STYLE}</style></head><body><h1>Roll back {html.escape(target)}?</h1><p>It goes back to the "
+            "image it ran before its last update, health-gated, its dependents after it; the image it runs now is "
+            f"kept, so a second rollback goes forward again.</p>{form}<p><a href=/status>Cancel</a></p></body></html>")
+
+
+# -- what the pipeline asks of the work queue and of the operator's desk ----------------------
+
+
+class Listing(Protocol):
+    """What the pipeline reads of a target (Target is the one)."""
+
+    def running(self) -> List[Running]:
+        ...
+
+    def why_ignored(self, image: ImageKey) -> str:
+        ...
+
+
+class Deploying(Protocol):
+    """What the pipeline asks of the work queue (WorkQueue is the one): take a push, show and count deployments."""
+
+    target: Listing
+    stopping: bool
+
+    @property
+    def working(self) -> bool:
+        ...
+
+    def submit(self, event: PushEvent, only: Optional[FrozenSet[ServiceRef]] = None, gated: bool = True
+               ) -> Optional[list]:
+        ...
+
+    def views(self) -> List[dict]:
+        ...
+
+    def queued(self) -> int:
+        ...
+
+
+class Acting(Protocol):
+    """What the pipeline asks of the operator's desk (Desk is the one): the actions, and what the page shows."""
+
+    def on_service(self, project: str, name: str, action: Action) -> Acted:
+        ...
+
+    def on_deployment(self, deployment_id: str, action: Action) -> Acted:
+        ...
+
+    def holds(self) -> Mapping[ServiceRef, str]:
+        ...
+
+    def kept(self) -> FrozenSet[ServiceRef]:
+        ...
+
+    def why_ignored(self, image: ImageKey) -> str:
+        ...
+
+
 # -- the pipeline: route, size, authenticate, decode, parse ------------------------------------
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -2204,6 +2704,9 @@ def route(path: str) -> Tuple[Optional[Sender], str, str]:
         path = path.rstrip("/")
     if path in ENDPOINTS:
         return None, path, ""
+    action = action_route(path)
+    if action is not None:
+        return None, *action
     sender = FIXED_ROUTES.get(path)
     if sender is not None:
         return sender, path, ""
@@ -2258,7 +2761,7 @@ REASON_MAX = 1000  # a reason names services and tags; a host with hundreds of t
 # -- the application: every endpoint's answer --------------------------------------------------
 
 
-def accepted(submitted: Sequence["Submitted"]) -> dict:
+def accepted(submitted: Sequence[Tuple[object, bool]]) -> dict:
     """The 202 answer's body: the first deployment's id, every service, and every id when there are several."""
     ids = list(dict.fromkeys(deployment.id for deployment, _ in submitted))
     reply = {"status": "accepted", "id": ids[0], "services": sorted({str(r) for d, _ in submitted for r in d.refs})}
@@ -2281,17 +2784,19 @@ class Reconciling(Protocol):
 class App:
     """Answers requests; never runs a command on the request path (deployments are queued)."""
 
-    def __init__(self, config: Config, queue: "WorkQueue", metrics: Optional["Metrics"] = None):
+    def __init__(self, config: Config, queue: Optional[Deploying], metrics: Optional["Metrics"] = None):
         self.config, self.queue = config, queue
         self.metrics = metrics or Metrics()
         self.reconciler: Optional[Reconciling] = None  # set once the work queue runs
+        self.desk: Optional[Acting] = None  # the operator's desk, set with the queue
+        self.clock: Callable[[], float] = time.time  # wall time, for the forms' tokens
         self.secret = config.secret.encode()
 
     def begin(self, method: str, path: str, headers: Mapping[str, str]) -> Request:
         """Route, size, method and a credential in the head: what can be judged before the body is read."""
         sender, endpoint, captured = route(path)
         length = body_length(method, headers)
-        verified = (sender is not None and sender.authenticate.in_head) or endpoint in POST_ENDPOINTS
+        verified = (sender is not None and sender.authenticate.in_head) or endpoint in POSTED
         refused = self.refused_by_head(Request(sender, endpoint, captured, headers, -1, verified), method, length)
         return Request(sender, endpoint, captured, headers, length if isinstance(length, int) else -1, verified,
                        refused)
@@ -2300,13 +2805,15 @@ class App:
         """Why a request is refused before its body is read: no such path, another method, its size, or a
         credential in its head that fails (an action's from a stranger: its body is never read); else None."""
         sender = request.sender
-        allowed = "POST" if sender or request.endpoint in POST_ENDPOINTS else ("GET" if request.endpoint else None)
+        allowed = "POST" if sender or request.endpoint in POSTED else ("GET" if request.endpoint else None)
         if allowed is None:
             return NOT_FOUND
         if method != allowed:
             return refusal(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", (("Allow", allowed),))
         if isinstance(length, Response):
             return length
+        if request.endpoint in ACTION_ENDPOINTS and length > FORM_MAX_BYTES:
+            return refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "an action's body is over 4 KiB")
         if not request.verified or self.head_credential_holds(request):
             return None
         if sender is not None:
@@ -2316,11 +2823,14 @@ class App:
     def head_credential_holds(self, request: Request) -> bool:
         """Whether the credential a head carries holds: a sender's own, else the Bearer token (an action)."""
         if request.sender is None:
-            return bearer(self.secret, "", request.headers, b"")
+            return bearer(self.secret, "", request.headers, b"") or (request.endpoint in ACTION_ENDPOINTS and basic(
+                self.secret, request.headers))  # an action from the page's form: its token is checked with its body
         return request.sender.authenticate.check(self.secret, request.captured, request.headers, b"")
 
     def finish(self, request: Request, body: bytes) -> Response:
         """Answer a request whose body has arrived."""
+        if request.endpoint in ACTION_ENDPOINTS:
+            return ACTION_ENDPOINTS[request.endpoint](self, request, body[:max(request.length, 0)])
         if request.sender is None:
             return ENDPOINTS[request.endpoint](self, request)
         response = self.hook(request.sender, request, body[:request.length])
@@ -2364,11 +2874,11 @@ class App:
         if submitted is None:
             return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "deployment queue is full or gopdater is stopping")
         if not submitted:
-            reason = "; ".join(dict.fromkeys(self.queue.target.why_ignored(e.image) for e in allowed))
+            reason = "; ".join(dict.fromkeys((self.desk or self.queue.target).why_ignored(e.image) for e in allowed))
             return Response(HTTPStatus.OK, {"status": "ignored", "reason": reason[:REASON_MAX]})
         return Response(HTTPStatus.ACCEPTED, accepted(submitted))
 
-    def submit_all(self, sender: Sender, events: Sequence[PushEvent]) -> Optional[List["Submitted"]]:
+    def submit_all(self, sender: Sender, events: Sequence[PushEvent]) -> Optional[list]:
         """Queue each event's deployments, logging each; None if the queue takes no more."""
         submitted = []
         for event in events:
@@ -2415,18 +2925,53 @@ class App:
         if not (basic(self.secret, request.headers) or bearer(self.secret, "", request.headers, b"")):
             return UNAUTHORIZED
         report = self.reconciler.report if self.reconciler else None
+        controls = Controls(lambda action, target: form_token(self.secret, action, target, int(self.clock())),
+                            self.desk.holds(), self.desk.kept()) if self.desk else None
         return Response(HTTPStatus.OK, Html(status_page(self.queue.target.running(), self.queue.views(),
-                                                         datetime.now(timezone.utc), report)), PAGE_HEADERS)
+                                                         datetime.now(timezone.utc), report, controls)), PAGE_HEADERS)
+
+
+def operator_action(app: App, request: Request, body: bytes) -> Response:
+    """POST /services/<project>/<service>/<action> or /deployments/<id>/<action>: the desk's answer, as JSON to the
+    Bearer token; to the page's forms (Basic), each checked for its token first, a 303 back to /status."""
+    parsed = parse_action(request.endpoint, request.captured)
+    if parsed is None:
+        return NOT_FOUND
+    action, target = parsed
+    foreign = foreign_origin(request.headers, app.config.public_url)
+    if foreign:
+        return refusal(HTTPStatus.FORBIDDEN, f"forbidden: {foreign}")
+    form = None if bearer(app.secret, "", request.headers, b"") else form_fields(request.headers, body) or {}
+    named = "/".join(filter(None, target))
+    if form is not None and not token_holds(app.secret, form.get("token", ""), action.value, named, app.clock()):
+        return refusal(HTTPStatus.FORBIDDEN, "forbidden: the form's token is missing, stale or for another action")
+    if form is not None and action is Action.ROLLBACK and form.get("confirm") != "yes":
+        token = form_token(app.secret, action.value, named, int(app.clock()))
+        return Response(HTTPStatus.OK, Html(confirm_page(named, token)), PAGE_HEADERS)
+    if app.desk is None:
+        return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "gopdater is starting")
+    acted = app.desk.on_deployment(target[0], action) if action in DEPLOYMENT_ACTIONS else app.desk.on_service(
+        target[0], target[1], action)
+    log.info("operator action=%s target=%s by=%s: %s %s", action.value, named, "form" if form is not None else
+             "token", int(acted.status), acted.reason)
+    if form is not None and acted.status < 400:
+        return Response(HTTPStatus.SEE_OTHER, {"status": "ok", "reason": acted.reason}, (("Location", "/status"),))
+    word = "error" if acted.status >= 400 else ("accepted" if acted.status == HTTPStatus.ACCEPTED else "ok")
+    return Response(acted.status, {"status": word, "reason": acted.reason,
+                                   **({"id": acted.deployment} if acted.deployment else {})})
 
 
 UNAUTHORIZED = refusal(HTTPStatus.UNAUTHORIZED, "unauthorized", (("WWW-Authenticate", 'Basic realm="gopdater"'),))
-PAGE_HEADERS = (("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+PAGE_HEADERS = (("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"),
                 ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"))
 GET_ENDPOINTS: Dict[str, Callable[[App, Request], Response]] = {
     "/healthz": App.healthz, "/deployments": App.deployments, "/metrics": App.metrics_text,
     "/status": App.status_page}
 POST_ENDPOINTS: Dict[str, Callable[[App, Request], Response]] = {"/reconcile": App.reconcile}  # Bearer, from the head
+ACTION_ENDPOINTS: Dict[str, Callable[[App, Request, bytes], Response]] = {  # Bearer, or Basic and a form's token
+    SERVICE_ACTION: operator_action, DEPLOYMENT_ACTION: operator_action}
 ENDPOINTS = {**GET_ENDPOINTS, **POST_ENDPOINTS}
+POSTED = frozenset({*POST_ENDPOINTS, *ACTION_ENDPOINTS})  # credentials checked from the head
 
 
 # ==========================================================================================
@@ -2465,6 +3010,10 @@ class Deployment:
         self.logs: List[str] = []
         self.old_tag: Optional[str] = None  # a tracked service's move (gopdater.track), once known
         self.new_tag: Optional[str] = None
+        self.action = Action.UPDATE  # or ROLLBACK, HOLD, RESUME: what an operator asked for
+        self.previous: Optional[Previous] = None  # what an operator's rollback goes back to
+        self.gate = Gate()  # what it waits for (State.WAITING), and whether gates apply to it at all
+        self.approved: Optional[str] = None  # when an operator approved it
 
     def view(self) -> dict:
         """The JSON shape of /deployments."""
@@ -2472,7 +3021,9 @@ class Deployment:
         fields.update(state=self.state.value, logs=list(self.logs), steps=[step_view(step) for step in self.steps])
         return {"image": f"{self.key.registry}/{self.key.repository}", "tag": self.key.tag, "kind": self.ref.kind,
                 "project": self.ref.project or None, "service": self.ref.name, "trigger": trigger(self.sender),
-                **fields, "services": [self.member_view(ref.name) for ref in self.refs]}
+                "action": self.action.value, "approved": self.approved, **fields,
+                "services": [self.member_view(ref.name) for ref in self.refs],
+                **({"waiting": self.gate.view()} if self.state is State.WAITING else {})}
 
     def member_view(self, service: str) -> dict:
         """One service of the deployment: its result and images once its part ended, and its own steps."""
@@ -2490,12 +3041,25 @@ def step_view(step: Step) -> dict:
             **({"service": step.service} if step.service else {})}
 
 
-TRIGGERS = {"recovery": "recovery", "reconcile": "reconcile"}  # sender: trigger; any other sender is a push
+TRIGGERS = {"recovery": "recovery", "reconcile": "reconcile", "operator": "operator"}  # any other sender: push
 
 
 def trigger(sender: str) -> str:
     """What started a deployment: a push (a hook), reconcile (the registry asked), or recovery (at start)."""
     return TRIGGERS.get(sender, "push")
+
+
+def waiting_entry(deployment: Deployment) -> Waiting:
+    """A waiting deployment as operator.json keeps it."""
+    ref, gate = deployment.ref, deployment.gate
+    return Waiting(deployment.id, deployment.sender, str(deployment.key), deployment.digest, ref.kind, ref.project,
+                   tuple(r.name for r in deployment.refs), deployment.created, deployment.approved,
+                   gate.approval.isoformat(timespec="seconds") if gate.approval else None)
+
+
+def waiting_entries(queued: Iterable[Deployment]) -> List[Waiting]:
+    """The deployments of these that wait, as operator.json keeps them."""
+    return [waiting_entry(d) for d in queued if d.state is State.WAITING]
 
 
 class Submitted(NamedTuple):
@@ -2545,6 +3109,36 @@ class QueueSeams(NamedTuple):
     tell: Tell = lambda deployment, outcome, seconds: None  # notifications: see notifying()
     metrics: Optional[Metrics] = None  # a new one if None
     journal: Optional["Journal"] = None  # None: nothing is journalled (a test's, or --check's queue)
+    now: Callable[[], datetime] = datetime.now  # local time: update windows, approval timeouts
+
+
+def end_waiting_locked(queue: WorkQueue, deployment: Deployment, state: State, reason: str) -> None:
+    """A deployment ends before it ran (expired, rejected): told, kept in the history (the queue's lock held)."""
+    queue.queue.remove(deployment)
+    deployment.state, deployment.finished, deployment.error = state, _now(), reason
+    log.warning("deployment=%s %s service=%s: %s", deployment.id, state.value, deployment.ref, reason)
+    queue.gates.save(waiting_entries(queue.queue))
+    queue.keep_history()
+    queue.tell(deployment, Outcome(state, reason=reason), 0.0)
+
+
+def requeue_locked(queue: WorkQueue, entry: Waiting) -> None:
+    """Queue again a deployment that waited when gopdater stopped, if it still names what a push of its image would
+    update here; its gate judged again (a window or APPROVE changed since applies), its approval kept."""
+    key, target = parse_reference(entry.reference), queue.target
+    refs = [ref for ref in (ServiceRef(entry.kind, entry.project, name) for name in entry.services)
+            if ref in target.services_for(key)]
+    if not refs:
+        log.warning("deployment=%s waited for %s, which no longer runs it: dropped", entry.id, entry.reference)
+        return
+    deployment = queue.queued_new(PushEvent(entry.sender, key, entry.digest), target.lane(refs[0]), target.order(refs))
+    deployment.id, deployment.created, deployment.approved = entry.id, entry.created, entry.approved
+    running = {service.ref: service for service in target.running()}
+    expires = datetime.fromisoformat(entry.expires).replace(tzinfo=None) if entry.expires else None
+    deployment.gate = queue.gates.gate_for([running[ref] for ref in refs], bool(entry.approved), expires)
+    deployment.state = State.QUEUED if deployment.gate.ready(queue.gates.now()) else State.WAITING
+    log.info("deployment=%s of service=%s %s again after the restart", deployment.id, deployment.ref,
+             deployment.state.value)
 
 
 class WorkQueue:
@@ -2556,6 +3150,7 @@ class WorkQueue:
         seams = seams or QueueSeams()
         self.config, self.target, self.clock, self.sleep = config, target, seams.clock, seams.sleep
         self.tell, self.metrics, self.journal = seams.tell, seams.metrics or Metrics(), seams.journal
+        self.gates = Gates(config, seams.now, self.journal and self.journal.directory)
         self.lock = threading.Condition()
         self.saving = threading.Lock()  # one history.json write at a time, each of the newest views
         self.queue: collections.deque = collections.deque()
@@ -2580,27 +3175,47 @@ class WorkQueue:
 
     # -- the request side: map and enqueue, nothing slower ------------------------------------
 
-    def submit(self, event: PushEvent, only: Optional[FrozenSet[ServiceRef]] = None) -> Optional[List[Submitted]]:
+    def submit(self, event: PushEvent, only: Optional[FrozenSet[ServiceRef]] = None, gated: bool = True
+               ) -> Optional[List[Submitted]]:
         """Queue one deployment per lane (a Compose project, a Swarm service) for the services that run the image
-        (of those named in only, if given), or join one queued there for that image; [] if none runs it, None if
-        the queue is full or stopping."""
-        refs = [ref for ref in self.target.services_for(event.image) if only is None or ref in only]
-        lanes = by_lane(self.target.lane, refs)
+        (of those named in only, if given; held ones left out when gated), or join one queued or waiting there for
+        that image; each gated by its window and approval unless not gated (an operator's update now); [] if none
+        runs it, None if the queue is full or stopping."""
+        refs = [ref for ref in self.target.services_for(event.image) if (only is None or ref in only) and not (
+            gated and ref in self.gates.holds)]
         submitted = []
         with self.lock:
             self.refresh_soon(matched=bool(refs))
-            for lane, group in lanes.items():
-                queued = next((d for d in self.queue if d.lane == lane and d.key[:2] == event.image[:2]), None)
+            for lane, group in by_lane(self.target.lane, refs).items():
+                queued = next((d for d in self.queue if d.lane == lane and d.key[:2] == event.image[:2] and
+                               d.action is Action.UPDATE), None)
                 if queued is not None:
                     queued.refs = tuple(self.target.order({*queued.refs, *group}))
                     queued.ref = queued.refs[0]
-                    submitted.append(Submitted(joined_by(queued, event), True))
+                    submitted.append(Submitted(self.gated_locked(joined_by(queued, event), gated), True))
                     continue
                 if len(self.queue) >= MAX_QUEUED_DEPLOYMENTS or self.stopping:
                     return None
-                submitted.append(Submitted(self.queued_new(event, lane, self.target.order(group)), False))
+                new = self.queued_new(event, lane, self.target.order(group))
+                submitted.append(Submitted(self.gated_locked(new, gated), False))
             self.lock.notify_all()
         return submitted
+
+    def gated_locked(self, deployment: Deployment, gated: bool) -> Deployment:
+        """Give a new (or newly joined) deployment its gate: waiting, told and kept if it must (the lock held)."""
+        waited = deployment.state is State.WAITING
+        if not gated or not deployment.gate.applies:
+            deployment.gate, deployment.state = Gate(applies=False), State.QUEUED
+        else:
+            running = {service.ref: service for service in self.target.running()}
+            deployment.gate = self.gates.gate_for([running[ref] for ref in deployment.refs if ref in running])
+            deployment.approved = None  # a new image: approved again, if approval is asked
+            deployment.state = State.QUEUED if deployment.gate.ready(self.gates.now()) else State.WAITING
+            if deployment.state is State.WAITING and not waited:
+                self.tell(deployment, Outcome(State.WAITING, reason=waiting_words(deployment.gate, self.config)), 0.0)
+        if waited or deployment.state is State.WAITING:  # operator.json is written only when the gates are in use
+            self.gates.save(waiting_entries(self.queue))
+        return deployment
 
     def queued_new(self, event: PushEvent, lane: Hashable, refs: Sequence[ServiceRef]) -> Deployment:
         """A new deployment of these services (one lane), queued and in the history (the lock held)."""
@@ -2621,15 +3236,29 @@ class WorkQueue:
 
     def views(self) -> List[dict]:
         with self.lock:
+            now = self.gates.now()
+            for deployment in self.queue:
+                if deployment.state is State.WAITING:
+                    deployment.gate = deployment.gate.judged(now)
             return [d.view() for d in reversed(self.history)]
+
+    def expire_locked(self) -> None:
+        """End the deployments that waited APPROVE_TIMEOUT for approval (expired), told and kept (the lock held)."""
+        now = self.gates.now()
+        for deployment in [d for d in self.queue if d.gate.approval is not None and d.gate.approval <= now]:
+            end_waiting_locked(self, deployment, State.EXPIRED, f"not approved within {self.config.approve_timeout:g}s")
+
 
     def restore(self) -> int:
         """Show the stored history, and queue a recovery, first, for each update a crash cut off."""
         if self.journal is None:
             return 0
         unfinished, history = self.journal.load()
+        waiting = self.gates.load()
         with self.lock:
-            self.history.extend(history)
+            self.history.extend(past for past in history if past.get("id") not in {w.id for w in waiting})
+            for entry in waiting:
+                requeue_locked(self, entry)
             for record in unfinished:
                 ref = ServiceRef(record.kind, record.project, record.service)
                 deployment = Deployment(os.urandom(6).hex(), "recovery", parse_reference(record.reference), None, ref)
@@ -2658,10 +3287,14 @@ class WorkQueue:
         """Take the first queued deployment whose lane is free, while fewer than PARALLEL run; or None."""
         if self.refreshing or len(self.in_flight) >= self.config.parallel:
             return None
-        deployment = next((d for d in self.queue if d.lane not in self.in_flight), None)
+        now = self.gates.now()
+        deployment = next((d for d in self.queue if d.lane not in self.in_flight and d.gate.ready(now)), None)
         if deployment is not None:
             self.queue.remove(deployment)
             self.in_flight[deployment.lane] = deployment
+            if deployment.state is State.WAITING:
+                deployment.state = State.QUEUED
+                self.gates.save(waiting_entries(self.queue))
         return deployment
 
     def refresh_wait_locked(self) -> float:
@@ -2683,6 +3316,7 @@ class WorkQueue:
         """Wait for a due re-read, or a deployment it may run: (stop, the deployment, or None for the re-read)."""
         with self.lock:
             while not self.stopping:
+                self.expire_locked()
                 if self.claim_refresh_locked():
                     return False, None
                 deployment = self.claim_locked()
@@ -2747,10 +3381,11 @@ class WorkQueue:
             log.warning("could not re-read what runs here: %s", error)
 
     def stop(self, timeout: float) -> bool:
-        """Stop taking work, cancel queued deployments, wait (bounded) for the running ones; True if idle."""
+        """Stop taking work, cancel queued deployments (those waiting wait on in STATE_DIR), wait (bounded) for the
+        running ones; True if idle."""
         with self.lock:
             self.stopping = True
-            for deployment in self.queue:
+            for deployment in (d for d in self.queue if d.state is not State.WAITING):
                 deployment.state, deployment.finished = State.CANCELLED, _now()
                 log.warning("deployment=%s cancelled by shutdown service=%s", deployment.id, deployment.ref)
             self.queue.clear()
@@ -2765,12 +3400,14 @@ class WorkQueue:
                 self.journal.save_history(list(reversed(self.views())))
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until nothing is queued or running (a re-read included); True if that happened within timeout."""
+        """Wait until nothing is queued to run or running (a re-read included; those waiting for their window or
+        approval do not count); True if that happened within timeout."""
         end = time.monotonic() + timeout
+        idle = lambda: not self.busy and all(d.state is State.WAITING for d in self.queue)  # noqa: E731
         with self.lock:
-            while (self.queue or self.busy) and time.monotonic() < end:
+            while not idle() and time.monotonic() < end:
                 self.lock.wait(timeout=min(1.0, max(0.0, end - time.monotonic())))
-            return not self.queue and not self.busy
+            return idle()
 
     def execute(self, deployment: Deployment) -> None:
         """Update the deployment's service through its target; record, count and report the outcome."""
@@ -2780,7 +3417,7 @@ class WorkQueue:
                  deployment.ref, deployment.hooks)
         steps = StepLog(deployment, self.lock, self.clock, self.sleep, self.journal)
         started = self.clock()
-        outcome = self.run_target(deployment, steps)
+        outcome = run_target(self, deployment, steps)
         if not outcome.resume and self.journal is not None:
             self.journal.close(steps.key)
         if outcome.result is State.ROLLED_BACK and outcome.new_image and self.journal is not None:
@@ -2798,45 +3435,6 @@ class WorkQueue:
             for ref in deployment.refs:
                 self.refresh_around(ref)
         log.info("deployment=%s end state=%s", deployment.id, deployment.state.value)
-
-    def run_target(self, deployment: Deployment, steps: StepLog) -> Outcome:
-        """The target's update (or recovery) of one service, journalled; never raises."""
-        try:
-            try:
-                if deployment.recovery is not None:
-                    return self.target.recover(deployment.ref, deployment.recovery, steps)
-                return self.target.update(deployment.ref, deployment.digest, steps)
-            except EngineUnreachable:
-                return self.after_engine_outage(steps)
-        except OSError as error:  # the journal could not be opened: nothing has run
-            log.error("%s not started: the journal cannot be written (%s)", steps.label, error.strerror)
-            return Outcome(reason=f"not started: the journal in STATE_DIR cannot be written ({error.strerror})")
-        except Exception as error:  # a bug must not kill the worker
-            log.exception("%s crashed", steps.label)
-            return Outcome(reason=f"internal error ({type(error).__name__}: {error})")
-
-    def after_engine_outage(self, steps: StepLog) -> Outcome:
-        """The engine stopped answering mid-update: wait for it (ENGINE_WAIT), then go on from the journal."""
-        log.error("%s the Docker engine stopped answering; waiting up to %gs for it", steps.label,
-                  self.config.engine_wait)
-        end = self.clock() + self.config.engine_wait
-        for delay in backoff(1.0, 2.0, 10.0):
-            if self.target.engine_answers():
-                break
-            if self.clock() >= end:
-                return Outcome(reason=f"the Docker engine did not answer for {self.config.engine_wait:g}s; "
-                                      "the next start recovers the service from the journal", resume=True)
-            self.sleep(delay)
-        log.warning("%s the Docker engine answers again; going on from the journal", steps.label)
-        record = steps.record_now()
-        if record is None:
-            return Outcome(reason="the Docker engine went away before the update was journalled; push again")
-        try:
-            return self.target.recover(steps.deployment.ref, record, steps)
-        except EngineUnreachable:
-            return Outcome(reason="the Docker engine went away again; the next start recovers the service",
-                           resume=True)
-
 
 # -- what the queue updates: the Target interface, and the one matcher -------------------------
 
@@ -2913,6 +3511,10 @@ class Target:
         """Services of one lane in the order one deployment switches them (by default by name)."""
         return sorted(refs)
 
+    def rolls_back(self, ref: ServiceRef) -> bool:
+        """Whether an operator's rollback (a deployment whose action is ROLLBACK) is one this target carries out."""
+        return False
+
     def describe(self) -> List[Finding]:
         """What this target is and what would update, one finding per line (for --check)."""
         raise NotImplementedError
@@ -2955,8 +3557,19 @@ class StepLog:
         return self.journal is not None and self.journal.failed_before(self.key, image)
 
     def needed_by_another(self, image_id: str) -> bool:
-        """Whether an update of another service in flight (PARALLEL) runs or may roll back to this image."""
-        return self.journal is not None and self.journal.needed_by_another(self.key, image_id)
+        """Whether an update of another service in flight (PARALLEL) runs or may roll back to this image, or another
+        service keeps it for an operator's rollback."""
+        return self.journal is not None and (self.journal.needed_by_another(self.key, image_id) or
+                                             self.journal.kept_elsewhere(self.key_of(self.service), image_id))
+
+    def key_of(self, service: str) -> str:
+        """The journal's key of one service of this deployment ("" for its first)."""
+        ref = self.deployment.ref
+        return f"{ref.kind}:{ServiceRef(ref.kind, ref.project, service or ref.name)}"
+
+    def keep_previous(self, service: str, previous: Optional[Previous]) -> Optional[Previous]:
+        """Keep the image the service ran before this update, for an operator's rollback; the one kept before."""
+        return self.journal.keep(self.key_of(service), previous) if self.journal is not None else None
 
     def record_now(self) -> Optional[Record]:
         """The journal record as it stands, if there is one."""
@@ -3095,6 +3708,198 @@ def backoff(first: float, factor: float, most: float):
     while True:
         yield delay
         delay = min(delay * factor, most)
+
+
+# -- what a worker does with a deployment: run it through its target, end one that waited ------
+
+
+def run_target(queue: WorkQueue, deployment: Deployment, steps: StepLog) -> Outcome:
+    """The target's update (or recovery) of one service, journalled; never raises."""
+    try:
+        try:
+            if deployment.recovery is not None:
+                return queue.target.recover(deployment.ref, deployment.recovery, steps)
+            return queue.target.update(deployment.ref, deployment.digest, steps)
+        except EngineUnreachable:
+            return after_engine_outage(queue, steps)
+    except OSError as error:  # the journal could not be opened: nothing has run
+        log.error("%s not started: the journal cannot be written (%s)", steps.label, error.strerror)
+        return Outcome(reason=f"not started: the journal in STATE_DIR cannot be written ({error.strerror})")
+    except Exception as error:  # a bug must not kill the worker
+        log.exception("%s crashed", steps.label)
+        return Outcome(reason=f"internal error ({type(error).__name__}: {error})")
+
+
+def after_engine_outage(queue: WorkQueue, steps: StepLog) -> Outcome:
+    """The engine stopped answering mid-update: wait for it (ENGINE_WAIT), then go on from the journal."""
+    log.error("%s the Docker engine stopped answering; waiting up to %gs for it", steps.label,
+              queue.config.engine_wait)
+    end = queue.clock() + queue.config.engine_wait
+    for delay in backoff(1.0, 2.0, 10.0):
+        if queue.target.engine_answers():
+            break
+        if queue.clock() >= end:
+            return Outcome(reason=f"the Docker engine did not answer for {queue.config.engine_wait:g}s; "
+                                  "the next start recovers the service from the journal", resume=True)
+        queue.sleep(delay)
+    log.warning("%s the Docker engine answers again; going on from the journal", steps.label)
+    record = steps.record_now()
+    if record is None:
+        return Outcome(reason="the Docker engine went away before the update was journalled; push again")
+    try:
+        return queue.target.recover(steps.deployment.ref, record, steps)
+    except EngineUnreachable:
+        return Outcome(reason="the Docker engine went away again; the next start recovers the service",
+                       resume=True)
+
+
+
+
+
+# -- the operator's desk: hold, resume, update now, roll back, approve, reject ----------------
+
+NO_IMAGE = ImageKey("", "(none)", "")  # what an action on a service that runs no tagged image names
+
+
+class Desk:
+    """An operator's actions, each answered at once: a hold or resume takes effect now; an update now or a rollback
+    is a deployment, queued; an approval lets a waiting one run, a rejection ends it. Each is logged, kept in the
+    history and told, with the operator as its trigger."""
+
+    def __init__(self, queue: WorkQueue):
+        self.queue, self.gates = queue, queue.gates
+
+    def on_service(self, project: str, name: str, action: Action) -> Acted:
+        """hold, resume, update or rollback one service; 404 if none runs here by that name."""
+        service = next((s for s in self.queue.target.running() if (s.ref.project, s.ref.name) == (project, name)),
+                       None)
+        if service is None:
+            return Acted(HTTPStatus.NOT_FOUND, f"no service {project + '/' if project else ''}{name} here")
+        return SERVICE_DESK[action](self, service)
+
+    def hold(self, service: Running) -> Acted:
+        with self.queue.lock:
+            since = self.gates.holds.get(service.ref)
+            if since is None:
+                self.gates.holds[service.ref] = _now()
+                self.gates.save(waiting_entries(self.queue.queue))
+        if since is not None:
+            return Acted(HTTPStatus.CONFLICT, f"{service.ref} is held already, since {since}")
+        return self.noted(service, State.HELD, "held: pushes and reconciling leave it alone until it is resumed")
+
+    def resume(self, service: Running) -> Acted:
+        with self.queue.lock:
+            since = self.gates.holds.pop(service.ref, None)
+            self.gates.save(waiting_entries(self.queue.queue))
+        if since is None:
+            return Acted(HTTPStatus.CONFLICT, f"{service.ref} is not held")
+        return self.noted(service, State.RESUMED, f"resumed (held since {since}): pushes update it again")
+
+    def noted(self, service: Running, state: State, words: str) -> Acted:
+        """An action that took effect at once: logged, kept in the history, told."""
+        deployment = Deployment(os.urandom(6).hex(), "operator", service.image or NO_IMAGE, None, service.ref)
+        deployment.action = Action.HOLD if state is State.HELD else Action.RESUME
+        deployment.state, deployment.started = state, _now()
+        deployment.finished = deployment.started
+        with self.queue.lock:
+            self.queue.history.append(deployment)
+        log.warning("operator: service=%s %s", service.ref, words)
+        self.queue.keep_history()
+        self.queue.tell(deployment, Outcome(state, reason=words), 0.0)
+        return Acted(HTTPStatus.OK, words, deployment.id)
+
+    def update(self, service: Running) -> Acted:
+        """Update it now to what its tag names in the registry, as a push would: held, waiting or outside its window
+        or not."""
+        if service.image is None:
+            return Acted(HTTPStatus.CONFLICT, f"{service.ref} runs no tagged image to update")
+        submitted = self.queue.submit(PushEvent("operator", service.image), frozenset({service.ref}), gated=False)
+        if submitted is None:
+            return Acted(HTTPStatus.SERVICE_UNAVAILABLE, "deployment queue is full or gopdater is stopping")
+        if not submitted:
+            return Acted(HTTPStatus.CONFLICT, self.queue.target.why_ignored(service.image)[:REASON_MAX])
+        log.warning("operator: update now of service=%s: deployment=%s", service.ref, submitted[0].deployment.id)
+        return Acted(HTTPStatus.ACCEPTED, "queued", submitted[0].deployment.id)
+
+    def rollback(self, service: Running) -> Acted:
+        """Back to the image it ran before its last update; 409 while a deployment of its project is queued, waits
+        or runs, or when none is kept."""
+        previous = self.queue.journal.previous(f"{service.ref.kind}:{service.ref}") if self.queue.journal else None
+        lane = self.queue.target.lane(service.ref)
+        with self.queue.lock:
+            busy = next((d for d in (*self.queue.queue, *self.queue.in_flight.values()) if d.lane == lane), None)
+            refused = (busy and f"a deployment of {busy.ref} is {busy.state.value}: roll back once it has ended") or (
+                not self.queue.target.rolls_back(service.ref) and "a Swarm service is rolled back by Swarm itself: "
+                "docker service rollback") or (previous is None and f"no previous image is kept for {service.ref}: "
+                                                                  "gopdater keeps one from its next update on")
+            if not refused:
+                deployment = self.queue.queued_new(PushEvent("operator", service.image or NO_IMAGE), lane,
+                                                   [service.ref])
+                deployment.action, deployment.previous, deployment.gate = Action.ROLLBACK, previous, Gate(False)
+                self.queue.lock.notify_all()
+        if refused:
+            return Acted(HTTPStatus.CONFLICT, refused)
+        log.warning("operator: rollback of service=%s to %s: deployment=%s", service.ref, previous.image[:19],
+                    deployment.id)
+        return Acted(HTTPStatus.ACCEPTED, f"rolls back to {short_id(previous.image)}", deployment.id)
+
+    def on_deployment(self, deployment_id: str, action: Action) -> Acted:
+        """approve or reject a waiting deployment; 404 for an unknown id, 409 for one that does not wait."""
+        with self.queue.lock:
+            waiting = next((d for d in self.queue.queue if d.id == deployment_id and d.state is State.WAITING), None)
+            if waiting is not None:
+                return DEPLOYMENT_DESK[action](self, waiting)
+        known = next((v for v in self.queue.views() if v.get("id") == deployment_id), None)
+        if known is None:
+            return Acted(HTTPStatus.NOT_FOUND, f"no deployment {deployment_id}")
+        return Acted(HTTPStatus.CONFLICT, f"deployment {deployment_id} is {known.get('state')}: it does not wait")
+
+    def approve(self, deployment: Deployment) -> Acted:
+        """Let it run (when its window is open); the queue's lock held."""
+        if deployment.gate.approval is None:
+            return Acted(HTTPStatus.CONFLICT, f"deployment {deployment.id} waits for its update window, not for "
+                                              "approval")
+        now = self.gates.now()
+        deployment.gate, deployment.approved = deployment.gate._replace(approval=None).judged(now), _now()
+        if deployment.gate.ready(now):
+            deployment.state = State.QUEUED
+        self.gates.save(waiting_entries(self.queue.queue))
+        self.queue.lock.notify_all()
+        log.warning("operator: deployment=%s of service=%s approved", deployment.id, deployment.ref)
+        return Acted(HTTPStatus.OK, "approved" if deployment.state is State.QUEUED else
+                     f"approved; {waiting_words(deployment.gate, self.queue.config)}", deployment.id)
+
+    def reject(self, deployment: Deployment) -> Acted:
+        """End it without running; the queue's lock held."""
+        end_waiting_locked(self.queue, deployment, State.REJECTED, "rejected by an operator")
+        return Acted(HTTPStatus.OK, "rejected", deployment.id)
+
+    # -- what the page and the pipeline read ----------------------------------------------
+
+    def holds(self) -> Mapping[ServiceRef, str]:
+        with self.queue.lock:
+            return dict(self.gates.holds)
+
+    def kept(self) -> FrozenSet[ServiceRef]:
+        """The services an operator can roll back: a previous image is kept, and gopdater carries that out."""
+        journal, target = self.queue.journal, self.queue.target
+        return frozenset(s.ref for s in target.running() if journal and target.rolls_back(s.ref) and
+                         journal.previous(f"{s.ref.kind}:{s.ref}"))
+
+    def why_ignored(self, image: ImageKey) -> str:
+        """Why a push updates nothing: the services held that it would update, else what the target says."""
+        held = [f"{ref}: held since {self.gates.holds[ref]}" for ref in self.queue.target.services_for(image)
+                if ref in self.gates.holds]
+        return "; ".join(held) or self.queue.target.why_ignored(image)
+
+
+SERVICE_DESK: Dict[Action, Callable[[Desk, Running], Acted]] = {
+    Action.HOLD: Desk.hold, Action.RESUME: Desk.resume, Action.UPDATE: Desk.update, Action.ROLLBACK: Desk.rollback}
+DEPLOYMENT_DESK: Dict[Action, Callable[[Desk, Deployment], Acted]] = {
+    Action.APPROVE: Desk.approve, Action.REJECT: Desk.reject}
+
+
+
 
 
 # ==========================================================================================
@@ -3672,6 +4477,10 @@ class Targets(Target):
         owner = self.owner(refs[0]) if refs else None
         return owner.order(refs) if owner else sorted(refs)
 
+    def rolls_back(self, ref: ServiceRef) -> bool:
+        owner = self.owner(ref)
+        return owner is not None and owner.rolls_back(ref)
+
     def refresh_around(self, ref: ServiceRef) -> None:
         """Re-read only the member that owns ref."""
         owner = self.owner(ref)
@@ -4219,12 +5028,17 @@ class ComposeUpdate:
         return pulled
 
     def clean_up(self, plan: ComposePlan) -> None:
-        """Remove the replaced image, unless it is a tracked service's old version: that still has its own tag,
-        and is what a manual rollback (the old tag in the env file) runs."""
-        if plan.move is None:
-            self.containers.clean_up(plan.old_ids, plan.outcome.new_image, self.steps)
-        else:
+        """Keep the replaced image for an operator's rollback, and remove the one kept before it (and any other
+        replaced image), unless it is a tracked service's old version: that still has its own tag."""
+        kept = Previous(plan.previous, plan.move and plan.move.old_tag) if plan.previous else None
+        before = None if self.project.dry else self.steps.keep_previous(plan.service, kept)
+        if plan.move is not None:
             log.info("%s kept the image of %s: it is still tagged", self.steps.label, plan.move.old_tag)
+            return
+        gone = [image for image in plan.old_ids if image != plan.previous]
+        if before is not None and before.tag is None and before.image not in (plan.previous, plan.outcome.new_image):
+            gone.append(before.image)
+        self.containers.clean_up(gone, plan.outcome.new_image, self.steps)
 
     # -- release steps around the switch ------------------------------------------------------
 
@@ -4406,6 +5220,63 @@ class ComposeUpdate:
         if len(created) != 1:
             raise DeployFailed(f"create made {len(created)} containers, not one")
         return created[0]
+
+
+# -- an operator's rollback: back to the image the service ran before its last update ----------
+
+
+class ComposeRollback:
+    """An operator's rollback of one Compose service: an update to the image it ran before its last one, carried
+    out as a push's is (journalled, health-gated, start-first where asked, its dependents after it, put back on what
+    it runs now if that fails), without release steps: a migration runs forward only."""
+
+    def __init__(self, project: ProjectAsRead, steps: StepLog):
+        self.project, self.steps, self.one = project, steps, ComposeUpdate(project, steps)
+
+    def run(self, service: str, previous: Previous) -> Outcome:
+        """Journal, plan, point the image name (and a tracked service's env file) at the previous image, switch;
+        the image it ran until now is kept in turn, so a second rollback goes forward again."""
+        self.steps.begin(ComposeProcedure.REPLACE)
+        plan = self.plan(service, previous)
+        if isinstance(plan, Outcome):
+            return plan
+        try:
+            # Journalled as a push's pull is: the image name moved, nothing switched (recovery leaves it there).
+            self.steps.step(Stage.PULL, lambda: self.one.containers.point(previous.image, plan.pulled, plan.move,
+                                                                           new=True))
+        except DeployFailed as error:
+            self.one.containers.put_back_tag(plan.previous, plan.image, self.steps, move=plan.move)
+            return plan.outcome._replace(reason=f"{error}; nothing was switched")
+        outcome = self.one.start_first(plan) if plan.start_first else self.one.stop_first(plan)
+        if outcome.result is State.UPDATED:
+            self.steps.keep_previous(service, Previous(plan.previous, plan.move and plan.move.old_tag))
+        return outcome
+
+    def plan(self, service: str, previous: Previous) -> Union[ComposePlan, Outcome]:
+        """What runs now and what it goes back to, or why it cannot (nothing was changed)."""
+        try:
+            old = tuple(self.steps.step(Stage.INSPECT, lambda: self.one.docker.containers(service)))
+        except DeployFailed as error:
+            return Outcome(reason=str(error))
+        ids = tuple(sorted({c.image_id for c in old}))
+        if not old or len(ids) != 1:
+            return Outcome(reason="its containers do not run one image: nothing to roll back from; nothing changed")
+        if not self.one.containers.has_image(previous.image):
+            return Outcome(reason=f"the previous image {short_id(previous.image)} is no longer on the engine (removed "
+                                  "by hand?); nothing was changed")
+        move = self.tag_move(service, old[0].image, previous)
+        plan = ComposePlan(service, old, old[0].image, ids, move, pulled=with_tag(old[0].image, move.new_tag)
+                           if move else old[0].image)
+        judged = self.one.judge_plan(plan, previous.image)
+        return judged._replace(release=ReleaseSteps()) if isinstance(judged, ComposePlan) else judged
+
+    def tag_move(self, service: str, image: str, previous: Previous) -> Optional[TagMove]:
+        """A tracked service goes back to its previous tag, written into its env file as a push's new tag is."""
+        tracking, current = self.project.tracked.get(service), parse_reference(image)
+        if not previous.tag or tracking is None or tracking.problem or not tracking.variable or current is None or \
+                current.tag == previous.tag:
+            return None
+        return TagMove(current.tag, previous.tag, tracking.env_file, tracking.variable)
 
 
 # -- a group: several services of one project on one push, switched in turn, rolled back as one --
@@ -4864,6 +5735,9 @@ class ComposeProject(Target):
     def engine_answers(self) -> bool:
         return self.engine.answers()
 
+    def rolls_back(self, ref: ServiceRef) -> bool:
+        return self.owns(ref)
+
     # -- version channels -----------------------------------------------------------------
 
     def read_tracking(self) -> Dict[str, Tracking]:
@@ -4960,6 +5834,8 @@ class ComposeProject(Target):
     def update(self, ref: ServiceRef, digest: Optional[str], steps: StepLog) -> Outcome:
         """The Compose update of one service (a ComposeUpdate), or of several of this project (a ComposeGroupUpdate)."""
         names = [member.name for member in steps.deployment.refs]
+        if steps.deployment.action is Action.ROLLBACK:
+            return ComposeRollback(self, steps).run(ref.name, steps.deployment.previous)
         if len(names) > 1:
             return ComposeGroupUpdate(self, steps).run(names)
         return ComposeUpdate(self, steps).run(ref.name)
@@ -5900,6 +6776,17 @@ SENTENCES = {
     State.SKIPPED: "gopdater skipped {service}: {reason}.",
     State.UP_TO_DATE: "{service} already runs {image}.",
     State.DRY_RUN: "gopdater would have updated {service} to {image} (DRY_RUN).",
+    State.WAITING: "gopdater will update {service} to {image}: {reason}.",
+    State.REJECTED: "The update of {service} to {image} was rejected by an operator.",
+    State.EXPIRED: "The update of {service} to {image} expired: {reason}.",
+    State.HELD: "{service} is held by an operator: pushes and reconciling leave it alone until it is resumed.",
+    State.RESUMED: "{service} is resumed by an operator: pushes update it again.",
+}
+OPERATOR_SENTENCES = {  # (a deployment's action, its result): the sentence, where it is not SENTENCES'
+    (Action.ROLLBACK, State.UPDATED): "An operator rolled {service} back to the image it ran before ({new}) in "
+                                      "{seconds:.1f} s.",
+    (Action.ROLLBACK, State.ROLLED_BACK): "An operator's rollback of {service} failed; it runs what it ran before "
+                                          "({reason}).",
 }
 
 
@@ -5907,11 +6794,12 @@ def notification(deployment: Deployment, outcome: Outcome, seconds: float, secre
     """The JSON summary of one service's outcome, with a one-sentence text chat tools show as it is; the secret
     is taken out of every string (a command's output could hold anything)."""
     reason = outcome.reason and outcome.reason[:REASON_MAX]
-    sentence = SENTENCES[outcome.result].format(service=", ".join(map(str, deployment.refs)), image=deployment.key,
-                                                seconds=seconds, reason=reason)
+    template = OPERATOR_SENTENCES.get((deployment.action, outcome.result), SENTENCES[outcome.result])
+    sentence = template.format(service=", ".join(map(str, deployment.refs)), image=deployment.key, seconds=seconds,
+                               reason=reason, new=short_id(outcome.new_image))
     payload = {"deployment": deployment.id, "kind": deployment.ref.kind, "project": deployment.ref.project or None,
             "service": deployment.ref.name, "services": [ref.name for ref in deployment.refs],
-            "trigger": trigger(deployment.sender),
+            "trigger": trigger(deployment.sender), "action": deployment.action.value,
             "image": f"{deployment.key.registry}/{deployment.key.repository}",
             "tag": deployment.key.tag, "digest": deployment.digest, "result": outcome.result.value,
             "old_image": outcome.old_image, "new_image": outcome.new_image, "old_tag": outcome.old_tag,
@@ -7457,6 +8345,7 @@ def start_then_work(config: Config, app: App, server: HookServer, failed: List[s
     for worker in range(2, config.parallel + 1):
         threading.Thread(target=work_until_stopped, args=(app.queue,), name=f"deployer-{worker}",
                          daemon=True).start()
+    app.desk = Desk(app.queue)
     app.reconciler = Reconciler(config, app.queue)  # it only reads: DRY_RUN changes nothing of it
     threading.Thread(target=app.reconciler.run_forever, name="reconciler", daemon=True).start()
     work_until_stopped(app.queue)

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 from unittest import mock
 
 import gopdater
@@ -40,6 +41,7 @@ PAYLOADS = HERE / "testdata" / "payloads"
 SECRET = "s3cret-Token_for.tests~0123456789"
 OLD_ID = "sha256:" + "1" * 64
 NEW_ID = "sha256:" + "2" * 64
+OLDER_ID = "sha256:" + "0" * 64  # what a service ran before OLD_ID: kept for a rollback since the update before
 BROKEN_ID = "sha256:" + "3" * 64
 SITE = gopdater.ServiceRef("compose", "demo", "site")
 
@@ -157,7 +159,7 @@ class FakeDocker:
         refs = {ref for services in self.projects.values() for ref in services.values()}
         self.images = {ref: OLD_ID for ref in refs}
         self.registry = {ref: NEW_ID for ref in refs}
-        self.behaviour = {OLD_ID: "healthy", NEW_ID: "healthy", BROKEN_ID: "crash"}
+        self.behaviour = {OLDER_ID: "healthy", OLD_ID: "healthy", NEW_ID: "healthy", BROKEN_ID: "crash"}
         self.containers = {}
         self.deleted = set()  # image ids removed from the engine by hand
         self.serial = 0
@@ -401,8 +403,8 @@ class FakeDocker:
         if args[:2] == ["image", "inspect"]:
             if args[-1] in self.images:
                 return self.images[args[-1]] + "\n"
-            if args[-1] in set(self.images.values()) | set(self.registry.values()) - self.deleted:
-                return args[-1] + "\n"
+            if args[-1] in (set(self.images.values()) | set(self.registry.values()) | set(self.behaviour)) - self.deleted:
+                return args[-1] + "\n"  # an image a pull untagged is still there, as Docker keeps it
             raise CommandError(["docker", *args], 1, f"Error: No such image: {args[-1]}")
         if args[0] == "pull":
             if args[1] not in self.registry:
@@ -433,6 +435,7 @@ class FakeDocker:
         if args[0] == "rmi":
             if any(c["image_id"] == args[1] for c in self.containers.values()):
                 raise CommandError(["docker", *args], 1, "image is being used by running container")
+            self.deleted.add(args[1])
             return ""
         if args[0] == "tag":
             self.images[args[2]] = args[1]
@@ -524,8 +527,11 @@ class Rig:
         self.metrics = gopdater.Metrics(clock=self.clock)
         self.state_dir = env.get("STATE_DIR") or state_folder(test)
         self.journal = gopdater.Journal(self.state_dir)
+        self.wall = datetime.datetime(2026, 12, 7, 12, 0)  # a Monday noon, local time: windows and approval
         self.queue = self.new_queue()
         self.app = gopdater.App(self.config, self.queue, self.metrics)
+        self.app.desk = gopdater.Desk(self.queue)
+        self.app.clock = lambda: self.clock() + 1_700_000_000.0  # wall seconds, for the forms' tokens
         self.worker = None
         self.fake.calls.clear()
         self.fake.call_kwargs.clear()
@@ -534,7 +540,8 @@ class Rig:
         """A work queue on this rig's fake engine and STATE_DIR, as a fresh start of gopdater makes it."""
         send = notify or (lambda url, body: self.notices.append((url, body)) or True)
         return gopdater.WorkQueue(self.config, self.project, gopdater.QueueSeams(
-            self.clock, self.clock.sleep, gopdater.notifying(self.config, send), self.metrics, journal or self.journal))
+            self.clock, self.clock.sleep, gopdater.notifying(self.config, send), self.metrics, journal or self.journal,
+            lambda: self.wall))
 
     def post(self, path, body, **hdrs):
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -551,6 +558,10 @@ class Rig:
                 worker.start()
                 self.test.addCleanup(worker.join, 10)
             self.test.addCleanup(self.queue.stop, 10)
+
+    def kept_before(self, image=OLDER_ID, project="demo", service="site"):
+        """Journal the image a service ran before OLD_ID, as an update before this one kept it for a rollback."""
+        self.journal.keep(f"compose:{project}/{service}", gopdater.Previous(image))
 
     def deploy(self, event_image="docker.io/acme/site:latest"):
         """Submit one push as a hook would, let the worker run it, and return the deployment once it ended."""
@@ -1111,8 +1122,10 @@ class DiscoveryTest(unittest.TestCase):
 
 class DeployTest(unittest.TestCase):
     def test_update_runs_the_exact_commands_in_order(self):
-        """Pull first, compare, stop, rm, up --no-deps, wait for health, then rmi the old image."""
+        """Pull first, compare, stop, rm, up --no-deps, wait for health, then keep the old image for a rollback and
+        rmi the one kept before it."""
         rig = Rig(self)
+        rig.kept_before()
         old = next(iter(rig.fake.containers))
         deployment = rig.deploy()
         new = next(iter(rig.fake.containers))
@@ -1127,8 +1140,9 @@ class DeployTest(unittest.TestCase):
             ["docker", "compose", "up", "-d", "--no-deps", "site"],
             ["docker", "compose", "ps", "-a", "-q", "site"],
             ["docker", "inspect", new],
-            ["docker", "rmi", OLD_ID],
+            ["docker", "rmi", OLDER_ID],
         ])
+        self.assertEqual(rig.journal.previous("compose:demo/site"), gopdater.Previous(OLD_ID))
         self.assertEqual((deployment.state, deployment.ref), ("updated", SITE))
         self.assertEqual(rig.fake.calls[-3:], [["docker", "compose", "ps", "-a", "-q", "site"], ["docker", "inspect", new],
                                                image_labels_call(NEW_ID)], "the service is re-read after a change")
@@ -1158,13 +1172,15 @@ class DeployTest(unittest.TestCase):
         self.assertNotIn(["docker", "compose", "config", "--services"], rig.fake.calls, "no needless re-read")
 
     def test_old_image_still_in_use_is_kept(self):
-        """rmi failing because another container uses the old image keeps it and the update stands."""
+        """rmi of the image kept before failing because another container uses it keeps it; the update stands."""
         fake = FakeDocker(services={"site": "acme/site:latest", "worker": "acme/site:latest"})
+        next(c for c in fake.containers.values() if c["service"] == "worker")["image_id"] = OLDER_ID
         rig = Rig(self, fake, SERVICES="acme/site=site")
+        rig.kept_before()
         with self.assertLogs("gopdater", "INFO") as logs:
             deployment = rig.deploy()
         self.assertEqual(deployment.state, "updated")
-        self.assertIn(["docker", "rmi", OLD_ID], rig.fake.calls)
+        self.assertIn(["docker", "rmi", OLDER_ID], rig.fake.calls)
         self.assertTrue(any("kept old image" in line for line in logs.output))
         self.assertEqual(deployment.steps[-2].result, "kept")
 
@@ -1320,7 +1336,7 @@ class DeployTest(unittest.TestCase):
         planned = [line for line in logs.output if "dry-run would run" in line]
         self.assertEqual([line.split("would run: ")[1] for line in planned], [
             "docker compose pull site", "docker stop -t 10 demo-site-1", "docker rm demo-site-1",
-            "docker compose up -d --no-deps site", f"docker rmi {OLD_ID}"])
+            "docker compose up -d --no-deps site"])
 
     def test_notification_summarises_a_changed_deployment(self):
         """NOTIFY_URL gets service, image, tag, ids, result, durations and a one-sentence text."""
@@ -1441,7 +1457,7 @@ class NotifyTest(unittest.TestCase):
         """--check names the endpoint, says its user and password go as Basic authentication, and shows neither."""
         code, out = check(self, FakeDocker(), NOTIFY_URL="https://ops:hunter2-pass@hooks.example.org/T0/B1/xoxb-token")
         self.assertEqual(code, 0, out)
-        self.assertIn("ok   notify: https://***@hooks.example.org/*** as json on failed,rolled-back,updated; its "
+        self.assertIn("ok   notify: https://***@hooks.example.org/*** as json on expired,failed,rolled-back,updated,waiting; its "
                       "user and password go as HTTP Basic authentication, never logged", out)
         for secret in ("ops:", "hunter2", "xoxb", "T0"):
             self.assertNotIn(secret, out.replace("notify", ""))
@@ -3015,6 +3031,7 @@ SECTIONS = [  # each banner of gopdater.py, in order, with its sub-banners
         'a container, as docker inspect shows it',
     ]),
     ('Settings', [
+        'update windows: when a deployment may run (UPDATE_WINDOW, the label gopdater.window)',
     ]),
     ('Senders', [
     ]),
@@ -3022,11 +3039,14 @@ SECTIONS = [  # each banner of gopdater.py, in order, with its sub-banners
         'the record: what every kind journals, and what its kind declares',
         'the journal, and the deployment history',
         'files in STATE_DIR: written whole or not at all, and one gopdater each',
+        "the operator's gates: what a deployment waits for, the holds, kept in STATE_DIR",
     ]),
     ('The request pipeline', [
         'what the last reconcile round found: the record the reconciling thread hands to the pages',
         'the status page: one HTML page, no script, no external asset, every value escaped',
         '/metrics: what the pipeline and the work queue count',
+        "the operator's forms: an action by POST, each form with a token, never from another site",
+        "what the pipeline asks of the work queue and of the operator's desk",
         'the pipeline: route, size, authenticate, decode, parse',
         "the application: every endpoint's answer",
     ]),
@@ -3034,6 +3054,8 @@ SECTIONS = [  # each banner of gopdater.py, in order, with its sub-banners
         'deployments, as /deployments shows them',
         'the queue: lanes, bursts coalesced, the engine waited for',
         'what the queue updates: the Target interface, and the one matcher',
+        'what a worker does with a deployment: run it through its target, end one that waited',
+        "the operator's desk: hold, resume, update now, roll back, approve, reject",
     ]),
     ('Docker commands', [
         'the engine: every docker command',
@@ -3047,6 +3069,7 @@ SECTIONS = [  # each banner of gopdater.py, in order, with its sub-banners
         "release steps: commands from a service's labels around its update",
         'Compose: what an update journals, and what recovery does at each stage',
         "what a Compose update works on: the project as read (its protocol), one deployment's plan",
+        "an operator's rollback: back to the image the service ran before its last update",
         'a group: several services of one project on one push, switched in turn, rolled back as one',
         'Compose recovery: what a crash left, made whole as the recovery table says',
         'the Compose project as read: services, containers, operator labels, tracking',
@@ -3410,7 +3433,7 @@ class StateFolderTest(unittest.TestCase):
         host = gopdater.Targets([rig.project])
         queue = gopdater.WorkQueue(rig.config, host, gopdater.QueueSeams(rig.clock, rig.clock.sleep,
                                                                    journal=rig.journal))
-        outcome = queue.run_target(deployment, gopdater.StepLog(deployment, threading.Condition(), rig.clock,
+        outcome = gopdater.run_target(queue, deployment, gopdater.StepLog(deployment, threading.Condition(), rig.clock,
                                                                 rig.clock.sleep, rig.journal))
         self.assertEqual((outcome.result, outcome.reason), (gopdater.State.FAILED, "gone/site is no longer found here"))
 
@@ -3651,7 +3674,7 @@ class GroupTest(unittest.TestCase):
         self.assertEqual([(m["service"], m["result"], m["old_image"], m["new_image"]) for m in view["services"]],
                          [("web", "updated", OLD_ID, NEW_ID), ("worker", "updated", OLD_ID, NEW_ID)])
         self.assertEqual([s["step"] for s in view["services"][1]["steps"] if s.get("service") == "worker"],
-                         ["inspect", "compare", "stop", "remove", "up", "downtime", "wait", "cleanup"])
+                         ["inspect", "compare", "stop", "remove", "up", "downtime", "wait"])
         self.assertEqual([c for c in rig.fake.calls if c[2:3] == ["pull"]], [["docker", "compose", "pull", "web"]])
         self.assertEqual(self.images(rig), {"web": NEW_ID, "worker": NEW_ID})
         self.assertEqual([body["services"] for _, body in rig.notices], [["web", "worker"]])
@@ -3790,7 +3813,7 @@ class GroupTest(unittest.TestCase):
         cuts = [(("docker", "compose", "pull"), 1), (("docker", "exec"), 1), (("docker", "compose", "run"), 2),
                 (("docker", "stop"), 1), (("docker", "rm"), 1), (("docker", "compose", "up"), 1),
                 (("docker", "stop"), 2), (("docker", "rm"), 2), (("docker", "compose", "up"), 2),
-                (("docker", "exec"), 3), (("docker", "rmi"), 1)]
+                (("docker", "exec"), 3)]
         for prefix, nth in cuts:
             with self.subTest(cut_after=prefix, nth=nth):
                 fake = FakeDocker(services=dict(GROUP))
@@ -4014,16 +4037,20 @@ class ProjectsTest(unittest.TestCase):
         self.assertEqual(reply["services"], ["shop/api"])
 
     def test_cleanup_never_removes_an_image_another_project_runs(self):
-        """The old image stays while the other project still runs it, and goes after its update (PARALLEL=1:
-        in turn)."""
+        """The image blog kept before stays while shop still runs it (PARALLEL=1: in turn), and shop keeps it in
+        turn for its own rollback."""
         rig, _ = self.host({"blog": {"site": "acme/site:latest"}, "shop": {"site": "acme/site:latest"}},
                            PARALLEL=1)
+        next(c for c in rig.fake.containers.values() if c["project"] == "shop")["image_id"] = OLDER_ID
+        rig.kept_before(project="blog")
         rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
         rig.start_worker()
         self.assertTrue(rig.queue.wait_idle(10))
         cleanup = {v["project"]: [s["result"] for s in v["steps"] if s["step"] == "cleanup"]
                    for v in rig.queue.views()}
-        self.assertEqual(cleanup, {"blog": ["kept"], "shop": ["ok"]})
+        self.assertEqual(cleanup, {"blog": ["kept"], "shop": []})
+        self.assertEqual([rig.journal.previous(f"compose:{p}/site") for p in ("blog", "shop")],
+                         [gopdater.Previous(OLD_ID), gopdater.Previous(OLDER_ID)])
 
     def test_the_enable_label_keeps_services_out_or_lets_only_marked_ones_in(self):
         """gopdater.enable=false keeps a service out always; LABEL_ENABLE=1 updates only those labelled true."""
@@ -4244,16 +4271,18 @@ class ParallelTest(unittest.TestCase):
                          "per deployment: before, after the up, and the re-read after it")
 
     def test_cleanup_keeps_an_image_an_update_in_flight_may_roll_back_to(self):
-        """While blog's old container is removed and its new one not yet judged, shop's cleanup keeps the
-        old image: blog's rollback needs it."""
+        """While blog's old container is removed and its new one not yet judged, shop's cleanup keeps the image
+        it kept before (blog ran it): blog's rollback needs it."""
         rig = self.host()
+        next(c for c in rig.fake.containers.values() if c["project"] == "blog")["image_id"] = OLDER_ID
+        rig.kept_before(project="shop", service="site")
         self.push(rig)
         gate = rig.fake.hold(project_call("blog", "docker", "rm"))
         with self.assertLogs("gopdater", "INFO"):
             held = self.in_thread(rig, gate)
             shop = rig.queue.run_next()
-            self.assertEqual([s.result for s in shop.steps if s.step == "cleanup"], ["kept", "kept"])
-            self.assertNotIn(["docker", "rmi", OLD_ID], rig.fake.calls)
+            self.assertEqual([s.result for s in shop.steps if s.step == "cleanup"], ["kept"])
+            self.assertNotIn(["docker", "rmi", OLDER_ID], rig.fake.calls)
             gate.let_go()
             held.join(10)
 
@@ -4427,12 +4456,11 @@ class ReleaseStepsTest(unittest.TestCase):
             ["docker", "stop", "-t", "10", "demo-site-1"], ["docker", "rm", "demo-site-1"],
             ["docker", "compose", "up", "-d", "--no-deps", "site"], ["docker", "compose", "ps", "-a", "-q", "site"],
             ["docker", "inspect", new],
-            ["docker", "exec", *ENV_ARGS, new, "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"],
-            ["docker", "rmi", OLD_ID]])
+            ["docker", "exec", *ENV_ARGS, new, "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]])
         self.assertNotEqual(old, new)
         self.assertEqual([s.step for s in deployment.steps], [
             "inspect", "pull", "compare", "pre-update", "migrate", "stop", "remove", "up", "downtime", "wait",
-            "post-update", "cleanup", "done"])
+            "post-update", "done"])
         self.assertEqual(deployment.logs, [f"{step}: line {n}" for step in ("pre-update", "migrate", "post-update")
                                            for n in (1, 2)])
 
@@ -4597,15 +4625,14 @@ class StartFirstTest(unittest.TestCase):
             ["docker", "start", "demo-site-2"],
             ["docker", "network", "connect", "--alias", "site", "demo_default", "demo-site-2"],
             ["docker", "stop", "-t", "10", "demo-site-1"],
-            ["docker", "rm", "demo-site-1"],
-            ["docker", "rmi", OLD_ID]])
+            ["docker", "rm", "demo-site-1"]])
         self.assertEqual(rig.fake.events, [("start", "demo-site-2", []), ("connect", "demo-site-2", ["demo_default"])])
         self.assertIn(1.5, rig.clock.sleeps, "SWITCH_DELAY for the proxy")
         (name, running), = [(c["name"], c["image_id"]) for c in rig.fake.containers.values()]
         self.assertEqual((name, running), ("demo-site-2", NEW_ID))
         self.assertEqual([s.step for s in deployment.steps], [
             "inspect", "pull", "compare", "create", "isolate", "start", "wait", "connect", "switch", "stop",
-            "remove", "cleanup", "done"])
+            "remove", "done"])
 
     def test_the_compose_files_own_update_config_order_asks_for_it_too(self):
         """deploy.update_config.order: start-first, as Compose v2 reports it, works like the label."""
@@ -5950,3 +5977,413 @@ class ReconcileRoundTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# ---------------------------------------------------------------------------------------------
+# The operator's hand: hold, update now, roll back, update windows, approval, and the page's forms
+# ---------------------------------------------------------------------------------------------
+
+BASIC = "Basic " + base64.b64encode(f"ops:{SECRET}".encode()).decode()
+BEARER = f"Bearer {SECRET}"
+FORM = "application/x-www-form-urlencoded"
+
+
+def act(rig, path, body=b"", auth=BEARER, **hdrs):
+    """POST an operator's action with the Bearer token (or other credentials); (status, payload, headers)."""
+    return rig.post(path, body, Authorization=auth, **hdrs)
+
+
+def form_post(rig, action, target, token=None, fields=None, **hdrs):
+    """POST an action as the status page's form does: Basic credentials, its token, same origin."""
+    token = gopdater.form_token(SECRET.encode(), action, target, int(rig.app.clock())) if token is None else token
+    body = urllib.parse.urlencode({"token": token, **(fields or {})}).encode()
+    hdrs = {"Content_Type": FORM, "Host": "deploy.example", "Origin": "https://deploy.example", **hdrs}
+    return rig.post(gopdater.action_path(action, target), body, Authorization=BASIC, **hdrs)
+
+
+class UpdateWindowTest(unittest.TestCase):
+    """UPDATE_WINDOW and gopdater.window: parsed, and judged against a local time, across midnight and weekdays."""
+
+    MON, SAT = datetime.datetime(2026, 12, 7), datetime.datetime(2026, 12, 12)  # a Monday and a Saturday
+
+    def test_a_window_is_open_on_its_days_and_hours_only(self):
+        """Each (window, local time): open or not, and when it opens next."""
+        at = lambda day, hour, minute=0: day + datetime.timedelta(hours=hour, minutes=minute)  # noqa: E731
+        cases = [
+            ("Mon-Fri 02:00-05:00", at(self.MON, 3), True, at(self.MON, 3)),
+            ("Mon-Fri 02:00-05:00", at(self.MON, 5), False, at(self.MON, 26)),  # Tuesday 02:00
+            ("Mon-Fri 02:00-05:00", at(self.SAT, 3), False, at(self.SAT, 50)),  # the next Monday 02:00
+            ("Mon-Fri 02:00-05:00,Sat-Sun 00:00-24:00", at(self.SAT, 13), True, at(self.SAT, 13)),
+            ("Fri 22:00-02:00", at(self.SAT, 1, 59), True, at(self.SAT, 1, 59)),  # Friday's, past midnight
+            ("Fri 22:00-02:00", at(self.SAT, 2), False, at(self.SAT, 6 * 24 + 22)),
+            ("Sat-Mon 23:00-01:00", at(self.MON, 0, 30), True, at(self.MON, 0, 30)),  # Sunday's, into Monday
+            ("Sat-Mon 23:00-01:00", at(self.MON, 23, 30), True, at(self.MON, 23, 30)),
+            ("Sat-Mon 23:00-01:00", at(self.MON, 12), False, at(self.MON, 23)),
+            ("03:00-04:00", at(self.SAT, 4), False, at(self.SAT, 27)),  # every day
+        ]
+        for text, when, is_open, opens in cases:
+            with self.subTest(window=text, at=when):
+                window = gopdater.parse_window(text)
+                self.assertEqual(gopdater.window_open(window, when), is_open)
+                self.assertEqual(gopdater.next_opening(window, when), opens)
+
+    def test_a_bad_update_window_stops_start_up_with_exit_2_and_one_line(self):
+        """Each bad UPDATE_WINDOW: exit 2, one line on stderr naming the setting and an example."""
+        for text in ("Mon-Fri", "Mon 2:00-5:00", "Mon 05:00-05:00", "Funday 01:00-02:00", "Mon 25:00-26:00",
+                     "Mon 01:00-24:30", "Mon 01:60-02:00", "Mon 01:00-02:00,,", "Mon-Fri 02:00-05:00;rm -rf /"):
+            with self.subTest(window=text):
+                with self.assertRaises(gopdater.ConfigError):
+                    make_config(UPDATE_WINDOW=text)
+                err = io.StringIO()
+                env = {"OWNER": "acme", "WEBHOOK_SECRET": SECRET, "UPDATE_WINDOW": text}
+                with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(err):
+                    self.assertEqual(gopdater.main([]), 2)
+                self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
+                self.assertIn("UPDATE_WINDOW", err.getvalue())
+
+    def test_public_url_and_approve_timeout_are_checked_at_start(self):
+        """PUBLIC_URL must be an http(s) address without credentials; APPROVE_TIMEOUT a number of seconds."""
+        for name, text in (("PUBLIC_URL", "ftp://x"), ("PUBLIC_URL", "https://user:pw@x"), ("PUBLIC_URL", "x"),
+                           ("PUBLIC_URL", 'https://x/"><script>'), ("APPROVE_TIMEOUT", "0"), ("APPROVE", "maybe")):
+            with self.subTest(name=name, text=text), self.assertRaises(gopdater.ConfigError):
+                make_config(**{name: text})
+        self.assertEqual(make_config(PUBLIC_URL="https://deploy.example/").public_url, "https://deploy.example")
+
+
+class OperatorActionsTest(unittest.TestCase):
+    """Each action by the Bearer token, in each state of its service or deployment."""
+
+    def rig(self, **env):
+        return Rig(self, **env)
+
+    def run_all(self, rig):
+        rig.start_worker()
+        self.assertTrue(rig.queue.wait_idle(10), "the queue ran dry")
+
+    def test_hold_and_resume_in_each_state(self):
+        """(action, held before) -> status, held after; an unknown service is 404; each is kept in the history."""
+        cases = [("hold", False, 200, True), ("hold", True, 409, True), ("resume", True, 200, False),
+                 ("resume", False, 409, False)]
+        for action, held, status, held_after in cases:
+            with self.subTest(action=action, held=held):
+                rig = self.rig()
+                with self.assertLogs("gopdater", "INFO"):
+                    if held:
+                        act(rig, "/services/demo/site/hold")
+                    code, reply, _ = act(rig, f"/services/demo/site/{action}")
+                self.assertEqual(code, status, reply)
+                self.assertEqual(SITE in rig.app.desk.holds(), held_after)
+        rig = self.rig()
+        for path in ("/services/demo/nope/hold", "/services/other/site/resume", "/deployments/0123456789ab/approve"):
+            with self.subTest(path=path):
+                self.assertEqual(act(rig, path)[0], 404)
+        for path in ("/services/demo/site/explode", "/services/demo/../hold", "/deployments/xyz/approve",
+                     "/deployments/0123456789ab/hold", "/services/demo/site/approve"):
+            with self.subTest(path=path):
+                self.assertEqual(act(rig, path)[0], 404)
+
+    def test_a_held_service_ignores_pushes_and_reconciling_until_resumed(self):
+        """While held, a push answers 200 ignored ("held since ..."), as reconciling's submit finds nothing; after
+        resume a push is accepted. Hold and resume are each notified with the operator as trigger."""
+        rig = self.rig(NOTIFY_URL="http://127.0.0.1:9/hook", NOTIFY_ON="held,resumed,updated")
+        with self.assertLogs("gopdater", "INFO"):
+            act(rig, "/services/demo/site/hold")
+            code, reply, _ = rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+            self.assertEqual((code, reply["status"]), (200, "ignored"))
+            self.assertIn("demo/site: held since", reply["reason"])
+            self.assertEqual(rig.queue.submit(gopdater.PushEvent("reconcile", gopdater.parse_reference(
+                "acme/site:latest"))), [])
+            act(rig, "/services/demo/site/resume")
+            self.assertEqual(rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))[0], 202)
+        self.assertEqual([(body["result"], body["trigger"], body["action"]) for _, body in rig.notices],
+                         [("held", "operator", "hold"), ("resumed", "operator", "resume")])
+        self.assertEqual([v["state"] for v in rig.queue.views()][1:], ["resumed", "held"])
+
+    def test_update_now_runs_held_outside_its_window_and_unapproved(self):
+        """Update now is a push of the tag the service runs, gated by nothing: it runs at once, trigger operator."""
+        rig = self.rig(UPDATE_WINDOW="Sat 02:00-03:00", APPROVE=1)
+        with self.assertLogs("gopdater", "INFO"):
+            act(rig, "/services/demo/site/hold")
+            code, reply, _ = act(rig, "/services/demo/site/update")
+            self.assertEqual(code, 202, reply)
+            self.run_all(rig)
+        view = next(v for v in rig.queue.views() if v["id"] == reply["id"])
+        self.assertEqual((view["state"], view["trigger"], view["action"]), ("updated", "operator", "update"))
+        self.assertEqual(rig.fake.containers[next(iter(rig.fake.containers))]["image_id"], NEW_ID)
+
+    def test_rollback_goes_back_to_the_previous_image_and_a_second_goes_forward(self):
+        """After an update, rollback recreates the service on the image it ran before (kept, not removed), through
+        the journal and the health gate; the image it left is kept in turn."""
+        rig = self.rig()
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(rig.deploy().state, "updated")
+            rig.fake.calls.clear()
+            code, reply, _ = act(rig, "/services/demo/site/rollback")
+            self.assertEqual(code, 202, reply)
+            self.run_all(rig)
+        view = next(v for v in rig.queue.views() if v["id"] == reply["id"])
+        self.assertEqual((view["state"], view["action"], view["trigger"]), ("updated", "rollback", "operator"))
+        self.assertEqual(rig.fake.mutating_calls(), [
+            ["docker", "tag", OLD_ID, "acme/site:latest"], ["docker", "stop", "-t", "10", "demo-site-1"],
+            ["docker", "rm", "demo-site-1"], ["docker", "compose", "up", "-d", "--no-deps", "site"]])
+        self.assertEqual([c["image_id"] for c in rig.fake.containers.values()], [OLD_ID])
+        self.assertEqual(rig.journal.previous("compose:demo/site"), gopdater.Previous(NEW_ID))
+        self.assertEqual([s["step"] for s in view["steps"]][:5], ["inspect", "pull", "stop", "remove", "up"])
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(act(rig, "/services/demo/site/rollback")[0], 202)
+            self.run_all(rig)
+        self.assertEqual([c["image_id"] for c in rig.fake.containers.values()], [NEW_ID])
+        self.assertEqual(rig.journal.previous("compose:demo/site"), gopdater.Previous(OLD_ID))
+
+    def test_rollback_of_a_tracked_service_writes_its_env_file_back(self):
+        """A service following versions goes 1.4.2 -> 1.4.3 by a push; the rollback puts 1.4.2 back in its env file
+        and runs its image; the env file's other lines stay."""
+        root = tempfile.mkdtemp(prefix="gopdater-rollback-")
+        self.addCleanup(shutil.rmtree, root, True)
+        fake = FakeDocker(services={"site": "acme/site:1.4.2"}, root=root)
+        fake.track("demo", "site", SITE_RAW, "# tags\nSITE_TAG=1.4.2\n", "minor", TRACKED_VERSIONS)
+        rig = Rig(self, fake, COMPOSE_FILE=os.path.join(root, "demo", "compose.yaml"))
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(rig.deploy("docker.io/acme/site:1.4.3").state, "updated")
+            self.assertEqual(fake.env_text("demo"), "# tags\nSITE_TAG=1.4.3\n")
+            code, reply, _ = act(rig, "/services/demo/site/rollback")
+            self.run_all(rig)
+        view = next(v for v in rig.queue.views() if v["id"] == reply["id"])
+        self.assertEqual((view["state"], view["old_tag"], view["new_tag"]), ("updated", "1.4.3", "1.4.2"))
+        self.assertEqual(fake.env_text("demo"), "# tags\nSITE_TAG=1.4.2\n")
+        self.assertEqual([c["image_id"] for c in fake.containers.values()], [OLD_ID])
+
+    def test_rollback_to_an_image_that_fails_puts_back_what_ran(self):
+        """The previous image no longer runs here: the rollback ends rolled-back, the service on what it ran."""
+        rig = self.rig()
+        with self.assertLogs("gopdater", "INFO"):
+            rig.deploy()
+            rig.fake.behaviour[OLD_ID] = "crash"
+            code, reply, _ = act(rig, "/services/demo/site/rollback")
+            self.run_all(rig)
+        view = next(v for v in rig.queue.views() if v["id"] == reply["id"])
+        self.assertEqual(view["state"], "rolled-back")
+        self.assertEqual([c["image_id"] for c in rig.fake.containers.values()], [NEW_ID])
+
+    def test_rollback_is_refused_without_a_previous_image_or_beside_a_deployment(self):
+        """(state) -> 409 with the reason: none kept; a deployment of its project queued; one waiting."""
+        rig = self.rig()
+        code, reply, _ = act(rig, "/services/demo/site/rollback")
+        self.assertEqual((code, reply["status"]), (409, "error"))
+        self.assertIn("no previous image is kept", reply["reason"])
+        rig.kept_before(OLD_ID)
+        rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+        code, reply, _ = act(rig, "/services/demo/site/rollback")
+        self.assertEqual(code, 409)
+        self.assertIn("is queued: roll back once it has ended", reply["reason"])
+        rig = self.rig(APPROVE=1)
+        rig.kept_before(OLD_ID)
+        with self.assertLogs("gopdater", "INFO"):
+            rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+        code, reply, _ = act(rig, "/services/demo/site/rollback")
+        self.assertEqual(code, 409)
+        self.assertIn("is waiting", reply["reason"])
+
+    def test_approve_and_reject_in_each_state(self):
+        """(gate, action) -> status and the deployment's state after; an ended one is 409."""
+        cases = [({"APPROVE": 1}, "approve", 200, "updated"), ({"APPROVE": 1}, "reject", 200, "rejected"),
+                 ({"UPDATE_WINDOW": "Sat 02:00-03:00"}, "approve", 409, "waiting"),
+                 ({"UPDATE_WINDOW": "Sat 02:00-03:00"}, "reject", 200, "rejected"), ({}, "approve", 409, "updated")]
+        for env, action, status, state in cases:
+            with self.subTest(env=env, action=action):
+                rig = self.rig(**env)
+                with self.assertLogs("gopdater", "INFO"):
+                    _, accepted, _ = rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+                    if not env:
+                        self.run_all(rig)
+                    code, reply, _ = act(rig, f"/deployments/{accepted['id']}/{action}")
+                    self.run_all(rig)
+                self.assertEqual(code, status, reply)
+                self.assertEqual(rig.queue.views()[-1]["state"] if env else rig.queue.views()[0]["state"], state)
+
+
+class WaitingTest(unittest.TestCase):
+    """Deployments that wait for their window or for approval: run when it opens, joined by a later push, expired,
+    told, and kept across a restart."""
+
+    def test_a_push_outside_the_window_waits_and_runs_when_it_opens(self):
+        """202, waiting with when it runs; a later push joins it (one deployment, the newest digest); at the
+        window's opening it runs."""
+        rig = Rig(self, UPDATE_WINDOW="Mon 13:00-14:00")
+        with self.assertLogs("gopdater", "INFO"):
+            code, first, _ = rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+            self.assertEqual(code, 202)
+            code, second, _ = rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+            self.assertEqual(second["id"], first["id"])
+            (view,) = rig.queue.views()
+            self.assertEqual((view["state"], view["hooks"], view["waiting"]["runs_at"]),
+                             ("waiting", 2, "2026-12-07T13:00:00"))
+            self.assertIsNone(rig.queue.run_next(), "nothing runs before the window opens")
+            rig.wall = datetime.datetime(2026, 12, 7, 13, 0)
+            self.assertEqual(rig.queue.run_next().state, "updated")
+
+    def test_a_service_window_label_overrides_the_setting_and_an_invalid_one_never_opens(self):
+        """gopdater.window on the service wins over UPDATE_WINDOW; an invalid label waits and says why."""
+        for label, state in (("Mon 11:00-13:00", "updated"), ("Mon 13:00-14:00", "waiting"),
+                             ("whenever", "waiting")):
+            with self.subTest(label=label):
+                fake = FakeDocker()
+                fake.file_labels[("demo", "site")] = {"gopdater.window": label}
+                rig = Rig(self, fake, UPDATE_WINDOW="Sat 01:00-02:00")
+                with self.assertLogs("gopdater", "INFO"):
+                    rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+                    rig.queue.run_next()
+                (view,) = rig.queue.views()
+                self.assertEqual(view["state"], state)
+                if label == "whenever":
+                    self.assertIn("gopdater.window label is invalid", view["waiting"]["problem"])
+
+    def test_approval_is_asked_by_setting_or_label_and_expires(self):
+        """APPROVE=1 or gopdater.approve=true: waiting for approval, told with the link to PUBLIC_URL/status;
+        after APPROVE_TIMEOUT it ends expired, told."""
+        fake = FakeDocker()
+        fake.file_labels[("demo", "site")] = {"gopdater.approve": "true"}
+        rig = Rig(self, fake, APPROVE_TIMEOUT=3600, PUBLIC_URL="https://deploy.example",
+                  NOTIFY_URL="http://127.0.0.1:9/hook")
+        with self.assertLogs("gopdater", "INFO"):
+            rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+            (view,) = rig.queue.views()
+            self.assertEqual((view["state"], view["waiting"]["for"], view["waiting"]["expires"]),
+                             ("waiting", "approval", "2026-12-07T13:00:00"))
+            rig.wall = datetime.datetime(2026, 12, 7, 13, 0)
+            rig.start_worker()
+            self.assertTrue(rig.queue.wait_idle(10))
+        self.assertEqual(rig.queue.views()[0]["state"], "expired")
+        told = [(body["result"], body["text"]) for _, body in rig.notices]
+        self.assertEqual([result for result, _ in told], ["waiting", "expired"])
+        self.assertIn("approve or reject it at https://deploy.example/status", told[0][1])
+        self.assertEqual(rig.fake.mutating_calls(), [])
+
+    def test_holds_and_waiting_deployments_survive_a_restart(self):
+        """A hold and a deployment waiting for approval come back after a restart: same id, still waiting;
+        approved before the restart and waiting for its window, it runs when that opens without a new approval."""
+        rig = Rig(self, APPROVE=1, UPDATE_WINDOW="Mon 13:00-14:00")
+        with self.assertLogs("gopdater", "INFO"):
+            _, accepted, _ = rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+            self.assertEqual(act(rig, f"/deployments/{accepted['id']}/approve")[0], 200)
+            act(rig, "/services/demo/site/hold")
+            rig.queue.stop(1)
+            queue = rig.new_queue(gopdater.Journal(rig.state_dir))
+            queue.restore()
+            desk = gopdater.Desk(queue)
+            self.assertEqual(list(desk.holds()), [SITE])
+            waiting = [v for v in queue.views() if v["id"] == accepted["id"]]
+            self.assertEqual([(v["state"], v["waiting"]["for"]) for v in waiting], [("waiting", "update window")])
+            rig.wall = datetime.datetime(2026, 12, 7, 13, 30)
+            self.assertEqual(queue.run_next().id, accepted["id"])
+
+    def test_a_crafted_operator_file_names_nothing_that_does_not_run_here(self):
+        """Entries of operator.json that are not what gopdater writes, or name an image or service this host does
+        not run, are dropped; the well-formed hold stays."""
+        rig = Rig(self)
+        good = {"id": "0123456789ab", "sender": "dockerhub", "reference": "docker.io/acme/site:latest",
+                "digest": None, "kind": "compose", "project": "demo", "services": ["site"],
+                "created": "2026-12-07T11:00:00+00:00", "approved": None, "expires": "2026-12-08T11:00:00"}
+        bad = [{**good, "id": "../../etc"}, {**good, "reference": "docker.io/evil/miner:latest"},
+               {**good, "services": ["site; rm -rf /"]}, {**good, "kind": "shell"}, {**good, "extra": 1},
+               {**good, "expires": "soon"}, {**good, "services": []}, "text", None]
+        pathlib.Path(rig.state_dir, "operator.json").write_text(json.dumps({
+            "version": 1, "holds": [["compose", "demo", "site", "2026-12-07T10:00:00+00:00"], ["compose", "x y", "z", 1],
+                                    "junk"], "waiting": [*bad, good]}))
+        queue = rig.new_queue(gopdater.Journal(rig.state_dir))
+        with self.assertLogs("gopdater", "INFO"):
+            queue.restore()
+        self.assertEqual([v["id"] for v in queue.views()], ["0123456789ab"])
+        self.assertEqual(list(gopdater.Desk(queue).holds()), [SITE])
+
+    def test_a_crafted_journal_keeps_no_previous_image_that_is_a_reference(self):
+        """journal.json's previous images: only image ids are kept (a reference could name any image)."""
+        rig = Rig(self)
+        pathlib.Path(rig.state_dir, "journal.json").write_text(json.dumps({"version": 1, "updates": {}, "previous": {
+            "compose:demo/site": {"image": "docker.io/evil/miner:latest", "tag": None},
+            "compose:demo/web": {"image": OLD_ID, "tag": "../x"}, "compose:demo/api": {"image": OLD_ID, "tag": "1.2"}}}))
+        journal = gopdater.Journal(rig.state_dir)
+        journal.load()
+        self.assertEqual([journal.previous(f"compose:demo/{s}") for s in ("site", "web", "api")],
+                         [None, None, gopdater.Previous(OLD_ID, "1.2")])
+
+
+class OperatorFormsTest(unittest.TestCase):
+    """The status page's forms: Basic credentials and a token, never from another site, bounded, 303 back."""
+
+    def test_a_form_with_its_token_acts_and_answers_303_to_the_status_page(self):
+        """Hold by the form: 303 with Location /status; the page then shows held and a Resume button."""
+        rig = Rig(self)
+        with self.assertLogs("gopdater", "INFO"):
+            code, _, hdrs = form_post(rig, "hold", "demo/site")
+        self.assertEqual((code, dict(hdrs).get("Location")), (303, "/status"))
+        page = rig.app.handle("GET", "/status", headers(Authorization=BASIC), b"").payload
+        self.assertIn('action="/services/demo/site/resume"', page)
+        self.assertNotIn('action="/services/demo/site/hold"', page)
+
+    def test_a_forged_stale_or_foreign_form_is_refused_and_changes_nothing(self):
+        """Each -> 403 (413 for an oversized body); the service stays unheld."""
+        now = int(1_700_000_000)
+        cases = {
+            "no token": dict(token=""),
+            "a token for another action": dict(token=gopdater.form_token(SECRET.encode(), "resume", "demo/site", now)),
+            "a token for another service": dict(token=gopdater.form_token(SECRET.encode(), "hold", "demo/web", now)),
+            "a stale token": dict(token=gopdater.form_token(SECRET.encode(), "hold", "demo/site", now - 601)),
+            "a token from the future": dict(token=gopdater.form_token(SECRET.encode(), "hold", "demo/site", now + 60)),
+            "a token made with another key": dict(token=gopdater.form_token(b"guessed", "hold", "demo/site", now)),
+            "a foreign Origin": dict(Origin="https://evil.example"),
+            "Origin null": dict(Origin="null"),
+            "Sec-Fetch-Site cross-site": dict(Sec_Fetch_Site="cross-site"),
+            "not a form": dict(Content_Type="application/json"),
+            "too many fields": dict(fields={f"f{i}": "x" for i in range(9)}),
+        }
+        for name, change in cases.items():
+            with self.subTest(name):
+                rig = Rig(self)
+                code, reply, _ = form_post(rig, "hold", "demo/site", **change)
+                self.assertEqual(code, 403, reply)
+                self.assertEqual(rig.app.desk.holds(), {})
+        rig = Rig(self)
+        body = b"token=" + b"x" * 5000
+        code, reply, _ = rig.post("/services/demo/site/hold", body, Authorization=BASIC, Content_Type=FORM)
+        self.assertEqual((code, reply["reason"]), (413, "an action's body is over 4 KiB"))
+        for auth in ("", "Basic " + base64.b64encode(b"ops:wrong").decode(), "Bearer wrong"):
+            with self.subTest(auth=auth):
+                self.assertEqual(act(rig, "/services/demo/site/hold", auth=auth)[0], 403)
+        self.assertEqual(rig.app.desk.holds(), {})
+
+    def test_a_form_rollback_asks_for_confirmation_first(self):
+        """Roll back by the form: a confirmation page (its own token, confirm=yes), and only then the rollback."""
+        rig = Rig(self)
+        rig.kept_before(OLD_ID)
+        code, page, hdrs = form_post(rig, "rollback", "demo/site")
+        self.assertEqual(code, 200)
+        self.assertIn('<input type=hidden name=confirm value=yes>', page)
+        self.assertIn("form-action 'self'", dict(hdrs)["Content-Security-Policy"])
+        self.assertEqual(rig.queue.views(), [])
+        token = re.search(r'name=token value="([^"]+)"', page).group(1)
+        with self.assertLogs("gopdater", "INFO"):
+            code, _, hdrs = form_post(rig, "rollback", "demo/site", token=token, fields={"confirm": "yes"})
+        self.assertEqual((code, dict(hdrs)["Location"]), (303, "/status"))
+        self.assertEqual([v["action"] for v in rig.queue.views()], ["rollback"])
+
+    def test_the_page_shows_each_services_buttons_and_each_waiting_deployments(self):
+        """Hold, Update now and Roll back (only where a previous image is kept) per service, each with a token that
+        holds for its action; Approve and Reject for a deployment waiting for approval; all escaped."""
+        rig = Rig(self, APPROVE=1)
+        rig.kept_before(OLD_ID)
+        with self.assertLogs("gopdater", "INFO"):
+            _, accepted, _ = rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+        page = rig.app.handle("GET", "/status", headers(Authorization=BASIC), b"").payload
+        forms = dict(re.findall(r'<form class=b method=post action="([^"]+)"><input type=hidden name=token '
+                                r'value="([^"]+)">', page))
+        self.assertEqual(sorted(forms), sorted([
+            "/services/demo/site/hold", "/services/demo/site/update", "/services/demo/site/rollback",
+            f"/deployments/{accepted['id']}/approve", f"/deployments/{accepted['id']}/reject"]))
+        for path, token in forms.items():
+            *_, target, action = path.rsplit("/", 2) if "deployments" in path else ["", "demo/site",
+                                                                                    path.rsplit("/", 1)[1]]
+            with self.subTest(path=path):
+                self.assertTrue(gopdater.token_holds(SECRET.encode(), token, action, target, rig.app.clock()))
+        self.assertIn("for approval until 2026-12-08 12:00:00", page)
+        self.assertNotIn("<script", page)
