@@ -2364,15 +2364,20 @@ def channel_note(tracking: Optional["Tracking"]) -> str:
     return f"<div class={'n' if follows else 'err'}>{html.escape(words)}</div>"
 
 
+OPERATOR_WORDS = {"update": "update now, by an operator", "rollback": "rollback, by an operator"}
+
+
 def deployment_rows(views: Sequence[Mapping[str, object]]) -> List[str]:
     """One row per deployment: when, service, image, result (and why), the time it took, its steps drawn."""
     rows = []
     for view in views:
         took = next((s.get("seconds") for s in view.get("steps") or () if s.get("step") == DONE), None)
         error = f'<div class=err>{html.escape(str(view["error"])[:300])}</div>' if view.get("error") else ""
+        asked = OPERATOR_WORDS.get(str(view.get("action"))) if view.get("trigger") == "operator" else None
         rows.append(f"<tr><td class='wide n'>{when(view.get('started') or view.get('created'))}</td>"
                     f"<td>{html.escape(service_name(view))}</td><td class='wide n'><code>"
-                    f"{html.escape(str(view.get('tag')))}</code></td><td>{badge(view.get('state'))}{error}</td>"
+                    f"{html.escape(str(view.get('tag')))}</code>{f'<div>{asked}</div>' if asked else ''}</td>"
+                    f"<td>{badge(view.get('state'))}{error}</td>"
                     f"<td class=n>{'' if took is None else f'{float(took):.1f} s'}</td>"
                     f"<td>{step_bar(view.get('steps') or ())}</td></tr>")
     return rows
@@ -2963,7 +2968,7 @@ def operator_action(app: App, request: Request, body: bytes) -> Response:
 
 UNAUTHORIZED = refusal(HTTPStatus.UNAUTHORIZED, "unauthorized", (("WWW-Authenticate", 'Basic realm="gopdater"'),))
 PAGE_HEADERS = (("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"),
-                ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"))
+                ("X-Frame-Options", "DENY"), ("Referrer-Policy", "same-origin"))  # no-referrer makes a form post say Origin: null
 GET_ENDPOINTS: Dict[str, Callable[[App, Request], Response]] = {
     "/healthz": App.healthz, "/deployments": App.deployments, "/metrics": App.metrics_text,
     "/status": App.status_page}
@@ -3827,7 +3832,8 @@ class Desk:
         previous = self.queue.journal.previous(f"{service.ref.kind}:{service.ref}") if self.queue.journal else None
         lane = self.queue.target.lane(service.ref)
         with self.queue.lock:
-            busy = next((d for d in (*self.queue.queue, *self.queue.in_flight.values()) if d.lane == lane), None)
+            busy = next((d for d in (*self.queue.queue, *self.queue.in_flight.values()) if d.lane == lane and
+                         d.state in PENDING), None)  # one that has ended may still be re-reading what it changed
             refused = (busy and f"a deployment of {busy.ref} is {busy.state.value}: roll back once it has ended") or (
                 not self.queue.target.rolls_back(service.ref) and "a Swarm service is rolled back by Swarm itself: "
                 "docker service rollback") or (previous is None and f"no previous image is kept for {service.ref}: "

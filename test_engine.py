@@ -2359,3 +2359,283 @@ class ReconcileV1Test(ReconcileScenario, unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# -- the operator's hand: actions by API, a held service, an update window, a real browser's clicks --
+
+
+def bearer_post(port, path):
+    """POST an operator's action with the Bearer token; (status, reply)."""
+    status, reply, _ = http("POST", f"http://127.0.0.1:{port}{path}",
+                            b"", {"Authorization": f"Bearer {SECRET}"})
+    return status, json.loads(reply)
+
+
+def next_minute_window():
+    """An every-day window that opens at the next whole minute of local time (the one after, when that is
+    under 5 s away) and lasts 10 minutes: (UPDATE_WINDOW, when it opens)."""
+    now = datetime.datetime.now()
+    opens = (now + datetime.timedelta(minutes=1)).replace(second=0, microsecond=0)
+    if (opens - now).total_seconds() < 5:
+        opens += datetime.timedelta(minutes=1)
+    closes = opens + datetime.timedelta(minutes=10)
+    return f"{opens:%H:%M}-{closes:%H:%M}", opens
+
+
+class OperatorScenario:
+    """The operator's actions on the real engine, for one Compose flavour: update then roll back by API (the site
+    serving the previous image), a held service ignoring a push, a push outside the update window run when the
+    window opens."""
+
+    flavour = None
+
+    @classmethod
+    def setUpClass(cls):
+        if cls.flavour not in COMPOSE:
+            raise unittest.SkipTest(f"Compose {cls.flavour} is not installed (tested here: {', '.join(COMPOSE)})")
+        cls.compose = COMPOSE[cls.flavour]
+        project_folder(cls, f"{PREFIX}op{cls.flavour}")
+        cls.port, cls.site_port, cls.gp_port = free_port(), free_port(), free_port()
+        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
+        cls.addClassCleanup(cls.cleanup)
+        cls.registry.start()
+        cls.repo = f"127.0.0.1:{cls.port}/acme/site"
+        (cls.tmp / "build").mkdir()
+        cls.images = build_site_images(cls.tmp / "build", f"{cls.project}-site", versions=("v1", "v2"))
+        for version, image_id in cls.images.items():
+            run(["docker", "tag", image_id, f"{cls.repo}:{version}"])
+            run(["docker", "push", f"{cls.repo}:{version}"], timeout=300)
+            run(["docker", "rmi", f"{cls.repo}:{version}", f"{cls.project}-site:{version}"])
+        cls.registry.retag("v1")
+        (cls.folder / "docker-compose.yml").write_text(f"""\
+version: "3.8"
+services:
+  site:
+    image: {cls.repo}:latest
+    ports: ["127.0.0.1:{cls.site_port}:80"]
+    healthcheck:
+      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 1s
+      timeout: 1s
+      retries: 3
+""")
+        run([*cls.compose, "up", "-d"], cwd=cls.folder, timeout=300, env=clean_env())
+        wait_for(lambda: cls.site() == "acme site v1", 30, "the site to serve v1")
+        cls.gp_log = cls.tmp / "gopdater.log"
+        cls.gopdater = cls.launch(cls.gp_port, "state")
+
+    @classmethod
+    def launch(cls, port, state, **settings):
+        return launch_gopdater(cls.folder, cls.gp_log, port, OWNER=f"127.0.0.1:{cls.port}/acme",
+                               STATE_DIR=str(cls.tmp / state), COMPOSE_COMMAND=" ".join(cls.compose), **settings)
+
+    @classmethod
+    def cleanup(cls):
+        for process in (getattr(cls, "gopdater", None), getattr(cls, "windowed", None)):
+            if process is not None:
+                stop_process(process)
+        remove_project(cls.project, [f"127.0.0.1:{cls.port}/", PREFIX], list(getattr(cls, "images", {}).values()))
+        cls.registry.stop()
+
+    @classmethod
+    def site(cls):
+        return site_text(cls.site_port)
+
+    def setUp(self):
+        """The known state: latest = v1, the site serving v1, nothing held, gopdater answering."""
+        self.registry.retag("v1")
+        if service_container(self.project, "site")["Image"] != self.images["v1"]:
+            run([*self.compose, "pull", "site"], cwd=self.folder, timeout=300, env=clean_env())
+            run([*self.compose, "up", "-d", "site"], cwd=self.folder, timeout=300, env=clean_env())
+            wait_for(lambda: self.site() == "acme site v1", 30, "the site to serve v1 again")
+        if self.gopdater.poll() is not None:
+            type(self).gopdater = self.launch(self.gp_port, "state")
+        bearer_post(self.gp_port, f"/services/{self.project}/site/resume")  # 409 unless a failed test left a hold
+
+    def ended(self, deployment_id, port=None):
+        (record,) = ended_deployments(port or self.gp_port, {deployment_id},
+                                      what=f"deployment {deployment_id} to end; log: {self.gp_log}")
+        return record
+
+    def test_update_then_roll_back_by_api_serves_the_previous_image(self):
+        """Update now (v2 in the registry), then roll back: the site serves v1 again, from the image gopdater kept
+        (the one the service ran before); an unknown service is 404."""
+        self.registry.retag("v2")
+        status, reply = bearer_post(self.gp_port, f"/services/{self.project}/site/update")
+        self.assertEqual(status, 202, reply)
+        record = self.ended(reply["id"])
+        self.assertEqual((record["state"], record["trigger"], record["action"]), ("updated", "operator", "update"))
+        self.assertEqual(self.site(), "acme site v2")
+        status, reply = bearer_post(self.gp_port, f"/services/{self.project}/site/rollback")
+        self.assertEqual(status, 202, reply)
+        record = self.ended(reply["id"])
+        self.assertEqual((record["state"], record["action"]), ("updated", "rollback"), record)
+        wait_for(lambda: self.site() == "acme site v1", 30, "the site to serve v1 after the rollback")
+        self.assertEqual(service_container(self.project, "site")["Image"], self.images["v1"])
+        self.assertEqual(bearer_post(self.gp_port, f"/services/{self.project}/nope/rollback")[0], 404)
+
+    def test_a_held_service_ignores_a_push_until_resumed(self):
+        """Hold: a push of v2 answers 200 ignored (held since ...) and the site serves v1; resumed, a push runs."""
+        self.assertEqual(bearer_post(self.gp_port, f"/services/{self.project}/site/hold")[0], 200)
+        self.registry.retag("v2")
+        status, reply = bearer_hook(self.gp_port, f"127.0.0.1:{self.port}/acme/site")
+        self.assertEqual((status, reply["status"]), (200, "ignored"), reply)
+        self.assertIn("held since", reply["reason"])
+        self.assertEqual(self.site(), "acme site v1")
+        self.assertEqual(bearer_post(self.gp_port, f"/services/{self.project}/site/resume")[0], 200)
+        status, reply = bearer_hook(self.gp_port, f"127.0.0.1:{self.port}/acme/site")
+        self.assertEqual(status, 202, reply)
+        self.assertEqual(self.ended(reply["id"])["state"], "updated")
+        self.assertEqual(self.site(), "acme site v2")
+
+    def test_a_push_outside_the_window_runs_when_it_opens(self):
+        """A second gopdater with UPDATE_WINDOW opening at the next minute: the push waits (202, waiting, runs_at),
+        the site serves v1 meanwhile, and at the window's opening the update runs."""
+        stop_process(self.gopdater)  # one gopdater at a time updates the project
+        window, opens = next_minute_window()
+        port = free_port()
+        type(self).windowed = self.launch(port, "windowed-state", UPDATE_WINDOW=window)
+        try:
+            self.registry.retag("v2")
+            status, reply = bearer_hook(port, f"127.0.0.1:{self.port}/acme/site")
+            self.assertEqual(status, 202, reply)
+            _, listed, _ = http("GET", f"http://127.0.0.1:{port}/deployments",
+                                headers={"Authorization": f"Bearer {SECRET}"})
+            (waiting,) = [d for d in json.loads(listed)["deployments"] if d["id"] == reply["id"]]
+            self.assertEqual((waiting["state"], waiting["waiting"]["runs_at"]), ("waiting", opens.isoformat()))
+            self.assertEqual(self.site(), "acme site v1")
+            record = wait_for(lambda: next((d for d in json.loads(http(
+                "GET", f"http://127.0.0.1:{port}/deployments", headers={"Authorization": f"Bearer {SECRET}"})[1])[
+                "deployments"] if d["id"] == reply["id"] and d["state"] not in ("waiting", "queued", "running")),
+                None), 150, "the waiting deployment to run once its window opened")
+            self.assertEqual(record["state"], "updated", record)
+            self.assertGreaterEqual(datetime.datetime.fromisoformat(record["started"]).astimezone(),
+                                    opens.astimezone())
+            figure(f"[{self.flavour}] a push outside its window started "
+                   f"{(datetime.datetime.fromisoformat(record['started']).astimezone() - opens.astimezone()).total_seconds():.1f} s "
+                   "after the window opened")
+            self.assertEqual(self.site(), "acme site v2")
+        finally:
+            stop_process(type(self).windowed)
+            type(self).gopdater = self.launch(self.gp_port, "state")
+
+
+class OperatorV1Test(OperatorScenario, unittest.TestCase):
+    flavour = "v1"
+
+
+class ForeignSite(threading.Thread):
+    """Another origin on 127.0.0.1: each page it serves auto-submits a form to gopdater, as an attacker's would."""
+
+    def __init__(self, pages):
+        super().__init__(daemon=True)
+        import http.server
+
+        class Pages(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = pages.get(self.path, "").encode()
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+        self.port = self.server.server_address[1]
+
+    def run(self):
+        self.server.serve_forever()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def auto_submit(url, fields):
+    """An attacker's page: a form to url with these fields, submitted as soon as it loads."""
+    inputs = "".join(f'<input type=hidden name="{name}" value="{value}">' for name, value in fields.items())
+    return (f'<!doctype html><html><body><form method=post action="{url}">{inputs}</form>'
+            "<script>document.forms[0].submit()</script></body></html>")
+
+
+def chromium_driver(tmp):
+    """Headless Chromium driven by Selenium through Debian's chromium-driver; everything but loopback goes to a
+    closed local port."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        raise AssertionError("chromium and chromium-driver are not installed: apt-get install chromium "
+                             "chromium-driver (test.sh does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-domain-reliability", "--no-default-browser-check", "--dns-prefetch-disable",
+                 f"--proxy-server=http://127.0.0.1:{closed_port()}", f"--user-data-dir={tmp / 'chromium-op'}",
+                 "--window-size=1200,800"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+class OperatorV2Test(OperatorScenario, unittest.TestCase):
+    flavour = "v2"
+
+    def click(self, browser, action):
+        """Click the button of the form that posts this action (path's end), on the page shown now."""
+        from selenium.webdriver.common.by import By
+        form = next(f for f in browser.find_elements(By.CSS_SELECTOR, "form")
+                    if f.get_attribute("action").endswith(action))
+        form.find_element(By.TAG_NAME, "button").click()
+
+    def test_a_browser_clicks_hold_update_now_and_roll_back_and_a_foreign_page_changes_nothing(self):
+        """Headless Chromium with Basic credentials: Hold (the page shows held), two auto-submitting pages of
+        another origin (one with a token taken from the real page) change nothing, Resume, Update now (the site
+        serves v2), Roll back and its confirmation (v1 again); the screenshot shows the buttons."""
+        from selenium.webdriver.common.by import By
+        import base64
+        status_url = f"http://127.0.0.1:{self.gp_port}/status"
+        browser = chromium_driver(self.tmp)
+        self.addCleanup(browser.quit)
+        browser.execute_cdp_cmd("Network.enable", {})
+        credentials = base64.b64encode(f"ops:{SECRET}".encode()).decode()
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {credentials}"}})
+        browser.get(status_url)
+        self.click(browser, f"/services/{self.project}/site/hold")
+        wait_for(lambda: "/site/resume" in browser.page_source, 20, "the page to show Resume")
+        self.assertEqual(browser.current_url, status_url)
+        token = next(f.find_element(By.NAME, "token").get_attribute("value")
+                     for f in browser.find_elements(By.CSS_SELECTOR, "form")
+                     if f.get_attribute("action").endswith("/site/resume"))
+        target = f"http://127.0.0.1:{self.gp_port}/services/{self.project}/site/resume"
+        foreign = ForeignSite({"/stolen": auto_submit(target, {"token": token}), "/forged": auto_submit(target, {})})
+        foreign.start()
+        self.addCleanup(foreign.stop)
+        for page in ("/stolen", "/forged"):
+            browser.get(f"http://127.0.0.1:{foreign.port}{page}")
+            wait_for(lambda: "forbidden" in browser.page_source, 20, f"gopdater to refuse the {page} page's form")
+            _, listed, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/deployments",
+                                headers={"Authorization": f"Bearer {SECRET}"})
+            self.assertNotIn("resumed", [d["state"] for d in json.loads(listed)["deployments"]], page)
+        browser.get(status_url)
+        self.assertIn("/site/resume", browser.page_source, "the service is still held")
+        self.click(browser, f"/services/{self.project}/site/resume")
+        wait_for(lambda: "/site/hold" in browser.page_source, 20, "the page to show Hold again")
+        self.registry.retag("v2")
+        self.click(browser, f"/services/{self.project}/site/update")
+        wait_for(lambda: self.site() == "acme site v2", 90, "the site to serve v2 after Update now")
+        wait_for(lambda: browser.get(status_url) or "/site/rollback" in browser.page_source, 60,
+                 "the page to offer Roll back")
+        self.click(browser, f"/services/{self.project}/site/rollback")
+        wait_for(lambda: "Roll back" in browser.title or "confirm" in browser.page_source, 20, "the confirmation page")
+        self.click(browser, f"/services/{self.project}/site/rollback")
+        wait_for(lambda: self.site() == "acme site v1", 90, "the site to serve v1 after Roll back")
+        wait_for(lambda: browser.get(status_url) or "nothing queued or running" in browser.page_source, 60,
+                 "the rollback to end")
+        shot = self.tmp / "operator.png"
+        browser.save_screenshot(str(shot))
+        keep = os.environ.get("GOPDATER_OPERATOR_SCREENSHOT")
+        if keep:
+            shutil.copy(shot, keep)
