@@ -851,15 +851,20 @@ def parse_span(text: str) -> Span:
     if match is None:
         raise ValueError(f"{text.strip()[:40]!r} is not DAYS HH:MM-HH:MM")
     first, last, *clock = match.groups()
+    days = span_days(first, last, text)
+    hours, minutes = [int(clock[0]), int(clock[2])], [int(clock[1]), int(clock[3])]
+    start, end = hours[0] * 60 + minutes[0], hours[1] * 60 + minutes[1]
+    if hours[0] > 23 or max(minutes) > 59 or end > 24 * 60 or start == end:
+        raise ValueError(f"{text.strip()[:40]!r} is not a time span of one day (00:00 to 24:00)")
+    return Span(days, start, end)
+
+
+def span_days(first: Optional[str], last: Optional[str], text: str) -> FrozenSet[int]:
+    """The days a span names (Mon, Mon-Fri, Fri-Mon wrapping the week's end; none: every day)."""
     if not {first or "mon", last or first or "mon"} <= set(DAY_NAMES):
         raise ValueError(f"{text.strip()[:40]!r} names no day: Mon, Tue, Wed, Thu, Fri, Sat or Sun")
-    start, end = int(clock[0]) * 60 + int(clock[1]), int(clock[2]) * 60 + int(clock[3])
-    if int(clock[0]) > 23 or int(clock[1]) > 59 or int(clock[3]) > 59 or end > 24 * 60 or start == end:
-        raise ValueError(f"{text.strip()[:40]!r} is not a time span of one day (00:00 to 24:00)")
-    if first is None:
-        return Span(frozenset(range(7)), start, end)
-    a, b = DAY_NAMES.index(first), DAY_NAMES.index(last or first)
-    return Span(frozenset((a + i) % 7 for i in range((b - a) % 7 + 1)), start, end)  # Fri-Mon wraps the week
+    a, b = (DAY_NAMES.index(first), DAY_NAMES.index(last or first)) if first else (0, 6)
+    return frozenset((a + i) % 7 for i in range((b - a) % 7 + 1))
 
 
 def parse_window(text: str) -> Window:
@@ -2142,6 +2147,15 @@ class Waiting(NamedTuple):
             return None
 
 
+def stored_hold(entry: object) -> Optional[Tuple[ServiceRef, str]]:
+    """A hold as operator.json keeps it ([kind, project, service, since]), if it is one gopdater writes. Pure."""
+    if not (isinstance(entry, list) and len(entry) == 4 and all(isinstance(v, str) for v in entry)):
+        return None
+    valid = entry[0] in RECORD_KINDS and (entry[1] == "" or PROJECT_RE.fullmatch(entry[1])) and SERVICE_RE.fullmatch(
+        entry[2]) and stamp_value(entry[3])
+    return (ServiceRef(*entry[:3]), entry[3]) if valid else None
+
+
 def label_true(value: Optional[str]) -> bool:
     return (value or "").strip().lower() in ("true", "1", "yes")
 
@@ -2171,27 +2185,26 @@ class Gates:
         approval when APPROVE or a service's label asks for it (and it was not approved before)."""
         labels = [mapping for service in services for mapping in service.labels]
         asks = self.config.approve or any(label_true(mapping.get(APPROVE_LABEL)) for mapping in labels)
-        window, problem = self.config.update_window, None
-        text = next((m[WINDOW_LABEL] for m in labels if (m.get(WINDOW_LABEL) or "").strip()), None)
-        if text is not None:
-            try:
-                window = parse_window(text)
-            except ValueError as error:
-                window, problem = (), f"its {WINDOW_LABEL} label is invalid ({error}): it never opens"
+        window, problem = self.window_of(labels)
         now = self.now()
         approval = expires or now + timedelta(seconds=self.config.approve_timeout) if asks and not approved else None
         return Gate(True, window, approval, problem=problem).judged(now)
+
+    def window_of(self, labels: Sequence[Mapping[str, str]]) -> Tuple[Optional[Window], Optional[str]]:
+        """The first gopdater.window label's window, else UPDATE_WINDOW; an invalid label's never opens (and why)."""
+        text = next((m[WINDOW_LABEL] for m in labels if (m.get(WINDOW_LABEL) or "").strip()), None)
+        try:
+            return (self.config.update_window if text is None else parse_window(text)), None
+        except ValueError as error:
+            return (), f"its {WINDOW_LABEL} label is invalid ({error}): it never opens"
 
     def load(self) -> List[Waiting]:
         """Read the holds (each kept) and the deployments that waited (returned); a crafted entry is dropped."""
         if self.path is None:
             return []
         stored = read_state(self.path, dict)
-        for entry in stored.get("holds") if isinstance(stored.get("holds"), list) else ():
-            if isinstance(entry, list) and len(entry) == 4 and all(isinstance(v, str) for v in entry) and \
-                    entry[0] in RECORD_KINDS and SERVICE_RE.fullmatch(entry[2]) and stamp_value(entry[3]) and \
-                    (entry[1] == "" or PROJECT_RE.fullmatch(entry[1])):
-                self.holds[ServiceRef(*entry[:3])] = entry[3]
+        holds = stored.get("holds") if isinstance(stored.get("holds"), list) else []
+        self.holds.update(hold for hold in map(stored_hold, holds) if hold is not None)
         waiting = stored.get("waiting") if isinstance(stored.get("waiting"), list) else []
         return [entry for entry in map(Waiting.from_stored, waiting[:HISTORY_SIZE]) if entry is not None]
 
@@ -2367,13 +2380,18 @@ def channel_note(tracking: Optional["Tracking"]) -> str:
 OPERATOR_WORDS = {"update": "update now, by an operator", "rollback": "rollback, by an operator"}
 
 
+def operator_words(view: Mapping[str, object]) -> Optional[str]:
+    """What an operator asked for, under a deployment's tag (an update now, a rollback), or None."""
+    return OPERATOR_WORDS.get(str(view.get("action"))) if view.get("trigger") == "operator" else None
+
+
 def deployment_rows(views: Sequence[Mapping[str, object]]) -> List[str]:
     """One row per deployment: when, service, image, result (and why), the time it took, its steps drawn."""
     rows = []
     for view in views:
         took = next((s.get("seconds") for s in view.get("steps") or () if s.get("step") == DONE), None)
         error = f'<div class=err>{html.escape(str(view["error"])[:300])}</div>' if view.get("error") else ""
-        asked = OPERATOR_WORDS.get(str(view.get("action"))) if view.get("trigger") == "operator" else None
+        asked = operator_words(view)
         rows.append(f"<tr><td class='wide n'>{when(view.get('started') or view.get('created'))}</td>"
                     f"<td>{html.escape(service_name(view))}</td><td class='wide n'><code>"
                     f"{html.escape(str(view.get('tag')))}</code>{f'<div>{asked}</div>' if asked else ''}</td>"
@@ -2543,13 +2561,28 @@ def parse_action(endpoint: str, captured: str) -> Optional[Tuple[Action, Tuple[s
     """The action and its target (project and service; or a deployment's id) a path names, if valid. Pure."""
     *target, word = captured.split("/")
     action = next((a for a in Action if a.value == word), None)
-    if endpoint == DEPLOYMENT_ACTION:
-        return (action, tuple(target)) if action in DEPLOYMENT_ACTIONS and len(target) == 1 and ID_RE.fullmatch(
-            target[0]) else None
-    target = [""] * (2 - len(target)) + target  # a Swarm service has no project
-    valid = len(target) == 2 and (not target[0] or PROJECT_RE.fullmatch(target[0])) and SERVICE_RE.fullmatch(
-        target[1] or "")
-    return (action, tuple(target)) if action in SERVICE_ACTIONS and valid else None
+    valid = ACTION_TARGETS[endpoint]
+    return (action, tuple(target)) if action in valid.actions and valid.target(target) else None
+
+
+def service_target(target: List[str]) -> bool:
+    """Whether a path names a service: project and service (a Swarm service: its name alone, the project "")."""
+    if len(target) == 1:
+        target.insert(0, "")  # a Swarm service has no project
+    return len(target) == 2 and bool(not target[0] or PROJECT_RE.fullmatch(target[0])) and bool(
+        SERVICE_RE.fullmatch(target[1]))
+
+
+class ActionTarget(NamedTuple):
+    """What an action path may name: its actions, and whether the rest of the path is a valid target."""
+
+    actions: Tuple[Action, ...]
+    target: Callable[[List[str]], bool]
+
+
+ACTION_TARGETS = {SERVICE_ACTION: ActionTarget(SERVICE_ACTIONS, service_target),
+                  DEPLOYMENT_ACTION: ActionTarget(DEPLOYMENT_ACTIONS, lambda t: len(t) == 1 and bool(
+                      ID_RE.fullmatch(t[0])))}
 
 
 def form_token(secret: bytes, action: str, target: str, issued: int) -> str:
@@ -2801,6 +2834,8 @@ class App:
         """Route, size, method and a credential in the head: what can be judged before the body is read."""
         sender, endpoint, captured = route(path)
         length = body_length(method, headers)
+        if isinstance(length, int) and length > ACTION_BODY_MAX.get(endpoint, MAX_BODY_BYTES):
+            length = ACTION_TOO_LARGE
         verified = (sender is not None and sender.authenticate.in_head) or endpoint in POSTED
         refused = self.refused_by_head(Request(sender, endpoint, captured, headers, -1, verified), method, length)
         return Request(sender, endpoint, captured, headers, length if isinstance(length, int) else -1, verified,
@@ -2817,8 +2852,6 @@ class App:
             return refusal(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", (("Allow", allowed),))
         if isinstance(length, Response):
             return length
-        if request.endpoint in ACTION_ENDPOINTS and length > FORM_MAX_BYTES:
-            return refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "an action's body is over 4 KiB")
         if not request.verified or self.head_credential_holds(request):
             return None
         if sender is not None:
@@ -2936,6 +2969,21 @@ class App:
                                                          datetime.now(timezone.utc), report, controls)), PAGE_HEADERS)
 
 
+def form_answer(app: App, request: Request, form: Optional[Dict[str, str]], action: Action, named: str
+                ) -> Optional[Response]:
+    """The answer before the desk acts, if there is one: 403 from another site or without the form's token, a
+    rollback's confirmation page, 503 while starting; else None."""
+    foreign = foreign_origin(request.headers, app.config.public_url)
+    if foreign:
+        return refusal(HTTPStatus.FORBIDDEN, f"forbidden: {foreign}")
+    if form is not None and not token_holds(app.secret, form.get("token", ""), action.value, named, app.clock()):
+        return refusal(HTTPStatus.FORBIDDEN, "forbidden: the form's token is missing, stale or for another action")
+    if form is not None and action is Action.ROLLBACK and form.get("confirm") != "yes":
+        token = form_token(app.secret, action.value, named, int(app.clock()))
+        return Response(HTTPStatus.OK, Html(confirm_page(named, token)), PAGE_HEADERS)
+    return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "gopdater is starting") if app.desk is None else None
+
+
 def operator_action(app: App, request: Request, body: bytes) -> Response:
     """POST /services/<project>/<service>/<action> or /deployments/<id>/<action>: the desk's answer, as JSON to the
     Bearer token; to the page's forms (Basic), each checked for its token first, a 303 back to /status."""
@@ -2943,27 +2991,22 @@ def operator_action(app: App, request: Request, body: bytes) -> Response:
     if parsed is None:
         return NOT_FOUND
     action, target = parsed
-    foreign = foreign_origin(request.headers, app.config.public_url)
-    if foreign:
-        return refusal(HTTPStatus.FORBIDDEN, f"forbidden: {foreign}")
     form = None if bearer(app.secret, "", request.headers, b"") else form_fields(request.headers, body) or {}
     named = "/".join(filter(None, target))
-    if form is not None and not token_holds(app.secret, form.get("token", ""), action.value, named, app.clock()):
-        return refusal(HTTPStatus.FORBIDDEN, "forbidden: the form's token is missing, stale or for another action")
-    if form is not None and action is Action.ROLLBACK and form.get("confirm") != "yes":
-        token = form_token(app.secret, action.value, named, int(app.clock()))
-        return Response(HTTPStatus.OK, Html(confirm_page(named, token)), PAGE_HEADERS)
-    if app.desk is None:
-        return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "gopdater is starting")
+    answered = form_answer(app, request, form, action, named)
+    if answered is not None:
+        return answered
     acted = app.desk.on_deployment(target[0], action) if action in DEPLOYMENT_ACTIONS else app.desk.on_service(
         target[0], target[1], action)
     log.info("operator action=%s target=%s by=%s: %s %s", action.value, named, "form" if form is not None else
              "token", int(acted.status), acted.reason)
     if form is not None and acted.status < 400:
         return Response(HTTPStatus.SEE_OTHER, {"status": "ok", "reason": acted.reason}, (("Location", "/status"),))
-    word = "error" if acted.status >= 400 else ("accepted" if acted.status == HTTPStatus.ACCEPTED else "ok")
-    return Response(acted.status, {"status": word, "reason": acted.reason,
+    return Response(acted.status, {"status": ACTED_WORDS.get(acted.status, "error"), "reason": acted.reason,
                                    **({"id": acted.deployment} if acted.deployment else {})})
+
+
+ACTED_WORDS = {HTTPStatus.OK: "ok", HTTPStatus.ACCEPTED: "accepted"}  # any other status: "error"
 
 
 UNAUTHORIZED = refusal(HTTPStatus.UNAUTHORIZED, "unauthorized", (("WWW-Authenticate", 'Basic realm="gopdater"'),))
@@ -2977,6 +3020,8 @@ ACTION_ENDPOINTS: Dict[str, Callable[[App, Request, bytes], Response]] = {  # Be
     SERVICE_ACTION: operator_action, DEPLOYMENT_ACTION: operator_action}
 ENDPOINTS = {**GET_ENDPOINTS, **POST_ENDPOINTS}
 POSTED = frozenset({*POST_ENDPOINTS, *ACTION_ENDPOINTS})  # credentials checked from the head
+ACTION_BODY_MAX = {endpoint: FORM_MAX_BYTES for endpoint in ACTION_ENDPOINTS}
+ACTION_TOO_LARGE = refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "an action's body is over 4 KiB")
 
 
 # ==========================================================================================
@@ -3186,8 +3231,9 @@ class WorkQueue:
         (of those named in only, if given; held ones left out when gated), or join one queued or waiting there for
         that image; each gated by its window and approval unless not gated (an operator's update now); [] if none
         runs it, None if the queue is full or stopping."""
-        refs = [ref for ref in self.target.services_for(event.image) if (only is None or ref in only) and not (
-            gated and ref in self.gates.holds)]
+        held = self.gates.holds if gated else {}
+        refs = [ref for ref in self.target.services_for(event.image) if ref not in held]
+        refs = refs if only is None else [ref for ref in refs if ref in only]
         submitted = []
         with self.lock:
             self.refresh_soon(matched=bool(refs))
@@ -3209,16 +3255,16 @@ class WorkQueue:
     def gated_locked(self, deployment: Deployment, gated: bool) -> Deployment:
         """Give a new (or newly joined) deployment its gate: waiting, told and kept if it must (the lock held)."""
         waited = deployment.state is State.WAITING
-        if not gated or not deployment.gate.applies:
-            deployment.gate, deployment.state = Gate(applies=False), State.QUEUED
-        else:
-            running = {service.ref: service for service in self.target.running()}
-            deployment.gate = self.gates.gate_for([running[ref] for ref in deployment.refs if ref in running])
-            deployment.approved = None  # a new image: approved again, if approval is asked
-            deployment.state = State.QUEUED if deployment.gate.ready(self.gates.now()) else State.WAITING
-            if deployment.state is State.WAITING and not waited:
-                self.tell(deployment, Outcome(State.WAITING, reason=waiting_words(deployment.gate, self.config)), 0.0)
-        if waited or deployment.state is State.WAITING:  # operator.json is written only when the gates are in use
+        gated = gated and deployment.gate.applies
+        running = {service.ref: service for service in self.target.running()} if gated else {}
+        deployment.gate = self.gates.gate_for([running[r] for r in deployment.refs if r in running]) if gated else \
+            Gate(applies=False)
+        deployment.approved = None  # a new image: approved again, if approval is asked
+        deployment.state = State.QUEUED if deployment.gate.ready(self.gates.now()) else State.WAITING
+        waits = deployment.state is State.WAITING
+        if waits and not waited:
+            self.tell(deployment, Outcome(State.WAITING, reason=waiting_words(deployment.gate, self.config)), 0.0)
+        if waited or waits:  # operator.json is written only when the gates are in use
             self.gates.save(waiting_entries(self.queue))
         return deployment
 
@@ -3832,12 +3878,7 @@ class Desk:
         previous = self.queue.journal.previous(f"{service.ref.kind}:{service.ref}") if self.queue.journal else None
         lane = self.queue.target.lane(service.ref)
         with self.queue.lock:
-            busy = next((d for d in (*self.queue.queue, *self.queue.in_flight.values()) if d.lane == lane and
-                         d.state in PENDING), None)  # one that has ended may still be re-reading what it changed
-            refused = (busy and f"a deployment of {busy.ref} is {busy.state.value}: roll back once it has ended") or (
-                not self.queue.target.rolls_back(service.ref) and "a Swarm service is rolled back by Swarm itself: "
-                "docker service rollback") or (previous is None and f"no previous image is kept for {service.ref}: "
-                                                                  "gopdater keeps one from its next update on")
+            refused = self.rollback_refused_locked(service, lane, previous)
             if not refused:
                 deployment = self.queue.queued_new(PushEvent("operator", service.image or NO_IMAGE), lane,
                                                    [service.ref])
@@ -3848,6 +3889,19 @@ class Desk:
         log.warning("operator: rollback of service=%s to %s: deployment=%s", service.ref, previous.image[:19],
                     deployment.id)
         return Acted(HTTPStatus.ACCEPTED, f"rolls back to {short_id(previous.image)}", deployment.id)
+
+    def rollback_refused_locked(self, service: Running, lane: Hashable, previous: Optional[Previous]
+                                ) -> Optional[str]:
+        """Why a rollback makes no sense now: a deployment of the project has not ended, the target does not roll
+        back, or no previous image is kept; else None."""
+        busy = next((d for d in (*self.queue.queue, *self.queue.in_flight.values()) if d.lane == lane and
+                     d.state in PENDING), None)  # one that has ended may still be re-reading what it changed
+        if busy is not None:
+            return f"a deployment of {busy.ref} is {busy.state.value}: roll back once it has ended"
+        if not self.queue.target.rolls_back(service.ref):
+            return "a Swarm service is rolled back by Swarm itself: docker service rollback"
+        return None if previous else f"no previous image is kept for {service.ref}: gopdater keeps one from its " \
+                                     "next update on"
 
     def on_deployment(self, deployment_id: str, action: Action) -> Acted:
         """approve or reject a waiting deployment; 404 for an unknown id, 409 for one that does not wait."""
@@ -8062,7 +8116,25 @@ def setup_findings(config: Config, runner: Runner, target: Target) -> List[Findi
     if config.swarm != "off" and swarm_role(config, runner) == "worker":
         findings.append((True, "swarm: this engine is a worker; Swarm services are updated only by a gopdater on a "
                                "manager"))
-    return findings + reconcile_findings(config, target.running()) + [state_finding(config)]
+    return findings + reconcile_findings(config, target.running()) + gate_findings(config, target.running()) + [
+        state_finding(config)]
+
+
+def gate_findings(config: Config, services: Sequence[Running]) -> List[Finding]:
+    """The update window and approval each service waits for (UPDATE_WINDOW, APPROVE, their labels); an invalid
+    gopdater.window label fails."""
+    found = []
+    for service in services:
+        gate = Gates(config, datetime.now, None).gate_for([service])
+        if gate.problem:
+            found.append((False, f"service {service.ref}: {gate.problem}; fix the label"))
+            continue
+        waits = [f"its update window ({next_opening(gate.window, datetime.now()):%a %H:%M} next)"] if gate.window \
+            else []
+        waits += ["an operator's approval"] if gate.approval is not None else []
+        if waits:
+            found.append((True, f"service {service.ref}: a deployment waits for {' and '.join(waits)}"))
+    return found
 
 
 # ==========================================================================================

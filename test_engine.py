@@ -595,7 +595,8 @@ services:
         figure(f"[{self.flavour}] replayed hook: state up-to-date, longest gap between polls {gap * 1000:.0f} ms")
 
     def test_push_updates_the_service_in_place(self):
-        """A push of v2 is served within the bound, in the same project, same bind mounts; v1 is removed."""
+        """A push of v2 is served within the bound, in the same project, same bind mounts; v1 is kept (for an
+        operator's rollback)."""
         old = self.container()
         started = time.monotonic()
         record, gap, _ = self.deploy_and_watch(retag="v2")
@@ -612,7 +613,7 @@ services:
                          old["Config"]["Labels"]["com.docker.compose.project.working_dir"])
         sources = sorted(m["Source"] for m in new["Mounts"] if m["Type"] == "bind")
         self.assertEqual(sources, [str(self.folder / "data")] * 2)
-        self.assertFalse(self.image_exists(self.images["v1"]), "the replaced v1 image is removed")
+        self.assertTrue(self.image_exists(self.images["v1"]), "the replaced v1 image is kept for a rollback")
         self.assertIn("PROBE=the-project-s-own-secret 8081 project-owner", new["Config"]["Env"],
                       "the project's .env, not gopdater's own WEBHOOK_SECRET, PORT and OWNER")
         downtime = next(s["seconds"] for s in record["steps"] if s["step"] == "downtime")
@@ -1584,15 +1585,18 @@ class ComposeV2Test(EngineScenario, unittest.TestCase):
 
     def test_docker_api_calls_are_the_documented_ones(self):
         """Through DOCKER_HOST, an update used exactly the Docker API calls docs/reference.md lists for a socket proxy."""
-        # An update (its cleanup removes an image), then a failed one (its rollback tags and reads logs).
+        # An update, then a failed one (its rollback tags and reads logs).
         self.assertEqual(self.deploy_and_watch(retag="v2")[0]["state"], "updated")
         self.assertEqual(self.deploy_and_watch(retag="v5")[0]["state"], "rolled-back")
         listed = (HERE / "docs" / "reference.md").read_text()
         documented = set(re.findall(r"^\s*- `((?:GET|HEAD|POST|PUT|DELETE) /[^`]+)`", listed, re.MULTILINE))
         self.assertTrue(self.proxy.calls, "gopdater reached Docker through DOCKER_HOST")
-        # GET /info is SWARM=auto's question (is this a manager?); these tests run with SWARM=off.
+        # GET /info is SWARM=auto's question (is this a manager?); these tests run with SWARM=off. DELETE /images
+        # removes the image kept before, from a service's second update on: whether this class's earlier tests
+        # left one kept depends on their order (the unit tests pin when it is removed).
         self.assertIn("GET /info", documented)
-        self.assertEqual(self.proxy.calls, documented - {"GET /info"})
+        self.assertLessEqual(self.proxy.calls, documented)
+        self.assertLessEqual(documented - self.proxy.calls, {"GET /info", "DELETE /images/{name}"})
         figure(f"[{self.flavour}] Docker API calls through DOCKER_HOST: {', '.join(sorted(self.proxy.calls))}")
 
 
@@ -2466,11 +2470,14 @@ services:
         record = self.ended(reply["id"])
         self.assertEqual((record["state"], record["trigger"], record["action"]), ("updated", "operator", "update"))
         self.assertEqual(self.site(), "acme site v2")
+        asked = time.monotonic()
         status, reply = bearer_post(self.gp_port, f"/services/{self.project}/site/rollback")
         self.assertEqual(status, 202, reply)
         record = self.ended(reply["id"])
         self.assertEqual((record["state"], record["action"]), ("updated", "rollback"), record)
         wait_for(lambda: self.site() == "acme site v1", 30, "the site to serve v1 after the rollback")
+        figure(f"[operator {self.flavour}] rollback by API: the site served the previous image "
+               f"{time.monotonic() - asked:.1f} s after the POST")
         self.assertEqual(service_container(self.project, "site")["Image"], self.images["v1"])
         self.assertEqual(bearer_post(self.gp_port, f"/services/{self.project}/nope/rollback")[0], 404)
 

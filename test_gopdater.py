@@ -6041,6 +6041,18 @@ class UpdateWindowTest(unittest.TestCase):
                 self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
                 self.assertIn("UPDATE_WINDOW", err.getvalue())
 
+    def test_check_names_what_each_service_waits_for_and_fails_an_invalid_label(self):
+        """--check: a line per gated service (its window's next opening, approval); an invalid gopdater.window
+        label is a FAIL line and exit 1."""
+        fake = FakeDocker(services={"site": "acme/site:latest", "web": "acme/site:latest"})
+        fake.file_labels[("demo", "web")] = {"gopdater.window": "weekends"}
+        code, out = check(self, fake, UPDATE_WINDOW="Mon-Fri 02:00-05:00", APPROVE=1)
+        self.assertEqual(code, 1, out)
+        self.assertRegex(out, r"ok   service demo/site: a deployment waits for its update window \((Mon|Tue|Wed|Thu"
+                              r"|Fri) 02:00 next\) and an operator's approval\n")
+        self.assertIn("FAIL service demo/web: its gopdater.window label is invalid ('weekends' is not DAYS "
+                      "HH:MM-HH:MM): it never opens; fix the label", out)
+
     def test_public_url_and_approve_timeout_are_checked_at_start(self):
         """PUBLIC_URL must be an http(s) address without credentials; APPROVE_TIMEOUT a number of seconds."""
         for name, text in (("PUBLIC_URL", "ftp://x"), ("PUBLIC_URL", "https://user:pw@x"), ("PUBLIC_URL", "x"),
@@ -6183,6 +6195,32 @@ class OperatorActionsTest(unittest.TestCase):
         code, reply, _ = act(rig, "/services/demo/site/rollback")
         self.assertEqual(code, 409)
         self.assertIn("is waiting", reply["reason"])
+
+    def test_actions_while_a_deployment_runs(self):
+        """While a push's deployment runs: rollback, approve and reject are 409; hold takes effect for the next
+        push; update now joins nothing running and queues one more."""
+        rig = self.rig()
+        rig.kept_before(OLD_ID)
+        gate = rig.fake.hold(lambda argv, env: argv[:3] == ["docker", "compose", "up"])
+        with self.assertLogs("gopdater", "INFO"):
+            _, accepted, _ = rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+            thread = threading.Thread(target=rig.queue.run_next, daemon=True)
+            thread.start()
+            self.addCleanup(thread.join, 10)
+            self.assertTrue(gate.started.wait(10), "the deployment reached compose up")
+            cases = [("/services/demo/site/rollback", 409, "is running: roll back once it has ended"),
+                     (f"/deployments/{accepted['id']}/approve", 409, "is running: it does not wait"),
+                     (f"/deployments/{accepted['id']}/reject", 409, "is running: it does not wait"),
+                     ("/services/demo/site/hold", 200, "held"), ("/services/demo/site/update", 202, "queued")]
+            for path, status, reason in cases:
+                with self.subTest(path=path):
+                    code, reply, _ = act(rig, path)
+                    self.assertEqual(code, status, reply)
+                    self.assertIn(reason, reply["reason"])
+            gate.let_go()
+            thread.join(10)
+            self.run_all(rig)
+        self.assertEqual([v["state"] for v in rig.queue.views() if v["action"] == "update"], ["up-to-date", "updated"])
 
     def test_approve_and_reject_in_each_state(self):
         """(gate, action) -> status and the deployment's state after; an ended one is 409."""

@@ -175,8 +175,11 @@ class PlainFrontTest(Front):
                 sock.sendall(head + b"x" * (1024 * 1024 - 10))
         self.assert_unharmed()
         # The first are dropped while they send nothing (a quarter of MAX_CONNECTIONS may be silent); the
-        # last were each read as soon as they sent.
-        self.assertTrue(attackers[-1].recv(100).startswith(b"HTTP/1.1 403"))
+        # last were each read as soon as they sent, and refused (on a busy machine the close after a 403 may
+        # overtake it: a reset, never another answer).
+        statuses = [answer_status(sock) for sock in attackers[-32:]]
+        self.assertLessEqual(set(statuses), {b"403", b"reset"}, statuses)
+        self.assertIn(b"403", statuses)
 
     def test_256_held_bodies_to_a_signed_sender_share_a_bounded_budget(self):
         """256 connections each holding half a 1 MiB body for /hooks/ghcr, which needs the body to check
