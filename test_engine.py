@@ -264,6 +264,18 @@ def build_site_images(folder, tag_prefix, name="site", versions=("v1", "v2", "v3
     return images
 
 
+def push_site_images(cls, versions=("v1", "v2", "v3", "v4", "v5")):
+    """Build the site's versions, push each to the class's registry (cls.repo), and leave only the registry holding
+    them (a pull really fetches); return {version: image id}."""
+    (cls.tmp / "build").mkdir()
+    images = build_site_images(cls.tmp / "build", f"{cls.project}-site", versions=versions)
+    for version, image_id in images.items():
+        run(["docker", "tag", image_id, f"{cls.repo}:{version}"])
+        run(["docker", "push", f"{cls.repo}:{version}"], timeout=300)
+        run(["docker", "rmi", f"{cls.repo}:{version}", f"{cls.project}-site:{version}"])
+    return images
+
+
 class Registry:
     """A docker-registry process on 127.0.0.1 with storage in a temp folder."""
 
@@ -437,12 +449,7 @@ class EngineScenario:
         cls.registry.start()
         cls.notifier.start()
         cls.repo = f"127.0.0.1:{cls.port}/acme/site"
-        (cls.tmp / "build").mkdir()
-        cls.images = build_site_images(cls.tmp / "build", f"{cls.project}-site")
-        for version, image_id in cls.images.items():
-            run(["docker", "tag", image_id, f"{cls.repo}:{version}"])
-            run(["docker", "push", f"{cls.repo}:{version}"], timeout=300)
-            run(["docker", "rmi", f"{cls.repo}:{version}", f"{cls.project}-site:{version}"])
+        cls.images = push_site_images(cls)
         # Only the registry holds the versions now, so a pull really fetches and an old image can go.
         cls.registry.retag("v1")
         (cls.folder / "docker-compose.yml").write_text(f"""\
@@ -2395,21 +2402,9 @@ class OperatorScenario:
 
     @classmethod
     def setUpClass(cls):
-        if cls.flavour not in COMPOSE:
-            raise unittest.SkipTest(f"Compose {cls.flavour} is not installed (tested here: {', '.join(COMPOSE)})")
-        cls.compose = COMPOSE[cls.flavour]
-        project_folder(cls, f"{PREFIX}op{cls.flavour}")
-        cls.port, cls.site_port, cls.gp_port = free_port(), free_port(), free_port()
-        cls.registry = Registry(cls.tmp, cls.tmp / "storage", cls.port)
-        cls.addClassCleanup(cls.cleanup)
-        cls.registry.start()
-        cls.repo = f"127.0.0.1:{cls.port}/acme/site"
-        (cls.tmp / "build").mkdir()
-        cls.images = build_site_images(cls.tmp / "build", f"{cls.project}-site", versions=("v1", "v2"))
-        for version, image_id in cls.images.items():
-            run(["docker", "tag", image_id, f"{cls.repo}:{version}"])
-            run(["docker", "push", f"{cls.repo}:{version}"], timeout=300)
-            run(["docker", "rmi", f"{cls.repo}:{version}", f"{cls.project}-site:{version}"])
+        flavour_project(cls, "site")
+        cls.addClassCleanup(lambda: stop_process(cls.windowed) if getattr(cls, "windowed", None) else None)
+        cls.images = push_site_images(cls, ("v1", "v2"))
         cls.registry.retag("v1")
         (cls.folder / "docker-compose.yml").write_text(f"""\
 version: "3.8"
@@ -2432,14 +2427,6 @@ services:
     def launch(cls, port, state, **settings):
         return launch_gopdater(cls.folder, cls.gp_log, port, OWNER=f"127.0.0.1:{cls.port}/acme",
                                STATE_DIR=str(cls.tmp / state), COMPOSE_COMMAND=" ".join(cls.compose), **settings)
-
-    @classmethod
-    def cleanup(cls):
-        for process in (getattr(cls, "gopdater", None), getattr(cls, "windowed", None)):
-            if process is not None:
-                stop_process(process)
-        remove_project(cls.project, [f"127.0.0.1:{cls.port}/", PREFIX], list(getattr(cls, "images", {}).values()))
-        cls.registry.stop()
 
     @classmethod
     def site(cls):
