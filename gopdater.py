@@ -3307,9 +3307,13 @@ class WorkQueue:
         unfinished, history = self.journal.load()
         waiting = self.gates.load()
         with self.lock:
-            self.history.extend(past for past in history if past.get("id") not in {w.id for w in waiting})
             for entry in waiting:
                 requeue_locked(self, entry)
+            requeued = [self.history.popleft() for _ in range(len(self.history))]
+            # One that waited but is not queued again (it no longer names what runs here) ended with the stop.
+            self.history.extend(Past({**past, "state": State.CANCELLED.value}) if past.get("state") == "waiting"
+                                else past for past in history if past.get("id") not in {d.id for d in requeued})
+            self.history.extend(requeued)
             for record in unfinished:
                 ref = ServiceRef(record.kind, record.project, record.service)
                 deployment = Deployment(os.urandom(6).hex(), "recovery", parse_reference(record.reference), None, ref)

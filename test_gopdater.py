@@ -6314,6 +6314,23 @@ class WaitingTest(unittest.TestCase):
             self.assertEqual([(v["state"], v["waiting"]["for"]) for v in waiting], [("waiting", "update window")])
             rig.wall = datetime.datetime(2026, 12, 7, 13, 30)
             self.assertEqual(queue.run_next().id, accepted["id"])
+        self.assertEqual([v["id"] for v in queue.views()].count(accepted["id"]), 1, "shown once, as it runs now")
+
+    def test_a_waiting_deployment_that_names_nothing_here_after_a_restart_is_shown_cancelled(self):
+        """A deployment that waited when gopdater stopped, for a service no longer run here, is not queued again:
+        the history shows it cancelled, not waiting forever."""
+        rig = Rig(self, APPROVE=1)
+        with self.assertLogs("gopdater", "INFO"):
+            _, accepted, _ = rig.post(f"/hooks/{SECRET}", payload("dockerhub-push.json"))
+            rig.queue.stop(1)
+            rig.fake.projects["demo"]["site"] = "acme/other:latest"
+            rig.fake.images["acme/other:latest"] = OLD_ID
+            rig.fake.containers.clear()
+            rig.fake.create("demo", "site")
+            rig.project.refresh()
+            queue = rig.new_queue(gopdater.Journal(rig.state_dir))
+            queue.restore()
+        self.assertEqual([(v["id"], v["state"]) for v in queue.views()], [(accepted["id"], "cancelled")])
 
     def test_a_crafted_operator_file_names_nothing_that_does_not_run_here(self):
         """Entries of operator.json that are not what gopdater writes, or name an image or service this host does
