@@ -3952,8 +3952,8 @@ class Desk:
 
     def why_ignored(self, image: ImageKey) -> str:
         """Why a push updates nothing: the services held that it would update, else what the target says."""
-        held = [f"{ref}: held since {self.gates.holds[ref]}" for ref in self.queue.target.services_for(image)
-                if ref in self.gates.holds]
+        holds = self.holds()
+        held = [f"{ref}: held since {holds[ref]}" for ref in self.queue.target.services_for(image) if ref in holds]
         return "; ".join(held) or self.queue.target.why_ignored(image)
 
 
