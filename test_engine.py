@@ -2505,7 +2505,7 @@ services:
             self.assertEqual(record["state"], "updated", record)
             self.assertGreaterEqual(datetime.datetime.fromisoformat(record["started"]).astimezone(),
                                     opens.astimezone())
-            figure(f"[{self.flavour}] a push outside its window started "
+            figure(f"[operator {self.flavour}] a push outside its window started "
                    f"{(datetime.datetime.fromisoformat(record['started']).astimezone() - opens.astimezone()).total_seconds():.1f} s "
                    "after the window opened")
             self.assertEqual(self.site(), "acme site v2")
