@@ -3061,7 +3061,7 @@ class Deployment:
         self.old_tag: Optional[str] = None  # a tracked service's move (gopdater.track), once known
         self.new_tag: Optional[str] = None
         self.action = Action.UPDATE  # or ROLLBACK, HOLD, RESUME: what an operator asked for
-        self.previous: Optional[Previous] = None  # what an operator's rollback goes back to
+        self.previous: Dict[str, Previous] = {}  # service: what an operator's rollback takes it back to
         self.gate = Gate()  # what it waits for (State.WAITING), and whether gates apply to it at all
         self.approved: Optional[str] = None  # when an operator approved it
 
@@ -3884,15 +3884,25 @@ class Desk:
         with self.queue.lock:
             refused = self.rollback_refused_locked(service, lane, previous)
             if not refused:
+                group = self.rolled_back_with(service, previous)
                 deployment = self.queue.queued_new(PushEvent("operator", service.image or NO_IMAGE), lane,
-                                                   [service.ref])
-                deployment.action, deployment.previous, deployment.gate = Action.ROLLBACK, previous, Gate(False)
+                                                   self.queue.target.order(group))
+                deployment.action, deployment.gate = Action.ROLLBACK, Gate(False)
+                deployment.previous = {ref.name: previous for ref in group}
                 self.queue.lock.notify_all()
         if refused:
             return Acted(HTTPStatus.CONFLICT, refused)
         log.warning("operator: rollback of service=%s to %s: deployment=%s", service.ref, previous.image[:19],
                     deployment.id)
         return Acted(HTTPStatus.ACCEPTED, f"rolls back to {short_id(previous.image)}", deployment.id)
+
+    def rolled_back_with(self, service: Running, previous: Previous) -> List[ServiceRef]:
+        """The services a rollback of this one takes back with it, itself first: those of its project that run its
+        image and keep the same previous one (a push updated them as one group: no mixed versions)."""
+        journal, lane = self.queue.journal, self.queue.target.lane(service.ref)
+        return [service.ref] + [s.ref for s in self.queue.target.running() if s.ref != service.ref and
+                                self.queue.target.lane(s.ref) == lane and s.image_id == service.image_id and
+                                journal.previous(f"{s.ref.kind}:{s.ref}") == previous]
 
     def rollback_refused_locked(self, service: Running, lane: Hashable, previous: Optional[Previous]
                                 ) -> Optional[str]:
@@ -5290,18 +5300,32 @@ class ComposeUpdate:
 
 
 class ComposeRollback:
-    """An operator's rollback of one Compose service: an update to the image it ran before its last one, carried
-    out as a push's is (journalled, health-gated, start-first where asked, its dependents after it, put back on what
-    it runs now if that fails), without release steps: a migration runs forward only."""
+    """An operator's rollback: each service back on the image it ran before its last update, carried out as a
+    push's update is (journalled, health-gated, start-first where asked, its dependents after it, put back on what
+    it runs now if that fails; several services of one image as one group), without release steps: a migration
+    runs forward only."""
 
     def __init__(self, project: ProjectAsRead, steps: StepLog):
         self.project, self.steps, self.one = project, steps, ComposeUpdate(project, steps)
 
-    def run(self, service: str, previous: Previous) -> Outcome:
-        """Journal, plan, point the image name (and a tracked service's env file) at the previous image, switch;
-        the image it ran until now is kept in turn, so a second rollback goes forward again."""
+    def run(self, services: Sequence[str], previous: Mapping[str, Previous]) -> Outcome:
+        """Journal, plan (the image name, and a tracked service's env file, pointed at the previous image), switch,
+        keep the image it ran until now in turn (so a second rollback goes forward again)."""
+        if len(services) > 1:
+            return ComposeGroupUpdate(self.project, self.steps, lambda s: self.plan(s, previous[s])).run(services)
         self.steps.begin(ComposeProcedure.REPLACE)
-        plan = self.plan(service, previous)
+        plan = self.plan(services[0], previous[services[0]])
+        if isinstance(plan, Outcome):
+            return plan
+        outcome = self.one.start_first(plan) if plan.start_first else self.one.stop_first(plan)
+        if outcome.result is State.UPDATED:
+            self.one.clean_up(plan)  # keeps what it ran; the image kept before is what runs now: never removed
+        return outcome
+
+    def plan(self, service: str, previous: Previous) -> Union[ComposePlan, Outcome]:
+        """What runs now and what it goes back to, its image name pointed there; or why it cannot (nothing
+        changed)."""
+        plan = self.judged(service, previous)
         if isinstance(plan, Outcome):
             return plan
         try:
@@ -5311,12 +5335,9 @@ class ComposeRollback:
         except DeployFailed as error:
             self.one.containers.put_back_tag(plan.previous, plan.image, self.steps, move=plan.move)
             return plan.outcome._replace(reason=f"{error}; nothing was switched")
-        outcome = self.one.start_first(plan) if plan.start_first else self.one.stop_first(plan)
-        if outcome.result is State.UPDATED:
-            self.steps.keep_previous(service, Previous(plan.previous, plan.move and plan.move.old_tag))
-        return outcome
+        return plan
 
-    def plan(self, service: str, previous: Previous) -> Union[ComposePlan, Outcome]:
+    def judged(self, service: str, previous: Previous) -> Union[ComposePlan, Outcome]:
         """What runs now and what it goes back to, or why it cannot (nothing was changed)."""
         try:
             old = tuple(self.steps.step(Stage.INSPECT, lambda: self.one.docker.containers(service)))
@@ -5355,8 +5376,10 @@ class ComposeGroupUpdate:
     dependents, post-update once all are switched, and on any failure every switched service rolled back in
     reverse order: no mixed versions."""
 
-    def __init__(self, project: ProjectAsRead, steps: StepLog):
+    def __init__(self, project: ProjectAsRead, steps: StepLog,
+                 planner: Optional[Callable[[str], Union[ComposePlan, Outcome]]] = None):
         self.project, self.steps, self.one = project, steps, ComposeUpdate(project, steps)
+        self.planner = planner or self.one.plan  # an operator's rollback plans each service its own way
 
     def run(self, services: Sequence[str]) -> Outcome:
         """The group update, one step per line."""
@@ -5388,7 +5411,7 @@ class ComposeGroupUpdate:
         plans = []
         for service in services:
             self.steps.service = service
-            plan = self.one.plan(service)
+            plan = self.planner(service)
             if isinstance(plan, ComposePlan):
                 plans.append(plan)
             elif plan.result is State.FAILED:
@@ -5899,7 +5922,7 @@ class ComposeProject(Target):
         """The Compose update of one service (a ComposeUpdate), or of several of this project (a ComposeGroupUpdate)."""
         names = [member.name for member in steps.deployment.refs]
         if steps.deployment.action is Action.ROLLBACK:
-            return ComposeRollback(self, steps).run(ref.name, steps.deployment.previous)
+            return ComposeRollback(self, steps).run(names, steps.deployment.previous)
         if len(names) > 1:
             return ComposeGroupUpdate(self, steps).run(names)
         return ComposeUpdate(self, steps).run(ref.name)

@@ -6165,6 +6165,26 @@ class OperatorActionsTest(unittest.TestCase):
         self.assertEqual(fake.env_text("demo"), "# tags\nSITE_TAG=1.4.2\n")
         self.assertEqual([c["image_id"] for c in fake.containers.values()], [OLD_ID])
 
+    def test_rollback_of_one_service_of_a_group_takes_the_group_back_as_one(self):
+        """web and worker run one image and were updated as one: rolling back web takes the worker back too, in
+        one deployment; when the worker cannot run the previous image, both stay on the new one (no mixed
+        versions either way)."""
+        for worker_runs_old, state, image in ((True, "updated", OLD_ID), (False, "rolled-back", NEW_ID)):
+            with self.subTest(worker_runs_old=worker_runs_old):
+                fake = FakeDocker(services=dict(GROUP))
+                rig = Rig(self, fake)
+                with self.assertLogs("gopdater", "INFO"):
+                    self.assertEqual(rig.deploy().state, "updated")
+                    if not worker_runs_old:
+                        fake.cannot_run.add(("worker", OLD_ID))
+                    code, reply, _ = act(rig, "/services/demo/web/rollback")
+                    self.assertEqual(code, 202, reply)
+                    self.run_all(rig)
+                view = next(v for v in rig.queue.views() if v["id"] == reply["id"])
+                self.assertEqual(([m["service"] for m in view["services"]], view["state"]), (["web", "worker"], state))
+                self.assertEqual({c["service"]: c["image_id"] for c in fake.containers.values()},
+                                 {"web": image, "worker": image})
+
     def test_rollback_to_an_image_that_fails_puts_back_what_ran(self):
         """The previous image no longer runs here: the rollback ends rolled-back, the service on what it ran."""
         rig = self.rig()
