@@ -3984,6 +3984,11 @@ DEPLOYMENT_DESK: Dict[Action, Callable[[Desk, Deployment], Acted]] = {
 # -- the engine: every docker command ----------------------------------------------------------
 
 
+def gone(error: CommandError) -> bool:
+    """Whether docker inspect failed because the container is no longer there (CLI 20.10 and later's words)."""
+    return any(words in error.tail for words in ("No such container", "No such object"))
+
+
 class Engine:
     """Every `docker` command gopdater runs, as argv lists: the runner, its timeout and its environment bound
     once. Names reach these argv lists only from the engine's own answers, the operator's settings and Compose
@@ -4038,8 +4043,9 @@ class Engine:
         return self.read(["docker", "ps", "-a", "-q", "--filter", "label=com.docker.compose.project"]).split()
 
     def inspect_raw(self, ids: Sequence[str]) -> List[dict]:
-        """`docker inspect` of containers (or tasks, or one id), as JSON."""
-        return json.loads(self.read(["docker", "inspect", *ids])) if ids else []
+        """`docker inspect --type container` of containers, as JSON. The type spares a missing container's id
+        the CLI's search of every other kind of object (a socket proxy would refuse those calls)."""
+        return json.loads(self.read(["docker", "inspect", "--type", "container", *ids])) if ids else []
 
     def inspect(self, ids: Sequence[str]) -> List[Container]:
         """Inspect containers by id, labels as they are (the new containers of an update: judged, not read)."""
@@ -4059,7 +4065,7 @@ class Engine:
         try:
             return self.inspect_raw(ids)
         except CommandError as error:
-            if "No such object" not in error.tail:
+            if not gone(error):
                 raise
         return [data for one in ids for data in self.inspect_known(one)]
 
@@ -4068,7 +4074,7 @@ class Engine:
         try:
             return self.inspect_raw([container])
         except CommandError as error:
-            if "No such object" not in error.tail:
+            if not gone(error):
                 raise
         return []
 

@@ -391,11 +391,11 @@ class FakeDocker:
             assert args[4::2] == ["--filter"] * len(wanted) and set(wanted) <= {"project", "service"}, args
             return "".join(f"{c['id']}\n" for c in self.containers.values()
                            if all(c[key] == value for key, value in wanted.items()))
-        if args[0] == "inspect":
-            missing = [i for i in args[1:] if i not in self.containers]
+        if args[:3] == ["inspect", "--type", "container"]:
+            missing = [i for i in args[3:] if i not in self.containers]
             if missing:  # as Docker: the others on stdout, lost to a failing command
-                raise CommandError(["docker", *args], 1, f"Error: No such object: {missing[0]}")
-            return json.dumps([self.inspect(self.containers[i]) for i in args[1:]])
+                raise CommandError(["docker", *args], 1, f"Error: No such container: {missing[0]}")
+            return json.dumps([self.inspect(self.containers[i]) for i in args[3:]])
         if args[:4] == ["image", "inspect", "--format", "{{json .Config.Labels}}"]:
             return "".join(json.dumps(self.image_labels.get(i) or None) + "\n" for i in args[4:])
         if args[0] == "exec":
@@ -979,7 +979,7 @@ class DiscoveryTest(unittest.TestCase):
         rig.project.refresh()
         cid = next(iter(rig.fake.containers))
         self.assertEqual(rig.fake.calls, [["docker", "compose", "config", "--format", "json"],
-                                          ["docker", "compose", "ps", "-a", "-q"], ["docker", "inspect", cid],
+                                          ["docker", "compose", "ps", "-a", "-q"], ["docker", "inspect", "--type", "container", cid],
                                           image_labels_call(OLD_ID)])
 
     def test_compose_v1_is_used_when_the_plugin_is_missing(self):
@@ -1055,7 +1055,7 @@ class DiscoveryTest(unittest.TestCase):
         (docker's own commands need none of them)."""
         fake = FakeDocker()
         own = "b" * 64
-        fake.canned[("docker", "inspect", own)] = json.dumps([{"Config": {"Labels": {
+        fake.canned[("docker", "inspect", "--type", "container", own)] = json.dumps([{"Config": {"Labels": {
             "com.docker.compose.project": "demo", "com.docker.compose.service": "gopdater",
             "com.docker.compose.project.working_dir": "/srv/demo",
             "com.docker.compose.project.config_files": "/srv/demo/compose.yaml"}}}])
@@ -1131,7 +1131,7 @@ class DeployTest(unittest.TestCase):
         new = next(iter(rig.fake.containers))
         self.assertEqual(deployment_calls(rig.fake.calls), [
             ["docker", "compose", "ps", "-a", "-q", "site"],
-            ["docker", "inspect", old],
+            ["docker", "inspect", "--type", "container", old],
             image_labels_call(OLD_ID),
             ["docker", "compose", "pull", "site"],
             ["docker", "image", "inspect", "--format", "{{.Id}}", "acme/site:latest"],
@@ -1139,12 +1139,12 @@ class DeployTest(unittest.TestCase):
             ["docker", "rm", "demo-site-1"],
             ["docker", "compose", "up", "-d", "--no-deps", "site"],
             ["docker", "compose", "ps", "-a", "-q", "site"],
-            ["docker", "inspect", new],
+            ["docker", "inspect", "--type", "container", new],
             ["docker", "rmi", OLDER_ID],
         ])
         self.assertEqual(rig.journal.previous("compose:demo/site"), gopdater.Previous(OLD_ID))
         self.assertEqual((deployment.state, deployment.ref), ("updated", SITE))
-        self.assertEqual(rig.fake.calls[-3:], [["docker", "compose", "ps", "-a", "-q", "site"], ["docker", "inspect", new],
+        self.assertEqual(rig.fake.calls[-3:], [["docker", "compose", "ps", "-a", "-q", "site"], ["docker", "inspect", "--type", "container", new],
                                                image_labels_call(NEW_ID)], "the service is re-read after a change")
         self.assertEqual([s.step for s in deployment.steps],
                          ["inspect", "pull", "compare", "stop", "remove", "up", "downtime", "wait", "cleanup",
@@ -4455,7 +4455,7 @@ class ReleaseStepsTest(unittest.TestCase):
              *ENV_ARGS, "site", "sh", "-c", "migrate up && echo done"],
             ["docker", "stop", "-t", "10", "demo-site-1"], ["docker", "rm", "demo-site-1"],
             ["docker", "compose", "up", "-d", "--no-deps", "site"], ["docker", "compose", "ps", "-a", "-q", "site"],
-            ["docker", "inspect", new],
+            ["docker", "inspect", "--type", "container", new],
             ["docker", "exec", *ENV_ARGS, new, "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]])
         self.assertNotEqual(old, new)
         self.assertEqual([s.step for s in deployment.steps], [

@@ -108,9 +108,9 @@ def docker(state, args):
             value == {"com.docker.compose.project": c["project"], "com.docker.compose.service": "site"}.get(key)
             for key, value in wanted)]
         return "".join(cid + "\n" for cid in found), query.get("ps", 0), 0
-    if args[:1] == ["inspect"]:
-        found = [inspect(state, cid, containers[cid]) for cid in args[1:] if cid in containers]
-        return json.dumps(found), query.get("inspect", 0), 0 if len(found) == len(args) - 1 else 1
+    if args[:3] == ["inspect", "--type", "container"]:
+        found = [inspect(state, cid, containers[cid]) for cid in args[3:] if cid in containers]
+        return json.dumps(found), query.get("inspect", 0), 0 if len(found) == len(args) - 3 else 1
     if args[:4] == ["image", "inspect", "--format", "{{json .RepoDigests}}"]:  # as a pull records it
         return "".join(json.dumps([f"{ref.rsplit(':', 1)[0]}@{image}" for ref, image in state["local"].items()
                                    if image == wanted]) + "\n" for wanted in args[4:]), query.get("image", 0), 0
