@@ -2198,7 +2198,13 @@ class DependentsScenario:
                 self.assertEqual(record["state"], state, record)
                 steps = {step["step"]: step["result"] for step in record["steps"]}
                 self.assertEqual(steps.get("dependent app"), "recreated", record)
-                wait_for(lambda: site_text(self.site_port) == "acme app app", 60, "the app to answer again")
+                try:
+                    wait_for(lambda: site_text(self.site_port) == "acme app app", 60, "the app to answer again")
+                except AssertionError as error:  # say what ran, and what gopdater did, for the next reader
+                    ran = run(["docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={self.project}",
+                               "--format", "{{.Names}} {{.Status}} {{.ID}}"], check=False)
+                    raise AssertionError(f"{error}; containers:\n{ran}gopdater's log:\n"
+                                         f"{(self.tmp / 'gopdater.log').read_text()[-3000:]}") from None
                 figure(f"[dependents {self.flavour}] {version}: {state}; the app behind the VPN answered "
                        f"{time.monotonic() - started:.1f} s after the hook")
                 self.assertEqual(service_container(self.project, "app")["Image"], self.images["app"])
