@@ -960,11 +960,14 @@ def choice(*values: str, upper: bool = False) -> Parser:
     return parse
 
 
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")  # a setting's, and a gopdater.* label's
+
+
 def boolean(name: str, text: Optional[str]) -> bool:
     word = text.lower()
-    if word not in ("0", "1", "true", "false", "yes", "no"):
+    if word not in TRUE_WORDS + FALSE_WORDS:
         raise ConfigError(f"{name} must be 1 or 0, e.g. {name}=1")
-    return word in ("1", "true", "yes")
+    return word in TRUE_WORDS
 
 
 def parse_owner(entry: str) -> Tuple[str, str]:
@@ -2157,7 +2160,8 @@ def stored_hold(entry: object) -> Optional[Tuple[ServiceRef, str]]:
 
 
 def label_true(value: Optional[str]) -> bool:
-    return (value or "").strip().lower() in ("true", "1", "yes")
+    """A label's yes (as a setting's: 1, true, yes); anything else, or none, is no."""
+    return (value or "").strip().lower() in TRUE_WORDS
 
 
 def waiting_words(gate: Gate, config: Config) -> str:
@@ -2300,7 +2304,7 @@ def view_services(view: Mapping[str, object]) -> List[str]:
 
 def action_path(action: str, target: str) -> str:
     """Where a form posts an action: /deployments/<id>/<action>, or /services/<project>/<service>/<action>."""
-    kind = "deployments" if action in (Action.APPROVE.value, Action.REJECT.value) else "services"
+    kind = "deployments" if Action(action) in DEPLOYMENT_ACTIONS else "services"
     return f"/{kind}/{target}/{action}"
 
 
@@ -3318,6 +3322,7 @@ class WorkQueue:
                 ref = ServiceRef(record.kind, record.project, record.service)
                 deployment = Deployment(os.urandom(6).hex(), "recovery", parse_reference(record.reference), None, ref)
                 deployment.recovery, deployment.lane = record, self.target.lane(ref)
+                deployment.gate = Gate(applies=False)  # a crash is repaired at once: no window, no approval
                 deployment.refs = tuple(ServiceRef(record.kind, record.project, name)
                                         for name in getattr(record.part, "services", ()) or (record.service,))
                 self.queue.appendleft(deployment)

@@ -6352,6 +6352,21 @@ class WaitingTest(unittest.TestCase):
             queue.restore()
         self.assertEqual([(v["id"], v["state"]) for v in queue.views()], [(accepted["id"], "cancelled")])
 
+    def test_a_crash_recovery_a_push_joins_waits_for_nothing(self):
+        """Started with APPROVE=1 and a window that is closed, the recovery of an update a crash cut off runs at once,
+        also when a push of its image joins it: a crash is repaired at the next start, never held back."""
+        rig = Rig(self)
+        rig.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference("acme/site")))
+        cut(self, rig, ("docker", "stop"))
+        again = Rig(self, rig.fake, STATE_DIR=rig.state_dir, APPROVE=1, UPDATE_WINDOW="Sat 01:00-02:00")
+        with self.assertLogs("gopdater", "INFO"):
+            self.assertEqual(again.queue.restore(), 1)
+            (joined, coalesced), = again.queue.submit(gopdater.PushEvent("dockerhub", gopdater.parse_reference(
+                "acme/site")))
+            self.assertTrue(coalesced)
+            self.assertEqual(joined.state, "queued")
+            self.assertEqual(again.queue.run_next().state, "recovered")
+
     def test_a_crafted_operator_file_names_nothing_that_does_not_run_here(self):
         """Entries of operator.json that are not what gopdater writes, or name an image or service this host does
         not run, are dropped; the well-formed hold stays."""
