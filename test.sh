@@ -60,9 +60,9 @@ lanes() {  # each argument: the test classes of one lane, run one after the othe
 # The lanes mostly wait on the engine; the hostile suite's bounds are loose enough to share the machine, and
 # the quick benchmark run asserts only what it reports (its rates, printed, are bench/README.md's to take alone).
 lanes "test_gopdater test_hostile bench.test_bench" \
-      "test_engine.ComposeV2Test test_engine.ProjectsEngineTest test_engine.VersionChannelsV2Test test_engine.ImageLabelsV2Test test_engine.DependentsV2Test test_engine.GroupV2Test" \
-      "test_engine.ComposeV1Test test_engine.ContainerDropInTest test_engine.VersionChannelsV1Test test_engine.ImageLabelsV1Test test_engine.DependentsV1Test test_engine.GroupV1Test" \
-      "test_engine.SwarmEngineTest" \
+      "test_engine.ComposeV2Test test_engine.ProjectsEngineTest test_engine.VersionChannelsV2Test test_engine.ImageLabelsV2Test test_engine.DependentsV2Test" \
+      "test_engine.ComposeV1Test test_engine.ContainerDropInTest test_engine.VersionChannelsV1Test test_engine.ImageLabelsV1Test test_engine.DependentsV1Test" \
+      "test_engine.SwarmEngineTest test_engine.GroupV2Test test_engine.GroupV1Test" \
       "test_engine.NotifyAndStatusEngineTest test_engine.ReleaseStepsV1Test test_engine.ReleaseStepsV2Test test_engine.ReconcileV2Test test_engine.ReconcileV1Test test_engine.FleetEngineTest" \
       "test_engine.OperatorV2Test test_engine.OperatorV1Test"
 # Zero failed requests through a proxy is a figure about gopdater, not about a machine the lanes load.
