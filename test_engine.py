@@ -88,10 +88,11 @@ def wait_for(predicate, timeout, what):
 
 
 def site_text(port):
-    """What the site on this port serves, or None when it does not answer 200."""
+    """What the site on this port serves, or None when it does not answer 200 (a container stopping mid-answer
+    gives an IncompleteRead: no answer either)."""
     try:
         status, body, _ = http("GET", f"http://127.0.0.1:{port}/", timeout=1)
-    except OSError:
+    except (OSError, HTTPException):
         return None
     return body.decode().strip() if status == 200 else None
 
