@@ -1063,6 +1063,7 @@ class ProjectsEngineTest(unittest.TestCase):
             label = '\n    labels:\n      gopdater.enable: "false"' if service == "pinned" else ""
             blocks.append(f"""  {service}:
     image: {cls.repo}/{image}:latest
+    init: true
     ports: ["127.0.0.1:{cls.ports[(short, service)]}:80"]
     volumes: [./data:/data]{label}
     healthcheck:
@@ -1234,10 +1235,12 @@ class StartFirstEngineTest(unittest.TestCase):
         (cls.folder / "compose.yaml").write_text(f"""services:
   site:
     image: {repo}:latest
+    init: true  # busybox as PID 1 would ignore SIGTERM, and each stop would wait STOP_TIMEOUT
     labels:
       gopdater.order: start-first
 {health}  hostport:
     image: {repo}:latest
+    init: true
     labels:
       gopdater.order: start-first
     ports: ["127.0.0.1:{cls.host_port}:80"]
@@ -1360,7 +1363,8 @@ class SwarmEngineTest(unittest.TestCase):
             "image": f"{cls.repo}:latest", "networks": ["net"], "healthcheck": health,
             "deploy": {"replicas": 2, "endpoint_mode": "dnsrr", "update_config": {
                 "order": "start-first", "parallelism": 1, "failure_action": "rollback", "monitor": "5s"}}},
-            "versioned": {"image": f"{cls.repo}:1.4.2", "networks": ["net"], "healthcheck": health, "deploy": {
+            "versioned": {"image": f"{cls.repo}:1.4.2", "init": True, "networks": ["net"], "healthcheck": health,
+                          "deploy": {
                 "replicas": 1, "labels": {"gopdater.track": "patch"}, "update_config": {
                     "order": "start-first", "failure_action": "rollback", "monitor": "5s"}}}}}
         (cls.tmp / "stack.yml").write_text(json.dumps(stack))
@@ -1369,7 +1373,7 @@ class SwarmEngineTest(unittest.TestCase):
         folder = cls.tmp / cls.project
         folder.mkdir()
         (folder / "compose.yaml").write_text(json.dumps({"services": {"site": {
-            "image": f"{cls.repo}:latest", "ports": [f"127.0.0.1:{cls.site_port}:80"], "healthcheck": health}}}))
+            "image": f"{cls.repo}:latest", "init": True, "ports": [f"127.0.0.1:{cls.site_port}:80"], "healthcheck": health}}}))
         run(["docker", "compose", "-p", cls.project, "up", "-d"], cwd=folder, env=clean_env(PWD=str(folder)),
             timeout=300)
         cls.poller = f"{PREFIX}poller"
@@ -2446,6 +2450,7 @@ version: "3.8"
 services:
   site:
     image: {cls.repo}:latest
+    init: true
     ports: ["127.0.0.1:{cls.site_port}:80"]
     healthcheck:
       test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]

@@ -507,6 +507,9 @@ def registry_standin(state_path):
     return registry, lambda: (server.shutdown(), server.server_close())
 
 
+QUICK_RECONCILE = (20, 10, 5)  # --quick: 20 services on 10 images, 5 of them behind (10 services to update)
+
+
 def reconcile_round(services=50, images=20, behind=10):
     """gopdater started with PROJECTS=* over `services` one-service projects on `images` images of a local
     registry stand-in, `behind` images pushed while it was stopped: seconds from start to its first round's end
@@ -564,7 +567,7 @@ def run(quick):
         results["fairness"] = bench.fairness(1 if quick else 3)
         results["attacks"] = bench.attacks(2 if quick else 5)
         results["handshake_flood"] = bench.handshake_flood(1000 if quick else 3000)
-        results["reconcile"] = reconcile_round()
+        results["reconcile"] = reconcile_round(*QUICK_RECONCILE) if quick else reconcile_round()
         results["sigterm"] = bench.sigterm()
     finally:
         bench.stop()

@@ -14,8 +14,9 @@ class BenchmarkSmokeTest(unittest.TestCase):
     def test_quick_benchmark_runs_and_reports_every_measurement(self):
         """`bench_gopdater.py --quick --json` reports start-up, memory, latency, downtime, burst, wrk rates,
         fairness, every attack at once, a TLS handshake flood, a reconcile round, SIGTERM, and many projects (one push each, and a fleet push)."""
+        # It takes a minute alone; beside CI's engine lanes on two cores, it took over four.
         proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json"], capture_output=True, text=True,
-                              timeout=240)
+                              timeout=480)
         self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
         results = json.loads(proc.stdout)
         self.assertLessEqual({"startup", "latency", "downtime", "burst", "rejected", "fairness", "attacks",
@@ -38,7 +39,7 @@ class BenchmarkSmokeTest(unittest.TestCase):
         self.assertEqual((results["attacks"]["valid_hook_status"], results["attacks"]["alive"]), (202, True))
         self.assertEqual(results["sigterm"]["exit_code"], 0)
         reconcile = results["reconcile"]
-        self.assertEqual((reconcile["services"], reconcile["behind"], reconcile["queued_again"]), (50, 30, 0))
+        self.assertEqual((reconcile["services"], reconcile["behind"], reconcile["queued_again"]), (20, 10, 0))
         flood = results["handshake_flood"]
         self.assertEqual((flood["connections"], flood["alive"]), (1000, True))
         self.assertGreater(flood["client_requests"], 0)
