@@ -3990,8 +3990,9 @@ DEPLOYMENT_DESK: Dict[Action, Callable[[Desk, Deployment], Acted]] = {
 
 
 def gone(error: CommandError) -> bool:
-    """Whether docker inspect failed because the container is no longer there (CLI 20.10 and later's words)."""
-    return any(words in error.tail for words in ("No such container", "No such object"))
+    """Whether docker inspect failed because the container or image is no longer there (CLI 20.10 and later's
+    words)."""
+    return any(words in error.tail for words in ("No such container", "No such object", "No such image"))
 
 
 class Engine:
@@ -4061,8 +4062,11 @@ class Engine:
         one `docker image inspect` for all); one removed meanwhile is left out."""
         listed = self.inspect_listed(ids)
         images = sorted({data.get("Image") or "" for data in listed} - {""})
-        carried = dict(zip(images, self.image_labels(images))) if images else {}
-        return [Container.from_inspect(data, carried.get(data.get("Image") or "", {})) for data in listed]
+        carried = {"": {}, **(self.image_labels(images) if images else {})}
+        # A container whose image was removed meanwhile is being removed too, or stopped on an image no one has:
+        # left out, as a removed one is (which labels came from its image can no longer be told).
+        return [Container.from_inspect(data, carried[data.get("Image") or ""]) for data in listed
+                if (data.get("Image") or "") in carried]
 
     def inspect_listed(self, ids: Sequence[str]) -> List[dict]:
         """`docker inspect` of containers just listed, leaving out any removed meanwhile (containers come and go
@@ -4121,13 +4125,32 @@ class Engine:
     def image_id(self, image: str) -> str:
         return self.read(["docker", "image", "inspect", "--format", "{{.Id}}", image]).strip()
 
-    def image_labels(self, image_ids: Sequence[str]) -> List[Mapping[str, str]]:
-        """The labels each image carries, in order; CommandError if one cannot be read."""
+    def image_labels(self, image_ids: Sequence[str]) -> Dict[str, Mapping[str, str]]:
+        """The labels each image carries, by id; one removed meanwhile is left out (asked one by one then, as the
+        CLI's answer for the others is lost to its failure); CommandError if one cannot be read otherwise."""
+        try:
+            return dict(zip(image_ids, self.labels_read(image_ids)))
+        except CommandError as error:
+            if not gone(error):
+                raise
+        return {one: labels for one in image_ids for labels in self.labels_known(one)}
+
+    def labels_read(self, image_ids: Sequence[str]) -> List[Mapping[str, str]]:
+        """One `docker image inspect` for the labels of these images, in order."""
         text = self.read(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", *image_ids])
         found = [json.loads(line or "null") for line in text.splitlines()[:len(image_ids)]]
         if len(found) != len(image_ids):
             raise CommandError(["docker", "image", "inspect"], 1, "fewer answers than images asked")
         return [labels if isinstance(labels, dict) else {} for labels in found]
+
+    def labels_known(self, image_id: str) -> List[Mapping[str, str]]:
+        """The labels of one image, as a list of one; [] if Docker no longer has it."""
+        try:
+            return self.labels_read([image_id])
+        except CommandError as error:
+            if not gone(error):
+                raise
+        return []
 
     def repo_digests(self, image_ids: Sequence[str]) -> Dict[str, List[str]]:
         """The registry digests each image was pulled by (`RepoDigests`), by image id."""

@@ -1101,6 +1101,16 @@ class ProjectsEngineTest(unittest.TestCase):
                 expected = f"acme {'api' if service == 'api' else 'site'} v1"
                 wait_for(lambda: self.serves(short, service) == expected, 30, f"{short}/{service} on v1")
         self.compose("wiki", "down")
+        if self.listed("wiki"):  # a test started it: a hook that matches nothing makes gopdater look again
+            self.assertEqual(self.hook("none")[0], 200)
+            wait_for(lambda: not self.listed("wiki"), 30, "gopdater to see wiki down")
+
+    def listed(self, short):
+        """Whether the Services table of gopdater's status page lists a service of this project."""
+        _, page, _ = http("GET", f"http://127.0.0.1:{self.gp_port}/status",
+                          headers={"Authorization": f"Bearer {SECRET}"})
+        services = page.decode().partition("<h2>Services</h2>")[2].partition("<h2>")[0]
+        return f"{self.names[short]}/" in services
 
     def serves(self, short, service):
         return site_text(self.ports[(short, service)])

@@ -397,6 +397,10 @@ class FakeDocker:
                 raise CommandError(["docker", *args], 1, f"Error: No such container: {missing[0]}")
             return json.dumps([self.inspect(self.containers[i]) for i in args[3:]])
         if args[:4] == ["image", "inspect", "--format", "{{json .Config.Labels}}"]:
+            missing = [i for i in args[4:] if i in self.deleted]
+            if missing:  # Docker 20.10's words; the others on stdout, lost to a failing command
+                raise CommandError(["docker", *args], 1, f"Error response from daemon: no such image: {missing[0]}: "
+                                                         f"No such image: {missing[0]}")
             return "".join(json.dumps(self.image_labels.get(i) or None) + "\n" for i in args[4:])
         if args[0] == "exec":
             return self.said(args)
@@ -4018,6 +4022,16 @@ class ProjectsTest(unittest.TestCase):
         rig, _ = self.host()
         gone = next(cid for cid, c in rig.fake.containers.items() if c["project"] == "blog")
         rig.fake.then[("docker", "ps")] = lambda fake: fake.containers.pop(gone)
+        rig.project.refresh()
+        self.assertEqual(project_names(rig.project), ["shop"])
+
+    def test_a_container_whose_image_is_removed_between_listing_and_reading_is_left_out(self):
+        """On a busy host an image may be removed (with its container) between the listing and the reading of its
+        labels: that container is left out, the others are still read, and the listing does not fail."""
+        rig, _ = self.host()
+        (gone,) = [c for c in rig.fake.containers.values() if c["project"] == "blog"]
+        gone["image_id"] = OLDER_ID  # an image of its own, removed right after the containers are inspected
+        rig.fake.then[("docker", "inspect")] = lambda fake: fake.deleted.add(OLDER_ID)
         rig.project.refresh()
         self.assertEqual(project_names(rig.project), ["shop"])
 
