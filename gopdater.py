@@ -3995,6 +3995,16 @@ def gone(error: CommandError) -> bool:
     return any(words in error.tail for words in ("No such container", "No such object", "No such image"))
 
 
+def unless_gone(read: Callable[[], list]) -> list:
+    """What read returns of one container or image; [] if Docker no longer has it (a busy host's race)."""
+    try:
+        return read()
+    except CommandError as error:
+        if not gone(error):
+            raise
+    return []
+
+
 class Engine:
     """Every `docker` command gopdater runs, as argv lists: the runner, its timeout and its environment bound
     once. Names reach these argv lists only from the engine's own answers, the operator's settings and Compose
@@ -4076,16 +4086,7 @@ class Engine:
         except CommandError as error:
             if not gone(error):
                 raise
-        return [data for one in ids for data in self.inspect_known(one)]
-
-    def inspect_known(self, container: str) -> List[dict]:
-        """`docker inspect` of one container; [] if Docker no longer knows it."""
-        try:
-            return self.inspect_raw([container])
-        except CommandError as error:
-            if not gone(error):
-                raise
-        return []
+        return [data for one in ids for data in unless_gone(lambda: self.inspect_raw([one]))]
 
     def start(self, name: str) -> None:
         self.run(["docker", "start", name], mutates=True)
@@ -4133,7 +4134,7 @@ class Engine:
         except CommandError as error:
             if not gone(error):
                 raise
-        return {one: labels for one in image_ids for labels in self.labels_known(one)}
+        return {one: labels for one in image_ids for labels in unless_gone(lambda: self.labels_read([one]))}
 
     def labels_read(self, image_ids: Sequence[str]) -> List[Mapping[str, str]]:
         """One `docker image inspect` for the labels of these images, in order."""
@@ -4142,15 +4143,6 @@ class Engine:
         if len(found) != len(image_ids):
             raise CommandError(["docker", "image", "inspect"], 1, "fewer answers than images asked")
         return [labels if isinstance(labels, dict) else {} for labels in found]
-
-    def labels_known(self, image_id: str) -> List[Mapping[str, str]]:
-        """The labels of one image, as a list of one; [] if Docker no longer has it."""
-        try:
-            return self.labels_read([image_id])
-        except CommandError as error:
-            if not gone(error):
-                raise
-        return []
 
     def repo_digests(self, image_ids: Sequence[str]) -> Dict[str, List[str]]:
         """The registry digests each image was pulled by (`RepoDigests`), by image id."""
