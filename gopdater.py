@@ -4005,6 +4005,12 @@ def unless_gone(read: Callable[[], list]) -> list:
     return []
 
 
+# Swarm's answer when the service changed between the CLI's read of it and its write (Swarm itself writes a
+# service's update status as a previous update runs on): the CLI does not ask again, so gopdater does.
+OUT_OF_SEQUENCE = "update out of sequence"
+SERVICE_UPDATE_TRIES = 3
+
+
 class Engine:
     """Every `docker` command gopdater runs, as argv lists: the runner, its timeout and its environment bound
     once. Names reach these argv lists only from the engine's own answers, the operator's settings and Compose
@@ -4164,9 +4170,16 @@ class Engine:
         return json.loads(self.read(["docker", "service", "inspect", *names])) if names else []
 
     def service_update(self, name: str, image: str) -> None:
-        """Have Swarm move a service to an image (a tag, resolved by Swarm now), with the registry login."""
-        self.run(["docker", "service", "update", "--detach", "--image", image, "--with-registry-auth", name],
-                 mutates=True)
+        """Have Swarm move a service to an image (a tag, resolved by Swarm now), with the registry login; asked
+        again when Swarm answers OUT_OF_SEQUENCE, at most SERVICE_UPDATE_TRIES times in all."""
+        for tries_left in reversed(range(SERVICE_UPDATE_TRIES)):
+            try:
+                self.run(["docker", "service", "update", "--detach", "--image", image, "--with-registry-auth", name],
+                         mutates=True)
+                return
+            except CommandError as error:
+                if OUT_OF_SEQUENCE not in error.tail or not tries_left:
+                    raise
 
     def service_rollback(self, name: str) -> None:
         self.run(["docker", "service", "rollback", "--detach", name], mutates=True)

@@ -1331,6 +1331,17 @@ class StartFirstEngineTest(unittest.TestCase):
         self.assertEqual(site_text(self.proxy_port), "acme site v1")
 
 
+def service_update(service, image):
+    """`docker service update --detach` to this image, asked again (as gopdater does) when Swarm answers "update out
+    of sequence": it wrote the service's update status between the CLI's read and write."""
+    argv = ["docker", "service", "update", "--detach", "--image", image, "--with-registry-auth", service]
+    for _ in range(3):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        if "update out of sequence" not in proc.stderr:
+            break
+    assert proc.returncode == 0, f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[-800:]}"
+
+
 class SwarmEngineTest(unittest.TestCase):
     """Swarm on the real engine, one node: a stack with 2 replicas, start-first, a healthcheck, on an overlay
     network, images from the local registry, polled every 20 ms by a client container on that network; a
@@ -1446,8 +1457,7 @@ class SwarmEngineTest(unittest.TestCase):
     def setUp(self):
         """The known state: latest = v1, both replicas and the Compose service on v1."""
         self.registry.retag("v1")
-        run(["docker", "service", "update", "--detach", "--image", f"{self.repo}:latest", "--with-registry-auth",
-             self.service])
+        service_update(self.service, f"{self.repo}:latest")
         self.wait_service("v1")
         folder = self.tmp / self.project
         run(["docker", "compose", "-p", self.project, "pull"], cwd=folder, env=clean_env(PWD=str(folder)))
@@ -1542,8 +1552,7 @@ class SwarmEngineTest(unittest.TestCase):
         """RECONCILE_INTERVAL=2 on a manager. gopdater stopped, v2 pushed with no hook, gopdater started: its first
         round updates the Swarm service (by the digest its spec pins), the Compose service and the tracked one;
         then rounds on an unchanged registry queue nothing; then v1 pushed with no hook runs within seconds."""
-        run(["docker", "service", "update", "--detach", "--image", f"{self.repo}:1.4.2", "--with-registry-auth",
-             self.versioned])
+        service_update(self.versioned, f"{self.repo}:1.4.2")
         self.wait_versioned("1.4.2")  # the tracked service's known state: a patch behind what the registry lists
         known = {v["id"] for v in self.views()}
         stop_process(self.gopdater)
@@ -1561,8 +1570,7 @@ class SwarmEngineTest(unittest.TestCase):
         # The tracked service took the newest patch the registry lists (1.4.3; not 1.5.0): the next test wants 1.4.2,
         # put back once no round runs every 2 s (cleanups run last first: the relaunch, then the update).
         self.addCleanup(self.wait_versioned, "1.4.2")
-        self.addCleanup(run, ["docker", "service", "update", "--detach", "--image", f"{self.repo}:1.4.2",
-                              "--with-registry-auth", self.versioned])
+        self.addCleanup(service_update, self.versioned, f"{self.repo}:1.4.2")
         self.addCleanup(self.relaunch)
         self.wait_versioned("1.4.3")
         self.assertEqual({v["trigger"] for v in ended}, {"reconcile"})

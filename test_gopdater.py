@@ -4751,6 +4751,7 @@ class FakeSwarm(FakeDocker):
             "TaskTemplate": {"ContainerSpec": {"Image": f"{SWARM_REF}@{DIGEST_1}"}},
             "Mode": {"Replicated": {"Replicas": 2}}, "UpdateConfig": {"Parallelism": 1, "Order": "start-first"}}}
         self.pending, self.starts = [], 0
+        self.out_of_sequence = 0  # how many `service update` calls Swarm answers "update out of sequence"
 
     def image(self):
         return self.service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
@@ -4768,6 +4769,10 @@ class FakeSwarm(FakeDocker):
                     self.service["Spec"] = self.service.pop("PreviousSpec")
             return json.dumps([copy.deepcopy(self.service)])
         if args[:3] == ["service", "update", "--detach"]:
+            if self.out_of_sequence:  # as Swarm, when it wrote the service between the CLI's read and write
+                self.out_of_sequence -= 1
+                raise CommandError(["docker", *args], 1, "Error response from daemon: rpc error: code = Unknown "
+                                                         "desc = update out of sequence")
             image = args[4] if "@" in args[4] else f"{args[4]}@{self.resolves[args[4]]}"
             if image != self.image():
                 self.service["PreviousSpec"] = copy.deepcopy(self.service["Spec"])
@@ -4842,6 +4847,21 @@ class SwarmTest(unittest.TestCase):
                                     "--with-registry-auth", "blog_site"]])
         view = rig.queue.views()[0]
         self.assertEqual((view["kind"], view["project"], view["service"]), ("swarm", "blog", "blog_site"))
+
+    def test_an_update_out_of_sequence_is_asked_again_at_most_three_times(self):
+        """Swarm's "update out of sequence" (it wrote the service meanwhile): the same `service update` again;
+        updated after one or two such answers, failed with Swarm's words after three."""
+        update = ["docker", "service", "update", "--detach", "--image", SWARM_REF, "--with-registry-auth", "blog_site"]
+        for answers, state, calls in ((1, "updated", 2), (2, "updated", 3), (3, "failed", 3)):
+            with self.subTest(answers=answers):
+                rig = self.rig()
+                rig.fake.out_of_sequence = answers
+                with self.assertLogs("gopdater", "INFO"):
+                    deployment = self.push(rig)["swarm"]
+                self.assertEqual(deployment.state, state)
+                self.assertEqual([c for c in rig.fake.calls if c[1:3] == ["service", "update"]], [update] * calls)
+                error = rig.queue.views()[0].get("error") or ""
+                self.assertEqual("update out of sequence" in error, state == "failed", error)
 
     def test_the_pushed_digest_never_reaches_the_command_so_a_replay_cannot_move_back(self):
         """The update names the tag, which Swarm resolves when it runs; a digest the service runs updates
