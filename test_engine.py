@@ -40,6 +40,14 @@ SECRET = secrets.token_urlsafe(24)
 MANIFEST_TYPES = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json", "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json", "application/vnd.oci.image.index.v1+json"])
+# A test site's healthcheck in a Compose file (a service's keys). A probe of 1 s timed out under CI load and a
+# healthy site was (rightly) rolled back: 5 s, 5 retries; a broken image exits at once all the same.
+HEALTH = """\
+    healthcheck:
+      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 1s
+      timeout: 5s
+      retries: 5"""
 
 
 def run(argv, check=True, timeout=120, **kwargs):
@@ -489,11 +497,7 @@ services:
     volumes:
       - ./data:/data
       - ${{PWD}}/data:/data2
-    healthcheck:
-      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
-      interval: 1s
-      timeout: 5s
-      retries: 5
+{HEALTH}
 """)
         # The project's own values for names gopdater also reads: an update must keep these, not gopdater's.
         (cls.folder / ".env").write_text(PROJECT_ENV)
@@ -1066,11 +1070,7 @@ class ProjectsEngineTest(unittest.TestCase):
     init: true
     ports: ["127.0.0.1:{cls.ports[(short, service)]}:80"]
     volumes: [./data:/data]{label}
-    healthcheck:
-      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
-      interval: 1s
-      timeout: 5s
-      retries: 5
+{HEALTH}
 """)
         (folder / "compose.yaml").write_text("services:\n" + "".join(blocks))
 
@@ -1236,12 +1236,7 @@ class StartFirstEngineTest(unittest.TestCase):
             run(["docker", "rmi", f"{repo}:{version}", f"{PREFIX}-fsite:{version}"])
         cls.registry.retag("v1")
         (cls.folder / "Caddyfile").write_text(CADDYFILE)
-        health = """    healthcheck:
-      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
-      interval: 1s
-      timeout: 5s
-      retries: 5
-"""
+        health = HEALTH + "\n"
         (cls.folder / "compose.yaml").write_text(f"""services:
   site:
     image: {repo}:latest
@@ -1858,11 +1853,7 @@ class NotifyAndStatusEngineTest(unittest.TestCase):
     image: {cls.repo}:latest
     init: true
     ports: ["127.0.0.1:{cls.site_port}:80"]
-    healthcheck:
-      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
-      interval: 1s
-      timeout: 5s
-      retries: 5
+{HEALTH}
 """)
         run(["docker", "compose", "-p", cls.project, "up", "-d"], cwd=cls.folder, timeout=300,
             env=clean_env(PWD=str(cls.folder)))
@@ -1958,12 +1949,6 @@ services:
     init: true
 {health}
 """
-HEALTH = """\
-    healthcheck:
-      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
-      interval: 1s
-      timeout: 5s
-      retries: 5"""
 CHANNEL_IMAGES = ("1.4.2", "1.4.3", "1.5.0", "1.6.0")  # 1.6.0 is broken: it exits at start
 IGNORED_TAGS = ("2.0.0", "1.3.9", "1.5.0-rc.1")  # pushed too (as copies of 1.4.2), and ignored
 
@@ -2470,11 +2455,7 @@ services:
     image: {cls.repo}:latest
     init: true
     ports: ["127.0.0.1:{cls.site_port}:80"]
-    healthcheck:
-      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
-      interval: 1s
-      timeout: 5s
-      retries: 5
+{HEALTH}
 """)
         run([*cls.compose, "up", "-d"], cwd=cls.folder, timeout=300, env=clean_env())
         wait_for(lambda: cls.site() == "acme site v1", 30, "the site to serve v1")
